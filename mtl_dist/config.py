@@ -1,0 +1,948 @@
+"""Run configuration: dataclass schema, YAML + dotted overrides, validation with one-line errors.
+
+The YAML file and the `key=value` overrides are merged onto the schema with OmegaConf
+(structured configs); every problem becomes a single-line `ConfigError` naming the dotted
+key, the bad value and what was expected. `load_config` returns plain dataclasses.
+"""
+
+import dataclasses
+import difflib
+import hashlib
+import io
+import os
+import re
+import types
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import errors as oc_errors
+
+from mtl_dist.errors import ConfigError
+
+__all__ = [
+    "ArchConfig",
+    "CheckpointConfig",
+    "DataConfig",
+    "HASH_EXCLUDED_KEYS",
+    "ModelConfig",
+    "RunConfig",
+    "SamplerConfig",
+    "TaskConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "check_files",
+    "config_hash",
+    "config_to_yaml",
+    "load_config",
+    "save_dict",
+]
+
+DEMO_PREFIX = "demo:"
+
+# ---------------------------------------------------------------------------------------------
+# Schema
+
+
+@dataclass
+class ArchConfig:
+    """Encoder shape used when `model.pretrained` is null (random initialisation)."""
+
+    model_type: str = "bert"
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int = 1024
+    max_position_embeddings: int = 512
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    """Shared encoder (local `from_pretrained` dir or random init) and the per-task head type."""
+
+    pretrained: str | None = None
+    tokenizer: str | None = None
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    head: str = "attention"
+    dropout: float = 0.1
+
+    def effective_tokenizer(self) -> str | None:
+        """The tokenizer location: `tokenizer` if set, else the pretrained model's directory."""
+        return self.tokenizer if self.tokenizer is not None else self.pretrained
+
+
+@dataclass
+class TaskConfig:
+    """One classification task: its files, columns, labels, metric and weights."""
+
+    name: str
+    train: str | None = None
+    dev: str | None = None
+    test: str | None = None
+    extra_train: list[str] = field(default_factory=list)
+    pair: bool = False
+    labels: list[str] | None = None
+    format: str = "auto"
+    id_field: str = "id"
+    text_field: str = "text"
+    text_b_field: str = "text_b"
+    label_field: str = "label"
+    metric: str = "accuracy"
+    score_weight: float = 1.0
+    sample_weight: float = 1.0
+    max_samples: int | None = None
+
+
+@dataclass
+class DataConfig:
+    """Tokenization and reading options shared by all tasks."""
+
+    max_length: int = 128
+    pad_to_multiple_of: int | None = None
+    cache_dir: str | None = None
+    on_bad_row: str = "error"
+    num_workers: int = 0
+    tokenize_batch_size: int = 1000
+
+
+@dataclass
+class SamplerConfig:
+    """How the global multi-task batch plan picks a task for each step."""
+
+    strategy: str = "proportional"
+    temperature: float = 2.0
+    drop_last: bool = False
+    group_by_length: bool = False
+    mega_batch_mult: int = 50
+    check_task_agreement: bool = False
+    on_global_batch_change: str = "error"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, precision, evaluation and distribution settings."""
+
+    output_dir: str = "runs/default"
+    seed: int = 42
+    per_device_batch_size: int = 32
+    eval_batch_size: int | None = None
+    gradient_accumulation_steps: int = 1
+    lr: float = 2e-5
+    head_lr: float | None = None
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    warmup_ratio: float = 0.1
+    warmup_steps: int | None = None
+    max_grad_norm: float | None = 1.0
+    num_epochs: int = 3
+    max_steps: int | None = None
+    mixed_precision: str = "no"
+    ema_decay: float | None = None
+    eval_steps: int | None = None
+    eval_at_epoch_end: bool = True
+    metric_for_best: str = "score"
+    early_stopping_patience: int | None = None
+    log_steps: int = 10
+    resume: str | None = None
+    device: str = "auto"
+    collective_timeout_s: int = 600
+    zero_stage: int = 0
+    deepspeed_config: str | None = None
+    fused_optimizer: bool = True
+    compile: bool = False
+    stop_after_steps: int | None = None
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    preemption_check_steps: int = 1
+    requeue_on_preempt: bool = True
+
+    def effective_eval_batch_size(self) -> int:
+        """Per-device evaluation batch size: `eval_batch_size`, else the training one."""
+        if self.eval_batch_size is not None:
+            return self.eval_batch_size
+        return self.per_device_batch_size
+
+
+@dataclass
+class CheckpointConfig:
+    """When periodic checkpoints are written, how many are kept, and whether best/ is kept."""
+
+    save_steps: int | None = None
+    save_at_epoch_end: bool = True
+    save_total_limit: int | None = 3
+    save_best: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment trackers (wandb, TensorBoard) and the run's labels there."""
+
+    backends: list[str] = field(default_factory=list)
+    project: str = "mtl_dist"
+    entity: str | None = None
+    run_name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    group: str | None = None
+
+
+@dataclass
+class RunConfig:
+    """A whole run: model, tasks, data, sampler, training, checkpointing and tracking."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tasks: list[TaskConfig] = field(default_factory=list)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def task_names(self) -> list[str]:
+        """Task names in config order (task id i is `tasks[i]`)."""
+        return [task.name for task in self.tasks]
+
+
+# Keys (dotted; a section name covers the whole section) left out of `config_hash`:
+# they change where or how a run is stored, logged or scheduled, not its results.
+HASH_EXCLUDED_KEYS: tuple[str, ...] = (
+    "train.output_dir",
+    "train.resume",
+    "train.log_steps",
+    "train.collective_timeout_s",
+    "tracking",
+    "checkpoint",
+    "data.cache_dir",
+    "data.num_workers",
+    "data.tokenize_batch_size",
+    "train.stop_after_steps",
+    "train.preemption_signals",
+    "train.preemption_check_steps",
+    "train.requeue_on_preempt",
+)
+
+_TASK_PATH_FIELDS = ("train", "dev", "test")
+_TASK_NAME_RE = re.compile(r"[^\s/.=\[\]]+")
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def load_config(
+    path: str | Path | None,
+    overrides: Sequence[str] = (),
+    *,
+    check_files: bool = True,
+) -> RunConfig:
+    """Merge the YAML file (or the schema defaults when `path` is None) and the dotted
+    overrides, validate, resolve relative data/model paths, and return plain dataclasses."""
+    sources = _Sources(path)
+    try:
+        cfg = _build(path, overrides, sources)
+        run = _to_object(cfg, sources)
+        _resolve_paths(run, sources)
+        _validate(run, sources)
+        if check_files:
+            _check_files(run, sources)
+    except _Problem as problem:
+        raise ConfigError(str(problem)) from None
+    return run
+
+
+def check_files(cfg: RunConfig) -> None:
+    """Raise ConfigError for the first data/model path that does not exist (demo: skipped)."""
+    try:
+        _check_files(cfg, _Sources(None))
+    except _Problem as problem:
+        raise ConfigError(str(problem)) from None
+
+
+def save_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The config as a plain nested dict (lists and scalars only), e.g. for trackers."""
+    return dataclasses.asdict(cfg)
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML, in schema order; `load_config` reads it back unchanged."""
+    return yaml.safe_dump(save_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """sha256 of the canonical YAML, leaving out keys that do not change results."""
+    data = save_dict(cfg)
+    for key in HASH_EXCLUDED_KEYS:
+        section, _, name = key.partition(".")
+        if name:
+            data[section].pop(name, None)
+        else:
+            data.pop(section, None)
+    text = yaml.safe_dump(data, sort_keys=True, allow_unicode=True, default_flow_style=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems and where they came from
+
+
+class _Problem(ConfigError):
+    """An internal one-line problem about dotted `key`; the source prefix is added later."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class _Sources:
+    """Remembers which keys came from which override, to name the source of a problem."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = None if path is None else str(path)
+        self.file_dir = None if path is None else os.path.dirname(os.path.abspath(path))
+        self.overrides: list[tuple[str, str]] = []  # (display key, override text)
+
+    def override_for(self, key: str) -> str | None:
+        """The last override that set `key` or one of its parents, if any."""
+        for okey, text in reversed(self.overrides):
+            if key == okey or key.startswith((okey + ".", okey + "[")):
+                return text
+        return None
+
+    def prefix(self, key: str) -> str:
+        """'override ...: ' or 'file.yaml: ' (or nothing) for a problem about `key`."""
+        text = self.override_for(key)
+        if text is not None:
+            return f"override '{text}': "
+        return f"{self.path}: " if self.path is not None else ""
+
+    def base_dir(self, key: str) -> str:
+        """Directory a relative path at `key` is resolved against (the file's, or the CWD)."""
+        if self.override_for(key) is None and self.file_dir is not None:
+            return self.file_dir
+        return os.getcwd()
+
+    def error(self, problem: _Problem) -> _Problem:
+        """`problem` with its source prefix."""
+        return _Problem(problem.key, self.prefix(problem.key) + str(problem))
+
+
+@contextmanager
+def _prefixed(prefix: str) -> Iterator[None]:
+    """Prefix every _Problem raised inside with `prefix` (a file name or an override)."""
+    try:
+        yield
+    except _Problem as problem:
+        raise _Problem(problem.key, prefix + str(problem)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys, types and values
+
+
+def _join(parent: str, name: str | int) -> str:
+    """Dotted display key: 'train' + 'lr' -> 'train.lr', 'tasks' + 0 -> 'tasks[0]'."""
+    if isinstance(name, int):
+        return f"{parent}[{name}]"
+    return f"{parent}.{name}" if parent else name
+
+
+def _display(segments: Sequence[str | int]) -> str:
+    """Display key of a segment path."""
+    key = ""
+    for segment in segments:
+        key = _join(key, segment)
+    return key
+
+
+def _split_key(key: str) -> list[str | int]:
+    """Segments of a dotted key; 'tasks[0].train' and 'tasks.0.train' give ['tasks', 0, 'train']."""
+    tokens = re.sub(r"\[(\d+)\]", r".\1", key).split(".")
+    return [int(token) if token.isdigit() else token for token in tokens]
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """(inner type, is optional) of `X | None`; other types unchanged."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    """Field name -> resolved type hint of a schema dataclass."""
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp: Any) -> bool:
+    return dataclasses.is_dataclass(tp)
+
+
+def _is_list(tp: Any) -> bool:
+    return typing.get_origin(tp) is list
+
+
+def _type_at(key: str) -> Any | None:
+    """Schema type of a display key, or None when the key is not in the schema."""
+    tp: Any = RunConfig
+    for segment in _split_key(key):
+        tp, _ = _unwrap_optional(tp)
+        if _is_section(tp) and isinstance(segment, str) and segment in _fields(tp):
+            tp = _fields(tp)[segment]
+        elif _is_list(tp) and isinstance(segment, int):
+            tp = typing.get_args(tp)[0]
+        else:
+            return None
+    return tp
+
+
+def _describe(tp: Any) -> str:
+    """Human name of a schema type: 'float', 'int or null', 'list of str', 'mapping'."""
+    inner, optional = _unwrap_optional(tp)
+    if _is_section(inner):
+        text = "mapping"
+    elif _is_list(inner):
+        element = typing.get_args(inner)[0]
+        text = "list of mappings" if _is_section(element) else f"list of {_describe(element)}"
+    else:
+        text = getattr(inner, "__name__", str(inner))
+    return f"{text} or null" if optional else text
+
+
+def _show(value: Any) -> str:
+    """A value as it appears in messages: null, true, 3, 'abc', [1, 2] (shortened)."""
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value, resolve=False)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _unknown_key(parent: str, name: Any, cls: type) -> _Problem:
+    """'config key ... is unknown; did you mean ...?' over the fields of section `cls`."""
+    key = _join(parent, str(name))
+    valid = list(_fields(cls))
+    close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.6)
+    if close:
+        hint = f"did you mean '{_join(parent, close[0])}'?"
+    else:
+        where = f"'{parent}'" if parent else "the top level"
+        hint = f"valid keys in {where}: {', '.join(valid)}"
+    return _Problem(key, f"config key '{key}' is unknown; {hint}")
+
+
+def _wrong_type(key: str, value: Any, tp: Any | None = None) -> _Problem:
+    """'config key K: expected T, got V' with T taken from the schema."""
+    tp = _type_at(key) if tp is None else tp
+    expected = _describe(tp) if tp is not None else "a valid value"
+    return _Problem(key, f"config key '{key}': expected {expected}, got {_show(value)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shape check: containers and keys, before OmegaConf converts scalars
+
+
+def _check_shape(value: Any, tp: Any, key: str) -> None:
+    """Unknown keys, mappings vs lists vs scalars, and nulls, checked against the schema."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None:
+        if not optional:
+            raise _wrong_type(key, value, tp)
+    elif _is_section(inner):
+        _check_section(value, inner, key, tp)
+    elif _is_list(inner):
+        if not isinstance(value, list):
+            raise _wrong_type(key, value, tp)
+        element = typing.get_args(inner)[0]
+        for index, item in enumerate(value):
+            _check_shape(item, element, _join(key, index))
+    elif isinstance(value, dict | list):
+        raise _wrong_type(key, value, tp)
+
+
+def _check_section(value: Any, cls: type, key: str, tp: Any) -> None:
+    """A mapping whose keys are fields of `cls`, each of the right shape."""
+    if not isinstance(value, dict):
+        raise _wrong_type(key, value, tp)
+    hints = _fields(cls)
+    for name, item in value.items():
+        if name not in hints:
+            raise _unknown_key(key, name, cls)
+        _check_shape(item, hints[name], _join(key, name))
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging with OmegaConf
+
+
+@contextmanager
+def _translated(root: str, fallback: str) -> Iterator[None]:
+    """Turn OmegaConf exceptions into _Problem; keys are relative to `root`."""
+    try:
+        yield
+    except oc_errors.OmegaConfBaseException as exc:
+        full_key = str(exc.full_key) if getattr(exc, "full_key", None) else ""
+        if root and full_key and not full_key.startswith((root + ".", root + "[")):
+            key = f"{root}{full_key}" if full_key.startswith("[") else f"{root}.{full_key}"
+        else:
+            key = full_key or root or fallback
+        raise _from_omegaconf(exc, key) from None
+
+
+def _from_omegaconf(exc: Exception, key: str) -> _Problem:
+    """One-line problem for an OmegaConf exception about display key `key`."""
+    first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, oc_errors.MissingMandatoryValue):
+        expected = _describe(_type_at(key)) if _type_at(key) is not None else "a value"
+        return _Problem(key, f"config key '{key}': expected {expected}, got nothing (required)")
+    if isinstance(exc, oc_errors.InterpolationResolutionError):
+        return _Problem(key, f"config key '{key}': cannot resolve interpolation: {first_line}")
+    if isinstance(exc, oc_errors.ConfigKeyError | oc_errors.ConfigAttributeError):
+        segments = _split_key(key)
+        parent = _display(segments[:-1])
+        cls, _ = _unwrap_optional(_type_at(parent) if parent else RunConfig)
+        if _is_section(cls):
+            return _unknown_key(parent, segments[-1], cls)
+    if isinstance(exc, oc_errors.ValidationError) and _type_at(key) is not None:
+        return _wrong_type(key, getattr(exc, "value", None))
+    return _Problem(key, f"config key '{key}': {first_line}")
+
+
+def _build(path: str | Path | None, overrides: Sequence[str], sources: _Sources) -> DictConfig:
+    """The schema, then the file, then each override, merged as an OmegaConf config."""
+    cfg = OmegaConf.structured(RunConfig)
+    if path is not None:
+        raw = _read_yaml(path)
+        with _prefixed(f"{path}: "):
+            _check_shape(raw, RunConfig, "")
+            _merge_file(cfg, raw)
+    for text in overrides:
+        with _prefixed(f"override '{text}': "):
+            key = _apply_override(cfg, text)
+        sources.overrides.append((key, text))
+    return cfg
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    """The file's YAML as a plain dict (interpolations unresolved); errors name the file."""
+    if not os.path.exists(path):
+        raise _Problem("", f"{path}: config file not found")
+    if os.path.isdir(path):
+        raise _Problem("", f"{path}: expected a YAML config file, got a directory")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except UnicodeDecodeError as exc:
+        raise _Problem("", f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise _Problem("", f"{path}: cannot read config file: {exc.strerror}") from None
+    return _parse_yaml(text, str(path))
+
+
+def _parse_yaml(text: str, where: str) -> dict[str, Any]:
+    """Parse YAML text with OmegaConf's loader; errors name `where` and the line."""
+    try:
+        loaded = OmegaConf.load(io.StringIO(text))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        at = f"{where}:{mark.line + 1}" if mark is not None else where
+        raise _Problem("", f"{at}: invalid YAML: {exc.problem or exc.context}") from None
+    except (yaml.YAMLError, OSError):
+        loaded = None
+    if not isinstance(loaded, DictConfig):
+        kind = "a list" if isinstance(loaded, ListConfig) else "a scalar"
+        raise _Problem(
+            "", f"{where}: expected a mapping of config sections at top level, got {kind}"
+        )
+    return typing.cast(dict[str, Any], OmegaConf.to_container(loaded, resolve=False))
+
+
+def _merge_file(cfg: DictConfig, raw: dict[str, Any]) -> None:
+    """Merge the file's sections into `cfg` in place; tasks one by one (for exact keys)."""
+    sections = {name: value for name, value in raw.items() if name != "tasks"}
+    with _translated("", ""):
+        cfg.merge_with(sections)
+    if "tasks" in raw:
+        cfg.tasks = [_task_node(item, index) for index, item in enumerate(raw["tasks"])]
+
+
+def _task_node(item: dict[str, Any], index: int, base: DictConfig | None = None) -> DictConfig:
+    """One task merged onto the TaskConfig schema (or onto `base`, an existing task)."""
+    node = OmegaConf.structured(TaskConfig) if base is None else base
+    with _translated(f"tasks[{index}]", f"tasks[{index}]"):
+        return typing.cast(DictConfig, OmegaConf.merge(node, item))
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    """Split 'key=value' and parse the value as YAML (OmegaConf's dotlist rules)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise _Problem("", "expected key=value (e.g. train.lr=2e-5)")
+    try:
+        parsed = OmegaConf.from_dotlist([f"value={raw}"])
+    except (yaml.YAMLError, oc_errors.OmegaConfBaseException) as exc:
+        problem = str(exc).splitlines()[0]
+        raise _Problem(key, f"cannot parse value {raw!r} as YAML: {problem}") from None
+    container = typing.cast(dict[str, Any], OmegaConf.to_container(parsed, resolve=False))
+    return key, container["value"]
+
+
+def _apply_override(cfg: DictConfig, text: str) -> str:
+    """Apply one 'key=value' override to `cfg`; returns its display key."""
+    key, value = _parse_override(text)
+    segments = _override_segments(cfg, key)
+    display = _display(segments)
+    _check_shape(value, _type_at(display), display)
+    if segments == ["tasks"]:
+        cfg.tasks = [_task_node(item, index) for index, item in enumerate(value)]
+    elif len(segments) == 2 and segments[0] == "tasks":
+        index = typing.cast(int, segments[1])
+        cfg.tasks[index] = _task_node(value, index, base=cfg.tasks[index])
+    else:
+        dotted = ".".join(str(segment) for segment in segments)
+        with _translated("", display):
+            OmegaConf.update(cfg, dotted, value, merge=True)
+    return display
+
+
+def _override_segments(cfg: DictConfig, key: str) -> list[str | int]:
+    """Walk an override key through the schema; tasks may be named by index or by name."""
+    segments: list[str | int] = []
+    tp: Any = RunConfig
+    node: Any = cfg
+    for token in re.sub(r"\[(\d+)\]", r".\1", key).split("."):
+        tp, _ = _unwrap_optional(tp)
+        parent = _display(segments)
+        if _is_section(tp):
+            if token not in _fields(tp):
+                raise _unknown_key(parent, token, tp)
+            segment: str | int = token
+            tp = _fields(tp)[token]
+        elif _is_list(tp):
+            segment = _list_index(node, token, parent)
+            tp = typing.get_args(tp)[0]
+        else:
+            child = _join(parent, token)
+            raise _Problem(child, f"config key '{child}' is unknown; '{parent}' has no sub-keys")
+        segments.append(segment)
+        inner, _ = _unwrap_optional(tp)
+        container = _is_section(inner) or _is_list(inner)
+        node = node[segment] if container and node is not None else None
+    return segments
+
+
+def _list_index(node: Any, token: str, parent: str) -> int:
+    """Index into an existing list: a number, or a task's name under 'tasks'."""
+    items = [] if node is None else list(node)
+    if token.isdigit():
+        index = int(token)
+    elif parent == "tasks":
+        names = [_node_name(item) for item in items]
+        if token not in names:
+            close = difflib.get_close_matches(token, [n for n in names if n], n=1)
+            hint = f"did you mean 'tasks.{close[0]}'?" if close else f"tasks are: {names}"
+            raise _Problem(parent, f"config key 'tasks.{token}' names no task; {hint}")
+        index = names.index(token)
+    else:
+        key = _join(parent, token)
+        raise _Problem(key, f"config key '{key}' is unknown; expected a list index")
+    if index >= len(items):
+        key = _join(parent, index)
+        raise _Problem(
+            key, f"config key '{key}' is out of range: '{parent}' has {len(items)} items"
+        )
+    return index
+
+
+def _node_name(item: Any) -> str:
+    """The `name` of a task node, or '' while it is still missing."""
+    return "" if OmegaConf.is_missing(item, "name") else str(item.name)
+
+
+def _to_object(cfg: DictConfig, sources: _Sources) -> RunConfig:
+    """Resolve interpolations and convert to plain dataclasses."""
+    try:
+        with _translated("", ""):
+            return typing.cast(RunConfig, OmegaConf.to_object(cfg))
+    except _Problem as problem:
+        raise sources.error(problem) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths
+
+
+def _resolve_paths(run: RunConfig, sources: _Sources) -> None:
+    """Make relative task and model paths absolute against the config file's directory
+    (overrides and file-less configs: the CWD); 'demo:' values are left alone."""
+    for index, task in enumerate(run.tasks):
+        for name in _TASK_PATH_FIELDS:
+            key = f"tasks[{index}].{name}"
+            setattr(task, name, _resolve(getattr(task, name), sources.base_dir(key)))
+        task.extra_train = [
+            _resolve(item, sources.base_dir(f"tasks[{index}].extra_train[{j}]"))
+            for j, item in enumerate(task.extra_train)
+        ]
+    for name in ("pretrained", "tokenizer"):
+        value = getattr(run.model, name)
+        setattr(run.model, name, _resolve(value, sources.base_dir(f"model.{name}")))
+    run.train.deepspeed_config = _resolve(run.train.deepspeed_config,
+                                          sources.base_dir("train.deepspeed_config"))
+
+
+def _resolve(value: Any, base: str) -> Any:
+    """An absolute, normalised path (`~` expanded); None, '' and 'demo:...' unchanged."""
+    if not value or str(value).startswith(DEMO_PREFIX):
+        return value
+    return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+
+
+def _check_files(run: RunConfig, sources: _Sources) -> None:
+    """Every non-demo task file and model path must exist."""
+    for index, task in enumerate(run.tasks):
+        for name in _TASK_PATH_FIELDS:
+            _check_path(getattr(task, name), f"tasks[{index}].{name}", "file", sources)
+        for j, item in enumerate(task.extra_train):
+            _check_path(item, f"tasks[{index}].extra_train[{j}]", "file", sources)
+    _check_path(run.model.pretrained, "model.pretrained", "directory", sources)
+    _check_path(run.model.tokenizer, "model.tokenizer", "any", sources)
+    _check_path(run.train.deepspeed_config, "train.deepspeed_config", "file", sources)
+
+
+def _check_path(value: str | None, key: str, kind: str, sources: _Sources) -> None:
+    """`value` exists and is a file / a directory (kind 'file' / 'directory' / 'any')."""
+    if value is None or value.startswith(DEMO_PREFIX):
+        return
+    path = os.path.abspath(value)
+    if not os.path.exists(path):
+        noun = "directory" if kind == "directory" else "file"
+        message = f"{key}: {noun} not found: {path}"
+    elif kind == "file" and not os.path.isfile(path):
+        message = f"{key}: expected a file, got a directory: {path}"
+    elif kind == "directory" and not os.path.isdir(path):
+        message = f"{key}: expected a directory (for from_pretrained), got a file: {path}"
+    else:
+        return
+    raise sources.error(_Problem(key, message))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of values
+
+
+_Check = Callable[[Any], bool]
+
+
+def _gt(bound: float) -> tuple[_Check, str]:
+    return (lambda v: v > bound), f"> {bound}"
+
+
+def _ge(bound: float) -> tuple[_Check, str]:
+    return (lambda v: v >= bound), f">= {bound}"
+
+
+def _one_of(*choices: Any) -> tuple[_Check, str]:
+    return (lambda v: v in choices), "one of " + ", ".join(str(c) for c in choices)
+
+
+def _unit(low_open: bool, high_open: bool) -> tuple[_Check, str]:
+    def check(v: Any) -> bool:
+        return (v > 0 if low_open else v >= 0) and (v < 1 if high_open else v <= 1)
+
+    return check, f"in {'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+
+
+def _or_null(rule: tuple[_Check, str]) -> tuple[_Check, str]:
+    check, expected = rule
+    return (lambda v: v is None or check(v)), f"{expected} or null"
+
+
+def _non_empty() -> tuple[_Check, str]:
+    return (lambda v: bool(v)), "a non-empty string"
+
+
+_RULES: dict[str, tuple[_Check, str]] = {
+    "model.head": _one_of("attention", "cls"),
+    "model.dropout": _unit(False, True),
+    "model.arch.model_type": _non_empty(),
+    "model.arch.hidden_size": _ge(1),
+    "model.arch.num_hidden_layers": _ge(1),
+    "model.arch.num_attention_heads": _ge(1),
+    "model.arch.intermediate_size": _ge(1),
+    "model.arch.max_position_embeddings": _ge(8),
+    "model.arch.hidden_dropout_prob": _unit(False, True),
+    "model.arch.attention_probs_dropout_prob": _unit(False, True),
+    "data.max_length": _ge(8),
+    "data.pad_to_multiple_of": _or_null(_ge(1)),
+    "data.on_bad_row": _one_of("error", "skip"),
+    "data.num_workers": _ge(0),
+    "data.tokenize_batch_size": _ge(1),
+    "sampler.strategy": _one_of("proportional", "uniform", "temperature", "round_robin"),
+    "sampler.temperature": _gt(0),
+    "sampler.mega_batch_mult": _ge(1),
+    "sampler.on_global_batch_change": _one_of("error", "replan"),
+    "train.output_dir": _non_empty(),
+    "train.seed": ((lambda v: 0 <= v < 2**32), "in [0, 2**32)"),
+    "train.per_device_batch_size": _ge(1),
+    "train.eval_batch_size": _or_null(_ge(1)),
+    "train.gradient_accumulation_steps": _ge(1),
+    "train.lr": _gt(0),
+    "train.head_lr": _or_null(_gt(0)),
+    "train.weight_decay": _ge(0),
+    "train.adam_beta1": _unit(False, True),
+    "train.adam_beta2": _unit(False, True),
+    "train.adam_eps": _gt(0),
+    "train.warmup_ratio": _unit(False, False),
+    "train.warmup_steps": _or_null(_ge(0)),
+    "train.max_grad_norm": _or_null(_gt(0)),
+    "train.num_epochs": _ge(1),
+    "train.max_steps": _or_null(_ge(1)),
+    "train.mixed_precision": _one_of("no", "bf16", "fp16"),
+    "train.ema_decay": _or_null(_unit(True, True)),
+    "train.eval_steps": _or_null(_ge(1)),
+    "train.metric_for_best": _one_of("score", "loss"),
+    "train.early_stopping_patience": _or_null(_ge(1)),
+    "train.log_steps": _ge(1),
+    "train.device": _one_of("auto", "cpu", "cuda"),
+    "train.collective_timeout_s": _ge(1),
+    "train.zero_stage": _one_of(0, 1, 2, 3),
+    "train.stop_after_steps": _or_null(_ge(1)),
+    "train.preemption_check_steps": _ge(1),
+    "train.preemption_signals": ((lambda v: all(x in ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
+                                                for x in v)),
+                                 "a list of SIGUSR1, SIGUSR2, SIGTERM, SIGINT"),
+    "checkpoint.save_steps": _or_null(_ge(1)),
+    "checkpoint.save_total_limit": _or_null(_ge(1)),
+}
+
+_TASK_RULES: dict[str, tuple[_Check, str]] = {
+    "name": (
+        (lambda v: bool(_TASK_NAME_RE.fullmatch(v))),
+        "a name without spaces, '/', '.', '=' or brackets",
+    ),
+    "format": _one_of("auto", "tsv", "csv", "jsonl"),
+    "metric": _one_of("accuracy", "macro_f1"),
+    "score_weight": _ge(0),
+    "sample_weight": _gt(0),
+    "max_samples": _or_null(_ge(1)),
+    "dev": ((lambda v: v is None or bool(v)), "a path or null"),
+    "test": ((lambda v: v is None or bool(v)), "a path or null"),
+}
+
+
+def _validate(run: RunConfig, sources: _Sources) -> None:
+    """Ranges, choices and cross-field rules; the first problem is raised."""
+    try:
+        for key, (check, expected) in _RULES.items():
+            _require(check, _get(run, key), key, expected)
+        _validate_model_shape(run)
+        _validate_tasks(run.tasks)
+        _validate_backends(run.tracking.backends)
+    except _Problem as problem:
+        raise sources.error(problem) from None
+
+
+def _get(run: RunConfig, key: str) -> Any:
+    value: Any = run
+    for name in key.split("."):
+        value = getattr(value, name)
+    return value
+
+
+def _require(check: _Check, value: Any, key: str, expected: str) -> None:
+    if not check(value):
+        raise _Problem(key, f"config key '{key}': expected {expected}, got {_show(value)}")
+
+
+def _validate_model_shape(run: RunConfig) -> None:
+    """Random-init encoder: heads divide the width; positions cover data.max_length."""
+    arch = run.model.arch
+    if run.model.pretrained is not None:
+        return
+    heads = arch.num_attention_heads
+    _require(
+        lambda v: v % heads == 0,
+        arch.hidden_size,
+        "model.arch.hidden_size",
+        f"a multiple of model.arch.num_attention_heads ({heads})",
+    )
+    limit = arch.max_position_embeddings
+    _require(
+        lambda v: v <= limit,
+        run.data.max_length,
+        "data.max_length",
+        f"<= model.arch.max_position_embeddings ({limit})",
+    )
+
+
+def _validate_tasks(tasks: list[TaskConfig]) -> None:
+    """At least one task; each task valid; names unique; some task counts in the score."""
+    if not tasks:
+        raise _Problem("tasks", "config key 'tasks': expected at least one task, got none")
+    seen: dict[str, int] = {}
+    for index, task in enumerate(tasks):
+        _validate_task(task, f"tasks[{index}]")
+        if task.name in seen:
+            key = f"tasks[{index}].name"
+            raise _Problem(
+                key,
+                f"config key '{key}': duplicate task name {task.name!r} "
+                f"(already used by tasks[{seen[task.name]}])",
+            )
+        seen[task.name] = index
+    if not any(task.score_weight > 0 for task in tasks):
+        raise _Problem(
+            "tasks",
+            "config key 'tasks': expected at least one task with score_weight > 0, got none",
+        )
+
+
+def _validate_task(task: TaskConfig, prefix: str) -> None:
+    """One task's fields: choices, ranges, a train file, labels."""
+    for name, (check, expected) in _TASK_RULES.items():
+        _require(check, getattr(task, name), f"{prefix}.{name}", expected)
+    if not task.train:
+        key = f"{prefix}.train"
+        raise _Problem(
+            key,
+            f"config key '{key}': task {task.name!r} has no train file; "
+            f"expected a path or 'demo:<task>/train', got {_show(task.train)}",
+        )
+    for j, item in enumerate(task.extra_train):
+        _require(bool, item, f"{prefix}.extra_train[{j}]", "a path")
+    if task.labels is not None:
+        _validate_labels(task.labels, f"{prefix}.labels")
+
+
+def _validate_labels(labels: list[str], key: str) -> None:
+    """An explicit label list is non-empty and has no repeats."""
+    if not labels:
+        raise _Problem(
+            key, f"config key '{key}': expected a non-empty list of labels or null, got []"
+        )
+    seen: set[str] = set()
+    for label in labels:
+        if label in seen:
+            raise _Problem(key, f"config key '{key}': duplicate label {label!r}")
+        seen.add(label)
+
+
+def _validate_backends(backends: list[str]) -> None:
+    """Known tracker names, each at most once."""
+    check, expected = _one_of("wandb", "tensorboard")
+    for index, name in enumerate(backends):
+        _require(check, name, f"tracking.backends[{index}]", expected)
+        if name in backends[:index]:
+            key = f"tracking.backends[{index}]"
+            raise _Problem(key, f"config key '{key}': duplicate backend {name!r}")

@@ -1,0 +1,64 @@
+"""Preemption: signals set a flag; ranks agree on it at a step boundary; Slurm requeues the job.
+
+Nothing is saved inside a signal handler: the trainer polls `should_stop()` between optimizer
+steps, where every rank checkpoints the same step through the checkpoint manager.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import torch
+import torch.distributed as dist
+
+# EX_TEMPFAIL: "try again later" -- a checkpointed stop that should be resumed, not a failure.
+PREEMPTED_EXIT_CODE = 75
+DEFAULT_SIGNALS = ("SIGUSR1", "SIGTERM")
+
+
+class PreemptionFlag:
+    """Remembers the first stop signal; further signals change nothing (the save is not redone)."""
+
+    def __init__(self, signal_names=DEFAULT_SIGNALS):
+        self.received: int | None = None
+        self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # handlers can only be installed from the main thread
+        for name in signal_names:
+            signum = getattr(signal, name)
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+            print(f"[mtl_dist] received {signal.Signals(signum).name}: checkpointing at the "
+                  "next step boundary", file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def should_stop(self, device: torch.device) -> bool:
+        """True on every rank as soon as any rank got a signal (an all-reduce of one flag)."""
+        local = self.received is not None
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return local
+        flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def request_requeue(enabled: bool) -> str | None:
+    """Under Slurm, ask for this job to be requeued (main process only); returns what was done."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not enabled or not job_id:
+        return None
+    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    if result.returncode != 0:
+        return f"scontrol requeue {job_id} failed: {result.stderr.strip()}"
+    return f"requested requeue of Slurm job {job_id}"

@@ -1,0 +1,377 @@
+"""Tests for mtl_dist.config: loading, overrides, one-line errors, paths, hashing, round trip."""
+
+import dataclasses
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from mtl_dist.config import (
+    RunConfig,
+    TaskConfig,
+    TrainConfig,
+    check_files,
+    config_hash,
+    config_to_yaml,
+    load_config,
+    save_dict,
+)
+from mtl_dist.errors import ConfigError, MtlDistError
+
+BASE = """\
+model:
+  tokenizer: "demo:"
+  arch: {hidden_size: 64, num_attention_heads: 4}
+tasks:
+  - name: nli
+    train: data/nli_train.tsv
+    dev: data/nli_dev.tsv
+    pair: true
+  - name: emotion
+    train: "demo:emotion/train"
+    labels: [sad, happy]
+    metric: macro_f1
+train:
+  lr: 3e-5
+  per_device_batch_size: 8
+"""
+
+DEMO = ["tasks=[{name: nli, train: 'demo:nli/train'}]"]
+
+
+@pytest.fixture()
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project dir (the CWD) with configs/run.yaml and its data files under configs/data."""
+    data = tmp_path / "configs" / "data"
+    data.mkdir(parents=True)
+    for name in ("nli_train.tsv", "nli_dev.tsv", "extra.tsv"):
+        (data / name).write_text("1\tx\ty\n", encoding="utf-8")
+    (tmp_path / "configs" / "run.yaml").write_text(BASE, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write(project: Path, text: str, name: str = "configs/bad.yaml") -> str:
+    (project / name).write_text(textwrap.dedent(text), encoding="utf-8")
+    return name
+
+
+def error_of(path: str | None, overrides: Sequence[str] = (), **kwargs: bool) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def test_load_yaml_with_overrides(project: Path) -> None:
+    cfg = load_config(
+        "configs/run.yaml",
+        [
+            "train.lr=2e-5",
+            "train.seed=7",
+            "tasks.1.sample_weight=2",
+            "tasks[0].pair=false",
+            "tasks.emotion.score_weight=0.5",
+            "tracking.backends=[tensorboard]",
+            "model.arch={num_hidden_layers: 2}",
+        ],
+    )
+    assert isinstance(cfg, RunConfig) and isinstance(cfg.tasks[0], TaskConfig)
+    assert cfg.train.lr == 2e-5 and isinstance(cfg.train.lr, float)
+    assert cfg.train.seed == 7 and cfg.train.per_device_batch_size == 8
+    assert cfg.tasks[1].sample_weight == 2.0 and cfg.tasks[1].score_weight == 0.5
+    assert cfg.tasks[0].pair is False
+    assert cfg.tracking.backends == ["tensorboard"]
+    assert cfg.model.arch.num_hidden_layers == 2 and cfg.model.arch.hidden_size == 64
+    assert cfg.tasks[1].labels == ["sad", "happy"] and cfg.tasks[1].metric == "macro_f1"
+    assert cfg.task_names == ["nli", "emotion"]
+
+
+def test_defaults_and_helpers_without_file() -> None:
+    cfg = load_config(None, DEMO)
+    assert cfg.train == TrainConfig() and cfg.tasks[0].train == "demo:nli/train"
+    assert cfg.train.effective_eval_batch_size() == 32
+    cfg = load_config(None, [*DEMO, "train.eval_batch_size=64"])
+    assert cfg.train.effective_eval_batch_size() == 64
+    assert cfg.model.effective_tokenizer() is None
+    plain = save_dict(cfg)
+    assert type(plain) is dict and type(plain["tasks"][0]) is dict
+    assert plain["train"]["eval_batch_size"] == 64
+
+
+def test_interpolation_and_scalar_conversion(project: Path) -> None:
+    path = write(project, BASE + "  head_lr: ${train.lr}\n  num_epochs: '2'\n")
+    cfg = load_config(path)
+    assert cfg.train.head_lr == 3e-5 and cfg.train.num_epochs == 2
+    assert cfg.tasks[1].labels == ["sad", "happy"]
+    numeric = load_config(None, ["tasks=[{name: a, train: 'demo:a/train', labels: [0, 1]}]"])
+    assert numeric.tasks[0].labels == ["0", "1"]
+
+
+# --- unknown keys, types, overrides ------------------------------------------------------------
+
+
+def test_unknown_key_in_file_names_file_and_suggests(project: Path) -> None:
+    path = write(project, BASE + "  lrr: 1\n")
+    assert error_of(path) == (
+        "configs/bad.yaml: config key 'train.lrr' is unknown; did you mean 'train.lr'?"
+    )
+
+
+def test_unknown_key_in_task_and_section(project: Path) -> None:
+    path = write(project, BASE.replace("    pair: true", "    trian: x.tsv"))
+    assert error_of(path) == (
+        "configs/bad.yaml: config key 'tasks[0].trian' is unknown; did you mean 'tasks[0].train'?"
+    )
+    path = write(project, BASE + "trian: {}\n")
+    assert (
+        error_of(path) == "configs/bad.yaml: config key 'trian' is unknown; did you mean 'train'?"
+    )
+
+
+def test_unknown_key_without_close_match_lists_valid_keys() -> None:
+    message = error_of(None, ["sampler.zzz=1"])
+    assert message.startswith(
+        "override 'sampler.zzz=1': config key 'sampler.zzz' is unknown; valid keys in 'sampler': "
+        "strategy, temperature,"
+    )
+
+
+def test_wrong_type(project: Path) -> None:
+    path = write(project, BASE.replace("lr: 3e-5", "lr: abc"))
+    assert error_of(path) == "configs/bad.yaml: config key 'train.lr': expected float, got 'abc'"
+    assert error_of(None, [*DEMO, "train.num_epochs=2.5"]) == (
+        "override 'train.num_epochs=2.5': config key 'train.num_epochs': expected int, got 2.5"
+    )
+    assert error_of(None, [*DEMO, "tasks.0.pair=maybe"]) == (
+        "override 'tasks.0.pair=maybe': config key 'tasks[0].pair': expected bool, got 'maybe'"
+    )
+    assert error_of(None, ["tracking.backends=wandb"]) == (
+        "override 'tracking.backends=wandb': config key 'tracking.backends': "
+        "expected list of str, got 'wandb'"
+    )
+    assert error_of(None, ["train=5"]) == (
+        "override 'train=5': config key 'train': expected mapping, got 5"
+    )
+    assert error_of(None, ["train.eval_batch_size=[1]"]) == (
+        "override 'train.eval_batch_size=[1]': config key 'train.eval_batch_size': "
+        "expected int or null, got [1]"
+    )
+
+
+def test_bad_overrides() -> None:
+    assert (
+        error_of(None, ["train.lr"])
+        == "override 'train.lr': expected key=value (e.g. train.lr=2e-5)"
+    )
+    assert error_of(None, ["train.lrr=1"]) == (
+        "override 'train.lrr=1': config key 'train.lrr' is unknown; did you mean 'train.lr'?"
+    )
+    assert error_of(None, ["train.lr.x=1"]) == (
+        "override 'train.lr.x=1': config key 'train.lr.x' is unknown; 'train.lr' has no sub-keys"
+    )
+    assert error_of(None, [*DEMO, "tasks.1.train=x"]) == (
+        "override 'tasks.1.train=x': config key 'tasks[1]' is out of range: 'tasks' has 1 items"
+    )
+    assert error_of(None, [*DEMO, "tasks.nlj.train=x"]) == (
+        "override 'tasks.nlj.train=x': config key 'tasks.nlj' names no task; "
+        "did you mean 'tasks.nli'?"
+    )
+
+
+def test_yaml_syntax_and_top_level_errors(project: Path) -> None:
+    assert error_of(write(project, "train:\n  lr: [1\n")) == (
+        "configs/bad.yaml:3: invalid YAML: did not find expected ',' or ']'"
+    )
+    assert error_of(write(project, "- 1\n")) == (
+        "configs/bad.yaml: expected a mapping of config sections at top level, got a list"
+    )
+    assert error_of("configs/missing.yaml") == "configs/missing.yaml: config file not found"
+
+
+def test_config_error_is_mtl_dist_error() -> None:
+    with pytest.raises(MtlDistError):
+        load_config(None, ["train.lrr=1"])
+
+
+# --- value rules -------------------------------------------------------------------------------
+
+RANGE_CASES = [
+    ("train.lr=0", "config key 'train.lr': expected > 0, got 0.0"),
+    ("train.weight_decay=-0.1", "config key 'train.weight_decay': expected >= 0, got -0.1"),
+    (
+        "train.early_stopping_patience=0",
+        "config key 'train.early_stopping_patience': expected >= 1 or null, got 0",
+    ),
+    (
+        "train.per_device_batch_size=0",
+        "config key 'train.per_device_batch_size': expected >= 1, got 0",
+    ),
+    (
+        "train.gradient_accumulation_steps=0",
+        "config key 'train.gradient_accumulation_steps': expected >= 1, got 0",
+    ),
+    ("model.dropout=1", "config key 'model.dropout': expected in [0, 1), got 1.0"),
+    ("model.dropout=-0.1", "config key 'model.dropout': expected in [0, 1), got -0.1"),
+    ("train.ema_decay=1", "config key 'train.ema_decay': expected in (0, 1) or null, got 1.0"),
+    ("train.ema_decay=0", "config key 'train.ema_decay': expected in (0, 1) or null, got 0.0"),
+    ("data.max_length=7", "config key 'data.max_length': expected >= 8, got 7"),
+    (
+        "data.pad_to_multiple_of=0",
+        "config key 'data.pad_to_multiple_of': expected >= 1 or null, got 0",
+    ),
+    (
+        "checkpoint.save_total_limit=0",
+        "config key 'checkpoint.save_total_limit': expected >= 1 or null, got 0",
+    ),
+    ("train.num_epochs=0", "config key 'train.num_epochs': expected >= 1, got 0"),
+    ("sampler.temperature=0", "config key 'sampler.temperature': expected > 0, got 0.0"),
+    ("train.zero_stage=4", "config key 'train.zero_stage': expected one of 0, 1, 2, 3, got 4"),
+    (
+        "train.mixed_precision=fp32",
+        "config key 'train.mixed_precision': expected one of no, bf16, fp16, got 'fp32'",
+    ),
+    (
+        "tasks.0.metric=f1",
+        "config key 'tasks[0].metric': expected one of accuracy, macro_f1, got 'f1'",
+    ),
+    (
+        "tracking.backends=[wandb, mlflow]",
+        "config key 'tracking.backends[1]': expected one of wandb, tensorboard, got 'mlflow'",
+    ),
+]
+
+
+@pytest.mark.parametrize(("override", "expected"), RANGE_CASES)
+def test_value_rules(override: str, expected: str) -> None:
+    assert error_of(None, [*DEMO, override]) == f"override '{override}': {expected}"
+
+
+def test_nullable_limits_accept_null() -> None:
+    cfg = load_config(
+        None,
+        [
+            *DEMO,
+            "data.pad_to_multiple_of=null",
+            "checkpoint.save_total_limit=null",
+            "train.ema_decay=0.999",
+            "train.zero_stage=3",
+        ],
+    )
+    assert cfg.data.pad_to_multiple_of is None and cfg.checkpoint.save_total_limit is None
+    assert cfg.train.ema_decay == 0.999 and cfg.train.zero_stage == 3
+
+
+def test_task_rules_in_file(project: Path) -> None:
+    path = write(project, BASE.replace("name: emotion", "name: nli"))
+    assert error_of(path) == (
+        "configs/bad.yaml: config key 'tasks[1].name': duplicate task name 'nli' "
+        "(already used by tasks[0])"
+    )
+    path = write(project, BASE.replace("    train: data/nli_train.tsv\n", ""))
+    assert error_of(path) == (
+        "configs/bad.yaml: config key 'tasks[0].train': task 'nli' has no train file; "
+        "expected a path or 'demo:<task>/train', got null"
+    )
+    path = write(project, BASE.replace("  - name: emotion", "  - pair: false"))
+    assert error_of(path) == (
+        "configs/bad.yaml: config key 'tasks[1].name': expected str, got nothing (required)"
+    )
+    path = write(project, "train: {lr: 1.0e-5}\n")
+    assert (
+        error_of(path)
+        == "configs/bad.yaml: config key 'tasks': expected at least one task, got none"
+    )
+
+
+def test_missing_file(project: Path) -> None:
+    path = write(project, BASE.replace("nli_dev.tsv", "nope.tsv"))
+    missing = project / "configs" / "data" / "nope.tsv"
+    assert error_of(path) == f"configs/bad.yaml: tasks[0].dev: file not found: {missing}"
+    cfg = load_config(path, check_files=False)
+    with pytest.raises(ConfigError) as info:
+        check_files(cfg)
+    assert str(info.value) == f"tasks[0].dev: file not found: {missing}"
+    assert error_of(path, ["tasks.0.dev=other.tsv"]) == (
+        f"override 'tasks.0.dev=other.tsv': tasks[0].dev: file not found: {project / 'other.tsv'}"
+    )
+
+
+# --- paths -------------------------------------------------------------------------------------
+
+
+def test_relative_paths_resolve_against_config_dir(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = project / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(
+        "../configs/run.yaml",
+        ["tasks.0.extra_train=[../configs/data/extra.tsv]", "model.pretrained=."],
+    )
+    data = project / "configs" / "data"
+    assert cfg.tasks[0].train == str(data / "nli_train.tsv")
+    assert cfg.tasks[0].dev == str(data / "nli_dev.tsv")
+    assert cfg.tasks[0].extra_train == [str(data / "extra.tsv")]  # overrides: relative to CWD
+    assert cfg.model.pretrained == str(elsewhere)
+    assert cfg.tasks[1].train == "demo:emotion/train" and cfg.model.tokenizer == "demo:"
+    assert cfg.model.effective_tokenizer() == "demo:"
+
+
+# --- hashing and round trip --------------------------------------------------------------------
+
+
+def test_config_hash_stability_and_sensitivity(project: Path) -> None:
+    reordered = write(
+        project,
+        """\
+        train:
+          per_device_batch_size: 8
+          lr: 3e-5
+        tasks:
+          - {pair: true, dev: data/nli_dev.tsv, train: data/nli_train.tsv, name: nli}
+          - {metric: macro_f1, labels: [sad, happy], train: "demo:emotion/train", name: emotion}
+        model:
+          arch: {num_attention_heads: 4, hidden_size: 64}
+          tokenizer: "demo:"
+        """,
+        name="configs/reordered.yaml",
+    )
+    base = config_hash(load_config("configs/run.yaml"))
+    assert len(base) == 64
+    assert config_hash(load_config(reordered)) == base
+    unchanged = [
+        "train.output_dir=runs/other",
+        "train.resume=auto",
+        "tracking.backends=[wandb]",
+        "tracking.project=p",
+        "checkpoint.save_steps=5",
+        "train.log_steps=1",
+    ]
+    assert config_hash(load_config("configs/run.yaml", unchanged)) == base
+    assert config_hash(load_config("configs/run.yaml", ["train.lr=1e-4"])) != base
+    assert config_hash(load_config("configs/run.yaml", ["tasks.0.pair=false"])) != base
+
+
+def test_round_trip_through_yaml(project: Path) -> None:
+    cfg = load_config(
+        "configs/run.yaml",
+        [
+            "train.head_lr=1e-3",
+            "tracking.tags=[a, '1']",
+            "tasks.0.extra_train=[configs/data/extra.tsv]",
+            "train.resume=auto",
+        ],
+    )
+    text = config_to_yaml(cfg)
+    saved = write(project, text, name="saved.yaml")
+    again = load_config(saved)
+    assert again == cfg
+    assert dataclasses.asdict(again) == save_dict(cfg)
+    assert config_hash(again) == config_hash(cfg)
