@@ -1,0 +1,1338 @@
+"""Committed checkpoints: save / commit / rotate / best / resume / inspect / convert.
+
+The only module that writes files into OUTPUT. A checkpoint exists only once committed:
+every rank writes into a temporary sibling directory, rank 0 checks the file list, writes
+`manifest.json` (size + sha256 of every file) and `COMMITTED` last, fsyncs and renames the
+directory atomically. Readers ignore anything else. Works with and without torch.distributed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from mtl_dist.errors import CheckpointError
+from mtl_dist.rng import capture_rng_state, derived_seed, restore_rng_state, rng_summary, seed_all
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CHECKPOINTS_DIR = "checkpoints"
+BEST_DIR = "best"
+COMMITTED = "COMMITTED"
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+MODEL_FILE = "model.safetensors"
+BEST_JSON = "best.json"
+DS_TAG = "ds"
+SLEEP_ENV = "MTL_DIST_TEST_SAVE_SLEEP"
+
+_PERIODIC_RE = re.compile(r"^checkpoint-(\d+)$")
+_TMP_RE = re.compile(r"^\.tmp-checkpoint-\d+-[0-9a-f]{8}$")
+_OLD_RE = re.compile(r"^\.old-checkpoint-\d+-[0-9a-f]{8}$")
+_TMP_BEST_RE = re.compile(r"^\.tmp-best-[0-9a-f]{8}$")
+_OLD_BEST_RE = re.compile(r"^\.old-best-[0-9a-f]{8}$")
+_ENTRY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_RNG_RE = re.compile(r"^rng_state_(\d+)\.pth$")
+_DELETABLE = (_PERIODIC_RE, _TMP_RE, _OLD_RE, _TMP_BEST_RE, _OLD_BEST_RE)
+_WARN_ONLY_KEYS = {"versions"}
+_PER_RANK_KEYS = {"distributed_type", "per_device_batch_size"}
+_RESERVED = {"rng_state", "trainer_state", "manifest", "COMMITTED", "best", DS_TAG}
+
+
+class Stateful(Protocol):
+    """Anything with `state_dict()` / `load_state_dict()` (modules, optimizers, schedulers...)."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state_dict: Any) -> Any: ...
+
+
+@dataclass
+class CheckpointInfo:
+    """One row of `mtl-dist ckpt ls`."""
+
+    path: Path
+    kind: str  # "periodic" | "best" | "incomplete"
+    step: int | None
+    complete: bool
+    size_bytes: int
+    is_best: bool
+    score: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def _dist_info() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed when initialized, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (a no-op single-process)."""
+    if _dist_info()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order; doubles as a barrier."""
+    world = _dist_info()[1]
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _raise_if_any(errors: Iterable[str | None]) -> None:
+    """Raise the first non-empty error on every rank (keeps ranks from hanging apart)."""
+    for err in errors:
+        if err:
+            raise CheckpointError(err)
+
+
+def _error_text(exc: BaseException) -> str:
+    """One line describing `exc` (its message, else its type)."""
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {text}"
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _pause() -> None:
+    """Test hook: sleep MTL_DIST_TEST_SAVE_SLEEP seconds between save phases (kill -9 tests)."""
+    value = os.environ.get(SLEEP_ENV)
+    if value:
+        time.sleep(float(value))
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's data and metadata to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Write and fsync."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _json_default(value: Any) -> Any:
+    """Turn numpy / 0-d tensor scalars, sets and paths into JSON values."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        return value.item()
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return value.item()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__module__}.{type(value).__name__} is not JSON-serialisable")
+
+
+def _to_json(obj: Any, what: str) -> str:
+    """JSON text of `obj`; a one-line CheckpointError naming `what` if it cannot be encoded."""
+    try:
+        return json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"cannot write {what} as JSON: {exc}") from exc
+
+
+def _write_json(path: Path, obj: Any, what: str) -> None:
+    """Write `obj` as JSON and fsync."""
+    _write_bytes(path, _to_json(obj, what).encode())
+    _pause()
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save into `path` and fsync."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _pause()
+
+
+def _file_digest(path: Path) -> dict[str, Any]:
+    """Size and sha256 of a file; fsyncs it on the way (it may have been written by a library)."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        os.fsync(f.fileno())
+    return {"size": path.stat().st_size, "sha256": digest}
+
+
+def _list_files(root: Path) -> list[str]:
+    """Relative POSIX paths of the files under `root`, largest first (manifest/marker excluded)."""
+    found = []
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            full = Path(dirpath) / name
+            rel = full.relative_to(root).as_posix()
+            if rel not in (MANIFEST, COMMITTED):
+                found.append((full.stat().st_size, rel))
+    return [rel for _size, rel in sorted(found, key=lambda x: (-x[0], x[1]))]
+
+
+def _dir_size(root: Path) -> int:
+    """Total bytes of the files under `root` (symlinks not followed)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = Path(dirpath) / name
+            if not p.is_symlink():
+                total += p.stat().st_size
+    return total
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every directory under `root` (bottom-up), so renames and new entries are durable."""
+    for dirpath, _dirs, _files in os.walk(root, topdown=False):
+        _fsync_path(Path(dirpath))
+
+
+# --------------------------------------------------------------------------- weights_only safety
+
+_SCALARS = (type(None), bool, int, float, complex, str, bytes, bytearray)
+_CONTAINERS = (dict, list, tuple, set)
+_TORCH_SAFE = (torch.Tensor, torch.Size, torch.dtype, torch.device)
+
+
+def _check_weights_only(obj: Any, where: str) -> None:
+    """Refuse state that `torch.load(weights_only=True)` could not read back (at save time)."""
+    stack: list[tuple[Any, str]] = [(obj, where)]
+    safe = tuple(g for g in torch.serialization.get_safe_globals() if isinstance(g, type))
+    while stack:
+        value, path = stack.pop()
+        if type(value) in _SCALARS or isinstance(value, _TORCH_SAFE + safe):
+            continue
+        if type(value) in _CONTAINERS or type(value).__name__ in ("OrderedDict", "Counter"):
+            if isinstance(value, dict):
+                stack.extend((v, f"{path}.{k}") for k, v in value.items())
+                stack.extend((k, f"{path}.<key {k!r}>") for k in value)
+            else:
+                stack.extend((v, f"{path}[{i}]") for i, v in enumerate(value))
+            continue
+        raise CheckpointError(
+            f"{path} is a {type(value).__module__}.{type(value).__name__}, which "
+            "torch.load(weights_only=True) refuses; store a tensor or python number instead"
+        )
+
+
+def _safetensors_dict(state: Mapping[str, Any], where: str) -> dict[str, torch.Tensor]:
+    """CPU tensors for safetensors: shared (tied) or partial-storage tensors are cloned."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"{where}['{key}'] is a {type(value).__name__}, expected a tensor"
+            )
+        t = value.detach()
+        if t.device.type != "cpu":
+            out[key] = t.to("cpu").contiguous()
+            continue
+        storage = t.untyped_storage()
+        whole = (
+            t.is_contiguous()
+            and t.storage_offset() == 0
+            and storage.nbytes() == t.numel() * t.element_size()
+        )
+        if storage.data_ptr() in seen or not whole or t.numel() == 0:
+            t = t.clone(memory_format=torch.contiguous_format)
+        seen.add(storage.data_ptr())
+        out[key] = t
+    return out
+
+
+def _save_safetensors(state: Mapping[str, Any], path: Path, where: str) -> None:
+    """Write a tensor dict with safetensors and fsync it."""
+    from safetensors.torch import save_file
+
+    save_file(_safetensors_dict(state, where), str(path), metadata={"format": "pt"})
+    _fsync_path(path)
+    _pause()
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file onto the CPU."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path), device="cpu")
+
+
+# --------------------------------------------------------------------------- safe deletion
+
+
+def _check_deletable(path: Path, output_dir: Path) -> Path:
+    """Refuse symlinks, foreign names and anything not directly in OUTPUT or OUTPUT/checkpoints."""
+    out = Path(output_dir).resolve()
+    if not any(p.match(path.name) for p in _DELETABLE):
+        raise CheckpointError(f"refusing to delete {path}: not a checkpoint directory name")
+    if path.is_symlink():
+        raise CheckpointError(f"refusing to delete {path}: it is a symlink")
+    if path.parent.resolve() not in (out, out / CHECKPOINTS_DIR):
+        raise CheckpointError(
+            f"refusing to delete {path}: not directly under {out} or {out / CHECKPOINTS_DIR}"
+        )
+    real = path.resolve()
+    if not real.is_relative_to(out) or real == out:
+        raise CheckpointError(f"refusing to delete {path}: it resolves to {real}, outside {out}")
+    if not real.is_dir():
+        raise CheckpointError(f"refusing to delete {path}: not a directory")
+    return real
+
+
+def _safe_rmtree(path: Path, output_dir: Path) -> None:
+    """Delete one of OUR directories (see `_check_deletable`)."""
+    shutil.rmtree(_check_deletable(Path(path), output_dir))
+
+
+def _retire_and_delete(path: Path, output_dir: Path) -> None:
+    """Rename a checkpoint aside first (atomic), then delete it: never a half dir under a final name."""
+    real = _check_deletable(Path(path), output_dir)
+    aside = real.parent / f".old-{real.name}-{secrets.token_hex(4)}"
+    os.rename(real, aside)
+    _fsync_path(real.parent)
+    _safe_rmtree(aside, output_dir)
+
+
+def _clean_stale(directory: Path, patterns: Iterable[re.Pattern[str]], output_dir: Path) -> None:
+    """Remove leftovers of crashed saves (only names matching our temporary patterns)."""
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        if any(p.match(entry.name) for p in patterns) and not entry.is_symlink() and entry.is_dir():
+            try:
+                _safe_rmtree(entry, output_dir)
+            except (CheckpointError, OSError) as exc:
+                warnings.warn(f"could not remove stale {entry}: {exc}", stacklevel=3)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def is_committed(path: Path | str) -> bool:
+    """True when `path` holds a COMMITTED marker whose manifest hash matches."""
+    try:
+        read_manifest(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def read_manifest(path: Path | str) -> dict[str, Any]:
+    """The manifest of a committed checkpoint; CheckpointError if uncommitted or tampered."""
+    path = Path(path)
+    marker = path / COMMITTED
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: not a directory")
+    if not marker.is_file():
+        raise CheckpointError(
+            f"checkpoint {path}: not committed (no {COMMITTED} marker); it is incomplete"
+        )
+    try:
+        mark = json.loads(marker.read_text())
+        raw = (path / MANIFEST).read_bytes()
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path}: unreadable {COMMITTED}/{MANIFEST}: {exc}"
+        ) from exc
+    if hashlib.sha256(raw).hexdigest() != mark.get("manifest_sha256"):
+        raise CheckpointError(
+            f"checkpoint {path}: file '{MANIFEST}' does not match its hash in {COMMITTED}"
+        )
+    return json.loads(raw)
+
+
+def _verify_files(path: Path, manifest: Mapping[str, Any], names: Iterable[str]) -> None:
+    """Check size and sha256 of `names` against the manifest; the error names the file."""
+    files = manifest["files"]
+    for name in names:
+        entry = files.get(name)
+        full = path / name
+        if entry is None:
+            raise CheckpointError(f"checkpoint {path}: file '{name}' is not listed in {MANIFEST}")
+        if not full.is_file():
+            raise CheckpointError(f"checkpoint {path}: file '{name}' is missing")
+        size = full.stat().st_size
+        if size != entry["size"]:
+            raise CheckpointError(
+                f"checkpoint {path}: file '{name}' has {size} bytes, {MANIFEST} says {entry['size']} (truncated or changed)"
+            )
+        with open(full, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if digest != entry["sha256"]:
+            raise CheckpointError(
+                f"checkpoint {path}: file '{name}' is corrupt (sha256 differs from {MANIFEST})"
+            )
+
+
+def _verify_collective(path: Path, manifest: Mapping[str, Any]) -> None:
+    """Verify every file once, the work split over ranks; all ranks raise the same error."""
+    rank, world = _dist_info()
+    names = sorted(manifest["files"], key=lambda n: (-manifest["files"][n]["size"], n))
+    err = None
+    try:
+        _verify_files(path, manifest, names[rank::world])
+    except CheckpointError as exc:
+        err = str(exc)
+    _raise_if_any(_all_gather(err))
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load with weights_only=True onto the CPU; errors name the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
+        raise CheckpointError(f"cannot load {path}: {_error_text(exc)}") from exc
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """Compact JSON of a value, cut to `limit` characters."""
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _first_difference(have: Any, want: Any, key: str) -> tuple[str, Any, Any] | None:
+    """The dotted key of the first difference between two JSON values, with both sides."""
+    if isinstance(have, dict) and isinstance(want, dict):
+        for k in sorted(set(have) | set(want), key=str):
+            if k not in have or k not in want:
+                return f"{key}.{k}", have.get(k, "<absent>"), want.get(k, "<absent>")
+            diff = _first_difference(have[k], want[k], f"{key}.{k}")
+            if diff:
+                return diff
+        return None
+    if isinstance(have, list) and isinstance(want, list) and len(have) == len(want):
+        for i, (h, w) in enumerate(zip(have, want, strict=True)):
+            diff = _first_difference(h, w, f"{key}[{i}]")
+            if diff:
+                return diff
+        return None
+    return None if have == want else (key, have, want)
+
+
+def _zero_stage(manifest: Mapping[str, Any]) -> int:
+    """ZeRO stage a checkpoint was written with (0 = no DeepSpeed partitions)."""
+    engine = manifest.get("engine") or {}
+    if engine.get("zero_stage") is not None:
+        return int(engine["zero_stage"])
+    return int(manifest.get("run", {}).get("zero_stage") or 0)
+
+
+def check_manifest(path: Path, manifest: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
+    """Compare the trainer's expected keys with the saved ones; one-line error per difference.
+
+    `versions` only warns; per-rank keys (distributed_type, per_device_batch_size) are skipped
+    when an allowed world-size change explains them.
+    """
+    run = manifest.get("run", {})
+    want_all = json.loads(_to_json(dict(expected), "expected manifest"))
+    resized = "world_size" in want_all and int(want_all["world_size"]) != int(
+        manifest["world_size"]
+    )
+    if "world_size" in want_all:
+        _check_world_size(path, manifest, int(want_all["world_size"]))
+    for key, want in want_all.items():
+        if key == "world_size" or (resized and key in _PER_RANK_KEYS):
+            continue
+        if key not in run and key not in manifest:
+            raise CheckpointError(
+                f"checkpoint {path}: manifest has no key '{key}' (this run has {_short(want)})"
+            )
+        diff = _first_difference(run[key] if key in run else manifest[key], want, key)
+        if diff and key in _WARN_ONLY_KEYS:
+            warnings.warn(
+                f"checkpoint {path}: '{diff[0]}' was {_short(diff[1])}, now {_short(diff[2])}",
+                stacklevel=3,
+            )
+        elif diff:
+            k, h, w = diff
+            raise CheckpointError(
+                f"checkpoint {path}: manifest key '{k}' differs: checkpoint has {_short(h)}, "
+                f"this run has {_short(w)}"
+            )
+
+
+def _check_world_size(path: Path, manifest: Mapping[str, Any], world: int) -> None:
+    """A new world size is fine without ZeRO partitions (or after universal conversion)."""
+    saved = int(manifest["world_size"])
+    if saved == world:
+        return
+    stage = _zero_stage(manifest)
+    universal = bool((manifest.get("engine") or {}).get("universal"))
+    if stage > 0 and not universal:
+        raise CheckpointError(
+            f"checkpoint {path}: manifest key 'world_size' differs: checkpoint has {saved}, this run has {world}; "
+            f"ZeRO stage {stage} partitions cannot be re-sharded in place: run "
+            f"`mtl-dist ckpt convert {path} OUT` and resume from OUT"
+        )
+    log.info("checkpoint %s was saved by %d ranks; resuming on %d", path, saved, world)
+
+
+# --------------------------------------------------------------------------- manager
+
+
+class CheckpointManager:
+    """Writes and reads every file under OUTPUT: periodic checkpoints, best/, run files."""
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        save_total_limit: int | None,
+        greater_is_better: bool = True,
+    ) -> None:
+        if save_total_limit is not None and save_total_limit < 1:
+            raise CheckpointError(
+                f"save_total_limit: expected >= 1 or None, got {save_total_limit}"
+            )
+        self.output_dir = Path(output_dir).absolute()
+        self.checkpoints_dir = self.output_dir / CHECKPOINTS_DIR
+        self.best_dir = self.output_dir / BEST_DIR
+        self.save_total_limit = save_total_limit
+        self.greater_is_better = greater_is_better
+        self.resumed_from: Path | None = None
+        self._newer_since_resume = True
+        self._last_saved: Path | None = None
+        if _env_rank() == 0:
+            self._recover_best()
+
+    # ------------------------------------------------------------------ periodic save
+
+    def save(
+        self,
+        step: int,
+        app_state: Mapping[str, Stateful],
+        trainer_state: dict,
+        *,
+        manifest: dict,
+        engine: Any = None,
+    ) -> Path:
+        """Collective: write and commit `checkpoints/checkpoint-{step}`, then rotate old ones."""
+        if not isinstance(step, int) or step < 0:
+            raise CheckpointError(f"checkpoint step: expected an int >= 0, got {step!r}")
+        rank, world = _dist_info()
+        names = self._entry_names(app_state, engine)
+        tmp = self._begin(self.checkpoints_dir, f".tmp-checkpoint-{step}", (_TMP_RE, _OLD_RE))
+        err = None
+        try:
+            self._write_rank_files(tmp, app_state, names, trainer_state, engine, rank)
+        except Exception as exc:  # noqa: BLE001 - reported on every rank, then raised
+            err = f"saving checkpoint-{step} failed on rank {rank}: {_error_text(exc)}"
+        self._fail_together(tmp, _all_gather(err))
+        files = self._hash_collective(tmp)
+        final = self.checkpoints_dir / f"checkpoint-{step}"
+        outcome = None
+        if rank == 0:
+            try:
+                full = self._manifest(
+                    "periodic", step, world, files, manifest, names=names, engine=engine
+                )
+                self._check_complete(full, world, names, engine is not None)
+                _commit(tmp, full)
+                _install(tmp, final, self.output_dir, f"checkpoint-{step}")
+            except Exception as exc:  # noqa: BLE001 - reported on every rank, then raised
+                outcome = f"committing checkpoint-{step} failed: {_error_text(exc)}"
+        self._fail_together(tmp, [_broadcast(outcome)])
+        self._note_commit(final, step)
+        if rank == 0:
+            self.rotate()
+        return final
+
+    def _fail_together(self, tmp: Path, errors: list[str | None]) -> None:
+        """If any rank failed: rank 0 discards the temp dir, then every rank raises the first error."""
+        if any(errors) and _dist_info()[0] == 0 and tmp.exists():
+            try:
+                _safe_rmtree(tmp, self.output_dir)
+            except (CheckpointError, OSError) as exc:
+                log.warning("could not remove %s: %s", tmp, exc)
+        _raise_if_any(errors)
+
+    def _entry_names(self, app_state: Mapping[str, Stateful], engine: Any) -> list[str]:
+        """Names of the app_state entries we write ourselves (DeepSpeed owns model/optimizer)."""
+        names = []
+        for name in app_state:
+            if not _ENTRY_RE.match(name) or name in _RESERVED or name.startswith("rng_state"):
+                raise CheckpointError(
+                    f"app_state key '{name}': expected a plain file-name stem, not a reserved name"
+                )
+            if engine is not None and name in ("model", "optimizer"):
+                continue
+            names.append(name)
+        return names
+
+    def _begin(self, parent: Path, prefix: str, stale: tuple[re.Pattern[str], ...]) -> Path:
+        """Rank 0 removes stale temporaries and creates a fresh temp dir; all ranks get its path."""
+        rank, _world = _dist_info()
+        path = None
+        err = None
+        if rank == 0:
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+                _clean_stale(parent, stale, self.output_dir)
+                path = parent / f"{prefix}-{secrets.token_hex(4)}"
+                path.mkdir()
+            except OSError as exc:
+                err = f"cannot create a checkpoint directory in {parent}: {_error_text(exc)}"
+        err, path = _broadcast((err, None if path is None else str(path)))
+        _raise_if_any([err])
+        return Path(path)
+
+    def _write_rank_files(
+        self,
+        tmp: Path,
+        app_state: Mapping[str, Stateful],
+        names: list[str],
+        trainer_state: dict,
+        engine: Any,
+        rank: int,
+    ) -> None:
+        """DeepSpeed partitions (all ranks), replicated objects (rank 0), this rank's RNG."""
+        if engine is not None:
+            engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={}, save_latest=False)
+            _pause()
+        if rank == 0:
+            for name in names:
+                state = app_state[name].state_dict()
+                if name == "model":
+                    _save_safetensors(state, tmp / MODEL_FILE, "app_state['model'].state_dict()")
+                else:
+                    _check_weights_only(state, f"app_state['{name}'].state_dict()")
+                    _torch_save(state, tmp / f"{name}.pt")
+            _write_json(tmp / TRAINER_STATE, trainer_state, "trainer_state")
+        _torch_save(capture_rng_state(), tmp / f"rng_state_{rank}.pth")
+
+    def _hash_collective(self, tmp: Path) -> dict[str, dict[str, Any]]:
+        """Size + sha256 of every file, the hashing split over ranks; the merged map on all ranks."""
+        rank, world = _dist_info()
+        names = _broadcast(_list_files(tmp) if rank == 0 else None)
+        err = None
+        part: dict[str, dict[str, Any]] = {}
+        try:
+            part = {name: _file_digest(tmp / name) for name in names[rank::world]}
+        except OSError as exc:
+            err = f"rank {rank} could not read back {tmp}: {_error_text(exc)}"
+        parts = _all_gather((err, part))
+        self._fail_together(tmp, [e for e, _ in parts])
+        merged: dict[str, dict[str, Any]] = {}
+        for _e, p in parts:
+            merged.update(p)
+        return merged
+
+    def _manifest(
+        self,
+        kind: str,
+        step: int,
+        world: int,
+        files: dict[str, dict[str, Any]],
+        run: dict | None,
+        *,
+        names: Iterable[str] = (),
+        engine: Any = None,
+    ) -> dict[str, Any]:
+        """The manifest: the trainer's keys under 'run', plus what we know about the files."""
+        now = time.time()
+        engine_info = None
+        if engine is not None:
+            stage = (
+                engine.zero_optimization_stage()
+                if hasattr(engine, "zero_optimization_stage")
+                else None
+            )
+            engine_info = {
+                "type": "deepspeed",
+                "tag": DS_TAG,
+                "zero_stage": stage,
+                "universal": False,
+            }
+        return {
+            "format": FORMAT_VERSION,
+            "kind": kind,
+            "step": step,
+            "world_size": world,
+            "created": datetime.fromtimestamp(now, UTC).isoformat(),
+            "created_unix": now,
+            "app_state": sorted(names),
+            "engine": engine_info,
+            "rng_files": [f"rng_state_{r}.pth" for r in range(world)] if kind == "periodic" else [],
+            "run": json.loads(_to_json(run or {}, "manifest")),
+            "files": files,
+        }
+
+    @staticmethod
+    def _check_complete(manifest: dict, world: int, names: list[str], has_engine: bool) -> None:
+        """Rank 0's check that every rank's and every object's file is there before committing."""
+        files = manifest["files"]
+        expected = [f"rng_state_{r}.pth" for r in range(world)] + [TRAINER_STATE]
+        expected += [MODEL_FILE if n == "model" else f"{n}.pt" for n in names]
+        missing = [f for f in expected if f not in files]
+        if has_engine and not any(f.startswith(f"{DS_TAG}/") for f in files):
+            missing.append(f"{DS_TAG}/*")
+        if missing:
+            raise CheckpointError(f"files missing before commit: {', '.join(missing)}")
+
+    def _note_commit(self, final: Path, step: int) -> None:
+        """Remember the newest commit; a newer step lifts the protection of the resumed-from dir."""
+        self._last_saved = final
+        if self.resumed_from is not None:
+            resumed_step = _step_of(self.resumed_from)
+            if resumed_step is None or step > resumed_step:
+                self._newer_since_resume = True
+
+    # ------------------------------------------------------------------ rotation
+
+    def rotate(self) -> list[Path]:
+        """Delete the oldest periodic checkpoints beyond the limit (rank 0); returns what went."""
+        if self.save_total_limit is None or _dist_info()[0] != 0:
+            return []
+        committed = [p for p in self._periodic(include_symlinks=False) if is_committed(p)]
+        committed.sort(key=lambda p: _step_of(p) or 0)
+        keep = set(committed[-self.save_total_limit :])
+        protected = {self._last_saved}
+        if self.resumed_from is not None and not self._newer_since_resume:
+            protected.add(self.resumed_from)
+        deleted = []
+        for path in committed:
+            if path in keep or path.absolute() in protected:
+                continue
+            _pause()
+            try:
+                _retire_and_delete(path, self.output_dir)
+                deleted.append(path)
+            except (CheckpointError, OSError) as exc:
+                warnings.warn(f"rotation: {exc}", stacklevel=2)
+        return deleted
+
+    def _periodic(self, *, include_symlinks: bool = True) -> list[Path]:
+        """Directories named checkpoint-<int> directly under OUTPUT/checkpoints."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        return [
+            p
+            for p in self.checkpoints_dir.iterdir()
+            if _PERIODIC_RE.match(p.name)
+            and p.is_dir()
+            and (include_symlinks or not p.is_symlink())
+        ]
+
+    # ------------------------------------------------------------------ best
+
+    def save_best(
+        self,
+        step: int,
+        score: float,
+        model_state: Mapping[str, torch.Tensor] | None,
+        *,
+        extra_files: Mapping[str, bytes | str | Path],
+        metadata: dict,
+        manifest: dict | None = None,
+    ) -> Path:
+        """Collective: rank 0 writes OUTPUT/best (model, extra files, best.json) and swaps it in atomically."""
+        rank, world = _dist_info()
+        outcome = None
+        if rank == 0:
+            try:
+                self._write_best(step, score, model_state, extra_files, metadata, manifest, world)
+            except Exception as exc:  # noqa: BLE001 - reported on every rank, then raised
+                outcome = f"saving best (step {step}) failed: {_error_text(exc)}"
+        _raise_if_any([_broadcast(outcome)])
+        return self.best_dir
+
+    def _write_best(
+        self,
+        step: int,
+        score: float,
+        model_state: Mapping[str, torch.Tensor] | None,
+        extra_files: Mapping[str, bytes | str | Path],
+        metadata: dict,
+        manifest: dict | None,
+        world: int,
+    ) -> None:
+        """Rank 0's half of save_best."""
+        if model_state is None:
+            raise CheckpointError("save_best: rank 0 got model_state=None")
+        clash = {"step", "score", "greater_is_better"} & set(metadata)
+        if clash:
+            raise CheckpointError(f"save_best metadata key '{sorted(clash)[0]}' is reserved")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        _clean_stale(self.output_dir, (_TMP_BEST_RE, _OLD_BEST_RE), self.output_dir)
+        tmp = self.output_dir / f".tmp-best-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        _save_safetensors(model_state, tmp / MODEL_FILE, "save_best model_state")
+        for name, content in extra_files.items():
+            _write_extra(tmp, name, content)
+        info = {
+            "step": step,
+            "score": score,
+            "greater_is_better": self.greater_is_better,
+            **metadata,
+        }
+        _write_json(tmp / BEST_JSON, info, "best.json")
+        files = {name: _file_digest(tmp / name) for name in _list_files(tmp)}
+        full = self._manifest("best", step, world, files, manifest)
+        full["score"] = score
+        _commit(tmp, full)
+        _install(tmp, self.best_dir, self.output_dir, "best", best=True)
+
+    def best_score(self) -> float | None:
+        """Score recorded in OUTPUT/best/best.json, or None when there is no committed best."""
+        if not is_committed(self.best_dir):
+            return None
+        return json.loads((self.best_dir / BEST_JSON).read_text()).get("score")
+
+    def improves(self, score: float) -> bool:
+        """Whether `score` beats the committed best (mode from greater_is_better)."""
+        best = self.best_score()
+        if best is None:
+            return True
+        return score > best if self.greater_is_better else score < best
+
+    def _recover_best(self) -> None:
+        """After a crash mid-swap, reinstall the newest committed `.old-best-*`/`.tmp-best-*`."""
+        if self.best_dir.exists() or not self.output_dir.is_dir():
+            return
+        candidates = []
+        for entry in self.output_dir.iterdir():
+            if (
+                _OLD_BEST_RE.match(entry.name) or _TMP_BEST_RE.match(entry.name)
+            ) and not entry.is_symlink():
+                try:
+                    m = read_manifest(entry)
+                except CheckpointError:
+                    continue
+                candidates.append(((m.get("step", -1), m.get("created_unix", 0)), entry))
+        if candidates:
+            newest = max(candidates, key=lambda c: c[0])[1]
+            os.rename(newest, self.best_dir)
+            _fsync_path(self.output_dir)
+            warnings.warn(
+                f"recovered {self.best_dir} from {newest.name} (a save was interrupted)",
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------ finding
+
+    def latest(self) -> Path | None:
+        """Newest committed periodic checkpoint; warns naming the incomplete ones it skipped."""
+        good, skipped = [], []
+        for path in self._periodic():
+            (good if is_committed(path) else skipped).append(path)
+        if self.checkpoints_dir.is_dir():
+            skipped += [p for p in self.checkpoints_dir.iterdir() if _TMP_RE.match(p.name)]
+        if skipped:
+            warnings.warn(
+                "skipping incomplete checkpoint(s) (no valid COMMITTED marker): "
+                + ", ".join(sorted(p.name for p in skipped)),
+                stacklevel=2,
+            )
+        if not good:
+            return None
+        return max(good, key=lambda p: _step_of(p) or 0)
+
+    def resolve(self, resume: str | Path) -> Path | None:
+        """'auto' -> latest() (None if there is none); a path -> that committed checkpoint."""
+        if str(resume) == "auto":
+            return self.latest()
+        path = Path(resume).expanduser().absolute()
+        if (path / CHECKPOINTS_DIR).is_dir() and not (path / COMMITTED).exists():
+            found = CheckpointManager(path, save_total_limit=None).latest()
+            if found is None:
+                raise CheckpointError(
+                    f"train.resume: no committed checkpoint under {path / CHECKPOINTS_DIR}"
+                )
+            return found
+        read_manifest(path)
+        return path
+
+    # ------------------------------------------------------------------ loading
+
+    def load(
+        self,
+        path: str | Path,
+        app_state: Mapping[str, Stateful],
+        *,
+        engine: Any = None,
+        expected_manifest: Mapping[str, Any] | None = None,
+    ) -> dict:
+        """Collective: verify and restore every object from a committed checkpoint; returns trainer_state."""
+        path = Path(path).absolute()
+        manifest = read_manifest(path)
+        if manifest.get("kind") != "periodic":
+            raise CheckpointError(
+                f"checkpoint {path}: is a '{manifest.get('kind')}' checkpoint, not a training checkpoint"
+            )
+        if expected_manifest is not None:
+            check_manifest(path, manifest, expected_manifest)
+        _verify_collective(path, manifest)
+        names = self._entry_names(app_state, engine)
+        _check_entries(path, manifest, names, engine)
+        if engine is not None:
+            _load_engine(path, manifest, engine)
+        for name in names:
+            _load_entry(path, name, app_state[name])
+        trainer_state = json.loads((path / TRAINER_STATE).read_text())
+        self._note_resume(path)
+        return trainer_state
+
+    def _note_resume(self, path: Path) -> None:
+        """Protect the resumed-from checkpoint from rotation until a newer one is committed."""
+        if path.parent.resolve() == self.checkpoints_dir.resolve() and _PERIODIC_RE.match(
+            path.name
+        ):
+            self.resumed_from = path
+            self._newer_since_resume = False
+            newer = [p.name for p in self._periodic() if (_step_of(p) or 0) > (_step_of(path) or 0)]
+            if newer:
+                warnings.warn(
+                    f"resuming from {path.name} while newer checkpoints exist ({', '.join(sorted(newer))}): "
+                    "train.resume=auto would pick those after a restart",
+                    stacklevel=3,
+                )
+
+    def restore_rng(self, path: str | Path) -> None:
+        """Restore this rank's RNG; ranks the checkpoint had no file for get a derived seed."""
+        path = Path(path)
+        rank, _world = _dist_info()
+        manifest = read_manifest(path)
+        name = f"rng_state_{rank}.pth"
+        if name in manifest["files"]:
+            _verify_files(path, manifest, [name])
+            restore_rng_state(_torch_load(path / name))
+            return
+        seed = derived_seed(f"mtl_dist:{manifest['step']}", rank)
+        warnings.warn(
+            f"checkpoint {path} has no RNG state for rank {rank} (saved by {manifest['world_size']} ranks); "
+            f"seeding it with derived seed {seed}",
+            stacklevel=2,
+        )
+        seed_all(seed)
+
+    # ------------------------------------------------------------------ misc
+
+    def write_run_file(self, name: str, content: str | bytes | dict | list) -> Path | None:
+        """Rank 0 writes OUTPUT/name atomically (tmp file + rename); other ranks do nothing."""
+        target = _safe_child(self.output_dir, name, "run file")
+        if target.parts[len(self.output_dir.parts)] in (CHECKPOINTS_DIR, BEST_DIR):
+            raise CheckpointError(
+                f"run file '{name}': the names {CHECKPOINTS_DIR}/ and {BEST_DIR}/ are reserved"
+            )
+        if _dist_info()[0] != 0:
+            return None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
+        _write_bytes(tmp, _content_bytes(content, name))
+        os.replace(tmp, target)
+        _fsync_path(target.parent)
+        return target
+
+    def list_checkpoints(self, output_dir: str | Path | None = None) -> list[CheckpointInfo]:
+        """See module-level `list_checkpoints` (defaults to this manager's OUTPUT)."""
+        return list_checkpoints(output_dir or self.output_dir)
+
+    def inspect(self, path: str | Path) -> dict[str, Any]:
+        """See module-level `inspect`."""
+        return inspect(path)
+
+    def load_model_state(self, path: str | Path) -> dict[str, torch.Tensor]:
+        """See module-level `load_model_state`."""
+        return load_model_state(path)
+
+
+def _env_rank() -> int:
+    """Rank from torch.distributed, else from the launcher's RANK variable (before init)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _step_of(path: Path) -> int | None:
+    """The <int> of a checkpoint-<int> directory name."""
+    m = _PERIODIC_RE.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def _commit(tmp: Path, manifest: dict) -> None:
+    """Write manifest.json, fsync everything, then COMMITTED last (it holds the manifest's hash)."""
+    _pause()
+    raw = _to_json(manifest, "manifest").encode()
+    _write_bytes(tmp / MANIFEST, raw)
+    _fsync_tree(tmp)
+    _pause()
+    marker = {"step": manifest["step"], "manifest_sha256": hashlib.sha256(raw).hexdigest()}
+    _write_bytes(tmp / COMMITTED, json.dumps(marker).encode())
+    _fsync_path(tmp)
+    _pause()
+
+
+def _install(tmp: Path, final: Path, output_dir: Path, label: str, *, best: bool = False) -> None:
+    """Rename the committed temp dir to its final name; an existing one is moved aside, then deleted."""
+    parent = final.parent
+    if final.is_symlink():
+        raise CheckpointError(f"refusing to replace {final}: it is a symlink")
+    aside = None
+    if final.exists():
+        aside = parent / (
+            f".old-best-{secrets.token_hex(4)}" if best else f".old-{label}-{secrets.token_hex(4)}"
+        )
+        os.rename(final, aside)
+        _pause()
+    os.rename(tmp, final)
+    _fsync_path(parent)
+    if aside is not None:
+        try:
+            _safe_rmtree(aside, output_dir)
+        except (CheckpointError, OSError) as exc:  # committed already; the next save retries
+            warnings.warn(f"could not remove the replaced {aside}: {exc}", stacklevel=3)
+
+
+def _safe_child(root: Path, name: str, what: str) -> Path:
+    """root/name, refusing absolute names and `..` escapes."""
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise CheckpointError(f"{what} '{name}': expected a relative path inside {root}")
+    return root / rel
+
+
+def _content_bytes(content: Any, name: str) -> bytes:
+    """bytes as is, str as UTF-8, dict/list as JSON."""
+    if isinstance(content, bytes):
+        return content
+    if isinstance(content, str):
+        return content.encode()
+    if isinstance(content, (dict, list)):
+        return _to_json(content, name).encode()
+    raise CheckpointError(
+        f"file '{name}': expected bytes, str, dict or list, got {type(content).__name__}"
+    )
+
+
+def _write_extra(tmp: Path, name: str, content: bytes | str | Path) -> None:
+    """One extra file of best/: bytes or str content, or a Path (file or directory) to copy."""
+    target = _safe_child(tmp, name, "extra file")
+    if target.name in (MODEL_FILE, BEST_JSON, MANIFEST, COMMITTED):
+        raise CheckpointError(f"extra file '{name}': the name is reserved")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, Path):
+        if content.is_dir():
+            shutil.copytree(content, target)
+        elif content.is_file():
+            shutil.copyfile(content, target)
+        else:
+            raise CheckpointError(f"extra file '{name}': {content} does not exist")
+    else:
+        _write_bytes(target, _content_bytes(content, name))
+    _pause()
+
+
+def _check_entries(path: Path, manifest: Mapping[str, Any], names: list[str], engine: Any) -> None:
+    """Every object asked for has its file; a DeepSpeed checkpoint needs an engine and back."""
+    saved = set(manifest.get("app_state", []))
+    missing = [n for n in names if n not in saved]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path}: has no state for '{missing[0]}' (it has: {', '.join(sorted(saved)) or 'nothing'})"
+        )
+    extra = sorted(saved - set(names) - ({"model", "optimizer"} if engine is not None else set()))
+    if extra:
+        warnings.warn(
+            f"checkpoint {path}: ignoring saved state not asked for: {', '.join(extra)}",
+            stacklevel=3,
+        )
+    ds = manifest.get("engine")
+    if engine is not None and not ds:
+        raise CheckpointError(
+            f"checkpoint {path}: was saved without DeepSpeed; this run uses a DeepSpeed engine"
+        )
+    if engine is None and ds:
+        raise CheckpointError(
+            f"checkpoint {path}: was saved by DeepSpeed (ZeRO stage {ds.get('zero_stage')}); this run has no DeepSpeed engine"
+        )
+
+
+def _load_engine(path: Path, manifest: Mapping[str, Any], engine: Any) -> None:
+    """DeepSpeed model + optimizer partitions (universal-converted checkpoints too)."""
+    universal = bool((manifest.get("engine") or {}).get("universal"))
+    config = getattr(engine, "_config", None)
+    before = getattr(config, "load_universal_checkpoint", False)
+    if universal and config is not None:
+        config.load_universal_checkpoint = True
+    try:
+        load_path, _client = engine.load_checkpoint(
+            str(path), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+    finally:
+        if config is not None:
+            config.load_universal_checkpoint = before
+    if load_path is None:
+        raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load tag '{DS_TAG}'")
+
+
+def _load_entry(path: Path, name: str, obj: Stateful) -> None:
+    """Load one app_state object; model from safetensors, the rest with weights_only=True."""
+    if name == "model":
+        state = _load_safetensors(path / MODEL_FILE)
+        _load_model_state(obj, state, path / MODEL_FILE)
+        return
+    state = _torch_load(path / f"{name}.pt")
+    try:
+        obj.load_state_dict(state)
+    except Exception as exc:  # noqa: BLE001 - any mismatch becomes one line naming the file
+        raise CheckpointError(
+            f"checkpoint {path}: '{name}.pt' does not fit this run's {name}: {_error_text(exc)}"
+        ) from exc
+
+
+def _load_model_state(model: Stateful, state: dict[str, torch.Tensor], file: Path) -> None:
+    """load_state_dict with a one-line error naming the first missing/unexpected/mis-shaped key."""
+    if not isinstance(model, torch.nn.Module):
+        model.load_state_dict(state)
+        return
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shaped = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shaped:
+        what = (
+            f"missing key '{missing[0]}'"
+            if missing
+            else f"unexpected key '{unexpected[0]}'"
+            if unexpected
+            else f"key '{shaped[0]}' has shape {tuple(state[shaped[0]].shape)}, the model has {tuple(own[shaped[0]].shape)}"
+        )
+        counts = f"({len(missing)} missing, {len(unexpected)} unexpected, {len(shaped)} mis-shaped)"
+        raise CheckpointError(f"{file} does not fit the model: {what} {counts}")
+    model.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------- CLI helpers
+
+
+def list_checkpoints(output_dir: str | Path) -> list[CheckpointInfo]:
+    """Periodic checkpoints (complete or not), interrupted saves and best/, for `ckpt ls`."""
+    out = Path(output_dir)
+    best_step = None
+    rows: list[CheckpointInfo] = []
+    best = out / BEST_DIR
+    if best.is_dir():
+        committed = is_committed(best)
+        info = json.loads((best / BEST_JSON).read_text()) if committed else {}
+        best_step = info.get("step")
+        rows.append(
+            CheckpointInfo(
+                best, "best", best_step, committed, _dir_size(best), True, info.get("score")
+            )
+        )
+    ckdir = out / CHECKPOINTS_DIR
+    entries = sorted(ckdir.iterdir()) if ckdir.is_dir() else []
+    periodic = []
+    for p in entries:
+        m = _PERIODIC_RE.match(p.name)
+        if m and p.is_dir():
+            complete = is_committed(p)
+            step = int(m.group(1))
+            periodic.append(
+                CheckpointInfo(
+                    p,
+                    "periodic",
+                    step,
+                    complete,
+                    _dir_size(p),
+                    complete and step == best_step,
+                    _score_of(p) if complete else None,
+                )
+            )
+        elif _TMP_RE.match(p.name) and p.is_dir():
+            step = int(p.name.split("-")[2])
+            periodic.append(CheckpointInfo(p, "incomplete", step, False, _dir_size(p), False, None))
+    periodic.sort(key=lambda r: (r.step or 0, r.kind))
+    return periodic + rows
+
+
+def _score_of(path: Path) -> float | None:
+    """The 'score' key of a checkpoint's trainer_state.json, if the trainer wrote one."""
+    try:
+        value = json.loads((path / TRAINER_STATE).read_text()).get("score")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, (int, float)) else None
+
+
+def inspect(path: str | Path) -> dict[str, Any]:
+    """Manifest, per-rank RNG fingerprints and the sampler cursor of one checkpoint (for `ckpt inspect`)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    result: dict[str, Any] = {"path": str(path), "committed": True, "manifest": manifest}
+    rng = {}
+    for name in sorted(manifest["files"]):
+        m = _RNG_RE.match(name)
+        if m:
+            rng[int(m.group(1))] = rng_summary(_torch_load(path / name))
+    result["rng"] = rng
+    trainer_state = {}
+    if (path / TRAINER_STATE).is_file():
+        trainer_state = json.loads((path / TRAINER_STATE).read_text())
+    result["trainer_state"] = trainer_state
+    sampler = None
+    if (path / "sampler.pt").is_file():
+        sampler = _torch_load(path / "sampler.pt")
+    elif isinstance(trainer_state, dict):
+        sampler = trainer_state.get("sampler")
+    result["sampler"] = sampler
+    if (path / BEST_JSON).is_file():
+        result["best"] = json.loads((path / BEST_JSON).read_text())
+    return result
+
+
+def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The full model state dict of a checkpoint or best/ (ZeRO partitions consolidated to fp32)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if MODEL_FILE in manifest["files"]:
+        _verify_files(path, manifest, [MODEL_FILE])
+        return _load_safetensors(path / MODEL_FILE)
+    if manifest.get("engine"):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        _verify_files(path, manifest, [n for n in manifest["files"] if n.startswith(f"{DS_TAG}/")])
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DS_TAG))
+    raise CheckpointError(f"checkpoint {path}: holds no model weights")
+
+
+def convert_zero_to_universal(path: str | Path, out: str | Path) -> Path:
+    """Turn a ZeRO checkpoint into DeepSpeed's universal format, loadable at any world size."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    src = Path(path).absolute()
+    dst = Path(out).absolute()
+    manifest = read_manifest(src)
+    if not manifest.get("engine"):
+        raise CheckpointError(
+            f"checkpoint {src}: has no DeepSpeed ZeRO state; it loads at any world size as is"
+        )
+    if dst.exists():
+        raise CheckpointError(f"convert: {dst} already exists")
+    _verify_files(src, manifest, manifest["files"])
+    tmp = dst.parent / f".tmp-convert-{secrets.token_hex(4)}"
+    tmp.mkdir(parents=True)
+    try:
+        for name in manifest["files"]:
+            if not name.startswith(f"{DS_TAG}/"):
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src / name, tmp / name)
+        args = Namespace(
+            input_folder=str(src / DS_TAG),
+            output_folder=str(tmp / DS_TAG),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,
+        )
+        ds_to_universal.main(args)
+        files = {name: _file_digest(tmp / name) for name in _list_files(tmp)}
+        new = dict(manifest, files=files, converted_from=str(src))
+        new["engine"] = dict(manifest["engine"], universal=True)
+        _commit(tmp, new)
+        os.rename(tmp, dst)
+        _fsync_path(dst.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def export_checkpoint(
+    path: str | Path,
+    out_dir: str | Path,
+    *,
+    encoder_prefix: str = "encoder.",
+    encoder_config: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a plain Hugging Face encoder dir (model.safetensors + config.json) plus heads.safetensors.
+
+    config.json comes from `encoder_config`, else from an `encoder_config.json` saved in the
+    checkpoint (or in OUTPUT); run files (config.yaml, labels.json, tokenizer/) are copied along.
+    """
+    src = Path(path).absolute()
+    dst = Path(out_dir).absolute()
+    if dst.exists() and any(dst.iterdir()):
+        raise CheckpointError(f"export: {dst} exists and is not empty")
+    state = load_model_state(src)
+    encoder = {
+        k[len(encoder_prefix) :]: v for k, v in state.items() if k.startswith(encoder_prefix)
+    }
+    heads = {k: v for k, v in state.items() if not k.startswith(encoder_prefix)}
+    if not encoder:
+        raise CheckpointError(f"export: no weights under '{encoder_prefix}' in {src}")
+    tmp = dst.parent / f".tmp-export-{secrets.token_hex(4)}"
+    tmp.mkdir(parents=True)
+    try:
+        _save_safetensors(encoder, tmp / MODEL_FILE, "encoder")
+        if heads:
+            _save_safetensors(heads, tmp / "heads.safetensors", "heads")
+        _copy_run_files(src, tmp, encoder_config)
+        if dst.exists():
+            dst.rmdir()
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def _copy_run_files(src: Path, tmp: Path, encoder_config: Mapping[str, Any] | None) -> None:
+    """config.json, config.yaml, labels.json and tokenizer files for an exported model dir."""
+    roots = [src] if _step_of(src) is None else [src, src.parent.parent]
+    if encoder_config is not None:
+        (tmp / "config.json").write_text(_to_json(dict(encoder_config), "encoder_config"))
+    for root in roots:
+        if not (tmp / "config.json").exists() and (root / "encoder_config.json").is_file():
+            shutil.copyfile(root / "encoder_config.json", tmp / "config.json")
+        for name in ("config.yaml", "labels.json"):
+            if (root / name).is_file() and not (tmp / name).exists():
+                shutil.copyfile(root / name, tmp / name)
+        if (root / "tokenizer").is_dir():
+            shutil.copytree(root / "tokenizer", tmp, dirs_exist_ok=True)
+    if not (tmp / "config.json").exists():
+        warnings.warn(
+            f"export: no encoder config found for {src}; pass encoder_config or save "
+            "encoder_config.json with best/ so the export loads with from_pretrained",
+            stacklevel=3,
+        )

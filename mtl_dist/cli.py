@@ -1,0 +1,209 @@
+"""`mtl-dist`: train | evaluate | predict | ckpt ... | report | demo | bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from mtl_dist.errors import MtlDistError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+CPU_LAUNCH_CONFIG = REPO_ROOT / "launch" / "cpu_multi.yaml"
+
+
+def _load(config: str, overrides: list[str]):
+    from mtl_dist.config import load_config
+
+    return load_config(config, overrides)
+
+
+def cmd_train(args) -> int:
+    from mtl_dist.trainer import Trainer
+
+    cfg = _load(args.config, args.overrides)
+    return Trainer(cfg).fit()["exit_code"]
+
+
+def _trainer_for_inference(args):
+    from mtl_dist.trainer import Trainer
+
+    cfg = _load(args.config, args.overrides)
+    trainer = Trainer(cfg, for_training=False)
+    trainer.load_weights(args.checkpoint)
+    return trainer
+
+
+def cmd_evaluate(args) -> int:
+    trainer = _trainer_for_inference(args)
+    from mtl_dist import data as mdata
+
+    tasks = trainer.dev_data if args.split == "dev" else mdata.load_task_data(
+        trainer.cfg, trainer.tokenizer, args.split, trainer.label_maps)
+    result = trainer.evaluate(tasks)
+    if trainer.accelerator.is_main_process:
+        print(json.dumps({"score": result["score"], "loss": result["loss"],
+                          "tasks": {t: {k: v for k, v in m.items() if k != "confusion_matrix"}
+                                    for t, m in result["tasks"].items()}}, indent=1))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from mtl_dist.outputs import write_predictions
+
+    trainer = _trainer_for_inference(args)
+    records = trainer.predict(args.split)
+    if trainer.accelerator.is_main_process:
+        out_dir = Path(args.output or Path(trainer.cfg.train.output_dir) / "predictions")
+        for path, count in write_predictions(out_dir, records):
+            print(f"wrote {count} predictions to {path}")
+    return 0
+
+
+def cmd_ckpt(args) -> int:
+    from mtl_dist import checkpoint as ck
+
+    if args.ckpt_cmd == "ls":
+        rows = ck.list_checkpoints(args.output_dir)
+        if not rows:
+            print(f"no checkpoints under {args.output_dir}")
+        for row in rows:
+            print(_format_ckpt_row(row))
+    elif args.ckpt_cmd == "inspect":
+        print(json.dumps(ck.inspect(args.path), indent=1, default=str))
+    elif args.ckpt_cmd == "export":
+        ck.export_checkpoint(args.path, args.out_dir)
+        print(f"exported {args.path} to {args.out_dir}")
+    elif args.ckpt_cmd == "convert":
+        ck.convert_zero_to_universal(args.path, args.out_dir)
+        print(f"converted {args.path} to a universal checkpoint at {args.out_dir}")
+    return 0
+
+
+def _format_ckpt_row(row) -> str:
+    info = row if isinstance(row, dict) else row.as_dict()
+    size_mb = (info.get("size_bytes") or 0) / 2**20
+    score = info.get("score")
+    text = (f"{str(info.get('path')):60s} step={info.get('step')!s:>7} "
+            f"{'complete' if info.get('complete') else 'INCOMPLETE':10s} {size_mb:9.1f} MiB")
+    if score is not None:
+        text += f"  score={score:.4f}"
+    return text + ("  [best]" if info.get("is_best") else "")
+
+
+def _launch_train(config: Path, overrides: list[str], processes: int) -> None:
+    """Run `mtl-dist train` under `accelerate launch` with N CPU processes (gloo)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(CPU_LAUNCH_CONFIG), "--num_processes", str(processes), "--module",
+           "mtl_dist.cli", "train", str(config), *overrides]
+    print("$ " + shlex.join(cmd), flush=True)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, env=env)
+    if result.returncode != 0:
+        raise MtlDistError(f"demo training step failed with exit status {result.returncode}")
+
+
+def cmd_demo(args) -> int:
+    """The embedded demo: train on 2 CPU processes, stop, resume, evaluate, predict, report."""
+    out = Path(args.output).resolve()
+    base = [f"train.output_dir={out}", *args.overrides]
+    print(f"== demo: phase 1, {args.processes} processes, stop after {args.stop_after} steps")
+    _launch_train(DEMO_CONFIG, [*base, f"train.stop_after_steps={args.stop_after}"],
+                  args.processes)
+    print("== demo: phase 2, resume from the newest checkpoint and finish")
+    _launch_train(DEMO_CONFIG, [*base, "train.resume=auto"], args.processes)
+    print("== demo: evaluate and predict with the best checkpoint")
+    ns = argparse.Namespace(config=str(DEMO_CONFIG), overrides=base, checkpoint=str(out / "best"),
+                            split="test", output=None)
+    cmd_predict(ns)
+    ns.split = "dev"
+    cmd_evaluate(ns)
+    report = None
+    try:
+        from mtl_dist.report import build_report
+
+        report = build_report(out)
+    except ImportError:
+        pass
+    print("\n== demo finished")
+    print(f"checkpoints : {out / 'checkpoints'}  (list them: mtl-dist ckpt ls {out})")
+    print(f"best model  : {out / 'best'}")
+    print(f"predictions : {out / 'predictions'}")
+    print(f"metrics log : {out / 'metrics.jsonl'}")
+    if report:
+        print(f"report      : {report}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from mtl_dist.report import build_report
+
+    print(f"report written to {build_report(Path(args.output_dir))}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtl-dist", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p):
+        p.add_argument("config", help="run config YAML (see configs/)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-5")
+
+    p = sub.add_parser("train", help="train a run (python, accelerate launch or srun)")
+    with_config(p)
+    p.set_defaults(func=cmd_train)
+    for name, func, default_split in (("evaluate", cmd_evaluate, "dev"),
+                                      ("predict", cmd_predict, "test")):
+        p = sub.add_parser(name, help=f"{name} with a checkpoint (best/ or checkpoint-N)")
+        with_config(p)
+        p.add_argument("--checkpoint", required=True, help="best/ or checkpoints/checkpoint-N")
+        p.add_argument("--split", default=default_split, choices=["train", "dev", "test"])
+        if name == "predict":
+            p.add_argument("--output", help="directory for <task>.jsonl (default OUTPUT/predictions)")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("ckpt", help="list, inspect, export or convert checkpoints")
+    csub = p.add_subparsers(dest="ckpt_cmd", required=True)
+    c = csub.add_parser("ls", help="checkpoints of a run: step, score, size, complete, best")
+    c.add_argument("output_dir")
+    c = csub.add_parser("inspect", help="manifest, RNG per rank, sampler cursor")
+    c.add_argument("path")
+    c = csub.add_parser("export", help="a Hugging Face encoder dir + heads file")
+    c.add_argument("path")
+    c.add_argument("out_dir")
+    c = csub.add_parser("convert", help="ZeRO checkpoint -> universal (world-size change)")
+    c.add_argument("path")
+    c.add_argument("out_dir")
+    p.set_defaults(func=cmd_ckpt)
+
+    p = sub.add_parser("report", help="PNG plots + one HTML page from a run's metrics log")
+    p.add_argument("output_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="the embedded demo on CPU processes")
+    p.add_argument("--output", default="demo_output", help="output directory (default demo_output)")
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--stop-after", type=int, default=60,
+                   help="optimizer steps of phase 1 before the stop/resume")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for configs/demo.yaml")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except MtlDistError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

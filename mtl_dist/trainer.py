@@ -1,0 +1,576 @@
+"""The training loop: accelerate, AMP, accumulation, clipping, schedule, EMA, eval, early stop.
+
+The trainer composes the other modules and never writes files itself: checkpoints go through
+`CheckpointManager`, metrics through `MetricsLog`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from mtl_dist import data as mdata
+from mtl_dist.checkpoint import CheckpointManager
+from mtl_dist.config import RunConfig, config_hash, config_to_yaml
+from mtl_dist.ema import EMA
+from mtl_dist.errors import ConfigError
+from mtl_dist.metrics import run_score, task_metrics
+from mtl_dist.model import MultiTaskModel, build_model
+from mtl_dist.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag, request_requeue
+from mtl_dist.sampler import MultiTaskBatchPlan, RankBatchSampler, check_task_agreement, eval_shard
+from mtl_dist.tracking import MetricsLog, format_eval_line
+
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+
+@dataclass
+class EarlyStopping:
+    """Best score so far and how many evaluations in a row failed to beat it."""
+
+    patience: int | None
+    greater_is_better: bool = True
+    best_score: float | None = None
+    best_step: int = -1
+    bad_evals: int = 0
+
+    def update(self, score: float, step: int) -> bool:
+        """Record an evaluation; True when it is a new best."""
+        better = self.best_score is None or (
+            score > self.best_score if self.greater_is_better else score < self.best_score)
+        if better:
+            self.best_score, self.best_step, self.bad_evals = score, step, 0
+        else:
+            self.bad_evals += 1
+        return better
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.bad_evals >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best_score": self.best_score, "best_step": self.best_step,
+                "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_score, self.best_step = state["best_score"], state["best_step"]
+        self.bad_evals = state["bad_evals"]
+
+
+@dataclass
+class TrainState:
+    """The loop's counters: what a checkpoint must carry besides the objects' own state."""
+
+    global_step: int = 0
+    epoch: int = 0
+    samples_seen: int = 0
+    tracker_run_id: str | None = None
+    log_history: list = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return {"global_step": self.global_step, "epoch": self.epoch,
+                "samples_seen": self.samples_seen, "tracker_run_id": self.tracker_run_id,
+                "log_history": self.log_history[-50:]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("global_step", "epoch", "samples_seen", "tracker_run_id", "log_history"):
+            setattr(self, key, state.get(key, getattr(self, key)))
+
+
+def make_accelerator(cfg: RunConfig):
+    """An Accelerator that sees every rank, whichever launcher started us."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    use_cpu = cfg.train.device == "cpu" or (
+        cfg.train.device == "auto" and not torch.cuda.is_available())
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' requested but no CUDA GPU is visible")
+    if use_cpu and cfg.train.mixed_precision == "fp16":
+        raise ConfigError("train.mixed_precision: 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on CPU")
+    handlers = [
+        # Only one head runs per step: the others are unused parameters for DDP.
+        DistributedDataParallelKwargs(find_unused_parameters=True),
+        InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s)),
+    ]
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=cfg.train.mixed_precision,
+                              kwargs_handlers=handlers,
+                              log_with=list(cfg.tracking.backends) or None,
+                              project_dir=cfg.train.output_dir)
+    _check_world_size(accelerator)
+    return accelerator
+
+
+def _check_world_size(accelerator) -> None:
+    """Fail loudly when a launcher started N processes that each believe they are alone."""
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != expected:
+        raise ConfigError(
+            f"launcher started WORLD_SIZE={expected} processes but accelerate sees "
+            f"{accelerator.num_processes} (distributed type {accelerator.distributed_type}); "
+            "on CPU use `ACCELERATE_USE_CPU=true accelerate launch` or launch/cpu_multi.yaml")
+
+
+def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
+    """AdamW groups: no weight decay on biases and LayerNorm; heads may have their own lr."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = (name.startswith("heads."), not name.endswith(NO_DECAY))
+        groups.setdefault(key, []).append(p)
+    head_lr = cfg.train.head_lr or cfg.train.lr
+    return [{"params": ps, "lr": head_lr if is_head else cfg.train.lr,
+             "weight_decay": cfg.train.weight_decay if decay else 0.0}
+            for (is_head, decay), ps in sorted(groups.items())]
+
+
+def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
+    fused = cfg.train.fused_optimizer and device.type == "cuda"
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr,
+                             betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+                             eps=cfg.train.adam_eps, fused=fused or None,
+                             foreach=None if fused else True)
+
+
+def library_versions() -> dict[str, str]:
+    import accelerate
+    import transformers
+
+    import mtl_dist
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__, "mtl_dist": mtl_dist.__version__,
+            "numpy": np.__version__}
+
+
+class Trainer:
+    """Builds everything from a RunConfig, then trains, evaluates and predicts."""
+
+    def __init__(self, cfg: RunConfig, *, for_training: bool = True):
+        self.cfg = cfg
+        self.accelerator = make_accelerator(cfg)
+        acc = self.accelerator
+        self.rank, self.world_size = acc.process_index, acc.num_processes
+        from accelerate.utils import set_seed
+
+        # Dropout differs per rank (as in any data-parallel run); the plan never uses these streams.
+        set_seed(cfg.train.seed + self.rank)
+        self.output_dir = Path(cfg.train.output_dir)
+        self.ckpt = CheckpointManager(self.output_dir, save_total_limit=cfg.checkpoint.save_total_limit,
+                                      greater_is_better=cfg.train.metric_for_best != "loss")
+        self.tokenizer = mdata.load_tokenizer(cfg.model)
+        self.label_maps = self._frozen_label_maps()
+        self.task_names = [t.name for t in cfg.tasks]
+        self.pad_multiple = cfg.data.pad_to_multiple_of or (64 if acc.device.type == "cuda" else 8)
+        self.collate = partial(mdata.collate, pad_token_id=self.tokenizer.pad_token_id,
+                               pad_to_multiple_of=self.pad_multiple)
+        with acc.main_process_first():  # rank 0 fills the token cache, the others reuse it
+            self.train_data = mdata.load_task_data(cfg, self.tokenizer, "train", self.label_maps) \
+                if for_training else []
+            self.dev_data = mdata.load_task_data(cfg, self.tokenizer, "dev", self.label_maps)
+        self.model: MultiTaskModel = build_model(
+            cfg.model, len(self.tokenizer), [len(self.label_maps[t]) for t in self.task_names],
+            pad_token_id=self.tokenizer.pad_token_id)
+        self.state = TrainState()
+        self.early = EarlyStopping(cfg.train.early_stopping_patience,
+                                   greater_is_better=cfg.train.metric_for_best != "loss")
+        self.log = MetricsLog(self.output_dir, acc.is_main_process, acc)
+        self.stop_reason: str | None = None
+        if for_training:
+            self._build_training()
+        else:
+            self.model = acc.prepare_model(self.model, evaluation_mode=True)
+
+    # ----------------------------------------------------------------- set-up
+    def _frozen_label_maps(self) -> dict[str, list[str]]:
+        """Labels from the config or the train data, then frozen: a resumed run reuses the saved map."""
+        saved = self.output_dir / "labels.json"
+        if saved.exists():
+            return json.loads(saved.read_text())
+        return mdata.build_label_maps(self.cfg)
+
+    def _build_training(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        self.dataset = mdata.MultiTaskDataset(self.train_data)
+        sizes = [len(t.labels) for t in self.train_data]
+        self.global_batch = cfg.train.per_device_batch_size * self.world_size
+        self.plan = MultiTaskBatchPlan(
+            sizes, global_batch_size=self.global_batch, seed=cfg.train.seed,
+            strategy=cfg.sampler.strategy, temperature=cfg.sampler.temperature,
+            task_weights=[t.sample_weight for t in cfg.tasks],
+            task_caps=[t.max_samples for t in cfg.tasks], drop_last=cfg.sampler.drop_last,
+            lengths=[t.lengths for t in self.train_data],
+            group_by_length=cfg.sampler.group_by_length,
+            mega_batch_mult=cfg.sampler.mega_batch_mult)
+        self.batch_sampler = RankBatchSampler(self.plan, self.dataset.offsets, self.rank,
+                                              self.world_size)
+        # The loader is NOT passed to accelerator.prepare: the sampler already shards by rank.
+        self.loader = DataLoader(self.dataset, batch_sampler=self.batch_sampler,
+                                 collate_fn=self.collate, num_workers=cfg.data.num_workers,
+                                 pin_memory=acc.device.type == "cuda",
+                                 # Each iter() draws a seed: from our own generator, not from the
+                                 # global stream, or a mid-epoch resume would shift dropout.
+                                 generator=torch.Generator().manual_seed(cfg.train.seed))
+        self.total_steps = self._total_optimizer_steps()
+        optimizer = make_optimizer(self.model, cfg, acc.device)
+        warmup = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else \
+            math.ceil(cfg.train.warmup_ratio * self.total_steps)
+        from transformers import get_linear_schedule_with_warmup
+
+        # Not prepared by accelerate: its wrapper would step the schedule once per process.
+        self.scheduler = get_linear_schedule_with_warmup(optimizer, warmup, self.total_steps)
+        self.model, self.optimizer = acc.prepare(self.model, optimizer)
+        self.ema = EMA(acc.unwrap_model(self.model), cfg.train.ema_decay) \
+            if cfg.train.ema_decay else None
+
+    def _optimizer_steps_in_epoch(self, epoch: int) -> int:
+        return math.ceil(self.plan.num_steps(epoch) / self.cfg.train.gradient_accumulation_steps)
+
+    def _total_optimizer_steps(self) -> int:
+        if self.cfg.train.max_steps:
+            return self.cfg.train.max_steps
+        return sum(self._optimizer_steps_in_epoch(e) for e in range(self.cfg.train.num_epochs))
+
+    def app_state(self) -> dict[str, Any]:
+        """Everything a checkpoint restores, by name (each has state_dict/load_state_dict)."""
+        state = {"model": self.accelerator.unwrap_model(self.model), "optimizer": self.optimizer,
+                 "scheduler": self.scheduler, "sampler": self.batch_sampler,
+                 "early_stopping": self.early}
+        if self.accelerator.scaler is not None:
+            state["grad_scaler"] = self.accelerator.scaler
+        if self.ema is not None:
+            state["ema"] = self.ema
+        return state
+
+    def manifest(self) -> dict[str, Any]:
+        """What a resumed run must match (and what `ckpt inspect` shows)."""
+        model = self.accelerator.unwrap_model(self.model)
+        return {
+            "world_size": self.world_size,
+            "distributed_type": str(self.accelerator.distributed_type),
+            "zero_stage": self.cfg.train.zero_stage,
+            "per_device_batch_size": self.cfg.train.per_device_batch_size,
+            "global_batch_size": self.cfg.train.per_device_batch_size * self.world_size,
+            "gradient_accumulation_steps": self.cfg.train.gradient_accumulation_steps,
+            "mixed_precision": self.cfg.train.mixed_precision,
+            "config_hash": config_hash(self.cfg),
+            "tasks": self.task_names,
+            "labels": self.label_maps,
+            "data_fingerprints": {t.name: t.fingerprint for t in self.train_data},
+            "model_shape": model_signature(model),
+            "versions": library_versions(),
+        }
+
+    # ---------------------------------------------------------------- training
+    def fit(self) -> dict[str, Any]:
+        """Train to the end (or early stop / preemption); return the final summary."""
+        acc, cfg = self.accelerator, self.cfg
+        self.ckpt.write_run_file("config.yaml", config_to_yaml(cfg))
+        self.ckpt.write_run_file("labels.json", json.dumps(self.label_maps, indent=1))
+        resumed = self._maybe_resume()
+        if not resumed:
+            self.batch_sampler.set_epoch(0)
+        self.start_step = self.state.global_step
+        self.preemption = PreemptionFlag(cfg.train.preemption_signals)
+        self.log.truncate_after(self.state.global_step)
+        acc.init_trackers(cfg.tracking.project, config=_plain(cfg)) if cfg.tracking.backends else None
+        bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc="train",
+                   disable=not acc.is_main_process, dynamic_ncols=True)
+        stop = self.state.global_step >= self.total_steps
+        while not stop:
+            stop = self._train_epoch(bar)
+            if not cfg.train.max_steps and self.state.epoch >= cfg.train.num_epochs:
+                stop = True
+        bar.close()
+        self.preemption.restore()
+        acc.wait_for_everyone()
+        summary = {"global_step": self.state.global_step, "best_score": self.early.best_score,
+                   "best_step": self.early.best_step, "output_dir": str(self.output_dir),
+                   "stop_reason": self.stop_reason or "finished", "exit_code": 0}
+        if self.stop_reason == "preempted":
+            summary["exit_code"] = PREEMPTED_EXIT_CODE
+            requeue = request_requeue(cfg.train.requeue_on_preempt) if acc.is_main_process else None
+            if requeue:
+                summary["requeue"] = requeue
+        self.log.log("summary", self.state.global_step, summary)
+        if acc.is_main_process:
+            print(f"[mtl_dist] stopped: {summary['stop_reason']} at step {summary['global_step']}"
+                  f"; best score {summary['best_score']} at step {summary['best_step']}"
+                  + (f"; {summary['requeue']}" if summary.get("requeue") else ""))
+        acc.end_training()
+        return summary
+
+    def _maybe_resume(self) -> bool:
+        if not self.cfg.train.resume:
+            return False
+        path = self.ckpt.resolve(self.cfg.train.resume)
+        if path is None:
+            return False
+        must_match = ("world_size", "zero_stage", "global_batch_size", "gradient_accumulation_steps",
+                      "tasks", "labels", "data_fingerprints", "model_shape", "versions")
+        manifest = self.manifest()
+        trainer_state = self.ckpt.load(path, self.app_state(),
+                                       expected_manifest={k: manifest[k] for k in must_match})
+        self.state.load_state_dict(trainer_state)
+        self.ckpt.restore_rng(path)  # last: after the sampler jumped to its cursor
+        if self.accelerator.is_main_process:
+            print(f"resumed from {path} at step {self.state.global_step} "
+                  f"(epoch {self.state.epoch}, step in epoch {self.batch_sampler.position})")
+        return True
+
+    def _train_epoch(self, bar) -> bool:
+        """One pass over the rest of this epoch's plan; True when training must stop."""
+        cfg, acc = self.cfg, self.accelerator
+        accum = cfg.train.gradient_accumulation_steps
+        n_micro = self.plan.num_steps(self.state.epoch)
+        self.model.train()
+        loss_sum = torch.zeros((), device=acc.device)
+        task_loss = torch.zeros(len(self.task_names), device=acc.device)
+        task_count = torch.zeros(len(self.task_names), device=acc.device)
+        t0, samples0 = time.perf_counter(), self.state.samples_seen
+        for batch in self.loader:
+            pos = self.batch_sampler.position
+            group = min(accum, n_micro - (pos // accum) * accum)  # last group may be shorter
+            last_in_group = (pos % accum) == group - 1
+            task_id = batch["task_id"]
+            if cfg.sampler.check_task_agreement:
+                check_task_agreement(task_id, pos)
+            sync = nullcontext() if last_in_group else acc.no_sync(self.model)
+            with sync, acc.autocast():
+                loss, _ = self.model(**_model_inputs(batch, acc.device))
+                acc.backward(loss / group)
+            self.batch_sampler.advance()
+            loss_sum += loss.detach() / group
+            task_loss[task_id] += loss.detach()
+            task_count[task_id] += 1
+            self.state.samples_seen += self.global_batch
+            if not last_in_group:
+                continue
+            self._optimizer_step()
+            self.state.global_step += 1
+            bar.update(1)
+            step = self.state.global_step
+            if step % cfg.train.log_steps == 0:
+                self._log_train(bar, loss_sum, task_loss, task_count, t0, samples0)
+                loss_sum.zero_(), task_loss.zero_(), task_count.zero_()
+                t0, samples0 = time.perf_counter(), self.state.samples_seen
+            epoch_done = self.batch_sampler.position >= n_micro
+            if epoch_done:  # a checkpoint taken now must resume at the start of the next epoch
+                self.state.epoch += 1
+                self.batch_sampler.set_epoch(self.state.epoch)
+            if self._after_step(epoch_done):
+                return True
+            if epoch_done:
+                return False
+        return False
+
+    def _optimizer_step(self) -> None:
+        acc, cfg = self.accelerator, self.cfg
+        if cfg.train.max_grad_norm:
+            acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        # None, not zero: an idle head's grad stays None, so AdamW leaves it untouched.
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(acc.unwrap_model(self.model))
+
+    def _after_step(self, epoch_done: bool) -> bool:
+        """Evaluate, save, decide to stop: at step boundaries only."""
+        cfg, step = self.cfg, self.state.global_step
+        finished = step >= self.total_steps
+        want_eval = (cfg.train.eval_steps and step % cfg.train.eval_steps == 0) or \
+            (epoch_done and cfg.train.eval_at_epoch_end) or finished
+        interrupted = self._interrupted(step)
+        stop = finished or interrupted
+        # A preempted job has seconds left: checkpoint first, evaluate after the resume.
+        if want_eval and not interrupted and self.dev_data and any(len(t.labels) for t in self.dev_data):
+            result = self.evaluate()
+            improved = self.early.update(result["score"] if cfg.train.metric_for_best != "loss"
+                                         else result["loss"], step)
+            if improved and cfg.checkpoint.save_best:
+                self._save_best(result)
+            stop = stop or self.early.should_stop
+            if self.early.should_stop:
+                self.stop_reason = "early_stopping"
+            if self.early.should_stop and self.accelerator.is_main_process:
+                print(f"early stopping at step {step}: no improvement in "
+                      f"{self.early.bad_evals} evaluations (best {self.early.best_score} "
+                      f"at step {self.early.best_step})")
+        want_save = (cfg.checkpoint.save_steps and step % cfg.checkpoint.save_steps == 0) or \
+            (epoch_done and cfg.checkpoint.save_at_epoch_end) or stop
+        if want_save:
+            self.save_checkpoint()
+        return stop
+
+    def _interrupted(self, step: int) -> bool:
+        """A stop signal on any rank (agreed by all-reduce), or this invocation's step budget."""
+        cfg = self.cfg.train
+        if step % cfg.preemption_check_steps == 0 and \
+                self.preemption.should_stop(self.accelerator.device):
+            self.stop_reason = "preempted"
+            return True
+        if cfg.stop_after_steps and step - self.start_step >= cfg.stop_after_steps:
+            self.stop_reason = "stop_after_steps"
+            return True
+        return False
+
+    def save_checkpoint(self) -> Path:
+        return self.ckpt.save(self.state.global_step, self.app_state(), self.state.state_dict(),
+                              manifest=self.manifest())
+
+    def _log_train(self, bar, loss_sum, task_loss, task_count, t0, samples0) -> None:
+        steps = self.cfg.train.log_steps
+        values = {"train/loss": (loss_sum / steps).item(), "lr": self.scheduler.get_last_lr()[0],
+                  "epoch": self.state.epoch,
+                  "samples_per_s": (self.state.samples_seen - samples0) / (time.perf_counter() - t0)}
+        per_task = (task_loss / task_count.clamp(min=1)).tolist()
+        for name, value, count in zip(self.task_names, per_task, task_count.tolist(), strict=True):
+            if count:
+                values[f"train/loss/{name}"] = value
+        self.state.log_history.append({"step": self.state.global_step, **values})
+        self.log.log("train", self.state.global_step, values)
+        bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['lr']:.2e}",
+                        sps=f"{values['samples_per_s']:.0f}")
+
+    def _save_best(self, result: dict) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        ctx = self.ema.applied(model) if self.ema is not None else nullcontext()
+        with ctx, tempfile.TemporaryDirectory() as tok_dir:
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            if self.accelerator.is_main_process:
+                self.tokenizer.save_pretrained(tok_dir)
+            extra = {"config.yaml": config_to_yaml(self.cfg),
+                     "labels.json": json.dumps(self.label_maps, indent=1),
+                     "metrics.json": json.dumps(_strip_cm(result), indent=1)}
+            extra.update({f"tokenizer/{p.name}": p for p in Path(tok_dir).iterdir()})
+            self.ckpt.save_best(self.state.global_step, self.early.best_score, state,
+                                extra_files=extra,
+                                metadata={"metric_for_best": self.cfg.train.metric_for_best,
+                                          "ema": self.ema is not None})
+
+    # -------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def _run_split(self, tasks: list[mdata.TokenizedTask]) -> dict[str, dict]:
+        """Forward every sample of every task once across ranks; gather exact per-task outputs."""
+        from accelerate.utils import gather_object
+
+        acc = self.accelerator
+        model = acc.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        bs = self.cfg.train.effective_eval_batch_size()
+        outputs, dataset = {}, mdata.MultiTaskDataset(tasks)
+        for task_id, task in enumerate(tasks):
+            shard = eval_shard(len(task.labels), self.rank, self.world_size)
+            local: list[tuple[int, list[float], float]] = []
+            for start in range(0, len(shard), bs):
+                idx = shard[start:start + bs]
+                batch = self.collate([dataset[dataset.offsets[task_id] + int(i)] for i in idx])
+                with acc.autocast():
+                    _, logits = model(**_model_inputs(batch, acc.device, with_labels=False))
+                probs = torch.softmax(logits.float(), dim=-1).cpu()
+                labels = batch["labels"]
+                losses = torch.nn.functional.cross_entropy(
+                    logits.float().cpu(), labels.clamp(min=0), reduction="none")
+                local.extend((int(i), p.tolist(), float(lo))
+                             for i, p, lo in zip(idx, probs, losses, strict=True))
+            gathered = sorted(gather_object(local) if self.world_size > 1 else local)
+            outputs[task.name] = {"index": [g[0] for g in gathered],
+                                  "probs": [g[1] for g in gathered],
+                                  "loss": [g[2] for g in gathered]}
+        model.train(was_training)
+        return outputs
+
+    def evaluate(self, tasks: list[mdata.TokenizedTask] | None = None) -> dict[str, Any]:
+        """Per-task metrics + run score on the dev sets (with EMA weights when enabled)."""
+        tasks = self.dev_data if tasks is None else tasks
+        model = self.accelerator.unwrap_model(self.model)
+        ema = getattr(self, "ema", None)
+        with ema.applied(model) if ema is not None else nullcontext():
+            outputs = self._run_split(tasks)
+        per_task, losses = {}, []
+        for task in tasks:
+            out = outputs[task.name]
+            if not out["index"] or (task.labels < 0).all():
+                continue
+            preds = np.argmax(np.asarray(out["probs"]), axis=-1)
+            per_task[task.name] = task_metrics(task.labels[out["index"]], preds,
+                                               len(self.label_maps[task.name]))
+            per_task[task.name]["loss"] = float(np.mean(out["loss"]))
+            losses.extend(out["loss"])
+        cfg_tasks = {t.name: t for t in self.cfg.tasks}
+        score = run_score(per_task, {t: cfg_tasks[t].metric for t in per_task},
+                          {t: cfg_tasks[t].score_weight for t in per_task}) if per_task else float("nan")
+        result = {"score": score, "loss": float(np.mean(losses)) if losses else float("nan"),
+                  "tasks": per_task}
+        step = self.state.global_step
+        values = {"eval/score": score, "eval/loss": result["loss"]}
+        for name, m in per_task.items():
+            values.update({f"eval/{name}/accuracy": m["accuracy"],
+                           f"eval/{name}/macro_f1": m["macro_f1"], f"eval/{name}/loss": m["loss"]})
+        self.log.log("eval", step, {**values, "confusion_matrices":
+                                    {n: m["confusion_matrix"] for n, m in per_task.items()}})
+        if self.accelerator.is_main_process:
+            tqdm.write(format_eval_line(step, per_task, score))
+        return result
+
+    def predict(self, split: str = "test") -> dict[str, list[dict]]:
+        """Per task, one record per row: id, predicted label, probabilities (rank 0 gets all)."""
+        tasks = mdata.load_task_data(self.cfg, self.tokenizer, split, self.label_maps)
+        outputs = self._run_split(tasks)
+        records = {}
+        for task in tasks:
+            out, labels = outputs[task.name], self.label_maps[task.name]
+            records[task.name] = [
+                {"id": task.ids[i], "label": labels[int(np.argmax(p))], "probs": p}
+                for i, p in zip(out["index"], out["probs"], strict=True)]
+        return records
+
+    def load_weights(self, path: str | Path) -> None:
+        """Model weights (and nothing else) from best/ or a checkpoint directory."""
+        state = self.ckpt.load_model_state(path)
+        self.accelerator.unwrap_model(self.model).load_state_dict(state)
+
+
+def model_signature(model: torch.nn.Module) -> dict[str, Any]:
+    """A compact description of the model's shape: a checkpoint must match it to load."""
+    cfg = model.encoder.config
+    return {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
+            "vocab_size": cfg.vocab_size, "num_labels": list(model.num_labels),
+            "num_parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _model_inputs(batch: dict, device: torch.device, with_labels: bool = True) -> dict:
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "token_type_ids": batch["token_type_ids"]}
+    if with_labels:
+        inputs["labels"] = batch["labels"]
+    inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+    inputs["task_id"] = batch["task_id"]
+    return inputs
+
+
+def _strip_cm(result: dict) -> dict:
+    return {"score": result["score"], "loss": result["loss"],
+            "tasks": {t: {k: v for k, v in m.items()} for t, m in result["tasks"].items()}}
+
+
+def _plain(cfg: RunConfig) -> dict:
+    from mtl_dist.config import save_dict
+
+    return save_dict(cfg)

@@ -1,0 +1,72 @@
+"""Helpers for tests that run real training: CLI subprocesses, free ports, reading outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo.yaml"
+CPU_LAUNCH = REPO / "launch" / "cpu_multi.yaml"
+
+# Small, fast demo settings: every step logged, frequent eval and checkpoints.
+FAST = ["train.log_steps=1", "train.eval_steps=8", "checkpoint.save_steps=8",
+        "checkpoint.save_total_limit=10", "train.early_stopping_patience=null"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1"}
+
+
+def run_cli(args: list[str], procs: int = 1, timeout: int = 300, check: bool = True,
+            launcher: str = "accelerate") -> subprocess.CompletedProcess:
+    """`mtl-dist ARGS` in a subprocess: plain python for 1 process, else a real launcher."""
+    if procs == 1:
+        cmd = [sys.executable, "-m", "mtl_dist.cli", *args]
+    elif launcher == "accelerate":
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(CPU_LAUNCH), "--num_processes", str(procs), "--main_process_port",
+               str(free_port()), "--module", "mtl_dist.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
+               "--master_port", str(free_port()), "-m", "mtl_dist.cli", *args]
+    result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout,
+                            cwd=REPO)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-5000:]}")
+    return result
+
+
+def records(output_dir: Path, kind: str) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == kind]
+
+
+def train_losses(output_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["train/loss"]) for r in records(output_dir, "train")]
+
+
+def checkpoint_model(output_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(output_dir) / "checkpoints" / f"checkpoint-{step}" /
+                         "model.safetensors"))
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"

@@ -1,0 +1,33 @@
+"""Run under a 2-process launcher: one optimizer step leaves the heads of idle tasks untouched.
+
+argv: OUTPUT_DIR CACHE_DIR [overrides...]. Exits non-zero (assertion) on any violation.
+"""
+
+import sys
+
+import torch
+
+from mtl_dist.config import load_config
+from mtl_dist.trainer import Trainer  # noqa: E402  (after the test imports, like a user script)
+from tests._runs import DEMO, FAST
+
+out, cache, *extra = sys.argv[1:]
+cfg = load_config(DEMO, [f"train.output_dir={out}", f"data.cache_dir={cache}", *FAST,
+                         "train.max_steps=1", "train.gradient_accumulation_steps=2",
+                         "train.ema_decay=null", "train.warmup_steps=0", *extra])
+trainer = Trainer(cfg)
+model = trainer.accelerator.unwrap_model(trainer.model)
+before = {n: p.detach().clone() for n, p in model.named_parameters()}
+used = {trainer.plan.task_of(0, s) for s in range(2)}
+trainer.fit()
+after = dict(model.named_parameters())
+for task_id in range(len(trainer.task_names)):
+    head = [n for n in before if n.startswith(f"heads.{task_id}.")]
+    changed = [n for n in head if not torch.equal(before[n], after[n])]
+    if task_id in used:
+        assert changed, f"rank {trainer.rank}: used head {task_id} did not change"
+    else:
+        assert not changed, f"rank {trainer.rank}: idle head {task_id} changed: {changed}"
+        assert all(trainer.optimizer.state.get(after[n]) in (None, {}) for n in head), \
+            f"rank {trainer.rank}: idle head {task_id} has optimizer state"
+print(f"rank {trainer.rank}: used heads {sorted(used)}, idle heads unchanged")

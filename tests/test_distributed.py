@@ -1,0 +1,97 @@
+"""Two real ranks on CPU (gloo): they train together, resume bit-exactly, and agree with one rank.
+
+Each launch costs ~10-20 s of start-up, so one straight run serves several checks.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests._runs import (
+    DEMO,
+    FAST,
+    REPO,
+    assert_same_tensors,
+    checkpoint_model,
+    env,
+    free_port,
+    run_cli,
+    train_losses,
+)
+
+pytestmark = pytest.mark.slow
+STEPS = ["train.max_steps=24"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """24 steps on 2 processes, uninterrupted."""
+    root = tmp_path_factory.mktemp("straight")
+    out = root / "out"
+    run_cli(["train", str(DEMO), f"train.output_dir={out}", f"data.cache_dir={root}/cache",
+             *FAST, *STEPS], procs=2)
+    return out
+
+
+def test_two_ranks_really_train_together(straight):
+    manifest = json.loads((straight / "checkpoints" / "checkpoint-24" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["run"]["world_size"] == 2
+    assert manifest["run"]["global_batch_size"] == 2 * manifest["run"]["per_device_batch_size"]
+    names = {f for f in manifest["files"]}
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= names
+    # Global batch 32 over 24 steps: the samples seen count both ranks.
+    state = json.loads((straight / "checkpoints" / "checkpoint-24" / "trainer_state.json")
+                       .read_text())
+    assert state["samples_seen"] == 24 * 32
+
+
+def test_stop_and_resume_on_two_ranks_is_bit_exact(straight, tmp_path):
+    out = tmp_path / "split"
+    base = ["train", str(DEMO), f"train.output_dir={out}", f"data.cache_dir={tmp_path}/cache",
+            *FAST, *STEPS]
+    run_cli([*base, "train.stop_after_steps=13"], procs=2)
+    assert (out / "checkpoints" / "checkpoint-13" / "COMMITTED").exists()
+    run_cli([*base, "train.resume=auto"], procs=2)
+    assert train_losses(out) == train_losses(straight)
+    assert_same_tensors(checkpoint_model(out, 24), checkpoint_model(straight, 24))
+
+
+def test_eval_metrics_on_two_ranks_equal_one_rank(straight):
+    args = ["evaluate", str(DEMO), f"train.output_dir={straight}", "--checkpoint",
+            str(straight / "best")]
+    one = run_cli(args, procs=1).stdout
+    two = run_cli(args, procs=2).stdout
+    parse = lambda text: json.loads(text[text.index("{"):])  # noqa: E731
+    assert parse(one) == parse(two)
+
+
+def test_world_size_two_to_one_resume_continues(straight, tmp_path):
+    out = tmp_path / "shrink"
+    shutil.copytree(straight, out)
+    run_cli(["train", str(DEMO), f"train.output_dir={out}", f"data.cache_dir={tmp_path}/cache",
+             *FAST, "train.max_steps=32", "train.per_device_batch_size=32",
+             f"train.resume={out}/checkpoints/checkpoint-16"], procs=1)
+    steps = [s for s, _ in train_losses(out)]
+    assert steps == list(range(1, 33))
+    assert (out / "checkpoints" / "checkpoint-32" / "COMMITTED").exists()
+
+
+def run_script(script: str, tmp_path, procs: int = 2, *extra: str):
+    """A test script from tests/dist_scripts under torchrun with N CPU processes."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
+         "--master_port", str(free_port()), f"tests/dist_scripts/{script}",
+         str(tmp_path / "out"), str(tmp_path / "cache"), *extra],
+        cwd=REPO, env={**env(), "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_idle_heads_stay_unchanged_under_ddp(tmp_path):
+    assert run_script("idle_heads.py", tmp_path).count("idle heads unchanged") == 2

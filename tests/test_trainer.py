@@ -1,0 +1,94 @@
+"""The trainer end to end in one process: outputs, early stopping, exact resume, evaluate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mtl_dist.config import load_config
+from mtl_dist.trainer import Trainer
+from tests._runs import (
+    DEMO,
+    FAST,
+    assert_same_tensors,
+    checkpoint_model,
+    records,
+    run_cli,
+    train_losses,
+)
+
+
+def demo_cfg(tmp_path, *overrides):
+    return load_config(DEMO, [f"train.output_dir={tmp_path / 'out'}",
+                              f"data.cache_dir={tmp_path / 'cache'}", *FAST, *overrides])
+
+
+def test_short_run_writes_config_labels_metrics_checkpoints_and_best(tmp_path):
+    summary = Trainer(demo_cfg(tmp_path, "train.max_steps=16")).fit()
+    out = tmp_path / "out"
+    assert summary["global_step"] == 16 and summary["stop_reason"] == "finished"
+    assert (out / "config.yaml").exists()
+    assert set(json.loads((out / "labels.json").read_text())) == {"nli", "emotion", "news"}
+    assert [r["step"] for r in records(out, "train")] == list(range(1, 17))
+    evals = records(out, "eval")
+    assert [r["step"] for r in evals] == [8, 16]
+    assert {"eval/nli/accuracy", "eval/emotion/macro_f1", "eval/news/loss", "eval/score"} <= \
+        set(evals[0])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == \
+        ["checkpoint-16", "checkpoint-8"]
+    assert (out / "best" / "model.safetensors").exists()
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_improvement(tmp_path):
+    # lr so small that the score cannot move: the first evaluation stays the best.
+    cfg = demo_cfg(tmp_path, "train.lr=1e-12", "train.head_lr=1e-12", "train.ema_decay=null",
+                   "train.eval_steps=4", "train.early_stopping_patience=2", "train.max_steps=40")
+    summary = Trainer(cfg).fit()
+    assert summary["stop_reason"] == "early_stopping"
+    assert summary["global_step"] == 12 and summary["best_step"] == 4
+    assert [r["step"] for r in records(tmp_path / "out", "eval")] == [4, 8, 12]
+
+
+def test_stop_and_resume_mid_epoch_is_bit_exact_with_dropout(tmp_path):
+    """2N steps straight == N steps, stop, resume, N more: losses and parameters bit for bit."""
+    straight = tmp_path / "straight"
+    common = ["train.max_steps=24", "train.gradient_accumulation_steps=2"]
+    Trainer(load_config(DEMO, [f"train.output_dir={straight}", f"data.cache_dir={tmp_path}/c",
+                               *FAST, *common])).fit()
+    split = tmp_path / "split"
+    base = [f"train.output_dir={split}", f"data.cache_dir={tmp_path}/c", *FAST, *common]
+    first = Trainer(load_config(DEMO, [*base, "train.stop_after_steps=11"])).fit()
+    assert first["stop_reason"] == "stop_after_steps" and first["global_step"] == 11
+    Trainer(load_config(DEMO, [*base, "train.resume=auto"])).fit()
+    assert train_losses(split) == train_losses(straight)
+    assert len(train_losses(split)) == 24
+    assert_same_tensors(checkpoint_model(split, 24), checkpoint_model(straight, 24))
+    assert records(split, "eval")[-1]["eval/score"] == records(straight, "eval")[-1]["eval/score"]
+
+
+@pytest.mark.slow
+def test_cli_evaluate_and_predict_from_best(tmp_path):
+    out = tmp_path / "out"
+    args = [str(DEMO), f"train.output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}", *FAST,
+            "train.max_steps=8"]
+    run_cli(["train", *args])
+    result = run_cli(["evaluate", *args, "--checkpoint", str(out / "best")])
+    metrics = json.loads(result.stdout[result.stdout.index("{"):])
+    best = json.loads((out / "best" / "metrics.json").read_text())
+    assert metrics["score"] == pytest.approx(best["score"], abs=1e-12)
+    run_cli(["predict", *args, "--checkpoint", str(out / "best")])
+    rows = [json.loads(line) for line in (out / "predictions" / "nli.jsonl").read_text().splitlines()]
+    assert len(rows) == 200 and len({r["id"] for r in rows}) == 200
+    labels = json.loads((out / "labels.json").read_text())["nli"]
+    assert all(r["label"] in labels and len(r["probs"]) == 3 for r in rows)
+    assert all(abs(sum(r["probs"]) - 1) < 1e-4 for r in rows)
+
+
+def test_bad_override_is_one_line_error_and_nothing_runs(tmp_path):
+    result = run_cli(["train", str(DEMO), "train.lrr=1", f"train.output_dir={tmp_path}/o"],
+                     check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == \
+        "error: override 'train.lrr=1': config key 'train.lrr' is unknown; did you mean 'train.lr'?"
+    assert not (tmp_path / "o").exists()
