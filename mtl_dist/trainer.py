@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mtl_dist import data as mdata
+from mtl_dist import zero
 from mtl_dist.checkpoint import CheckpointManager
 from mtl_dist.config import RunConfig, config_hash, config_to_yaml
 from mtl_dist.ema import EMA
@@ -106,7 +107,9 @@ def make_accelerator(cfg: RunConfig):
         DistributedDataParallelKwargs(find_unused_parameters=True),
         InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s)),
     ]
-    accelerator = Accelerator(cpu=use_cpu, mixed_precision=cfg.train.mixed_precision,
+    # Under ZeRO, DeepSpeed runs the model in bf16/fp16 itself: no autocast on top.
+    precision = "no" if cfg.train.zero_stage else cfg.train.mixed_precision
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision,
                               kwargs_handlers=handlers,
                               log_with=list(cfg.tracking.backends) or None,
                               project_dir=cfg.train.output_dir)
@@ -125,17 +128,19 @@ def _check_world_size(accelerator) -> None:
 
 
 def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
-    """AdamW groups: no weight decay on biases and LayerNorm; heads may have their own lr."""
-    groups: dict[tuple[bool, bool], list] = {}
+    """AdamW groups: no decay on biases/LayerNorm; each head in groups of its own (own lr, and
+    ZeRO can leave an idle head's groups untouched). Group key "head": task id or None."""
+    groups: dict[tuple[int, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        key = (name.startswith("heads."), not name.endswith(NO_DECAY))
-        groups.setdefault(key, []).append(p)
+        head = int(name.split(".")[1]) if name.startswith("heads.") else -1
+        groups.setdefault((head, not name.endswith(NO_DECAY)), []).append(p)
     head_lr = cfg.train.head_lr or cfg.train.lr
-    return [{"params": ps, "lr": head_lr if is_head else cfg.train.lr,
+    return [{"params": ps, "head": None if head < 0 else head,
+             "lr": cfg.train.lr if head < 0 else head_lr,
              "weight_decay": cfg.train.weight_decay if decay else 0.0}
-            for (is_head, decay), ps in sorted(groups.items())]
+            for (head, decay), ps in sorted(groups.items())]
 
 
 def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
@@ -162,7 +167,9 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, *, for_training: bool = True):
         self.cfg = cfg
+        zero.adopt_accelerate_launch(cfg)
         self.accelerator = make_accelerator(cfg)
+        self.engine = None
         acc = self.accelerator
         self.rank, self.world_size = acc.process_index, acc.num_processes
         from accelerate.utils import set_seed
@@ -194,6 +201,9 @@ class Trainer:
             self._build_training()
         else:
             self.model = acc.prepare_model(self.model, evaluation_mode=True)
+        # The plain module under DDP / DeepSpeed wrappers: eval, EMA and best saves use it.
+        self.module: MultiTaskModel = self.engine.module if self.engine is not None \
+            else acc.unwrap_model(self.model)
 
     # ----------------------------------------------------------------- set-up
     def _frozen_label_maps(self) -> dict[str, list[str]]:
@@ -233,9 +243,16 @@ class Trainer:
 
         # Not prepared by accelerate: its wrapper would step the schedule once per process.
         self.scheduler = get_linear_schedule_with_warmup(optimizer, warmup, self.total_steps)
-        self.model, self.optimizer = acc.prepare(self.model, optimizer)
-        self.ema = EMA(acc.unwrap_model(self.model), cfg.train.ema_decay) \
-            if cfg.train.ema_decay else None
+        if cfg.train.zero_stage:
+            ds_config = zero.build_ds_config(cfg, self.world_size)
+            self.engine, self.optimizer = zero.initialize(self.model, optimizer, ds_config,
+                                                          acc.device)
+            self.model = self.engine
+        else:
+            self.model, self.optimizer = acc.prepare(self.model, optimizer)
+        module = self.engine.module if self.engine is not None else acc.unwrap_model(self.model)
+        self.ema = EMA(module, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        self.group_tasks: set[int] = set()  # tasks seen in the current accumulation group
 
     def _optimizer_steps_in_epoch(self, epoch: int) -> int:
         return math.ceil(self.plan.num_steps(epoch) / self.cfg.train.gradient_accumulation_steps)
@@ -247,7 +264,7 @@ class Trainer:
 
     def app_state(self) -> dict[str, Any]:
         """Everything a checkpoint restores, by name (each has state_dict/load_state_dict)."""
-        state = {"model": self.accelerator.unwrap_model(self.model), "optimizer": self.optimizer,
+        state = {"model": self.module, "optimizer": self.optimizer,
                  "scheduler": self.scheduler, "sampler": self.batch_sampler,
                  "early_stopping": self.early}
         if self.accelerator.scaler is not None:
@@ -258,7 +275,7 @@ class Trainer:
 
     def manifest(self) -> dict[str, Any]:
         """What a resumed run must match (and what `ckpt inspect` shows)."""
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.module
         return {
             "world_size": self.world_size,
             "distributed_type": str(self.accelerator.distributed_type),
@@ -323,7 +340,7 @@ class Trainer:
         must_match = ("world_size", "zero_stage", "global_batch_size", "gradient_accumulation_steps",
                       "tasks", "labels", "data_fingerprints", "model_shape", "versions")
         manifest = self.manifest()
-        trainer_state = self.ckpt.load(path, self.app_state(),
+        trainer_state = self.ckpt.load(path, self.app_state(), engine=self.engine,
                                        expected_manifest={k: manifest[k] for k in must_match})
         self.state.load_state_dict(trainer_state)
         self.ckpt.restore_rng(path)  # last: after the sampler jumped to its cursor
@@ -349,10 +366,8 @@ class Trainer:
             task_id = batch["task_id"]
             if cfg.sampler.check_task_agreement:
                 check_task_agreement(task_id, pos)
-            sync = nullcontext() if last_in_group else acc.no_sync(self.model)
-            with sync, acc.autocast():
-                loss, _ = self.model(**_model_inputs(batch, acc.device))
-                acc.backward(loss / group)
+            self.group_tasks.add(task_id)
+            loss = self._forward_backward(batch, group, last_in_group)
             self.batch_sampler.advance()
             loss_sum += loss.detach() / group
             task_loss[task_id] += loss.detach()
@@ -378,8 +393,35 @@ class Trainer:
                 return False
         return False
 
+    def _forward_backward(self, batch: dict, group: int, last_in_group: bool) -> torch.Tensor:
+        """One micro-batch; gradients are averaged over the accumulation group."""
+        acc = self.accelerator
+        inputs = _model_inputs(batch, acc.device)
+        if self.engine is not None:
+            self.engine.set_gradient_accumulation_boundary(last_in_group)
+            loss, _ = self.engine(**inputs)
+            self.engine.backward(loss / group, scale_wrt_gas=False)
+            return loss
+        sync = nullcontext() if last_in_group else acc.no_sync(self.model)
+        with sync, acc.autocast():
+            loss, _ = self.model(**inputs)
+            acc.backward(loss / group)
+        return loss
+
     def _optimizer_step(self) -> None:
         acc, cfg = self.accelerator, self.cfg
+        idle = {i for i in range(len(self.task_names))} - self.group_tasks
+        self.group_tasks = set()
+        if self.engine is not None:
+            # Clipping is in the engine (gradient_clipping); idle heads are frozen explicitly.
+            groups = {i for i, g in enumerate(self.optimizer.optimizer.param_groups)
+                      if g.get("head") in idle}
+            with zero.frozen_groups(self.optimizer, groups):
+                self.engine.step()
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.module)
+            return
         if cfg.train.max_grad_norm:
             acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
         self.optimizer.step()
@@ -387,7 +429,7 @@ class Trainer:
         # None, not zero: an idle head's grad stays None, so AdamW leaves it untouched.
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(acc.unwrap_model(self.model))
+            self.ema.update(self.module)
 
     def _after_step(self, epoch_done: bool) -> bool:
         """Evaluate, save, decide to stop: at step boundaries only."""
@@ -431,7 +473,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         return self.ckpt.save(self.state.global_step, self.app_state(), self.state.state_dict(),
-                              manifest=self.manifest())
+                              manifest=self.manifest(), engine=self.engine)
 
     def _log_train(self, bar, loss_sum, task_loss, task_count, t0, samples0) -> None:
         steps = self.cfg.train.log_steps
@@ -447,11 +489,17 @@ class Trainer:
         bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['lr']:.2e}",
                         sps=f"{values['samples_per_s']:.0f}")
 
+    def _full_model_state(self) -> dict[str, torch.Tensor]:
+        """Every weight on rank 0 (ZeRO-3 gathers its partitions: a collective call)."""
+        if self.engine is not None and self.cfg.train.zero_stage == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict() or {}
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
     def _save_best(self, result: dict) -> None:
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.module
         ctx = self.ema.applied(model) if self.ema is not None else nullcontext()
         with ctx, tempfile.TemporaryDirectory() as tok_dir:
-            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            state = self._full_model_state()
             if self.accelerator.is_main_process:
                 self.tokenizer.save_pretrained(tok_dir)
             extra = {"config.yaml": config_to_yaml(self.cfg),
@@ -470,16 +518,22 @@ class Trainer:
         from accelerate.utils import gather_object
 
         acc = self.accelerator
-        model = acc.unwrap_model(self.model)
+        model = self.module
         was_training = model.training
         model.eval()
         bs = self.cfg.train.effective_eval_batch_size()
         outputs, dataset = {}, mdata.MultiTaskDataset(tasks)
         for task_id, task in enumerate(tasks):
-            shard = eval_shard(len(task.labels), self.rank, self.world_size)
+            n = len(task.labels)
+            shard = eval_shard(n, self.rank, self.world_size)
             local: list[tuple[int, list[float], float]] = []
-            for start in range(0, len(shard), bs):
+            # Every rank runs the same number of batches (ZeRO-3 gathers weights per forward):
+            # a rank whose shard is shorter repeats a sample and drops the result.
+            for start in range(0, math.ceil(n / self.world_size), bs):
                 idx = shard[start:start + bs]
+                keep = len(idx)
+                if keep == 0:
+                    idx = np.zeros(1, dtype=np.int64)
                 batch = self.collate([dataset[dataset.offsets[task_id] + int(i)] for i in idx])
                 with acc.autocast():
                     _, logits = model(**_model_inputs(batch, acc.device, with_labels=False))
@@ -488,7 +542,7 @@ class Trainer:
                 losses = torch.nn.functional.cross_entropy(
                     logits.float().cpu(), labels.clamp(min=0), reduction="none")
                 local.extend((int(i), p.tolist(), float(lo))
-                             for i, p, lo in zip(idx, probs, losses, strict=True))
+                             for i, p, lo in list(zip(idx, probs, losses, strict=True))[:keep])
             gathered = sorted(gather_object(local) if self.world_size > 1 else local)
             outputs[task.name] = {"index": [g[0] for g in gathered],
                                   "probs": [g[1] for g in gathered],
@@ -499,9 +553,8 @@ class Trainer:
     def evaluate(self, tasks: list[mdata.TokenizedTask] | None = None) -> dict[str, Any]:
         """Per-task metrics + run score on the dev sets (with EMA weights when enabled)."""
         tasks = self.dev_data if tasks is None else tasks
-        model = self.accelerator.unwrap_model(self.model)
         ema = getattr(self, "ema", None)
-        with ema.applied(model) if ema is not None else nullcontext():
+        with ema.applied(self.module) if ema is not None else nullcontext():
             outputs = self._run_split(tasks)
         per_task, losses = {}, []
         for task in tasks:
@@ -543,8 +596,7 @@ class Trainer:
 
     def load_weights(self, path: str | Path) -> None:
         """Model weights (and nothing else) from best/ or a checkpoint directory."""
-        state = self.ckpt.load_model_state(path)
-        self.accelerator.unwrap_model(self.model).load_state_dict(state)
+        self.module.load_state_dict(self.ckpt.load_model_state(path))
 
 
 def model_signature(model: torch.nn.Module) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests._runs import (
     DEMO,
@@ -95,3 +96,33 @@ def run_script(script: str, tmp_path, procs: int = 2, *extra: str):
 
 def test_idle_heads_stay_unchanged_under_ddp(tmp_path):
     assert run_script("idle_heads.py", tmp_path).count("idle heads unchanged") == 2
+
+
+def test_idle_heads_stay_unchanged_under_zero2(tmp_path):
+    """ZeRO gives idle heads zero grads (not None): without freezing, weight decay moves them."""
+    out = run_script("idle_heads.py", tmp_path, 2, "train.zero_stage=2")
+    assert out.count("idle heads unchanged") == 2
+
+
+def ds_module_state(output_dir, step):
+    path = output_dir / "checkpoints" / f"checkpoint-{step}" / "ds" / "mp_rank_00_model_states.pt"
+    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+
+
+def test_zero2_stop_and_resume_on_two_ranks_is_bit_exact(tmp_path):
+    runs = {}
+    for name, extra in (("straight", []), ("split", ["train.stop_after_steps=7"])):
+        out = tmp_path / name
+        base = ["train", str(DEMO), f"train.output_dir={out}", f"data.cache_dir={tmp_path}/c",
+                *FAST, "train.max_steps=16", "train.zero_stage=2"]
+        run_cli([*base, *extra], procs=2)
+        if extra:
+            assert (out / "checkpoints" / "checkpoint-7" / "COMMITTED").exists()
+            run_cli([*base, "train.resume=auto"], procs=2)
+        runs[name] = out
+    assert train_losses(runs["split"]) == train_losses(runs["straight"])
+    assert_same_tensors(ds_module_state(runs["split"], 16), ds_module_state(runs["straight"], 16))
+    manifest = json.loads((runs["split"] / "checkpoints" / "checkpoint-16" / "manifest.json")
+                          .read_text())
+    assert {"ds/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(manifest["files"])

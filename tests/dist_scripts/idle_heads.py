@@ -16,7 +16,7 @@ cfg = load_config(DEMO, [f"train.output_dir={out}", f"data.cache_dir={cache}", *
                          "train.max_steps=1", "train.gradient_accumulation_steps=2",
                          "train.ema_decay=null", "train.warmup_steps=0", *extra])
 trainer = Trainer(cfg)
-model = trainer.accelerator.unwrap_model(trainer.model)
+model = trainer.module
 before = {n: p.detach().clone() for n, p in model.named_parameters()}
 used = {trainer.plan.task_of(0, s) for s in range(2)}
 trainer.fit()
@@ -28,6 +28,7 @@ for task_id in range(len(trainer.task_names)):
         assert changed, f"rank {trainer.rank}: used head {task_id} did not change"
     else:
         assert not changed, f"rank {trainer.rank}: idle head {task_id} changed: {changed}"
-        assert all(trainer.optimizer.state.get(after[n]) in (None, {}) for n in head), \
-            f"rank {trainer.rank}: idle head {task_id} has optimizer state"
+        if trainer.engine is None:  # under ZeRO the state lives in flat partitions
+            assert all(trainer.optimizer.state.get(after[n]) in (None, {}) for n in head), \
+                f"rank {trainer.rank}: idle head {task_id} has optimizer state"
 print(f"rank {trainer.rank}: used heads {sorted(used)}, idle heads unchanged")

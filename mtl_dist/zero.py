@@ -1,0 +1,148 @@
+"""DeepSpeed ZeRO, driven through its engine directly: one code path on CPU (gloo) and GPUs.
+
+accelerate cannot drive DeepSpeed on CPU (FACTS.md: every rank believes it is rank 0), so the
+trainer keeps accelerate for devices, autocast and the process group, and hands the model to
+`deepspeed.initialize` itself. A DeepSpeed JSON may say "auto" for anything the run config
+already states; batch sizes are stated once, in the run config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtl_dist.errors import ConfigError
+
+ACCELERATE_DS_ENV = "ACCELERATE_USE_DEEPSPEED"
+ACCELERATE_DS_FILE_ENV = "ACCELERATE_DEEPSPEED_CONFIG_FILE"
+
+
+def adopt_accelerate_launch(cfg) -> None:
+    """`accelerate launch --use_deepspeed --deepspeed_config_file X`: take X as our DeepSpeed
+    config, and keep accelerate out of DeepSpeed (its CPU path gets the ranks wrong)."""
+    if os.environ.get(ACCELERATE_DS_ENV, "").lower() != "true":
+        return
+    os.environ.pop(ACCELERATE_DS_ENV)
+    path = os.environ.get(ACCELERATE_DS_FILE_ENV)
+    if path and not cfg.train.deepspeed_config:
+        cfg.train.deepspeed_config = str(Path(path).resolve())
+    if cfg.train.zero_stage == 0:
+        stage = _read_json(cfg.train.deepspeed_config).get("zero_optimization", {}).get("stage") \
+            if cfg.train.deepspeed_config else 2
+        cfg.train.zero_stage = 2 if stage in (None, "auto") else int(stage)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"train.deepspeed_config: cannot read {path}: {err}") from None
+
+
+def build_ds_config(cfg, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config: the JSON's values, with "auto" (or absent) filled from the run."""
+    ds = _read_json(cfg.train.deepspeed_config) if cfg.train.deepspeed_config else {}
+    t = cfg.train
+    filled = {
+        "train_micro_batch_size_per_gpu": t.per_device_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train_batch_size": t.per_device_batch_size * t.gradient_accumulation_steps * world_size,
+        "gradient_clipping": float(t.max_grad_norm or 0.0),
+    }
+    for key, value in filled.items():
+        _fill(ds, key, value, key)
+    zero = ds.setdefault("zero_optimization", {})
+    _fill(zero, "stage", t.zero_stage, "zero_optimization.stage")
+    for name in ("bf16", "fp16"):
+        _fill(ds.setdefault(name, {}), "enabled", t.mixed_precision == name, f"{name}.enabled")
+    ds.setdefault("zero_allow_untested_optimizer", True)  # a plain torch AdamW, by design
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    if t.ema_decay and t.zero_stage == 3:
+        raise ConfigError("train.ema_decay: EMA is not supported with train.zero_stage=3 "
+                          "(parameters are partitioned); use zero_stage 2 or no EMA")
+    return ds
+
+
+def _fill(section: dict, key: str, value: Any, dotted: str) -> None:
+    """Set "auto"/absent values; a stated value must agree with the run config."""
+    current = section.get(key, "auto")
+    if current == "auto":
+        section[key] = value
+    elif current != value:
+        raise ConfigError(f"train.deepspeed_config: '{dotted}' is {current!r} but the run "
+                          f"config implies {value!r}; set it to \"auto\"")
+
+
+def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict,
+               device: torch.device):
+    """A DeepSpeed engine over our model and our torch AdamW, on the existing process group."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _ensure_process_group(device)
+    import deepspeed
+
+    engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                      config=ds_config, dist_init_required=False)
+    return engine, ds_optimizer
+
+
+def _ensure_process_group(device: torch.device) -> None:
+    """DeepSpeed needs a process group even for one process (plain `python`)."""
+    import torch.distributed as dist
+
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo" if device.type == "cpu" else "nccl", rank=0, world_size=1)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def frozen_groups(ds_optimizer, group_ids: set[int]):
+    """Leave whole param groups untouched by one ZeRO step: lr 0 and their Adam state restored.
+
+    ZeRO gives an idle head a zero gradient instead of None, so AdamW would still decay its
+    moments and apply weight decay; single-GPU training leaves it exactly as it was.
+    """
+    inner = ds_optimizer.optimizer
+    groups = inner.param_groups
+    # ZeRO-1/2 keep our group dicts (params swapped for flat partitions); ZeRO-3 maps sub-groups.
+    sub_to_group = getattr(ds_optimizer, "sub_group_to_group_id", None)
+    targets = [i for i in range(len(groups))
+               if (sub_to_group[i] if sub_to_group else i) in group_ids]
+    saved = []
+    for i in targets:
+        states = [{k: (v.clone() if torch.is_tensor(v) else v)
+                   for k, v in inner.state.get(p, {}).items()} for p in groups[i]["params"]]
+        saved.append((i, groups[i]["lr"], states))
+        groups[i]["lr"] = 0.0
+    try:
+        yield
+    finally:
+        for i, lr, states in saved:
+            groups[i]["lr"] = lr
+            for p, state in zip(groups[i]["params"], states, strict=True):
+                if state:
+                    for k, v in state.items():
+                        current = inner.state[p].get(k)
+                        if torch.is_tensor(current):
+                            current.copy_(v)
+                        else:
+                            inner.state[p][k] = v
+                else:
+                    inner.state.pop(p, None)
