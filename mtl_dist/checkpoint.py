@@ -18,6 +18,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -178,21 +179,58 @@ def _write_json(path: Path, obj: Any, what: str) -> None:
     _pause()
 
 
-def _torch_save(obj: Any, path: Path) -> None:
-    """torch.save into `path` and fsync."""
+def _torch_save(obj: Any, path: Path, hasher: _Hasher | None = None) -> None:
+    """torch.save into `path` and fsync (hashing it meanwhile when given a hasher)."""
     with open(path, "wb") as f:
         torch.save(obj, f)
         f.flush()
+        if hasher is not None:
+            hasher.add(path)
         os.fsync(f.fileno())
     _pause()
 
 
-def _file_digest(path: Path) -> dict[str, Any]:
+def _file_digest(path: Path, *, fsync: bool = True) -> dict[str, Any]:
     """Size and sha256 of a file; fsyncs it on the way (it may have been written by a library)."""
     with open(path, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
-        os.fsync(f.fileno())
+        if fsync:
+            os.fsync(f.fileno())
     return {"size": path.stat().st_size, "sha256": digest}
+
+
+def _digests(root: Path, names: list[str], *, fsync: bool = True) -> dict[str, dict[str, Any]]:
+    """`_file_digest` of many files on a few threads (hashlib releases the GIL while hashing)."""
+    if len(names) <= 1:
+        return {n: _file_digest(root / n, fsync=fsync) for n in names}
+    workers = min(len(names), os.cpu_count() or 1, 8)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        found = pool.map(lambda n: _file_digest(root / n, fsync=fsync), names)
+        return dict(zip(names, found, strict=True))
+
+
+class _Hasher:
+    """sha256 of just-written files on background threads, overlapping their fsync."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+        self._jobs: dict[str, Any] = {}
+
+    def add(self, path: Path) -> None:
+        """Start hashing a file whose content is complete."""
+        rel = path.relative_to(self.root).as_posix()
+        self._jobs[rel] = self._pool.submit(_file_digest, path, fsync=False)
+
+    def results(self) -> dict[str, dict[str, Any]]:
+        """Wait for every hash."""
+        return {name: job.result() for name, job in self._jobs.items()}
+
+    def __enter__(self) -> _Hasher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def _list_files(root: Path) -> list[str]:
@@ -278,11 +316,15 @@ def _safetensors_dict(state: Mapping[str, Any], where: str) -> dict[str, torch.T
     return out
 
 
-def _save_safetensors(state: Mapping[str, Any], path: Path, where: str) -> None:
-    """Write a tensor dict with safetensors and fsync it."""
+def _save_safetensors(
+    state: Mapping[str, Any], path: Path, where: str, hasher: _Hasher | None = None
+) -> None:
+    """Write a tensor dict with safetensors and fsync it (hashing it meanwhile when given a hasher)."""
     from safetensors.torch import save_file
 
     save_file(_safetensors_dict(state, where), str(path), metadata={"format": "pt"})
+    if hasher is not None:
+        hasher.add(path)
     _fsync_path(path)
     _pause()
 
@@ -381,6 +423,7 @@ def read_manifest(path: Path | str) -> dict[str, Any]:
 def _verify_files(path: Path, manifest: Mapping[str, Any], names: Iterable[str]) -> None:
     """Check size and sha256 of `names` against the manifest; the error names the file."""
     files = manifest["files"]
+    names = list(names)
     for name in names:
         entry = files.get(name)
         full = path / name
@@ -391,11 +434,12 @@ def _verify_files(path: Path, manifest: Mapping[str, Any], names: Iterable[str])
         size = full.stat().st_size
         if size != entry["size"]:
             raise CheckpointError(
-                f"checkpoint {path}: file '{name}' has {size} bytes, {MANIFEST} says {entry['size']} (truncated or changed)"
+                f"checkpoint {path}: file '{name}' has {size} bytes, {MANIFEST} says "
+                f"{entry['size']} (truncated or changed)"
             )
-        with open(full, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-        if digest != entry["sha256"]:
+    found = _digests(path, names, fsync=False)
+    for name in names:
+        if found[name]["sha256"] != files[name]["sha256"]:
             raise CheckpointError(
                 f"checkpoint {path}: file '{name}' is corrupt (sha256 differs from {MANIFEST})"
             )
@@ -549,13 +593,16 @@ class CheckpointManager:
         rank, world = _dist_info()
         names = self._entry_names(app_state, engine)
         tmp = self._begin(self.checkpoints_dir, f".tmp-checkpoint-{step}", (_TMP_RE, _OLD_RE))
-        err = None
+        err, known = None, {}
         try:
-            self._write_rank_files(tmp, app_state, names, trainer_state, engine, rank)
+            with _Hasher(tmp) as hasher:
+                self._write_rank_files(tmp, app_state, names, trainer_state, engine, rank, hasher)
+                known = hasher.results()
         except Exception as exc:  # noqa: BLE001 - reported on every rank, then raised
             err = f"saving checkpoint-{step} failed on rank {rank}: {_error_text(exc)}"
-        self._fail_together(tmp, _all_gather(err))
-        files = self._hash_collective(tmp)
+        parts = _all_gather((err, known))
+        self._fail_together(tmp, [e for e, _ in parts])
+        files = self._hash_collective(tmp, {k: v for _e, p in parts for k, v in p.items()})
         final = self.checkpoints_dir / f"checkpoint-{step}"
         outcome = None
         if rank == 0:
@@ -621,6 +668,7 @@ class CheckpointManager:
         trainer_state: dict,
         engine: Any,
         rank: int,
+        hasher: _Hasher,
     ) -> None:
         """DeepSpeed partitions (all ranks), replicated objects (rank 0), this rank's RNG."""
         if engine is not None:
@@ -630,21 +678,25 @@ class CheckpointManager:
             for name in names:
                 state = app_state[name].state_dict()
                 if name == "model":
-                    _save_safetensors(state, tmp / MODEL_FILE, "app_state['model'].state_dict()")
+                    where = "app_state['model'].state_dict()"
+                    _save_safetensors(state, tmp / MODEL_FILE, where, hasher)
                 else:
                     _check_weights_only(state, f"app_state['{name}'].state_dict()")
-                    _torch_save(state, tmp / f"{name}.pt")
+                    _torch_save(state, tmp / f"{name}.pt", hasher)
             _write_json(tmp / TRAINER_STATE, trainer_state, "trainer_state")
-        _torch_save(capture_rng_state(), tmp / f"rng_state_{rank}.pth")
+        _torch_save(capture_rng_state(), tmp / f"rng_state_{rank}.pth", hasher)
 
-    def _hash_collective(self, tmp: Path) -> dict[str, dict[str, Any]]:
-        """Size + sha256 of every file, the hashing split over ranks; the merged map on all ranks."""
+    def _hash_collective(
+        self, tmp: Path, known: dict[str, dict[str, Any]]
+    ) -> dict[str, dict[str, Any]]:
+        """Size + sha256 of every file not hashed while written (e.g. DeepSpeed's), split over ranks."""
         rank, world = _dist_info()
         names = _broadcast(_list_files(tmp) if rank == 0 else None)
+        rest = [n for n in names if n not in known]
         err = None
-        part: dict[str, dict[str, Any]] = {}
+        part: dict[str, dict[str, Any]] = dict(known) if rank == 0 else {}
         try:
-            part = {name: _file_digest(tmp / name) for name in names[rank::world]}
+            part.update(_digests(tmp, rest[rank::world]))
         except OSError as exc:
             err = f"rank {rank} could not read back {tmp}: {_error_text(exc)}"
         parts = _all_gather((err, part))
@@ -793,7 +845,9 @@ class CheckpointManager:
         _clean_stale(self.output_dir, (_TMP_BEST_RE, _OLD_BEST_RE), self.output_dir)
         tmp = self.output_dir / f".tmp-best-{secrets.token_hex(4)}"
         tmp.mkdir()
-        _save_safetensors(model_state, tmp / MODEL_FILE, "save_best model_state")
+        with _Hasher(tmp) as hasher:
+            _save_safetensors(model_state, tmp / MODEL_FILE, "save_best model_state", hasher)
+            known = hasher.results()
         for name, content in extra_files.items():
             _write_extra(tmp, name, content)
         info = {
@@ -803,7 +857,7 @@ class CheckpointManager:
             **metadata,
         }
         _write_json(tmp / BEST_JSON, info, "best.json")
-        files = {name: _file_digest(tmp / name) for name in _list_files(tmp)}
+        files = known | _digests(tmp, [n for n in _list_files(tmp) if n not in known])
         full = self._manifest("best", step, world, files, manifest)
         full["score"] = score
         _commit(tmp, full)
@@ -914,7 +968,7 @@ class CheckpointManager:
         if path.parent.resolve() == self.checkpoints_dir.resolve() and _PERIODIC_RE.match(
             path.name
         ):
-            self.resumed_from = path
+            self.resumed_from = self.checkpoints_dir / path.name  # as rotation spells it
             self._newer_since_resume = False
             newer = [p.name for p in self._periodic() if (_step_of(p) or 0) > (_step_of(path) or 0)]
             if newer:
@@ -1237,8 +1291,6 @@ def convert_zero_to_universal(path: str | Path, out: str | Path) -> Path:
     """Turn a ZeRO checkpoint into DeepSpeed's universal format, loadable at any world size."""
     from argparse import Namespace
 
-    from deepspeed.checkpoint import ds_to_universal
-
     src = Path(path).absolute()
     dst = Path(out).absolute()
     manifest = read_manifest(src)
@@ -1249,6 +1301,8 @@ def convert_zero_to_universal(path: str | Path, out: str | Path) -> Path:
     if dst.exists():
         raise CheckpointError(f"convert: {dst} already exists")
     _verify_files(src, manifest, manifest["files"])
+    from deepspeed.checkpoint import ds_to_universal
+
     tmp = dst.parent / f".tmp-convert-{secrets.token_hex(4)}"
     tmp.mkdir(parents=True)
     try:
@@ -1266,7 +1320,7 @@ def convert_zero_to_universal(path: str | Path, out: str | Path) -> Path:
             inject_missing_state=True,
         )
         ds_to_universal.main(args)
-        files = {name: _file_digest(tmp / name) for name in _list_files(tmp)}
+        files = _digests(tmp, _list_files(tmp))
         new = dict(manifest, files=files, converted_from=str(src))
         new["engine"] = dict(manifest["engine"], universal=True)
         _commit(tmp, new)

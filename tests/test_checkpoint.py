@@ -1,0 +1,633 @@
+"""Checkpoint manager, single process: round trip, RNG, rotation, best, validation, crash safety."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import re
+import signal
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from mtl_dist import checkpoint as ck
+from mtl_dist.checkpoint import CheckpointManager
+from mtl_dist.errors import CheckpointError
+
+# --------------------------------------------------------------------------- fixtures
+
+
+class TinyNet(nn.Module):
+    """Embedding + output layer sharing one weight (tied), dropout so RNG matters."""
+
+    def __init__(self, vocab: int = 11, dim: int = 6):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.mid = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(0.3)
+        self.out = nn.Linear(dim, vocab, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.drop(torch.tanh(self.mid(self.emb(ids)))))
+
+
+class Counter:
+    """A custom Stateful (like the trainer's early stopping / counters)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.history: list[float] = []
+        self.best = torch.tensor(float("-inf"))
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "history": list(self.history), "best": self.best.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n, self.history, self.best = state["n"], list(state["history"]), state["best"]
+
+
+def make_objects(seed: int = 0) -> dict:
+    """model, AdamW, scheduler, custom Stateful."""
+    torch.manual_seed(seed)
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    return {"model": model, "optimizer": opt, "scheduler": sched, "counter": Counter()}
+
+
+def train_step(objs: dict) -> float:
+    """One optimizer step (uses the global RNG for data and dropout)."""
+    ids = torch.randint(0, 11, (4, 3))
+    loss = objs["model"](ids).logsumexp(-1).mean()
+    loss.backward()
+    objs["optimizer"].step()
+    objs["optimizer"].zero_grad()
+    objs["scheduler"].step()
+    c = objs["counter"]
+    c.n += 1
+    c.history.append(loss.item())
+    c.best = torch.maximum(c.best, loss.detach())
+    return loss.item()
+
+
+MANIFEST = {
+    "global_batch_size": 64,
+    "tasks": ["nli", "emotion"],
+    "labels": {"nli": ["a", "b", "c"], "emotion": ["x", "y"]},
+    "data_fingerprints": {"nli": "aa11", "emotion": "bb22"},
+    "model_shape": {"hidden_size": 6, "num_labels": [3, 2]},
+    "zero_stage": 0,
+    "world_size": 1,
+}
+
+
+def save(mgr: CheckpointManager, step: int, objs: dict, **kw) -> Path:
+    """save() with the test's trainer state and manifest."""
+    return mgr.save(
+        step,
+        objs,
+        {"global_step": step, "sampler": {"epoch": 0, "step": step}},
+        manifest=kw.pop("manifest", MANIFEST),
+        **kw,
+    )
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """Flip one bit of a file in place (size unchanged)."""
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def state_equal(a, b) -> bool:
+    """Deep equality of nested state dicts with tensors."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(state_equal(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_restores_every_object(tmp_path: Path) -> None:
+    objs = make_objects(0)
+    for _ in range(3):
+        train_step(objs)
+    mgr = CheckpointManager(tmp_path, save_total_limit=3)
+    path = save(mgr, 3, objs)
+    assert path == tmp_path.absolute() / "checkpoints" / "checkpoint-3"
+    names = set(os.listdir(path))
+    assert {
+        "model.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "counter.pt",
+        "rng_state_0.pth",
+        "trainer_state.json",
+        "manifest.json",
+        "COMMITTED",
+    } <= names
+    assert not [n for n in os.listdir(path.parent) if n.startswith(".")]
+
+    fresh = make_objects(1)
+    assert not torch.equal(fresh["model"].mid.weight, objs["model"].mid.weight)
+    trainer_state = CheckpointManager(tmp_path, save_total_limit=3).load(
+        path, fresh, expected_manifest=MANIFEST
+    )
+    assert trainer_state == {"global_step": 3, "sampler": {"epoch": 0, "step": 3}}
+    for name in ("model", "optimizer", "scheduler", "counter"):
+        assert state_equal(fresh[name].state_dict(), objs[name].state_dict()), name
+    assert fresh["model"].out.weight is fresh["model"].emb.weight  # still tied after loading
+    # The continuation is the same: one more step from both gives equal losses and weights.
+    torch.manual_seed(7)
+    a = train_step(objs)
+    torch.manual_seed(7)
+    b = train_step(fresh)
+    assert a == b
+    assert state_equal(fresh["model"].state_dict(), objs["model"].state_dict())
+
+
+def test_every_file_loads_with_weights_only(tmp_path: Path) -> None:
+    objs = make_objects()
+    train_step(objs)
+    path = save(CheckpointManager(tmp_path, save_total_limit=None), 1, objs)
+    for f in path.iterdir():
+        if f.suffix in (".pt", ".pth"):
+            torch.load(f, weights_only=True)
+
+
+def test_state_that_weights_only_cannot_read_is_refused_at_save(tmp_path: Path) -> None:
+    class Bad:
+        def state_dict(self) -> dict:
+            return {"ok": 1, "arr": {"inner": np.zeros(3)}}
+
+        def load_state_dict(self, state: dict) -> None:
+            pass
+
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    with pytest.raises(
+        CheckpointError, match=r"app_state\['bad'\].*arr\.inner is a numpy\.ndarray"
+    ):
+        save(mgr, 1, {"bad": Bad()})
+    assert mgr.latest() is None
+
+
+def test_rng_restore_reproduces_draws(tmp_path: Path) -> None:
+    objs = make_objects()
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    random.random(), np.random.rand(), torch.rand(1)
+    path = save(CheckpointManager(tmp_path, save_total_limit=None), 1, objs)
+    before = (
+        random.random(),
+        np.random.rand(3).tolist(),
+        np.random.randn(),
+        torch.rand(4).tolist(),
+    )
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    CheckpointManager(tmp_path, save_total_limit=None).restore_rng(path)
+    after = (random.random(), np.random.rand(3).tolist(), np.random.randn(), torch.rand(4).tolist())
+    assert before == after
+
+
+def test_rng_for_rank_beyond_saved_world_is_derived_and_deterministic(
+    tmp_path: Path, monkeypatch
+) -> None:
+    path = save(CheckpointManager(tmp_path, save_total_limit=None), 1, make_objects())
+    monkeypatch.setattr(ck, "_dist_info", lambda: (1, 2))
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(123 + len(draws))
+        with pytest.warns(UserWarning, match="no RNG state for rank 1.*derived seed"):
+            CheckpointManager(tmp_path, save_total_limit=None).restore_rng(path)
+        draws.append((random.random(), torch.rand(2).tolist()))
+    assert draws[0] == draws[1]
+
+
+# --------------------------------------------------------------------------- rotation and best
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    scores=st.lists(st.floats(-5, 5, allow_nan=False), min_size=1, max_size=7),
+    limit=st.integers(1, 4),
+    greater=st.booleans(),
+)
+def test_rotation_keeps_best_apart_and_newest(
+    scores: list[float], limit: int, greater: bool
+) -> None:
+    objs = make_objects()
+    with tempfile.TemporaryDirectory() as d:
+        mgr = CheckpointManager(d, save_total_limit=limit, greater_is_better=greater)
+        best_step, best_score = None, None
+        for i, score in enumerate(scores):
+            step = 10 * (i + 1)
+            save(mgr, step, objs)
+            if mgr.improves(score):
+                mgr.save_best(
+                    step,
+                    score,
+                    objs["model"].state_dict(),
+                    extra_files={"labels.json": "{}"},
+                    metadata={"metrics": {"s": score}},
+                )
+            if best_score is None or (score > best_score if greater else score < best_score):
+                best_step, best_score = step, score
+            periodic = sorted(
+                int(p.name.split("-")[1]) for p in (Path(d) / "checkpoints").iterdir()
+            )
+            assert periodic == [10 * (j + 1) for j in range(max(0, i + 1 - limit), i + 1)]
+            info = json.loads((Path(d) / "best" / "best.json").read_text())
+            assert (info["step"], info["score"]) == (best_step, best_score)
+            assert ck.is_committed(Path(d) / "best")
+        assert sorted(os.listdir(d)) == ["best", "checkpoints"]
+
+
+def test_resumed_from_survives_rotation_until_newer_commit(tmp_path: Path) -> None:
+    objs = make_objects()
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    for step in (1, 2, 3):
+        save(mgr, step, objs)
+    resumed = CheckpointManager(tmp_path, save_total_limit=1)
+    with pytest.warns(UserWarning, match="newer checkpoints exist"):
+        resumed.load(tmp_path / "checkpoints" / "checkpoint-1", make_objects())
+    resumed.rotate()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint-1", "checkpoint-3"]
+    save(
+        resumed, 1, objs
+    )  # same step again: not newer, it replaces checkpoint-1 but stays protected
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint-1", "checkpoint-3"]
+    save(resumed, 4, objs)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint-4"]
+
+
+def test_save_same_step_twice_replaces(tmp_path: Path) -> None:
+    objs = make_objects()
+    mgr = CheckpointManager(tmp_path, save_total_limit=2)
+    save(mgr, 5, objs)
+    train_step(objs)
+    path = save(mgr, 5, objs)
+    fresh = make_objects(3)
+    mgr.load(path, fresh)
+    assert state_equal(fresh["model"].state_dict(), objs["model"].state_dict())
+    assert os.listdir(tmp_path / "checkpoints") == ["checkpoint-5"]
+
+
+def test_best_holds_model_extras_and_metadata(tmp_path: Path) -> None:
+    objs = make_objects()
+    tok = tmp_path / "tok.json"
+    tok.write_text('{"vocab": 1}')
+    mgr = CheckpointManager(tmp_path / "out", save_total_limit=1)
+    mgr.save_best(
+        7,
+        0.75,
+        objs["model"].state_dict(),
+        extra_files={"config.yaml": "a: 1\n", "labels.json": b"{}", "tokenizer/tok.json": tok},
+        metadata={"metrics": {"nli": 0.7}},
+    )
+    best = tmp_path / "out" / "best"
+    assert (best / "config.yaml").read_text() == "a: 1\n"
+    assert (best / "tokenizer" / "tok.json").read_text() == '{"vocab": 1}'
+    assert json.loads((best / "best.json").read_text()) == {
+        "step": 7,
+        "score": 0.75,
+        "greater_is_better": True,
+        "metrics": {"nli": 0.7},
+    }
+    state = mgr.load_model_state(best)
+    assert state_equal(state["mid.weight"], objs["model"].mid.weight.detach())
+    assert mgr.best_score() == 0.75 and mgr.improves(0.8) and not mgr.improves(0.7)
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        mgr.load(best, objs)
+
+
+def test_best_recovered_after_crash_mid_swap(tmp_path: Path) -> None:
+    objs = make_objects()
+    mgr = CheckpointManager(tmp_path, save_total_limit=1)
+    mgr.save_best(1, 0.1, objs["model"].state_dict(), extra_files={}, metadata={})
+    mgr.save_best(2, 0.2, objs["model"].state_dict(), extra_files={}, metadata={})
+    # A crash right after "rename old best aside": best/ is missing, the committed old one is aside.
+    os.rename(tmp_path / "best", tmp_path / ".old-best-0123abcd")
+    with pytest.warns(UserWarning, match="recovered"):
+        mgr2 = CheckpointManager(tmp_path, save_total_limit=1)
+    assert mgr2.best_score() == 0.2
+    assert not (tmp_path / ".old-best-0123abcd").exists()
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "shown"),
+    [
+        (
+            "global_batch_size",
+            32,
+            "'global_batch_size' differs: checkpoint has 64, this run has 32",
+        ),
+        ("tasks", ["nli"], "'tasks' differs"),
+        (
+            "labels",
+            {"nli": ["a", "b", "c"], "emotion": ["x", "z"]},
+            '\'labels.emotion[1]\' differs: checkpoint has "y", this run has "z"',
+        ),
+        (
+            "data_fingerprints",
+            {"nli": "aa11", "emotion": "cc33"},
+            "'data_fingerprints.emotion' differs",
+        ),
+        (
+            "model_shape",
+            {"hidden_size": 8, "num_labels": [3, 2]},
+            "'model_shape.hidden_size' differs: checkpoint has 6, this run has 8",
+        ),
+        ("zero_stage", 2, "'zero_stage' differs"),
+        ("new_key", 1, "manifest has no key 'new_key'"),
+    ],
+)
+def test_manifest_mismatch_names_the_key(tmp_path: Path, key: str, value, shown: str) -> None:
+    objs = make_objects()
+    path = save(CheckpointManager(tmp_path, save_total_limit=None), 1, objs)
+    expected = {**MANIFEST, key: value}
+    with pytest.raises(CheckpointError) as err:
+        CheckpointManager(tmp_path, save_total_limit=None).load(
+            path, make_objects(), expected_manifest=expected
+        )
+    assert shown in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_world_size_change_allowed_for_ddp_refused_for_zero(tmp_path: Path) -> None:
+    objs = make_objects()
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    path = save(mgr, 1, objs, manifest={**MANIFEST, "world_size": 1, "per_device_batch_size": 64})
+    mgr.load(
+        path,
+        make_objects(),
+        expected_manifest={**MANIFEST, "world_size": 2, "per_device_batch_size": 32},
+    )
+    zpath = save(mgr, 2, objs, manifest={**MANIFEST, "zero_stage": 2})
+    with pytest.raises(
+        CheckpointError,
+        match=r"'world_size' differs: checkpoint has 1, this run has 2; ZeRO stage 2.*mtl-dist ckpt convert",
+    ):
+        mgr.load(
+            zpath, make_objects(), expected_manifest={**MANIFEST, "zero_stage": 2, "world_size": 2}
+        )
+
+
+def test_library_version_change_only_warns(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    path = save(mgr, 1, make_objects(), manifest={**MANIFEST, "versions": {"torch": "2.13"}})
+    with pytest.warns(UserWarning, match='\'versions.torch\' was "2.13", now "2.14"'):
+        mgr.load(
+            path, make_objects(), expected_manifest={**MANIFEST, "versions": {"torch": "2.14"}}
+        )
+
+
+@pytest.mark.parametrize(
+    "victim",
+    ["model.safetensors", "optimizer.pt", "counter.pt", "rng_state_0.pth", "trainer_state.json"],
+)
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_damaged_file_is_named(tmp_path: Path, victim: str, damage: str) -> None:
+    objs = make_objects()
+    train_step(objs)
+    path = save(CheckpointManager(tmp_path, save_total_limit=None), 1, objs)
+    f = path / victim
+    if damage == "truncate":
+        f.write_bytes(f.read_bytes()[:-7])
+    elif damage == "flip":
+        flip_byte(f, f.stat().st_size // 2)
+    else:
+        f.unlink()
+    with pytest.raises(CheckpointError, match=rf"file '{re.escape(victim)}'"):
+        CheckpointManager(tmp_path, save_total_limit=None).load(path, make_objects())
+
+
+def test_tampered_manifest_is_refused(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    path = save(mgr, 1, make_objects())
+    text = (
+        (path / "manifest.json")
+        .read_text()
+        .replace('"global_batch_size": 64', '"global_batch_size": 65')
+    )
+    (path / "manifest.json").write_text(text)
+    with pytest.raises(CheckpointError, match="file 'manifest.json' does not match"):
+        mgr.load(path, make_objects())
+
+
+def test_model_that_does_not_fit_gets_one_line(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    path = save(mgr, 1, make_objects())
+    other = make_objects()
+    other["model"].mid = nn.Linear(6, 5)
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.safetensors does not fit the model: key 'mid.bias' has shape \(6,\), the model has \(5,\)",
+    ):
+        mgr.load(path, other)
+
+
+def test_incomplete_dirs_are_skipped_with_a_warning(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    save(mgr, 5, make_objects())
+    partial = tmp_path / "checkpoints" / "checkpoint-9"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half")
+    (tmp_path / "checkpoints" / ".tmp-checkpoint-12-0badf00d").mkdir()
+    with pytest.warns(
+        UserWarning,
+        match=r"skipping incomplete checkpoint\(s\).*\.tmp-checkpoint-12-0badf00d, checkpoint-9",
+    ):
+        latest = mgr.latest()
+    assert latest.name == "checkpoint-5"
+    assert mgr.resolve("auto") == latest
+    with pytest.raises(CheckpointError, match="not committed"):
+        mgr.resolve(partial)
+    with pytest.raises(CheckpointError, match="not committed"):
+        mgr.load(partial, make_objects())
+    save(mgr, 13, make_objects())  # the next save cleans the crashed temp dir (not checkpoint-9)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == [
+        "checkpoint-13",
+        "checkpoint-5",
+        "checkpoint-9",
+    ]
+    rows = ck.list_checkpoints(tmp_path)
+    assert [(r.step, r.complete) for r in rows] == [(5, True), (9, False), (13, True)]
+
+
+def test_resolve_auto_without_checkpoints_is_none(tmp_path: Path) -> None:
+    assert CheckpointManager(tmp_path, save_total_limit=None).resolve("auto") is None
+
+
+# --------------------------------------------------------------------------- deletion safety
+
+
+def test_deletion_refuses_symlinks_escapes_and_foreign_names(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    outside = tmp_path / "precious" / "checkpoint-1"
+    outside.mkdir(parents=True)
+    (outside / "data").write_text("keep me")
+    mgr = CheckpointManager(out, save_total_limit=1)
+    save(mgr, 2, make_objects())
+    ckdir = out / "checkpoints"
+    escape = ckdir / ".." / ".." / "precious" / "checkpoint-1"
+    with pytest.raises(CheckpointError, match="refusing to delete"):
+        ck._safe_rmtree(escape, out)
+    (ckdir / "checkpoint-1").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(CheckpointError, match="symlink"):
+        ck._safe_rmtree(ckdir / "checkpoint-1", out)
+    (ckdir / "notes").mkdir()
+    with pytest.raises(CheckpointError, match="not a checkpoint directory name"):
+        ck._safe_rmtree(ckdir / "notes", out)
+    save(mgr, 3, make_objects())  # rotation must not follow the symlink
+    assert (outside / "data").read_text() == "keep me"
+    assert sorted(os.listdir(ckdir)) == ["checkpoint-1", "checkpoint-3", "notes"]
+
+
+def test_rotation_refuses_checkpoints_dir_outside_output(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "scratch"
+    elsewhere.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    mgr = CheckpointManager(out, save_total_limit=1)
+    save(mgr, 1, make_objects())
+    with pytest.warns(UserWarning, match="rotation: refusing to delete"):
+        save(mgr, 2, make_objects())
+    assert sorted(os.listdir(elsewhere)) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_write_run_file_is_atomic_and_contained(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    mgr.write_run_file("config.yaml", "a: 1\n")
+    mgr.write_run_file("config.yaml", "a: 2\n")
+    mgr.write_run_file("labels.json", {"nli": ["a"]})
+    assert (tmp_path / "config.yaml").read_text() == "a: 2\n"
+    assert json.loads((tmp_path / "labels.json").read_text()) == {"nli": ["a"]}
+    assert sorted(os.listdir(tmp_path)) == ["config.yaml", "labels.json"]
+    for bad in ("../x.yaml", "/etc/x", "checkpoints/x", "best/x"):
+        with pytest.raises(CheckpointError):
+            mgr.write_run_file(bad, "x")
+
+
+def test_convert_refuses_a_checkpoint_without_zero_state(tmp_path: Path) -> None:
+    path = save(CheckpointManager(tmp_path, save_total_limit=None), 1, make_objects())
+    with pytest.raises(CheckpointError, match="has no DeepSpeed ZeRO state"):
+        ck.convert_zero_to_universal(path, tmp_path / "universal")
+
+
+def test_inspect_and_export(tmp_path: Path) -> None:
+    objs = make_objects()
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    path = save(mgr, 4, objs)
+    info = ck.inspect(path)
+    assert info["manifest"]["step"] == 4 and info["manifest"]["run"]["tasks"] == ["nli", "emotion"]
+    assert set(info["rng"]) == {0} and set(info["rng"][0]) >= {"python", "numpy", "torch_cpu"}
+    assert info["sampler"] == {"epoch": 0, "step": 4}
+    json.dumps(info, default=str)
+    mgr.write_run_file("labels.json", "{}")
+    out = ck.export_checkpoint(
+        path, tmp_path / "export", encoder_prefix="mid.", encoder_config={"model_type": "x"}
+    )
+    assert sorted(os.listdir(out)) == [
+        "config.json",
+        "heads.safetensors",
+        "labels.json",
+        "model.safetensors",
+    ]
+    assert set(ck._load_safetensors(out / "model.safetensors")) == {"weight", "bias"}
+
+
+# --------------------------------------------------------------------------- crash safety
+
+
+def _saver(out: str, seed: int, committed, saving, best_done) -> None:
+    """Child process: resume from the newest checkpoint, then save forever (killed by the test)."""
+    os.environ[ck.SLEEP_ENV] = "0.003"
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    objs = make_objects(seed)
+    mgr = CheckpointManager(out, save_total_limit=2)
+    step = 0
+    latest = mgr.latest()
+    if latest is not None:
+        step = mgr.load(latest, objs)["global_step"]
+    while True:
+        step += 1
+        train_step(objs)
+        saving.value = step
+        save(mgr, step, objs)
+        committed.value = step
+        if step % 2 == 0:
+            mgr.save_best(
+                step,
+                float(step),
+                objs["model"].state_dict(),
+                extra_files={"labels.json": "{}"},
+                metadata={},
+            )
+            best_done.value = step
+
+
+def _check_output(out: Path, committed: int, saving: int, best_done: int) -> None:
+    """Every final-named dir is a whole checkpoint; latest is the newest committed one and loads."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mgr = CheckpointManager(out, save_total_limit=2)  # also recovers best/ if a swap was cut
+        latest = mgr.latest()
+    for d in (out / "checkpoints").glob("checkpoint-*"):
+        if re.fullmatch(r"checkpoint-\d+", d.name):
+            manifest = ck.read_manifest(d)  # raises if uncommitted under a final name
+            ck._verify_files(d, manifest, manifest["files"])
+    if committed:
+        assert latest is not None
+        assert committed <= int(latest.name.split("-")[1]) <= saving
+        mgr.load(latest, make_objects())
+    if best_done:
+        assert ck.is_committed(out / "best")
+        assert json.loads((out / "best" / "best.json").read_text())["step"] >= best_done
+
+
+def test_kill_9_at_random_moments_never_leaves_a_half_checkpoint(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("fork")
+    rng = random.Random(0)
+    warm = make_objects()  # lazy imports happen here, not in each forked child
+    train_step(warm)
+    save(CheckpointManager(tmp_path / "warm-up", save_total_limit=1), 1, warm)
+    tmp_path = tmp_path / "out"
+    committed_max = best_max = interrupted = 0
+    for trial in range(24):
+        committed, saving, best_done = ctx.Value("i", 0), ctx.Value("i", 0), ctx.Value("i", 0)
+        p = ctx.Process(target=_saver, args=(str(tmp_path), trial, committed, saving, best_done))
+        p.start()
+        time.sleep(rng.uniform(0.05, 0.5))
+        os.kill(p.pid, signal.SIGKILL)
+        p.join()
+        assert p.exitcode == -signal.SIGKILL, "the saver died by itself"
+        interrupted += any((tmp_path / "checkpoints").glob(".tmp-checkpoint-*"))
+        committed_max = max(committed_max, committed.value)
+        best_max = max(best_max, best_done.value)
+        _check_output(tmp_path, committed_max, max(saving.value, committed_max), best_max)
+    assert committed_max > 24  # the saves did make progress between kills
+    assert interrupted >= 5  # and many kills landed inside a save
