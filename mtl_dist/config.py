@@ -159,6 +159,7 @@ class TrainConfig:
     deepspeed_config: str | None = None
     fused_optimizer: bool = True
     compile: bool = False
+    cuda_graphs: bool = False
     stop_after_steps: int | None = None
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     preemption_check_steps: int = 1

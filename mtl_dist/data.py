@@ -773,8 +773,9 @@ def resolve_pad_multiple(value: int | None, on_gpu: bool) -> int:
 
 
 def collate(samples: Sequence[Mapping[str, Any]], pad_token_id: int,
-            pad_to_multiple_of: int | None = None) -> dict[str, Any]:
-    """Pad one single-task batch to its longest sample, rounded up to `pad_to_multiple_of`."""
+            pad_to_multiple_of: int | None = None, max_length: int | None = None) -> dict[str, Any]:
+    """Pad one single-task batch to its longest sample, rounded up to `pad_to_multiple_of`
+    but never past `max_length` (so the longest bucket is max_length itself)."""
     if not samples:
         raise DataError("collate: empty batch")
     task_ids = {int(s["task_id"]) for s in samples}
@@ -783,6 +784,8 @@ def collate(samples: Sequence[Mapping[str, Any]], pad_token_id: int,
     width = max(len(s["input_ids"]) for s in samples)
     if pad_to_multiple_of and pad_to_multiple_of > 1:
         width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
+        if max_length:
+            width = min(width, max(max_length, max(len(s["input_ids"]) for s in samples)))
     n = len(samples)
     input_ids = np.full((n, width), pad_token_id, dtype=np.int64)
     attention = np.zeros((n, width), dtype=np.int64)

@@ -58,11 +58,15 @@ class MultiTaskModel(nn.Module):
         self.heads = nn.ModuleDict(
             {str(i): HEADS[head](hidden, n, dropout) for i, n in enumerate(num_labels)})
         self.num_labels = list(num_labels)
+        # With SDPA, a ready 4D bool mask is used as is: transformers then skips its own mask
+        # building, which syncs with the GPU every step (`padding_mask.all()`).
+        self.mask_4d = getattr(encoder.config, "_attn_implementation", None) == "sdpa"
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_id: int,
                 token_type_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+        encoder_mask = attention_mask[:, None, None, :].bool() if self.mask_4d else attention_mask
+        hidden = self.encoder(input_ids=input_ids, attention_mask=encoder_mask,
                               token_type_ids=token_type_ids).last_hidden_state
         logits = self.heads[str(int(task_id))](self.dropout(hidden), attention_mask)
         loss = None if labels is None else F.cross_entropy(logits.float(), labels)

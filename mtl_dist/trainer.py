@@ -11,6 +11,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -79,15 +80,17 @@ class TrainState:
     epoch: int = 0
     samples_seen: int = 0
     tracker_run_id: str | None = None
+    score: float | None = None  # the latest evaluation's run score (shown by `ckpt ls`)
     log_history: list = field(default_factory=list)
 
     def state_dict(self) -> dict:
         return {"global_step": self.global_step, "epoch": self.epoch,
                 "samples_seen": self.samples_seen, "tracker_run_id": self.tracker_run_id,
-                "log_history": self.log_history[-50:]}
+                "score": self.score, "log_history": self.log_history[-50:]}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("global_step", "epoch", "samples_seen", "tracker_run_id", "log_history"):
+        for key in ("global_step", "epoch", "samples_seen", "tracker_run_id", "score",
+                    "log_history"):
             setattr(self, key, state.get(key, getattr(self, key)))
 
 
@@ -182,9 +185,10 @@ class Trainer:
         self.tokenizer = mdata.load_tokenizer(cfg.model)
         self.label_maps = self._frozen_label_maps()
         self.task_names = [t.name for t in cfg.tasks]
-        self.pad_multiple = cfg.data.pad_to_multiple_of or (64 if acc.device.type == "cuda" else 8)
+        self.pad_multiple = mdata.resolve_pad_multiple(cfg.data.pad_to_multiple_of,
+                                                       acc.device.type == "cuda")
         self.collate = partial(mdata.collate, pad_token_id=self.tokenizer.pad_token_id,
-                               pad_to_multiple_of=self.pad_multiple)
+                               pad_to_multiple_of=self.pad_multiple, max_length=cfg.data.max_length)
         with acc.main_process_first():  # rank 0 fills the token cache, the others reuse it
             self.train_data = mdata.load_task_data(cfg, self.tokenizer, "train", self.label_maps) \
                 if for_training else []
@@ -252,7 +256,28 @@ class Trainer:
             self.model, self.optimizer = acc.prepare(self.model, optimizer)
         module = self.engine.module if self.engine is not None else acc.unwrap_model(self.model)
         self.ema = EMA(module, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        self.graphs = self._make_step_graphs(module)
         self.group_tasks: set[int] = set()  # tasks seen in the current accumulation group
+
+    def _make_step_graphs(self, module: MultiTaskModel):
+        """CUDA graphs of the micro-step (`train.cuda_graphs`): one GPU, no DeepSpeed."""
+        cfg = self.cfg.train
+        if not cfg.cuda_graphs:
+            return None
+        if self.accelerator.device.type != "cuda":
+            warnings.warn("train.cuda_graphs is ignored on CPU", stacklevel=2)
+            return None
+        if self.world_size > 1 or cfg.zero_stage:
+            raise ConfigError("train.cuda_graphs: supported on one GPU without DeepSpeed; "
+                              f"this run has world size {self.world_size}, zero_stage "
+                              f"{cfg.zero_stage}")
+        from mtl_dist.graphs import StepGraphs
+
+        dtype = {"bf16": torch.bfloat16, "fp16": None, "no": None}[cfg.mixed_precision]
+        if cfg.mixed_precision == "fp16":
+            raise ConfigError("train.cuda_graphs: use mixed_precision bf16 (fp16's grad scaler "
+                              "syncs with the host every step)")
+        return StepGraphs(module, dtype)
 
     def _optimizer_steps_in_epoch(self, epoch: int) -> int:
         return math.ceil(self.plan.num_steps(epoch) / self.cfg.train.gradient_accumulation_steps)
@@ -397,6 +422,9 @@ class Trainer:
         """One micro-batch; gradients are averaged over the accumulation group."""
         acc = self.accelerator
         inputs = _model_inputs(batch, acc.device)
+        if self.graphs is not None:
+            task_id = inputs.pop("task_id")
+            return self.graphs.run(inputs, task_id, group)
         if self.engine is not None:
             self.engine.set_gradient_accumulation_boundary(last_in_group)
             loss, _ = self.engine(**inputs)
@@ -422,12 +450,17 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(self.module)
             return
-        if cfg.train.max_grad_norm:
-            acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
-        self.optimizer.step()
+        hide = self.graphs.idle_heads_detached(
+            {t: list(self.module.heads[str(t)].parameters()) for t in idle}) \
+            if self.graphs is not None else nullcontext()
+        with hide:
+            if cfg.train.max_grad_norm:
+                acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
+            self.optimizer.step()
         self.scheduler.step()
         # None, not zero: an idle head's grad stays None, so AdamW leaves it untouched.
-        self.optimizer.zero_grad(set_to_none=True)
+        # (CUDA graphs write fixed .grad tensors: zeroed in place, idle heads hidden above.)
+        self.optimizer.zero_grad(set_to_none=self.graphs is None)
         if self.ema is not None:
             self.ema.update(self.module)
 
@@ -442,6 +475,7 @@ class Trainer:
         # A preempted job has seconds left: checkpoint first, evaluate after the resume.
         if want_eval and not interrupted and self.dev_data and any(len(t.labels) for t in self.dev_data):
             result = self.evaluate()
+            self.state.score = result["score"]
             improved = self.early.update(result["score"] if cfg.train.metric_for_best != "loss"
                                          else result["loss"], step)
             if improved and cfg.checkpoint.save_best:
@@ -503,6 +537,7 @@ class Trainer:
             if self.accelerator.is_main_process:
                 self.tokenizer.save_pretrained(tok_dir)
             extra = {"config.yaml": config_to_yaml(self.cfg),
+                     "encoder_config.json": model.encoder.config.to_json_string(),
                      "labels.json": json.dumps(self.label_maps, indent=1),
                      "metrics.json": json.dumps(_strip_cm(result), indent=1)}
             extra.update({f"tokenizer/{p.name}": p for p in Path(tok_dir).iterdir()})

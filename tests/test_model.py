@@ -98,3 +98,17 @@ def test_real_minilm_encoder_loads_and_trains_one_step():
     loss.backward()
     opt.step()
     assert not torch.equal(before, model.encoder.embeddings.word_embeddings.weight)
+
+
+def test_ready_4d_mask_gives_the_same_logits_as_transformers_own_mask():
+    model = tiny_model().eval()
+    assert model.mask_4d  # SDPA is the default attention here
+    ids = torch.randint(5, 50, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    mask[2, 3:] = 0
+    with torch.no_grad():
+        _, fast = model(ids, mask, task_id=1)
+        model.mask_4d = False
+        _, reference = model(ids, mask, task_id=1)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,356 @@
+"""GPU throughput: a `transformers.Trainer`-subclass baseline vs mtl_dist's own trainer, one run.
+
+The reference workload: a BERT-large-shaped encoder (24 x 1024, 16 heads, FFN 4096, vocab
+21128, random init), three tasks (3 / 7 / 15 labels, attention-pooling heads), per-task token
+lengths from shared/data/lengths.json (cap 300), per-device batch 32, bf16, AdamW, clip 1.0.
+Both sides read the same generated TSV files; every variant runs in this one process, one after
+another, on the same GPU. Warm-up steps are excluded from the timed window.
+
+    python benchmarks/throughput.py --out benchmarks/results/throughput_h100.json
+
+FLOPs (for MFU) are counted on REAL tokens only (padding is waste, not work):
+per sample of length L, 6 * P * L + 12 * layers * hidden * L^2, P = non-embedding encoder
+parameters (6 P L: forward + backward of every matmul; 12 n d L^2: attention scores and
+context, forward + backward). Peak: 989 TFLOP/s dense bf16 (H100 SXM; H200 the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+ARCH = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+            intermediate_size=4096, max_position_embeddings=512)
+VOCAB = 21128
+TASKS = [("ocnli", "ocnli_like", 3, True), ("ocemotion", "ocemotion_like", 7, False),
+         ("tnews", "tnews_like", 15, False)]
+BATCH, MAX_LEN, PEAK_TFLOPS = 32, 300, 989.0
+
+
+def lengths_file() -> Path:
+    for candidate in (REPO / "shared" / "data" / "lengths.json",
+                      REPO.parent / "shared" / "data" / "lengths.json"):
+        if candidate.exists():
+            return candidate
+    raise SystemExit("lengths.json not found (shared/data/lengths.json)")
+
+
+def make_data(root: Path) -> tuple[Path, dict[str, list[int]]]:
+    """TSV files whose rows tokenize to exactly the recorded lengths, and a 21128-word vocab."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    lengths = json.loads(lengths_file().read_text())
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(VOCAB - 5)])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                   model_input_names=["input_ids", "token_type_ids",
+                                                      "attention_mask"])
+    fast.save_pretrained(root / "tokenizer")
+    rng = random.Random(0)
+    words = lambda n: " ".join(f"w{rng.randrange(VOCAB - 5)}" for _ in range(n))  # noqa: E731
+    real = {}
+    for name, key, n_labels, pair in TASKS:
+        rows, lens = [], []
+        for i, length in enumerate(lengths[key]):
+            length = max(min(int(length), MAX_LEN), 5 if pair else 3)
+            label = rng.randrange(n_labels)
+            if pair:
+                a = (length - 3) // 2
+                rows.append(f"{i}\t{words(a)}\t{words(length - 3 - a)}\t{label}")
+            else:
+                rows.append(f"{i}\t{words(length - 2)}\t{label}")
+            lens.append(length)
+        (root / f"{name}.tsv").write_text("\n".join(rows) + "\n")
+        real[name] = lens
+    return root, real
+
+
+def encoder_params() -> int:
+    d, f, n = ARCH["hidden_size"], ARCH["intermediate_size"], ARCH["num_hidden_layers"]
+    return n * (4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d)
+
+
+def flops(real_lengths: list[int]) -> float:
+    p, n, d = encoder_params(), ARCH["num_hidden_layers"], ARCH["hidden_size"]
+    return float(sum(6 * p * L + 12 * n * d * L * L for L in real_lengths))
+
+
+def peak_memory() -> int:
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+
+
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        reset_peak_memory()
+        torch.cuda.empty_cache()
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def result_row(name, steps, seconds, real_lengths, peak_mem, extra=None) -> dict:
+    samples = steps * BATCH
+    return {"variant": name, "timed_steps": steps, "seconds": seconds,
+            "samples_per_s": samples / seconds,
+            "real_tokens_per_s": sum(real_lengths) / seconds,
+            "mfu_real_tokens": flops(real_lengths) / seconds / (PEAK_TFLOPS * 1e12),
+            "peak_memory_gib": peak_mem / 2**30, **(extra or {})}
+
+
+# ----------------------------------------------------------------------------- baseline
+def run_baseline(root: Path, warmup: int, steps: int, mean_len: float) -> dict:
+    """The reference baseline: a Trainer subclass, task-homogeneous batches, padding to 300."""
+    from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
+
+    tok = AutoTokenizer.from_pretrained(root / "tokenizer")
+    features, task_of = [], []
+    for task_id, (name, _, _, pair) in enumerate(TASKS):
+        cols = [line.split("\t") for line in (root / f"{name}.tsv").read_text().splitlines()]
+        enc = tok([c[1] for c in cols], [c[2] for c in cols] if pair else None,
+                  padding="max_length", truncation=True, max_length=MAX_LEN)
+        for i, c in enumerate(cols):
+            features.append({"input_ids": enc["input_ids"][i],
+                             "attention_mask": enc["attention_mask"][i],
+                             "token_type_ids": enc["token_type_ids"][i],
+                             "labels": int(c[-1]), "task_id": task_id})
+            task_of.append(task_id)
+
+    class TaskBatchSampler(torch.utils.data.Sampler):
+        """One task per batch; global random.shuffle decides the order (as the baseline)."""
+
+        def __iter__(self):
+            batches = []
+            for t in range(len(TASKS)):
+                idx = [i for i, x in enumerate(task_of) if x == t]
+                random.shuffle(idx)
+                batches += [idx[i:i + BATCH] for i in range(0, len(idx) - BATCH + 1, BATCH)]
+            random.shuffle(batches)
+            return iter(batches)
+
+        def __len__(self):
+            return sum(task_of.count(t) // BATCH for t in range(len(TASKS)))
+
+    def collate(rows):
+        out = {k: torch.tensor([r[k] for r in rows]) for k in rows[0] if k != "task_id"}
+        out["task_id"] = rows[0]["task_id"]
+        return out
+
+    class MultiTaskTrainer(Trainer):
+        def get_train_dataloader(self):
+            return torch.utils.data.DataLoader(features, batch_sampler=TaskBatchSampler(),
+                                               collate_fn=collate,
+                                               pin_memory=torch.cuda.is_available())
+
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            loss, logits = model(**inputs)
+            return (loss, logits) if return_outputs else loss
+
+    class Timer(TrainerCallback):
+        t0 = t1 = None
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step in (warmup, warmup + steps):
+                sync()
+                setattr(self, "t0" if state.global_step == warmup else "t1", time.perf_counter())
+
+    model = _model(mask_4d=False)
+    timer = Timer()
+    args = TrainingArguments(output_dir=str(root / "hf"), per_device_train_batch_size=BATCH,
+                             bf16=True, learning_rate=2e-5, max_grad_norm=1.0,
+                             max_steps=warmup + steps, logging_steps=50, report_to=[],
+                             save_strategy="no", optim="adamw_torch_fused",
+                             remove_unused_columns=False, dataloader_num_workers=2,
+                             disable_tqdm=True, seed=0, use_cpu=not torch.cuda.is_available())
+    reset_peak_memory()
+    MultiTaskTrainer(model=model, args=args, callbacks=[timer]).train()
+    # The baseline's batches are not tracked one by one: its window counts the mean length.
+    real_lengths = [mean_len] * (steps * BATCH)
+    row = result_row("baseline: Trainer subclass, pad to 300", steps, timer.t1 - timer.t0,
+                     real_lengths, peak_memory())
+    del model
+    return row
+
+
+def _model(mask_4d: bool):
+    from types import SimpleNamespace
+
+    from mtl_dist.model import build_model
+
+    arch = SimpleNamespace(model_type="bert", hidden_dropout_prob=0.1,
+                           attention_probs_dropout_prob=0.1, **ARCH)
+    cfg = SimpleNamespace(pretrained=None, arch=arch, head="attention", dropout=0.1)
+    torch.manual_seed(0)
+    model = build_model(cfg, VOCAB, [t[2] for t in TASKS])
+    model.mask_4d = mask_4d and model.mask_4d
+    return model
+
+
+# ----------------------------------------------------------------------------- mtl_dist
+def run_mtl(root: Path, name: str, overrides: list[str], warmup: int, steps: int,
+            profile_dir: Path | None = None) -> dict:
+    """mtl_dist's trainer end to end: data pipeline, sampler, collate, model, step, logging."""
+    from mtl_dist.config import load_config
+    from mtl_dist.trainer import Trainer
+
+    out = root / f"run-{len(list(root.glob('run-*')))}"
+    tasks = [{"name": n, "pair": pair, "train": str(root / f"{n}.tsv")}
+             for n, _, _, pair in TASKS]
+    cfg = load_config(None, [
+        f"tasks={json.dumps(tasks)}", f"model.tokenizer={root / 'tokenizer'}",
+        "model.arch={" + ", ".join(f"{k}: {v}" for k, v in ARCH.items()) + "}",
+        f"data.max_length={MAX_LEN}", f"data.cache_dir={root / 'cache'}",
+        f"train.output_dir={out}", f"train.per_device_batch_size={BATCH}",
+        "train.mixed_precision=bf16", "train.lr=2e-5", "train.max_grad_norm=1.0",
+        f"train.max_steps={warmup + steps}", f"train.log_steps={steps // 4}",
+        "train.eval_at_epoch_end=false", "checkpoint.save_at_epoch_end=false",
+        "checkpoint.save_best=false", "train.seed=0", *overrides])
+    log_every = steps // 4
+    _reset_accelerate()
+    trainer = Trainer(cfg)
+    reset_peak_memory()
+    if profile_dir is not None:
+        return _profile(trainer, profile_dir)
+    trainer.fit()
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    times = {r["step"]: r["time"] for r in recs if r["kind"] == "train"}
+    first = min(s for s in times if s >= warmup)
+    last = max(times)
+    timed = last - first
+    assert timed >= steps - log_every, (first, last)
+    real = []
+    for step in range(first, last):
+        task, idx = trainer.plan.batch(0, step)
+        real.extend(int(trainer.train_data[task].lengths[i]) for i in idx)
+    extra = {"overrides": overrides}
+    if trainer.graphs is not None:
+        extra["captured_graphs"] = len(trainer.graphs.graphs)
+    row = result_row(name, timed, times[last] - times[first], real,
+                     peak_memory(), extra)
+    del trainer
+    return row
+
+
+def _reset_accelerate() -> None:
+    """Each run builds its own Accelerator: forget the previous run's singleton state."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    for cls in (AcceleratorState, GradientState, PartialState):
+        cls._reset_state()
+
+
+def _profile(trainer, profile_dir: Path) -> dict:
+    """torch.profiler over a few steps: where the step's time goes (top kernels, GPU busy %)."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    trainer.cfg.train.max_steps = 60
+    trainer.total_steps = 60
+    sched = schedule(wait=0, warmup=40, active=10, repeat=1)
+    marks = []
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=sched) as prof:
+        orig = trainer._optimizer_step
+
+        def stepping():
+            orig()
+            sync()
+            marks.append(time.perf_counter())
+            prof.step()
+
+        trainer._optimizer_step = stepping
+        trainer.fit()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    (profile_dir / "profile_top_kernels.txt").write_text(table)
+    gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages())
+    wall_ms = (marks[50] - marks[40]) * 1000 / 10 if len(marks) > 50 else None
+    gpu_ms = gpu_us / 1000 / 10
+    return {"gpu_kernel_ms_per_step": gpu_ms, "wall_ms_per_step_profiled": wall_ms,
+            "gpu_busy_fraction": gpu_ms / wall_ms if wall_ms else None,
+            "top_kernels_file": "profile_top_kernels.txt"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="benchmarks/results/throughput.json")
+    parser.add_argument("--warmup", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--baseline-steps", type=int, default=120)
+    parser.add_argument("--variants", default="all")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny model, few steps, CPU allowed: checks the script, not speed")
+    args = parser.parse_args()
+    if args.smoke:
+        ARCH.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=128)
+        args.warmup, args.steps, args.baseline_steps = 4, 8, 8
+    else:
+        assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    root = Path(tempfile.mkdtemp(prefix="mtl_bench_"))
+    _, real = make_data(root)
+    mean_len = float(np.mean(sum(real.values(), [])))
+    variants = [
+        ("mtl_dist eager, dynamic padding (x8)", ["data.pad_to_multiple_of=8"]),
+        ("+ lengths bucketed to 64", ["data.pad_to_multiple_of=64"]),
+        ("+ group_by_length", ["data.pad_to_multiple_of=64", "sampler.group_by_length=true"]),
+        ("+ CUDA graphs of the micro-step", ["data.pad_to_multiple_of=64",
+                                             "sampler.group_by_length=true",
+                                             "train.cuda_graphs=true"]),
+    ]
+    if args.variants != "all":
+        keep = {int(i) for i in args.variants.split(",")}
+        variants = [v for i, v in enumerate(variants) if i in keep]
+    rows = [run_baseline(root, args.warmup, args.baseline_steps, mean_len)]
+    print(json.dumps(rows[-1]), flush=True)
+    for name, overrides in variants:
+        rows.append(run_mtl(root, name, overrides, args.warmup, args.steps))
+        print(json.dumps(rows[-1]), flush=True)
+    base = rows[0]["samples_per_s"]
+    for row in rows:
+        row["speedup_vs_baseline"] = row["samples_per_s"] / base
+    prof = None
+    if args.profile:
+        prof_dir = Path(os.environ.get("OUT", root))
+        prof = run_mtl(root, "profile", variants[-1][1], 40, 20, profile_dir=prof_dir)
+    import accelerate
+    import transformers
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke)"
+    result = {"gpu": gpu, "command": " ".join(sys.argv),
+              "python": platform.python_version(), "torch": torch.__version__,
+              "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+              "workload": {"arch": ARCH, "vocab": VOCAB, "batch": BATCH, "max_len": MAX_LEN,
+                           "tasks": [t[0] for t in TASKS], "precision": "bf16"},
+              "flops_note": __doc__.split("\n\n")[2], "rows": rows, "profile": prof}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"\n{'variant':45s} {'samples/s':>10s} {'tok/s':>10s} {'MFU':>6s} {'mem GiB':>8s} {'x base':>7s}")
+    for r in rows:
+        print(f"{r['variant'][:45]:45s} {r['samples_per_s']:10.1f} {r['real_tokens_per_s']:10.0f} "
+              f"{100 * r['mfu_real_tokens']:5.1f}% {r['peak_memory_gib']:8.1f} "
+              f"{r['speedup_vs_baseline']:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
