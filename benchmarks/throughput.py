@@ -41,7 +41,7 @@ BATCH, MAX_LEN, PEAK_TFLOPS = 32, 300, 989.0
 
 
 def lengths_file() -> Path:
-    for candidate in (REPO / "shared" / "data" / "lengths.json",
+    for candidate in (REPO / "benchmarks" / "data" / "lengths.json",
                       REPO.parent / "shared" / "data" / "lengths.json"):
         if candidate.exists():
             return candidate
@@ -101,8 +101,8 @@ def peak_memory() -> int:
 
 def reset_peak_memory() -> None:
     if torch.cuda.is_available():
-        reset_peak_memory()
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def sync() -> None:

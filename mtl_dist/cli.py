@@ -1,4 +1,4 @@
-"""`mtl-dist`: train | evaluate | predict | ckpt ... | report | demo | bench."""
+"""`mtl-dist`: train | evaluate | predict | pseudo-label | ckpt ... | report | demo | bench."""
 
 from __future__ import annotations
 
@@ -62,6 +62,37 @@ def cmd_predict(args) -> int:
         out_dir = Path(args.output or Path(trainer.cfg.train.output_dir) / "predictions")
         for path, count in write_predictions(out_dir, records):
             print(f"wrote {count} predictions to {path}")
+    return 0
+
+
+def cmd_pseudo_label(args) -> int:
+    """Confident test predictions as new train files, one per task, in the task's own layout."""
+    from mtl_dist.errors import ConfigError
+    from mtl_dist.outputs import write_pseudo_labels
+
+    if not 0.0 < args.threshold <= 1.0:
+        raise ConfigError(f"--threshold: expected a probability in (0, 1], got {args.threshold}")
+    trainer = _trainer_for_inference(args)
+    records = trainer.predict("test")
+    if not trainer.accelerator.is_main_process:
+        return 0
+    cfg = trainer.cfg
+    out_dir = Path(args.output or Path(cfg.train.output_dir) / "pseudo_labels")
+    hints = []
+    for i, task in enumerate(cfg.tasks):
+        if not task.test:
+            print(f"{task.name}: no test file configured; skipped")
+            continue
+        path, kept, total = write_pseudo_labels(
+            out_dir, task, records[task.name], args.threshold, on_bad_row=cfg.data.on_bad_row,
+            labels=trainer.label_maps[task.name])
+        where = f"-> {path}" if path else "(no file written)"
+        print(f"{task.name}: kept {kept} of {total} test rows with top probability >= "
+              f"{args.threshold} {where}")
+        if path:
+            hints.append(f"tasks.{i}.extra_train=[{','.join([*task.extra_train, str(path)])}]")
+    if hints:
+        print("train a second round on them with: " + " ".join(hints))
     return 0
 
 
@@ -167,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "predict":
             p.add_argument("--output", help="directory for <task>.jsonl (default OUTPUT/predictions)")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("pseudo-label",
+                       help="confident test predictions as new train files (OUTPUT/pseudo_labels)")
+    with_config(p)
+    p.add_argument("--checkpoint", required=True, help="best/ or checkpoints/checkpoint-N")
+    p.add_argument("--threshold", type=float, default=0.99,
+                   help="keep rows whose top probability is at least this (default 0.99)")
+    p.add_argument("--output", help="directory for <task>.<ext> (default OUTPUT/pseudo_labels)")
+    p.set_defaults(func=cmd_pseudo_label)
 
     p = sub.add_parser("ckpt", help="list, inspect, export or convert checkpoints")
     csub = p.add_subparsers(dest="ckpt_cmd", required=True)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+from mtl_dist.errors import DataError
+
+EXTENSIONS = {"tsv": "tsv", "csv": "csv", "jsonl": "jsonl"}
 
 
 def write_predictions(out_dir: str | Path, records: Mapping[str, list[dict]]) -> Iterator[tuple[Path, int]]:
@@ -20,3 +27,93 @@ def write_predictions(out_dir: str | Path, records: Mapping[str, list[dict]]) ->
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         os.replace(tmp, path)
         yield path, len(rows)
+
+
+# ------------------------------------------------------------------------------ pseudo-labels
+
+
+def input_layout(task: Any, source: str | None) -> str:
+    """The layout ('tsv' | 'csv' | 'jsonl') the task's files are read in: `task.format`, or
+    what the reader detects from `source` (a built-in `demo:` set counts as Tianchi TSV)."""
+    from mtl_dist.data import detect_format, is_demo_path
+
+    fmt = getattr(task, "format", "auto")
+    if fmt != "auto" or source is None or is_demo_path(source):
+        return "tsv" if fmt == "auto" else fmt
+    with open(source, "rb") as f:
+        first = f.readline().removeprefix(b"\xef\xbb\xbf").decode("utf-8", errors="replace")
+    return detect_format(source, task, first.rstrip("\r\n"))
+
+
+def select_confident(examples: Sequence[Any], predictions: Sequence[Mapping[str, Any]],
+                     threshold: float) -> list[Any]:
+    """Examples whose top predicted probability is >= threshold, relabelled with the prediction.
+
+    `predictions[i]` must be the prediction of `examples[i]` (same order, same id)."""
+    from dataclasses import replace
+
+    if len(examples) != len(predictions):
+        raise DataError(f"pseudo-labels: {len(predictions)} predictions for {len(examples)} rows")
+    kept = []
+    for ex, pred in zip(examples, predictions, strict=True):
+        if str(pred["id"]) != ex.id:
+            raise DataError(f"pseudo-labels: prediction id {pred['id']!r} does not match row "
+                            f"{ex.line} (id {ex.id!r}); predictions and test file are out of step")
+        if max(pred["probs"]) >= threshold:
+            kept.append(replace(ex, label=str(pred["label"])))
+    return kept
+
+
+def _one_line(text: str | None) -> str:
+    """TSV cells cannot hold tabs or line breaks (the reader splits on them)."""
+    return " ".join((text or "").replace("\t", " ").splitlines())
+
+
+def format_rows(task: Any, examples: Sequence[Any], fmt: str) -> str:
+    """Labelled examples as file content in the task's input layout (what `read_examples` reads):
+    Tianchi TSV `id<TAB>text[<TAB>text_b]<TAB>label`, or CSV / JSONL with the task's field names."""
+    pair = bool(getattr(task, "pair", False))
+    if fmt == "tsv":
+        cols = (lambda e: [e.id, e.text_a, e.text_b, e.label]) if pair else \
+            (lambda e: [e.id, e.text_a, e.label])
+        return "".join("\t".join(_one_line(c) for c in cols(e)) + "\n" for e in examples)
+    names = {"id": task.id_field or None, "text_a": task.text_field,
+             "text_b": task.text_b_field if pair else None, "label": task.label_field}
+    names = {attr: name for attr, name in names.items() if name}
+    if fmt == "jsonl":
+        return "".join(json.dumps({n: getattr(e, a) for a, n in names.items()},
+                                  ensure_ascii=False) + "\n" for e in examples)
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(list(names.values()))
+        writer.writerows([getattr(e, a) or "" for a in names] for e in examples)
+        return buf.getvalue()
+    raise DataError(f"tasks.{task.name}.format: expected tsv, csv or jsonl, got {fmt!r}")
+
+
+def write_pseudo_labels(out_dir: str | Path, task: Any, predictions: Sequence[Mapping[str, Any]],
+                        threshold: float, *, on_bad_row: str = "error",
+                        labels: Sequence[str] | None = None) -> tuple[Path | None, int, int]:
+    """`<out_dir>/<task>.<ext>`: the task's test rows whose top probability reaches `threshold`,
+    labelled with the prediction, in the task's input layout (usable as `extra_train`).
+
+    The test file is read again as the predictor read it, so rows pair up by position.
+    Returns (path, rows kept, test rows); no file (path None) when no row is kept, since an
+    empty train file is an error for the reader."""
+    from mtl_dist.data import read_examples
+
+    examples, _ = read_examples(task.test, task, require_label=False, on_bad_row=on_bad_row,
+                                labels=labels)
+    kept = select_confident(examples, predictions, threshold)
+    fmt = input_layout(task, task.test)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{task.name}.{EXTENSIONS[fmt]}"
+    if not kept:
+        path.unlink(missing_ok=True)  # no stale file from an earlier round
+        return None, 0, len(examples)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(format_rows(task, kept, fmt), encoding="utf-8")
+    os.replace(tmp, path)
+    return path, len(kept), len(examples)

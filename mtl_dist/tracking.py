@@ -1,15 +1,27 @@
-"""Where metrics go: a JSONL log in the output dir, the console, and accelerate's trackers."""
+"""Where metrics go: a JSONL log in the output dir, the console, and accelerate's trackers.
+
+`Tracking` is the trainer's one handle on all of them. wandb is imported only when it is in
+`tracking.backends` (no import cost, no network otherwise).
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import netrc
 import os
+import secrets
+import string
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 METRICS_FILE = "metrics.jsonl"
+STEP_METRIC = "global_step"  # wandb's x-axis: our optimizer step, not wandb's own counter
+TENSORBOARD_DIR = "tensorboard"
+WANDB_HOST = "api.wandb.ai"
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, float]:
@@ -31,6 +43,8 @@ class MetricsLog:
         self.accelerator = accelerator
 
     def truncate_after(self, step: int) -> None:
+        """Keep records up to `step` (a stopped invocation's summary at `step` stays: it says
+        why the run stopped there)."""
         if not self.is_main or not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines()
@@ -69,3 +83,257 @@ def format_eval_line(step: int, per_task: dict[str, dict], score: float) -> str:
     parts = [f"{t}: acc={m['accuracy']:.4f} f1={m['macro_f1']:.4f}" for t, m in per_task.items()]
     score_text = "nan" if math.isnan(score) else f"{score:.4f}"
     return f"[eval step {step}] " + " | ".join(parts) + f" | score={score_text}"
+
+
+def eval_values(result: Mapping[str, Any]) -> dict[str, float]:
+    """The scalar names of one evaluation: eval/score, eval/loss, eval/<task>/<metric>."""
+    values = {"eval/score": result["score"], "eval/loss": result["loss"]}
+    for name, m in result["tasks"].items():
+        for metric in ("accuracy", "macro_f1", "loss"):
+            if metric in m:
+                values[f"eval/{name}/{metric}"] = m[metric]
+    return values
+
+
+# ------------------------------------------------------------------------------ wandb set-up
+
+
+def wandb_api_key_configured(environ: Mapping[str, str] | None = None,
+                             home: str | Path | None = None) -> bool:
+    """True when WANDB_API_KEY is set or a netrc file ($NETRC, ~/.netrc, ~/_netrc) holds an
+    entry for the wandb host (WANDB_BASE_URL's, default api.wandb.ai) — what `wandb login` writes."""
+    environ = os.environ if environ is None else environ
+    if environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(environ.get("WANDB_BASE_URL") or f"https://{WANDB_HOST}").hostname or WANDB_HOST
+    home = Path(home) if home is not None else Path.home()
+    candidates = [Path(environ["NETRC"])] if environ.get("NETRC") else \
+        [home / ".netrc", home / "_netrc"]
+    for path in candidates:
+        try:
+            # An explicit file skips netrc's permission check: wandb does not make one either.
+            auth = netrc.netrc(str(path)).authenticators(host) if path.is_file() else None
+            if auth and auth[2]:  # (login, account, password): the key is the password
+                return True
+        except (OSError, netrc.NetrcParseError):
+            continue
+    return False
+
+
+def new_run_id(length: int = 8) -> str:
+    """A wandb-style run id (lowercase letters and digits)."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(length))
+
+
+def _offline_reason(environ: Mapping[str, str]) -> str | None:
+    """Why wandb should run offline (None: leave the mode to wandb and WANDB_MODE)."""
+    if environ.get("WANDB_MODE"):
+        return None
+    if wandb_api_key_configured(environ):
+        return None
+    return f"no wandb API key configured (WANDB_API_KEY unset, no {WANDB_HOST} entry in ~/.netrc)"
+
+
+class Tracking:
+    """One run's metrics sinks: the JSONL log (source of `mtl-dist report`), accelerate's
+    trackers (wandb, TensorBoard). Only the main process writes anything.
+
+    Steps are global optimizer steps. Records are written only between `start` and `finish`,
+    so a standalone `evaluate`/`predict` leaves the run's log alone.
+    """
+
+    def __init__(self, cfg: Any, accelerator: Any, output_dir: str | Path):
+        self.cfg = cfg
+        self.accelerator = accelerator
+        self.output_dir = Path(output_dir)
+        self.is_main = bool(accelerator.is_main_process)
+        self.metrics = MetricsLog(self.output_dir, self.is_main)
+        self.backends = list(cfg.tracking.backends)
+        self.run_id: str | None = None
+        self.sync_command: str | None = None  # set when wandb logs offline
+        self._offline_reason: str | None = None
+        self.active = False
+
+    # ------------------------------------------------------------------ life cycle
+    @property
+    def run_name(self) -> str:
+        return self.cfg.tracking.run_name or self.output_dir.resolve().name
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop JSONL records after the checkpoint's step (they are logged again)."""
+        self.metrics.truncate_after(step)
+
+    def start(self, run_id: str | None = None, resume_step: int = 0) -> str | None:
+        """Start the trackers; returns the wandb run id to keep in the checkpoint (`run_id`
+        continues that run). `resume_step` > 0: TensorBoard hides its events after that step."""
+        self.active = True
+        if not self.backends or not self.is_main:
+            self.run_id = run_id
+            return run_id
+        new_id = (run_id or new_run_id()) if "wandb" in self.backends else run_id
+        acc = self.accelerator
+        acc.project_configuration.logging_dir = str(self.output_dir / TENSORBOARD_DIR)
+        acc.init_trackers(self.cfg.tracking.project,
+                          init_kwargs=self._init_kwargs(new_id, resume_step))
+        started = set()
+        for tracker in acc.trackers:
+            started.add(tracker.name)
+            if tracker.name == "wandb":
+                self._after_wandb_init(tracker.tracker)
+            elif tracker.name == "tensorboard":
+                self._after_tensorboard_init(tracker.writer)
+        for name in self.backends:
+            if name not in started:  # accelerate drops a tracker whose package is missing
+                print(f"[mtl_dist] warning: tracking.backends has {name!r} but it is not "
+                      f"installed here; not logging to it (pip install {name})", flush=True)
+        self.run_id = new_id if "wandb" in started else run_id
+        return self.run_id
+
+    def _init_kwargs(self, run_id: str | None, resume_step: int) -> dict[str, dict]:
+        kwargs: dict[str, dict] = {}
+        if "tensorboard" in self.backends and resume_step > 0:
+            # Events the killed job wrote after its last checkpoint vanish from TensorBoard.
+            kwargs["tensorboard"] = {"purge_step": resume_step + 1}
+        if "wandb" in self.backends:
+            kwargs["wandb"] = self._wandb_kwargs(run_id)
+        return kwargs
+
+    def _wandb_kwargs(self, run_id: str | None) -> dict[str, Any]:
+        from mtl_dist.config import save_dict
+
+        t = self.cfg.tracking
+        kwargs: dict[str, Any] = {
+            "id": run_id, "resume": "allow", "name": self.run_name,
+            "group": t.group or self.run_name, "tags": list(t.tags) or None,
+            "entity": t.entity, "config": save_dict(self.cfg)}
+        if not os.environ.get("WANDB_DIR"):
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            kwargs["dir"] = str(self.output_dir)
+        self._offline_reason = _offline_reason(os.environ)
+        if self._offline_reason:
+            kwargs["mode"] = "offline"
+        return kwargs
+
+    def _after_wandb_init(self, run: Any) -> None:
+        run.define_metric(STEP_METRIC)
+        # Every metric is plotted against our step; wandb's own _step just counts calls, so a
+        # resumed run never logs a "step must increase" warning.
+        run.define_metric("*", step_metric=STEP_METRIC)
+        if not run.offline:
+            return
+        sync_dir = Path(run.settings.sync_dir)
+        # Every restart of this run writes its own offline-run-*-<id> dir; sync takes them in order.
+        self.sync_command = f"wandb sync {sync_dir.parent}/offline-run-*-{run.id}"
+        reason = self._offline_reason or "WANDB_MODE is offline"
+        print(f"[mtl_dist] wandb logs offline ({reason}): run {run.id} in {sync_dir}\n"
+              f"[mtl_dist] upload it later with: {self.sync_command}", flush=True)
+
+    def _after_tensorboard_init(self, writer: Any) -> None:
+        from mtl_dist.config import config_to_yaml
+
+        text = "\n".join("    " + line for line in config_to_yaml(self.cfg).splitlines())
+        writer.add_text("config", text, global_step=0)
+
+    # --------------------------------------------------------------------- logging
+    def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        """A JSONL record, and its scalars to every tracker at `step` (main process only)."""
+        if not (self.active and self.is_main):
+            return
+        self.metrics.log(kind, step, values)
+        self._to_trackers(step, _scalars(values))
+
+    def _to_trackers(self, step: int, scalars: dict[str, float],
+                     wandb_extra: Mapping[str, Any] | None = None) -> None:
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "wandb":
+                tracker.log({STEP_METRIC: step, **scalars, **(wandb_extra or {})})
+            else:
+                tracker.log(scalars, step=step)
+
+    def log_eval(self, step: int, result: Mapping[str, Any],
+                 label_maps: Mapping[str, list[str]]) -> None:
+        """An evaluation: scalars everywhere; per task a confusion matrix (JSONL, wandb's plot,
+        a TensorBoard image)."""
+        if not (self.active and self.is_main):
+            return
+        values = eval_values(result)
+        matrices = {t: m["confusion_matrix"] for t, m in result["tasks"].items()
+                    if "confusion_matrix" in m}
+        self.metrics.log("eval", step, {**values, "confusion_matrices": matrices})
+        names = {t.name: t for t in self.accelerator.trackers}
+        extra = _wandb_confusion_plots(step, matrices, label_maps) if "wandb" in names else None
+        self._to_trackers(step, _scalars(values), extra)
+        if "tensorboard" in names:
+            _tensorboard_confusion_images(names["tensorboard"].writer, step, matrices, label_maps)
+
+    def finish(self, summary: Mapping[str, Any]) -> None:
+        """The summary record; best score/step into the wandb summary; trackers closed (so a
+        later `accelerator.end_training()` only tears down the process group)."""
+        if not (self.active and self.is_main):
+            self.active = False
+            return
+        self.metrics.log("summary", summary.get("global_step", 0), dict(summary))
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "wandb":
+                tracker.tracker.summary.update(_wandb_summary(summary, self.cfg))
+            tracker.finish()
+        self.accelerator.trackers.clear()
+        self.active = False
+        best = self.output_dir / "best"
+        print(f"[mtl_dist] best checkpoint: {best if best.exists() else '(none saved)'}; "
+              f"metrics log: {self.metrics.path}; report: mtl-dist report {self.output_dir}",
+              flush=True)
+        if self.sync_command:
+            print(f"[mtl_dist] upload the offline wandb run with: {self.sync_command}", flush=True)
+
+
+def _wandb_summary(summary: Mapping[str, Any], cfg: Any) -> dict[str, Any]:
+    out = {"best/score": summary.get("best_score"), "best/step": summary.get("best_step"),
+           "best/metric": cfg.train.metric_for_best, "stop_reason": summary.get("stop_reason"),
+           STEP_METRIC: summary.get("global_step")}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _labels_for(task: str, size: int, label_maps: Mapping[str, list[str]]) -> list[str]:
+    labels = list(label_maps.get(task, []))
+    return labels if len(labels) == size else [str(i) for i in range(size)]
+
+
+def _wandb_confusion_plots(step: int, matrices: Mapping[str, list[list[int]]],
+                           label_maps: Mapping[str, list[str]]) -> dict[str, Any]:
+    """wandb's own confusion-matrix chart per task (it wants label pairs: expand the counts)."""
+    import wandb
+
+    plots = {}
+    for task, matrix in matrices.items():
+        y_true, preds = [], []
+        for i, row in enumerate(matrix):
+            for j, count in enumerate(row):
+                y_true.extend([i] * int(count))
+                preds.extend([j] * int(count))
+        if not y_true:
+            continue
+        plots[f"eval/{task}/confusion_matrix"] = wandb.plot.confusion_matrix(
+            y_true=y_true, preds=preds, class_names=_labels_for(task, len(matrix), label_maps),
+            title=f"{task} confusion matrix (step {step})")
+    return plots
+
+
+def _tensorboard_confusion_images(writer: Any, step: int,
+                                  matrices: Mapping[str, list[list[int]]],
+                                  label_maps: Mapping[str, list[str]]) -> None:
+    """A rendered heat map per task as a TensorBoard image (matplotlib Agg, no pyplot)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from mtl_dist.report import confusion_figure
+
+    for task, matrix in matrices.items():
+        fig = confusion_figure(matrix, _labels_for(task, len(matrix), label_maps),
+                               f"{task} (step {step})")
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        image = np.asarray(canvas.buffer_rgba())[..., :3]
+        writer.add_image(f"eval/{task}/confusion_matrix", image, global_step=step,
+                         dataformats="HWC")

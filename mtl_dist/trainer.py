@@ -34,7 +34,7 @@ from mtl_dist.metrics import run_score, task_metrics
 from mtl_dist.model import MultiTaskModel, build_model
 from mtl_dist.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag, request_requeue
 from mtl_dist.sampler import MultiTaskBatchPlan, RankBatchSampler, check_task_agreement, eval_shard
-from mtl_dist.tracking import MetricsLog, format_eval_line
+from mtl_dist.tracking import Tracking, format_eval_line
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
@@ -199,7 +199,7 @@ class Trainer:
         self.state = TrainState()
         self.early = EarlyStopping(cfg.train.early_stopping_patience,
                                    greater_is_better=cfg.train.metric_for_best != "loss")
-        self.log = MetricsLog(self.output_dir, acc.is_main_process, acc)
+        self.tracking = Tracking(cfg, acc, self.output_dir)
         self.stop_reason: str | None = None
         if for_training:
             self._build_training()
@@ -328,8 +328,9 @@ class Trainer:
             self.batch_sampler.set_epoch(0)
         self.start_step = self.state.global_step
         self.preemption = PreemptionFlag(cfg.train.preemption_signals)
-        self.log.truncate_after(self.state.global_step)
-        acc.init_trackers(cfg.tracking.project, config=_plain(cfg)) if cfg.tracking.backends else None
+        self.tracking.truncate_after(self.state.global_step)
+        self.state.tracker_run_id = self.tracking.start(self.state.tracker_run_id,
+                                                        resume_step=self.state.global_step)
         bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc="train",
                    disable=not acc.is_main_process, dynamic_ncols=True)
         stop = self.state.global_step >= self.total_steps
@@ -348,11 +349,11 @@ class Trainer:
             requeue = request_requeue(cfg.train.requeue_on_preempt) if acc.is_main_process else None
             if requeue:
                 summary["requeue"] = requeue
-        self.log.log("summary", self.state.global_step, summary)
         if acc.is_main_process:
             print(f"[mtl_dist] stopped: {summary['stop_reason']} at step {summary['global_step']}"
                   f"; best score {summary['best_score']} at step {summary['best_step']}"
                   + (f"; {summary['requeue']}" if summary.get("requeue") else ""))
+        self.tracking.finish(summary)
         acc.end_training()
         return summary
 
@@ -384,6 +385,7 @@ class Trainer:
         task_loss = torch.zeros(len(self.task_names), device=acc.device)
         task_count = torch.zeros(len(self.task_names), device=acc.device)
         t0, samples0 = time.perf_counter(), self.state.samples_seen
+        self.tokens_seen = 0  # real (non-pad) tokens on this rank since the last log
         for batch in self.loader:
             pos = self.batch_sampler.position
             group = min(accum, n_micro - (pos // accum) * accum)  # last group may be shorter
@@ -392,6 +394,7 @@ class Trainer:
             if cfg.sampler.check_task_agreement:
                 check_task_agreement(task_id, pos)
             self.group_tasks.add(task_id)
+            self.tokens_seen += int(batch["attention_mask"].sum())  # CPU tensor: no GPU sync
             loss = self._forward_backward(batch, group, last_in_group)
             self.batch_sampler.advance()
             loss_sum += loss.detach() / group
@@ -511,15 +514,19 @@ class Trainer:
 
     def _log_train(self, bar, loss_sum, task_loss, task_count, t0, samples0) -> None:
         steps = self.cfg.train.log_steps
+        elapsed = time.perf_counter() - t0
         values = {"train/loss": (loss_sum / steps).item(), "lr": self.scheduler.get_last_lr()[0],
                   "epoch": self.state.epoch,
-                  "samples_per_s": (self.state.samples_seen - samples0) / (time.perf_counter() - t0)}
+                  "samples_per_s": (self.state.samples_seen - samples0) / elapsed,
+                  # this rank's real tokens x world size (ranks see equal batch counts)
+                  "tokens_per_s": self.tokens_seen * self.world_size / elapsed}
+        self.tokens_seen = 0
         per_task = (task_loss / task_count.clamp(min=1)).tolist()
         for name, value, count in zip(self.task_names, per_task, task_count.tolist(), strict=True):
             if count:
                 values[f"train/loss/{name}"] = value
         self.state.log_history.append({"step": self.state.global_step, **values})
-        self.log.log("train", self.state.global_step, values)
+        self.tracking.log("train", self.state.global_step, values)
         bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['lr']:.2e}",
                         sps=f"{values['samples_per_s']:.0f}")
 
@@ -607,12 +614,7 @@ class Trainer:
         result = {"score": score, "loss": float(np.mean(losses)) if losses else float("nan"),
                   "tasks": per_task}
         step = self.state.global_step
-        values = {"eval/score": score, "eval/loss": result["loss"]}
-        for name, m in per_task.items():
-            values.update({f"eval/{name}/accuracy": m["accuracy"],
-                           f"eval/{name}/macro_f1": m["macro_f1"], f"eval/{name}/loss": m["loss"]})
-        self.log.log("eval", step, {**values, "confusion_matrices":
-                                    {n: m["confusion_matrix"] for n, m in per_task.items()}})
+        self.tracking.log_eval(step, result, self.label_maps)
         if self.accelerator.is_main_process:
             tqdm.write(format_eval_line(step, per_task, score))
         return result
@@ -655,9 +657,3 @@ def _model_inputs(batch: dict, device: torch.device, with_labels: bool = True) -
 def _strip_cm(result: dict) -> dict:
     return {"score": result["score"], "loss": result["loss"],
             "tasks": {t: {k: v for k, v in m.items()} for t, m in result["tasks"].items()}}
-
-
-def _plain(cfg: RunConfig) -> dict:
-    from mtl_dist.config import save_dict
-
-    return save_dict(cfg)

@@ -1,0 +1,53 @@
+"""GPU-only checks (skipped without CUDA): the CUDA-graph step computes what the eager step does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtl_dist.config import load_config
+from mtl_dist.trainer import Trainer
+from tests._runs import DEMO, FAST, train_losses
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+NO_DROPOUT = ["model.dropout=0.0", "model.arch.hidden_dropout_prob=0.0",
+              "model.arch.attention_probs_dropout_prob=0.0"]
+
+
+def run(tmp_path, name, *extra):
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    for cls in (AcceleratorState, GradientState, PartialState):
+        cls._reset_state()
+    out = tmp_path / name
+    cfg = load_config(DEMO, [f"train.output_dir={out}", f"data.cache_dir={tmp_path}/c", *FAST,
+                             "train.max_steps=30", "train.mixed_precision=bf16",
+                             "train.device=cuda", "train.gradient_accumulation_steps=2",
+                             "sampler.group_by_length=true", *NO_DROPOUT, *extra])
+    trainer = Trainer(cfg)
+    before = {n: p.detach().clone() for n, p in trainer.module.named_parameters()}
+    trainer.fit()
+    return out, trainer, before
+
+
+def test_cuda_graph_step_matches_eager_losses(tmp_path):
+    eager, _, _ = run(tmp_path, "eager")
+    graphed, trainer, _ = run(tmp_path, "graphs", "train.cuda_graphs=true")
+    assert trainer.graphs is not None and len(trainer.graphs.graphs) >= 3
+    a, b = train_losses(eager), train_losses(graphed)
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 31))
+    for (step, x), (_, y) in zip(a, b, strict=True):
+        assert abs(x - y) <= 0.02 * max(1.0, abs(x)), (step, x, y)
+
+
+def test_idle_heads_stay_unchanged_with_cuda_graphs(tmp_path):
+    _, trainer, before = run(tmp_path, "idle", "train.cuda_graphs=true", "train.max_steps=1",
+                             "train.warmup_steps=0")
+    used = {trainer.plan.task_of(0, s) for s in range(2)}
+    after = dict(trainer.module.named_parameters())
+    for task_id in range(3):
+        names = [n for n in before if n.startswith(f"heads.{task_id}.")]
+        changed = [n for n in names if not torch.equal(before[n], after[n])]
+        assert bool(changed) == (task_id in used), (task_id, used, changed)

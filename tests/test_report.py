@@ -1,0 +1,202 @@
+"""The local report (PNG plots + one self-contained HTML page), predictions and pseudo-labels,
+on a real short demo run."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mtl_dist import cli
+from mtl_dist import data as mdata
+from mtl_dist.config import TaskConfig, load_config
+from mtl_dist.errors import DataError
+from mtl_dist.outputs import format_rows, input_layout, write_pseudo_labels
+from mtl_dist.report import build_report, load_run
+from mtl_dist.trainer import Trainer
+from tests._runs import DEMO, REPO, records
+
+TASKS = ("nli", "emotion", "news")
+RUN = ["train.max_steps=8", "train.eval_steps=4", "train.log_steps=2", "checkpoint.save_steps=4",
+       "train.early_stopping_patience=null"]
+
+
+def cli_main(argv: list[str]) -> tuple[int, str]:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = cli.main(argv)
+    return code, stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A short demo run (no trackers), then `mtl-dist predict` on the test sets from best/."""
+    root = tmp_path_factory.mktemp("report_run")
+    out = root / "out"
+    overrides = [f"train.output_dir={out}", f"data.cache_dir={root / 'cache'}", *RUN]
+    with contextlib.redirect_stdout(io.StringIO()):
+        Trainer(load_config(DEMO, overrides)).fit()
+    code, _ = cli_main(["predict", str(DEMO), *overrides, "--checkpoint", str(out / "best")])
+    assert code == 0
+    predictions = {t: [json.loads(line) for line in (out / "predictions" / f"{t}.jsonl").open()]
+                   for t in TASKS}
+    return SimpleNamespace(root=root, out=out, overrides=overrides, predictions=predictions,
+                           labels=json.loads((out / "labels.json").read_text()))
+
+
+def decoded(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("RGB"))
+
+
+def test_report_writes_decodable_plots_and_one_self_contained_page(run):
+    code, stdout = cli_main(["report", str(run.out)])
+    page = run.out / "report" / "index.html"
+    assert code == 0 and str(page) in stdout
+    expected = {"train_loss.png", "lr.png", "eval_score.png",
+                *(f"eval_{t}.png" for t in TASKS), *(f"confusion_{t}.png" for t in TASKS)}
+    pngs = {p.name: p for p in (run.out / "report").glob("*.png")}
+    assert set(pngs) == expected
+    text = page.read_text()
+    for name, path in pngs.items():
+        pixels = decoded(path)
+        assert pixels.shape[0] >= 300 and pixels.shape[1] >= 300, (name, pixels.shape)
+        assert pixels.std() > 10, f"{name} is (nearly) blank"
+        # Embedded, byte for byte: the page needs no other file.
+        assert base64.b64encode(path.read_bytes()).decode() in text, name
+    sources = re.findall(r"<img src='([^']*)'", text)
+    assert len(sources) == len(expected) and all(s.startswith("data:image/png;base64,") for s in sources)
+    best = json.loads((run.out / "best" / "best.json").read_text())
+    assert f"Best checkpoint (step {best['step']})" in text
+    metrics = json.loads((run.out / "best" / "metrics.json").read_text())
+    for task in TASKS:
+        assert f"<th>{task}</th><td>{metrics['tasks'][task]['accuracy']:.4f}</td>" in text
+
+
+def test_confusion_matrices_come_from_best_or_else_from_the_log(run, tmp_path):
+    best = json.loads((run.out / "best" / "metrics.json").read_text())
+    assert load_run(run.out).best["tasks"]["news"]["confusion_matrix"] == \
+        best["tasks"]["news"]["confusion_matrix"]
+    # Without best/ (e.g. save_best off), the eval record at the best step supplies them.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("metrics.jsonl", "labels.json"):
+        shutil.copy(run.out / name, bare / name)
+    loaded = load_run(bare)
+    summary = records(run.out, "summary")[-1]
+    at_best = next(r for r in records(run.out, "eval") if r["step"] == summary["best_step"])
+    assert loaded.best_step == summary["best_step"]
+    assert {t: m["confusion_matrix"] for t, m in loaded.best["tasks"].items()} == \
+        at_best["confusion_matrices"]
+    assert (build_report(bare).parent / "confusion_news.png").exists()
+
+
+def test_report_on_a_dir_without_a_log_is_a_one_line_error(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "metrics.jsonl" in err and "\n" not in err
+
+
+def test_predict_writes_one_line_per_test_row_with_the_right_ids(run):
+    for task in load_config(DEMO, run.overrides).tasks:
+        examples, _ = mdata.read_examples(task.test, task, require_label=False)
+        rows = run.predictions[task.name]
+        assert [r["id"] for r in rows] == [e.id for e in examples]
+        labels = run.labels[task.name]
+        for row in rows:
+            assert len(row["probs"]) == len(labels) and sum(row["probs"]) == pytest.approx(1, abs=1e-5)
+            assert row["label"] == labels[int(np.argmax(row["probs"]))]
+
+
+def test_pseudo_label_cli_round_trips_and_feeds_a_second_round(run):
+    tops = {t: sorted(max(r["probs"]) for r in rows) for t, rows in run.predictions.items()}
+    threshold = min(v[len(v) // 2] for v in tops.values())  # every task keeps at least half
+    code, stdout = cli_main(["pseudo-label", str(DEMO), *run.overrides, "--checkpoint",
+                             str(run.out / "best"), "--threshold", repr(threshold)])
+    assert code == 0
+    cfg = load_config(DEMO, run.overrides)
+    kept_somewhere_less = False
+    for task in cfg.tasks:
+        test_rows = {e.id: e for e in mdata.read_examples(task.test, task, require_label=False)[0]}
+        want = [r for r in run.predictions[task.name] if max(r["probs"]) >= threshold]
+        path = run.out / "pseudo_labels" / f"{task.name}.tsv"  # demo data: Tianchi TSV layout
+        assert f"{task.name}: kept {len(want)} of {len(test_rows)} test rows" in stdout
+        back, skipped = mdata.read_examples(path, task, require_label=True,
+                                            labels=run.labels[task.name])
+        assert skipped == 0
+        assert [(e.id, e.label) for e in back] == [(r["id"], r["label"]) for r in want]
+        assert [(e.text_a, e.text_b) for e in back] == \
+            [(test_rows[e.id].text_a, test_rows[e.id].text_b) for e in back]
+        kept_somewhere_less |= len(want) < len(test_rows)
+    assert kept_somewhere_less
+    # The printed overrides make a second round train on them (extra_train).
+    hint = stdout.split("train a second round on them with: ")[1].split()
+    second = load_config(DEMO, [*run.overrides, *hint])
+    tok = mdata.load_tokenizer(second.model)
+    sizes = [len(t) for t in mdata.load_task_data(second, tok, "train", run.labels)]
+    base = [len(t) for t in mdata.load_task_data(cfg, tok, "train", run.labels)]
+    kept = [len(mdata.read_examples(run.out / "pseudo_labels" / f"{t}.tsv", task,
+                                    require_label=True)[0]) for t, task in zip(TASKS, cfg.tasks, strict=True)]
+    assert sizes == [b + k for b, k in zip(base, kept, strict=True)]
+
+
+# ----------------------------------------------------------------- layouts, without a model
+
+
+def _examples(pair: bool) -> list[mdata.Example]:
+    texts = [("plain text", "second, with a comma"), ('quoted "word" and 中文', "tab\tinside"),
+             ("multi\nline", 'more "quotes", commas')]
+    return [mdata.Example(f"id-{i}", a, b if pair else None, ["x", "y"][i % 2], i + 1)
+            for i, (a, b) in enumerate(texts)]
+
+
+@pytest.mark.parametrize("fmt,pair,fields", [
+    ("tsv", False, {}), ("tsv", True, {}),
+    ("csv", True, {"id_field": "qid", "text_field": "sentence1", "text_b_field": "sentence2",
+                   "label_field": "gold"}),
+    ("jsonl", False, {"text_field": "content", "label_field": "y"}),
+])
+def test_every_layout_round_trips_through_the_reader(tmp_path, fmt, pair, fields):
+    task = TaskConfig(name="t", pair=pair, **fields)
+    examples = _examples(pair)
+    path = tmp_path / f"t.{fmt}"
+    path.write_text(format_rows(task, examples, fmt), encoding="utf-8")
+    back, skipped = mdata.read_examples(path, task, require_label=True)
+    assert skipped == 0
+    got = [(e.id, e.text_a, e.text_b, e.label) for e in back]
+    if fmt == "tsv":  # one line per row: tabs and line breaks become spaces
+        examples = [mdata.Example(e.id, " ".join(e.text_a.replace("\t", " ").split("\n")),
+                                  e.text_b and e.text_b.replace("\t", " "), e.label, e.line)
+                    for e in examples]
+    assert got == [(e.id, e.text_a, e.text_b, e.label) for e in examples]
+
+
+def test_pseudo_labels_from_a_tianchi_test_file(tmp_path):
+    """Real layout (tests/data, no label column), threshold, id check, nothing kept = no file."""
+    source = REPO / "tests" / "data" / "nli_test.tsv"
+    task = TaskConfig(name="nli", pair=True, test=str(source))
+    examples, _ = mdata.read_examples(source, task, require_label=False)
+    preds = [{"id": e.id, "label": "012"[i % 3], "probs": [0.995, 0.004, 0.001] if i % 2 else
+              [0.5, 0.3, 0.2]} for i, e in enumerate(examples)]
+    assert input_layout(task, str(source)) == "tsv"
+    path, kept, total = write_pseudo_labels(tmp_path, task, preds, 0.99, labels=["0", "1", "2"])
+    assert (path.name, kept, total) == ("nli.tsv", len(examples) // 2, len(examples))
+    back, _ = mdata.read_examples(path, task, require_label=True)
+    assert [(e.id, e.text_a, e.text_b, e.label) for e in back] == \
+        [(e.id, e.text_a, e.text_b, p["label"]) for e, p in zip(examples, preds, strict=True)
+         if max(p["probs"]) >= 0.99]
+    assert write_pseudo_labels(tmp_path, task, preds, 0.999) == (None, 0, len(examples))
+    assert not path.exists()  # the earlier round's file does not linger
+    preds[3]["id"] = "someone-else"
+    with pytest.raises(DataError, match="out of step"):
+        write_pseudo_labels(tmp_path, task, preds, 0.5)
