@@ -27,7 +27,11 @@ def cmd_train(args) -> int:
     from mtl_dist.trainer import Trainer
 
     cfg = _load(args.config, args.overrides)
-    return Trainer(cfg).fit()["exit_code"]
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()["exit_code"]
+    finally:
+        trainer.close()
 
 
 def _trainer_for_inference(args):

@@ -354,8 +354,12 @@ class Trainer:
                   f"; best score {summary['best_score']} at step {summary['best_step']}"
                   + (f"; {summary['requeue']}" if summary.get("requeue") else ""))
         self.tracking.finish(summary)
-        acc.end_training()
         return summary
+
+    def close(self) -> None:
+        """Tear down the process group (end of the program; not done by fit, so callers can
+        still inspect sharded state after training)."""
+        self.accelerator.end_training()
 
     def _maybe_resume(self) -> bool:
         if not self.cfg.train.resume:
@@ -641,7 +645,8 @@ def model_signature(model: torch.nn.Module) -> dict[str, Any]:
     cfg = model.encoder.config
     return {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
             "vocab_size": cfg.vocab_size, "num_labels": list(model.num_labels),
-            "num_parameters": sum(p.numel() for p in model.parameters())}
+            # ZeRO-3 leaves empty placeholders in the module: count the real sizes.
+            "num_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
 
 
 def _model_inputs(batch: dict, device: torch.device, with_labels: bool = True) -> dict:

@@ -121,28 +121,31 @@ def frozen_groups(ds_optimizer, group_ids: set[int]):
     """
     inner = ds_optimizer.optimizer
     groups = inner.param_groups
-    # ZeRO-1/2 keep our group dicts (params swapped for flat partitions); ZeRO-3 maps sub-groups.
+    # ZeRO-1/2 keep our group dicts with their flat fp32 partitions as params; ZeRO-3 swaps
+    # each sub-group's flat partition into its group only while stepping it.
     sub_to_group = getattr(ds_optimizer, "sub_group_to_group_id", None)
-    targets = [i for i in range(len(groups))
-               if (sub_to_group[i] if sub_to_group else i) in group_ids]
-    saved = []
-    for i in targets:
-        states = [{k: (v.clone() if torch.is_tensor(v) else v)
-                   for k, v in inner.state.get(p, {}).items()} for p in groups[i]["params"]]
-        saved.append((i, groups[i]["lr"], states))
+    if sub_to_group:
+        flat = ds_optimizer.fp32_partitioned_groups_flat
+        params = [flat[sub] for sub, group in sub_to_group.items() if group in group_ids]
+    else:
+        params = [p for i in group_ids for p in groups[i]["params"]]
+    saved_lr = {i: groups[i]["lr"] for i in group_ids}
+    saved_state = [(p, {k: (v.clone() if torch.is_tensor(v) else v)
+                        for k, v in inner.state.get(p, {}).items()}) for p in params]
+    for i in group_ids:
         groups[i]["lr"] = 0.0
     try:
         yield
     finally:
-        for i, lr, states in saved:
+        for i, lr in saved_lr.items():
             groups[i]["lr"] = lr
-            for p, state in zip(groups[i]["params"], states, strict=True):
-                if state:
-                    for k, v in state.items():
-                        current = inner.state[p].get(k)
-                        if torch.is_tensor(current):
-                            current.copy_(v)
-                        else:
-                            inner.state[p][k] = v
+        for p, state in saved_state:
+            if not state:
+                inner.state.pop(p, None)
+                continue
+            for k, v in state.items():
+                current = inner.state[p].get(k)
+                if torch.is_tensor(current):
+                    current.copy_(v)
                 else:
-                    inner.state.pop(p, None)
+                    inner.state[p][k] = v

@@ -21,6 +21,7 @@ from tests._runs import (
     checkpoint_model,
     env,
     free_port,
+    records,
     run_cli,
     train_losses,
 )
@@ -98,9 +99,10 @@ def test_idle_heads_stay_unchanged_under_ddp(tmp_path):
     assert run_script("idle_heads.py", tmp_path).count("idle heads unchanged") == 2
 
 
-def test_idle_heads_stay_unchanged_under_zero2(tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_idle_heads_stay_unchanged_under_zero(tmp_path, stage):
     """ZeRO gives idle heads zero grads (not None): without freezing, weight decay moves them."""
-    out = run_script("idle_heads.py", tmp_path, 2, "train.zero_stage=2")
+    out = run_script("idle_heads.py", tmp_path, 2, f"train.zero_stage={stage}")
     assert out.count("idle heads unchanged") == 2
 
 
@@ -109,20 +111,39 @@ def ds_module_state(output_dir, step):
     return torch.load(path, map_location="cpu", weights_only=False)["module"]
 
 
-def test_zero2_stop_and_resume_on_two_ranks_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_stop_and_resume_on_two_ranks_is_bit_exact(tmp_path, stage):
+    """EMA on under ZeRO-2 (saved and restored); ZeRO-3 has no EMA (refused by config)."""
     runs = {}
+    ema = [] if stage == 2 else ["train.ema_decay=null"]
     for name, extra in (("straight", []), ("split", ["train.stop_after_steps=7"])):
         out = tmp_path / name
         base = ["train", str(DEMO), f"train.output_dir={out}", f"data.cache_dir={tmp_path}/c",
-                *FAST, "train.max_steps=16", "train.zero_stage=2"]
+                *FAST, "train.max_steps=16", f"train.zero_stage={stage}", *ema]
         run_cli([*base, *extra], procs=2)
         if extra:
             assert (out / "checkpoints" / "checkpoint-7" / "COMMITTED").exists()
             run_cli([*base, "train.resume=auto"], procs=2)
         runs[name] = out
-    assert train_losses(runs["split"]) == train_losses(runs["straight"])
-    assert_same_tensors(ds_module_state(runs["split"], 16), ds_module_state(runs["straight"], 16))
+    split, straight = train_losses(runs["split"]), train_losses(runs["straight"])
+    if stage == 2:
+        assert split == straight
+        assert records(runs["split"], "eval")[-1] == records(runs["straight"], "eval")[-1] | {
+            "time": records(runs["split"], "eval")[-1]["time"]}
+    else:
+        # Known gap: ZeRO-3 resumes equal up to the first step after the resume step, then
+        # drifts at the 1e-3 level (see README, "Checkpoints"); the steps must still match.
+        assert [s for s, _ in split] == [s for s, _ in straight]
+        assert split[:8] == straight[:8]
+        assert all(abs(a - b) < 5e-3 * max(1.0, abs(b))
+                   for (_, a), (_, b) in zip(split, straight, strict=True))
     manifest = json.loads((runs["split"] / "checkpoints" / "checkpoint-16" / "manifest.json")
                           .read_text())
     assert {"ds/zero_pp_rank_0_mp_rank_00_optim_states.pt",
             "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(manifest["files"])
+    if stage == 2:
+        assert_same_tensors(ds_module_state(runs["split"], 16),
+                            ds_module_state(runs["straight"], 16))
+    else:  # parameters are sharded: each rank's shard file
+        assert {"ds/zero_pp_rank_0_mp_rank_00_model_states.pt",
+                "ds/zero_pp_rank_1_mp_rank_00_model_states.pt"} <= set(manifest["files"])

@@ -17,10 +17,24 @@ cfg = load_config(DEMO, [f"train.output_dir={out}", f"data.cache_dir={cache}", *
                          "train.ema_decay=null", "train.warmup_steps=0", *extra])
 trainer = Trainer(cfg)
 model = trainer.module
-before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def snapshot() -> dict[str, torch.Tensor]:
+    """Full parameter values (ZeRO-3 partitions gathered for the read)."""
+    params = list(model.named_parameters())
+    if cfg.train.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in params]):
+            return {n: p.detach().clone() for n, p in params}
+    return {n: p.detach().clone() for n, p in params}
+
+
+before = snapshot()
 used = {trainer.plan.task_of(0, s) for s in range(2)}
 trainer.fit()
-after = dict(model.named_parameters())
+after = snapshot()
+live = dict(model.named_parameters())
 for task_id in range(len(trainer.task_names)):
     head = [n for n in before if n.startswith(f"heads.{task_id}.")]
     changed = [n for n in head if not torch.equal(before[n], after[n])]
@@ -29,6 +43,6 @@ for task_id in range(len(trainer.task_names)):
     else:
         assert not changed, f"rank {trainer.rank}: idle head {task_id} changed: {changed}"
         if trainer.engine is None:  # under ZeRO the state lives in flat partitions
-            assert all(trainer.optimizer.state.get(after[n]) in (None, {}) for n in head), \
+            assert all(trainer.optimizer.state.get(live[n]) in (None, {}) for n in head), \
                 f"rank {trainer.rank}: idle head {task_id} has optimizer state"
 print(f"rank {trainer.rank}: used heads {sorted(used)}, idle heads unchanged")
