@@ -214,7 +214,9 @@ class Trainer:
         """Labels from the config or the train data, then frozen: a resumed run reuses the saved map."""
         saved = self.output_dir / "labels.json"
         if saved.exists():
-            return json.loads(saved.read_text())
+            maps = json.loads(saved.read_text())
+            mdata.check_label_maps(self.cfg, maps, str(saved))
+            return maps
         return mdata.build_label_maps(self.cfg)
 
     def _build_training(self) -> None:
@@ -321,9 +323,9 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to the end (or early stop / preemption); return the final summary."""
         acc, cfg = self.accelerator, self.cfg
+        resumed = self._maybe_resume()  # first: a refused resume leaves OUTPUT untouched
         self.ckpt.write_run_file("config.yaml", config_to_yaml(cfg))
         self.ckpt.write_run_file("labels.json", json.dumps(self.label_maps, indent=1))
-        resumed = self._maybe_resume()
         if not resumed:
             self.batch_sampler.set_epoch(0)
         self.start_step = self.state.global_step
@@ -339,26 +341,31 @@ class Trainer:
             if not cfg.train.max_steps and self.state.epoch >= cfg.train.num_epochs:
                 stop = True
         bar.close()
-        self.preemption.restore()
         acc.wait_for_everyone()
+        preempted = self.stop_reason == "preempted"
         summary = {"global_step": self.state.global_step, "best_score": self.early.best_score,
                    "best_step": self.early.best_step, "output_dir": str(self.output_dir),
-                   "stop_reason": self.stop_reason or "finished", "exit_code": 0}
-        if self.stop_reason == "preempted":
-            summary["exit_code"] = PREEMPTED_EXIT_CODE
-            requeue = request_requeue(cfg.train.requeue_on_preempt) if acc.is_main_process else None
-            if requeue:
-                summary["requeue"] = requeue
+                   "stop_reason": self.stop_reason or "finished",
+                   "exit_code": PREEMPTED_EXIT_CODE if preempted else 0}
         if acc.is_main_process:
             print(f"[mtl_dist] stopped: {summary['stop_reason']} at step {summary['global_step']}"
-                  f"; best score {summary['best_score']} at step {summary['best_step']}"
-                  + (f"; {summary['requeue']}" if summary.get("requeue") else ""))
+                  f"; best score {summary['best_score']} at step {summary['best_step']}")
         self.tracking.finish(summary)
+        if preempted and acc.is_main_process:
+            # Last: `scontrol requeue` makes Slurm signal the job at once. Our handlers stay
+            # installed until close(), so that signal cannot cut the summary above short.
+            note = request_requeue(cfg.train.requeue_on_preempt)
+            if note:
+                print(f"[mtl_dist] {note}", flush=True)
+        else:
+            self.preemption.restore()
         return summary
 
     def close(self) -> None:
         """Tear down the process group (end of the program; not done by fit, so callers can
-        still inspect sharded state after training)."""
+        still inspect sharded state after training) and restore the signal handlers."""
+        if getattr(self, "preemption", None) is not None:
+            self.preemption.restore()
         self.accelerator.end_training()
 
     def _maybe_resume(self) -> bool:

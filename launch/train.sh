@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Train on this machine with the right accelerate config: CPU processes, 1 GPU, N GPUs (DDP),
+# or DeepSpeed ZeRO-2/3. Ends in `exec accelerate launch ... -m mtl_dist.cli train CONFIG ...`.
+#
+#   launch/train.sh [--launch NAME] [--procs N] [--dry-run] [--ACCEL_OPT=VALUE ...] CONFIG [overrides]
+#
+#   --launch NAME   auto (default) | cpu | gpu | ddp | zero2 | zero3     (env MTL_LAUNCH)
+#                   auto: no GPU -> cpu, 1 GPU -> gpu, more -> ddp
+#   --procs N       processes on this machine                            (env MTL_NUM_PROCS)
+#                   default: 2 for cpu, 1 for gpu, every visible GPU for ddp/zero2/zero3
+#                   (zero2/zero3 without a GPU: 2 CPU processes, DeepSpeed on gloo)
+#   --dry-run       print the command instead of running it               (env MTL_DRY_RUN=1)
+#   --ACCEL_OPT=V   any other `--option=value` (or flag) before CONFIG goes to `accelerate launch`,
+#                   e.g. --num_machines=2 --machine_rank=1 --main_process_ip=node1 (multi-node)
+# Other env: MTL_NUM_GPUS (skip detection), MTL_MAIN_PORT (default: a free port),
+# MTL_ACCELERATE (default: accelerate). OMP_NUM_THREADS defaults to cores / processes.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+launch=${MTL_LAUNCH:-auto}
+procs=${MTL_NUM_PROCS:-}
+dry_run=${MTL_DRY_RUN:-0}
+accel_opts=()
+
+usage() { sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+die() { echo "launch/train.sh: $*" >&2; exit 2; }
+
+while [ $# -gt 0 ]; do
+  case $1 in
+    --launch) [ $# -ge 2 ] || die "--launch needs a value"; launch=$2; shift 2 ;;
+    --launch=*) launch=${1#*=}; shift ;;
+    --procs) [ $# -ge 2 ] || die "--procs needs a value"; procs=$2; shift 2 ;;
+    --procs=*) procs=${1#*=}; shift ;;
+    --dry-run) dry_run=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; break ;;
+    --*) accel_opts+=("$1"); shift ;;
+    *) break ;;
+  esac
+done
+[ $# -ge 1 ] || { usage >&2; die "missing CONFIG (a run config YAML, e.g. configs/demo.yaml)"; }
+config=$1; shift
+
+count_gpus() {
+  # Respect CUDA_VISIBLE_DEVICES (Slurm sets it from --gres); else ask the driver.
+  if [ -n "${MTL_NUM_GPUS:-}" ]; then echo "$MTL_NUM_GPUS"; return; fi
+  if [ "${CUDA_VISIBLE_DEVICES+set}" = set ]; then
+    case ${CUDA_VISIBLE_DEVICES} in ""|-1) echo 0 ;; *) tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c . ;; esac
+    return
+  fi
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
+  elif [ -e /dev/nvidiactl ] || [ -d /proc/driver/nvidia ]; then
+    python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0
+  else
+    echo 0
+  fi
+}
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
+}
+
+ngpu=$(count_gpus)
+if [ "$launch" = auto ]; then
+  if [ "$ngpu" -eq 0 ]; then launch=cpu; elif [ "$ngpu" -eq 1 ]; then launch=gpu; else launch=ddp; fi
+fi
+ds_file=
+on_cpu=0
+case $launch in
+  cpu)   file=cpu_multi.yaml; on_cpu=1 ;;
+  gpu)   file=gpu_single.yaml ;;
+  ddp)   file=ddp.yaml ;;
+  zero2|zero3) file=$launch.yaml; ds_file=$ROOT/launch/ds_$launch.json ;;
+  *) die "unknown --launch '$launch'; expected auto, cpu, gpu, ddp, zero2 or zero3" ;;
+esac
+if [ "$ngpu" -eq 0 ] && [ "$on_cpu" -eq 0 ]; then
+  case $launch in
+    # ZeRO on CPU processes (gloo, DS_ACCELERATOR=cpu): the trainer drives DeepSpeed's engine.
+    zero2|zero3) on_cpu=1 ;;
+    *) die "--launch $launch needs CUDA GPUs but none is visible (use --launch cpu)" ;;
+  esac
+fi
+if [ -z "$procs" ]; then
+  if [ "$on_cpu" -eq 1 ]; then procs=2; elif [ "$launch" = gpu ]; then procs=1; else procs=$ngpu; fi
+fi
+[[ $procs =~ ^[1-9][0-9]*$ ]] || die "--procs: expected a positive integer, got '$procs'"
+[ "$launch" != gpu ] || [ "$procs" -eq 1 ] || die "--launch gpu runs 1 process; use --launch ddp for $procs"
+
+machines=1
+have_port=0
+for opt in "${accel_opts[@]+"${accel_opts[@]}"}"; do
+  case $opt in
+    --num_machines=*) machines=${opt#*=} ;;
+    --main_process_port=*) have_port=1 ;;
+    --num_processes*) die "use --procs (per machine), not --num_processes" ;;
+  esac
+done
+
+if [ "$on_cpu" -eq 1 ]; then
+  export CUDA_VISIBLE_DEVICES=""   # CPU processes even where GPUs exist (gloo, MULTI_CPU)
+  if [ "$launch" != cpu ]; then export DS_ACCELERATOR=cpu; fi
+fi
+if [ -z "${OMP_NUM_THREADS:-}" ]; then
+  cores=$(nproc 2>/dev/null || echo 1)
+  export OMP_NUM_THREADS=$(( cores / procs > 0 ? cores / procs : 1 ))
+fi
+
+cmd=("${MTL_ACCELERATE:-accelerate}" launch --config_file "$ROOT/launch/$file"
+     --num_processes "$(( procs * machines ))")
+[ -z "$ds_file" ] || cmd+=(--deepspeed_config_file "$ds_file")
+[ "$have_port" -eq 1 ] || cmd+=(--main_process_port "${MTL_MAIN_PORT:-$(free_port)}")
+cmd+=("${accel_opts[@]+"${accel_opts[@]}"}" -m mtl_dist.cli train "$config" "$@")
+
+echo "[train.sh] launch=$launch gpus=$ngpu procs_per_machine=$procs machines=$machines" \
+     "OMP_NUM_THREADS=$OMP_NUM_THREADS" >&2
+echo "[train.sh] $(printf '%q ' "${cmd[@]}")" >&2
+if [ "$dry_run" = 1 ]; then exit 0; fi
+exec "${cmd[@]}"

@@ -1,0 +1,334 @@
+"""launch/: the accelerate configs, the DeepSpeed JSONs and launch/train.sh, run for real on CPU.
+
+Three 2-process launches in all: an uninterrupted reference through
+`accelerate launch --config_file launch/cpu_multi.yaml`, then `launch/train.sh` stopped by a
+SIGTERM to the launcher and resumed with `train.resume=auto`; the resumed run must end with
+exactly the reference's final evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mtl_dist.config import load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = REPO_ROOT / "launch"
+TRAIN_SH = LAUNCH / "train.sh"
+DEMO = REPO_ROOT / "configs" / "demo.yaml"
+MAX_STEPS = 120
+# Short demo: eval + checkpoint every 30 steps, keep every checkpoint, log every 10 steps.
+RUN = [f"train.max_steps={MAX_STEPS}", "train.eval_steps=30", "checkpoint.save_steps=30",
+       "checkpoint.save_total_limit=null", "train.log_steps=10"]
+DS_AUTO_KEYS = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "train_batch_size", "gradient_clipping", "bf16.enabled", "fp16.enabled"}
+
+
+# ------------------------------------------------------------------------------- helpers
+def demo_args(out: Path, cache: Path) -> list[str]:
+    return [str(DEMO), f"train.output_dir={out}", f"data.cache_dir={cache}", *RUN]
+
+
+def records(out: Path, kind: str) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, filter(str.strip, lines)) if r["kind"] == kind]
+
+
+def final_eval(out: Path) -> dict:
+    """The last evaluation record without its wall-clock time: equal runs give equal dicts."""
+    last = records(out, "eval")[-1]
+    return {k: v for k, v in last.items() if k != "time"}
+
+
+def committed(out: Path) -> dict[int, Path]:
+    """step -> directory of every committed periodic checkpoint."""
+    found = {}
+    for path in (out / "checkpoints").glob("checkpoint-*"):
+        if (path / "COMMITTED").exists():
+            found[int(path.name.rsplit("-", 1)[1])] = path
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of pid (torch's workers start their own sessions)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out.extend(kids)
+        todo.extend(kids)
+    return out
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher we started and each of its descendants, by pid."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(10)
+
+
+def run(cmd: list[str], env: dict, log: Path, timeout: float = 300) -> int:
+    """Run to the end with output in `log`; fail with its tail when it does not end in time."""
+    with log.open("ab") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                start_new_session=True)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc)
+            pytest.fail(f"{cmd[:6]} did not end in {timeout} s:\n{tail(log)}")
+
+
+def tail(log: Path, n: int = 4000) -> str:
+    return log.read_text(errors="replace")[-n:] if log.exists() else "(no log)"
+
+
+def wait_for_train_record(out: Path, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    """Until training is under way: the first `train` record is in metrics.jsonl."""
+    deadline = time.monotonic() + timeout
+    path = out / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if path.exists() and '"kind": "train"' in path.read_text():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"training ended ({proc.returncode}) before it logged:\n{tail(log)}")
+        time.sleep(0.05)
+    kill_tree(proc)
+    pytest.fail(f"no train record after {timeout} s:\n{tail(log)}")
+
+
+def dry_run(args: list[str], env: dict, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(TRAIN_SH), *args], env={**env, "MTL_DRY_RUN": "1", **extra},
+                          capture_output=True, text=True, timeout=60)
+
+
+def launched_command(result: subprocess.CompletedProcess) -> list[str]:
+    line = next(s for s in result.stderr.splitlines() if s.startswith("[train.sh] accelerate"))
+    return line.split()[1:]
+
+
+def option(cmd: list[str], name: str) -> str:
+    return cmd[cmd.index(name) + 1]
+
+
+# ------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("launch_cache")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, cache_dir, cpu_env) -> tuple[Path, int, Path]:
+    """`accelerate launch --config_file launch/cpu_multi.yaml`, 2 processes, no interruption."""
+    tmp = tmp_path_factory.mktemp("launch_ref")
+    out, log = tmp / "out", tmp / "log.txt"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(LAUNCH / "cpu_multi.yaml"), "--num_processes", "2", "--main_process_port", "0",
+           "-m", "mtl_dist.cli", "train", *demo_args(out, cache_dir)]
+    return out, run(cmd, cpu_env, log), log
+
+
+# --------------------------------------------------------------------- configs (fast tests)
+def _accelerate_config(name: str):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    return load_config_from_file(str(LAUNCH / name))
+
+
+@pytest.mark.parametrize("name, dist_type, procs", [
+    ("cpu_multi.yaml", "MULTI_GPU", 2), ("gpu_single.yaml", "MULTI_GPU", 1),
+    ("ddp.yaml", "MULTI_GPU", -1), ("zero2.yaml", "DEEPSPEED", -1), ("zero3.yaml", "DEEPSPEED", -1)])
+def test_accelerate_configs_load(name, dist_type, procs):
+    """accelerate reads each file; N-GPU files leave num_processes to --num_processes (-1).
+    None is distributed_type NO: accelerate's simple launcher does not forward SIGTERM, while
+    these types all start the training under torchrun's agent, which does."""
+    cfg = _accelerate_config(name)
+    assert cfg.distributed_type.value == dist_type
+    assert cfg.num_processes == procs
+    raw = yaml.safe_load((LAUNCH / name).read_text())
+    if dist_type == "DEEPSPEED":
+        ds = cfg.deepspeed_config
+        assert (REPO_ROOT / ds["deepspeed_config_file"]).is_file()
+        assert ds["deepspeed_multinode_launcher"] == "standard"  # torchrun per node, no pdsh
+        # accelerate refuses mixed_precision next to a deepspeed_config_file: the JSON decides.
+        assert "mixed_precision" not in raw
+    else:
+        assert raw["mixed_precision"] == "no"  # the run config's train.mixed_precision decides
+
+
+def _auto_keys(tree: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            keys |= _auto_keys(value, f"{prefix}{key}.")
+        elif value == "auto":
+            keys.add(prefix + key)
+    return keys
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_json_autos_and_validation(stage, tmp_path):
+    """Batch sizes, accumulation, clipping and precision are "auto" (stated once, in the run
+    config); the stage is explicit; filled by the trainer's code, DeepSpeed accepts the result."""
+    path = LAUNCH / f"ds_zero{stage}.json"
+    ds = json.loads(path.read_text())
+    assert _auto_keys(ds) == DS_AUTO_KEYS
+    assert ds["zero_optimization"]["stage"] == stage
+    assert "optimizer" not in ds and "scheduler" not in ds  # the trainer's AdamW + schedule
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from mtl_dist.zero import build_ds_config
+
+    cfg = load_config(DEMO, [f"train.zero_stage={stage}", f"train.deepspeed_config={path}",
+                             "train.gradient_accumulation_steps=2", "train.mixed_precision=bf16",
+                             "train.ema_decay=null", f"data.cache_dir={tmp_path}"])
+    filled = build_ds_config(cfg, world_size=1)
+    assert not _auto_keys(filled)
+    assert filled["train_batch_size"] == cfg.train.per_device_batch_size * 2
+    checked = DeepSpeedConfig(filled)  # strict: unknown zero keys, batch arithmetic
+    assert checked.zero_optimization_stage == stage
+    assert checked.gradient_clipping == cfg.train.max_grad_norm
+
+
+@pytest.mark.parametrize("args, extra, config, procs", [
+    ([], {"MTL_NUM_GPUS": "0"}, "cpu_multi.yaml", 2),
+    (["--procs", "3"], {"MTL_NUM_GPUS": "0"}, "cpu_multi.yaml", 3),
+    ([], {"MTL_NUM_GPUS": "1"}, "gpu_single.yaml", 1),
+    ([], {"MTL_NUM_GPUS": "4"}, "ddp.yaml", 4),
+    ([], {"MTL_NUM_GPUS": "2", "MTL_LAUNCH": "zero2"}, "zero2.yaml", 2),
+    (["--launch=zero3", "--num_machines=2", "--machine_rank=1"], {"MTL_NUM_GPUS": "4"},
+     "zero3.yaml", 8),
+    (["--launch", "cpu"], {"MTL_NUM_GPUS": "4", "MTL_NUM_PROCS": "2"}, "cpu_multi.yaml", 2),
+    (["--launch", "zero3"], {"MTL_NUM_GPUS": "0"}, "zero3.yaml", 2),  # ZeRO on CPU processes
+])
+def test_train_sh_picks_the_config(args, extra, config, procs, cpu_env):
+    """GPU count -> config and process count (TOTAL over machines), a port, the CLI module."""
+    result = dry_run([*args, "configs/demo.yaml", "train.lr=1e-4"], cpu_env, **extra)
+    assert result.returncode == 0, result.stderr
+    cmd = launched_command(result)
+    assert Path(option(cmd, "--config_file")) == LAUNCH / config
+    assert int(option(cmd, "--num_processes")) == procs
+    assert int(option(cmd, "--main_process_port")) > 0
+    assert cmd[-5:] == ["-m", "mtl_dist.cli", "train", "configs/demo.yaml", "train.lr=1e-4"]
+    if config.startswith("zero"):
+        assert Path(option(cmd, "--deepspeed_config_file")) == LAUNCH / f"ds_{config[:5]}.json"
+    for opt in args:
+        if opt.startswith("--num_machines") or opt.startswith("--machine_rank"):
+            assert opt in cmd  # passed through to accelerate launch
+
+
+@pytest.mark.parametrize("args, extra, message", [
+    (["--launch", "ddp", "c.yaml"], {"MTL_NUM_GPUS": "0"}, "needs CUDA GPUs"),
+    (["--launch", "tpu", "c.yaml"], {"MTL_NUM_GPUS": "0"}, "unknown --launch 'tpu'"),
+    (["--procs", "0", "c.yaml"], {"MTL_NUM_GPUS": "0"}, "expected a positive integer"),
+    (["--launch", "gpu", "--procs", "2", "c.yaml"], {"MTL_NUM_GPUS": "2"}, "use --launch ddp"),
+    (["--num_processes=4", "c.yaml"], {"MTL_NUM_GPUS": "0"}, "use --procs"),
+    (["--launch", "cpu"], {}, "missing CONFIG"),
+])
+def test_train_sh_refuses_bad_requests(args, extra, message, cpu_env):
+    result = dry_run(args, cpu_env, **extra)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+# ------------------------------------------------------------------ real launches (slow)
+@pytest.mark.slow
+def test_cpu_multi_config_trains_with_two_real_ranks(reference_run):
+    out, rc, log = reference_run
+    assert rc == 0, tail(log)
+    ckpts = committed(out)
+    assert max(ckpts) == MAX_STEPS
+    last = ckpts[MAX_STEPS]
+    manifest = json.loads((last / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    assert manifest["run"]["distributed_type"].endswith("MULTI_CPU")
+    assert manifest["run"]["global_batch_size"] == 2 * manifest["run"]["per_device_batch_size"]
+    rng = [(last / f"rng_state_{r}.pth").read_bytes() for r in (0, 1)]
+    # Two processes with their own seeds (seed + rank): two different RNG states.
+    assert hashlib.sha256(rng[0]).digest() != hashlib.sha256(rng[1]).digest()
+    summary = records(out, "summary")[-1]
+    assert (summary["stop_reason"], summary["global_step"]) == ("finished", MAX_STEPS)
+    assert records(out, "eval")[-1]["step"] == MAX_STEPS
+    assert (out / "best" / "COMMITTED").exists()
+
+
+@pytest.mark.slow
+def test_train_sh_sigterm_checkpoints_one_step_and_resumes_exactly(
+        reference_run, tmp_path, cache_dir, cpu_env):
+    """SIGTERM to the launcher (train.sh execs accelerate): both ranks checkpoint the same step
+    and stop (the ranks exit 75, the launcher 1); train.resume=auto then ends exactly like the
+    uninterrupted reference."""
+    ref_out, ref_rc, ref_log = reference_run
+    assert ref_rc == 0, tail(ref_log)
+    out, log = tmp_path / "out", tmp_path / "log.txt"
+    env = {**cpu_env, "MTL_LAUNCH": "cpu", "MTL_NUM_PROCS": "2"}
+    with log.open("ab") as f:
+        proc = subprocess.Popen(["bash", str(TRAIN_SH), *demo_args(out, cache_dir)], env=env,
+                                stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                start_new_session=True)
+    try:
+        wait_for_train_record(out, proc, log)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(180)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    # torchrun's agent forwards the TERM to both workers, waits for them, then re-raises it:
+    # accelerate launch ends with status 1 (a traceback), whatever the workers returned.
+    assert rc != 0, tail(log)
+    summary = records(out, "summary")[-1]
+    assert summary["stop_reason"] == "preempted", tail(log)
+    assert summary["exit_code"] == 75  # what `mtl-dist train` returned on every rank
+    assert "requeue" not in summary  # not under Slurm: a clean checkpointed stop only
+    step = summary["global_step"]
+    assert 0 < step < MAX_STEPS
+    ckpts = committed(out)
+    assert max(ckpts) == step, f"newest committed {max(ckpts)}, stopped at {step}"
+    ckpt = ckpts[step]
+    assert (ckpt / "rng_state_0.pth").exists() and (ckpt / "rng_state_1.pth").exists()
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert (manifest["step"], manifest["world_size"]) == (step, 2)
+    assert not [p for p in (out / "checkpoints").iterdir() if not (p / "COMMITTED").exists()]
+
+    rc = run(["bash", str(TRAIN_SH), *demo_args(out, cache_dir), "train.resume=auto"], env, log)
+    assert rc == 0, tail(log)
+    assert f"resumed from {ckpt} at step {step}" in log.read_text()
+    assert records(out, "summary")[-1]["stop_reason"] == "finished"
+    assert final_eval(out) == final_eval(ref_out)
+
+
+@pytest.mark.slow
+def test_train_sh_zero2_on_cpu_trains_and_checkpoints(tmp_path, cache_dir, cpu_env):
+    """The shipped launch/zero2.yaml + ds_zero2.json ("auto" filled from the run config) on 2 CPU
+    processes: DeepSpeed's engine, one optimizer partition per rank in the checkpoint."""
+    out, log = tmp_path / "out", tmp_path / "log.txt"
+    args = [str(DEMO), f"train.output_dir={out}", f"data.cache_dir={cache_dir}",
+            "train.max_steps=4", "train.log_steps=2"]
+    rc = run(["bash", str(TRAIN_SH), "--launch", "zero2", *args], cpu_env, log)
+    assert rc == 0, tail(log)
+    ckpt = committed(out)[4]
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert (manifest["world_size"], manifest["run"]["zero_stage"]) == (2, 2)
+    parts = {p.name for p in ckpt.rglob("*_optim_states.pt")}
+    assert parts == {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)}, parts
+    assert (ckpt / "rng_state_0.pth").exists() and (ckpt / "rng_state_1.pth").exists()
