@@ -511,7 +511,8 @@ def check_manifest(path: Path, manifest: Mapping[str, Any], expected: Mapping[st
     )
     if "world_size" in want_all:
         _check_world_size(path, manifest, int(want_all["world_size"]))
-    for key, want in want_all.items():
+    for key in expected:  # in the caller's order: 'tasks' is named before its consequences
+        want = want_all[key]
         if key == "world_size" or (resized and key in _PER_RANK_KEYS):
             continue
         if key not in run and key not in manifest:
@@ -845,22 +846,30 @@ class CheckpointManager:
         _clean_stale(self.output_dir, (_TMP_BEST_RE, _OLD_BEST_RE), self.output_dir)
         tmp = self.output_dir / f".tmp-best-{secrets.token_hex(4)}"
         tmp.mkdir()
-        with _Hasher(tmp) as hasher:
-            _save_safetensors(model_state, tmp / MODEL_FILE, "save_best model_state", hasher)
-            known = hasher.results()
-        for name, content in extra_files.items():
-            _write_extra(tmp, name, content)
-        info = {
-            "step": step,
-            "score": score,
-            "greater_is_better": self.greater_is_better,
-            **metadata,
-        }
-        _write_json(tmp / BEST_JSON, info, "best.json")
-        files = known | _digests(tmp, [n for n in _list_files(tmp) if n not in known])
-        full = self._manifest("best", step, world, files, manifest)
-        full["score"] = score
-        _commit(tmp, full)
+        try:
+            with _Hasher(tmp) as hasher:
+                _save_safetensors(model_state, tmp / MODEL_FILE, "save_best model_state", hasher)
+                known = hasher.results()
+            for name, content in extra_files.items():
+                _write_extra(tmp, name, content)
+            info = {
+                "step": step,
+                "score": score,
+                "greater_is_better": self.greater_is_better,
+                **metadata,
+            }
+            _write_json(tmp / BEST_JSON, info, "best.json")
+            files = known | _digests(tmp, [n for n in _list_files(tmp) if n not in known])
+            full = self._manifest("best", step, world, files, manifest)
+            full["score"] = score
+            _commit(tmp, full)
+        except Exception:
+            # A failed write (disk full) must not leave a model-sized half dir eating the disk.
+            try:
+                _safe_rmtree(tmp, self.output_dir)
+            except (CheckpointError, OSError) as exc:
+                log.warning("could not remove %s: %s", tmp, exc)
+            raise
         _install(tmp, self.best_dir, self.output_dir, "best", best=True)
 
     def best_score(self) -> float | None:
@@ -1007,11 +1016,15 @@ class CheckpointManager:
             )
         if _dist_info()[0] != 0:
             return None
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
-        _write_bytes(tmp, _content_bytes(content, name))
-        os.replace(tmp, target)
-        _fsync_path(target.parent)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _write_bytes(tmp, _content_bytes(content, name))
+            os.replace(tmp, target)
+            _fsync_path(target.parent)
+        except OSError as exc:  # disk full, read-only: one line, the old file left as it was
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"cannot write {target}: {_error_text(exc)}") from exc
         return target
 
     def list_checkpoints(self, output_dir: str | Path | None = None) -> list[CheckpointInfo]:

@@ -850,6 +850,7 @@ def _validate(run: RunConfig, sources: _Sources) -> None:
         _validate_model_shape(run)
         _validate_tasks(run.tasks)
         _validate_backends(run.tracking.backends)
+        _validate_combinations(run.train)
     except _Problem as problem:
         raise sources.error(problem) from None
 
@@ -937,6 +938,17 @@ def _validate_labels(labels: list[str], key: str) -> None:
         if label in seen:
             raise _Problem(key, f"config key '{key}': duplicate label {label!r}")
         seen.add(label)
+
+
+def _validate_combinations(train: TrainConfig) -> None:
+    """Settings that contradict each other on any machine (the trainer would only notice on a
+    GPU, after loading data and building the model, or silently ignore one on a CPU)."""
+    if train.cuda_graphs and train.zero_stage:
+        raise _Problem(
+            "train.cuda_graphs",
+            f"config key 'train.cuda_graphs': expected false with train.zero_stage="
+            f"{train.zero_stage} (CUDA graphs run on one GPU without DeepSpeed), got true",
+        )
 
 
 def _validate_backends(backends: list[str]) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "MultiTaskDataset",
     "TokenizedTask",
     "build_label_maps",
+    "check_label_maps",
     "collate",
     "default_cache_dir",
     "demo_examples",
@@ -694,6 +695,21 @@ def build_label_maps(cfg: RunConfig) -> dict[str, list[str]]:
     return out
 
 
+def check_label_maps(cfg: RunConfig, saved: Mapping[str, Sequence[str]], where: str) -> None:
+    """A run's frozen label maps (`where`, e.g. OUTPUT/labels.json) must cover every configured
+    task, and labels the config states explicitly must equal them: else one ConfigError line."""
+    for i, task in enumerate(cfg.tasks):
+        if task.name not in saved:
+            raise ConfigError(f"tasks[{i}].name: task {task.name!r} has no labels in {where} "
+                              f"(it has: {', '.join(saved)}); a run's tasks cannot change "
+                              "(use a new train.output_dir)")
+        given = _field(task, "labels", None)
+        if given and [str(x) for x in given] != list(saved[task.name]):
+            raise ConfigError(f"tasks[{i}].labels: {[str(x) for x in given]} differ from the "
+                              f"labels frozen in {where}: {list(saved[task.name])}; a run's "
+                              "labels cannot change (use a new train.output_dir)")
+
+
 def load_task_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerFast, split: str,
                    label_maps: Mapping[str, Sequence[str]]) -> list[TokenizedTask]:
     """Read and tokenize `split` ('train' | 'dev' | 'test') of every task, in config order.
@@ -722,6 +738,10 @@ def load_task_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerFast, split: st
                            {lab: i for i, lab in enumerate(labels)}, name=task.name,
                            batch_size=_field(data, "tokenize_batch_size", 1000))
         tt.num_skipped = skipped
+        if tt.num_truncated:  # counted by tokenize_task; said here, once per task and split
+            log.warning("%s (%s): %d of %d samples were longer than data.max_length=%d tokens "
+                        "and were truncated", task.name, split, tt.num_truncated, len(tt),
+                        data.max_length)
         out.append(tt)
     return out
 

@@ -31,6 +31,9 @@ class PreemptionFlag:
         for name in signal_names:
             signum = getattr(signal, name)
             self._previous[signum] = signal.signal(signum, self._handle)
+        if self._previous:
+            _signal_when_launcher_dies(signal.SIGTERM if signal.SIGTERM in self._previous
+                                       else next(iter(self._previous)))
 
     def _handle(self, signum, frame) -> None:
         if self.received is None:
@@ -39,6 +42,8 @@ class PreemptionFlag:
                   "next step boundary", file=sys.stderr, flush=True)
 
     def restore(self) -> None:
+        if self._previous:
+            _signal_when_launcher_dies(0)
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()
@@ -51,6 +56,18 @@ class PreemptionFlag:
         flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def _signal_when_launcher_dies(signum: int) -> None:
+    """Under torchrun / `accelerate launch` (Linux), have the kernel send `signum` (0: nothing)
+    when the launcher dies. Its agent dies of signals it does not forward (USR1) and of kill -9;
+    the ranks would then train on unsupervised, never checkpointing. Now they stop like on TERM."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signum), 0, 0, 0)
 
 
 def request_requeue(enabled: bool) -> str | None:

@@ -13,10 +13,13 @@ import os
 import secrets
 import string
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+from mtl_dist.errors import MtlDistError
 
 METRICS_FILE = "metrics.jsonl"
 STEP_METRIC = "global_step"  # wandb's x-axis: our optimizer step, not wandb's own counter
@@ -47,19 +50,26 @@ class MetricsLog:
         why the run stopped there)."""
         if not self.is_main or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [line for line, record in _parsed_lines(self.path)
+                if record.get("step", 0) <= step]
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise MtlDistError(f"cannot rewrite {self.path}: {exc.strerror or exc}") from exc
 
     def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
         if not self.is_main:
             return
         record = {"kind": kind, "step": step, "time": time.time(), **values}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, default=_json_default) + "\n")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps(record, default=_json_default) + "\n")
+        except OSError as exc:  # disk full: one line, not a traceback
+            raise MtlDistError(f"cannot append to {self.path}: {exc.strerror or exc}") from exc
         if self.accelerator is not None and self.accelerator.trackers:
             self.accelerator.log(_scalars(values), step=step)
 
@@ -70,12 +80,29 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def _parsed_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of each readable line; a torn line (a write cut short by a full disk or
+    a kill) is skipped with a warning instead of making the log unreadable for good."""
+    out = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            warnings.warn(f"{path}:{number}: skipping an unreadable line (a write cut short?)",
+                          stacklevel=3)
+            continue
+        out.append((line, record))
+    return out
+
+
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     """All records of a run's metrics log, in order."""
     path = Path(output_dir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _line, record in _parsed_lines(path)]
 
 
 def format_eval_line(step: int, per_task: dict[str, dict], score: float) -> str:

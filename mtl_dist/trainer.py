@@ -487,7 +487,7 @@ class Trainer:
         interrupted = self._interrupted(step)
         stop = finished or interrupted
         # A preempted job has seconds left: checkpoint first, evaluate after the resume.
-        if want_eval and not interrupted and self.dev_data and any(len(t.labels) for t in self.dev_data):
+        if want_eval and self.stop_reason != "preempted" and self.dev_data and any(len(t.labels) for t in self.dev_data):
             result = self.evaluate()
             self.state.score = result["score"]
             improved = self.early.update(result["score"] if cfg.train.metric_for_best != "loss"
