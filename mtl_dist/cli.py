@@ -175,6 +175,45 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    """Train N timed steps of a config (no checkpoints, no evaluation) and report throughput."""
+    import tempfile
+
+    from mtl_dist.tracking import read_metrics
+    from mtl_dist.trainer import Trainer
+
+    with tempfile.TemporaryDirectory(prefix="mtl_bench_") as out:
+        every = max(1, args.steps // 4)
+        cfg = _load(args.config, [*args.overrides, f"train.output_dir={out}",
+                                  f"train.max_steps={args.warmup + args.steps}",
+                                  f"train.log_steps={every}", "train.eval_at_epoch_end=false",
+                                  "train.eval_steps=null", "train.resume=null",
+                                  "checkpoint.save_steps=null",
+                                  "checkpoint.save_at_epoch_end=false",
+                                  "checkpoint.save_best=false", "tracking.backends=[]"])
+        trainer = Trainer(cfg)
+        try:
+            trainer.fit()
+            timed = [r for r in read_metrics(out) if r["kind"] == "train"
+                     and r["step"] > args.warmup]
+        finally:
+            trainer.close()
+        if not trainer.accelerator.is_main_process:
+            return 0
+        params = sum(p.numel() for n, p in trainer.module.named_parameters()
+                     if "embeddings" not in n)
+        sps = sum(r["samples_per_s"] for r in timed) / len(timed)
+        tps = sum(r["tokens_per_s"] for r in timed) / len(timed)
+        report = {"steps_timed": len(timed) * every, "samples_per_s": sps, "tokens_per_s": tps,
+                  "world_size": trainer.world_size, "device": str(trainer.accelerator.device),
+                  "non_embedding_parameters": params}
+        if trainer.accelerator.device.type == "cuda":
+            # 6 FLOPs per parameter per real token (forward + backward); attention not counted.
+            report["mfu"] = 6 * params * tps / (args.peak_tflops * 1e12 * trainer.world_size)
+        print(json.dumps(report, indent=1))
+    return 0
+
+
 def cmd_report(args) -> int:
     from mtl_dist.report import build_report
 
@@ -226,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("out_dir")
     p.set_defaults(func=cmd_ckpt)
 
+    p = sub.add_parser("bench", help="samples/s, tokens/s and MFU of a config, no checkpoints")
+    with_config(p)
+    p.add_argument("--steps", type=int, default=100, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=20, help="untimed optimizer steps first")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="per-GPU dense bf16 peak for MFU (H100/H200 SXM: 989)")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("report", help="PNG plots + one HTML page from a run's metrics log")
     p.add_argument("output_dir")
     p.set_defaults(func=cmd_report)
@@ -241,7 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also follow the options (`bench CONFIG --steps 50 train.lr=1e-4`).
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-")
+                                                    for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args) or 0
     except MtlDistError as err:

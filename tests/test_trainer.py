@@ -92,3 +92,12 @@ def test_bad_override_is_one_line_error_and_nothing_runs(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == \
         "error: override 'train.lrr=1': config key 'train.lrr' is unknown; did you mean 'train.lr'?"
     assert not (tmp_path / "o").exists()
+
+
+def test_bench_command_reports_throughput_without_writing_checkpoints(tmp_path):
+    result = run_cli(["bench", str(DEMO), "--steps", "8", "--warmup", "2",
+                      f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={tmp_path}/o"])
+    report = json.loads(result.stdout[result.stdout.rindex("{"):])
+    assert report["steps_timed"] == 8 and report["samples_per_s"] > 0
+    assert report["tokens_per_s"] > 0 and report["world_size"] == 1
+    assert not (tmp_path / "o").exists()  # bench writes into a temporary directory only
