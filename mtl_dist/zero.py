@@ -84,12 +84,24 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_conf
     """A DeepSpeed engine over our model and our torch AdamW, on the existing process group."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        skip_cpu_shm_build()
     _ensure_process_group(device)
     import deepspeed
 
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                       config=ds_config, dist_init_required=False)
     return engine, ds_optimizer
+
+
+def skip_cpu_shm_build() -> None:
+    """On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce the first time it starts
+    (minutes on 2 cores, with a C++ toolchain). gloo does the same job: skip the build
+    (`MTL_DIST_DS_SHM=1` keeps it)."""
+    if os.environ.get("MTL_DIST_DS_SHM") == "1":
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _ensure_process_group(device: torch.device) -> None:

@@ -192,6 +192,9 @@ def _whole(partitions: list[dict], numel: int) -> dict:
 def _zero_checks(rank: int, out: Path) -> None:
     import deepspeed
 
+    from mtl_dist.zero import skip_cpu_shm_build
+
+    skip_cpu_shm_build()
     deepspeed.init_distributed(dist_backend="gloo")
     engine = _engine(0, 2)
     for i in range(2):
@@ -251,6 +254,9 @@ def _one_rank_worker(rank: int, port: int, out: str) -> None:
     try:
         import deepspeed
 
+        from mtl_dist.zero import skip_cpu_shm_build
+
+        skip_cpu_shm_build()
         deepspeed.init_distributed(dist_backend="gloo")
         engine = _engine(3, 1)
         universal = Path(out) / "zero" / "universal"
