@@ -115,14 +115,17 @@ def ds_module_state(output_dir, step):
 def test_zero_stop_and_resume_on_two_ranks_is_bit_exact(tmp_path, stage):
     """EMA on under ZeRO-2 (saved and restored); ZeRO-3 has no EMA (refused by config)."""
     runs = {}
-    ema = [] if stage == 2 else ["train.ema_decay=null"]
-    for name, extra in (("straight", []), ("split", ["train.stop_after_steps=7"])):
+    # ZeRO-3 on CPU gathers weights for every eval forward: evaluate only at the end.
+    ema = [] if stage == 2 else ["train.ema_decay=null", "train.eval_steps=100",
+                                 "checkpoint.save_best=false"]
+    steps, stop = (16, 7) if stage == 2 else (10, 5)  # ZeRO-3 on CPU is slow: fewer steps
+    for name, extra in (("straight", []), ("split", [f"train.stop_after_steps={stop}"])):
         out = tmp_path / name
         base = ["train", str(DEMO), f"train.output_dir={out}", f"data.cache_dir={tmp_path}/c",
-                *FAST, "train.max_steps=16", f"train.zero_stage={stage}", *ema]
+                *FAST, f"train.max_steps={steps}", f"train.zero_stage={stage}", *ema]
         run_cli([*base, *extra], procs=2)
         if extra:
-            assert (out / "checkpoints" / "checkpoint-7" / "COMMITTED").exists()
+            assert (out / "checkpoints" / f"checkpoint-{stop}" / "COMMITTED").exists()
             run_cli([*base, "train.resume=auto"], procs=2)
         runs[name] = out
     split, straight = train_losses(runs["split"]), train_losses(runs["straight"])
@@ -134,11 +137,11 @@ def test_zero_stop_and_resume_on_two_ranks_is_bit_exact(tmp_path, stage):
         # Known gap: ZeRO-3 resumes equal up to the first step after the resume step, then
         # drifts at the 1e-3 level (see README, "Checkpoints"); the steps must still match.
         assert [s for s, _ in split] == [s for s, _ in straight]
-        assert split[:8] == straight[:8]
+        assert split[:stop + 1] == straight[:stop + 1]
         assert all(abs(a - b) < 5e-3 * max(1.0, abs(b))
                    for (_, a), (_, b) in zip(split, straight, strict=True))
-    manifest = json.loads((runs["split"] / "checkpoints" / "checkpoint-16" / "manifest.json")
-                          .read_text())
+    manifest = json.loads((runs["split"] / "checkpoints" / f"checkpoint-{steps}" /
+                           "manifest.json").read_text())
     assert {"ds/zero_pp_rank_0_mp_rank_00_optim_states.pt",
             "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(manifest["files"])
     if stage == 2:
