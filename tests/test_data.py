@@ -1,6 +1,5 @@
 """Tests of mtl_dist.data: readers and their one-line errors, demo data, tokenizers, cache,
-dataset and collate. Configs are local dataclasses with the contract's field names, so these
-tests do not depend on mtl_dist.config."""
+dataset and collate."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ import os
 import subprocess
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,59 +17,25 @@ import torch
 
 from mtl_dist import data as D
 from mtl_dist import demo_data
+from mtl_dist.config import DataConfig, ModelConfig, RunConfig, TaskConfig
 from mtl_dist.errors import ConfigError, DataError
 
 DATA = Path(__file__).parent / "data"
 
 
-@dataclass
-class Task:
-    """Stand-in for config.TaskConfig (same field names and defaults)."""
-
-    name: str = "t"
-    train: str | None = None
-    dev: str | None = None
-    test: str | None = None
-    extra_train: list[str] = field(default_factory=list)
-    pair: bool = False
-    labels: list[str] | None = None
-    format: str = "auto"
-    id_field: str = "id"
-    text_field: str = "text"
-    text_b_field: str = "text_b"
-    label_field: str = "label"
-    metric: str = "accuracy"
-    score_weight: float = 1.0
-    sample_weight: float = 1.0
-    max_samples: int | None = None
+def Task(name: str = "t", **kw) -> TaskConfig:  # noqa: N802 (reads like the class)
+    return TaskConfig(name=name, **kw)
 
 
-@dataclass
-class Data:
-    """Stand-in for config.DataConfig."""
-
-    max_length: int = 64
-    pad_to_multiple_of: int | None = None
-    cache_dir: str | None = None
-    on_bad_row: str = "error"
-    num_workers: int = 0
-    tokenize_batch_size: int = 7
+def Data(**kw) -> DataConfig:  # noqa: N802
+    return DataConfig(**{"max_length": 64, "tokenize_batch_size": 7, **kw})
 
 
-@dataclass
-class Run:
-    """Stand-in for config.RunConfig (only what data.py reads)."""
-
-    tasks: list[Task]
-    data: Data
+def Run(tasks: list[TaskConfig], data: DataConfig) -> RunConfig:  # noqa: N802
+    return RunConfig(tasks=tasks, data=data)
 
 
-@dataclass
-class Model:
-    """Stand-in for config.ModelConfig."""
-
-    pretrained: str | None = None
-    tokenizer: str | None = None
+Model = ModelConfig
 
 
 def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
