@@ -1,11 +1,15 @@
-"""A real, throwaway Slurm cluster on this machine, for tests: munged + slurmctld + slurmd.
+"""A real, throwaway Slurm cluster on this machine, for tests: munged + slurmctld + slurmd(s).
 
 Why: the sbatch scripts in slurm/ (requeue, signals, srun) are only proven by running them.
-`python tests/slurm_cluster.py up|down|status` for by hand; `SlurmCluster` for test fixtures.
+`python tests/slurm_cluster.py up [--nodes 2]|down|status` by hand; `SlurmCluster` for fixtures.
 Everything lives in one temporary directory except /etc/slurm/slurm.conf (so plain `sbatch`,
 `squeue`, and `scontrol requeue` from inside a job need no environment), which is backed up
 and restored (or removed when we created it). See ../shared/slurm.md for what had to be true.
-One node now; `nodes` and `SlurmNode` are where a multi-node (network-namespace) cluster grows.
+
+nodes=1: one slurmd on this host. nodes=N>1: every node is a network namespace
+(/run/netns/mtlnI, `eth0` = SUBNET.I, a veth on bridge mtlbr0 = SUBNET.254 where slurmctld and
+the client commands live) plus a hostname namespace (`nodeI`), with `nodeI` lines added to
+/etc/hosts (removed again by `down`). The nodes share the filesystem, the pid table and the cores.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +34,12 @@ from pathlib import Path
 SLURM_CONF = Path("/etc/slurm/slurm.conf")
 STATE_FILE = Path(tempfile.gettempdir()) / "mtl_slurm_cluster.json"
 LOCK_FILE = Path(tempfile.gettempdir()) / "mtl_slurm_cluster.lock"
+HOSTS = Path("/etc/hosts")
+HOSTS_TAG = "# mtl_slurm_cluster"  # ends every line we add to /etc/hosts
+NETNS_PREFIX = "mtln"              # /run/netns/mtln1, mtln2, ...
+BRIDGE = "mtlbr0"
+DEFAULT_SUBNET = "10.77.0"         # nodes at .1, .2, ...; the bridge (slurmctld) at .254
+_UP_HERE: list[SlurmCluster] = []  # clusters this process started and has not stopped yet
 PACKAGES = ("slurm-wlm", "munge")
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                    "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
@@ -58,6 +69,9 @@ class ClusterState:
     created_conf: bool = False           # True when no slurm.conf existed before us
     pid_files: list[str] = field(default_factory=list)  # in start order; stopped in reverse
     nodes: list[dict] = field(default_factory=list)
+    netns: list[str] = field(default_factory=list)       # network namespaces we created
+    links: list[str] = field(default_factory=list)       # bridge + host-side veths we created
+    hosts_lines: list[str] = field(default_factory=list)  # lines we appended to /etc/hosts
 
 
 def _run(cmd: Sequence[str], *, check: bool = True, timeout: float = 60,
@@ -128,21 +142,57 @@ def _sbin(name: str) -> str:
     return shutil.which(name) or f"/usr/sbin/{name}"
 
 
+def namespaces_unavailable() -> str | None:
+    """Why network namespaces cannot be made here (None when they can): root, `ip`, nsenter."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    missing = [b for b in ("ip", "nsenter", "unshare") if not shutil.which(b)]
+    if missing:
+        return f"{', '.join(missing)} not found (package iproute2 / util-linux)"
+    probe = f"{NETNS_PREFIX}p{os.getpid() % 10**6}"  # + "v": within 15 characters
+    result = _run(["ip", "netns", "add", probe], check=False)
+    if result.returncode != 0:
+        return f"`ip netns add` failed: {(result.stderr or result.stdout).strip()[-200:]}"
+    try:
+        made = _run(["ip", "link", "add", f"{probe}v", "type", "veth", "peer", "name", "eth0",
+                     "netns", probe], check=False)
+        if made.returncode != 0:
+            return f"cannot make a veth pair: {(made.stderr or made.stdout).strip()[-200:]}"
+        inner = _run(["nsenter", f"--net=/run/netns/{probe}", "unshare", "--uts", "sh", "-c",
+                      "hostname mtlprobe && hostname"], check=False)
+        if inner.stdout.strip() != "mtlprobe":
+            return f"cannot enter a namespace with its own host name: {inner.stderr.strip()[-200:]}"
+    finally:
+        _run(["ip", "link", "del", f"{probe}v"], check=False)
+        _run(["ip", "netns", "del", probe], check=False)
+    return None
+
+
 class SlurmCluster:
-    """Start/stop a local Slurm (one node now) with state under a temp directory."""
+    """Start/stop a local Slurm of `nodes` nodes with state under a temp directory."""
 
     def __init__(self, workdir: str | Path | None = None, *, nodes: int = 1,
-                 install: bool = True, lock_timeout_s: float = 900):
-        if nodes != 1:
-            raise NotImplementedError("only a one-node cluster so far (two nodes: issue 12, "
-                                      "network namespaces as in ../shared/slurm.md)")
+                 install: bool = True, lock_timeout_s: float = 900,
+                 subnet: str = DEFAULT_SUBNET):
+        if not 1 <= nodes <= 250:
+            raise ValueError(f"nodes: expected 1..250, got {nodes}")
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="mtl_slurm_"))
         self.install = install
         self.lock_timeout_s = lock_timeout_s
         self.host = socket.gethostname().split(".")[0]
         self.name = f"mtl{secrets.token_hex(3)}"  # jobs' processes carry it in their environment
+        self.subnet = subnet
+        self.multi = nodes > 1
         cpus = os.cpu_count() or 1
-        self.nodes = [SlurmNode(self.host, "127.0.0.1", cpus, max(500, int(_mem_mb() * 0.85)))]
+        if self.multi:  # the cores are shared: split them (at least one each)
+            self.ctld_addr = f"{subnet}.254"
+            self.nodes = [SlurmNode(f"node{i}", f"{subnet}.{i}", max(1, cpus // nodes),
+                                    max(500, int(_mem_mb() * 0.85) // nodes))
+                          for i in range(1, nodes + 1)]
+        else:
+            self.ctld_addr = "127.0.0.1"
+            self.nodes = [SlurmNode(self.host, "127.0.0.1", cpus,
+                                    max(500, int(_mem_mb() * 0.85)))]
         self.state = ClusterState(workdir=str(self.workdir), name=self.name,
                                   nodes=[asdict(n) for n in self.nodes])
         self._lock_fd: int | None = None
@@ -164,11 +214,16 @@ class SlurmCluster:
         ensure_installed(self.install)
         if os.geteuid() != 0:
             raise SlurmUnavailable("starting slurmd/munged needs root")
+        if self.multi and (why := namespaces_unavailable()):
+            raise SlurmUnavailable(f"{len(self.nodes)} nodes need network namespaces: {why}")
+        self._stop_others_of_this_process()
         self._take_lock()
         try:
             self._refuse_if_running()
             self.workdir.mkdir(parents=True, exist_ok=True)
             self.workdir.chmod(0o755)  # munged (user munge) must reach its files below
+            if self.multi:
+                self._make_network()
             self._start_munge()
             self._install_conf(self._conf_text())
             self._write_state()
@@ -179,6 +234,7 @@ class SlurmCluster:
         except BaseException:
             self.down()
             raise
+        _UP_HERE.append(self)
         return self
 
     def down(self, keep_workdir: bool = False) -> None:
@@ -192,6 +248,7 @@ class SlurmCluster:
                 _stop_pid(pid)
         self._kill_stray_stepds()
         self._restore_conf()
+        self._remove_network()
         if STATE_FILE.exists():
             try:
                 if json.loads(STATE_FILE.read_text()).get("workdir") == self.state.workdir:
@@ -202,6 +259,8 @@ class SlurmCluster:
         if not keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
         self._release_lock()
+        if self in _UP_HERE:
+            _UP_HERE.remove(self)
 
     @classmethod
     def from_state_file(cls, path: Path = STATE_FILE) -> SlurmCluster:
@@ -209,7 +268,46 @@ class SlurmCluster:
         state = ClusterState(**json.loads(path.read_text()))
         cluster = cls(state.workdir, install=False)
         cluster.state, cluster.name = state, state.name
+        cluster.nodes = [SlurmNode(**n) for n in state.nodes]
+        cluster.multi = len(cluster.nodes) > 1
         return cluster
+
+    def node_of_pid(self, pid: int) -> str | None:
+        """The node a process runs on (its network namespace's), or None if not one of ours."""
+        try:
+            mine = os.stat(f"/proc/{pid}/ns/net").st_ino
+        except OSError:
+            return None
+        if not self.multi:
+            return self.nodes[0].name
+        for node, ns in zip(self.nodes, self.state.netns, strict=False):
+            try:
+                if os.stat(f"/run/netns/{ns}").st_ino == mine:
+                    return node.name
+            except OSError:
+                continue
+        return None
+
+    def job_processes(self, job_id: int | None = None) -> list[dict[str, str]]:
+        """Processes started by our jobs: {"pid", "cmdline", "node", and their SLURM_*/RANK/...
+        environment}; only those of `job_id` when given. How tests find a rank on a node."""
+        marker = f"SLURM_CLUSTER_NAME={self.name}"
+        found = []
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                items = environ.read_bytes().decode(errors="replace").split("\0")
+                cmdline = (environ.parent / "cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if marker not in items:
+                continue
+            env = dict(item.partition("=")[::2] for item in items if "=" in item)
+            if job_id is not None and env.get("SLURM_JOB_ID") != str(job_id):
+                continue
+            pid = int(environ.parent.name)
+            found.append({**env, "pid": str(pid), "node": self.node_of_pid(pid) or "?",
+                          "cmdline": cmdline.decode(errors="replace").strip()})
+        return found
 
     def sbatch(self, args: Sequence[str], *, cwd: str | Path, env: dict | None = None) -> int:
         """Submit; return the job id."""
@@ -247,7 +345,8 @@ class SlurmCluster:
     def logs(self) -> str:
         """The daemons' log tails, for failure messages."""
         parts = []
-        for name in ("slurmctld.log", "slurmd.log", "munge/munged.log"):
+        slurmds = [f"slurmd-{n.name}.log" for n in self.nodes] if self.multi else ["slurmd.log"]
+        for name in ("slurmctld.log", *slurmds, "munge/munged.log"):
             path = self.workdir / name
             if path.exists():
                 parts.append(f"--- {name}\n" + "\n".join(path.read_text().splitlines()[-30:]))
@@ -268,6 +367,17 @@ class SlurmCluster:
                     raise SlurmUnavailable(f"another local test cluster holds {LOCK_FILE}") from None
                 time.sleep(1)
         self._lock_fd = fd
+
+    def _stop_others_of_this_process(self) -> None:
+        """One cluster per machine, and the lock would make this process wait on itself: a
+        cluster it started earlier (e.g. a session-scoped fixture whose tests are done) is
+        stopped first, with a warning."""
+        for other in list(_UP_HERE):
+            if other is not self:
+                warnings.warn(f"stopping the local Slurm cluster this process started in "
+                              f"{other.workdir} ({len(other.nodes)} node(s)) to start one of "
+                              f"{len(self.nodes)}: one cluster per machine", stacklevel=3)
+                other.down()
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -308,10 +418,16 @@ class SlurmCluster:
         w = self.workdir
         for sub in ("state", "spool"):
             (w / sub).mkdir(exist_ok=True)
+        if self.multi:  # per-node paths (%n = node name): the nodes share this filesystem
+            for n in self.nodes:
+                (w / f"spool-{n.name}").mkdir(exist_ok=True)
+            spool, pid, log = w / "spool-%n", w / "slurmd-%n.pid", w / "slurmd-%n.log"
+        else:
+            spool, pid, log = w / "spool", w / "slurmd.pid", w / "slurmd.log"
         lines = [
             "# written by tests/slurm_cluster.py -- removed/restored by its `down`",
             f"ClusterName={self.name}",
-            f"SlurmctldHost={self.host}(127.0.0.1)",
+            f"SlurmctldHost={self.host}({self.ctld_addr})",
             f"SlurmctldPort={_free_port()}",
             f"SlurmdPort={_free_port()}",
             "AuthType=auth/munge",
@@ -321,11 +437,11 @@ class SlurmCluster:
             "SlurmUser=root",
             "SlurmdUser=root",
             f"StateSaveLocation={w / 'state'}",
-            f"SlurmdSpoolDir={w / 'spool'}",
+            f"SlurmdSpoolDir={spool}",
             f"SlurmctldPidFile={w / 'slurmctld.pid'}",
-            f"SlurmdPidFile={w / 'slurmd.pid'}",
+            f"SlurmdPidFile={pid}",
             f"SlurmctldLogFile={w / 'slurmctld.log'}",
-            f"SlurmdLogFile={w / 'slurmd.log'}",
+            f"SlurmdLogFile={log}",
             "ProctrackType=proctrack/pgid",   # kills the batch shell's whole process group
             "TaskPlugin=task/none",
             "JobAcctGatherType=jobacct_gather/none",
@@ -365,8 +481,76 @@ class SlurmCluster:
         self.state.conf_backup, self.state.created_conf = None, False
 
     def _start_slurmd(self, node: SlurmNode) -> None:
-        # A second node would run under `nsenter --net=... unshare --uts` with `-N name`.
-        self._start([_sbin("slurmd"), "-N", node.name], self.workdir / "slurmd.pid")
+        if not self.multi:
+            self._start([_sbin("slurmd"), "-N", node.name], self.workdir / "slurmd.pid")
+            return
+        # Not `ip netns exec`: it remounts /sys and slurmd dies ("No filesystem mounted on
+        # /sys/fs/cgroup"). Own host name: else gloo advertises the shared one (127.0.0.1).
+        ns = self.state.netns[self.nodes.index(node)]
+        inner = f"hostname {node.name} && exec {_sbin('slurmd')} -N {node.name}"
+        self._start(["nsenter", f"--net=/run/netns/{ns}", "unshare", "--uts", "sh", "-c", inner],
+                    self.workdir / f"slurmd-{node.name}.pid")
+
+    # ---------------------------------------------------------------- network
+    def _make_network(self) -> None:
+        """Bridge (slurmctld's address) + one namespace per node with a veth `eth0`, loopback
+        up; /etc/hosts names the nodes (lookups in a namespace reach no DNS server)."""
+        taken = [n.addr for n in self.nodes if _addr_in_use(n.addr)]
+        if _addr_in_use(self.ctld_addr) or taken:
+            raise SlurmUnavailable(f"subnet {self.subnet}.0/24 is in use here ("
+                                   f"{', '.join(taken) or self.ctld_addr}); pass another subnet")
+        for i in range(1, len(self.nodes) + 1):  # a crashed run's, lost with its state file
+            _wait_netns_gone(f"{NETNS_PREFIX}{i}")
+        for link in (BRIDGE, *(f"{NETNS_PREFIX}{i}v" for i in range(1, len(self.nodes) + 1))):
+            if Path(f"/sys/class/net/{link}").exists():
+                _run(["ip", "link", "del", link], check=False)
+        self._ip("link", "add", BRIDGE, "type", "bridge", record_link=BRIDGE)
+        self._ip("addr", "add", f"{self.ctld_addr}/24", "dev", BRIDGE)
+        self._ip("link", "set", BRIDGE, "up")
+        for i, node in enumerate(self.nodes, start=1):
+            ns, veth = f"{NETNS_PREFIX}{i}", f"{NETNS_PREFIX}{i}v"
+            self._ip("netns", "add", ns, record_netns=ns)
+            self._ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
+                     record_link=veth)
+            self._ip("link", "set", veth, "master", BRIDGE, "up")
+            self._ip("-n", ns, "addr", "add", f"{node.addr}/24", "dev", "eth0")
+            self._ip("-n", ns, "link", "set", "eth0", "up")
+            self._ip("-n", ns, "link", "set", "lo", "up")
+        self._add_hosts([f"{n.addr} {n.name} {HOSTS_TAG} {self.name}" for n in self.nodes])
+
+    def _ip(self, *args: str, record_link: str | None = None,
+            record_netns: str | None = None) -> None:
+        result = _run(["ip", *args], check=False)
+        if result.returncode != 0:
+            raise SlurmUnavailable(f"`ip {' '.join(args)}` failed: "
+                                   f"{(result.stderr or result.stdout).strip()[-200:]}")
+        if record_link:
+            self.state.links.append(record_link)
+        if record_netns:
+            self.state.netns.append(record_netns)
+        if record_link or record_netns:
+            self._write_state()
+
+    def _add_hosts(self, lines: list[str]) -> None:
+        # Written in place (not renamed over): /etc/hosts is often a bind mount.
+        text = HOSTS.read_text() if HOSTS.exists() else ""
+        self.state.hosts_lines = lines
+        self._write_state()
+        HOSTS.write_text(text + ("" if not text or text.endswith("\n") else "\n")
+                         + "".join(line + "\n" for line in lines))
+
+    def _remove_network(self) -> None:
+        """Undo _make_network: our /etc/hosts lines, veths, bridge, namespaces."""
+        if self.state.hosts_lines and HOSTS.exists():
+            ours = set(self.state.hosts_lines)
+            kept = [ln for ln in HOSTS.read_text().splitlines(keepends=True)
+                    if ln.rstrip("\n") not in ours]
+            HOSTS.write_text("".join(kept))
+        for link in reversed(self.state.links):
+            _run(["ip", "link", "del", link], check=False)
+        for ns in self.state.netns:
+            _run(["ip", "netns", "del", ns], check=False)
+        self.state.hosts_lines, self.state.links, self.state.netns = [], [], []
 
     def _start(self, cmd: list[str], pid_file: Path, timeout_s: float = 20) -> None:
         """Run a self-daemonizing daemon; wait for its pid file and remember it."""
@@ -445,6 +629,23 @@ class SlurmCluster:
                     pass
 
 
+def _addr_in_use(addr: str) -> bool:
+    """An IPv4 address already configured on this host (root namespace)."""
+    out = _run(["ip", "-o", "-4", "addr", "show"], check=False).stdout
+    return any(f" {addr}/" in line for line in out.splitlines())
+
+
+def _wait_netns_gone(ns: str, timeout_s: float = 10) -> None:
+    """A namespace of a previous run may still be going away (`ip netns del` lags a second or
+    two): delete a stale one and wait until its name is free."""
+    if not Path(f"/run/netns/{ns}").exists():
+        return
+    _run(["ip", "netns", "del", ns], check=False)
+    deadline = time.monotonic() + timeout_s
+    while Path(f"/run/netns/{ns}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def _stop_pid(pid: int, timeout_s: float = 15) -> None:
     """TERM, wait, then KILL: one daemon, by its own pid."""
     try:
@@ -467,12 +668,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("action", choices=["up", "down", "status"])
     parser.add_argument("--workdir", help="state/log directory (default: a new temp dir)")
     parser.add_argument("--keep", action="store_true", help="down: keep the work directory")
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="up: nodes (more than 1: network namespaces node1, node2, ...)")
     args = parser.parse_args(argv)
     try:
         if args.action == "up":
-            cluster = SlurmCluster(args.workdir).up()
+            cluster = SlurmCluster(args.workdir, nodes=args.nodes).up()
             cluster._release_lock()
-            print(f"Slurm is up: node {cluster.host}, state and logs in {cluster.workdir}; "
+            names = ", ".join(n.name for n in cluster.nodes)
+            print(f"Slurm is up: nodes {names}, state and logs in {cluster.workdir}; "
                   f"stop with `python {sys.argv[0]} down`")
         elif args.action == "down":
             if not STATE_FILE.exists():

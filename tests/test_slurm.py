@@ -85,7 +85,7 @@ class Job:
 
 
 # ------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def slurm():
     try:
         cluster = SlurmCluster().up()
