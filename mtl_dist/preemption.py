@@ -71,11 +71,15 @@ def _signal_when_launcher_dies(signum: int) -> None:
 
 
 def request_requeue(enabled: bool) -> str | None:
-    """Under Slurm, ask for this job to be requeued (main process only); returns what was done."""
+    """Under Slurm, ask for this job to be requeued (main process only); returns an error
+    line when `scontrol requeue` failed, else None."""
     job_id = os.environ.get("SLURM_JOB_ID")
     if not enabled or not job_id:
         return None
+    # Said before the call: a successful requeue makes Slurm signal (then kill) this job at
+    # once, so a line printed afterwards may never reach the log.
+    print(f"[mtl_dist] requested requeue of Slurm job {job_id}", flush=True)
     result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
     if result.returncode != 0:
         return f"scontrol requeue {job_id} failed: {result.stderr.strip()}"
-    return f"requested requeue of Slurm job {job_id}"
+    return None

@@ -354,9 +354,9 @@ class Trainer:
         if preempted and acc.is_main_process:
             # Last: `scontrol requeue` makes Slurm signal the job at once. Our handlers stay
             # installed until close(), so that signal cannot cut the summary above short.
-            note = request_requeue(cfg.train.requeue_on_preempt)
-            if note:
-                print(f"[mtl_dist] {note}", flush=True)
+            failure = request_requeue(cfg.train.requeue_on_preempt)
+            if failure:
+                print(f"[mtl_dist] {failure}", flush=True)
         else:
             self.preemption.restore()
         return summary
