@@ -101,3 +101,14 @@ def test_bench_command_reports_throughput_without_writing_checkpoints(tmp_path):
     assert report["steps_timed"] == 8 and report["samples_per_s"] > 0
     assert report["tokens_per_s"] > 0 and report["world_size"] == 1
     assert not (tmp_path / "o").exists()  # bench writes into a temporary directory only
+
+
+def test_demo_reaches_clearly_above_chance_dev_accuracy_on_every_task(tmp_path):
+    """The embedded demo learns: 240 steps on one CPU process, well above chance per task."""
+    cfg = demo_cfg(tmp_path, "train.max_steps=240", "train.eval_steps=240",
+                   "checkpoint.save_steps=null", "train.log_steps=40")
+    Trainer(cfg).fit()
+    final = records(tmp_path / "out", "eval")[-1]
+    chance = {"nli": 1 / 3, "emotion": 1 / 7, "news": 1 / 15}
+    for task, p in chance.items():
+        assert final[f"eval/{task}/accuracy"] > 2 * p, (task, final[f"eval/{task}/accuracy"])
