@@ -37,11 +37,11 @@ train: {{per_device_batch_size: {BATCH}, mixed_precision: bf16, lr: 2.0e-5, max_
     return path
 
 
-def bench(config: Path, gpus: int, steps: int, warmup: int) -> dict:
+def bench(config: Path, gpus: int, steps: int, warmup: int, overrides: list[str]) -> dict:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "launch" / "ddp.yaml"), "--num_processes", str(gpus),
            "--main_process_port", "0", "--module", "mtl_dist.cli", "bench", str(config),
-           "--steps", str(steps), "--warmup", str(warmup)]
+           "--steps", str(steps), "--warmup", str(warmup), *overrides]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if out.returncode != 0:
         raise SystemExit(f"{cmd} failed:\n{out.stderr[-4000:]}")
@@ -55,18 +55,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--out", default="benchmarks/results/ddp_scaling.json")
+    parser.add_argument("--override", action="append", default=[],
+                        help="run-config override for every launch, e.g. train.zero_stage=2")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="mtl_ddp_"))
     make_data(root)
     config = write_config(root)
-    rows = [{"gpus": n, **bench(config, n, args.steps, args.warmup)} for n in args.gpus]
+    rows = [{"gpus": n, **bench(config, n, args.steps, args.warmup, args.override)}
+            for n in args.gpus]
     base = rows[0]["samples_per_s"] / rows[0]["gpus"]
     for row in rows:
         row["scaling_efficiency"] = row["samples_per_s"] / (row["gpus"] * base)
     import torch
 
     result = {"gpu": torch.cuda.get_device_name(), "command": " ".join(sys.argv),
-              "torch": torch.__version__, "per_device_batch": BATCH, "rows": rows}
+              "torch": torch.__version__, "per_device_batch": BATCH, "overrides": args.override,
+              "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     for row in rows:
