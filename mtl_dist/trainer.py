@@ -205,9 +205,7 @@ class Trainer:
             self._build_training()
         else:
             self.model = acc.prepare_model(self.model, evaluation_mode=True)
-        # The plain module under DDP / DeepSpeed wrappers: eval, EMA and best saves use it.
-        self.module: MultiTaskModel = self.engine.module if self.engine is not None \
-            else acc.unwrap_model(self.model)
+            self._set_module()
 
     # ----------------------------------------------------------------- set-up
     def _frozen_label_maps(self) -> dict[str, list[str]]:
@@ -256,10 +254,15 @@ class Trainer:
             self.model = self.engine
         else:
             self.model, self.optimizer = acc.prepare(self.model, optimizer)
-        module = self.engine.module if self.engine is not None else acc.unwrap_model(self.model)
-        self.ema = EMA(module, cfg.train.ema_decay) if cfg.train.ema_decay else None
-        self.graphs = self._make_step_graphs(module)
+        self._set_module()
+        self.ema = EMA(self.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        self.graphs = self._make_step_graphs(self.module)
         self.group_tasks: set[int] = set()  # tasks seen in the current accumulation group
+
+    def _set_module(self) -> None:
+        """The plain module under DDP / DeepSpeed wrappers: eval, EMA and best saves use it."""
+        self.module: MultiTaskModel = self.engine.module if self.engine is not None \
+            else self.accelerator.unwrap_model(self.model)
 
     def _make_step_graphs(self, module: MultiTaskModel):
         """CUDA graphs of the micro-step (`train.cuda_graphs`): one GPU, no DeepSpeed."""
