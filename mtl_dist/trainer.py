@@ -31,7 +31,7 @@ from mtl_dist.config import RunConfig, config_hash, config_to_yaml
 from mtl_dist.ema import EMA
 from mtl_dist.errors import ConfigError
 from mtl_dist.metrics import run_score, task_metrics
-from mtl_dist.model import MultiTaskModel, build_model
+from mtl_dist.model import MultiTaskModel, build_model, compile_encoder_layers
 from mtl_dist.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag, request_requeue
 from mtl_dist.sampler import MultiTaskBatchPlan, RankBatchSampler, check_task_agreement, eval_shard
 from mtl_dist.tracking import Tracking, format_eval_line
@@ -196,6 +196,8 @@ class Trainer:
         self.model: MultiTaskModel = build_model(
             cfg.model, len(self.tokenizer), [len(self.label_maps[t]) for t in self.task_names],
             pad_token_id=self.tokenizer.pad_token_id)
+        if cfg.train.compile:
+            compile_encoder_layers(self.model)
         self.state = TrainState()
         self.early = EarlyStopping(cfg.train.early_stopping_patience,
                                    greater_is_better=cfg.train.metric_for_best != "loss")
