@@ -326,6 +326,12 @@ def main() -> None:
         ("+ lengths bucketed to 32", ["data.pad_to_multiple_of=32",
                                       "sampler.group_by_length=true",
                                       "train.cuda_graphs=true", "train.compile=true"]),
+        ("packed rows (varlen flash), no grouping", ["data.packing=true",
+                                                     "data.pack_multiple=256",
+                                                     "train.cuda_graphs=true",
+                                                     "train.compile=true"]),
+        ("packed rows, rounded to 128", ["data.packing=true", "data.pack_multiple=128",
+                                         "train.cuda_graphs=true", "train.compile=true"]),
     ]
     if args.variants != "all":
         keep = {int(i) for i in args.variants.split(",")}

@@ -106,6 +106,8 @@ class DataConfig:
 
     max_length: int = 128
     pad_to_multiple_of: int | None = None
+    packing: bool = False
+    pack_multiple: int = 256
     cache_dir: str | None = None
     on_bad_row: str = "error"
     num_workers: int = 0
@@ -786,6 +788,7 @@ _RULES: dict[str, tuple[_Check, str]] = {
     "model.arch.attention_probs_dropout_prob": _unit(False, True),
     "data.max_length": _ge(8),
     "data.pad_to_multiple_of": _or_null(_ge(1)),
+    "data.pack_multiple": _ge(8),
     "data.on_bad_row": _one_of("error", "skip"),
     "data.num_workers": _ge(0),
     "data.tokenize_batch_size": _ge(1),
@@ -851,6 +854,7 @@ def _validate(run: RunConfig, sources: _Sources) -> None:
         _validate_tasks(run.tasks)
         _validate_backends(run.tracking.backends)
         _validate_combinations(run.train)
+        _validate_packing(run.data)
     except _Problem as problem:
         raise sources.error(problem) from None
 
@@ -948,6 +952,16 @@ def _validate_combinations(train: TrainConfig) -> None:
             "train.cuda_graphs",
             f"config key 'train.cuda_graphs': expected false with train.zero_stage="
             f"{train.zero_stage} (CUDA graphs run on one GPU without DeepSpeed), got true",
+        )
+
+
+def _validate_packing(data: DataConfig) -> None:
+    """A packed row's pad tail is a sequence of its own: it must fit in max_length."""
+    if data.packing and data.pack_multiple > data.max_length:
+        raise _Problem(
+            "data.pack_multiple",
+            f"config key 'data.pack_multiple': expected <= data.max_length ({data.max_length}) "
+            f"with data.packing=true, got {data.pack_multiple}",
         )
 
 

@@ -792,15 +792,20 @@ def resolve_pad_multiple(value: int | None, on_gpu: bool) -> int:
     return 64 if on_gpu else 8
 
 
-def collate(samples: Sequence[Mapping[str, Any]], pad_token_id: int,
-            pad_to_multiple_of: int | None = None, max_length: int | None = None) -> dict[str, Any]:
-    """Pad one single-task batch to its longest sample, rounded up to `pad_to_multiple_of`
-    but never past `max_length` (so the longest bucket is max_length itself)."""
+def _single_task(samples: Sequence[Mapping[str, Any]]) -> int:
     if not samples:
         raise DataError("collate: empty batch")
     task_ids = {int(s["task_id"]) for s in samples}
     if len(task_ids) != 1:
         raise DataError(f"collate: a batch must come from one task, got task ids {sorted(task_ids)}")
+    return task_ids.pop()
+
+
+def collate(samples: Sequence[Mapping[str, Any]], pad_token_id: int,
+            pad_to_multiple_of: int | None = None, max_length: int | None = None) -> dict[str, Any]:
+    """Pad one single-task batch to its longest sample, rounded up to `pad_to_multiple_of`
+    but never past `max_length` (so the longest bucket is max_length itself)."""
+    task_id = _single_task(samples)
     width = max(len(s["input_ids"]) for s in samples)
     if pad_to_multiple_of and pad_to_multiple_of > 1:
         width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
@@ -821,6 +826,52 @@ def collate(samples: Sequence[Mapping[str, Any]], pad_token_id: int,
         "attention_mask": torch.from_numpy(attention),
         "token_type_ids": torch.from_numpy(types),
         "labels": torch.tensor([int(s["label"]) for s in samples], dtype=torch.long),
-        "task_id": task_ids.pop(),
+        "task_id": task_id,
+        "index": torch.tensor([int(s["index"]) for s in samples], dtype=torch.long),
+    }
+
+
+def collate_packed(samples: Sequence[Mapping[str, Any]], pad_token_id: int, max_length: int,
+                   pack_multiple: int) -> dict[str, Any]:
+    """One single-task batch packed end to end into one row (`data.packing`): no padding
+    between samples, attention kept within each sample by `cu_seqlens`.
+
+    The row is rounded up to a multiple of `pack_multiple` (few shapes, for CUDA graphs and
+    compiled kernels); the pad tail is a sequence of its own (at least one token), so
+    `cu_seqlens` has batch + 2 entries. `unpack_index` (batch, max_length) gathers each
+    sample's tokens back for the heads; its pad slots point at the tail and are masked by
+    `attention_mask` exactly as in a padded batch."""
+    task_id = _single_task(samples)
+    lengths = np.array([len(s["input_ids"]) for s in samples], dtype=np.int64)
+    if lengths.max() > max_length:
+        raise DataError(f"collate_packed: a sample has {lengths.max()} tokens, more than "
+                        f"data.max_length={max_length}")
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    total = int(starts[-1])
+    width = math.ceil((total + 1) / pack_multiple) * pack_multiple
+    input_ids = np.full(width, pad_token_id, dtype=np.int64)
+    types = np.zeros(width, dtype=np.int64)
+    positions = np.arange(width, dtype=np.int64) - total  # the tail counts from 0
+    n = len(samples)
+    unpack = np.full((n, max_length), width - 1, dtype=np.int64)
+    attention = np.zeros((n, max_length), dtype=np.int64)
+    for row, s in enumerate(samples):
+        a, k = int(starts[row]), int(lengths[row])
+        input_ids[a:a + k] = s["input_ids"]
+        if s.get("token_type_ids") is not None:
+            types[a:a + k] = s["token_type_ids"]
+        positions[a:a + k] = np.arange(k)
+        unpack[row, :k] = np.arange(a, a + k)
+        attention[row, :k] = 1
+    cu_seqlens = np.concatenate([starts, [width]]).astype(np.int32)
+    return {
+        "input_ids": torch.from_numpy(input_ids)[None],
+        "token_type_ids": torch.from_numpy(types)[None],
+        "position_ids": torch.from_numpy(positions)[None],
+        "cu_seqlens": torch.from_numpy(cu_seqlens),
+        "unpack_index": torch.from_numpy(unpack),
+        "attention_mask": torch.from_numpy(attention),
+        "labels": torch.tensor([int(s["label"]) for s in samples], dtype=torch.long),
+        "task_id": task_id,
         "index": torch.tensor([int(s["index"]) for s in samples], dtype=torch.long),
     }

@@ -45,6 +45,64 @@ class ClsHead(nn.Module):
 
 HEADS = {"attention": AttentionPoolingHead, "cls": ClsHead}
 
+# ----------------------------------------------------------------- packed (unpadded) attention
+PACKED_ATTENTION = "mtl_dist_packed"
+_ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert")  # positions start at pad_token_id + 1
+
+
+def _block_diagonal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              cu_seqlens: torch.Tensor, dropout_p: float,
+                              scale: float | None) -> torch.Tensor:
+    """Reference path (CPU, fp32): each token attends to its own packed sequence only."""
+    pos = torch.arange(q.shape[0], device=q.device, dtype=torch.int32)
+    segment = torch.bucketize(pos, cu_seqlens[1:].to(torch.int32), right=True)
+    mask = segment[:, None] == segment[None, :]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return out.transpose(0, 1)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, dropout_p: float, scale: float | None) -> torch.Tensor:
+    """Attention over packed sequences, q/k/v (total_tokens, heads, head_dim).
+
+    On CUDA in bf16/fp16: FlashAttention's variable-length kernel (aten op, autograd and a
+    meta kernel for torch.compile included): no padding, no mask. Elsewhere: a block-diagonal
+    mask with SDPA, same maths."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        return torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, False, False,
+            scale=scale)[0]
+    return _block_diagonal_attention(q, k, v, cu_seqlens, dropout_p, scale)
+
+
+def _packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor, attention_mask: torch.Tensor | None,
+                      dropout: float = 0.0, scaling: float | None = None,
+                      packed_cu_seqlens: torch.Tensor | None = None,
+                      packed_max_seqlen: int | None = None, **kwargs):
+    """transformers attention function: packed when given cu_seqlens, else plain SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if packed_cu_seqlens is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (1,h,T,d) -> (T,h,d)
+    out = varlen_attention(q, k, v, packed_cu_seqlens, packed_max_seqlen, dropout, scaling)
+    return out.unsqueeze(0), None  # (1, T, h, d), as transformers expects
+
+
+def enable_packed_attention(model: MultiTaskModel, max_seqlen: int) -> None:
+    """Let `model` take packed batches (`data.packing`); padded batches still work (eval)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    model.encoder.config._attn_implementation = PACKED_ATTENTION
+    model.mask_4d = True
+    model.packed_max_seqlen = max_seqlen
+
 
 class MultiTaskModel(nn.Module):
     """One encoder shared by all tasks; `task_id` picks the head (all ranks pick the same one)."""
@@ -61,16 +119,37 @@ class MultiTaskModel(nn.Module):
         # With SDPA, a ready 4D bool mask is used as is: transformers then skips its own mask
         # building, which syncs with the GPU every step (`padding_mask.all()`).
         self.mask_4d = getattr(encoder.config, "_attn_implementation", None) == "sdpa"
+        self.packed_max_seqlen: int | None = None  # set by enable_packed_attention
+        self.position_offset = encoder.config.pad_token_id + 1 \
+            if encoder.config.model_type in _ROBERTA_LIKE else 0
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_id: int,
                 token_type_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
-        encoder_mask = attention_mask[:, None, None, :].bool() if self.mask_4d else attention_mask
-        hidden = self.encoder(input_ids=input_ids, attention_mask=encoder_mask,
-                              token_type_ids=token_type_ids).last_hidden_state
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None,
+                unpack_index: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        if cu_seqlens is not None:
+            hidden = self._packed_hidden(input_ids, token_type_ids, position_ids, cu_seqlens,
+                                         unpack_index)
+        else:
+            encoder_mask = attention_mask[:, None, None, :].bool() if self.mask_4d \
+                else attention_mask
+            hidden = self.encoder(input_ids=input_ids, attention_mask=encoder_mask,
+                                  token_type_ids=token_type_ids).last_hidden_state
         logits = self.heads[str(int(task_id))](self.dropout(hidden), attention_mask)
         loss = None if labels is None else F.cross_entropy(logits.float(), labels)
         return loss, logits
+
+    def _packed_hidden(self, input_ids, token_type_ids, position_ids, cu_seqlens,
+                       unpack_index) -> torch.Tensor:
+        """Encode a packed batch (1, T) and gather it back to (batch, width, hidden) for the heads."""
+        if self.packed_max_seqlen is None:
+            raise RuntimeError("a packed batch needs enable_packed_attention(model, max_seqlen)")
+        hidden = self.encoder(input_ids=input_ids, token_type_ids=token_type_ids,
+                              position_ids=position_ids + self.position_offset,
+                              packed_cu_seqlens=cu_seqlens,
+                              packed_max_seqlen=self.packed_max_seqlen).last_hidden_state
+        return hidden[0][unpack_index]
 
     def head_parameter_names(self, task_id: int) -> list[str]:
         """Names of one head's parameters (used to check idle heads stay unchanged)."""

@@ -31,7 +31,8 @@ from mtl_dist.config import RunConfig, config_hash, config_to_yaml
 from mtl_dist.ema import EMA
 from mtl_dist.errors import ConfigError
 from mtl_dist.metrics import run_score, task_metrics
-from mtl_dist.model import MultiTaskModel, build_model, compile_encoder_layers
+from mtl_dist.model import (MultiTaskModel, build_model, compile_encoder_layers,
+                            enable_packed_attention)
 from mtl_dist.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag, request_requeue
 from mtl_dist.sampler import MultiTaskBatchPlan, RankBatchSampler, check_task_agreement, eval_shard
 from mtl_dist.tracking import Tracking, format_eval_line
@@ -196,6 +197,8 @@ class Trainer:
         self.model: MultiTaskModel = build_model(
             cfg.model, len(self.tokenizer), [len(self.label_maps[t]) for t in self.task_names],
             pad_token_id=self.tokenizer.pad_token_id)
+        if cfg.data.packing:
+            enable_packed_attention(self.model, cfg.data.max_length)
         if cfg.train.compile:
             compile_encoder_layers(self.model)
         self.state = TrainState()
@@ -236,7 +239,8 @@ class Trainer:
                                               self.world_size)
         # The loader is NOT passed to accelerator.prepare: the sampler already shards by rank.
         self.loader = DataLoader(self.dataset, batch_sampler=self.batch_sampler,
-                                 collate_fn=self.collate, num_workers=cfg.data.num_workers,
+                                 collate_fn=self._train_collate(),
+                                 num_workers=cfg.data.num_workers,
                                  pin_memory=acc.device.type == "cuda",
                                  # Each iter() draws a seed: from our own generator, not from the
                                  # global stream, or a mid-epoch resume would shift dropout.
@@ -265,6 +269,14 @@ class Trainer:
         """The plain module under DDP / DeepSpeed wrappers: eval, EMA and best saves use it."""
         self.module: MultiTaskModel = self.engine.module if self.engine is not None \
             else self.accelerator.unwrap_model(self.model)
+
+    def _train_collate(self):
+        """Training batches: packed end to end (`data.packing`) or padded like eval batches."""
+        data = self.cfg.data
+        if not data.packing:
+            return self.collate
+        return partial(mdata.collate_packed, pad_token_id=self.tokenizer.pad_token_id,
+                       max_length=data.max_length, pack_multiple=data.pack_multiple)
 
     def _make_step_graphs(self, module: MultiTaskModel):
         """CUDA graphs of the micro-step (`train.cuda_graphs`): one GPU, no DeepSpeed."""
@@ -661,9 +673,13 @@ def model_signature(model: torch.nn.Module) -> dict[str, Any]:
             "num_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
 
 
+PACKED_KEYS = ("position_ids", "cu_seqlens", "unpack_index")  # data.collate_packed's extras
+
+
 def _model_inputs(batch: dict, device: torch.device, with_labels: bool = True) -> dict:
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
               "token_type_ids": batch["token_type_ids"]}
+    inputs.update({k: batch[k] for k in PACKED_KEYS if k in batch})
     if with_labels:
         inputs["labels"] = batch["labels"]
     inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}

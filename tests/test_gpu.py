@@ -51,3 +51,17 @@ def test_idle_heads_stay_unchanged_with_cuda_graphs(tmp_path):
         names = [n for n in before if n.startswith(f"heads.{task_id}.")]
         changed = [n for n in names if not torch.equal(before[n], after[n])]
         assert bool(changed) == (task_id in used), (task_id, used, changed)
+
+
+@pytest.mark.parametrize("mode", [["train.cuda_graphs=false"],
+                                  ["train.cuda_graphs=true", "train.compile=true"]])
+def test_packed_flash_attention_matches_padded_losses(tmp_path, mode):
+    padded, _, _ = run(tmp_path, "padded", *mode)
+    packed, trainer, _ = run(tmp_path, "packed", "data.packing=true", "data.pack_multiple=64",
+                             *mode)
+    batch = next(iter(trainer.loader))
+    assert batch["input_ids"].shape[0] == 1 and "cu_seqlens" in batch
+    a, b = train_losses(padded), train_losses(packed)
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 31))
+    for (step, x), (_, y) in zip(a, b, strict=True):
+        assert abs(x - y) <= 0.02 * max(1.0, abs(x)), (step, x, y)

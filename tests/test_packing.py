@@ -1,0 +1,97 @@
+"""Packed (unpadded) training batches (`data.packing`) and compiled layers (`train.compile`):
+same maths as the padded, eager path on CPU (the GPU flash path: tests/test_gpu.py)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mtl_dist.config import load_config
+from mtl_dist.data import collate, collate_packed
+from mtl_dist.errors import ConfigError
+from mtl_dist.model import build_model, enable_packed_attention
+from tests._runs import DEMO, run_cli, train_losses
+
+NO_DROPOUT = ["model.dropout=0.0", "model.arch.hidden_dropout_prob=0.0",
+              "model.arch.attention_probs_dropout_prob=0.0"]
+
+
+def samples(lengths, task_id=0):
+    return [{"input_ids": list(range(2, 2 + n)), "token_type_ids": [0] * (n - 2) + [1, 1],
+             "label": i % 3, "task_id": task_id, "index": i} for i, n in enumerate(lengths)]
+
+
+def test_packed_batch_layout():
+    batch = collate_packed(samples([5, 3, 7]), pad_token_id=0, max_length=8, pack_multiple=8)
+    assert batch["input_ids"].shape == (1, 16)  # 15 tokens + at least one pad token -> 16
+    assert batch["cu_seqlens"].tolist() == [0, 5, 8, 15, 16]
+    assert batch["cu_seqlens"].dtype == torch.int32
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 0]
+    padded = collate(samples([5, 3, 7]), pad_token_id=0, max_length=8)
+    ids = batch["input_ids"][0][batch["unpack_index"]] * batch["attention_mask"]
+    assert torch.equal(ids[:, :7], padded["input_ids"])
+    types = batch["token_type_ids"][0][batch["unpack_index"]] * batch["attention_mask"]
+    assert torch.equal(types[:, :7], padded["token_type_ids"])
+    assert batch["attention_mask"].sum() == 15
+
+
+def test_packed_row_always_ends_with_a_pad_sequence():
+    batch = collate_packed(samples([4, 4]), pad_token_id=0, max_length=8, pack_multiple=8)
+    assert batch["cu_seqlens"].tolist() == [0, 4, 8, 16]  # 8 real tokens: row of 16, tail of 8
+
+
+@pytest.mark.parametrize("model_type,head", [("bert", "attention"), ("bert", "cls"),
+                                             ("roberta", "attention")])
+def test_packed_forward_equals_padded_forward(model_type, head):
+    arch = SimpleNamespace(model_type=model_type, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=64,
+                           max_position_embeddings=64, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = build_model(SimpleNamespace(pretrained=None, arch=arch, head=head, dropout=0.0),
+                        vocab_size=50, num_labels=[3], pad_token_id=1).eval()
+    enable_packed_attention(model, max_seqlen=16)
+    rows = samples([5, 9, 3, 12])
+    padded = collate(rows, pad_token_id=1, max_length=16)
+    packed = collate_packed(rows, pad_token_id=1, max_length=16, pack_multiple=8)
+    with torch.no_grad():
+        loss_a, a = model(padded["input_ids"], padded["attention_mask"], 0,
+                          token_type_ids=padded["token_type_ids"], labels=padded["labels"])
+        loss_b, b = model(packed["input_ids"], packed["attention_mask"], 0,
+                          token_type_ids=packed["token_type_ids"], labels=packed["labels"],
+                          position_ids=packed["position_ids"], cu_seqlens=packed["cu_seqlens"],
+                          unpack_index=packed["unpack_index"])
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-5)
+
+
+def test_pack_multiple_larger_than_max_length_is_a_one_line_error():
+    with pytest.raises(ConfigError, match=r"data.pack_multiple.*<= data.max_length \(64\).*300"):
+        load_config(DEMO, ["data.packing=true", "data.max_length=64", "data.pack_multiple=300"])
+
+
+def test_packed_training_losses_equal_padded_training_losses(tmp_path):
+    common = [f"data.cache_dir={tmp_path}/c", "train.max_steps=6", "train.log_steps=1",
+              "checkpoint.save_best=false", "train.eval_at_epoch_end=false", *NO_DROPOUT]
+    run_cli(["train", str(DEMO), f"train.output_dir={tmp_path}/padded", *common])
+    run_cli(["train", str(DEMO), f"train.output_dir={tmp_path}/packed", "data.packing=true",
+             "data.pack_multiple=16", *common])
+    a, b = train_losses(tmp_path / "padded"), train_losses(tmp_path / "packed")
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
+    for (step, x), (_, y) in zip(a, b, strict=True):
+        assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (step, x, y)
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_like_eager_layers(tmp_path):
+    common = [f"data.cache_dir={tmp_path}/c", "train.max_steps=4", "train.log_steps=1",
+              "checkpoint.save_best=false", "train.eval_at_epoch_end=false", *NO_DROPOUT]
+    run_cli(["train", str(DEMO), f"train.output_dir={tmp_path}/eager", *common])
+    run_cli(["train", str(DEMO), f"train.output_dir={tmp_path}/compiled", "train.compile=true",
+             *common], timeout=600)
+    a, b = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 5))
+    for (step, x), (_, y) in zip(a, b, strict=True):
+        assert abs(x - y) <= 1e-4 * max(1.0, abs(x)), (step, x, y)
