@@ -38,7 +38,7 @@ VOCAB = 21128
 TASKS = [("ocnli", "ocnli_like", 3, True), ("ocemotion", "ocemotion_like", 7, False),
          ("tnews", "tnews_like", 15, False)]
 BATCH, MAX_LEN, PEAK_TFLOPS = 32, 300, 989.0
-PROFILE_WARMUP = 200
+PROFILE_WARMUP = 300
 
 
 def lengths_file() -> Path:

@@ -839,7 +839,7 @@ def collate_packed(samples: Sequence[Mapping[str, Any]], pad_token_id: int, max_
     The row is rounded up to a multiple of `pack_multiple` (few shapes, for CUDA graphs and
     compiled kernels); the pad tail is a sequence of its own (at least one token), so
     `cu_seqlens` has batch + 2 entries. `unpack_index` (batch, max_length) gathers each
-    sample's tokens back for the heads; its pad slots point at the tail and are masked by
+    sample's tokens back for the heads; its pad slots point anywhere and are masked by
     `attention_mask` exactly as in a padded batch."""
     task_id = _single_task(samples)
     lengths = np.array([len(s["input_ids"]) for s in samples], dtype=np.int64)
@@ -853,7 +853,9 @@ def collate_packed(samples: Sequence[Mapping[str, Any]], pad_token_id: int, max_
     types = np.zeros(width, dtype=np.int64)
     positions = np.arange(width, dtype=np.int64) - total  # the tail counts from 0
     n = len(samples)
-    unpack = np.full((n, max_length), width - 1, dtype=np.int64)
+    # Pad slots point at rows spread over the whole packed row, not all at one row: their
+    # (exactly zero) gradients then meet few others in the backward's index_add.
+    unpack = np.arange(n * max_length, dtype=np.int64).reshape(n, max_length) % width
     attention = np.zeros((n, max_length), dtype=np.int64)
     for row, s in enumerate(samples):
         a, k = int(starts[row]), int(lengths[row])

@@ -149,7 +149,10 @@ class MultiTaskModel(nn.Module):
                               position_ids=position_ids + self.position_offset,
                               packed_cu_seqlens=cu_seqlens,
                               packed_max_seqlen=self.packed_max_seqlen).last_hidden_state
-        return hidden[0][unpack_index]
+        # index_select, not hidden[0][unpack_index]: its backward is an index_add, while
+        # advanced indexing's (a sort) cost 4 ms per step on an H200 (BERT-large, batch 32).
+        rows = hidden[0].index_select(0, unpack_index.reshape(-1))
+        return rows.view(*unpack_index.shape, hidden.shape[-1])
 
     def head_parameter_names(self, task_id: int) -> list[str]:
         """Names of one head's parameters (used to check idle heads stay unchanged)."""
