@@ -242,8 +242,9 @@ def run_mtl(root: Path, name: str, overrides: list[str], warmup: int, steps: int
     timed = last - first
     assert timed >= steps - log_every, (first, last)
     real = []
+    per_epoch = trainer.plan.num_steps(0)  # equal-sized epochs here (no task caps)
     for step in range(first, last):
-        task, idx = trainer.plan.batch(0, step)
+        task, idx = trainer.plan.batch(step // per_epoch, step % per_epoch)
         real.extend(int(trainer.train_data[task].lengths[i]) for i in idx)
     extra = {"overrides": overrides}
     if trainer.graphs is not None:
