@@ -138,7 +138,9 @@ def frozen_groups(ds_optimizer, group_ids: set[int]):
     sub_to_group = getattr(ds_optimizer, "sub_group_to_group_id", None)
     if sub_to_group:
         flat = ds_optimizer.fp32_partitioned_groups_flat
-        params = [flat[sub] for sub, group in sub_to_group.items() if group in group_ids]
+        subs = [sub for sub, group in sub_to_group.items() if group in group_ids]
+        params = [flat[sub] for sub in subs]
+        _zero_stale_stage3_grads(ds_optimizer, subs)
     else:
         params = [p for i in group_ids for p in groups[i]["params"]]
     saved_lr = {i: groups[i]["lr"] for i in group_ids}
@@ -161,3 +163,20 @@ def frozen_groups(ds_optimizer, group_ids: set[int]):
                     current.copy_(v)
                 else:
                     inner.state[p][k] = v
+
+
+def _zero_stale_stage3_grads(ds_optimizer, sub_groups: list[int]) -> None:
+    """ZeRO-3 keeps each parameter's gradient partition in one persistent buffer and only
+    overwrites those that received a gradient: an idle head still holds the gradient of the
+    last step that used it. Left there it enters the global norm used for clipping (every
+    used gradient then scales differently than under DDP or ZeRO-2, and differently again
+    after a resume, which starts from zeroed buffers). Zero them: idle means no gradient."""
+    partitions = getattr(ds_optimizer, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition",
+                         None)
+    if partitions is None:  # offloaded optimizer states: DeepSpeed keeps no such buffer
+        return
+    for sub in sub_groups:
+        for param in ds_optimizer.fp16_groups[sub]:
+            grad = partitions.get(param.ds_id)
+            if grad is not None:
+                grad.zero_()
