@@ -606,6 +606,8 @@ def _apply_override(cfg: DictConfig, text: str) -> str:
     key, value = _parse_override(text)
     segments = _override_segments(cfg, key)
     display = _display(segments)
+    if _unwrap_optional(_type_at(display))[0] is str and isinstance(value, (bool, int, float)):
+        value = text.partition("=")[2].strip()  # a string key takes `no`, `off`, `1e3` literally
     _check_shape(value, _type_at(display), display)
     if segments == ["tasks"]:
         cfg.tasks = [_task_node(item, index) for index, item in enumerate(value)]
@@ -847,6 +849,8 @@ _TASK_RULES: dict[str, tuple[_Check, str]] = {
 
 def _validate(run: RunConfig, sources: _Sources) -> None:
     """Ranges, choices and cross-field rules; the first problem is raised."""
+    if run.train.mixed_precision == "False":  # YAML 1.1 reads `mixed_precision: no` as false
+        run.train.mixed_precision = "no"
     try:
         for key, (check, expected) in _RULES.items():
             _require(check, _get(run, key), key, expected)

@@ -375,3 +375,12 @@ def test_round_trip_through_yaml(project: Path) -> None:
     assert again == cfg
     assert dataclasses.asdict(again) == save_dict(cfg)
     assert config_hash(again) == config_hash(cfg)
+
+
+def test_yaml_words_that_look_like_booleans_stay_strings_for_string_keys(tmp_path: Path) -> None:
+    # YAML 1.1 reads `no` as false: `train.mixed_precision=no` must still mean "no".
+    assert load_config(None, [*DEMO, "train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(None, [*DEMO, "train.output_dir=123"]).train.output_dir == "123"
+    path = tmp_path / "run.yaml"
+    path.write_text("tasks: [{name: nli, train: 'demo:nli/train'}]\ntrain:\n  mixed_precision: no\n")
+    assert load_config(str(path)).train.mixed_precision == "no"
