@@ -542,6 +542,8 @@ class Trainer:
 
     def _log_train(self, bar, loss_sum, task_loss, task_count, t0, samples0) -> None:
         steps = self.cfg.train.log_steps
+        if self.world_size > 1:  # the loss of the global batch: the mean over ranks
+            loss_sum, task_loss = self._mean_over_ranks(loss_sum, task_loss)
         elapsed = time.perf_counter() - t0
         values = {"train/loss": (loss_sum / steps).item(), "lr": self.scheduler.get_last_lr()[0],
                   "epoch": self.state.epoch,
@@ -557,6 +559,16 @@ class Trainer:
         self.tracking.log("train", self.state.global_step, values)
         bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['lr']:.2e}",
                         sps=f"{values['samples_per_s']:.0f}")
+
+    def _mean_over_ranks(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """One all-reduce for several tensors (every rank has the same shapes): their means."""
+        import torch.distributed as dist
+
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        return [part.view_as(t) for part, t in
+                zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
 
     def _full_model_state(self) -> dict[str, torch.Tensor]:
         """Every weight on rank 0 (ZeRO-3 gathers its partitions: a collective call)."""

@@ -72,6 +72,23 @@ def test_eval_metrics_on_two_ranks_equal_one_rank(straight):
     assert parse(one) == parse(two)
 
 
+def test_logged_loss_is_the_global_batch_loss_two_ranks_equal_one(tmp_path):
+    """train/loss is the mean over ranks: 2 x 16 samples log what 1 x 32 samples log."""
+    no_dropout = ["model.dropout=0.0", "model.arch.hidden_dropout_prob=0.0",
+                  "model.arch.attention_probs_dropout_prob=0.0"]
+    outs = {}
+    for procs in (1, 2):
+        outs[procs] = tmp_path / f"p{procs}"
+        run_cli(["train", str(DEMO), f"train.output_dir={outs[procs]}",
+                 f"data.cache_dir={tmp_path}/cache", *FAST, "train.max_steps=6",
+                 f"train.per_device_batch_size={32 // procs}", "checkpoint.save_best=false",
+                 "train.eval_steps=100", *no_dropout], procs=procs)
+    one, two = train_losses(outs[1]), train_losses(outs[2])
+    assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 7))
+    for (step, a), (_, b) in zip(one, two, strict=True):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (step, a, b)
+
+
 def test_world_size_two_to_one_resume_continues(straight, tmp_path):
     out = tmp_path / "shrink"
     shutil.copytree(straight, out)
