@@ -4,10 +4,15 @@ The only module that writes files into OUTPUT. A checkpoint exists only once com
 every rank writes into a temporary sibling directory, rank 0 checks the file list, writes
 `manifest.json` (size + sha256 of every file) and `COMMITTED` last, fsyncs and renames the
 directory atomically. Readers ignore anything else. Works with and without torch.distributed.
+
+With `async_save=True` (and no DeepSpeed engine) a periodic save blocks only to snapshot the
+state to (pinned) CPU memory; one background thread per process writes the files and, on rank
+0, commits them with the same protocol (the ranks meet through marker files, not collectives).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -15,11 +20,12 @@ import os
 import re
 import secrets
 import shutil
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,6 +48,7 @@ MODEL_FILE = "model.safetensors"
 BEST_JSON = "best.json"
 DS_TAG = "ds"
 SLEEP_ENV = "MTL_DIST_TEST_SAVE_SLEEP"
+MARKER_TIMEOUT_S = 1800.0  # async saves: how long rank 0 waits for the other ranks' markers
 
 _PERIODIC_RE = re.compile(r"^checkpoint-(\d+)$")
 _TMP_RE = re.compile(r"^\.tmp-checkpoint-\d+-[0-9a-f]{8}$")
@@ -329,11 +336,121 @@ def _save_safetensors(
     _pause()
 
 
+def _write_entry(tmp: Path, name: str, state: Any, hasher: _Hasher) -> None:
+    """One app_state entry's file: the model as safetensors, anything else with torch.save."""
+    if name == "model":
+        _save_safetensors(state, tmp / MODEL_FILE, "app_state['model'].state_dict()", hasher)
+    else:
+        _check_weights_only(state, f"app_state['{name}'].state_dict()")
+        _torch_save(state, tmp / f"{name}.pt", hasher)
+
+
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file onto the CPU."""
     from safetensors.torch import load_file
 
     return load_file(str(path), device="cpu")
+
+
+# --------------------------------------------------------------------------- snapshots (async saves)
+
+_IMMUTABLE = (
+    type(None),
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    torch.dtype,
+    torch.device,
+    torch.Size,
+)
+
+
+class _Snapshotter:
+    """CPU copies of state trees, taken on the main thread for a background write.
+
+    Tensors are copied storage by storage, so tensors sharing a storage (tied weights, views)
+    share it in the copy too, as `torch.save` would see them. A CUDA storage is copied into a
+    pinned CPU buffer kept for the next save (keyed by the tensor's position in the tree,
+    reallocated when its size changes) with `non_blocking=True`; one CUDA event per device is
+    recorded after the copies and the writer synchronises on it. The main thread never waits:
+    later in-place updates (the optimizer step) are queued after the copies on the same
+    stream. CPU storages are cloned. Plain containers are rebuilt, other objects deep-copied.
+    """
+
+    def __init__(self) -> None:
+        self._pinned: dict[str, torch.Tensor] = {}
+
+    def take(self, tree: Any) -> tuple[Any, list[Any]]:
+        """(copy of `tree`, CUDA events to synchronise on before reading the copy)."""
+        memo: dict[tuple, torch.Tensor] = {}
+        pinned: dict[str, torch.Tensor] = {}
+        devices: dict[str, torch.device] = {}
+
+        def tensor(t: torch.Tensor, path: str) -> torch.Tensor:
+            if (
+                t.layout != torch.strided
+                or t.is_quantized
+                or t.is_conj()
+                or t.is_neg()
+                or t.device.type not in ("cpu", "cuda")
+                or type(t) not in (torch.Tensor, torch.nn.Parameter)
+            ):  # rare kinds: a plain blocking copy (sharing is not preserved)
+                return t.detach().resolve_conj().resolve_neg().to("cpu", copy=True)
+            storage = t.untyped_storage()
+            key = (str(t.device), storage.data_ptr(), storage.nbytes())
+            buf = memo.get(key) if storage.nbytes() else None
+            if buf is None:
+                src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
+                if t.device.type == "cuda":
+                    buf = self._pinned.get(path)
+                    if buf is None or buf.numel() != src.numel():
+                        buf = torch.empty(src.numel(), dtype=torch.uint8, pin_memory=True)
+                    pinned[path] = buf
+                    buf.copy_(src, non_blocking=True)
+                    devices[str(t.device)] = t.device
+                else:
+                    buf = src.clone()
+                memo[key] = buf
+            out = torch.empty(0, dtype=t.dtype).set_(
+                buf.untyped_storage(), t.storage_offset(), t.size(), t.stride()
+            )
+            if t.requires_grad:
+                out.requires_grad_(True)
+            return out
+
+        def walk(value: Any, path: str) -> Any:
+            if isinstance(value, torch.Tensor):
+                return tensor(value, path)
+            if type(value) in _IMMUTABLE:
+                return value
+            if isinstance(value, dict):
+                items = [(k, walk(v, f"{path}/{k}")) for k, v in value.items()]
+                if type(value) is dict:
+                    return dict(items)
+                new = copy.copy(value)  # OrderedDict, defaultdict, ...: keep the type
+                new.clear()
+                new.update(items)
+                return new
+            if isinstance(value, (list, tuple)):
+                items = [walk(v, f"{path}[{i}]") for i, v in enumerate(value)]
+                if type(value) in (list, tuple):
+                    return type(value)(items)
+                if hasattr(value, "_fields"):  # namedtuple
+                    return type(value)(*items)
+                return type(value)(items)
+            return copy.deepcopy(value)
+
+        copied = walk(tree, "")
+        self._pinned = pinned  # buffers of tensors no longer present are let go
+        events = []
+        for device in devices.values():
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            events.append(event)
+        return copied, events
 
 
 # --------------------------------------------------------------------------- safe deletion
@@ -552,6 +669,35 @@ def _check_world_size(path: Path, manifest: Mapping[str, Any], world: int) -> No
 # --------------------------------------------------------------------------- manager
 
 
+def _marker_name(rank: int) -> str:
+    """The file a rank > 0 leaves in the temp dir when its part of an async save is done."""
+    return f".rank-{rank}.done"
+
+
+def _write_marker(tmp: Path, rank: int, report: dict[str, Any]) -> None:
+    """Write a rank's marker atomically (temp file + rename): rank 0 never reads half of it."""
+    part = tmp / f"{_marker_name(rank)}.part"
+    _write_bytes(part, json.dumps(report).encode())
+    os.replace(part, tmp / _marker_name(rank))
+    _fsync_path(tmp)
+
+
+@dataclass(eq=False)
+class _PendingSave:
+    """One async save in flight: what its thread reports back to the main thread."""
+
+    step: int
+    tmp: Path
+    final: Path
+    blocking_s: float
+    thread: threading.Thread | None = None
+    local_done: threading.Event = field(default_factory=threading.Event)
+    abort: threading.Event = field(default_factory=threading.Event)
+    local_error: str | None = None  # this rank's own files (or its snapshot)
+    outcome: str | None = None  # rank 0: the whole save, commit included
+    background_s: float | None = None
+
+
 class CheckpointManager:
     """Writes and reads every file under OUTPUT: periodic checkpoints, best/, run files."""
 
@@ -561,6 +707,7 @@ class CheckpointManager:
         *,
         save_total_limit: int | None,
         greater_is_better: bool = True,
+        async_save: bool = False,
     ) -> None:
         if save_total_limit is not None and save_total_limit < 1:
             raise CheckpointError(
@@ -574,6 +721,13 @@ class CheckpointManager:
         self.resumed_from: Path | None = None
         self._newer_since_resume = True
         self._last_saved: Path | None = None
+        self.async_save = async_save
+        self.marker_timeout_s = MARKER_TIMEOUT_S
+        self.last_save_timing: dict[str, Any] | None = None
+        self._timings: list[dict[str, Any]] = []
+        self._pending: _PendingSave | None = None
+        self._snapshotter = _Snapshotter()
+        self._told_zero_blocks = False
         if _env_rank() == 0:
             self._recover_best()
 
@@ -588,9 +742,24 @@ class CheckpointManager:
         manifest: dict,
         engine: Any = None,
     ) -> Path:
-        """Collective: write and commit `checkpoints/checkpoint-{step}`, then rotate old ones."""
+        """Collective: write and commit `checkpoints/checkpoint-{step}`, then rotate old ones.
+
+        With `async_save` (and no DeepSpeed engine) it returns once the state is snapshotted;
+        the files are written and committed in the background (`wait()` finishes that), and
+        the path it returns is committed only then.
+        """
         if not isinstance(step, int) or step < 0:
             raise CheckpointError(f"checkpoint step: expected an int >= 0, got {step!r}")
+        start = time.perf_counter()
+        if self.async_save and engine is None:
+            return self._save_async(step, app_state, trainer_state, manifest, start)
+        if self.async_save and not self._told_zero_blocks:
+            self._told_zero_blocks = True
+            log.warning(
+                "checkpoint.async_save: DeepSpeed saves its ZeRO partitions collectively; "
+                "checkpoints of this run are written while training waits"
+            )
+        self.wait()
         rank, world = _dist_info()
         names = self._entry_names(app_state, engine)
         tmp = self._begin(self.checkpoints_dir, f".tmp-checkpoint-{step}", (_TMP_RE, _OLD_RE))
@@ -620,7 +789,233 @@ class CheckpointManager:
         self._note_commit(final, step)
         if rank == 0:
             self.rotate()
+        blocked = time.perf_counter() - start
+        self._record_timing(
+            {"step": step, "async": False, "blocking_s": blocked, "background_s": 0.0}
+        )
+        log.info("checkpoint-%d: saved in %.3f s (training waited for all of it)", step, blocked)
         return final
+
+    # ------------------------------------------------------------------ async periodic save
+
+    def _save_async(
+        self,
+        step: int,
+        app_state: Mapping[str, Stateful],
+        trainer_state: dict,
+        run: dict,
+        start: float,
+    ) -> Path:
+        """Main thread: finish the previous save, make the temp dir, snapshot, start the writer."""
+        self.wait()  # never two in flight; a failed previous save raises here, on every rank
+        rank, world = _dist_info()
+        names = self._entry_names(app_state, None)
+        tmp = self._begin(self.checkpoints_dir, f".tmp-checkpoint-{step}", (_TMP_RE, _OLD_RE))
+        final = self.checkpoints_dir / f"checkpoint-{step}"
+        snapshot, events, error = None, [], None
+        try:
+            tree: dict[str, Any] = {"rng": capture_rng_state()}
+            if rank == 0:  # the replicated objects are written by rank 0 only
+                tree["app"] = {name: app_state[name].state_dict() for name in names}
+                tree["trainer_state"] = trainer_state
+                tree["run"] = run
+            snapshot, events = self._snapshotter.take(tree)
+        except Exception as exc:  # noqa: BLE001 - reported like a failed write, at the next wait
+            error = f"saving checkpoint-{step} failed on rank {rank}: {_error_text(exc)}"
+        pending = _PendingSave(step, tmp, final, blocking_s=0.0)
+        pending.thread = threading.Thread(
+            target=self._background,
+            args=(pending, snapshot, events, names, rank, world, error),
+            name=f"mtl_dist-checkpoint-{step}",
+            daemon=True,  # a crashing run does not wait for it; the temp dir is cleaned later
+        )
+        pending.blocking_s = time.perf_counter() - start
+        pending.thread.start()
+        self._pending = pending
+        self.last_save_timing = {
+            "step": step,
+            "async": True,
+            "blocking_s": pending.blocking_s,
+            "background_s": None,
+        }
+        log.info(
+            "checkpoint-%d: training blocked %.3f s (snapshot); writing in the background",
+            step,
+            pending.blocking_s,
+        )
+        return final
+
+    def _background(
+        self,
+        p: _PendingSave,
+        snapshot: Any,
+        events: list[Any],
+        names: list[str],
+        rank: int,
+        world: int,
+        error: str | None,
+    ) -> None:
+        """The writer thread: this rank's files; then rank 0 gathers the markers and commits.
+
+        No torch.distributed here: a collective from a second thread would race training's.
+        """
+        start = time.perf_counter()
+        known: dict[str, dict[str, Any]] = {}
+        try:
+            if error is None:
+                try:
+                    for event in events:
+                        event.synchronize()
+                    with _Hasher(p.tmp) as hasher:
+                        if rank == 0:
+                            for name in names:
+                                _write_entry(p.tmp, name, snapshot["app"][name], hasher)
+                            _write_json(
+                                p.tmp / TRAINER_STATE, snapshot["trainer_state"], "trainer_state"
+                            )
+                        _torch_save(snapshot["rng"], p.tmp / f"rng_state_{rank}.pth", hasher)
+                        known = hasher.results()
+                except Exception as exc:  # noqa: BLE001 - reported at the next wait, every rank
+                    error = f"saving checkpoint-{p.step} failed on rank {rank}: {_error_text(exc)}"
+            run = snapshot.get("run") if rank == 0 and snapshot is not None else None
+            snapshot = None  # let go of the copies (the pinned buffers stay with the snapshotter)
+            if rank != 0:
+                try:
+                    _write_marker(p.tmp, rank, {"error": error, "files": known})
+                except Exception as exc:  # noqa: BLE001 - rank 0 is told by the main thread
+                    error = error or (
+                        f"saving checkpoint-{p.step} failed on rank {rank}: cannot write its "
+                        f"marker: {_error_text(exc)}"
+                    )
+                p.local_error = error
+                return
+            p.local_error = error
+            p.local_done.set()
+            p.outcome = self._commit_in_background(p, known, names, world, error, run)
+        except BaseException as exc:  # noqa: BLE001 - never leave the main thread waiting
+            p.local_error = p.local_error or f"checkpoint-{p.step}: {_error_text(exc)}"
+            p.outcome = p.outcome or p.local_error
+        finally:
+            p.background_s = time.perf_counter() - start
+            p.local_done.set()
+            if rank == 0 and p.outcome is None:
+                log.info(
+                    "checkpoint-%d: written and committed in the background in %.3f s",
+                    p.step,
+                    p.background_s,
+                )
+
+    def _commit_in_background(
+        self,
+        p: _PendingSave,
+        known: dict[str, dict[str, Any]],
+        names: list[str],
+        world: int,
+        error: str | None,
+        run: dict | None,
+    ) -> str | None:
+        """Rank 0's thread: wait for every rank's marker, then manifest, commit, install, rotate."""
+        outcome = error
+        try:
+            reports = self._wait_for_markers(p, world)
+            for r in sorted(reports):
+                outcome = outcome or reports[r].get("error")
+            if outcome is None:
+                for r, report in reports.items():
+                    known.update(report["files"])
+                    (p.tmp / _marker_name(r)).unlink()
+                rest = [n for n in _list_files(p.tmp) if n not in known]
+                files = known | _digests(p.tmp, rest)
+                full = self._manifest("periodic", p.step, world, files, run, names=names)
+                self._check_complete(full, world, names, False)
+                _commit(p.tmp, full)
+                _install(p.tmp, p.final, self.output_dir, f"checkpoint-{p.step}")
+        except Exception as exc:  # noqa: BLE001 - reported at the next wait, every rank
+            outcome = outcome or f"committing checkpoint-{p.step} failed: {_error_text(exc)}"
+        if outcome is not None:
+            if p.tmp.exists():
+                try:
+                    _safe_rmtree(p.tmp, self.output_dir)
+                except (CheckpointError, OSError) as exc:
+                    log.warning("could not remove %s: %s", p.tmp, exc)
+            return outcome
+        self._note_commit(p.final, p.step)
+        try:
+            self.rotate()
+        except Exception as exc:  # noqa: BLE001 - committed; the error still reaches the caller
+            return f"rotating after checkpoint-{p.step} failed: {_error_text(exc)}"
+        return None
+
+    def _wait_for_markers(self, p: _PendingSave, world: int) -> dict[int, dict[str, Any]]:
+        """Rank 0's thread: every other rank's marker (polled); the main thread may abort it."""
+        want = set(range(1, world))
+        got: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + self.marker_timeout_s
+        delay = 0.002
+        while True:
+            for r in sorted(want):
+                path = p.tmp / _marker_name(r)
+                if path.is_file():
+                    got[r] = json.loads(path.read_text())
+                    want.discard(r)
+            if not want:
+                return got
+            if p.abort.is_set():
+                raise CheckpointError(f"rank {min(want)} failed before reporting its files")
+            if time.monotonic() > deadline:
+                raise CheckpointError(
+                    f"rank {min(want)} did not report its files within "
+                    f"{self.marker_timeout_s:g} s"
+                )
+            time.sleep(delay)
+            delay = min(2 * delay, 0.05)
+
+    def wait(self) -> None:
+        """Collective (main thread): finish the in-flight async save, if any.
+
+        Every rank raises the same one-line CheckpointError if any part of it failed (the temp
+        dir is then gone; nothing committed earlier was touched). A no-op without one.
+        """
+        p = self._pending
+        if p is None:
+            return
+        self._pending = None
+        rank, _world = _dist_info()
+        p.local_done.wait()
+        errors = _all_gather(p.local_error)
+        if rank == 0 and any(errors):
+            p.abort.set()  # a rank that could not write its marker must not be waited for
+        assert p.thread is not None
+        p.thread.join()
+        errors.append(_broadcast(p.outcome if rank == 0 else None))
+        failed = next((e for e in errors if e), None)
+        if failed is None:
+            self._note_commit(p.final, p.step)
+        self._record_timing(
+            {
+                "step": p.step,
+                "async": True,
+                "blocking_s": p.blocking_s,
+                "background_s": p.background_s,
+                **({"error": failed} if failed else {}),
+            }
+        )
+        _raise_if_any(errors)
+
+    @property
+    def save_in_flight(self) -> bool:
+        """Whether an async save has been started and not yet waited for."""
+        return self._pending is not None
+
+    def _record_timing(self, timing: dict[str, Any]) -> None:
+        self.last_save_timing = timing
+        self._timings.append(timing)
+
+    def take_timings(self) -> list[dict[str, Any]]:
+        """Timings of the saves finished since the last call (step, async, blocking_s: how long
+        the caller was blocked, background_s: the background write + commit; 0 when blocking)."""
+        done, self._timings = self._timings, []
+        return done
 
     def _fail_together(self, tmp: Path, errors: list[str | None]) -> None:
         """If any rank failed: rank 0 discards the temp dir, then every rank raises the first error."""
@@ -677,13 +1072,7 @@ class CheckpointManager:
             _pause()
         if rank == 0:
             for name in names:
-                state = app_state[name].state_dict()
-                if name == "model":
-                    where = "app_state['model'].state_dict()"
-                    _save_safetensors(state, tmp / MODEL_FILE, where, hasher)
-                else:
-                    _check_weights_only(state, f"app_state['{name}'].state_dict()")
-                    _torch_save(state, tmp / f"{name}.pt", hasher)
+                _write_entry(tmp, name, app_state[name].state_dict(), hasher)
             _write_json(tmp / TRAINER_STATE, trainer_state, "trainer_state")
         _torch_save(capture_rng_state(), tmp / f"rng_state_{rank}.pth", hasher)
 

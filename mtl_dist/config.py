@@ -182,6 +182,7 @@ class CheckpointConfig:
     save_at_epoch_end: bool = True
     save_total_limit: int | None = 3
     save_best: bool = True
+    async_save: bool = False  # periodic saves written + committed by a background thread
 
 
 @dataclass
