@@ -182,7 +182,8 @@ class Trainer:
         set_seed(cfg.train.seed + self.rank)
         self.output_dir = Path(cfg.train.output_dir)
         self.ckpt = CheckpointManager(self.output_dir, save_total_limit=cfg.checkpoint.save_total_limit,
-                                      greater_is_better=cfg.train.metric_for_best != "loss")
+                                      greater_is_better=cfg.train.metric_for_best != "loss",
+                                      async_save=cfg.checkpoint.async_save)
         self.tokenizer = mdata.load_tokenizer(cfg.model)
         self.label_maps = self._frozen_label_maps()
         self.task_names = [t.name for t in cfg.tasks]
@@ -358,6 +359,9 @@ class Trainer:
             if not cfg.train.max_steps and self.state.epoch >= cfg.train.num_epochs:
                 stop = True
         bar.close()
+        # The last (or preemption) checkpoint is committed before fit returns (exit code 75).
+        self.ckpt.wait()
+        self._log_checkpoint_timings()
         acc.wait_for_everyone()
         preempted = self.stop_reason == "preempted"
         summary = {"global_step": self.state.global_step, "best_score": self.early.best_score,
@@ -381,6 +385,10 @@ class Trainer:
     def close(self) -> None:
         """Tear down the process group (end of the program; not done by fit, so callers can
         still inspect sharded state after training) and restore the signal handlers."""
+        try:  # an async save left in flight (fit raised): finish it, report a failure, go on
+            self.ckpt.wait()
+        except Exception as exc:  # noqa: BLE001 - an exception is on its way already
+            warnings.warn(f"checkpoint: {exc}", stacklevel=2)
         if getattr(self, "preemption", None) is not None:
             self.preemption.restore()
         self.accelerator.end_training()
@@ -537,8 +545,19 @@ class Trainer:
         return False
 
     def save_checkpoint(self) -> Path:
-        return self.ckpt.save(self.state.global_step, self.app_state(), self.state.state_dict(),
+        path = self.ckpt.save(self.state.global_step, self.app_state(), self.state.state_dict(),
                               manifest=self.manifest(), engine=self.engine)
+        self._log_checkpoint_timings()
+        return path
+
+    def _log_checkpoint_timings(self) -> None:
+        """With checkpoint.async_save: one `checkpoint` record per finished save, at its step."""
+        for t in self.ckpt.take_timings():
+            if self.cfg.checkpoint.async_save:
+                self.tracking.log("checkpoint", t["step"], {
+                    "checkpoint/blocking_s": t["blocking_s"],
+                    "checkpoint/background_s": t["background_s"],
+                    "checkpoint/async": t["async"]})
 
     def _log_train(self, bar, loss_sum, task_loss, task_count, t0, samples0) -> None:
         steps = self.cfg.train.log_steps
