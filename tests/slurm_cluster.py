@@ -697,3 +697,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def started_cluster(nodes: int = 1):
+    """Generator for a module-scoped pytest fixture: a started cluster, torn down after the
+    module; the module's tests are skipped when this machine cannot run Slurm."""
+    import pytest
+
+    try:
+        cluster = SlurmCluster(nodes=nodes).up()
+    except SlurmUnavailable as err:
+        pytest.skip(f"no local {nodes}-node Slurm: {err}")
+    try:
+        yield cluster
+    finally:
+        cluster.down()

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import SlurmCluster, SlurmUnavailable
+from slurm_cluster import SlurmCluster, started_cluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -87,14 +87,7 @@ class Job:
 # ------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def slurm():
-    try:
-        cluster = SlurmCluster().up()
-    except SlurmUnavailable as err:
-        pytest.skip(f"no local Slurm: {err}")
-    try:
-        yield cluster
-    finally:
-        cluster.down()
+    yield from started_cluster()
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 from _runs import run_cli
-from slurm_cluster import TERMINAL_STATES, SlurmCluster, SlurmUnavailable
+from slurm_cluster import TERMINAL_STATES, SlurmCluster, started_cluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -152,14 +152,7 @@ def inspect_checkpoint(ckpt: Path) -> dict:
 # ------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def cluster():
-    try:
-        c = SlurmCluster(nodes=NODES).up()
-    except SlurmUnavailable as err:
-        pytest.skip(f"no local {NODES}-node Slurm: {err}")
-    try:
-        yield c
-    finally:
-        c.down()
+    yield from started_cluster(NODES)
 
 
 @pytest.fixture(scope="module")
