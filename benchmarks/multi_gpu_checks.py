@@ -14,9 +14,9 @@ process: `launch/gpu_single.yaml` for DDP, the ZeRO file with `--num_processes 1
                     checkpoint K < S (as after a crash), run to the end; every rank's per-step
                     losses vs an uninterrupted run: bit-exact flag, max gap, first differing step;
                     final fp32 weights compared too. Dropout on (CUDA RNG restore is exercised).
-  c. ema            the demo's EMA (train.ema_decay) under DDP and ZeRO-2: ema.pt in the
-                    checkpoints, EMA shadow after the resume vs uninterrupted, and the final
-                    EMA-evaluated dev record. ZeRO-3 + EMA: refused by the library (recorded).
+  c. ema            the demo's EMA (train.ema_decay) under DDP, ZeRO-2 and ZeRO-3: ema.pt in
+                    the checkpoints, EMA shadow after the resume vs uninterrupted, and the final
+                    EMA-evaluated dev record.
   d. idle_heads     at EVERY optimizer step of every launch: the heads of tasks not in the
                     step keep their fp32 weights (ZeRO: gathered with deepspeed.utils.
                     safe_get_full_fp32_param) and AdamW state (ZeRO: every rank's partitions)
@@ -331,14 +331,13 @@ def train(ctx: Ctx, name: str, mode: str, procs: int, out: Path, *overrides: str
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(procs))
     # (CPU: the default 'no'. An override `train.mixed_precision=no` is read as YAML false.)
     precision = ["train.mixed_precision=bf16"] if ctx.precision == "bf16" else []
-    ema = ["train.ema_decay=null"] if mode == "zero3" else []  # refused with ZeRO-3
     probe = out / f"probe-{name.split('/')[-1]}"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_files(mode, procs),
            "--num_processes", str(procs), "--main_process_port", "0",
            str(Path(__file__).resolve()), "--worker", str(probe),
            "train", str(DEMO), f"train.output_dir={out}", f"data.cache_dir={ctx.root / 'cache'}",
            *FAST, f"train.max_steps={a.steps}", "sampler.check_task_agreement=true", *precision,
-           *ema, *overrides]
+           *overrides]
     row = run_process(ctx, name, cmd, env, launch=True)
     probes = read_probes(probe, procs)
     row["probe"] = {k: probes[0][k] for k in ("world_size", "device", "distributed_type",
@@ -530,22 +529,6 @@ def check_ema(ctx: Ctx, mode: str, straight: dict, stop: dict) -> dict:
     return row
 
 
-def zero3_ema_refusal() -> dict:
-    sys.path.insert(0, str(REPO))
-    from mtl_dist.config import load_config
-    from mtl_dist.errors import ConfigError
-    from mtl_dist.zero import build_ds_config
-
-    cfg = load_config(DEMO, ["train.zero_stage=3",
-                             f"train.deepspeed_config={LAUNCH / 'ds_zero3.json'}"])
-    try:
-        build_ds_config(cfg, 2)
-    except ConfigError as err:
-        return {"supported": False, "refused_by": "mtl_dist.zero.build_ds_config (trainer start)",
-                "message": str(err), "pass": None}
-    return {"supported": True, "note": "not refused any more: add ZeRO-3 EMA runs", "pass": None}
-
-
 def check_world_size(ctx: Ctx, resumed: dict, source: dict, target: dict, direction: str) -> dict:
     a = ctx.args
     k, n = a.resume_from, a.first_n
@@ -673,10 +656,10 @@ def checks_for(ctx: Ctx, m: str) -> list[tuple[str, tuple[str, ...], Any]]:
     if m != "ddp" and "ddp" in ctx.args.modes:
         out.append(("vs_ddp", ("ddp/two", f"{m}/two", "ddp/one", f"{m}/one"),
                     lambda r: check_vs_ddp(ctx, m, *r)))
+    out.append(("ema", (f"{m}/straight", f"{m}/stop", f"{m}/resume"),
+                lambda r: check_ema(ctx, m, r[0], r[1])))
     if m != "zero3":
-        out += [("ema", (f"{m}/straight", f"{m}/stop", f"{m}/resume"),
-                 lambda r: check_ema(ctx, m, r[0], r[1])),
-                ("world_size_2_to_1", (f"{m}/shrink", f"{m}/two", f"{m}/one"),
+        out += [("world_size_2_to_1", (f"{m}/shrink", f"{m}/two", f"{m}/one"),
                  lambda r: check_world_size(ctx, *r, "2_to_1")),
                 ("world_size_1_to_2", (f"{m}/grow", f"{m}/one", f"{m}/two"),
                  lambda r: check_world_size(ctx, *r, "1_to_2"))]
@@ -825,8 +808,6 @@ def main() -> None:
                                 "DS_ACCELERATOR=cpu OMP_NUM_THREADS=1" if a.cpu else None},
         "modes": {m: {} for m in a.modes},
     }
-    if "zero3" in a.modes:
-        ctx.result["modes"]["zero3"]["ema"] = zero3_ema_refusal()
     ctx.write()
     print(f"workdir {root}; results -> {out}", flush=True)
     run_all(ctx)

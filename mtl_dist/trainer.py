@@ -31,8 +31,12 @@ from mtl_dist.config import RunConfig, config_hash, config_to_yaml
 from mtl_dist.ema import EMA
 from mtl_dist.errors import ConfigError
 from mtl_dist.metrics import run_score, task_metrics
-from mtl_dist.model import (MultiTaskModel, build_model, compile_encoder_layers,
-                            enable_packed_attention)
+from mtl_dist.model import (
+    MultiTaskModel,
+    build_model,
+    compile_encoder_layers,
+    enable_packed_attention,
+)
 from mtl_dist.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag, request_requeue
 from mtl_dist.sampler import MultiTaskBatchPlan, RankBatchSampler, check_task_agreement, eval_shard
 from mtl_dist.tracking import Tracking, format_eval_line
@@ -262,7 +266,10 @@ class Trainer:
         else:
             self.model, self.optimizer = acc.prepare(self.model, optimizer)
         self._set_module()
-        self.ema = EMA(self.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        # Under ZeRO-3 the EMA shadows this rank's parameter partitions only.
+        zero3 = self.optimizer if self.engine is not None and cfg.train.zero_stage == 3 else None
+        self.ema = EMA(self.module, cfg.train.ema_decay, zero3_optimizer=zero3) \
+            if cfg.train.ema_decay else None
         self.graphs = self._make_step_graphs(self.module)
         self.group_tasks: set[int] = set()  # tasks seen in the current accumulation group
 
@@ -545,8 +552,11 @@ class Trainer:
         return False
 
     def save_checkpoint(self) -> Path:
-        path = self.ckpt.save(self.state.global_step, self.app_state(), self.state.state_dict(),
-                              manifest=self.manifest(), engine=self.engine)
+        # ZeRO-3: the EMA's full shadow is gathered to rank 0 (collective) for the save.
+        with self.ema.for_checkpoint(self.module) if self.ema is not None else nullcontext():
+            path = self.ckpt.save(self.state.global_step, self.app_state(),
+                                  self.state.state_dict(), manifest=self.manifest(),
+                                  engine=self.engine)
         self._log_checkpoint_timings()
         return path
 
