@@ -64,8 +64,6 @@ FAST = ["train.log_steps=1", "train.eval_steps=8", "checkpoint.save_steps=8",
 NO_DROPOUT = ["model.dropout=0.0", "model.arch.hidden_dropout_prob=0.0",
               "model.arch.attention_probs_dropout_prob=0.0"]
 MODES = ("ddp", "zero2", "zero3")
-# ZeRO-3 resume is not bit-exact (known gap): the tolerance tests/test_distributed.py uses.
-ZERO3_RESUME_TOL = 5e-3
 # Relative tolerance on the global-batch loss where bit-equality is not expected.
 TOLERANCE = {
     "bf16": (2e-2, "bf16 keeps 8 significant bits (unit roundoff 2^-8 = 3.9e-3); 1 vs 2 "
@@ -454,12 +452,6 @@ def check_vs_ddp(ctx: Ctx, mode: str, ddp_two: dict, two: dict, ddp_one: dict,
     row.update(tolerance_rel=tol, tolerance_why=why)
     row["pass"] = all(row[k]["all_steps_gap"]["max_rel"] <= tol
                       for k in ("2_processes", "1_process"))
-    if mode == "zero3":
-        row["known_cause_if_failing"] = (
-            "ZeRO-3 keeps a stale (non-zero) fp32 gradient for the heads of tasks not in the "
-            "step; it enters the global gradient norm used for clipping, so the clip factor "
-            "differs from DDP's/ZeRO-2's from the first step in which a head used earlier is "
-            "idle (see resume)")
     return row
 
 
@@ -473,8 +465,6 @@ def check_resume(ctx: Ctx, mode: str, straight: dict, stop: dict, resume: dict) 
     bit_exact = all(split[s] == ref[s] for s in ref)
     first_diff = next((s for s in sorted(ref) if split[s] != ref[s]), None)
     g = gaps(global_loss(split), global_loss(ref), list(range(1, a.steps + 1)))
-    tol = max(ZERO3_RESUME_TOL, TOLERANCE[ctx.precision][0])
-    expect_exact = mode != "zero3"
     same_first = all(split[s] == ref[s] for s in range(1, k + 2))
     row = {"what": f"2 processes, dropout on: stop after {a.stop_after} steps, resume from "
                    f"periodic checkpoint-{k} (mid-epoch), run to {a.steps}; every rank's loss "
@@ -486,16 +476,9 @@ def check_resume(ctx: Ctx, mode: str, straight: dict, stop: dict, resume: dict) 
            "logged_rank0_bit_exact": logged_losses(stop["out"]) == logged_losses(straight["out"]),
            "final_weights": weight_diff(ckpt(stop["out"], a.steps), ckpt(straight["out"],
                                                                          a.steps)),
-           "expected": "bit-exact" if expect_exact else
-           f"known ZeRO-3 gap (README, Checkpoints; tests/test_distributed.py): equal losses "
-           f"through the first step after the resume (step {k + 1}, same weights, data and "
-           f"RNG), then drift: pass = that and max rel gap <= {tol}. Cause (found on CPU): "
-           "under ZeRO-3 the fp32 gradient partitions of idle heads keep the stale gradient "
-           "of the last step that used them and it enters the global norm used for clipping "
-           "(the heads themselves stay frozen); a resumed engine starts with zeroed gradient "
-           "buffers, so the clip factor of the first step after the resume differs (every "
-           "used gradient x0.961 at step 9 of the CPU dry run; see vs_ddp)"}
-    row["pass"] = bit_exact if expect_exact else same_first and (g["max_rel"] or 0.0) <= tol
+           "expected": "bit-exact (ZeRO-3 too since 3c4b51f: idle heads' stale gradient "
+                       "partitions no longer enter the clipping norm)"}
+    row["pass"] = bit_exact
     return row
 
 
