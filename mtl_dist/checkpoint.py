@@ -372,21 +372,23 @@ class _Snapshotter:
     """CPU copies of state trees, taken on the main thread for a background write.
 
     Tensors are copied storage by storage, so tensors sharing a storage (tied weights, views)
-    share it in the copy too, as `torch.save` would see them. A CUDA storage is copied into a
-    pinned CPU buffer kept for the next save (keyed by the tensor's position in the tree,
-    reallocated when its size changes) with `non_blocking=True`; one CUDA event per device is
+    share it in the copy too, as `torch.save` would see them. Each storage is copied into a CPU
+    buffer kept for the next save (keyed by the tensor's position in the tree, reallocated when
+    its size changes; a fresh allocation costs page faults on every save). For a CUDA storage
+    the buffer is pinned and the copy is `non_blocking=True`; one CUDA event per device is
     recorded after the copies and the writer synchronises on it. The main thread never waits:
     later in-place updates (the optimizer step) are queued after the copies on the same
-    stream. CPU storages are cloned. Plain containers are rebuilt, other objects deep-copied.
+    stream. Plain containers are rebuilt, other objects deep-copied. The caller must not take
+    a new snapshot while the previous one is still being read (one save in flight).
     """
 
     def __init__(self) -> None:
-        self._pinned: dict[str, torch.Tensor] = {}
+        self._buffers: dict[str, torch.Tensor] = {}
 
     def take(self, tree: Any) -> tuple[Any, list[Any]]:
         """(copy of `tree`, CUDA events to synchronise on before reading the copy)."""
         memo: dict[tuple, torch.Tensor] = {}
-        pinned: dict[str, torch.Tensor] = {}
+        buffers: dict[str, torch.Tensor] = {}
         devices: dict[str, torch.device] = {}
 
         def tensor(t: torch.Tensor, path: str) -> torch.Tensor:
@@ -404,15 +406,16 @@ class _Snapshotter:
             buf = memo.get(key) if storage.nbytes() else None
             if buf is None:
                 src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
-                if t.device.type == "cuda":
-                    buf = self._pinned.get(path)
-                    if buf is None or buf.numel() != src.numel():
-                        buf = torch.empty(src.numel(), dtype=torch.uint8, pin_memory=True)
-                    pinned[path] = buf
-                    buf.copy_(src, non_blocking=True)
+                cuda = t.device.type == "cuda"
+                while path in buffers:  # two keys that print alike: never share a buffer
+                    path += "'"
+                buf = self._buffers.get(path)
+                if buf is None or buf.numel() != src.numel() or (cuda and not buf.is_pinned()):
+                    buf = torch.empty(src.numel(), dtype=torch.uint8, pin_memory=cuda)
+                buffers[path] = buf
+                buf.copy_(src, non_blocking=cuda)
+                if cuda:
                     devices[str(t.device)] = t.device
-                else:
-                    buf = src.clone()
                 memo[key] = buf
             out = torch.empty(0, dtype=t.dtype).set_(
                 buf.untyped_storage(), t.storage_offset(), t.size(), t.stride()
@@ -444,7 +447,7 @@ class _Snapshotter:
             return copy.deepcopy(value)
 
         copied = walk(tree, "")
-        self._pinned = pinned  # buffers of tensors no longer present are let go
+        self._buffers = buffers  # buffers of tensors no longer present are let go
         events = []
         for device in devices.values():
             event = torch.cuda.Event()
@@ -878,7 +881,7 @@ class CheckpointManager:
                 except Exception as exc:  # noqa: BLE001 - reported at the next wait, every rank
                     error = f"saving checkpoint-{p.step} failed on rank {rank}: {_error_text(exc)}"
             run = snapshot.get("run") if rank == 0 and snapshot is not None else None
-            snapshot = None  # let go of the copies (the pinned buffers stay with the snapshotter)
+            snapshot = None  # let go of the copies (the buffers stay with the snapshotter)
             if rank != 0:
                 try:
                     _write_marker(p.tmp, rank, {"error": error, "files": known})
@@ -964,8 +967,7 @@ class CheckpointManager:
                 raise CheckpointError(f"rank {min(want)} failed before reporting its files")
             if time.monotonic() > deadline:
                 raise CheckpointError(
-                    f"rank {min(want)} did not report its files within "
-                    f"{self.marker_timeout_s:g} s"
+                    f"rank {min(want)} did not report its files within {self.marker_timeout_s:g} s"
                 )
             time.sleep(delay)
             delay = min(2 * delay, 0.05)
