@@ -26,7 +26,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -38,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from checkpoint_cost import MODELS, Model, machine  # noqa: E402
+from checkpoint_cost import MODELS, Model, machine, write_report  # noqa: E402
 
 from mtl_dist import checkpoint as ck  # noqa: E402
 from mtl_dist.checkpoint import CheckpointManager  # noqa: E402
@@ -243,11 +242,7 @@ def main() -> None:
         },
         "results": results,
     }
-    if args.dir is None:
-        shutil.rmtree(workdir, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(report, args.out, workdir, keep_workdir=args.dir is not None)
 
 
 if __name__ == "__main__":

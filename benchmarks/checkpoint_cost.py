@@ -200,11 +200,16 @@ def main() -> None:
         },
         "results": results,
     }
-    if args.dir is None:
+    write_report(report, args.out, workdir, keep_workdir=args.dir is not None)
+
+
+def write_report(report: dict, out: Path, workdir: Path, *, keep_workdir: bool) -> None:
+    """Write the results JSON; remove the scratch directory unless the user chose it."""
+    if not keep_workdir:
         shutil.rmtree(workdir, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
