@@ -562,17 +562,20 @@ class Trainer:
 
     def _log_checkpoint_timings(self) -> None:
         """With checkpoint.async_save: one `checkpoint` record per finished save, at its step."""
-        for t in self.ckpt.take_timings():
-            if self.cfg.checkpoint.async_save:
-                self.tracking.log("checkpoint", t["step"], {
-                    "checkpoint/blocking_s": t["blocking_s"],
-                    "checkpoint/background_s": t["background_s"],
-                    "checkpoint/async": t["async"]})
+        timings = self.ckpt.take_timings()  # drained either way
+        if not self.cfg.checkpoint.async_save:
+            return
+        for t in timings:
+            self.tracking.log("checkpoint", t["step"], {
+                "checkpoint/blocking_s": t["blocking_s"],
+                "checkpoint/background_s": t["background_s"],
+                "checkpoint/async": t["async"]})
 
     def _log_train(self, bar, loss_sum, task_loss, task_count, t0, samples0) -> None:
         steps = self.cfg.train.log_steps
         if self.world_size > 1:  # the loss of the global batch: the mean over ranks
-            loss_sum, task_loss = self._mean_over_ranks(loss_sum, task_loss)
+            means = self.accelerator.reduce(torch.cat([loss_sum.view(1), task_loss]), "mean")
+            loss_sum, task_loss = means[0], means[1:]
         elapsed = time.perf_counter() - t0
         values = {"train/loss": (loss_sum / steps).item(), "lr": self.scheduler.get_last_lr()[0],
                   "epoch": self.state.epoch,
@@ -588,16 +591,6 @@ class Trainer:
         self.tracking.log("train", self.state.global_step, values)
         bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['lr']:.2e}",
                         sps=f"{values['samples_per_s']:.0f}")
-
-    def _mean_over_ranks(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        """One all-reduce for several tensors (every rank has the same shapes): their means."""
-        import torch.distributed as dist
-
-        flat = torch.cat([t.reshape(-1).float() for t in tensors])
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        return [part.view_as(t) for part, t in
-                zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
 
     def _full_model_state(self) -> dict[str, torch.Tensor]:
         """Every weight on rank 0 (ZeRO-3 gathers its partitions: a collective call)."""
