@@ -106,8 +106,8 @@ def worker(argv: list[str]) -> int:
 
     original_fb = T.Trainer._forward_backward
 
-    def forward_backward(self, batch, group, last_in_group):
-        loss = original_fb(self, batch, group, last_in_group)
+    def forward_backward(self, batch, *args):
+        loss = original_fb(self, batch, *args)
         rec["micro_steps"] += 1
         losses.append((self.state.global_step + 1, int(batch["task_id"]),
                        loss.detach().float().reshape(())))

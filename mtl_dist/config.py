@@ -160,6 +160,7 @@ class TrainConfig:
     zero_stage: int = 0
     deepspeed_config: str | None = None
     fused_optimizer: bool = True
+    fused_clipping: bool = False  # clipping folded into the fused AdamW pass (grad_scale)
     compile: bool = False
     cuda_graphs: bool = False
     stop_after_steps: int | None = None
@@ -952,6 +953,17 @@ def _validate_labels(labels: list[str], key: str) -> None:
 def _validate_combinations(train: TrainConfig) -> None:
     """Settings that contradict each other on any machine (the trainer would only notice on a
     GPU, after loading data and building the model, or silently ignore one on a CPU)."""
+    if train.fused_clipping and (train.zero_stage or train.mixed_precision == "fp16"
+                                 or not train.fused_optimizer):
+        why = "DeepSpeed clips in its engine" if train.zero_stage else \
+            "fp16's grad scaler owns the fused optimizer's grad_scale" \
+            if train.mixed_precision == "fp16" else "it needs train.fused_optimizer=true"
+        raise _Problem(
+            "train.fused_clipping",
+            f"config key 'train.fused_clipping': expected false with train.zero_stage="
+            f"{train.zero_stage}, train.mixed_precision={train.mixed_precision}, "
+            f"train.fused_optimizer={str(train.fused_optimizer).lower()} ({why}), got true",
+        )
     if train.cuda_graphs and train.zero_stage:
         raise _Problem(
             "train.cuda_graphs",

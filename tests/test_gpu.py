@@ -32,14 +32,29 @@ def run(tmp_path, name, *extra):
     return out, trainer, before
 
 
-def test_cuda_graph_step_matches_eager_losses(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["train.fused_clipping=true"]])
+def test_cuda_graph_step_matches_eager_losses(tmp_path, extra):
     eager, _, _ = run(tmp_path, "eager")
-    graphed, trainer, _ = run(tmp_path, "graphs", "train.cuda_graphs=true")
+    graphed, trainer, _ = run(tmp_path, "graphs", "train.cuda_graphs=true", *extra)
     assert trainer.graphs is not None and len(trainer.graphs.graphs) >= 3
     a, b = train_losses(eager), train_losses(graphed)
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 31))
     for (step, x), (_, y) in zip(a, b, strict=True):
         assert abs(x - y) <= 0.02 * max(1.0, abs(x)), (step, x, y)
+
+
+def test_cuda_graph_gradients_equal_eager_ones_in_fp32(tmp_path):
+    """fp32, no dropout, 2 micro-steps per group: the graphs' gradient hand-over (copy on a
+    group's first micro-step, add after; heads always add, zeroed after each step) gives the
+    eager step's training to rounding, including heads first used in a second micro-step."""
+    fp32 = ["train.mixed_precision=no", "train.max_steps=12"]
+    eager, _, _ = run(tmp_path, "eager32", *fp32)
+    graphed, trainer, _ = run(tmp_path, "graphs32", "train.cuda_graphs=true", *fp32)
+    assert any(not key[1] for key in trainer.graphs.graphs)  # accumulating graphs were used
+    a, b = train_losses(eager), train_losses(graphed)
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 13))
+    for (step, x), (_, y) in zip(a, b, strict=True):
+        assert abs(x - y) <= 1e-4 * max(1.0, abs(x)), (step, x, y)
 
 
 def test_idle_heads_stay_unchanged_with_cuda_graphs(tmp_path):
