@@ -101,6 +101,9 @@ def peak_memory() -> int:
 
 
 def reset_peak_memory() -> None:
+    import gc
+
+    gc.collect()  # the previous variant's trainer sits in reference cycles: free it first
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -95,3 +95,25 @@ def test_compiled_layers_train_like_eager_layers(tmp_path):
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 5))
     for (step, x), (_, y) in zip(a, b, strict=True):
         assert abs(x - y) <= 1e-4 * max(1.0, abs(x)), (step, x, y)
+
+
+def test_segment_attention_equals_attention_within_each_sequence():
+    """The CPU path of packed attention: each sequence (the pad tail too) attends only to
+    itself; values and gradients equal SDPA run on each sequence alone."""
+    from mtl_dist.model import varlen_attention
+
+    torch.manual_seed(0)
+    lengths = [5, 1, 12, 7, 3]  # the last one plays the pad tail
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q, k, v = (torch.randn(int(cu[-1]), 2, 4, requires_grad=True) for _ in range(3))
+    out = varlen_attention(q, k, v, cu, max_seqlen=12, dropout_p=0.0, scale=None)
+    parts = [torch.nn.functional.scaled_dot_product_attention(
+        *(t[a:b].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)]
+    expected = torch.cat(parts)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    weights = torch.randn_like(out)
+    got = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    want = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
