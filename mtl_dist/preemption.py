@@ -26,6 +26,7 @@ class PreemptionFlag:
     def __init__(self, signal_names=DEFAULT_SIGNALS):
         self.received: int | None = None
         self._previous = {}
+        self._group = None  # gloo process group for the agreement, made at the first check
         if threading.current_thread() is not threading.main_thread():
             return  # handlers can only be installed from the main thread
         for name in signal_names:
@@ -48,13 +49,18 @@ class PreemptionFlag:
             signal.signal(signum, previous)
         self._previous.clear()
 
-    def should_stop(self, device: torch.device) -> bool:
-        """True on every rank as soon as any rank got a signal (an all-reduce of one flag)."""
+    def should_stop(self) -> bool:
+        """True on every rank as soon as any rank got a signal (an all-reduce of one flag).
+
+        The flag travels over a gloo group of its own, host to host: over NCCL it was a GPU
+        tensor whose `.item()` waited for the whole queued step on every rank, every step."""
         local = self.received is not None
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return local
-        flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if self._group is None:  # collective: every rank makes its first check at one step
+            self._group = dist.new_group(backend="gloo")
+        flag = torch.tensor([1 if local else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return bool(flag.item())
 
 

@@ -570,7 +570,7 @@ class Trainer:
         """A stop signal on any rank (agreed by all-reduce), or this invocation's step budget."""
         cfg = self.cfg.train
         if step % cfg.preemption_check_steps == 0 and \
-                self.preemption.should_stop(self.accelerator.device):
+                self.preemption.should_stop():
             self.stop_reason = "preempted"
             return True
         if cfg.stop_after_steps and step - self.start_step >= cfg.stop_after_steps:
