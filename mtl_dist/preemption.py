@@ -15,6 +15,8 @@ import threading
 import torch
 import torch.distributed as dist
 
+from mtl_dist.collectives import host_group
+
 # EX_TEMPFAIL: "try again later" -- a checkpointed stop that should be resumed, not a failure.
 PREEMPTED_EXIT_CODE = 75
 DEFAULT_SIGNALS = ("SIGUSR1", "SIGTERM")
@@ -26,7 +28,6 @@ class PreemptionFlag:
     def __init__(self, signal_names=DEFAULT_SIGNALS):
         self.received: int | None = None
         self._previous = {}
-        self._group = None  # gloo process group for the agreement, made at the first check
         if threading.current_thread() is not threading.main_thread():
             return  # handlers can only be installed from the main thread
         for name in signal_names:
@@ -52,15 +53,13 @@ class PreemptionFlag:
     def should_stop(self) -> bool:
         """True on every rank as soon as any rank got a signal (an all-reduce of one flag).
 
-        The flag travels over a gloo group of its own, host to host: over NCCL it was a GPU
-        tensor whose `.item()` waited for the whole queued step on every rank, every step."""
+        The flag travels over gloo, host to host (`collectives.host_group`)."""
         local = self.received is not None
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        group = host_group()
+        if group is None:
             return local
-        if self._group is None:  # collective: every rank makes its first check at one step
-            self._group = dist.new_group(backend="gloo")
         flag = torch.tensor([1 if local else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item())
 
 

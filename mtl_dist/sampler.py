@@ -69,6 +69,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from mtl_dist.collectives import host_group
 from mtl_dist.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -591,20 +592,16 @@ def eval_shard(n: int, rank: int, world_size: int) -> np.ndarray:
 def check_task_agreement(task_id: int, step: int) -> None:
     """All-gather (task, step) across ranks and raise RuntimeError on every rank if they differ.
 
-    A debug guard for invariant 1; a no-op unless torch.distributed is initialized.
+    A debug guard for invariant 1; a no-op unless torch.distributed is initialized. Gathered
+    over gloo (`collectives.host_group`): no GPU sync, so the guard can stay on in training.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    group = host_group()
+    if group is None:
         return
-    backend = str(dist.get_backend())
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if backend == "nccl"
-        else torch.device("cpu")
-    )
-    mine = torch.tensor([int(task_id), int(step)], dtype=torch.int64, device=device)
+    mine = torch.tensor([int(task_id), int(step)], dtype=torch.int64)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, mine)
-    rows = [tuple(int(v) for v in g.cpu().tolist()) for g in gathered]
+    dist.all_gather(gathered, mine, group=group)
+    rows = [tuple(g.tolist()) for g in gathered]
     if any(r != rows[0] for r in rows):
         ranks = ", ".join(
             f"rank {r} task {t}" + ("" if s == step else f" (at its step {s})")

@@ -1,0 +1,31 @@
+"""Host-side agreement between ranks: a gloo process group beside the training backend.
+
+Why: a flag or a pair of integers all-reduced over NCCL is a GPU tensor, and reading it back
+(`.item()`) waits for every kernel queued before it: done every step (the preemption check,
+the task guard), it drained each rank's GPU queue once per step. Over gloo the values stay in
+host memory and the GPU queue is left alone.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+_GROUP: list = []  # the one gloo group of this process, made on first use
+
+
+def host_group():
+    """The gloo group of all ranks; None without torch.distributed (or with a single rank).
+
+    Made on first use, which is a collective call: every rank must reach its first use at the
+    same point (the trainer's per-step checks do: same step on every rank)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    if _GROUP and _GROUP[0][0] is not _default_group():  # a new run in this process
+        _GROUP.clear()
+    if not _GROUP:
+        _GROUP.append((_default_group(), dist.new_group(backend="gloo")))
+    return _GROUP[0][1]
+
+
+def _default_group():
+    return dist.distributed_c10d._get_default_group()
