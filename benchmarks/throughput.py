@@ -216,10 +216,22 @@ def _model(mask_4d: bool):
 def run_mtl(root: Path, name: str, overrides: list[str], warmup: int, steps: int,
             profile_dir: Path | None = None) -> dict:
     """mtl_dist's trainer end to end: data pipeline, sampler, collate, model, step, logging."""
+
+    out = root / f"run-{len(list(root.glob('run-*')))}"
+    # "inductor.NAME=VALUE": an Inductor setting for this variant only (experiments), e.g.
+    # inductor.max_autotune=true; compiled code of earlier variants is dropped first.
+    inductor = {o.split("=")[0][len("inductor."):]: o.split("=")[1] == "true"
+                for o in overrides if o.startswith("inductor.")}
+    overrides = [o for o in overrides if not o.startswith("inductor.")]
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(inductor):
+        return _run_mtl(root, out, name, overrides, warmup, steps, profile_dir, inductor)
+
+
+def _run_mtl(root, out, name, overrides, warmup, steps, profile_dir, inductor) -> dict:
     from mtl_dist.config import load_config
     from mtl_dist.trainer import Trainer
 
-    out = root / f"run-{len(list(root.glob('run-*')))}"
     tasks = [{"name": n, "pair": pair, "train": str(root / f"{n}.tsv")}
              for n, _, _, pair in TASKS]
     cfg = load_config(None, [
@@ -250,7 +262,7 @@ def run_mtl(root: Path, name: str, overrides: list[str], warmup: int, steps: int
     for step in range(first, last):
         task, idx = trainer.plan.batch(step // per_epoch, step % per_epoch)
         real.extend(int(trainer.train_data[task].lengths[i]) for i in idx)
-    extra = {"overrides": overrides}
+    extra = {"overrides": overrides, **({"inductor": inductor} if inductor else {})}
     if trainer.graphs is not None:
         extra["captured_graphs"] = len(trainer.graphs.graphs)
         # A (task, shape) first seen inside the window is captured there (one-time cost):
@@ -383,6 +395,10 @@ def main() -> None:
         ("packed rows (256), graphs, compile + fused clipping",
          ["data.packing=true", "data.pack_multiple=256", "train.cuda_graphs=true",
           "train.compile=true", "train.fused_clipping=true"]),
+        ("packed rows (256), graphs, compile max-autotune + fused clipping",
+         ["data.packing=true", "data.pack_multiple=256", "train.cuda_graphs=true",
+          "train.compile=true", "train.fused_clipping=true", "inductor.max_autotune=true",
+          "inductor.coordinate_descent_tuning=true"]),
         ("packed rows (256), collate in 2 worker processes",
          ["data.packing=true", "data.pack_multiple=256", "train.cuda_graphs=true",
           "train.compile=true", "data.num_workers=2"]),
