@@ -105,7 +105,6 @@ class StepGraphs:
             first: bool = True) -> torch.Tensor:
         """One micro-batch (`first`: it opens its accumulation group): loss (a graph-owned
         tensor: read it before the next call)."""
-        first = first or group == 1
         key = (task_id, first, *(tuple(v.shape) for v in inputs.values()))
         captured = self.graphs.get(key)
         if captured is None:
