@@ -8,9 +8,11 @@ host memory and the GPU queue is left alone.
 
 from __future__ import annotations
 
+import atexit
+
 import torch.distributed as dist
 
-_GROUP: list = []  # the one gloo group of this process, made on first use
+_GROUP: list = []  # (default group, the one gloo group of this process), made on first use
 
 
 def host_group():
@@ -27,5 +29,20 @@ def host_group():
     return _GROUP[0][1]
 
 
+def release_host_group() -> None:
+    """Destroy the gloo group and drop this module's references to it, before the default
+    group goes. Why: a group still referenced here outlives `destroy_process_group()` and is
+    freed during interpreter finalization, where gloo's teardown aborted a rank
+    ("terminate called without an active exception", SIGABRT) after a finished run."""
+    if not _GROUP:
+        return
+    default, group = _GROUP.pop()
+    if dist.is_initialized() and _default_group() is default:
+        dist.destroy_process_group(group)
+
+
 def _default_group():
     return dist.distributed_c10d._get_default_group()
+
+
+atexit.register(release_host_group)  # for runs that end without Trainer.close(); else a no-op

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from mtl_dist import data as mdata
 from mtl_dist import zero
 from mtl_dist.checkpoint import CheckpointManager
+from mtl_dist.collectives import release_host_group
 from mtl_dist.config import RunConfig, config_hash, config_to_yaml
 from mtl_dist.ema import EMA
 from mtl_dist.errors import ConfigError
@@ -409,6 +410,7 @@ class Trainer:
             warnings.warn(f"checkpoint: {exc}", stacklevel=2)
         if getattr(self, "preemption", None) is not None:
             self.preemption.restore()
+        release_host_group()
         self.accelerator.end_training()
 
     def _maybe_resume(self) -> bool:

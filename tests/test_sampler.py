@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mtl_dist import collectives
 from mtl_dist.errors import CheckpointError, ConfigError
 from mtl_dist.sampler import (
     STRATEGIES,
@@ -495,7 +496,10 @@ def _agreement_worker(rank: int, world: int, init_file: str, out_dir: str) -> No
             msg = "no error"
         except RuntimeError as e:
             msg = str(e)
-        Path(out_dir, f"rank{rank}.txt").write_text(f"{steps}\n{msg}")
+        group = collectives.host_group()
+        collectives.release_host_group()  # what Trainer.close() does before the default group
+        released = group not in dist.distributed_c10d._world.pg_map and not collectives._GROUP
+        Path(out_dir, f"rank{rank}.txt").write_text(f"{steps}\n{released}\n{msg}")
     finally:
         dist.destroy_process_group()
 
@@ -507,6 +511,7 @@ def test_check_task_agreement_two_gloo_ranks(tmp_path):
     )
     expected_steps = MultiTaskBatchPlan([23, 9, 14], global_batch_size=4, seed=3).num_steps(0)
     for rank in range(2):
-        steps, msg = (tmp_path / f"rank{rank}.txt").read_text().split("\n", 1)
+        steps, released, msg = (tmp_path / f"rank{rank}.txt").read_text().split("\n", 2)
         assert int(steps) == expected_steps
+        assert released == "True"  # no gloo group left to be freed at interpreter exit
         assert "step 7" in msg and "rank 0 task 10" in msg and "rank 1 task 11" in msg, msg
