@@ -12,7 +12,7 @@ import atexit
 
 import torch.distributed as dist
 
-_GROUP: list = []  # (default group, the one gloo group of this process), made on first use
+_GROUP: list = []  # the one gloo group of this process, made on first use
 
 
 def host_group():
@@ -22,27 +22,28 @@ def host_group():
     same point (the trainer's per-step checks do: same step on every rank)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None
-    if _GROUP and _GROUP[0][0] is not _default_group():  # a new run in this process
+    if _GROUP and not _registered(_GROUP[0]):  # destroyed with its world: a new run
         _GROUP.clear()
     if not _GROUP:
-        _GROUP.append((_default_group(), dist.new_group(backend="gloo")))
-    return _GROUP[0][1]
+        _GROUP.append(dist.new_group(backend="gloo"))
+    return _GROUP[0]
 
 
 def release_host_group() -> None:
-    """Destroy the gloo group and drop this module's references to it, before the default
-    group goes. Why: a group still referenced here outlives `destroy_process_group()` and is
-    freed during interpreter finalization, where gloo's teardown aborted a rank
-    ("terminate called without an active exception", SIGABRT) after a finished run."""
+    """Destroy the gloo group and drop this module's reference to it. Why: a group still
+    referenced here outlives `destroy_process_group()` and is freed during interpreter
+    finalization, where gloo's teardown aborted a rank ("terminate called without an active
+    exception", SIGABRT) after a finished run."""
     if not _GROUP:
         return
-    default, group = _GROUP.pop()
-    if dist.is_initialized() and _default_group() is default:
+    group = _GROUP.pop()
+    if _registered(group):
         dist.destroy_process_group(group)
 
 
-def _default_group():
-    return dist.distributed_c10d._get_default_group()
+def _registered(group) -> bool:
+    """Still one of torch's live groups (`destroy_process_group()` unregisters them all)."""
+    return group in dist.distributed_c10d._world.pg_map
 
 
 atexit.register(release_host_group)  # for runs that end without Trainer.close(); else a no-op

@@ -515,3 +515,26 @@ def test_check_task_agreement_two_gloo_ranks(tmp_path):
         assert int(steps) == expected_steps
         assert released == "True"  # no gloo group left to be freed at interpreter exit
         assert "step 7" in msg and "rank 0 task 10" in msg and "rank 1 task 11" in msg, msg
+
+
+def _host_group_worker(rank: int, init_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_dir}/a", rank=rank, world_size=2)
+    first = collectives.host_group()
+    assert collectives.host_group() is first  # one group per world, not one per call
+    dist.destroy_process_group()
+    dist.init_process_group("gloo", init_method=f"file://{init_dir}/b", rank=rank, world_size=2)
+    try:
+        second = collectives.host_group()
+        assert second is not first  # the old one went with its world
+        flag = torch.ones(1)
+        dist.all_reduce(flag, group=second)
+        assert flag.item() == 2
+        collectives.release_host_group()
+        assert not collectives._GROUP and second not in dist.distributed_c10d._world.pg_map
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_host_group_follows_a_new_world(tmp_path):
+    mp.spawn(_host_group_worker, args=(str(tmp_path),), nprocs=2, join=True)
