@@ -357,7 +357,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=40)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--baseline-steps", type=int, default=120)
-    parser.add_argument("--variants", default="all")
+    parser.add_argument("--variants", default="all",
+                        help="comma-separated indices, run in that order (default: all)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny model, few steps, CPU allowed: checks the script, not speed")
@@ -403,9 +404,8 @@ def main() -> None:
          ["data.packing=true", "data.pack_multiple=256", "train.cuda_graphs=true",
           "train.compile=true", "data.num_workers=2"]),
     ]
-    if args.variants != "all":
-        keep = {int(i) for i in args.variants.split(",")}
-        variants = [v for i, v in enumerate(variants) if i in keep]
+    if args.variants != "all":  # run in the order given
+        variants = [variants[int(i)] for i in args.variants.split(",")]
     rows = [run_baseline(root, args.warmup, args.baseline_steps, mean_len)]
     print(json.dumps(rows[-1]), flush=True)
     for name, overrides in variants:
