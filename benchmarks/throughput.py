@@ -403,6 +403,10 @@ def main() -> None:
         ("packed rows (256), collate in 2 worker processes",
          ["data.packing=true", "data.pack_multiple=256", "train.cuda_graphs=true",
           "train.compile=true", "data.num_workers=2"]),
+        ("packed rows (256), graphs, compile coordinate-descent + fused clipping",
+         ["data.packing=true", "data.pack_multiple=256", "train.cuda_graphs=true",
+          "train.compile=true", "train.fused_clipping=true",
+          "inductor.coordinate_descent_tuning=true"]),
     ]
     if args.variants != "all":  # run in the order given
         variants = [variants[int(i)] for i in args.variants.split(",")]
