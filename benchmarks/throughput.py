@@ -406,7 +406,7 @@ def main() -> None:
         ("packed rows (256), graphs, compile coordinate-descent + fused clipping",
          ["data.packing=true", "data.pack_multiple=256", "train.cuda_graphs=true",
           "train.compile=true", "train.fused_clipping=true",
-          "inductor.coordinate_descent_tuning=true"]),
+          "train.compile_tuning=coordinate_descent"]),
     ]
     if args.variants != "all":  # run in the order given
         variants = [variants[int(i)] for i in args.variants.split(",")]

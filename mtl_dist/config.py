@@ -44,6 +44,13 @@ __all__ = [
 ]
 
 DEMO_PREFIX = "demo:"
+# train.compile_tuning -> Inductor options for the compiled layers. Measured on an H200
+# (benchmarks/README.md, run G): coordinate descent +2-3 % samples/s; max-autotune left out: its
+# GEMM autotuning for BERT-large did not finish within 9 minutes.
+COMPILE_TUNING: dict[str, dict[str, bool]] = {
+    "none": {},
+    "coordinate_descent": {"coordinate_descent_tuning": True},
+}
 
 # ---------------------------------------------------------------------------------------------
 # Schema
@@ -162,6 +169,7 @@ class TrainConfig:
     fused_optimizer: bool = True
     fused_clipping: bool = False  # clipping folded into the fused AdamW pass (grad_scale)
     compile: bool = False
+    compile_tuning: str = "none"  # "coordinate_descent": Inductor tunes its fused kernels
     cuda_graphs: bool = False
     stop_after_steps: int | None = None
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
@@ -825,6 +833,7 @@ _RULES: dict[str, tuple[_Check, str]] = {
     "train.device": _one_of("auto", "cpu", "cuda"),
     "train.collective_timeout_s": _ge(1),
     "train.zero_stage": _one_of(0, 1, 2, 3),
+    "train.compile_tuning": _one_of(*COMPILE_TUNING),
     "train.stop_after_steps": _or_null(_ge(1)),
     "train.preemption_check_steps": _ge(1),
     "train.preemption_signals": ((lambda v: all(x in ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
@@ -963,6 +972,12 @@ def _validate_combinations(train: TrainConfig) -> None:
             f"config key 'train.fused_clipping': expected false with train.zero_stage="
             f"{train.zero_stage}, train.mixed_precision={train.mixed_precision}, "
             f"train.fused_optimizer={str(train.fused_optimizer).lower()} ({why}), got true",
+        )
+    if train.compile_tuning != "none" and not train.compile:
+        raise _Problem(
+            "train.compile_tuning",
+            f"config key 'train.compile_tuning': expected 'none' with train.compile=false "
+            f"(it tunes the compiled layers), got {train.compile_tuning!r}",
         )
     if train.cuda_graphs and train.zero_stage:
         raise _Problem(

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtl_dist.config import COMPILE_TUNING
+
 if TYPE_CHECKING:
     from mtl_dist.config import ModelConfig
 
@@ -200,20 +202,22 @@ def build_model(model_cfg: ModelConfig, vocab_size: int, num_labels: Sequence[in
     return MultiTaskModel(encoder, num_labels, head=model_cfg.head, dropout=model_cfg.dropout)
 
 
-def compile_encoder_layers(model: MultiTaskModel) -> int:
+def compile_encoder_layers(model: MultiTaskModel, tuning: str = "none") -> int:
     """`torch.compile` each transformer layer in place (`train.compile`); returns how many.
 
     Why layers and not the whole model: the layers are identical, so one compiled graph serves
     all of them (parameters are graph inputs) and compile time does not grow with depth; the
     heads and the loss differ per task and stay eager. Inductor fuses the layer's elementwise
     tail (bias, GELU, dropout, residual, LayerNorm, autocast casts) into a few kernels.
+    `tuning` (`train.compile_tuning`) picks Inductor options, COMPILE_TUNING; they change
+    kernel launch configs only (Triton kernels: no effect on CPU), not the maths.
     """
     layers = getattr(getattr(model.encoder, "encoder", None), "layer", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise ValueError(f"train.compile: {type(model.encoder).__name__} has no encoder.layer "
                          "list to compile (BERT/RoBERTa-style encoders have one)")
     for layer in layers:
-        layer.compile(dynamic=None)
+        layer.compile(dynamic=None, options=COMPILE_TUNING[tuning] or None)
     return len(layers)
 
 

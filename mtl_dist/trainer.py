@@ -217,7 +217,7 @@ class Trainer:
         if cfg.data.packing:
             enable_packed_attention(self.model, cfg.data.max_length)
         if cfg.train.compile:
-            compile_encoder_layers(self.model)
+            compile_encoder_layers(self.model, cfg.train.compile_tuning)
         self.state = TrainState()
         self.early = EarlyStopping(cfg.train.early_stopping_patience,
                                    greater_is_better=cfg.train.metric_for_best != "loss")

@@ -11,7 +11,7 @@ import torch
 from mtl_dist.config import load_config
 from mtl_dist.data import collate, collate_packed
 from mtl_dist.errors import ConfigError
-from mtl_dist.model import build_model, enable_packed_attention
+from mtl_dist.model import build_model, compile_encoder_layers, enable_packed_attention
 from tests._runs import DEMO, run_cli, train_losses
 
 NO_DROPOUT = ["model.dropout=0.0", "model.arch.hidden_dropout_prob=0.0",
@@ -95,6 +95,29 @@ def test_compiled_layers_train_like_eager_layers(tmp_path):
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 5))
     for (step, x), (_, y) in zip(a, b, strict=True):
         assert abs(x - y) <= 1e-4 * max(1.0, abs(x)), (step, x, y)
+
+
+@pytest.mark.parametrize("tuning, tuned", [("none", False), ("coordinate_descent", True)])
+def test_compile_tuning_reaches_inductor_in_every_layer(tuning, tuned):
+    arch = SimpleNamespace(model_type="bert", hidden_size=32, num_hidden_layers=3,
+                           num_attention_heads=2, intermediate_size=64,
+                           max_position_embeddings=64, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0)
+    model = build_model(SimpleNamespace(pretrained=None, arch=arch, head="cls", dropout=0.0),
+                        100, [3])
+    assert compile_encoder_layers(model, tuning) == 3
+    for layer in model.encoder.encoder.layer:
+        options = layer._compiled_call_impl.get_compiler_config()
+        assert options["coordinate_descent_tuning"] is tuned
+
+
+def test_compile_tuning_is_refused_without_compiled_layers_or_with_an_unknown_name():
+    with pytest.raises(ConfigError, match="'train.compile_tuning': expected 'none' with "
+                                          "train.compile=false"):
+        load_config(DEMO, ["train.compile_tuning=coordinate_descent"])
+    with pytest.raises(ConfigError, match="'train.compile_tuning': expected one of none, "
+                                          "coordinate_descent, got 'max_autotune'"):
+        load_config(DEMO, ["train.compile=true", "train.compile_tuning=max_autotune"])
 
 
 def test_segment_attention_equals_attention_within_each_sequence():
