@@ -305,6 +305,15 @@ def _reset_accelerate() -> None:
         cls._reset_state()
 
 
+def kernel_microseconds(averages) -> float:
+    """GPU kernel time, as the table's "Self CUDA time total" counts it: CUDA events only, not
+    user annotations (ProfilerStep*, Optimizer.step), which also carry a GPU span."""
+    from torch.autograd import DeviceType
+
+    return sum(e.self_device_time_total for e in averages
+               if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
+
+
 def _profile(trainer, profile_dir: Path) -> dict:
     """torch.profiler over a few steps: where the step's time goes (top kernels, GPU busy %).
 
@@ -341,7 +350,7 @@ def _profile(trainer, profile_dir: Path) -> dict:
     with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
         dst.write(src.read())
     trace.unlink()
-    gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in averages)
+    gpu_us = kernel_microseconds(averages)
     wall_ms = (marks[warm + active] - marks[warm]) * 1000 / active \
         if len(marks) == 2 else None
     gpu_ms = gpu_us / 1000 / active
