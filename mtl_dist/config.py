@@ -45,8 +45,8 @@ __all__ = [
 
 DEMO_PREFIX = "demo:"
 # train.compile_tuning -> Inductor options for the compiled layers. Measured on an H200
-# (benchmarks/README.md, run G): coordinate descent +2-3 % samples/s; max-autotune left out: its
-# GEMM autotuning for BERT-large did not finish within 9 minutes.
+# (benchmarks/README.md, run G): coordinate descent +1.5-2.7 % samples/s; max-autotune left out:
+# a BERT-large benchmark run with it (baseline included) gave no result within 600 s.
 COMPILE_TUNING: dict[str, dict[str, bool]] = {
     "none": {},
     "coordinate_descent": {"coordinate_descent_tuning": True},
