@@ -175,6 +175,29 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def bench_schedule(warmup: int, steps: int) -> tuple[int, int, int]:
+    """(log interval, untimed steps, total steps) of `bench`: warm-up and timed steps rounded up
+    to whole log intervals, so that no timed interval holds a warm-up step."""
+    every = max(1, steps // 4)
+    untimed = -(-warmup // every) * every
+    return every, untimed, untimed + -(-steps // every) * every
+
+
+def bench_rates(records: list[dict], untimed: int, every: int,
+                samples_per_step: float) -> tuple[int, float, float]:
+    """(timed steps, samples/s, tokens/s) from the train records of a `bench` run: totals over
+    the wall time from the log at the end of the warm-up to the last log (a mean of the
+    intervals' rates would overweight the fast ones)."""
+    start = next(r for r in records if r["step"] == untimed)
+    timed = [r for r in records if r["step"] > untimed]
+    seconds = timed[-1]["time"] - start["time"]
+    steps = timed[-1]["step"] - untimed
+    # each interval's tokens: its token rate x its own duration (its samples / its sample rate)
+    tokens = sum(r["tokens_per_s"] * every * samples_per_step / r["samples_per_s"]
+                 for r in timed)
+    return steps, steps * samples_per_step / seconds, tokens / seconds
+
+
 def cmd_bench(args) -> int:
     """Train N timed steps of a config (no checkpoints, no evaluation) and report throughput."""
     import tempfile
@@ -182,10 +205,13 @@ def cmd_bench(args) -> int:
     from mtl_dist.tracking import read_metrics
     from mtl_dist.trainer import Trainer
 
+    if args.warmup < 1 or args.steps < 1:
+        raise MtlDistError(f"bench: --warmup and --steps must be >= 1 (the first step compiles "
+                           f"and allocates), got --warmup {args.warmup} --steps {args.steps}")
+    every, untimed, total = bench_schedule(args.warmup, args.steps)
     with tempfile.TemporaryDirectory(prefix="mtl_bench_") as out:
-        every = max(1, args.steps // 4)
         cfg = _load(args.config, [*args.overrides, f"train.output_dir={out}",
-                                  f"train.max_steps={args.warmup + args.steps}",
+                                  f"train.max_steps={total}",
                                   f"train.log_steps={every}", "train.eval_at_epoch_end=false",
                                   "train.eval_steps=null", "train.resume=null",
                                   "checkpoint.save_steps=null",
@@ -194,17 +220,20 @@ def cmd_bench(args) -> int:
         trainer = Trainer(cfg)
         try:
             trainer.fit()
-            timed = [r for r in read_metrics(out) if r["kind"] == "train"
-                     and r["step"] > args.warmup]
+            records = [r for r in read_metrics(out) if r["kind"] == "train"]
         finally:
             trainer.close()
         if not trainer.accelerator.is_main_process:
             return 0
+        if not records or records[-1]["step"] <= untimed:
+            raise MtlDistError(f"bench: training stopped at step {trainer.state.global_step}, "
+                               f"before the timed window (steps {untimed + 1}-{total})")
+        per_step = trainer.state.samples_seen / trainer.state.global_step  # all ranks
+        steps, sps, tps = bench_rates(records, untimed, every, per_step)
         params = sum(p.numel() for n, p in trainer.module.named_parameters()
                      if "embeddings" not in n)
-        sps = sum(r["samples_per_s"] for r in timed) / len(timed)
-        tps = sum(r["tokens_per_s"] for r in timed) / len(timed)
-        report = {"steps_timed": len(timed) * every, "samples_per_s": sps, "tokens_per_s": tps,
+        report = {"warmup_steps": untimed, "steps_timed": steps, "samples_per_s": sps,
+                  "tokens_per_s": tps,
                   "world_size": trainer.world_size, "device": str(trainer.accelerator.device),
                   "non_embedding_parameters": params}
         if trainer.accelerator.device.type == "cuda":

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from mtl_dist.cli import bench_rates, bench_schedule
 from mtl_dist.config import load_config
 from mtl_dist.trainer import Trainer
 from tests._runs import (
@@ -95,12 +96,43 @@ def test_bad_override_is_one_line_error_and_nothing_runs(tmp_path):
 
 
 def test_bench_command_reports_throughput_without_writing_checkpoints(tmp_path):
-    result = run_cli(["bench", str(DEMO), "--steps", "8", "--warmup", "2",
+    result = run_cli(["bench", str(DEMO), "--steps", "8", "--warmup", "3",
                       f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={tmp_path}/o"])
     report = json.loads(result.stdout[result.stdout.rindex("{"):])
+    assert report["warmup_steps"] == 4  # rounded up to whole log intervals (8 // 4 = 2 steps)
     assert report["steps_timed"] == 8 and report["samples_per_s"] > 0
     assert report["tokens_per_s"] > 0 and report["world_size"] == 1
     assert not (tmp_path / "o").exists()  # bench writes into a temporary directory only
+
+
+@pytest.mark.parametrize("warmup, steps, expected", [
+    (20, 100, (25, 25, 125)),  # the warm-up ends on a log step: no timed interval holds it
+    (25, 100, (25, 25, 125)),
+    (1, 10, (2, 2, 12)),
+    (3, 7, (1, 3, 10)),  # fewer than 4 timed steps per log: log every step
+])
+def test_bench_schedule_keeps_the_warm_up_out_of_every_timed_interval(warmup, steps, expected):
+    every, untimed, total = bench_schedule(warmup, steps)
+    assert (every, untimed, total) == expected
+    assert untimed >= warmup and untimed % every == 0 and total - untimed >= steps
+
+
+def test_bench_rates_are_totals_over_wall_time_not_a_mean_of_interval_rates():
+    # 10 steps of 4 samples per log; the first timed interval ran at 40 samples/s (1 s), the
+    # second at 10 (4 s): 80 samples in 5 s = 16/s (the mean of the rates would say 25).
+    records = [{"step": 10, "time": 100.0, "samples_per_s": 1.0, "tokens_per_s": 1.0},
+               {"step": 20, "time": 101.0, "samples_per_s": 40.0, "tokens_per_s": 400.0},
+               {"step": 30, "time": 105.0, "samples_per_s": 10.0, "tokens_per_s": 50.0}]
+    steps, sps, tps = bench_rates(records, untimed=10, every=10, samples_per_step=4)
+    assert steps == 20
+    assert sps == pytest.approx(16.0)
+    assert tps == pytest.approx((400 * 1 + 50 * 4) / 5)
+
+
+def test_bench_refuses_a_zero_warm_up(tmp_path):
+    result = run_cli(["bench", str(DEMO), "--warmup", "0"], check=False)
+    assert result.returncode != 0
+    assert "bench: --warmup and --steps must be >= 1" in result.stderr
 
 
 def test_demo_reaches_clearly_above_chance_dev_accuracy_on_every_task(tmp_path):
