@@ -129,7 +129,7 @@ def test_bench_rates_are_totals_over_wall_time_not_a_mean_of_interval_rates():
     assert tps == pytest.approx((400 * 1 + 50 * 4) / 5)
 
 
-def test_bench_refuses_a_zero_warm_up(tmp_path):
+def test_bench_refuses_a_zero_warm_up():
     result = run_cli(["bench", str(DEMO), "--warmup", "0"], check=False)
     assert result.returncode != 0
     assert "bench: --warmup and --steps must be >= 1" in result.stderr
