@@ -360,30 +360,9 @@ def _profile(trainer, profile_dir: Path) -> dict:
             "trace_file": "profile_trace.json.gz"}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="benchmarks/results/throughput.json")
-    parser.add_argument("--warmup", type=int, default=40)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--baseline-steps", type=int, default=120)
-    parser.add_argument("--variants", default="all",
-                        help="comma-separated indices, run in that order (default: all)")
-    parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny model, few steps, CPU allowed: checks the script, not speed")
-    args = parser.parse_args()
-    if args.smoke:
-        ARCH.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                    intermediate_size=128)
-        args.warmup, args.steps, args.baseline_steps = 4, 8, 8
-        global PROFILE_WARMUP
-        PROFILE_WARMUP = 8
-    else:
-        assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
-    root = Path(tempfile.mkdtemp(prefix="mtl_bench_"))
-    _, real = make_data(root)
-    mean_len = float(np.mean(sum(real.values(), [])))
-    variants = [
+def variant_list() -> list[tuple[str, list[str]]]:
+    """(name, config overrides) of every mtl_dist variant; `--variants` picks by index."""
+    return [
         ("mtl_dist eager, dynamic padding (x8)", ["data.pad_to_multiple_of=8"]),
         ("+ lengths bucketed to 64", ["data.pad_to_multiple_of=64"]),
         ("+ group_by_length", ["data.pad_to_multiple_of=64", "sampler.group_by_length=true"]),
@@ -422,6 +401,32 @@ def main() -> None:
           "train.compile=true", "train.fused_clipping=true",
           "train.compile_tuning=coordinate_descent", "inductor.max_autotune_gemm=true"]),
     ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="benchmarks/results/throughput.json")
+    parser.add_argument("--warmup", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--baseline-steps", type=int, default=120)
+    parser.add_argument("--variants", default="all",
+                        help="comma-separated indices, run in that order (default: all)")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny model, few steps, CPU allowed: checks the script, not speed")
+    args = parser.parse_args()
+    if args.smoke:
+        ARCH.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=128)
+        args.warmup, args.steps, args.baseline_steps = 4, 8, 8
+        global PROFILE_WARMUP
+        PROFILE_WARMUP = 8
+    else:
+        assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    root = Path(tempfile.mkdtemp(prefix="mtl_bench_"))
+    _, real = make_data(root)
+    mean_len = float(np.mean(sum(real.values(), [])))
+    variants = variant_list()
     if args.variants != "all":  # run in the order given
         variants = [variants[int(i)] for i in args.variants.split(",")]
     rows = [run_baseline(root, args.warmup, args.baseline_steps, mean_len)]

@@ -1,0 +1,120 @@
+"""Where the peak GPU memory of a throughput variant comes from, and what outlives its trainer.
+
+Runs one `throughput.py` variant (same workload, same trainer end to end) with the CUDA
+allocator's history recorded, then replays the allocation trace to find the moment of the
+peak of allocated bytes and groups the blocks alive then by where they were allocated (the
+innermost mtl_dist / benchmarks frame and the innermost frame). After the trainer is deleted
+it lists what is still allocated the same way (a second variant in one process read 3.2 GiB
+more than the first).
+
+    python benchmarks/memory_peak.py --variant 11 --warmup 100 --steps 100 \
+        --out benchmarks/results/memory_peak_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import throughput  # noqa: E402  (this folder's sibling script)
+
+OURS = ("/mtl_dist/", "/benchmarks/")
+
+
+def _frame(f: dict) -> str:
+    return f"{Path(f['filename']).name}:{f['line']} {f['name']}"
+
+
+def allocation_site(frames: list[dict]) -> str:
+    """'innermost of our frames <- innermost frame' (frames come innermost first)."""
+    if not frames:
+        return "(no stack recorded)"
+    ours = next((f for f in frames if any(o in f["filename"] for o in OURS)), None)
+    inner = _frame(frames[0])
+    return f"{_frame(ours)} <- {inner}" if ours else inner
+
+
+def group_by_site(blocks: list[tuple[int, list[dict]]], top: int = 15) -> list[dict]:
+    sizes: dict[str, int] = defaultdict(int)
+    counts: dict[str, int] = defaultdict(int)
+    for size, frames in blocks:
+        site = allocation_site(frames)
+        sizes[site] += size
+        counts[site] += 1
+    ranked = sorted(sizes, key=sizes.get, reverse=True)[:top]
+    return [{"site": s, "gib": sizes[s] / 2**30, "blocks": counts[s]} for s in ranked]
+
+
+def peak_from_trace(trace: list[dict]) -> dict:
+    """Replay alloc / free_requested (the allocator's 'allocated' counter moves on these)."""
+    sizes = {}
+    total = peak = peak_at = 0
+    for i, event in enumerate(trace):
+        if event["action"] == "alloc":
+            sizes[event["addr"]] = event["size"]
+            total += event["size"]
+        elif event["action"] == "free_requested" and event["addr"] in sizes:
+            total -= sizes.pop(event["addr"])
+        if total > peak:
+            peak, peak_at = total, i
+    live = replay_live(trace[:peak_at + 1])  # a second pass: copying at every new peak is slow
+    at = trace[peak_at] if trace else {}
+    return {"peak_gib_replayed": peak / 2**30, "peak_event": peak_at, "events": len(trace),
+            "peak_event_site": allocation_site(at.get("frames", [])),
+            "live_at_peak_by_site": group_by_site(live)}
+
+
+def replay_live(trace: list[dict]) -> list[tuple[int, list[dict]]]:
+    live: dict[int, tuple[int, list[dict]]] = {}
+    for event in trace:
+        if event["action"] == "alloc":
+            live[event["addr"]] = (event["size"], event.get("frames", []))
+        elif event["action"] == "free_requested":
+            live.pop(event["addr"], None)
+    return list(live.values())
+
+
+def still_allocated() -> dict:
+    blocks = [(b["size"], b.get("frames", []))
+              for seg in torch.cuda.memory._snapshot()["segments"] for b in seg["blocks"]
+              if b["state"] == "active_allocated"]
+    return {"allocated_gib": torch.cuda.memory_allocated() / 2**30,
+            "by_site": group_by_site(blocks)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", type=int, default=11, help="index in throughput.py's list")
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--out", default="benchmarks/results/memory_peak.json")
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    name, overrides = throughput.variant_list()[args.variant]
+    root = Path(tempfile.mkdtemp(prefix="mtl_mem_"))
+    throughput.make_data(root)
+    torch.cuda.memory._record_memory_history(max_entries=5_000_000, stacks="python")
+    row = throughput.run_mtl(root, name, overrides, args.warmup, args.steps)
+    trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "command": " ".join(sys.argv), "variant": name, "overrides": overrides,
+              "run": row, "peak": peak_from_trace(trace)}
+    gc.collect()
+    torch.cuda.empty_cache()
+    result["after_trainer_deleted"] = still_allocated()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: result[k] for k in ("run", "peak", "after_trainer_deleted")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
