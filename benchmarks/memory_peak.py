@@ -18,6 +18,7 @@ import gc
 import json
 import sys
 import tempfile
+import weakref
 from collections import defaultdict
 from pathlib import Path
 
@@ -90,6 +91,53 @@ def still_allocated() -> dict:
             "by_site": group_by_site(blocks)}
 
 
+def referrer_chain(obj, depth: int = 5, width: int = 5) -> list[str]:
+    """Who keeps `obj` alive: referrer types, `depth` levels up (frames and our lists skipped)."""
+    lines: list[str] = []
+    skip = {id(lines)}
+
+    def walk(o, level):
+        if level == depth:
+            return
+        refs = [r for r in gc.get_referrers(o)
+                if id(r) not in skip and type(r).__name__ not in ("frame", "list_iterator")]
+        skip.add(id(refs))
+        for r in refs[:width]:
+            desc = type(r).__qualname__
+            if isinstance(r, dict):
+                desc += f" keys={list(r)[:6]}"
+            lines.append("  " * level + desc)
+            walk(r, level + 1)
+
+    walk(obj, 0)
+    return lines
+
+
+def watch_trainer() -> dict:
+    """Keeps weak references to the next trainer and its model."""
+    from mtl_dist.trainer import Trainer
+
+    watched: dict = {}
+    fit = Trainer.fit
+
+    def watching_fit(self, *args, **kwargs):
+        watched["model"] = weakref.ref(self.module)
+        watched["trainer"] = weakref.ref(self)
+        return fit(self, *args, **kwargs)
+
+    Trainer.fit = watching_fit
+    return watched
+
+
+def leftovers(watched: dict) -> dict:
+    gc.collect()
+    torch.cuda.empty_cache()
+    model = watched["model"]()
+    return {**still_allocated(), "trainer_alive": watched["trainer"]() is not None,
+            "model_alive": model is not None,
+            "model_kept_by": referrer_chain(model) if model is not None else []}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", type=int, default=11, help="index in throughput.py's list")
@@ -101,19 +149,22 @@ def main() -> None:
     name, overrides = throughput.variant_list()[args.variant]
     root = Path(tempfile.mkdtemp(prefix="mtl_mem_"))
     throughput.make_data(root)
+    watched = watch_trainer()
     torch.cuda.memory._record_memory_history(max_entries=5_000_000, stacks="python")
     row = throughput.run_mtl(root, name, overrides, args.warmup, args.steps)
     trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
               "command": " ".join(sys.argv), "variant": name, "overrides": overrides,
               "run": row, "peak": peak_from_trace(trace)}
-    gc.collect()
-    torch.cuda.empty_cache()
-    result["after_trainer_deleted"] = still_allocated()
+    del trace
+    result["after_trainer_deleted"] = leftovers(watched)
+    torch._dynamo.reset()  # what throughput.py does before its next variant
+    result["after_dynamo_reset"] = leftovers(watched)
     torch.cuda.memory._record_memory_history(enabled=None)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: result[k] for k in ("run", "peak", "after_trainer_deleted")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("run", "peak", "after_trainer_deleted",
+                                            "after_dynamo_reset")}, indent=1))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,10 @@ class StepGraphs:
         self.model = model
         self.dtype = autocast_dtype
         self.pool = torch.cuda.graph_pool_handle()
+        # One side stream for every capture's warm-up: cuBLAS keeps a workspace (32 MiB on
+        # Hopper) per stream for the life of the process, so a stream per capture leaked one
+        # per (task, shape) graph (28 graphs: 0.9 GiB, measured by benchmarks/memory_peak.py).
+        self.side = torch.cuda.Stream()
         self.graphs: dict[tuple, _Captured] = {}
         self.scale = torch.ones((), device="cuda")  # 1 / accumulation group size, set per replay
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -88,12 +92,11 @@ class StepGraphs:
             p.grad = None  # autograd hands each new gradient to _hand_over
         try:
             self._mode = "warmup"
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
                 for _ in range(WARMUP_ITERS):
                     self._micro_step(static, task_id)
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream().wait_stream(self.side)
             self._mode = "capture"  # recorded, not run: the static gradients stay as they are
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
