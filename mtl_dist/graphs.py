@@ -17,6 +17,7 @@ pool: only one micro-step is in flight at a time.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -24,6 +25,21 @@ import torch
 from torch import nn
 
 WARMUP_ITERS = 3  # eager runs on a side stream before capture (cuBLAS/cuDNN plans, allocator)
+
+
+def _weakly(method):
+    """A hook that calls `method` while its object lives. Autograd keeps a parameter's hooks
+    where Python's garbage collector cannot see them, so a bound method there would keep
+    StepGraphs, hence the model and its gradients, alive after the trainer is gone
+    (2.4 GiB for BERT-large in every later trainer of the process)."""
+    ref = weakref.WeakMethod(method)
+
+    def hook(p: nn.Parameter) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(p)
+
+    return hook
 
 
 @dataclass
@@ -57,7 +73,7 @@ class StepGraphs:
             self._static[id(p)] = (p.grad, is_head)
             if is_head:
                 self.head_grads.append(p.grad)
-            p.register_post_accumulate_grad_hook(self._hand_over)
+            p.register_post_accumulate_grad_hook(_weakly(self._hand_over))
         self._mode = "off"  # "warmup": drop each gradient; "capture": record its hand-over
         self._first = True  # the micro-step being captured opens its accumulation group
 

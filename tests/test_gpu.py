@@ -86,7 +86,11 @@ def test_capture_keeps_static_gradients_and_copies_none_of_them(tmp_path):
     """A (task, shape) first seen in the middle of an accumulation group is captured there:
     the capture's eager warm-up passes must leave the group's gradients as they are, and must
     not hold a copy of all of them meanwhile (1.3 GB on top of the peak for BERT-large)."""
-    _, trainer, _ = run(tmp_path, "capture", "train.cuda_graphs=true", "train.max_steps=1")
+    # wider layers: the gradients (~14 MB) must outweigh a 1-sample warm-up's activations
+    wide = ["model.arch.hidden_size=256", "model.arch.intermediate_size=1024",
+            "model.arch.num_hidden_layers=4", "model.arch.num_attention_heads=4"]
+    _, trainer, _ = run(tmp_path, "capture", "train.cuda_graphs=true", "train.max_steps=1",
+                        *wide)
     graphs = trainer.graphs
     grads = [p.grad for p in graphs.params]
     torch.manual_seed(1)
@@ -96,7 +100,7 @@ def test_capture_keeps_static_gradients_and_copies_none_of_them(tmp_path):
     grad_bytes = sum(g.numel() * g.element_size() for g in grads)
     inputs = _model_inputs(next(iter(trainer.loader)), torch.device("cuda"))
     task_id = inputs.pop("task_id")
-    inputs = {k: v[:3, :40] if v.dim() == 2 else v[:3] for k, v in inputs.items()}  # new shape
+    inputs = {k: v[:1, :8] if v.dim() == 2 else v[:1] for k, v in inputs.items()}  # new shape
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated()
@@ -106,3 +110,16 @@ def test_capture_keeps_static_gradients_and_copies_none_of_them(tmp_path):
     assert all(torch.equal(g, b) for g, b in zip(grads, before, strict=True))
     assert all(p.grad is g for p, g in zip(graphs.params, grads, strict=True))
     assert extra < grad_bytes, (extra, grad_bytes)
+
+
+def test_a_finished_trainer_with_cuda_graphs_frees_its_model(tmp_path):
+    """The graphs' gradient hooks live on the parameters, out of the garbage collector's
+    sight: they must not keep the model (and its gradients) alive once the trainer is gone."""
+    import gc
+    import weakref
+
+    _, trainer, _ = run(tmp_path, "freed", "train.cuda_graphs=true", "train.max_steps=2")
+    model = weakref.ref(trainer.module)
+    del trainer
+    gc.collect()
+    assert model() is None
