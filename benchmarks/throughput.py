@@ -253,6 +253,9 @@ def _run_mtl(root, out, name, overrides, warmup, steps, profile_dir, inductor) -
     trainer.fit()
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     times = {r["step"]: r["time"] for r in recs if r["kind"] == "train"}
+    if not any(s >= warmup for s in times):  # e.g. stopped by SIGTERM while still compiling
+        raise SystemExit(f"{name}: stopped at step {trainer.state.global_step}, before the "
+                         f"timed window (warm-up {warmup} steps); no result")
     first = min(s for s in times if s >= warmup)
     last = max(times)
     timed = last - first
