@@ -54,33 +54,32 @@ def group_by_site(blocks: list[tuple[int, list[dict]]], top: int = 15) -> list[d
     return [{"site": s, "gib": sizes[s] / 2**30, "blocks": counts[s]} for s in ranked]
 
 
+def _apply(live: dict[int, tuple[int, list[dict]]], event: dict) -> int:
+    """One trace event on the live blocks (alloc / free_requested: the allocator's 'allocated'
+    counter moves on these); returns the change of allocated bytes."""
+    if event["action"] == "alloc":
+        live[event["addr"]] = (event["size"], event.get("frames", []))
+        return event["size"]
+    if event["action"] == "free_requested" and event["addr"] in live:
+        return -live.pop(event["addr"])[0]
+    return 0
+
+
 def peak_from_trace(trace: list[dict]) -> dict:
-    """Replay alloc / free_requested (the allocator's 'allocated' counter moves on these)."""
-    sizes = {}
+    """The moment of the peak of allocated bytes, and the blocks alive then by site."""
+    live: dict[int, tuple[int, list[dict]]] = {}
     total = peak = peak_at = 0
     for i, event in enumerate(trace):
-        if event["action"] == "alloc":
-            sizes[event["addr"]] = event["size"]
-            total += event["size"]
-        elif event["action"] == "free_requested" and event["addr"] in sizes:
-            total -= sizes.pop(event["addr"])
+        total += _apply(live, event)
         if total > peak:
             peak, peak_at = total, i
-    live = replay_live(trace[:peak_at + 1])  # a second pass: copying at every new peak is slow
+    live = {}  # a second pass up to the peak: copying the live set at every new peak is slow
+    for event in trace[:peak_at + 1]:
+        _apply(live, event)
     at = trace[peak_at] if trace else {}
     return {"peak_gib_replayed": peak / 2**30, "peak_event": peak_at, "events": len(trace),
             "peak_event_site": allocation_site(at.get("frames", [])),
-            "live_at_peak_by_site": group_by_site(live)}
-
-
-def replay_live(trace: list[dict]) -> list[tuple[int, list[dict]]]:
-    live: dict[int, tuple[int, list[dict]]] = {}
-    for event in trace:
-        if event["action"] == "alloc":
-            live[event["addr"]] = (event["size"], event.get("frames", []))
-        elif event["action"] == "free_requested":
-            live.pop(event["addr"], None)
-    return list(live.values())
+            "live_at_peak_by_site": group_by_site(list(live.values()))}
 
 
 def still_allocated() -> dict:

@@ -253,10 +253,11 @@ def _run_mtl(root, out, name, overrides, warmup, steps, profile_dir, inductor) -
     trainer.fit()
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     times = {r["step"]: r["time"] for r in recs if r["kind"] == "train"}
-    if not any(s >= warmup for s in times):  # e.g. stopped by SIGTERM while still compiling
+    after_warmup = [s for s in times if s >= warmup]
+    if not after_warmup:  # e.g. stopped by SIGTERM while still compiling
         raise SystemExit(f"{name}: stopped at step {trainer.state.global_step}, before the "
                          f"timed window (warm-up {warmup} steps); no result")
-    first = min(s for s in times if s >= warmup)
+    first = min(after_warmup)
     last = max(times)
     timed = last - first
     assert timed >= steps - log_every, (first, last)
