@@ -404,6 +404,10 @@ def variant_list() -> list[tuple[str, list[str]]]:
          ["data.packing=true", "data.pack_multiple=256", "train.cuda_graphs=true",
           "train.compile=true", "train.fused_clipping=true",
           "train.compile_tuning=coordinate_descent", "inductor.max_autotune_gemm=true"]),
+        ("packed rows (256), graphs, compile coordinate-descent + fused clipping, bf16 weights",
+         ["data.packing=true", "data.pack_multiple=256", "train.cuda_graphs=true",
+          "train.compile=true", "train.fused_clipping=true",
+          "train.compile_tuning=coordinate_descent", "train.bf16_weights=true"]),
     ]
 
 

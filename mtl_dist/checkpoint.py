@@ -59,6 +59,8 @@ _ENTRY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _RNG_RE = re.compile(r"^rng_state_(\d+)\.pth$")
 _DELETABLE = (_PERIODIC_RE, _TMP_RE, _OLD_RE, _TMP_BEST_RE, _OLD_BEST_RE)
 _WARN_ONLY_KEYS = {"versions"}
+# Manifest keys added after checkpoints were first written: what their absence means.
+_ABSENT_MEANS = {"bf16_weights": False}
 _PER_RANK_KEYS = {"distributed_type", "per_device_batch_size"}
 _RESERVED = {"rng_state", "trainer_state", "manifest", "COMMITTED", "best", DS_TAG}
 
@@ -635,11 +637,17 @@ def check_manifest(path: Path, manifest: Mapping[str, Any], expected: Mapping[st
         want = want_all[key]
         if key == "world_size" or (resized and key in _PER_RANK_KEYS):
             continue
-        if key not in run and key not in manifest:
+        if key in run:
+            saved = run[key]
+        elif key in manifest:
+            saved = manifest[key]
+        elif key in _ABSENT_MEANS:  # a checkpoint older than the key
+            saved = _ABSENT_MEANS[key]
+        else:
             raise CheckpointError(
                 f"checkpoint {path}: manifest has no key '{key}' (this run has {_short(want)})"
             )
-        diff = _first_difference(run[key] if key in run else manifest[key], want, key)
+        diff = _first_difference(saved, want, key)
         if diff and key in _WARN_ONLY_KEYS:
             warnings.warn(
                 f"checkpoint {path}: '{diff[0]}' was {_short(diff[1])}, now {_short(diff[2])}",

@@ -171,6 +171,7 @@ class TrainConfig:
     compile: bool = False
     compile_tuning: str = "none"  # "coordinate_descent": Inductor tunes its fused kernels
     cuda_graphs: bool = False
+    bf16_weights: bool = False  # the model in bf16, fp32 master weights in the optimizer
     stop_after_steps: int | None = None
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     preemption_check_steps: int = 1
@@ -978,6 +979,15 @@ def _validate_combinations(train: TrainConfig) -> None:
             "train.compile_tuning",
             f"config key 'train.compile_tuning': expected 'none' with train.compile=false "
             f"(it tunes the compiled layers), got {train.compile_tuning!r}",
+        )
+    if train.bf16_weights and (train.mixed_precision != "bf16" or train.zero_stage):
+        why = "DeepSpeed's bf16 mode keeps fp32 masters itself" if train.zero_stage else \
+            "it replaces bf16 autocast"
+        raise _Problem(
+            "train.bf16_weights",
+            f"config key 'train.bf16_weights': expected false with train.mixed_precision="
+            f"{train.mixed_precision}, train.zero_stage={train.zero_stage} (it needs "
+            f"mixed_precision=bf16 and no ZeRO: {why}), got true",
         )
     if train.cuda_graphs and train.zero_stage:
         raise _Problem(

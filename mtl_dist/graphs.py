@@ -52,7 +52,9 @@ class _Captured:
 class StepGraphs:
     """Replays a captured forward+backward for each (task, shape); captures on first sight."""
 
-    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None):
+    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None, masters=None):
+        """`masters` (a MasterWeights, train.bf16_weights): each bf16 gradient is handed over
+        into its fp32 master's `.grad` (the copy casts), and the model's `.grad` stays None."""
         self.model = model
         self.dtype = autocast_dtype
         self.pool = torch.cuda.graph_pool_handle()
@@ -66,13 +68,15 @@ class StepGraphs:
         head_ids = {id(p) for p in model.heads.parameters()}
         self.head_grads: list[torch.Tensor] = []
         self._static: dict[int, tuple[torch.Tensor, bool]] = {}  # id(p) -> (grad, is head)
+        self.owns_grads = masters is None
         for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+            holder = p if masters is None else masters.master(p)
+            if holder.grad is None:
+                holder.grad = torch.zeros_like(holder)
             is_head = id(p) in head_ids
-            self._static[id(p)] = (p.grad, is_head)
+            self._static[id(p)] = (holder.grad, is_head)
             if is_head:
-                self.head_grads.append(p.grad)
+                self.head_grads.append(holder.grad)
             p.register_post_accumulate_grad_hook(_weakly(self._hand_over))
         self._mode = "off"  # "warmup": drop each gradient; "capture": record its hand-over
         self._first = True  # the micro-step being captured opens its accumulation group
@@ -120,7 +124,7 @@ class StepGraphs:
         finally:
             self._mode = "off"
             for p, g in zip(self.params, grads, strict=True):
-                p.grad = g
+                p.grad = g if self.owns_grads else None
         return _Captured(graph, static, loss)
 
     def run(self, inputs: dict[str, torch.Tensor], task_id: int, group: int,

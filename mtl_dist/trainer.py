@@ -31,6 +31,7 @@ from mtl_dist.collectives import release_host_group
 from mtl_dist.config import RunConfig, config_hash, config_to_yaml
 from mtl_dist.ema import EMA
 from mtl_dist.errors import ConfigError
+from mtl_dist.master import MasterWeights
 from mtl_dist.metrics import run_score, task_metrics
 from mtl_dist.model import (
     MultiTaskModel,
@@ -116,8 +117,10 @@ def make_accelerator(cfg: RunConfig):
         DistributedDataParallelKwargs(find_unused_parameters=True),
         InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s)),
     ]
-    # Under ZeRO, DeepSpeed runs the model in bf16/fp16 itself: no autocast on top.
-    precision = "no" if cfg.train.zero_stage else cfg.train.mixed_precision
+    # Under ZeRO, DeepSpeed runs the model in bf16/fp16 itself, and with bf16_weights the
+    # model is bf16 already: no autocast on top.
+    precision = "no" if cfg.train.zero_stage or cfg.train.bf16_weights \
+        else cfg.train.mixed_precision
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision,
                               kwargs_handlers=handlers,
                               log_with=list(cfg.tracking.backends) or None,
@@ -136,15 +139,17 @@ def _check_world_size(accelerator) -> None:
             "on CPU use `ACCELERATE_USE_CPU=true accelerate launch` or launch/cpu_multi.yaml")
 
 
-def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
+def param_groups(model: torch.nn.Module, cfg, masters: MasterWeights | None = None) -> list[dict]:
     """AdamW groups: no decay on biases/LayerNorm; each head in groups of its own (own lr, and
-    ZeRO can leave an idle head's groups untouched). Group key "head": task id or None."""
+    ZeRO can leave an idle head's groups untouched). Group key "head": task id or None.
+    With `masters` (train.bf16_weights) the groups hold the fp32 masters."""
     groups: dict[tuple[int, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         head = int(name.split(".")[1]) if name.startswith("heads.") else -1
-        groups.setdefault((head, not name.endswith(NO_DECAY)), []).append(p)
+        groups.setdefault((head, not name.endswith(NO_DECAY)), []).append(
+            p if masters is None else masters.master(p))
     head_lr = cfg.train.head_lr or cfg.train.lr
     return [{"params": ps, "head": None if head < 0 else head,
              "lr": cfg.train.lr if head < 0 else head_lr,
@@ -152,10 +157,11 @@ def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
             for (head, decay), ps in sorted(groups.items())]
 
 
-def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg, device: torch.device,
+                   masters: MasterWeights | None = None) -> torch.optim.Optimizer:
     # Fused AdamW runs on CPU too (torch >= 2.4): there only where fused clipping needs it.
     fused = cfg.train.fused_optimizer and (device.type == "cuda" or cfg.train.fused_clipping)
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr,
+    return torch.optim.AdamW(param_groups(model, cfg, masters), lr=cfg.train.lr,
                              betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
                              eps=cfg.train.adam_eps, fused=fused or None,
                              foreach=None if fused else True)
@@ -223,9 +229,12 @@ class Trainer:
                                    greater_is_better=cfg.train.metric_for_best != "loss")
         self.tracking = Tracking(cfg, acc, self.output_dir)
         self.stop_reason: str | None = None
+        self.masters: MasterWeights | None = None
         if for_training:
             self._build_training()
         else:
+            if cfg.train.bf16_weights:
+                self.model.to(torch.bfloat16)
             self.model = acc.prepare_model(self.model, evaluation_mode=True)
             self._set_module()
 
@@ -263,7 +272,11 @@ class Trainer:
                                  # global stream, or a mid-epoch resume would shift dropout.
                                  generator=torch.Generator().manual_seed(cfg.train.seed))
         self.total_steps = self._total_optimizer_steps()
-        optimizer = make_optimizer(self.model, cfg, acc.device)
+        if cfg.train.bf16_weights:  # masters on the device, taken from the fp32 weights
+            self.masters = MasterWeights(self.model.to(acc.device))
+            if self.world_size > 1:
+                self.masters.broadcast_from_first_rank()
+        optimizer = make_optimizer(self.model, cfg, acc.device, self.masters)
         warmup = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else \
             math.ceil(cfg.train.warmup_ratio * self.total_steps)
         from transformers import get_linear_schedule_with_warmup
@@ -280,7 +293,7 @@ class Trainer:
         self._set_module()
         # Under ZeRO-3 the EMA shadows this rank's parameter partitions only.
         zero3 = self.optimizer if self.engine is not None and cfg.train.zero_stage == 3 else None
-        self.ema = EMA(self.module, cfg.train.ema_decay, zero3_optimizer=zero3) \
+        self.ema = EMA(self._fp32_weights(), cfg.train.ema_decay, zero3_optimizer=zero3) \
             if cfg.train.ema_decay else None
         self.graphs = self._make_step_graphs(self.module)
         self.group_tasks: set[int] = set()  # tasks seen in the current accumulation group
@@ -289,6 +302,16 @@ class Trainer:
         """The plain module under DDP / DeepSpeed wrappers: eval, EMA and best saves use it."""
         self.module: MultiTaskModel = self.engine.module if self.engine is not None \
             else self.accelerator.unwrap_model(self.model)
+
+    def _fp32_weights(self):
+        """What EMA tracks (by the model's parameter names): the masters with bf16_weights."""
+        return self.masters if self.masters is not None else self.module
+
+    def _trainable(self) -> list[torch.Tensor]:
+        """The tensors the optimizer updates and clipping measures."""
+        if self.masters is not None:
+            return self.masters.masters
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def _train_collate(self):
         """Training batches: packed end to end (`data.packing`) or padded like eval batches."""
@@ -316,6 +339,8 @@ class Trainer:
         if cfg.mixed_precision == "fp16":
             raise ConfigError("train.cuda_graphs: use mixed_precision bf16 (fp16's grad scaler "
                               "syncs with the host every step)")
+        if self.masters is not None:  # a bf16 model: no autocast
+            return StepGraphs(module, None, self.masters)
         return StepGraphs(module, dtype)
 
     def _optimizer_steps_in_epoch(self, epoch: int) -> int:
@@ -335,6 +360,8 @@ class Trainer:
             state["grad_scaler"] = self.accelerator.scaler
         if self.ema is not None:
             state["ema"] = self.ema
+        if self.masters is not None:
+            state["master_weights"] = self.masters
         return state
 
     def manifest(self) -> dict[str, Any]:
@@ -348,6 +375,7 @@ class Trainer:
             "global_batch_size": self.cfg.train.per_device_batch_size * self.world_size,
             "gradient_accumulation_steps": self.cfg.train.gradient_accumulation_steps,
             "mixed_precision": self.cfg.train.mixed_precision,
+            "bf16_weights": self.cfg.train.bf16_weights,
             "config_hash": config_hash(self.cfg),
             "tasks": self.task_names,
             "labels": self.label_maps,
@@ -420,7 +448,8 @@ class Trainer:
         if path is None:
             return False
         must_match = ("world_size", "zero_stage", "global_batch_size", "gradient_accumulation_steps",
-                      "tasks", "labels", "data_fingerprints", "model_shape", "versions")
+                      "bf16_weights", "tasks", "labels", "data_fingerprints", "model_shape",
+                      "versions")
         manifest = self.manifest()
         trainer_state = self.ckpt.load(path, self.app_state(), engine=self.engine,
                                        expected_manifest={k: manifest[k] for k in must_match})
@@ -494,6 +523,10 @@ class Trainer:
         with sync, acc.autocast():
             loss, _ = self.model(**inputs)
             acc.backward(loss / group)
+        if self.masters is not None and self.world_size == 1:
+            # Summed over the group in fp32; under DDP the bf16 gradients must stay in .grad
+            # until the group's all-reduce (they are summed there in bf16).
+            self.masters.take_grads()
         return loss
 
     def _optimizer_step(self) -> None:
@@ -509,11 +542,15 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(self.module)
             return
+        if self.masters is not None and self.graphs is None:
+            self.masters.take_grads()
         hide = self.graphs.idle_heads_detached(
-            {t: list(self.module.heads[str(t)].parameters()) for t in idle}) \
+            {t: self._head_trainables(t) for t in idle}) \
             if self.graphs is not None else nullcontext()
         with hide:
             self._clip_and_step()
+        if self.masters is not None:
+            self.masters.copy_to_model()
         self.scheduler.step()
         # None, not zero: an idle head's grad stays None, so AdamW leaves it untouched.
         # (CUDA graphs write fixed .grad tensors: the first micro-step of a group overwrites
@@ -523,17 +560,21 @@ class Trainer:
         else:
             self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(self.module)
+            self.ema.update(self._fp32_weights())
+
+    def _head_trainables(self, task_id: int) -> list[torch.Tensor]:
+        params = list(self.module.heads[str(task_id)].parameters())
+        return params if self.masters is None else [self.masters.master(p) for p in params]
 
     def _clip_and_step(self) -> None:
         max_norm = self.cfg.train.max_grad_norm
         if not (max_norm and self.cfg.train.fused_clipping):
             if max_norm:
-                self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+                self.accelerator.clip_grad_norm_(self._trainable(), max_norm)
             self.optimizer.step()
             return
         inner = self.optimizer.optimizer  # accelerate's wrapper holds the torch optimizer
-        inner.grad_scale = clip_divisor(self.model.parameters(), max_norm)
+        inner.grad_scale = clip_divisor(self._trainable(), max_norm)
         try:
             self.optimizer.step()
         finally:
@@ -625,7 +666,12 @@ class Trainer:
         """Every weight on rank 0 (ZeRO-3 gathers its partitions: a collective call)."""
         if self.engine is not None and self.cfg.train.zero_stage == 3:
             return self.engine._zero3_consolidated_16bit_state_dict() or {}
-        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        if self.masters is not None:  # the fp32 weights (EMA's when on), not the bf16 copy
+            exact = zip(self.ema.names, self.ema.shadow, strict=True) if self.ema is not None \
+                else self.masters.named_parameters()
+            state.update({name: t.detach().cpu() for name, t in exact})
+        return state
 
     def _save_best(self, result: dict) -> None:
         model = self.module
@@ -724,7 +770,10 @@ class Trainer:
 
     def load_weights(self, path: str | Path) -> None:
         """Model weights (and nothing else) from best/ or a checkpoint directory."""
-        self.module.load_state_dict(self.ckpt.load_model_state(path))
+        state = self.ckpt.load_model_state(path)
+        self.module.load_state_dict(state)
+        if self.masters is not None:
+            self.masters.load_state_dict(state)
 
 
 def model_signature(model: torch.nn.Module) -> dict[str, Any]:

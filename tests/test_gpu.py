@@ -43,6 +43,23 @@ def test_cuda_graph_step_matches_eager_losses(tmp_path, extra):
         assert abs(x - y) <= 0.02 * max(1.0, abs(x)), (step, x, y)
 
 
+def test_bf16_weights_cuda_graphs_match_eager_and_fill_the_masters(tmp_path):
+    """train.bf16_weights: the graphs hand each bf16 gradient over into its fp32 master's
+    .grad (a casting copy, or add mid-group); the model's own .grad stays None."""
+    eager, _, _ = run(tmp_path, "eager_bw", "train.bf16_weights=true")
+    graphed, trainer, _ = run(tmp_path, "graphs_bw", "train.bf16_weights=true",
+                              "train.cuda_graphs=true")
+    assert any(not key[1] for key in trainer.graphs.graphs)  # accumulating graphs were used
+    masters = trainer.masters
+    assert all(p.grad is None and p.dtype == torch.bfloat16 for p in masters.params)
+    assert all(trainer.graphs._static[id(p)][0] is masters.master(p).grad
+               for p in masters.params)
+    a, b = train_losses(eager), train_losses(graphed)
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 31))
+    for (step, x), (_, y) in zip(a, b, strict=True):
+        assert abs(x - y) <= 0.02 * max(1.0, abs(x)), (step, x, y)
+
+
 def test_cuda_graph_gradients_equal_eager_ones_in_fp32(tmp_path):
     """fp32, no dropout, 2 micro-steps per group: the graphs' gradient hand-over (copy on a
     group's first micro-step, add after; heads always add, zeroed after each step) gives the
