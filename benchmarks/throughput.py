@@ -439,8 +439,14 @@ def main() -> None:
         variants = [variants[int(i)] for i in args.variants.split(",")]
     rows = [run_baseline(root, args.warmup, args.baseline_steps, mean_len)]
     print(json.dumps(rows[-1]), flush=True)
+    failed = []
     for name, overrides in variants:
-        rows.append(run_mtl(root, name, overrides, args.warmup, args.steps))
+        try:
+            rows.append(run_mtl(root, name, overrides, args.warmup, args.steps))
+        except SystemExit as exc:  # stopped before its window: say so, keep the other rows
+            failed.append({"variant": name, "overrides": overrides, "error": str(exc)})
+            print(exc, flush=True)
+            continue
         print(json.dumps(rows[-1]), flush=True)
     base = rows[0]["samples_per_s"]
     for row in rows:
@@ -458,7 +464,8 @@ def main() -> None:
               "transformers": transformers.__version__, "accelerate": accelerate.__version__,
               "workload": {"arch": ARCH, "vocab": VOCAB, "batch": BATCH, "max_len": MAX_LEN,
                            "tasks": [t[0] for t in TASKS], "precision": "bf16"},
-              "flops_note": __doc__.split("\n\n")[2], "rows": rows, "profile": prof}
+              "flops_note": __doc__.split("\n\n")[2], "rows": rows, "failed": failed,
+              "profile": prof}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\n{'variant':45s} {'samples/s':>10s} {'tok/s':>10s} {'MFU':>6s} {'mem GiB':>8s} {'x base':>7s}")
