@@ -93,6 +93,23 @@ def test_stop_and_resume_is_bit_exact_and_saves_fp32_masters(tmp_path):
     assert evaluator.evaluate()["score"] == pytest.approx(recorded, abs=1e-12)
 
 
+def test_ema_tracks_the_masters_and_best_exports_its_fp32_shadow(tmp_path):
+    trainer = _trainer(tmp_path, "ema", "train.bf16_weights=true", "train.max_steps=8",
+                       "train.ema_decay=0.5")
+    # it starts from the fp32 masters, not from their bf16 rounding (the model's weights)
+    name, master = next(iter(trainer.masters.named_parameters()))
+    assert torch.equal(trainer.ema.shadow[0], master.detach())
+    assert not torch.equal(master.detach(), master.detach().to(torch.bfloat16).float())
+    trainer.fit()
+    shadow = dict(zip(trainer.ema.names, trainer.ema.shadow, strict=True))
+    assert shadow.keys() == dict(trainer.masters.named_parameters()).keys()
+    assert not torch.equal(shadow[name], master.detach())  # decay 0.5: it trails the masters
+    assert trainer.early.best_step == 8  # the only evaluation: best/ holds step 8's shadow
+    best = load_file(str(tmp_path / "ema" / "best" / "model.safetensors"))
+    for n, t in shadow.items():
+        assert best[n].dtype == torch.float32 and torch.equal(best[n], t.cpu()), n
+
+
 def test_two_ranks_under_ddp_train_like_autocast(tmp_path):
     """gloo DDP, 2 ranks, 2 micro-steps per group: the bf16 gradients are all-reduced (and
     summed over the group) in bf16, then moved into the masters: bf16 noise, no more."""
