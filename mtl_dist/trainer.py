@@ -335,13 +335,12 @@ class Trainer:
                               f"{cfg.zero_stage}")
         from mtl_dist.graphs import StepGraphs
 
-        dtype = {"bf16": torch.bfloat16, "fp16": None, "no": None}[cfg.mixed_precision]
         if cfg.mixed_precision == "fp16":
             raise ConfigError("train.cuda_graphs: use mixed_precision bf16 (fp16's grad scaler "
                               "syncs with the host every step)")
-        if self.masters is not None:  # a bf16 model: no autocast
-            return StepGraphs(module, None, self.masters)
-        return StepGraphs(module, dtype)
+        # autocast to bf16, except for a model that is bf16 already (bf16_weights)
+        autocast = cfg.mixed_precision == "bf16" and self.masters is None
+        return StepGraphs(module, torch.bfloat16 if autocast else None, self.masters)
 
     def _optimizer_steps_in_epoch(self, epoch: int) -> int:
         return math.ceil(self.plan.num_steps(epoch) / self.cfg.train.gradient_accumulation_steps)
@@ -542,8 +541,8 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(self.module)
             return
-        if self.masters is not None and self.graphs is None:
-            self.masters.take_grads()
+        if self.masters is not None and self.world_size > 1:
+            self.masters.take_grads()  # DDP: the group's all-reduced bf16 gradients, only now
         hide = self.graphs.idle_heads_detached(
             {t: self._head_trainables(t) for t in idle}) \
             if self.graphs is not None else nullcontext()
