@@ -103,14 +103,14 @@ def probe_optimizer(model, master: bool, iters: int) -> float:
 
         def step():
             torch._foreach_copy_([m.grad for m in masters], [p.grad for p in params])
-            opt.grad_scale = clip_divisor(masters, 1.0)
+            opt.grad_scale = clip_divisor([m.grad for m in masters], 1.0)
             opt.step()
             torch._foreach_copy_([p.data for p in params], masters)
     else:
         opt = torch.optim.AdamW(params, lr=2e-5, fused=True)
 
         def step():
-            opt.grad_scale = clip_divisor(params, 1.0)
+            opt.grad_scale = clip_divisor([p.grad for p in params], 1.0)
             opt.step()
     return kernel_ms(step, iters)
 

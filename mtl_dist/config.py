@@ -172,6 +172,7 @@ class TrainConfig:
     compile_tuning: str = "none"  # "coordinate_descent": Inductor tunes its fused kernels
     cuda_graphs: bool = False
     bf16_weights: bool = False  # the model in bf16, fp32 master weights in the optimizer
+    flat_masters: bool = False  # bf16_weights: encoder masters/moments/grads flat, one-kernel AdamW
     stop_after_steps: int | None = None
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     preemption_check_steps: int = 1
@@ -988,6 +989,12 @@ def _validate_combinations(train: TrainConfig) -> None:
             f"config key 'train.bf16_weights': expected false with train.mixed_precision="
             f"{train.mixed_precision}, train.zero_stage={train.zero_stage} (it needs "
             f"mixed_precision=bf16 and no ZeRO: {why}), got true",
+        )
+    if train.flat_masters and not train.bf16_weights:
+        raise _Problem(
+            "train.flat_masters",
+            "config key 'train.flat_masters': expected false with train.bf16_weights=false "
+            "(it lays out the fp32 master weights that bf16_weights keeps), got true",
         )
     if train.cuda_graphs and train.zero_stage:
         raise _Problem(

@@ -12,11 +12,24 @@ as under autocast; activations between them are rounded to bf16 (bf16 noise).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+
+@dataclass
+class FlatSegment:
+    """Parameters laid end to end (`train.flat_masters`): their fp32 masters, the masters'
+    fp32 gradients and the model's bf16 weights are views into these three 1-D buffers, so
+    one elementwise kernel can update them all (mtl_dist/flat_adamw.py)."""
+
+    masters: list[torch.Tensor]
+    master: torch.Tensor
+    grad: torch.Tensor
+    weight: torch.Tensor
 
 
 class MasterWeights:
@@ -25,16 +38,75 @@ class MasterWeights:
     The optimizer, gradient clipping and EMA work on the masters (`named_parameters()` has
     the model's names); the model's own `.grad` is a per-micro-step bf16 buffer that
     `take_grads` moves into the masters' fp32 `.grad` (CUDA graphs write there directly).
+    Each of `flat_segments` (lists of the model's parameters) becomes a FlatSegment: its
+    masters' `.grad` are then always the (zeroed or summed) views, never None.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, flat_segments: Sequence[Sequence[nn.Parameter]] = ()):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         # Taken before the cast: a pretrained fp32 checkpoint keeps its full precision.
         self.masters = [p.detach().float().clone().requires_grad_(True) for p in self.params]
-        self._by_param = {id(p): m for p, m in zip(self.params, self.masters, strict=True)}
         model.to(torch.bfloat16)
+        self.segments = [self._lay_flat(list(params)) for params in flat_segments]
+        self._by_param = {id(p): m for p, m in zip(self.params, self.masters, strict=True)}
+        self._flat_ids = {id(m) for s in self.segments for m in s.masters}
+        self._index = {id(m): i for i, m in enumerate(self.masters)}
+
+    @torch.no_grad()
+    def _lay_flat(self, params: list[nn.Parameter]) -> FlatSegment:
+        """Moves `params` (bf16 by now) and their masters into flat buffers, in this order."""
+        index = {id(p): i for i, p in enumerate(self.params)}
+        total = sum(p.numel() for p in params)
+        device = params[0].device
+        master = torch.empty(total, dtype=torch.float32, device=device)
+        grad = torch.zeros(total, dtype=torch.float32, device=device)
+        weight = torch.empty(total, dtype=torch.bfloat16, device=device)
+        masters, start = [], 0
+        for p in params:
+            i, end = index[id(p)], start + p.numel()
+            m = master[start:end].view_as(p)
+            m.copy_(self.masters[i])
+            m.requires_grad_(True)
+            m.grad = grad[start:end].view_as(p)
+            weight[start:end].copy_(p.data.reshape(-1))
+            p.data = weight[start:end].view_as(p)
+            self.masters[i] = m
+            masters.append(m)
+            start = end
+        return FlatSegment(masters, master, grad, weight)
+
+    @torch.no_grad()
+    def relink_model(self) -> None:
+        """Makes the model's flat-segment parameters views of their bf16 buffer again.
+        `Module.to(device)` with a device index on a device whose tensors carry none (CPU, as
+        accelerate's prepare does) rebinds every parameter to a copy: the flat step would then
+        write weights the model no longer reads. Their values (a broadcast may have changed
+        them) are kept."""
+        for seg in self.segments:
+            start = 0
+            for m in seg.masters:
+                p, end = self.params[self._index[id(m)]], start + m.numel()
+                view = seg.weight[start:end].view_as(p)
+                if p.data.data_ptr() != view.data_ptr():
+                    view.copy_(p.data)
+                    p.data = view
+                start = end
+
+    def segment(self, masters: Sequence[torch.Tensor]) -> FlatSegment | None:
+        """The FlatSegment holding exactly `masters`, in order (an optimizer group), or None."""
+        for seg in self.segments:
+            if len(seg.masters) == len(masters) and \
+                    all(a is b for a, b in zip(seg.masters, masters, strict=True)):
+                return seg
+        return None
+
+    def grads_for_norm(self) -> list[torch.Tensor]:
+        """The masters' gradients for clipping: a flat segment's as one tensor."""
+        loose = [m.grad for m in self.masters
+                 if id(m) not in self._flat_ids and m.grad is not None]
+        return [s.grad for s in self.segments] + loose
 
     def master(self, param: nn.Parameter) -> torch.Tensor:
         return self._by_param[id(param)]
@@ -67,9 +139,13 @@ class MasterWeights:
         self.copy_to_model()
 
     @torch.no_grad()
-    def copy_to_model(self) -> None:
-        """After the optimizer step (and after loading masters): the bf16 weights follow."""
-        torch._foreach_copy_([p.data for p in self.params], self.masters)
+    def copy_to_model(self, flat: bool = True) -> None:
+        """After the optimizer step (and after loading masters): the bf16 weights follow.
+        `flat=False`: not the flat segments' (the flat optimizer step wrote them itself)."""
+        pairs = [(p.data, m) for p, m in zip(self.params, self.masters, strict=True)
+                 if flat or id(m) not in self._flat_ids]
+        if pairs:
+            torch._foreach_copy_(*map(list, zip(*pairs, strict=True)))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: m.detach() for n, m in self.named_parameters()}

@@ -31,6 +31,7 @@ from mtl_dist.collectives import release_host_group
 from mtl_dist.config import RunConfig, config_hash, config_to_yaml
 from mtl_dist.ema import EMA
 from mtl_dist.errors import ConfigError
+from mtl_dist.flat_adamw import FlatAdamW
 from mtl_dist.master import MasterWeights
 from mtl_dist.metrics import run_score, task_metrics
 from mtl_dist.model import (
@@ -161,18 +162,28 @@ def make_optimizer(model: torch.nn.Module, cfg, device: torch.device,
                    masters: MasterWeights | None = None) -> torch.optim.Optimizer:
     # Fused AdamW runs on CPU too (torch >= 2.4): there only where fused clipping needs it.
     fused = cfg.train.fused_optimizer and (device.type == "cuda" or cfg.train.fused_clipping)
-    return torch.optim.AdamW(param_groups(model, cfg, masters), lr=cfg.train.lr,
-                             betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
-                             eps=cfg.train.adam_eps, fused=fused or None,
-                             foreach=None if fused else True)
+    groups = param_groups(model, cfg, masters)
+    settings = {"lr": cfg.train.lr, "betas": (cfg.train.adam_beta1, cfg.train.adam_beta2),
+                "eps": cfg.train.adam_eps, "fused": fused or None,
+                "foreach": None if fused else True}
+    if masters is not None and masters.segments:  # train.flat_masters
+        return FlatAdamW(groups, masters, compiled=device.type == "cuda", **settings)
+    return torch.optim.AdamW(groups, **settings)
 
 
-def clip_divisor(parameters, max_norm: float) -> torch.Tensor:
+def flat_segments(model: torch.nn.Module, cfg) -> list[list[torch.nn.Parameter]]:
+    """`train.flat_masters`: the encoder's optimizer groups, each laid flat (heads stay
+    per tensor: an idle head's step is skipped)."""
+    if not cfg.train.flat_masters:
+        return []
+    return [g["params"] for g in param_groups(model, cfg) if g["head"] is None]
+
+
+def clip_divisor(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """What fused AdamW divides every gradient by (its `grad_scale`) to clip them to `max_norm`.
 
     torch's clip_grad_norm_ multiplies by min(max_norm / (norm + 1e-6), 1) in a pass of its
     own; handing the fused step the reciprocal saves that read+write of every gradient."""
-    grads = [p.grad for p in parameters if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False, foreach=True)
     return torch.clamp((norm + 1e-6) / max_norm, min=1.0)
 
@@ -273,7 +284,8 @@ class Trainer:
                                  generator=torch.Generator().manual_seed(cfg.train.seed))
         self.total_steps = self._total_optimizer_steps()
         if cfg.train.bf16_weights:  # masters on the device, taken from the fp32 weights
-            self.masters = MasterWeights(self.model.to(acc.device))
+            self.masters = MasterWeights(self.model.to(acc.device),
+                                         flat_segments(self.model, cfg))
             if self.world_size > 1:
                 self.masters.broadcast_from_first_rank()
         optimizer = make_optimizer(self.model, cfg, acc.device, self.masters)
@@ -290,6 +302,8 @@ class Trainer:
             self.model = self.engine
         else:
             self.model, self.optimizer = acc.prepare(self.model, optimizer)
+        if self.masters is not None:
+            self.masters.relink_model()
         self._set_module()
         # Under ZeRO-3 the EMA shadows this rank's parameter partitions only.
         zero3 = self.optimizer if self.engine is not None and cfg.train.zero_stage == 3 else None
@@ -548,8 +562,8 @@ class Trainer:
             if self.graphs is not None else nullcontext()
         with hide:
             self._clip_and_step()
-        if self.masters is not None:
-            self.masters.copy_to_model()
+        if self.masters is not None:  # flat segments: the flat step wrote their weights
+            self.masters.copy_to_model(flat=False)
         self.scheduler.step()
         # None, not zero: an idle head's grad stays None, so AdamW leaves it untouched.
         # (CUDA graphs write fixed .grad tensors: the first micro-step of a group overwrites
@@ -573,7 +587,9 @@ class Trainer:
             self.optimizer.step()
             return
         inner = self.optimizer.optimizer  # accelerate's wrapper holds the torch optimizer
-        inner.grad_scale = clip_divisor(self._trainable(), max_norm)
+        grads = self.masters.grads_for_norm() if self.masters is not None else \
+            [p.grad for p in self._trainable() if p.grad is not None]
+        inner.grad_scale = clip_divisor(grads, max_norm)
         try:
             self.optimizer.step()
         finally:

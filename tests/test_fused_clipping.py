@@ -31,7 +31,7 @@ def test_fused_step_with_clip_divisor_equals_clip_then_step(grad_scale):
     for _ in range(3):
         torch.nn.utils.clip_grad_norm_(clipped, 1.0)
         opt_a.step()
-        opt_b.grad_scale = clip_divisor(folded, 1.0)
+        opt_b.grad_scale = clip_divisor([p.grad for p in folded], 1.0)
         opt_b.step()
         del opt_b.grad_scale
     for a, b in zip(clipped, folded, strict=True):

@@ -1,0 +1,188 @@
+"""AdamW over flat buffers in one elementwise kernel per group (`train.flat_masters`).
+
+Why: with `train.bf16_weights` the optimizer step of BERT-large on an H200 took ~4.4 ms of
+GPU kernels: torch's fused AdamW 3.4 ms (~2.8 TB/s, chunked over ~390 tensors), the gradient
+norm 0.4 ms, the masters -> bf16 weights copy 0.6 ms (run I2's profile in benchmarks/).
+With the encoder's masters, gradients, moments and bf16 weights each laid end to end
+(MasterWeights' FlatSegment), `torch.compile` turns `adamw_update` into one kernel that reads
+gradient + master + moments once and writes master + moments + the bf16 weight, and the
+gradient norm is one reduction.
+
+Maths: torch's AdamW (its single-tensor form, fp32), the gradient divided by the fused path's
+`grad_scale` (clipping folded in, `train.fused_clipping`). Heads stay per tensor (an idle
+head must be skipped, not decayed) and go through torch's AdamW, as does a flat group whose
+gradients or moments are not the flat views any more. The state dict is AdamW's, so a run
+resumes across the switch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from mtl_dist.master import FlatSegment, MasterWeights
+
+
+def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                 exp_avg_sq: torch.Tensor, weight: torch.Tensor, divisor: torch.Tensor,
+                 scalars: torch.Tensor, beta1: float, beta2: float, eps: float) -> None:
+    """One AdamW step of flat fp32 `master` (moments fp32), then `weight` (bf16) = master.
+    `scalars`: this step's [1 - lr * weight_decay, lr / bias_correction1,
+    sqrt(bias_correction2)], a tensor so that a compiled kernel takes them as arguments."""
+    g = grad / divisor
+    master.mul_(scalars[0])
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / scalars[2]).add_(eps)
+    master.sub_(exp_avg / denom * scalars[1])
+    weight.copy_(master)
+
+
+@functools.cache
+def compiled_update():
+    # Static shapes: one specialisation per flat group (two for the encoder). What changes
+    # every step comes in tensors (Dynamo bakes Python floats in as constants).
+    return torch.compile(adamw_update, fullgraph=True, dynamic=False)
+
+
+class FlatAdamW(torch.optim.AdamW):
+    """torch's AdamW whose groups that are one of `masters`' flat segments step in one kernel."""
+
+    def __init__(self, params, masters: MasterWeights, *, compiled: bool, **kwargs):
+        if kwargs.get("amsgrad") or kwargs.get("maximize"):
+            raise ValueError("FlatAdamW: amsgrad and maximize are not supported")
+        super().__init__(params, **kwargs)
+        self._update = compiled_update() if compiled else adamw_update
+        self._segments: dict[int, FlatSegment] = {}
+        for i, group in enumerate(self.param_groups):
+            seg = masters.segment(group["params"])
+            if seg is not None:
+                self._segments[i] = seg
+        self._moments: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._host_step: dict[int, int | None] = {}  # a group's step count, known on the host
+        for i, seg in self._segments.items():
+            self._moments[i] = (torch.zeros_like(seg.master), torch.zeros_like(seg.master))
+            self._link_state(i, fresh=True)
+        self._ones: dict[torch.device, torch.Tensor] = {}
+        self.register_load_state_dict_post_hook(FlatAdamW._relink_after_load)
+
+    # ------------------------------------------------------------------ state
+    def _link_state(self, i: int, fresh: bool) -> None:
+        """The group's `exp_avg`/`exp_avg_sq` become views of its flat moments (copied in
+        from a loaded state); its step count is read once (a sync at start or load only)."""
+        group, (exp_avg, exp_avg_sq) = self.param_groups[i], self._moments[i]
+        start, steps = 0, []
+        for p in group["params"]:
+            end = start + p.numel()
+            state = self.state[p]
+            if fresh:
+                on_device = group["fused"] or group["capturable"]
+                state["step"] = torch.zeros((), dtype=torch.float32,
+                                            device=p.device if on_device else "cpu")
+                state["exp_avg"] = exp_avg[start:end].view_as(p)
+                state["exp_avg_sq"] = exp_avg_sq[start:end].view_as(p)
+            elif state:  # loaded: the same values, moved into the flat moments
+                for key, flat in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+                    flat[start:end].copy_(state[key].reshape(-1))
+                    state[key] = flat[start:end].view_as(p)
+            steps.append(state.get("step"))
+            start = end
+        self._host_step[i] = 0 if fresh else _uniform_step(steps)
+
+    @staticmethod
+    def _relink_after_load(optimizer: FlatAdamW) -> None:
+        for i in optimizer._segments:
+            optimizer._link_state(i, fresh=False)
+
+    def _flat_ready(self, i: int) -> bool:
+        """The kernel may run: every gradient and moment is its flat view, one step count."""
+        seg, group = self._segments[i], self.param_groups[i]
+        if self._host_step[i] is None:
+            return False
+        exp_avg, exp_avg_sq = self._moments[i]
+        grad_ptr = seg.grad.data_ptr()
+        m_ptr, v_ptr, start = exp_avg.data_ptr(), exp_avg_sq.data_ptr(), 0
+        size = seg.grad.element_size()
+        for p in group["params"]:
+            state = self.state[p]
+            offset = start * size
+            if p.grad is None or p.grad.data_ptr() != grad_ptr + offset or not state or \
+                    state["exp_avg"].data_ptr() != m_ptr + offset or \
+                    state["exp_avg_sq"].data_ptr() != v_ptr + offset:
+                return False
+            start += p.numel()
+        return True
+
+    # ------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("FlatAdamW.step: closures are not supported")
+        divisor = getattr(self, "grad_scale", None)
+        hidden, per_tensor = [], []
+        for i, seg in self._segments.items():
+            group = self.param_groups[i]
+            if not self._flat_ready(i):
+                per_tensor.append(i)
+                continue
+            self._step_flat(i, seg, group, divisor)
+            for p in group["params"]:  # torch's step below leaves them alone
+                hidden.append((p, p.grad))
+                p.grad = None
+        try:
+            super().step()
+        finally:
+            for p, grad in hidden:
+                p.grad = grad
+        for i in per_tensor:  # stepped per tensor above: the bf16 weights, and steps re-read
+            self._segments[i].weight.copy_(self._segments[i].master)
+            self._host_step[i] = _uniform_step([self.state[p].get("step")
+                                                for p in self.param_groups[i]["params"]])
+
+    def _step_flat(self, i: int, seg: FlatSegment, group: dict, divisor) -> None:
+        step = self._host_step[i] + 1
+        beta1, beta2 = group["betas"]
+        lr = float(group["lr"])
+        device = seg.grad.device
+        scalars = torch.tensor([1 - lr * group["weight_decay"], lr / (1 - beta1 ** step),
+                                (1 - beta2 ** step) ** 0.5], dtype=torch.float32,
+                               pin_memory=device.type == "cuda")
+        if divisor is None:
+            divisor = self._one(device)
+        exp_avg, exp_avg_sq = self._moments[i]
+        # Pinned: no host sync; the allocator keeps the buffer until the copy has run.
+        self._update(seg.master, seg.grad, exp_avg, exp_avg_sq, seg.weight, divisor,
+                     scalars.to(device, non_blocking=True), float(beta1), float(beta2),
+                     float(group["eps"]))
+        torch._foreach_add_([self.state[p]["step"] for p in group["params"]], 1.0)
+        self._host_step[i] = step
+
+    def _one(self, device: torch.device) -> torch.Tensor:
+        if device not in self._ones:
+            self._ones[device] = torch.ones((), device=device)
+        return self._ones[device]
+
+    @torch.no_grad()
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Flat groups' gradients stay their views, zeroed (one memset); the rest as asked."""
+        flat_ids = set()
+        for i, seg in self._segments.items():
+            seg.grad.zero_()
+            flat_ids.update(id(p) for p in self.param_groups[i]["params"])
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in flat_ids or p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
+
+def _uniform_step(steps: list) -> int | None:
+    """The group's common step count (0 before any), or None where the tensors disagree."""
+    if any(s is None for s in steps):
+        return 0 if all(s is None for s in steps) else None
+    values = {float(s) for s in steps}
+    return int(values.pop()) if len(values) == 1 else None
