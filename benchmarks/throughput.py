@@ -408,6 +408,11 @@ def variant_list() -> list[tuple[str, list[str]]]:
          ["data.packing=true", "data.pack_multiple=256", "train.cuda_graphs=true",
           "train.compile=true", "train.fused_clipping=true",
           "train.compile_tuning=coordinate_descent", "train.bf16_weights=true"]),
+        ("... bf16 weights + flat masters (one-kernel AdamW)",
+         ["data.packing=true", "data.pack_multiple=256", "train.cuda_graphs=true",
+          "train.compile=true", "train.fused_clipping=true",
+          "train.compile_tuning=coordinate_descent", "train.bf16_weights=true",
+          "train.flat_masters=true"]),
     ]
 
 

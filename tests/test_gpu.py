@@ -60,6 +60,34 @@ def test_bf16_weights_cuda_graphs_match_eager_and_fill_the_masters(tmp_path):
         assert abs(x - y) <= 0.02 * max(1.0, abs(x)), (step, x, y)
 
 
+def test_flat_masters_with_cuda_graphs_train_like_per_tensor_masters(tmp_path):
+    """train.flat_masters on CUDA: the compiled flat AdamW kernel steps every encoder group
+    every step, compiled once per group (no recompiles), and the model reads its weights."""
+    from torch._dynamo.utils import counters
+
+    from mtl_dist.flat_adamw import FlatAdamW
+
+    common = ["train.bf16_weights=true", "train.cuda_graphs=true", "train.fused_clipping=true"]
+    plain, _, _ = run(tmp_path, "plain_bw", *common)
+    counters.clear()
+    flat, trainer, _ = run(tmp_path, "flat_bw", *common, "train.flat_masters=true")
+    inner = trainer.optimizer.optimizer
+    assert isinstance(inner, FlatAdamW) and inner._host_step == {0: 30, 1: 30}
+    assert counters["stats"]["unique_graphs"] <= len(inner._segments)  # one per group shape
+    for i, seg in inner._segments.items():
+        start = 0
+        for m in trainer.optimizer.param_groups[i]["params"]:
+            assert m.data_ptr() == seg.master[start:].data_ptr()
+            start += m.numel()
+        assert torch.equal(seg.weight, seg.master.to(torch.bfloat16))
+    for p in trainer.masters.params:
+        assert torch.equal(p.detach(), trainer.masters.master(p).detach().to(torch.bfloat16))
+    a, b = train_losses(plain), train_losses(flat)
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 31))
+    for (step, x), (_, y) in zip(a, b, strict=True):
+        assert abs(x - y) <= 0.02 * max(1.0, abs(x)), (step, x, y)
+
+
 def test_cuda_graph_gradients_equal_eager_ones_in_fp32(tmp_path):
     """fp32, no dropout, 2 micro-steps per group: the graphs' gradient hand-over (copy on a
     group's first micro-step, add after; heads always add, zeroed after each step) gives the
