@@ -30,7 +30,7 @@ def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
     """One AdamW step of flat fp32 `master` (moments fp32), then `weight` (bf16) = master.
     `scalars`: this step's [1 - lr * weight_decay, lr / bias_correction1,
     sqrt(bias_correction2)], a tensor so that a compiled kernel takes them as arguments."""
-    g = grad / divisor
+    g = grad.float() / divisor  # a bf16 gradient (MasterWeights.grads_in_bf16) cast exactly
     master.mul_(scalars[0])
     exp_avg.lerp_(g, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -53,6 +53,7 @@ class FlatAdamW(torch.optim.AdamW):
         if kwargs.get("amsgrad") or kwargs.get("maximize"):
             raise ValueError("FlatAdamW: amsgrad and maximize are not supported")
         super().__init__(params, **kwargs)
+        self._masters = masters
         self._update = compiled_update() if compiled else adamw_update
         self._segments: dict[int, FlatSegment] = {}
         for i, group in enumerate(self.param_groups):
@@ -120,6 +121,8 @@ class FlatAdamW(torch.optim.AdamW):
         if closure is not None:
             raise ValueError("FlatAdamW.step: closures are not supported")
         divisor = getattr(self, "grad_scale", None)
+        if not all(self._flat_ready(i) for i in self._segments):
+            self._masters.grads_to_fp32()  # torch's AdamW reads the fp32 `.grad` views
         hidden, per_tensor = [], []
         for i, seg in self._segments.items():
             group = self.param_groups[i]
@@ -152,7 +155,7 @@ class FlatAdamW(torch.optim.AdamW):
             divisor = self._one(device)
         exp_avg, exp_avg_sq = self._moments[i]
         # Pinned: no host sync; the allocator keeps the buffer until the copy has run.
-        self._update(seg.master, seg.grad, exp_avg, exp_avg_sq, seg.weight, divisor,
+        self._update(seg.master, self._masters.flat_grad(seg), exp_avg, exp_avg_sq, seg.weight, divisor,
                      scalars.to(device, non_blocking=True), float(beta1), float(beta2),
                      float(group["eps"]))
         torch._foreach_add_([self.state[p]["step"] for p in group["params"]], 1.0)
@@ -167,6 +170,7 @@ class FlatAdamW(torch.optim.AdamW):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Flat groups' gradients stay their views, zeroed (one memset); the rest as asked."""
         flat_ids = set()
+        self._masters.grads_in_bf16 = False
         for i, seg in self._segments.items():
             seg.grad.zero_()
             flat_ids.update(id(p) for p in self.param_groups[i]["params"])

@@ -52,9 +52,13 @@ class _Captured:
 class StepGraphs:
     """Replays a captured forward+backward for each (task, shape); captures on first sight."""
 
-    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None, masters=None):
+    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None, masters=None,
+                 single_micro_step: bool = False):
         """`masters` (a MasterWeights, train.bf16_weights): the bf16 gradients are handed over
-        into the fp32 masters' `.grad`, and the model's own `.grad` stays None."""
+        into the fp32 masters' `.grad`, and the model's own `.grad` stays None. With flat
+        segments (train.flat_masters) and `single_micro_step` (every accumulation group is
+        one micro-step), the encoder's stay bf16, copied into the segments' flat bf16
+        buffers (MasterWeights.bf16_grad_views), which the flat AdamW kernel reads."""
         self.model = model
         self.dtype = autocast_dtype
         self.pool = torch.cuda.graph_pool_handle()
@@ -70,6 +74,12 @@ class StepGraphs:
         self._static: dict[int, tuple[torch.Tensor, bool]] = {}  # id(p) -> (grad, is head)
         self.owns_grads = masters is None
         self.encoder_params = [p for p in self.params if id(p) not in head_ids]
+        self.masters = masters
+        bf16 = masters.bf16_grad_views() if single_micro_step and masters is not None \
+            and masters.segments else {}
+        self.grads_stay_bf16 = bool(bf16) and all(id(p) in bf16 for p in self.encoder_params)
+        self._encoder_targets = [bf16[id(p)] for p in self.encoder_params] \
+            if self.grads_stay_bf16 else None
         for p in self.params:
             holder = p if masters is None else masters.master(p)
             if holder.grad is None:
@@ -116,17 +126,20 @@ class StepGraphs:
         multi-tensor kernel, copied on a group's first micro-step, added later. Why not a
         `copy_` per gradient in the hook: a bf16 -> fp32 copy_ runs PyTorch's unrolled
         casting kernel, 1.9 ms per step for BERT-large on an H200 (about 1 TB/s)."""
-        have = [p for p in self.encoder_params if p.grad is not None]
-        statics = [self._static[id(p)][0] for p in have]
-        grads = [p.grad for p in have]
+        targets = self._encoder_targets or [self._static[id(p)][0] for p in self.encoder_params]
+        have = [(t, p) for t, p in zip(targets, self.encoder_params, strict=True)
+                if p.grad is not None]
+        statics = [t for t, _ in have]
+        grads = [p.grad for _, p in have]
         if self._first:
             torch._foreach_copy_(statics, grads)
-            unused = [self._static[id(p)][0] for p in self.encoder_params if p.grad is None]
+            unused = [t for t, p in zip(targets, self.encoder_params, strict=True)
+                      if p.grad is None]
             if unused:  # no gradient in this micro-step: none from earlier groups either
                 torch._foreach_zero_(unused)
         else:
             torch._foreach_add_(statics, grads)
-        for p in have:
+        for _, p in have:
             p.grad = None
 
     def _capture(self, inputs: dict[str, torch.Tensor], task_id: int, first: bool) -> _Captured:
@@ -162,8 +175,13 @@ class StepGraphs:
             captured = self.graphs[key] = self._capture(inputs, task_id, first)
         for name, value in inputs.items():
             captured.inputs[name].copy_(value, non_blocking=True)
+        if self.grads_stay_bf16 and not (first and group == 1):
+            raise RuntimeError(f"StepGraphs: bf16 gradients need one micro-step per group, "
+                               f"got a group of {group}")
         self.scale.fill_(1.0 / group)
         captured.graph.replay()
+        if self.grads_stay_bf16:
+            self.masters.grads_in_bf16 = True
         return captured.loss
 
     def zero_head_grads(self) -> None:

@@ -184,7 +184,10 @@ def clip_divisor(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
 
     torch's clip_grad_norm_ multiplies by min(max_norm / (norm + 1e-6), 1) in a pass of its
     own; handing the fused step the reciprocal saves that read+write of every gradient."""
-    norm = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False, foreach=True)
+    # fp32 norms also of bf16 gradients (MasterWeights.grads_in_bf16): get_total_norm would
+    # round a bf16 tensor's norm to bf16
+    norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+    norm = torch.linalg.vector_norm(torch.stack(norms), 2.0)
     return torch.clamp((norm + 1e-6) / max_norm, min=1.0)
 
 
@@ -354,7 +357,8 @@ class Trainer:
                               "syncs with the host every step)")
         # autocast to bf16, except for a model that is bf16 already (bf16_weights)
         autocast = cfg.mixed_precision == "bf16" and self.masters is None
-        return StepGraphs(module, torch.bfloat16 if autocast else None, self.masters)
+        return StepGraphs(module, torch.bfloat16 if autocast else None, self.masters,
+                          single_micro_step=cfg.gradient_accumulation_steps == 1)
 
     def _optimizer_steps_in_epoch(self, epoch: int) -> int:
         return math.ceil(self.plan.num_steps(epoch) / self.cfg.train.gradient_accumulation_steps)
@@ -582,6 +586,8 @@ class Trainer:
     def _clip_and_step(self) -> None:
         max_norm = self.cfg.train.max_grad_norm
         if not (max_norm and self.cfg.train.fused_clipping):
+            if self.masters is not None:  # clip_grad_norm_ reads the masters' fp32 .grad
+                self.masters.grads_to_fp32()
             if max_norm:
                 self.accelerator.clip_grad_norm_(self._trainable(), max_norm)
             self.optimizer.step()

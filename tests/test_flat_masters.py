@@ -241,3 +241,68 @@ def test_relink_makes_the_model_read_the_flat_weights_again_after_a_device_move(
     assert first.data_ptr() == weight.data_ptr()
     assert torch.equal(first.detach(), expected)
     assert torch.equal(weight[: first.numel()].view_as(first), expected)
+
+
+def _flat_pair():
+    """The same tiny model twice, both with flat masters and FlatAdamW (heads: fused AdamW)."""
+    return _optimizers(fused=True)[1], _optimizers(fused=True)[1]
+
+
+def _bf16_grads(model: nn.Module, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=gen).to(torch.bfloat16) for p in model.parameters()]
+
+
+def _hand_over(model, masters, opt, grads, in_bf16: bool) -> None:
+    """What the CUDA graphs do with one micro-step per group (in_bf16) or the eager path."""
+    opt.zero_grad(set_to_none=True)
+    views = masters.bf16_grad_views() if in_bf16 else {}
+    for p, g in zip(model.parameters(), grads, strict=True):
+        if id(p) in views:
+            views[id(p)].copy_(g)
+        else:
+            p.grad = g.clone()
+    masters.take_grads()
+    masters.grads_in_bf16 = in_bf16
+
+
+def test_bf16_gradients_read_by_the_flat_kernel_step_exactly_like_fp32_ones():
+    from mtl_dist.trainer import clip_divisor
+
+    (m_a, w_a, opt_a), (m_b, w_b, opt_b) = _flat_pair()
+    for seed in range(4):
+        grads = _bf16_grads(m_a, seed)
+        _hand_over(m_a, w_a, opt_a, grads, in_bf16=False)
+        _hand_over(m_b, w_b, opt_b, grads, in_bf16=True)
+        assert w_b.grads_for_norm()[0].dtype == torch.bfloat16
+        div_a = clip_divisor(w_a.grads_for_norm(), 0.5)
+        div_b = clip_divisor(w_b.grads_for_norm(), 0.5)
+        assert float(div_a) > 1.0  # clipping is active
+        torch.testing.assert_close(div_b, div_a, rtol=1e-6, atol=0)
+        for opt, div in ((opt_a, div_a), (opt_b, div_a)):
+            opt.grad_scale = div
+            opt.step()
+            del opt.grad_scale
+        w_a.copy_to_model(flat=False)
+        w_b.copy_to_model(flat=False)
+    assert opt_b._host_step == {0: 4, 1: 4}
+    for a, b in zip(w_a.masters, w_b.masters, strict=True):
+        assert torch.equal(a, b)  # a bf16 -> fp32 cast is exact
+    for p, q in zip(m_a.parameters(), m_b.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_a_fallback_step_first_moves_bf16_gradients_into_the_fp32_views():
+    (m_a, w_a, opt_a), (m_b, w_b, opt_b) = _flat_pair()
+    grads = _bf16_grads(m_a, 0)
+    _hand_over(m_a, w_a, opt_a, grads, in_bf16=False)
+    _hand_over(m_b, w_b, opt_b, grads, in_bf16=True)
+    first = w_b.master(m_b.encoder[0].weight)
+    opt_b.state[first]["exp_avg"] = opt_b.state[first]["exp_avg"].clone()  # group 0 not flat
+    assert not opt_b._flat_ready(0)
+    opt_a.step()
+    opt_b.step()
+    assert not w_b.grads_in_bf16
+    torch.testing.assert_close(w_b.segments[0].grad, w_a.segments[0].grad, rtol=0, atol=0)
+    for a, b in zip(w_a.masters, w_b.masters, strict=True):
+        torch.testing.assert_close(b, a, rtol=2e-6, atol=1e-7)

@@ -60,19 +60,24 @@ def test_bf16_weights_cuda_graphs_match_eager_and_fill_the_masters(tmp_path):
         assert abs(x - y) <= 0.02 * max(1.0, abs(x)), (step, x, y)
 
 
-def test_flat_masters_with_cuda_graphs_train_like_per_tensor_masters(tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_flat_masters_with_cuda_graphs_train_like_per_tensor_masters(tmp_path, accumulation):
     """train.flat_masters on CUDA: the compiled flat AdamW kernel steps every encoder group
-    every step, compiled once per group (no recompiles), and the model reads its weights."""
+    every step, compiled once per group (no recompiles), and the model reads its weights.
+    With one micro-step per group it reads the bf16 gradients the graphs left flat."""
     from torch._dynamo.utils import counters
 
     from mtl_dist.flat_adamw import FlatAdamW
 
-    common = ["train.bf16_weights=true", "train.cuda_graphs=true", "train.fused_clipping=true"]
+    common = ["train.bf16_weights=true", "train.cuda_graphs=true", "train.fused_clipping=true",
+              f"train.gradient_accumulation_steps={accumulation}"]
     plain, _, _ = run(tmp_path, "plain_bw", *common)
     counters.clear()
     flat, trainer, _ = run(tmp_path, "flat_bw", *common, "train.flat_masters=true")
     inner = trainer.optimizer.optimizer
     assert isinstance(inner, FlatAdamW) and inner._host_step == {0: 30, 1: 30}
+    assert trainer.graphs.grads_stay_bf16 == (accumulation == 1)
+    assert trainer.masters.grads_in_bf16 == (accumulation == 1)
     assert counters["stats"]["unique_graphs"] <= len(inner._segments)  # one per group shape
     for i, seg in inner._segments.items():
         start = 0
