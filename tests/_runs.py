@@ -61,6 +61,16 @@ def train_losses(output_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["train/loss"]) for r in records(output_dir, "train")]
 
 
+def assert_losses_close(a_dir: Path, b_dir: Path, rel: float, steps: int | None = None) -> None:
+    """Both runs logged the same steps (1..steps, where given) with losses within `rel`."""
+    a, b = train_losses(a_dir), train_losses(b_dir)
+    assert [s for s, _ in a] == [s for s, _ in b]
+    if steps is not None:
+        assert [s for s, _ in a] == list(range(1, steps + 1))
+    for (step, x), (_, y) in zip(a, b, strict=True):
+        assert abs(x - y) <= rel * max(1.0, abs(x)), (step, x, y)
+
+
 def checkpoint_model(output_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(str(Path(output_dir) / "checkpoints" / f"checkpoint-{step}" /
                          "model.safetensors"))

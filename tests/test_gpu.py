@@ -7,7 +7,7 @@ import torch
 
 from mtl_dist.config import load_config
 from mtl_dist.trainer import Trainer, _model_inputs
-from tests._runs import DEMO, FAST, train_losses
+from tests._runs import DEMO, FAST, assert_losses_close
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -37,10 +37,7 @@ def test_cuda_graph_step_matches_eager_losses(tmp_path, extra):
     eager, _, _ = run(tmp_path, "eager")
     graphed, trainer, _ = run(tmp_path, "graphs", "train.cuda_graphs=true", *extra)
     assert trainer.graphs is not None and len(trainer.graphs.graphs) >= 3
-    a, b = train_losses(eager), train_losses(graphed)
-    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 31))
-    for (step, x), (_, y) in zip(a, b, strict=True):
-        assert abs(x - y) <= 0.02 * max(1.0, abs(x)), (step, x, y)
+    assert_losses_close(eager, graphed, 0.02, steps=30)
 
 
 def test_bf16_weights_cuda_graphs_match_eager_and_fill_the_masters(tmp_path):
@@ -54,10 +51,7 @@ def test_bf16_weights_cuda_graphs_match_eager_and_fill_the_masters(tmp_path):
     assert all(p.grad is None and p.dtype == torch.bfloat16 for p in masters.params)
     assert all(trainer.graphs._static[id(p)][0] is masters.master(p).grad
                for p in masters.params)
-    a, b = train_losses(eager), train_losses(graphed)
-    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 31))
-    for (step, x), (_, y) in zip(a, b, strict=True):
-        assert abs(x - y) <= 0.02 * max(1.0, abs(x)), (step, x, y)
+    assert_losses_close(eager, graphed, 0.02, steps=30)
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
@@ -87,10 +81,7 @@ def test_flat_masters_with_cuda_graphs_train_like_per_tensor_masters(tmp_path, a
         assert torch.equal(seg.weight, seg.master.to(torch.bfloat16))
     for p in trainer.masters.params:
         assert torch.equal(p.detach(), trainer.masters.master(p).detach().to(torch.bfloat16))
-    a, b = train_losses(plain), train_losses(flat)
-    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 31))
-    for (step, x), (_, y) in zip(a, b, strict=True):
-        assert abs(x - y) <= 0.02 * max(1.0, abs(x)), (step, x, y)
+    assert_losses_close(plain, flat, 0.02, steps=30)
 
 
 def test_cuda_graph_gradients_equal_eager_ones_in_fp32(tmp_path):
@@ -101,10 +92,7 @@ def test_cuda_graph_gradients_equal_eager_ones_in_fp32(tmp_path):
     eager, _, _ = run(tmp_path, "eager32", *fp32)
     graphed, trainer, _ = run(tmp_path, "graphs32", "train.cuda_graphs=true", *fp32)
     assert any(not key[1] for key in trainer.graphs.graphs)  # accumulating graphs were used
-    a, b = train_losses(eager), train_losses(graphed)
-    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 13))
-    for (step, x), (_, y) in zip(a, b, strict=True):
-        assert abs(x - y) <= 1e-4 * max(1.0, abs(x)), (step, x, y)
+    assert_losses_close(eager, graphed, 1e-4, steps=12)
 
 
 def test_idle_heads_stay_unchanged_with_cuda_graphs(tmp_path):
@@ -126,10 +114,7 @@ def test_packed_flash_attention_matches_padded_losses(tmp_path, mode):
                              *mode)
     batch = next(iter(trainer.loader))
     assert batch["input_ids"].shape[0] == 1 and "cu_seqlens" in batch
-    a, b = train_losses(padded), train_losses(packed)
-    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 31))
-    for (step, x), (_, y) in zip(a, b, strict=True):
-        assert abs(x - y) <= 0.02 * max(1.0, abs(x)), (step, x, y)
+    assert_losses_close(padded, packed, 0.02, steps=30)
 
 
 def test_capture_keeps_static_gradients_and_copies_none_of_them(tmp_path):

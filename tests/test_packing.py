@@ -12,7 +12,7 @@ from mtl_dist.config import load_config
 from mtl_dist.data import collate, collate_packed
 from mtl_dist.errors import ConfigError
 from mtl_dist.model import build_model, compile_encoder_layers, enable_packed_attention
-from tests._runs import DEMO, run_cli, train_losses
+from tests._runs import DEMO, assert_losses_close, run_cli
 
 NO_DROPOUT = ["model.dropout=0.0", "model.arch.hidden_dropout_prob=0.0",
               "model.arch.attention_probs_dropout_prob=0.0"]
@@ -78,10 +78,7 @@ def test_packed_training_losses_equal_padded_training_losses(tmp_path):
     run_cli(["train", str(DEMO), f"train.output_dir={tmp_path}/padded", *common])
     run_cli(["train", str(DEMO), f"train.output_dir={tmp_path}/packed", "data.packing=true",
              "data.pack_multiple=16", *common])
-    a, b = train_losses(tmp_path / "padded"), train_losses(tmp_path / "packed")
-    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
-    for (step, x), (_, y) in zip(a, b, strict=True):
-        assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (step, x, y)
+    assert_losses_close(tmp_path / "padded", tmp_path / "packed", 1e-5, steps=6)
 
 
 @pytest.mark.slow
@@ -91,10 +88,7 @@ def test_compiled_layers_train_like_eager_layers(tmp_path):
     run_cli(["train", str(DEMO), f"train.output_dir={tmp_path}/eager", *common])
     run_cli(["train", str(DEMO), f"train.output_dir={tmp_path}/compiled", "train.compile=true",
              *common], timeout=600)
-    a, b = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
-    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 5))
-    for (step, x), (_, y) in zip(a, b, strict=True):
-        assert abs(x - y) <= 1e-4 * max(1.0, abs(x)), (step, x, y)
+    assert_losses_close(tmp_path / "eager", tmp_path / "compiled", 1e-4, steps=4)
 
 
 @pytest.mark.parametrize("tuning, tuned", [("none", False), ("coordinate_descent", True)])
