@@ -150,11 +150,16 @@ class StepGraphs:
             p.grad = None  # autograd hands each new gradient to _hand_over
         try:
             self._mode = "warmup"
+            # The warm-up's dropout must not advance the CUDA generator: a resumed run captures
+            # its graphs again, at other steps, and would draw other dropout masks from then on
+            # than the run it resumes (each replay advances it as much as an eager micro-step).
+            rng = torch.cuda.get_rng_state()
             self.side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side):
                 for _ in range(WARMUP_ITERS):
                     self._micro_step(static, task_id)
             torch.cuda.current_stream().wait_stream(self.side)
+            torch.cuda.set_rng_state(rng)
             self._mode = "capture"  # recorded, not run: the static gradients stay as they are
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):

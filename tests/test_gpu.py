@@ -7,7 +7,14 @@ import torch
 
 from mtl_dist.config import load_config
 from mtl_dist.trainer import Trainer, _model_inputs
-from tests._runs import DEMO, FAST, assert_losses_close
+from tests._runs import (
+    DEMO,
+    FAST,
+    assert_losses_close,
+    assert_same_tensors,
+    checkpoint_model,
+    train_losses,
+)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -158,3 +165,21 @@ def test_a_finished_trainer_with_cuda_graphs_frees_its_model(tmp_path):
     del trainer
     gc.collect()
     assert model() is None
+
+
+@pytest.mark.parametrize("extra", [[], ["train.bf16_weights=true", "train.flat_masters=true",
+                                        "train.fused_clipping=true",
+                                        "train.gradient_accumulation_steps=1"]])
+def test_stop_and_resume_with_cuda_graphs_and_dropout_is_bit_exact(tmp_path, extra):
+    """A resumed run captures its graphs again at other steps than the run it resumes: their
+    warm-up must leave the dropout stream as it is."""
+    common = ["train.cuda_graphs=true", "train.max_steps=16", "model.dropout=0.1",
+              "model.arch.hidden_dropout_prob=0.1", "model.arch.attention_probs_dropout_prob=0.1",
+              *extra]
+    straight, _, _ = run(tmp_path, "straight", *common)
+    split, first, _ = run(tmp_path, "split", *common, "train.stop_after_steps=7")
+    assert first.state.global_step == 7
+    run(tmp_path, "split", *common, "train.resume=auto")
+    assert [s for s, _ in train_losses(split)] == list(range(1, 17))
+    assert train_losses(split) == train_losses(straight)
+    assert_same_tensors(checkpoint_model(split, 16), checkpoint_model(straight, 16))
