@@ -186,6 +186,8 @@ def clip_divisor(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     own; handing the fused step the reciprocal saves that read+write of every gradient."""
     # fp32 norms also of bf16 gradients (MasterWeights.grads_in_bf16): get_total_norm would
     # round a bf16 tensor's norm to bf16
+    if not grads:  # nothing to clip (as get_total_norm: a norm of 0)
+        return torch.ones(())
     norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
     norm = torch.linalg.vector_norm(torch.stack(norms), 2.0)
     return torch.clamp((norm + 1e-6) / max_norm, min=1.0)

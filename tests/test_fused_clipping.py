@@ -43,6 +43,21 @@ def test_fused_step_with_clip_divisor_equals_clip_then_step(grad_scale):
     assert (grad_scale < 1) or not torch.allclose(unclipped[2], folded[2])
 
 
+def test_clip_divisor_of_bf16_gradients_is_their_fp32_norm():
+    # get_total_norm would round a bf16 gradient's norm to bf16 (~0.4 % off); flat masters
+    # hand bf16 gradients to the clip divisor (MasterWeights.grads_in_bf16)
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(shape, generator=gen).to(torch.bfloat16) * 3
+             for shape in [(4096,), (300, 7), (5,)]]
+    grads.append(torch.randn(64, generator=gen))  # a head's fp32 gradient beside them
+    exact = torch.linalg.vector_norm(torch.cat([g.double().reshape(-1) for g in grads]))
+    divisor = clip_divisor(grads, 1.0)
+    assert divisor.dtype == torch.float32
+    torch.testing.assert_close(divisor.double(), exact + 1e-6, rtol=1e-6, atol=0)
+    assert float(clip_divisor(grads, 1e6)) == 1.0  # below max_norm: no clipping
+    assert float(clip_divisor([], 1.0)) == 1.0
+
+
 def test_fused_clipping_trains_like_separate_clipping(tmp_path):
     common = [f"data.cache_dir={tmp_path}/c", "train.max_steps=6", "train.log_steps=1",
               "checkpoint.save_best=false", "train.eval_at_epoch_end=false",
