@@ -170,12 +170,19 @@ class FlatAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Flat groups' gradients stay their views, zeroed (one memset); the rest as asked."""
+        """Flat groups' gradients are their views again, zeroed (one memset; a gradient that
+        had been replaced would otherwise keep summing); the rest as asked."""
         flat_ids = set()
         self._masters.grads_in_bf16 = False
         for i, seg in self._segments.items():
             seg.grad.zero_()
-            flat_ids.update(id(p) for p in self.param_groups[i]["params"])
+            start = 0
+            for p in self.param_groups[i]["params"]:
+                end = start + p.numel()
+                if p.grad is None or p.grad.data_ptr() != seg.grad[start:].data_ptr():
+                    p.grad = seg.grad[start:end].view_as(p)
+                flat_ids.add(id(p))
+                start = end
         for group in self.param_groups:
             for p in group["params"]:
                 if id(p) in flat_ids or p.grad is None:

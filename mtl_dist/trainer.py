@@ -588,9 +588,9 @@ class Trainer:
     def _clip_and_step(self) -> None:
         max_norm = self.cfg.train.max_grad_norm
         if not (max_norm and self.cfg.train.fused_clipping):
-            if self.masters is not None:  # clip_grad_norm_ reads the masters' fp32 .grad
-                self.masters.grads_to_fp32()
             if max_norm:
+                if self.masters is not None:  # clip_grad_norm_ reads the masters' fp32 .grad
+                    self.masters.grads_to_fp32()
                 self.accelerator.clip_grad_norm_(self._trainable(), max_norm)
             self.optimizer.step()
             return
