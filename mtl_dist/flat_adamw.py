@@ -74,22 +74,20 @@ class FlatAdamW(torch.optim.AdamW):
         """The group's `exp_avg`/`exp_avg_sq` become views of its flat moments (copied in
         from a loaded state); its step count is read once (a sync at start or load only)."""
         group, (exp_avg, exp_avg_sq) = self.param_groups[i], self._moments[i]
-        start, steps = 0, []
-        for p in group["params"]:
-            end = start + p.numel()
+        steps = []
+        for _, p, span in self._segments[i].spans():
             state = self.state[p]
             if fresh:
                 on_device = group["fused"] or group["capturable"]
                 state["step"] = torch.zeros((), dtype=torch.float32,
                                             device=p.device if on_device else "cpu")
-                state["exp_avg"] = exp_avg[start:end].view_as(p)
-                state["exp_avg_sq"] = exp_avg_sq[start:end].view_as(p)
+                state["exp_avg"] = exp_avg[span].view_as(p)
+                state["exp_avg_sq"] = exp_avg_sq[span].view_as(p)
             elif state:  # loaded: the same values, moved into the flat moments
                 for key, flat in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-                    flat[start:end].copy_(state[key].reshape(-1))
-                    state[key] = flat[start:end].view_as(p)
+                    flat[span].copy_(state[key].reshape(-1))
+                    state[key] = flat[span].view_as(p)
             steps.append(state.get("step"))
-            start = end
         self._host_step[i] = 0 if fresh else _uniform_step(steps)
 
     @staticmethod
@@ -99,21 +97,15 @@ class FlatAdamW(torch.optim.AdamW):
 
     def _flat_ready(self, i: int) -> bool:
         """The kernel may run: every gradient and moment is its flat view, one step count."""
-        seg, group = self._segments[i], self.param_groups[i]
         if self._host_step[i] is None:
             return False
-        exp_avg, exp_avg_sq = self._moments[i]
-        grad_ptr = seg.grad.data_ptr()
-        m_ptr, v_ptr, start = exp_avg.data_ptr(), exp_avg_sq.data_ptr(), 0
-        size = seg.grad.element_size()
-        for p in group["params"]:
+        seg, (exp_avg, exp_avg_sq) = self._segments[i], self._moments[i]
+        for _, p, span in seg.spans():
             state = self.state[p]
-            offset = start * size
-            if p.grad is None or p.grad.data_ptr() != grad_ptr + offset or not state or \
-                    state["exp_avg"].data_ptr() != m_ptr + offset or \
-                    state["exp_avg_sq"].data_ptr() != v_ptr + offset:
+            if not (_is_view(p.grad, seg.grad, span) and state
+                    and _is_view(state["exp_avg"], exp_avg, span)
+                    and _is_view(state["exp_avg_sq"], exp_avg_sq, span)):
                 return False
-            start += p.numel()
         return True
 
     # ------------------------------------------------------------------- step
@@ -157,9 +149,9 @@ class FlatAdamW(torch.optim.AdamW):
             divisor = self._one(device)
         exp_avg, exp_avg_sq = self._moments[i]
         # Pinned: no host sync; the allocator keeps the buffer until the copy has run.
-        self._update(seg.master, self._masters.flat_grad(seg), exp_avg, exp_avg_sq, seg.weight, divisor,
-                     scalars.to(device, non_blocking=True), float(beta1), float(beta2),
-                     float(group["eps"]))
+        self._update(seg.master, self._masters.flat_grad(seg), exp_avg, exp_avg_sq, seg.weight,
+                     divisor, scalars.to(device, non_blocking=True), float(beta1),
+                     float(beta2), float(group["eps"]))
         torch._foreach_add_([self.state[p]["step"] for p in group["params"]], 1.0)
         self._host_step[i] = step
 
@@ -174,15 +166,12 @@ class FlatAdamW(torch.optim.AdamW):
         had been replaced would otherwise keep summing); the rest as asked."""
         flat_ids = set()
         self._masters.grads_in_bf16 = False
-        for i, seg in self._segments.items():
+        for seg in self._segments.values():
             seg.grad.zero_()
-            start = 0
-            for p in self.param_groups[i]["params"]:
-                end = start + p.numel()
-                if p.grad is None or p.grad.data_ptr() != seg.grad[start:].data_ptr():
-                    p.grad = seg.grad[start:end].view_as(p)
+            for _, p, span in seg.spans():
+                if not _is_view(p.grad, seg.grad, span):
+                    p.grad = seg.grad[span].view_as(p)
                 flat_ids.add(id(p))
-                start = end
         for group in self.param_groups:
             for p in group["params"]:
                 if id(p) in flat_ids or p.grad is None:
@@ -191,6 +180,13 @@ class FlatAdamW(torch.optim.AdamW):
                     p.grad = None
                 else:
                     p.grad.zero_()
+
+
+def _is_view(tensor: torch.Tensor | None, flat: torch.Tensor, span: slice) -> bool:
+    """`tensor` starts where `span` of `flat` does (the layout never changes otherwise).
+    Pointer arithmetic, not `flat[span]`: this runs for every parameter at every step."""
+    return tensor is not None and \
+        tensor.data_ptr() == flat.data_ptr() + span.start * flat.element_size()
 
 
 def _uniform_step(steps: list) -> int | None:

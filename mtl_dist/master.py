@@ -26,11 +26,20 @@ class FlatSegment:
     fp32 gradients and the model's bf16 weights are views into these three 1-D buffers, so
     one elementwise kernel can update them all (mtl_dist/flat_adamw.py)."""
 
+    params: list[nn.Parameter]  # the model's, in layout order
     masters: list[torch.Tensor]
     master: torch.Tensor
     grad: torch.Tensor
     weight: torch.Tensor
     grad_bf16: torch.Tensor | None = None  # see MasterWeights.bf16_grad_views
+
+    def spans(self) -> Iterator[tuple[nn.Parameter, torch.Tensor, slice]]:
+        """(model parameter, its master, its slice of every flat buffer), in layout order."""
+        start = 0
+        for p, m in zip(self.params, self.masters, strict=True):
+            end = start + m.numel()
+            yield p, m, slice(start, end)
+            start = end
 
 
 class MasterWeights:
@@ -53,7 +62,6 @@ class MasterWeights:
         self.segments = [self._lay_flat(list(params)) for params in flat_segments]
         self._by_param = {id(p): m for p, m in zip(self.params, self.masters, strict=True)}
         self._flat_ids = {id(m) for s in self.segments for m in s.masters}
-        self._index = {id(m): i for i, m in enumerate(self.masters)}
         # True while this step's gradients of the flat segments are in their bf16 buffers
         # (set by the CUDA graphs, see bf16_grad_views), not in the fp32 ones.
         self.grads_in_bf16 = False
@@ -79,7 +87,7 @@ class MasterWeights:
             self.masters[i] = m
             masters.append(m)
             start = end
-        return FlatSegment(masters, master, grad, weight)
+        return FlatSegment(params, masters, master, grad, weight)
 
     @torch.no_grad()
     def relink_model(self) -> None:
@@ -89,14 +97,11 @@ class MasterWeights:
         write weights the model no longer reads. Their values (a broadcast may have changed
         them) are kept."""
         for seg in self.segments:
-            start = 0
-            for m in seg.masters:
-                p, end = self.params[self._index[id(m)]], start + m.numel()
-                view = seg.weight[start:end].view_as(p)
+            for p, _, span in seg.spans():
+                view = seg.weight[span].view_as(p)
                 if p.data.data_ptr() != view.data_ptr():
                     view.copy_(p.data)
                     p.data = view
-                start = end
 
     def segment(self, masters: Sequence[torch.Tensor]) -> FlatSegment | None:
         """The FlatSegment holding exactly `masters`, in order (an optimizer group), or None."""
@@ -116,11 +121,8 @@ class MasterWeights:
         for seg in self.segments:
             if seg.grad_bf16 is None:
                 seg.grad_bf16 = torch.zeros_like(seg.grad, dtype=torch.bfloat16)
-            start = 0
-            for m in seg.masters:
-                p, end = self.params[self._index[id(m)]], start + m.numel()
-                views[id(p)] = seg.grad_bf16[start:end].view_as(p)
-                start = end
+            for p, _, span in seg.spans():
+                views[id(p)] = seg.grad_bf16[span].view_as(p)
         return views
 
     @torch.no_grad()
