@@ -171,6 +171,7 @@ class TrainConfig:
     compile: bool = False
     compile_tuning: str = "none"  # "coordinate_descent": Inductor tunes its fused kernels
     cuda_graphs: bool = False
+    precapture_graphs: bool = True  # cuda_graphs: every (task, shape) captured before step one
     bf16_weights: bool = False  # the model in bf16, fp32 master weights in the optimizer
     flat_masters: bool = False  # bf16_weights: encoder masters/moments/grads flat, one-kernel AdamW
     stop_after_steps: int | None = None

@@ -11,7 +11,6 @@ import csv
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import tempfile
@@ -801,16 +800,32 @@ def _single_task(samples: Sequence[Mapping[str, Any]]) -> int:
     return task_ids.pop()
 
 
+def padded_width(lengths: np.ndarray, pad_to_multiple_of: int | None,
+                 max_length: int | None) -> np.ndarray:
+    """The width `collate` pads a batch to, for each row of `lengths` (samples' token counts
+    along the last axis): the longest, rounded up to `pad_to_multiple_of`, not past
+    `max_length` (unless a sample is longer)."""
+    longest = np.asarray(lengths).max(axis=-1)
+    if not (pad_to_multiple_of and pad_to_multiple_of > 1):
+        return longest
+    width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    return np.minimum(width, np.maximum(max_length, longest)) if max_length else width
+
+
+def packed_width(lengths: np.ndarray, pack_multiple: int) -> np.ndarray:
+    """The row length `collate_packed` packs a batch into, for each row of `lengths`: all
+    tokens plus at least one pad token, rounded up to `pack_multiple`."""
+    total = np.asarray(lengths).sum(axis=-1)
+    return (total + 1 + pack_multiple - 1) // pack_multiple * pack_multiple
+
+
 def collate(samples: Sequence[Mapping[str, Any]], pad_token_id: int,
             pad_to_multiple_of: int | None = None, max_length: int | None = None) -> dict[str, Any]:
     """Pad one single-task batch to its longest sample, rounded up to `pad_to_multiple_of`
     but never past `max_length` (so the longest bucket is max_length itself)."""
     task_id = _single_task(samples)
-    width = max(len(s["input_ids"]) for s in samples)
-    if pad_to_multiple_of and pad_to_multiple_of > 1:
-        width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
-        if max_length:
-            width = min(width, max(max_length, max(len(s["input_ids"]) for s in samples)))
+    width = int(padded_width(np.array([len(s["input_ids"]) for s in samples]),
+                             pad_to_multiple_of, max_length))
     n = len(samples)
     input_ids = np.full((n, width), pad_token_id, dtype=np.int64)
     attention = np.zeros((n, width), dtype=np.int64)
@@ -848,7 +863,7 @@ def collate_packed(samples: Sequence[Mapping[str, Any]], pad_token_id: int, max_
                         f"data.max_length={max_length}")
     starts = np.concatenate([[0], np.cumsum(lengths)])
     total = int(starts[-1])
-    width = math.ceil((total + 1) / pack_multiple) * pack_multiple
+    width = int(packed_width(lengths, pack_multiple))
     input_ids = np.full(width, pad_token_id, dtype=np.int64)
     types = np.zeros(width, dtype=np.int64)
     positions = np.arange(width, dtype=np.int64) - total  # the tail counts from 0

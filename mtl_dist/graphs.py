@@ -50,7 +50,8 @@ class _Captured:
 
 
 class StepGraphs:
-    """Replays a captured forward+backward for each (task, shape); captures on first sight."""
+    """Replays a captured forward+backward for each (task, shape); captures on first sight
+    (or ahead of time: `prepare`)."""
 
     def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None, masters=None,
                  single_micro_step: bool = False):
@@ -170,14 +171,21 @@ class StepGraphs:
                 p.grad = g if self.owns_grads else None
         return _Captured(graph, static, loss)
 
+    def prepare(self, inputs: dict[str, torch.Tensor], task_id: int, first: bool) -> _Captured:
+        """The graph of this micro-batch's (task, shapes, `first`), captured if new. Capturing
+        leaves the model, its gradients and the CUDA generator as they were, so it may run
+        ahead of time (`train.precapture_graphs`) with any batch of the same shapes."""
+        key = (task_id, first, *((k, tuple(v.shape)) for k, v in inputs.items()))
+        captured = self.graphs.get(key)
+        if captured is None:
+            captured = self.graphs[key] = self._capture(inputs, task_id, first)
+        return captured
+
     def run(self, inputs: dict[str, torch.Tensor], task_id: int, group: int,
             first: bool = True) -> torch.Tensor:
         """One micro-batch (`first`: it opens its accumulation group): loss (a graph-owned
         tensor: read it before the next call)."""
-        key = (task_id, first, *(tuple(v.shape) for v in inputs.values()))
-        captured = self.graphs.get(key)
-        if captured is None:
-            captured = self.graphs[key] = self._capture(inputs, task_id, first)
+        captured = self.prepare(inputs, task_id, first)
         for name, value in inputs.items():
             captured.inputs[name].copy_(value, non_blocking=True)
         if self.grads_stay_bf16 and not (first and group == 1):

@@ -275,6 +275,19 @@ class MultiTaskBatchPlan:
         t = int(ep.order[step])
         return t, ep.batches[t][ep.rows[step]]
 
+    def batches(self, epoch: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Steps start..stop-1 of `epoch` at once: task ids (n,) and within-task indices (n, G)."""
+        ep = self._epoch_arrays(epoch)
+        if not 0 <= start <= stop <= len(ep.order):
+            raise IndexError(f"sampler: steps {start}..{stop} are outside epoch {ep.epoch} "
+                             f"(0..{len(ep.order)})")
+        order, rows = ep.order[start:stop], ep.rows[start:stop]
+        idx = np.empty((len(order), self.global_batch_size), dtype=self._index_dtype)
+        for t, batches in enumerate(ep.batches):
+            mine = order == t
+            idx[mine] = batches[rows[mine]]
+        return order, idx
+
     def task_of(self, epoch: int, step: int) -> int:
         """Task id of global step `step` of `epoch`."""
         ep = self._epoch_arrays(epoch)
@@ -485,13 +498,18 @@ class RankBatchSampler(Sampler[list[int]]):
         """Yield this rank's flat indices for every step from the cursor to the epoch's end."""
         self._resumed = False
         epoch, start = self._epoch, self._position
-        lo, hi = (
-            self.rank * self.per_device_batch_size,
-            (self.rank + 1) * self.per_device_batch_size,
-        )
         for step in range(start, self.plan.num_steps(epoch)):
-            task, idx = self.plan.batch(epoch, step)
-            yield (idx[lo:hi].astype(np.int64) + self._offsets[task]).tolist()
+            yield self.flat_indices(epoch, step)
+
+    def local(self, idx: np.ndarray) -> np.ndarray:
+        """This rank's slice of a step's global-batch indices (along the last axis)."""
+        lo = self.rank * self.per_device_batch_size
+        return idx[..., lo:lo + self.per_device_batch_size]
+
+    def flat_indices(self, epoch: int, step: int) -> list[int]:
+        """This rank's dataset (flat) indices of `step` of `epoch`, as `__iter__` yields them."""
+        task, idx = self.plan.batch(epoch, step)
+        return (self.local(idx).astype(np.int64) + self._offsets[task]).tolist()
 
     def advance(self, n: int = 1) -> None:
         """Move the cursor by n consumed global steps (the trainer calls this, not the iterator)."""

@@ -362,6 +362,68 @@ class Trainer:
         return StepGraphs(module, torch.bfloat16 if autocast else None, self.masters,
                           single_micro_step=cfg.gradient_accumulation_steps == 1)
 
+    def _precapture_graphs(self) -> None:
+        """`train.precapture_graphs`: capture the graph of every (task, shape) the rest of the
+        run will meet before its first step, so that no capture (with its compile of a new
+        shape, ~0.35 s for BERT-large) stalls training later. The shapes are predicted from
+        the plan and the samples' lengths by the collate's own width rule; each graph is
+        captured from a real collated batch and keyed by its real shapes, so a wrong
+        prediction would only mean a capture on first sight, as without this switch."""
+        if self.graphs is None or not self.cfg.train.precapture_graphs:
+            return
+        start, before = time.perf_counter(), len(self.graphs.graphs)
+        accum = self.cfg.train.gradient_accumulation_steps
+        self.model.train()  # dropout is part of the captured graph
+        for epoch, step in self._first_step_of_each_shape():
+            flat = self.batch_sampler.flat_indices(epoch, step)
+            inputs = _model_inputs(self.loader.collate_fn([self.dataset[i] for i in flat]),
+                                   self.accelerator.device)
+            task_id = inputs.pop("task_id")
+            self.graphs.prepare(inputs, task_id, first=step % accum == 0)
+        if self.accelerator.is_main_process:
+            print(f"[mtl_dist] captured {len(self.graphs.graphs) - before} CUDA graphs of the "
+                  f"run's (task, shape)s in {time.perf_counter() - start:.1f} s", flush=True)
+
+    def _first_step_of_each_shape(self, chunk: int = 1 << 16) -> list[tuple[int, int]]:
+        """(epoch, micro-step) of the first batch of each (task, width, opens-its-group)
+        among the micro-steps the rest of the run trains on."""
+        accum = self.cfg.train.gradient_accumulation_steps
+        seen: dict[tuple[int, int, bool], tuple[int, int]] = {}
+        for epoch, start, stop in self._remaining_micro_steps():
+            for lo in range(start, stop, chunk):
+                tasks, idx = self.plan.batches(epoch, lo, min(stop, lo + chunk))
+                keys = np.stack([tasks, self._batch_widths(tasks, self.batch_sampler.local(idx)),
+                                 (np.arange(lo, lo + len(tasks)) % accum) == 0], axis=1)
+                _, where = np.unique(keys, axis=0, return_index=True)
+                for i in sorted(where):
+                    seen.setdefault(tuple(int(v) for v in keys[i]), (epoch, lo + int(i)))
+        return sorted(seen.values())
+
+    def _remaining_micro_steps(self):
+        """(epoch, start, stop) ranges of the micro-steps the rest of the run trains on."""
+        accum = self.cfg.train.gradient_accumulation_steps
+        left = self.total_steps - self.state.global_step
+        epoch, start = self.batch_sampler.epoch, self.batch_sampler.position
+        while left > 0 and (self.cfg.train.max_steps or epoch < self.cfg.train.num_epochs):
+            n = self.plan.num_steps(epoch)
+            groups = min(left, math.ceil(n / accum) - start // accum)
+            if groups <= 0:
+                return
+            yield epoch, start, min(n, (start // accum + groups) * accum)
+            left -= groups
+            epoch, start = epoch + 1, 0
+
+    def _batch_widths(self, tasks: np.ndarray, local_idx: np.ndarray) -> np.ndarray:
+        """The width (padded) or row length (packed) the collate gives each batch."""
+        lengths = np.empty(local_idx.shape, dtype=np.int64)
+        for t in range(len(self.task_names)):
+            mine = tasks == t
+            lengths[mine] = self.dataset.lengths(t)[local_idx[mine]]
+        data = self.cfg.data
+        if data.packing:
+            return mdata.packed_width(lengths, data.pack_multiple)
+        return mdata.padded_width(lengths, self.pad_multiple, data.max_length)
+
     def _optimizer_steps_in_epoch(self, epoch: int) -> int:
         return math.ceil(self.plan.num_steps(epoch) / self.cfg.train.gradient_accumulation_steps)
 
@@ -412,6 +474,7 @@ class Trainer:
         self.ckpt.write_run_file("labels.json", json.dumps(self.label_maps, indent=1))
         if not resumed:
             self.batch_sampler.set_epoch(0)
+        self._precapture_graphs()
         self.start_step = self.state.global_step
         self.preemption = PreemptionFlag(cfg.train.preemption_signals)
         self.tracking.truncate_after(self.state.global_step)

@@ -168,15 +168,19 @@ def test_a_finished_trainer_with_cuda_graphs_frees_its_model(tmp_path):
     assert model() is None
 
 
-@pytest.mark.parametrize("extra", [[], ["train.bf16_weights=true", "train.flat_masters=true",
-                                        "train.fused_clipping=true",
-                                        "train.gradient_accumulation_steps=1"]])
+DROPOUT = ["model.dropout=0.1", "model.arch.hidden_dropout_prob=0.1",
+           "model.arch.attention_probs_dropout_prob=0.1"]
+
+
+@pytest.mark.parametrize("extra", [["train.precapture_graphs=false"], [],
+                                   ["train.bf16_weights=true", "train.flat_masters=true",
+                                    "train.fused_clipping=true",
+                                    "train.gradient_accumulation_steps=1"]])
 def test_stop_and_resume_with_cuda_graphs_and_dropout_is_bit_exact(tmp_path, extra):
-    """A resumed run captures its graphs again at other steps than the run it resumes: their
-    warm-up must leave the dropout stream as it is."""
-    common = ["train.cuda_graphs=true", "train.max_steps=16", "model.dropout=0.1",
-              "model.arch.hidden_dropout_prob=0.1", "model.arch.attention_probs_dropout_prob=0.1",
-              *extra]
+    """A resumed run captures its graphs again, at other steps than the run it resumes (on
+    first sight) or all before its first step (precapture): their warm-up must leave the
+    dropout stream as it is."""
+    common = ["train.cuda_graphs=true", "train.max_steps=16", *DROPOUT, *extra]
     straight, _, _ = run(tmp_path, "straight", *common)
     split, first, _ = run(tmp_path, "split", *common, "train.stop_after_steps=7")
     assert first.state.global_step == 7
@@ -184,3 +188,26 @@ def test_stop_and_resume_with_cuda_graphs_and_dropout_is_bit_exact(tmp_path, ext
     assert [s for s, _ in train_losses(split)] == list(range(1, 17))
     assert train_losses(split) == train_losses(straight)
     assert_same_tensors(checkpoint_model(split, 16), checkpoint_model(straight, 16))
+
+
+@pytest.mark.parametrize("extra", [[], ["data.packing=true", "data.pack_multiple=64"]])
+def test_precaptured_graphs_are_those_the_run_meets_and_train_bit_exact(tmp_path, monkeypatch,
+                                                                        extra):
+    """train.precapture_graphs: the (task, shape) graphs predicted from the plan are exactly
+    those a run captures on first sight, none is captured during training, and the losses
+    and weights are bit-identical to capturing on first sight (dropout on)."""
+    common = ["train.cuda_graphs=true", "train.max_steps=16", *DROPOUT, *extra]
+    lazy, lazy_trainer, _ = run(tmp_path, "lazy", *common, "train.precapture_graphs=false")
+    ahead_counts = []
+    precapture = Trainer._precapture_graphs
+
+    def counted(self):
+        precapture(self)
+        ahead_counts.append(len(self.graphs.graphs))
+
+    monkeypatch.setattr(Trainer, "_precapture_graphs", counted)
+    ahead, trainer, _ = run(tmp_path, "ahead", *common)
+    assert ahead_counts == [len(trainer.graphs.graphs)] and ahead_counts[0] >= 3
+    assert set(trainer.graphs.graphs) == set(lazy_trainer.graphs.graphs)
+    assert train_losses(ahead) == train_losses(lazy)
+    assert_same_tensors(checkpoint_model(ahead, 16), checkpoint_model(lazy, 16))

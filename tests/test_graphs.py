@@ -5,10 +5,14 @@ from __future__ import annotations
 import gc
 import weakref
 
+import pytest
 import torch
 from torch import nn
 
+from mtl_dist.config import load_config
 from mtl_dist.graphs import _weakly
+from mtl_dist.trainer import Trainer
+from tests._runs import DEMO, FAST
 
 
 class _HookOwner:
@@ -33,3 +37,56 @@ def test_weak_gradient_hook_fires_while_its_owner_lives_and_lets_it_go():
     gc.collect()  # a bound method as the hook keeps the owner: autograd hides that cycle
     assert gone() is None
     (param * 2).sum().backward()  # the orphaned hook is a no-op, not an error
+
+
+def _demo_trainer(tmp_path, *overrides):
+    cfg = load_config(DEMO, [f"train.output_dir={tmp_path}/out", f"data.cache_dir={tmp_path}/c",
+                             *FAST, "train.device=cpu", *overrides])
+    return Trainer(cfg)
+
+
+def _met_shapes(trainer, ranges):
+    """(task, width, opens its group) -> first (epoch, step), from the real collated batches."""
+    accum = trainer.cfg.train.gradient_accumulation_steps
+    met = {}
+    for epoch, start, stop in ranges:
+        for step in range(start, stop):
+            batch = trainer.loader.collate_fn(
+                [trainer.dataset[i] for i in trainer.batch_sampler.flat_indices(epoch, step)])
+            key = (batch["task_id"], batch["input_ids"].shape[-1], step % accum == 0)
+            met.setdefault(key, (epoch, step))
+    return met
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.gradient_accumulation_steps=2", "sampler.group_by_length=true"],
+    ["data.pad_to_multiple_of=1"],
+    ["data.packing=true", "data.pack_multiple=32", "train.gradient_accumulation_steps=3"],
+])
+def test_predicted_shapes_are_those_the_collate_makes_over_the_rest_of_the_run(tmp_path,
+                                                                                overrides):
+    """train.precapture_graphs captures one graph per predicted (task, shape): the prediction
+    (vectorised, from lengths) must name each shape the run meets, at its first step."""
+    trainer = _demo_trainer(tmp_path, "train.max_steps=400", *overrides)
+    per_epoch = trainer.plan.num_steps(0)
+    accum = trainer.cfg.train.gradient_accumulation_steps
+    assert 400 * accum > per_epoch  # the run crosses an epoch boundary
+    trainer.batch_sampler.set_epoch(0)
+    ranges = list(trainer._remaining_micro_steps())
+    assert ranges[0][:2] == (0, 0) and len(ranges) >= 2
+    assert sum(-(-(stop - start) // accum) for _, start, stop in ranges) == 400
+    predicted = trainer._first_step_of_each_shape()
+    met = _met_shapes(trainer, ranges)
+    assert len(met) >= 4 and predicted == sorted(met.values())
+
+
+def test_predicted_shapes_start_at_a_resumed_cursor_and_end_with_the_run(tmp_path):
+    trainer = _demo_trainer(tmp_path, "train.num_epochs=2", "train.gradient_accumulation_steps=2")
+    per_epoch = trainer.plan.num_steps(0)
+    trainer.batch_sampler.set_epoch(1)
+    trainer.batch_sampler.advance(6)  # as a resume 3 optimizer steps into epoch 1 leaves it
+    trainer.state.epoch = 1
+    trainer.state.global_step = -(-per_epoch // 2) + 3
+    assert list(trainer._remaining_micro_steps()) == [(1, 6, per_epoch)]
+    assert trainer._first_step_of_each_shape() == \
+        sorted(_met_shapes(trainer, [(1, 6, per_epoch)]).values())

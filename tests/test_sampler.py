@@ -171,6 +171,22 @@ def test_ranks_agree_on_task_and_slice_the_global_batch(
 
 
 @FAST
+@given(sizes=sizes_st, g=st.integers(1, 8), seed=seed_st, strategy=st.sampled_from(STRATEGIES),
+       epoch=st.integers(0, 2), cut=st.tuples(st.floats(0, 1), st.floats(0, 1)))
+def test_a_range_of_steps_at_once_is_those_steps_one_by_one(sizes, g, seed, strategy, epoch, cut):
+    plan = MultiTaskBatchPlan(sizes, global_batch_size=g, seed=seed, strategy=strategy)
+    n = plan.num_steps(epoch)
+    start, stop = sorted(int(c * n) for c in cut)
+    tasks, idx = plan.batches(epoch, start, stop)
+    assert tasks.shape == (stop - start,) and idx.shape == (stop - start, g)
+    for i, step in enumerate(range(start, stop)):
+        task, expected = plan.batch(epoch, step)
+        assert tasks[i] == task and idx[i].tolist() == expected.tolist()
+    with pytest.raises(IndexError, match="outside epoch"):
+        plan.batches(epoch, 0, n + 1)
+
+
+@FAST
 @given(
     sizes=sizes_st,
     b=st.integers(1, 3),
