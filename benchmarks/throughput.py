@@ -214,7 +214,7 @@ def _model(mask_4d: bool):
 
 # ----------------------------------------------------------------------------- mtl_dist
 def run_mtl(root: Path, name: str, overrides: list[str], warmup: int, steps: int,
-            profile_dir: Path | None = None) -> dict:
+            profile_dir: Path | None = None, log_every: int | None = None) -> dict:
     """mtl_dist's trainer end to end: data pipeline, sampler, collate, model, step, logging."""
 
     out = root / f"run-{len(list(root.glob('run-*')))}"
@@ -225,10 +225,11 @@ def run_mtl(root: Path, name: str, overrides: list[str], warmup: int, steps: int
     overrides = [o for o in overrides if not o.startswith("inductor.")]
     torch._dynamo.reset()
     with torch._inductor.config.patch(inductor):
-        return _run_mtl(root, out, name, overrides, warmup, steps, profile_dir, inductor)
+        return _run_mtl(root, out, name, overrides, warmup, steps, profile_dir, inductor,
+                        log_every or steps // 4)
 
 
-def _run_mtl(root, out, name, overrides, warmup, steps, profile_dir, inductor) -> dict:
+def _run_mtl(root, out, name, overrides, warmup, steps, profile_dir, inductor, log_every) -> dict:
     from mtl_dist.config import load_config
     from mtl_dist.trainer import Trainer
 
@@ -240,10 +241,9 @@ def _run_mtl(root, out, name, overrides, warmup, steps, profile_dir, inductor) -
         f"data.max_length={MAX_LEN}", f"data.cache_dir={root / 'cache'}",
         f"train.output_dir={out}", f"train.per_device_batch_size={BATCH}",
         "train.mixed_precision=bf16", "train.lr=2e-5", "train.max_grad_norm=1.0",
-        f"train.max_steps={warmup + steps}", f"train.log_steps={steps // 4}",
+        f"train.max_steps={warmup + steps}", f"train.log_steps={log_every}",
         "train.eval_at_epoch_end=false", "checkpoint.save_at_epoch_end=false",
         "checkpoint.save_best=false", "train.seed=0", *overrides])
-    log_every = steps // 4
     _reset_accelerate()
     trainer = Trainer(cfg)
     reset_peak_memory()
@@ -276,11 +276,25 @@ def _run_mtl(root, out, name, overrides, warmup, steps, profile_dir, inductor) -
         extra.update(captures_in_window=len(inside), capture_seconds_in_window=capture_s,
                      capture_seconds_total=sum(t1 - t0 for t0, t1 in captures),
                      samples_per_s_without_captures=timed * BATCH / (
-                         times[last] - times[first] - capture_s))
+                         times[last] - times[first] - capture_s),
+                     samples_per_s_capture_free_intervals=_capture_free_rate(times, first,
+                                                                              captures))
     row = result_row(name, timed, times[last] - times[first], real,
                      peak_memory(), extra)
     del trainer
     return row
+
+
+def _capture_free_rate(times: dict[int, float], first: int,
+                       captures: list[tuple[float, float]]) -> float | None:
+    """samples/s over the logging intervals of the window in which no capture ran. Unlike
+    `samples_per_s_without_captures` it does not credit a capture with the queued GPU work it
+    waits for (the host runs steps ahead of the GPU), so it is not biased upwards."""
+    steps = sorted(s for s in times if s >= first)
+    clean = [(a, b) for a, b in zip(steps, steps[1:], strict=False)
+             if not any(t0 < times[b] and t1 > times[a] for t0, t1 in captures)]
+    seconds = sum(times[b] - times[a] for a, b in clean)
+    return sum(b - a for a, b in clean) * BATCH / seconds if seconds else None
 
 
 def _record_captures(trainer) -> list[tuple[float, float]]:
@@ -431,6 +445,9 @@ def main() -> None:
     parser.add_argument("--variants", default="all",
                         help="comma-separated indices, run in that order (default: all)")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--log-steps", type=int, default=None,
+                        help="trainer log interval (default steps/4); the timed window runs "
+                             "from the first logged step after the warm-up to the last")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny model, few steps, CPU allowed: checks the script, not speed")
     args = parser.parse_args()
@@ -453,7 +470,8 @@ def main() -> None:
     failed = []
     for name, overrides in variants:
         try:
-            rows.append(run_mtl(root, name, overrides, args.warmup, args.steps))
+            rows.append(run_mtl(root, name, overrides, args.warmup, args.steps,
+                                log_every=args.log_steps))
         except SystemExit as exc:  # stopped before its window: say so, keep the other rows
             failed.append({"variant": name, "overrides": overrides, "error": str(exc)})
             print(exc, flush=True)
