@@ -19,6 +19,7 @@ resumes across the switch.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -89,6 +90,12 @@ class FlatAdamW(torch.optim.AdamW):
                     state[key] = flat[span].view_as(p)
             steps.append(state.get("step"))
         self._host_step[i] = 0 if fresh else _uniform_step(steps)
+        if self._host_step[i] is None:
+            counts = sorted({int(float(s)) for s in steps if s is not None})
+            warnings.warn(f"train.flat_masters: the loaded optimizer state gives the "
+                          f"{len(steps)} parameters of group {i} different step counts "
+                          f"({counts[:5]}); that group steps per tensor through torch's AdamW "
+                          f"(same maths, slower) until they agree", stacklevel=3)
 
     @staticmethod
     def _relink_after_load(optimizer: FlatAdamW) -> None:

@@ -117,6 +117,23 @@ def test_state_loaded_into_a_flat_optimizer_is_relinked_and_steps_on():
         torch.testing.assert_close(b, a, rtol=2e-6, atol=1e-7)
 
 
+def test_loaded_state_with_unequal_step_counts_warns_and_steps_like_adamw():
+    """A group whose parameters were stepped unequally (e.g. a checkpoint of another layout)
+    cannot take the one-kernel step (one step count): said once, and still AdamW's maths."""
+    (m_a, w_a, opt_a), (m_b, w_b, opt_b) = _optimizers(fused=False)
+    for seed in range(3):
+        _step(m_a, w_a, opt_a, seed, False, None)
+    opt_a.state[w_a.master(m_a.encoder[0].weight)]["step"] += 1  # one parameter a step ahead
+    w_b.load_state_dict(w_a.state_dict())
+    with pytest.warns(UserWarning, match=r"group 0 different step counts \(\[3, 4\]\)"):
+        opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    assert opt_b._host_step == {0: None, 1: 3} and not opt_b._flat_ready(0)
+    for model, masters, opt in ((m_a, w_a, opt_a), (m_b, w_b, opt_b)):
+        _step(model, masters, opt, 7, False, None)
+    for a, b in zip(w_a.masters, w_b.masters, strict=True):
+        torch.testing.assert_close(b, a, rtol=2e-6, atol=1e-7)
+
+
 def test_a_gradient_that_is_not_its_flat_view_falls_back_to_the_per_tensor_step():
     (m_a, w_a, opt_a), (m_b, w_b, opt_b) = _optimizers(fused=False)
     _step(m_a, w_a, opt_a, 0, False, None)

@@ -190,7 +190,11 @@ def test_stop_and_resume_with_cuda_graphs_and_dropout_is_bit_exact(tmp_path, ext
     assert_same_tensors(checkpoint_model(split, 16), checkpoint_model(straight, 16))
 
 
-@pytest.mark.parametrize("extra", [[], ["data.packing=true", "data.pack_multiple=64"]])
+@pytest.mark.parametrize("extra", [[], ["data.packing=true", "data.pack_multiple=64"],
+                                   ["data.packing=true", "data.pack_multiple=64",
+                                    "train.compile=true", "train.bf16_weights=true",
+                                    "train.flat_masters=true", "train.fused_clipping=true",
+                                    "train.gradient_accumulation_steps=1"]])
 def test_precaptured_graphs_are_those_the_run_meets_and_train_bit_exact(tmp_path, monkeypatch,
                                                                         extra):
     """train.precapture_graphs: the (task, shape) graphs predicted from the plan are exactly
