@@ -95,7 +95,7 @@ class FlatAdamW(torch.optim.AdamW):
             warnings.warn(f"train.flat_masters: the loaded optimizer state gives the "
                           f"{len(steps)} parameters of group {i} different step counts "
                           f"({counts[:5]}); that group steps per tensor through torch's AdamW "
-                          f"(same maths, slower) until they agree", stacklevel=3)
+                          f"(same maths, slower) for the rest of this run", stacklevel=3)
 
     @staticmethod
     def _relink_after_load(optimizer: FlatAdamW) -> None:

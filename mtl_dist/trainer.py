@@ -367,8 +367,9 @@ class Trainer:
         run will meet before its first step, so that no capture (with its compile of a new
         shape, ~0.35 s for BERT-large) stalls training later. The shapes are predicted from
         the plan and the samples' lengths by the collate's own width rule; each graph is
-        captured from a real collated batch and keyed by its real shapes, so a wrong
-        prediction would only mean a capture on first sight, as without this switch."""
+        captured from a real collated batch and keyed by its real shapes, so a shape
+        predicted wrongly would be captured on first sight, as without this switch (and the
+        graph of the wrong prediction never used)."""
         if self.graphs is None or not self.cfg.train.precapture_graphs:
             return
         start, before = time.perf_counter(), len(self.graphs.graphs)
@@ -384,10 +385,11 @@ class Trainer:
             print(f"[mtl_dist] captured {len(self.graphs.graphs) - before} CUDA graphs of the "
                   f"run's (task, shape)s in {time.perf_counter() - start:.1f} s", flush=True)
 
-    def _first_step_of_each_shape(self, chunk: int = 1 << 16) -> list[tuple[int, int]]:
+    def _first_step_of_each_shape(self) -> list[tuple[int, int]]:
         """(epoch, micro-step) of the first batch of each (task, width, opens-its-group)
-        among the micro-steps the rest of the run trains on."""
+        among the micro-steps the rest of the run (this invocation) trains on."""
         accum = self.cfg.train.gradient_accumulation_steps
+        chunk = max(1, (1 << 21) // self.plan.global_batch_size)  # ~2 M indices at a time
         seen: dict[tuple[int, int, bool], tuple[int, int]] = {}
         for epoch, start, stop in self._remaining_micro_steps():
             for lo in range(start, stop, chunk):
@@ -400,9 +402,12 @@ class Trainer:
         return sorted(seen.values())
 
     def _remaining_micro_steps(self):
-        """(epoch, start, stop) ranges of the micro-steps the rest of the run trains on."""
+        """(epoch, start, stop) ranges of the micro-steps the rest of the run trains on (up
+        to `train.stop_after_steps` optimizer steps in this invocation)."""
         accum = self.cfg.train.gradient_accumulation_steps
         left = self.total_steps - self.state.global_step
+        if self.cfg.train.stop_after_steps:
+            left = min(left, self.cfg.train.stop_after_steps)
         epoch, start = self.batch_sampler.epoch, self.batch_sampler.position
         while left > 0 and (self.cfg.train.max_steps or epoch < self.cfg.train.num_epochs):
             n = self.plan.num_steps(epoch)
@@ -474,9 +479,9 @@ class Trainer:
         self.ckpt.write_run_file("labels.json", json.dumps(self.label_maps, indent=1))
         if not resumed:
             self.batch_sampler.set_epoch(0)
-        self._precapture_graphs()
         self.start_step = self.state.global_step
         self.preemption = PreemptionFlag(cfg.train.preemption_signals)
+        self._precapture_graphs()  # after the handlers: a stop signal now is a clean stop
         self.tracking.truncate_after(self.state.global_step)
         self.state.tracker_run_id = self.tracking.start(self.state.tracker_run_id,
                                                         resume_step=self.state.global_step)

@@ -61,6 +61,7 @@ def _met_shapes(trainer, ranges):
 @pytest.mark.parametrize("overrides", [
     ["train.gradient_accumulation_steps=2", "sampler.group_by_length=true"],
     ["data.pad_to_multiple_of=1"],
+    ["data.pad_to_multiple_of=16", "data.max_length=20"],  # 32 clamped to max_length
     ["data.packing=true", "data.pack_multiple=32", "train.gradient_accumulation_steps=3"],
 ])
 def test_predicted_shapes_are_those_the_collate_makes_over_the_rest_of_the_run(tmp_path,
@@ -77,7 +78,9 @@ def test_predicted_shapes_are_those_the_collate_makes_over_the_rest_of_the_run(t
     assert sum(-(-(stop - start) // accum) for _, start, stop in ranges) == 400
     predicted = trainer._first_step_of_each_shape()
     met = _met_shapes(trainer, ranges)
-    assert len(met) >= 4 and predicted == sorted(met.values())
+    assert len(met) >= 3 and predicted == sorted(met.values())
+    if "data.max_length=20" in overrides:  # the clamp of a rounded width to max_length
+        assert any(width == 20 for _, width, _ in met)
 
 
 def test_predicted_shapes_start_at_a_resumed_cursor_and_end_with_the_run(tmp_path):
@@ -90,3 +93,41 @@ def test_predicted_shapes_start_at_a_resumed_cursor_and_end_with_the_run(tmp_pat
     assert list(trainer._remaining_micro_steps()) == [(1, 6, per_epoch)]
     assert trainer._first_step_of_each_shape() == \
         sorted(_met_shapes(trainer, [(1, 6, per_epoch)]).values())
+
+
+def test_prediction_at_start_up_names_every_shape_a_real_run_and_its_resume_meet(tmp_path,
+                                                                                 monkeypatch):
+    """End to end on CPU (no graphs there, so the trainer is watched instead): what
+    `_first_step_of_each_shape` predicts when fit() starts is what `_forward_backward` then
+    meets, first sighting by first sighting — with accumulation 3 (a shorter last group per
+    epoch), across an epoch boundary, and again from a real checkpoint's cursor."""
+    predicted, met = [], []
+    forward_backward = Trainer._forward_backward
+
+    def watched(self, batch, group, first_in_group, last_in_group):
+        key = (batch["task_id"], batch["input_ids"].shape[-1], first_in_group)
+        if key not in met[-1]:
+            met[-1][key] = (self.batch_sampler.epoch, self.batch_sampler.position)
+        return forward_backward(self, batch, group, first_in_group, last_in_group)
+
+    def predict(self):
+        predicted.append(self._first_step_of_each_shape())
+        ranges.append(list(self._remaining_micro_steps()))
+        met.append({})
+
+    ranges = []
+
+    monkeypatch.setattr(Trainer, "_forward_backward", watched)
+    monkeypatch.setattr(Trainer, "_precapture_graphs", predict)
+    common = ["train.max_steps=100", "train.gradient_accumulation_steps=3",
+              "data.pad_to_multiple_of=16", "train.eval_steps=1000",
+              "checkpoint.save_steps=1000", "model.arch.num_hidden_layers=1"]
+    first = _demo_trainer(tmp_path, *common, "train.stop_after_steps=60")
+    assert first.plan.num_steps(0) % 3 and 60 * 3 < first.plan.num_steps(0) < 100 * 3
+    first.fit()
+    _demo_trainer(tmp_path, *common, "train.resume=auto").fit()
+    assert len(predicted) == 2 and all(len(p) >= 4 for p in predicted)
+    assert predicted == [sorted(m.values()) for m in met]
+    assert predicted[1][0] == (0, 180)  # the resumed cursor, not the epoch's start
+    per_epoch = first.plan.num_steps(0)  # stop_after_steps bounds the first invocation's
+    assert ranges == [[(0, 0, 180)], [(0, 180, per_epoch), (1, 0, 300 - 3 * -(-per_epoch // 3))]]
