@@ -800,6 +800,13 @@ def _single_task(samples: Sequence[Mapping[str, Any]]) -> int:
     return task_ids.pop()
 
 
+def _labels_and_ids(samples: Sequence[Mapping[str, Any]], task_id: int) -> dict[str, Any]:
+    """What every training batch carries besides its tokens."""
+    return {"labels": torch.tensor([int(s["label"]) for s in samples], dtype=torch.long),
+            "task_id": task_id,
+            "index": torch.tensor([int(s["index"]) for s in samples], dtype=torch.long)}
+
+
 def padded_width(lengths: np.ndarray, pad_to_multiple_of: int | None,
                  max_length: int | None) -> np.ndarray:
     """The width `collate` pads a batch to, for each row of `lengths` (samples' token counts
@@ -840,9 +847,7 @@ def collate(samples: Sequence[Mapping[str, Any]], pad_token_id: int,
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(attention),
         "token_type_ids": torch.from_numpy(types),
-        "labels": torch.tensor([int(s["label"]) for s in samples], dtype=torch.long),
-        "task_id": task_id,
-        "index": torch.tensor([int(s["index"]) for s in samples], dtype=torch.long),
+        **_labels_and_ids(samples, task_id),
     }
 
 
@@ -888,7 +893,5 @@ def collate_packed(samples: Sequence[Mapping[str, Any]], pad_token_id: int, max_
         "cu_seqlens": torch.from_numpy(cu_seqlens),
         "unpack_index": torch.from_numpy(unpack),
         "attention_mask": torch.from_numpy(attention),
-        "labels": torch.tensor([int(s["label"]) for s in samples], dtype=torch.long),
-        "task_id": task_id,
-        "index": torch.tensor([int(s["index"]) for s in samples], dtype=torch.long),
+        **_labels_and_ids(samples, task_id),
     }
