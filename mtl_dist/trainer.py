@@ -375,7 +375,9 @@ class Trainer:
         start, before = time.perf_counter(), len(self.graphs.graphs)
         accum = self.cfg.train.gradient_accumulation_steps
         self.model.train()  # dropout is part of the captured graph
-        for epoch, step in self._first_step_of_each_shape():
+        firsts = self._first_step_of_each_shape()
+        for epoch, step in tqdm(firsts, desc="capturing CUDA graphs", dynamic_ncols=True,
+                                disable=not self.accelerator.is_main_process):
             flat = self.batch_sampler.flat_indices(epoch, step)
             inputs = _model_inputs(self.loader.collate_fn([self.dataset[i] for i in flat]),
                                    self.accelerator.device)
