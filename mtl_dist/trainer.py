@@ -412,11 +412,10 @@ class Trainer:
             left = min(left, self.cfg.train.stop_after_steps)
         epoch, start = self.batch_sampler.epoch, self.batch_sampler.position
         while left > 0 and (self.cfg.train.max_steps or epoch < self.cfg.train.num_epochs):
-            n = self.plan.num_steps(epoch)
-            groups = min(left, math.ceil(n / accum) - start // accum)
+            groups = min(left, self._optimizer_steps_in_epoch(epoch) - start // accum)
             if groups <= 0:
                 return
-            yield epoch, start, min(n, (start // accum + groups) * accum)
+            yield epoch, start, min(self.plan.num_steps(epoch), (start // accum + groups) * accum)
             left -= groups
             epoch, start = epoch + 1, 0
 
