@@ -161,6 +161,7 @@ class TrainConfig:
     metric_for_best: str = "score"
     early_stopping_patience: int | None = None
     log_steps: int = 10
+    async_log: bool = True  # a train record's losses read one micro-step later: no GPU drain
     resume: str | None = None
     device: str = "auto"
     collective_timeout_s: int = 600
@@ -233,6 +234,7 @@ HASH_EXCLUDED_KEYS: tuple[str, ...] = (
     "train.output_dir",
     "train.resume",
     "train.log_steps",
+    "train.async_log",
     "train.collective_timeout_s",
     "tracking",
     "checkpoint",

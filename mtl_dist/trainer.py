@@ -102,6 +102,39 @@ class TrainState:
             setattr(self, key, state.get(key, getattr(self, key)))
 
 
+@dataclass
+class QueuedTrainLog:
+    """A train record whose device values are still on their way to the host.
+
+    `train.async_log`: the copy is queued behind the logged step's GPU work and read after
+    the next micro-step has been queued, so reading it never leaves the GPU without work
+    (a plain `.item()` drains the queue, and the GPU then idles while the host prepares the
+    next batch)."""
+
+    step: int
+    lr: float
+    epoch: int
+    samples_seen: int
+    tokens: int  # real tokens since the last record, all ranks
+    values: torch.Tensor  # [mean loss, per-task mean losses..., per-task micro-batch counts...]
+    done: Any = None  # a CUDA event recorded after the copy; None: `values` is ready
+
+    @classmethod
+    def queue(cls, values: torch.Tensor, **fields) -> QueuedTrainLog:
+        if values.device.type != "cuda":
+            return cls(values=values.clone(), **fields)  # the accumulators are zeroed next
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return cls(values=host, done=done, **fields)
+
+    def read(self) -> list[float]:
+        if self.done is not None:
+            self.done.synchronize()  # this step's work only; later steps stay queued
+        return self.values.tolist()
+
+
 def make_accelerator(cfg: RunConfig):
     """An Accelerator that sees every rank, whichever launcher started us."""
     from accelerate import Accelerator
@@ -316,6 +349,7 @@ class Trainer:
             if cfg.train.ema_decay else None
         self.graphs = self._make_step_graphs(self.module)
         self.group_tasks: set[int] = set()  # tasks seen in the current accumulation group
+        self._queued_log: QueuedTrainLog | None = None  # written by _emit_train_log
 
     def _set_module(self) -> None:
         """The plain module under DDP / DeepSpeed wrappers: eval, EMA and best saves use it."""
@@ -493,6 +527,7 @@ class Trainer:
             stop = self._train_epoch(bar)
             if not cfg.train.max_steps and self.state.epoch >= cfg.train.num_epochs:
                 stop = True
+        self._emit_train_log()
         bar.close()
         # The last (or preemption) checkpoint is committed before fit returns (exit code 75).
         self.ckpt.wait()
@@ -557,7 +592,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=acc.device)
         task_loss = torch.zeros(len(self.task_names), device=acc.device)
         task_count = torch.zeros(len(self.task_names), device=acc.device)
-        t0, samples0 = time.perf_counter(), self.state.samples_seen
+        self._log_clock = (time.perf_counter(), self.state.samples_seen)
         self.tokens_seen = 0  # real (non-pad) tokens on this rank since the last log
         for batch in self.loader:
             pos = self.batch_sampler.position
@@ -569,6 +604,7 @@ class Trainer:
             self.group_tasks.add(task_id)
             self.tokens_seen += int(batch["attention_mask"].sum())  # CPU tensor: no GPU sync
             loss = self._forward_backward(batch, group, pos % accum == 0, last_in_group)
+            self._emit_train_log()  # the step logged last, now that this one is queued behind it
             self.batch_sampler.advance()
             loss_sum += loss.detach() / group
             task_loss[task_id] += loss.detach()
@@ -581,9 +617,8 @@ class Trainer:
             bar.update(1)
             step = self.state.global_step
             if step % cfg.train.log_steps == 0:
-                self._log_train(bar, loss_sum, task_loss, task_count, t0, samples0)
+                self._queue_train_log(bar, loss_sum, task_loss, task_count)
                 loss_sum.zero_(), task_loss.zero_(), task_count.zero_()
-                t0, samples0 = time.perf_counter(), self.state.samples_seen
             epoch_done = self.batch_sampler.position >= n_micro
             if epoch_done:  # a checkpoint taken now must resume at the start of the next epoch
                 self.state.epoch += 1
@@ -680,6 +715,9 @@ class Trainer:
             (epoch_done and cfg.train.eval_at_epoch_end) or finished
         interrupted = self._interrupted(step)
         stop = finished or interrupted
+        if epoch_done or stop or want_eval or cfg.checkpoint.save_steps and \
+                step % cfg.checkpoint.save_steps == 0:
+            self._emit_train_log()  # records in step order; a checkpoint's log_history complete
         # A preempted job has seconds left: checkpoint first, evaluate after the resume.
         if want_eval and self.stop_reason != "preempted" and self.dev_data and any(len(t.labels) for t in self.dev_data):
             result = self.evaluate()
@@ -733,26 +771,47 @@ class Trainer:
                 "checkpoint/background_s": t["background_s"],
                 "checkpoint/async": t["async"]})
 
-    def _log_train(self, bar, loss_sum, task_loss, task_count, t0, samples0) -> None:
-        steps = self.cfg.train.log_steps
+    def _queue_train_log(self, bar, loss_sum, task_loss, task_count) -> None:
+        """Start this step's train record: its losses leave the GPU without a host sync; the
+        record is written by `_emit_train_log` (at once without `train.async_log`)."""
         if self.world_size > 1:  # the loss of the global batch: the mean over ranks
             means = self.accelerator.reduce(torch.cat([loss_sum.view(1), task_loss]), "mean")
             loss_sum, task_loss = means[0], means[1:]
-        elapsed = time.perf_counter() - t0
-        values = {"train/loss": (loss_sum / steps).item(), "lr": self.scheduler.get_last_lr()[0],
-                  "epoch": self.state.epoch,
-                  "samples_per_s": (self.state.samples_seen - samples0) / elapsed,
-                  # this rank's real tokens x world size (ranks see equal batch counts)
-                  "tokens_per_s": self.tokens_seen * self.world_size / elapsed}
+        values = torch.cat([(loss_sum / self.cfg.train.log_steps).view(1),
+                            task_loss / task_count.clamp(min=1), task_count])
+        self._emit_train_log()  # an earlier one still waiting (none in the loop's order)
+        # this rank's real tokens x world size (ranks see equal batch counts)
+        self._queued_log = QueuedTrainLog.queue(
+            values, step=self.state.global_step, lr=self.scheduler.get_last_lr()[0],
+            epoch=self.state.epoch, samples_seen=self.state.samples_seen,
+            tokens=self.tokens_seen * self.world_size)
+        self._log_bar = bar
         self.tokens_seen = 0
-        per_task = (task_loss / task_count.clamp(min=1)).tolist()
-        for name, value, count in zip(self.task_names, per_task, task_count.tolist(), strict=True):
+        if not self.cfg.train.async_log:
+            self._emit_train_log()
+
+    def _emit_train_log(self) -> None:
+        """Write the queued train record, if any: rates over the time since the previous one
+        (both read once their step's GPU work had finished)."""
+        queued, self._queued_log = self._queued_log, None
+        if queued is None:
+            return
+        read = queued.read()
+        now = time.perf_counter()
+        t0, samples0 = self._log_clock
+        self._log_clock = (now, queued.samples_seen)
+        elapsed = now - t0
+        n = len(self.task_names)
+        values = {"train/loss": read[0], "lr": queued.lr, "epoch": queued.epoch,
+                  "samples_per_s": (queued.samples_seen - samples0) / elapsed,
+                  "tokens_per_s": queued.tokens / elapsed}
+        for name, value, count in zip(self.task_names, read[1:1 + n], read[1 + n:], strict=True):
             if count:
                 values[f"train/loss/{name}"] = value
-        self.state.log_history.append({"step": self.state.global_step, **values})
-        self.tracking.log("train", self.state.global_step, values)
-        bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['lr']:.2e}",
-                        sps=f"{values['samples_per_s']:.0f}")
+        self.state.log_history.append({"step": queued.step, **values})
+        self.tracking.log("train", queued.step, values)
+        self._log_bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['lr']:.2e}",
+                                  sps=f"{values['samples_per_s']:.0f}")
 
     def _full_model_state(self) -> dict[str, torch.Tensor]:
         """Every weight on rank 0 (ZeRO-3 gathers its partitions: a collective call)."""

@@ -144,3 +144,39 @@ def test_demo_reaches_clearly_above_chance_dev_accuracy_on_every_task(tmp_path):
     chance = {"nli": 1 / 3, "emotion": 1 / 7, "news": 1 / 15}
     for task, p in chance.items():
         assert final[f"eval/{task}/accuracy"] > 2 * p, (task, final[f"eval/{task}/accuracy"])
+
+
+RATE_KEYS = {"time", "samples_per_s", "tokens_per_s", "output_dir"}  # differ by run
+
+
+def _log_lines(output_dir):
+    """metrics.jsonl in order, without the wall-clock fields."""
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k not in RATE_KEYS} for x in lines]
+
+
+def test_async_log_writes_the_same_records_in_the_same_order(tmp_path):
+    """train.async_log reads a record's losses one micro-step later: same records, same
+    order around evaluations and checkpoints, same log_history in every checkpoint."""
+    runs = {}
+    for flag in ("true", "false"):
+        out = tmp_path / flag
+        Trainer(load_config(DEMO, [
+            f"train.output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}", *FAST,
+            "train.max_steps=18", "train.log_steps=4", "train.eval_steps=8",
+            "checkpoint.save_steps=6", "train.gradient_accumulation_steps=2",
+            f"train.async_log={flag}"])).fit()
+        runs[flag] = out
+    on, off = _log_lines(runs["true"]), _log_lines(runs["false"])
+    assert on == off
+    assert [(r["kind"], r["step"]) for r in on if r["kind"] in ("train", "eval")] == [
+        ("train", 4), ("train", 8), ("eval", 8), ("train", 12), ("train", 16), ("eval", 16),
+        ("eval", 18)]
+    assert all(r["samples_per_s"] > 0 for r in records(runs["true"], "train"))
+    for step in (6, 12, 18):
+        states = [json.loads((out / "checkpoints" / f"checkpoint-{step}" /
+                              "trainer_state.json").read_text())["log_history"]
+                  for out in runs.values()]
+        on_h, off_h = ([{k: v for k, v in r.items() if k not in RATE_KEYS} for r in h]
+                       for h in states)
+        assert on_h == off_h and on_h[-1]["step"] == step // 4 * 4
