@@ -46,7 +46,7 @@ __all__ = [
 DEMO_PREFIX = "demo:"
 # train.compile_tuning -> Inductor options for the compiled layers. Measured on an H200
 # (benchmarks/README.md, run G): coordinate descent +1.5-2.7 % samples/s; max-autotune left out:
-# a BERT-large benchmark run with it (baseline included) gave no result within 600 s.
+# its GEMM templates made the BERT-large step 8 % slower and start-up 425 s longer (run L3).
 COMPILE_TUNING: dict[str, dict[str, bool]] = {
     "none": {},
     "coordinate_descent": {"coordinate_descent_tuning": True},
