@@ -436,6 +436,8 @@ def variant_list() -> list[tuple[str, list[str]]]:
          [*_replaced(RECOMMENDED, "data.pack_multiple=64"), "inductor.max_autotune_gemm=true"]),
         ("... the same as 14, packed rows rounded to 32 (data.pack_multiple=32)",
          _replaced(RECOMMENDED, "data.pack_multiple=32")),
+        ("... the same as 18, Linear weight gradients written in place (direct_weight_grads)",
+         [*_replaced(RECOMMENDED, "data.pack_multiple=64"), "train.direct_weight_grads=true"]),
     ]
 
 

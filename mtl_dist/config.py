@@ -175,6 +175,7 @@ class TrainConfig:
     precapture_graphs: bool = True  # cuda_graphs: every (task, shape) captured before step one
     bf16_weights: bool = False  # the model in bf16, fp32 master weights in the optimizer
     flat_masters: bool = False  # bf16_weights: encoder masters/moments/grads flat, one-kernel AdamW
+    direct_weight_grads: bool = False  # graphs + flat masters: Linear weight grads into the flat buffer
     stop_after_steps: int | None = None
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     preemption_check_steps: int = 1
@@ -998,6 +999,16 @@ def _validate_combinations(train: TrainConfig) -> None:
             "train.flat_masters",
             "config key 'train.flat_masters': expected false with train.bf16_weights=false "
             "(it lays out the fp32 master weights that bf16_weights keeps), got true",
+        )
+    if train.direct_weight_grads and not (train.flat_masters and train.cuda_graphs
+                                          and train.gradient_accumulation_steps == 1):
+        raise _Problem(
+            "train.direct_weight_grads",
+            f"config key 'train.direct_weight_grads': expected false with train.flat_masters="
+            f"{str(train.flat_masters).lower()}, train.cuda_graphs="
+            f"{str(train.cuda_graphs).lower()}, train.gradient_accumulation_steps="
+            f"{train.gradient_accumulation_steps} (it needs flat masters, CUDA graphs and one "
+            "micro-step per accumulation group), got true",
         )
     if train.cuda_graphs and train.zero_stage:
         raise _Problem(

@@ -22,9 +22,66 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 WARMUP_ITERS = 3  # eager runs on a side stream before capture (cuBLAS/cuDNN plans, allocator)
+
+
+@torch.library.custom_op("mtl_dist::weight_grad_into", mutates_args=("out",))
+def weight_grad_into(grad_output: torch.Tensor, inputs: torch.Tensor, out: torch.Tensor) -> None:
+    """A Linear's weight gradient, gradᵀ · input over all rows, written into `out` by the GEMM
+    itself. A custom op: torch.compile keeps it (and its write) inside the compiled backward."""
+    torch.mm(grad_output.reshape(-1, grad_output.shape[-1]).t(),
+             inputs.reshape(-1, inputs.shape[-1]), out=out)
+
+
+class _LinearGradInto(torch.autograd.Function):
+    """F.linear whose backward writes the weight gradient into a given tensor and hands
+    autograd none for it (the weight's `.grad` stays None)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target):
+        ctx.save_for_backward(x, weight)
+        # Not saved for backward: the targets are views of one flat buffer, so each layer's
+        # write bumps the version counter every other target shares, and autograd's check
+        # of saved tensors would refuse the next layer's backward.
+        ctx.target = target
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        weight_grad_into(grad, x, ctx.target)
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+        return grad.matmul(weight), None, grad_bias, None
+
+
+class WeightGradIntoLinear(nn.Linear):
+    """An nn.Linear (same parameters, same state dict) whose weight gradient goes straight
+    into `weight_grad_target` (`train.direct_weight_grads`)."""
+
+    weight_grad_target: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        return _LinearGradInto.apply(x, self.weight, self.bias, self.weight_grad_target)
+
+
+def write_weight_grads_into(layers: nn.Module, targets: dict[int, torch.Tensor]) -> set[int]:
+    """Every nn.Linear in `layers` whose weight has a target (id(weight) -> tensor of its
+    shape) writes its weight gradient there from then on; returns the ids of those weights.
+    Only for Linears that run in every forward: one that did not run would leave its
+    target as it was."""
+    direct = set()
+    for module in layers.modules():
+        if type(module) is nn.Linear and id(module.weight) in targets:
+            module.__class__ = WeightGradIntoLinear
+            module.weight_grad_target = targets[id(module.weight)]
+            direct.add(id(module.weight))
+    return direct
 
 
 def _weakly(method):
@@ -54,12 +111,15 @@ class StepGraphs:
     (or ahead of time: `prepare`)."""
 
     def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None, masters=None,
-                 single_micro_step: bool = False):
+                 single_micro_step: bool = False, direct_weight_grads: bool = False):
         """`masters` (a MasterWeights, train.bf16_weights): the bf16 gradients are handed over
         into the fp32 masters' `.grad`, and the model's own `.grad` stays None. With flat
         segments (train.flat_masters) and `single_micro_step` (every accumulation group is
         one micro-step), the encoder's stay bf16, copied into the segments' flat bf16
-        buffers (MasterWeights.bf16_grad_views), which the flat AdamW kernel reads."""
+        buffers (MasterWeights.bf16_grad_views), which the flat AdamW kernel reads.
+        `direct_weight_grads` (train.direct_weight_grads, needs that bf16 path): the Linear
+        layers of the encoder's transformer layers write their weight gradients into those
+        buffers from the backward GEMM itself, and are left out of the copy."""
         self.model = model
         self.dtype = autocast_dtype
         self.pool = torch.cuda.graph_pool_handle()
@@ -79,8 +139,14 @@ class StepGraphs:
         bf16 = masters.bf16_grad_views() if single_micro_step and masters is not None \
             and masters.segments else {}
         self.grads_stay_bf16 = bool(bf16) and all(id(p) in bf16 for p in self.encoder_params)
-        self._encoder_targets = [bf16[id(p)] for p in self.encoder_params] \
-            if self.grads_stay_bf16 else None
+        if direct_weight_grads and not self.grads_stay_bf16:
+            raise ValueError("StepGraphs: direct_weight_grads needs flat masters and one "
+                             "micro-step per accumulation group")
+        # Written by their GEMMs: never handed over (their .grad stays None).
+        direct = write_weight_grads_into(_transformer_layers(model), bf16) \
+            if direct_weight_grads else set()
+        self._handed_over = [(bf16[id(p)], p) for p in self.encoder_params
+                             if id(p) not in direct] if self.grads_stay_bf16 else None
         for p in self.params:
             holder = p if masters is None else masters.master(p)
             if holder.grad is None:
@@ -127,15 +193,14 @@ class StepGraphs:
         multi-tensor kernel, copied on a group's first micro-step, added later. Why not a
         `copy_` per gradient in the hook: a bf16 -> fp32 copy_ runs PyTorch's unrolled
         casting kernel, 1.9 ms per step for BERT-large on an H200 (about 1 TB/s)."""
-        targets = self._encoder_targets or [self._static[id(p)][0] for p in self.encoder_params]
-        have = [(t, p) for t, p in zip(targets, self.encoder_params, strict=True)
-                if p.grad is not None]
+        pairs = self._handed_over if self._handed_over is not None else \
+            [(self._static[id(p)][0], p) for p in self.encoder_params]
+        have = [(t, p) for t, p in pairs if p.grad is not None]
         statics = [t for t, _ in have]
         grads = [p.grad for _, p in have]
         if self._first:
             torch._foreach_copy_(statics, grads)
-            unused = [t for t, p in zip(targets, self.encoder_params, strict=True)
-                      if p.grad is None]
+            unused = [t for t, p in pairs if p.grad is None]
             if unused:  # no gradient in this micro-step: none from earlier groups either
                 torch._foreach_zero_(unused)
         else:
@@ -212,3 +277,13 @@ class StepGraphs:
         finally:
             for p, grad in hidden:
                 p.grad = grad
+
+
+def _transformer_layers(model: nn.Module) -> nn.Module:
+    """The encoder's stack of transformer layers (BERT/RoBERTa: `encoder.encoder.layer`):
+    every Linear in it runs in every forward."""
+    layers = getattr(getattr(getattr(model, "encoder", None), "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"train.direct_weight_grads: {type(model).__name__} has no "
+                         "encoder.encoder.layer list (BERT/RoBERTa-style encoders have one)")
+    return layers

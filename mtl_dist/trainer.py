@@ -394,7 +394,8 @@ class Trainer:
         # autocast to bf16, except for a model that is bf16 already (bf16_weights)
         autocast = cfg.mixed_precision == "bf16" and self.masters is None
         return StepGraphs(module, torch.bfloat16 if autocast else None, self.masters,
-                          single_micro_step=cfg.gradient_accumulation_steps == 1)
+                          single_micro_step=cfg.gradient_accumulation_steps == 1,
+                          direct_weight_grads=cfg.direct_weight_grads)
 
     def _precapture_graphs(self) -> None:
         """`train.precapture_graphs`: capture the graph of every (task, shape) the rest of the

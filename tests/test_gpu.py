@@ -92,6 +92,29 @@ def test_flat_masters_with_cuda_graphs_train_like_per_tensor_masters(tmp_path, a
     assert_losses_close(plain, flat, 0.02, steps=30)
 
 
+@pytest.mark.parametrize("extra", [[], ["train.compile=true", "data.packing=true",
+                                         "data.pack_multiple=64"]],
+                         ids=["graphs", "compiled_packed"])
+def test_direct_weight_grads_train_like_the_copied_ones(tmp_path, extra):
+    """train.direct_weight_grads: the transformer layers' Linear weight gradients, written
+    by their GEMMs into the flat bf16 buffer inside the graphs (and the compiled layers),
+    train like the graphs' copy of them; those weights' .grad is never set, and the copy
+    holds only the other encoder gradients."""
+    from mtl_dist.graphs import WeightGradIntoLinear
+
+    common = ["train.bf16_weights=true", "train.cuda_graphs=true", "train.fused_clipping=true",
+              "train.flat_masters=true", "train.gradient_accumulation_steps=1", *extra]
+    copied, _, _ = run(tmp_path, "copied", *common)
+    direct, trainer, _ = run(tmp_path, "direct", *common, "train.direct_weight_grads=true")
+    linears = [m for m in trainer.module.modules() if isinstance(m, WeightGradIntoLinear)]
+    assert len(linears) == 6 * trainer.module.encoder.config.num_hidden_layers
+    assert all(m.weight.grad is None for m in linears)
+    assert len(trainer.graphs._handed_over) == \
+        len(trainer.graphs.encoder_params) - len(linears)
+    assert train_losses(direct)[0] == train_losses(copied)[0]  # same weights, same forward
+    assert_losses_close(copied, direct, 0.02, steps=30)
+
+
 def test_cuda_graph_gradients_equal_eager_ones_in_fp32(tmp_path):
     """fp32, no dropout, 2 micro-steps per group: the graphs' gradient hand-over (copy on a
     group's first micro-step, add after; heads always add, zeroed after each step) gives the

@@ -131,3 +131,74 @@ def test_prediction_at_start_up_names_every_shape_a_real_run_and_its_resume_meet
     assert predicted[1][0] == (0, 180)  # the resumed cursor, not the epoch's start
     per_epoch = first.plan.num_steps(0)  # stop_after_steps bounds the first invocation's
     assert ranges == [[(0, 0, 180)], [(0, 180, per_epoch), (1, 0, 300 - 3 * -(-per_epoch // 3))]]
+
+
+def _tiny_bert_model():
+    from types import SimpleNamespace
+
+    from mtl_dist.model import build_model
+    arch = SimpleNamespace(model_type="bert", hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=64,
+                           max_position_embeddings=64, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    return build_model(SimpleNamespace(pretrained=None, arch=arch, head="attention",
+                                       dropout=0.0), vocab_size=50, num_labels=[3, 7])
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_linear_weight_grads_written_into_targets_are_autograds(compiled):
+    """train.direct_weight_grads: each transformer-layer Linear's weight gradient lands in
+    its target (overwritten at every backward, never summed), its `.grad` stays None, every
+    other gradient and the loss are unchanged; also inside torch.compile'd layers."""
+    from mtl_dist.graphs import WeightGradIntoLinear, _transformer_layers, write_weight_grads_into
+    from mtl_dist.model import compile_encoder_layers
+
+    model, ref = _tiny_bert_model(), _tiny_bert_model()
+    if compiled:
+        compile_encoder_layers(model), compile_encoder_layers(ref)
+    linears = [m for m in _transformer_layers(model).modules() if type(m) is nn.Linear]
+    # views of one flat buffer, as MasterWeights.bf16_grad_views gives them
+    flat = torch.full((sum(m.weight.numel() for m in linears),), float("nan"))
+    spans = torch.cumsum(torch.tensor([0] + [m.weight.numel() for m in linears]), 0).tolist()
+    targets = {id(m.weight): flat[a:b].view_as(m.weight)
+               for m, a, b in zip(linears, spans, spans[1:], strict=False)}
+    direct = write_weight_grads_into(_transformer_layers(model), targets)
+    assert len(direct) == 6 * 2 and all(isinstance(m, WeightGradIntoLinear) for m in linears)
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    ids = torch.randint(5, 50, (4, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = torch.tensor([0, 2, 1, 0])
+    exact = dict(rtol=0, atol=0) if not compiled else dict(rtol=1e-5, atol=1e-6)
+    for _ in range(2):  # the second backward overwrites the targets
+        ref.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+        loss_ref, _ = ref(ids, mask, task_id=1, labels=labels)
+        loss, _ = model(ids, mask, task_id=1, labels=labels)
+        loss_ref.backward(), loss.backward()
+        torch.testing.assert_close(loss, loss_ref, **exact)
+        for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(),
+                                     strict=True):
+            if id(p) in direct:
+                assert p.grad is None, name
+                torch.testing.assert_close(targets[id(p)], q.grad, **exact, msg=name)
+            elif q.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, **exact, msg=name)
+    with torch.no_grad():  # evaluation: a plain Linear
+        torch.testing.assert_close(model(ids, mask, task_id=0)[1], ref(ids, mask, task_id=0)[1],
+                                   **exact)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.bf16_weights=true", "train.mixed_precision=bf16", "train.cuda_graphs=true"],
+    ["train.bf16_weights=true", "train.mixed_precision=bf16", "train.flat_masters=true"],
+    ["train.bf16_weights=true", "train.mixed_precision=bf16", "train.flat_masters=true",
+     "train.cuda_graphs=true", "train.gradient_accumulation_steps=2"],
+], ids=["no_flat_masters", "no_graphs", "accumulation"])
+def test_direct_weight_grads_needs_flat_masters_graphs_and_single_micro_steps(overrides):
+    from mtl_dist.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"config key 'train.direct_weight_grads': expected "
+                                          r"false with .* got true"):
+        load_config(DEMO, [*overrides, "train.direct_weight_grads=true"])
+    load_config(DEMO, overrides)
