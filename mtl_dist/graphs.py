@@ -54,8 +54,10 @@ class _LinearGradInto(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         weight_grad_into(grad, x, ctx.target)
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-        return grad.matmul(weight), None, grad_bias, None
+        grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) \
+            if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_bias, None
 
 
 class WeightGradIntoLinear(nn.Linear):
@@ -72,12 +74,13 @@ class WeightGradIntoLinear(nn.Linear):
 
 def write_weight_grads_into(layers: nn.Module, targets: dict[int, torch.Tensor]) -> set[int]:
     """Every nn.Linear in `layers` whose weight has a target (id(weight) -> tensor of its
-    shape) writes its weight gradient there from then on; returns the ids of those weights.
-    Only for Linears that run in every forward: one that did not run would leave its
-    target as it was."""
+    shape) writes its weight gradient there from then on (again: a new target replaces an
+    old one); returns the ids of those weights. Only for Linears that run exactly once in
+    every forward (BERT/RoBERTa layers): one that did not run would leave its target as it
+    was, one that ran twice (shared weights) would keep only its last gradient."""
     direct = set()
     for module in layers.modules():
-        if type(module) is nn.Linear and id(module.weight) in targets:
+        if type(module) in (nn.Linear, WeightGradIntoLinear) and id(module.weight) in targets:
             module.__class__ = WeightGradIntoLinear
             module.weight_grad_target = targets[id(module.weight)]
             direct.add(id(module.weight))

@@ -151,9 +151,13 @@ def test_linear_weight_grads_written_into_targets_are_autograds(compiled):
     """train.direct_weight_grads: each transformer-layer Linear's weight gradient lands in
     its target (overwritten at every backward, never summed), its `.grad` stays None, every
     other gradient and the loss are unchanged; also inside torch.compile'd layers."""
+    from torch._dynamo.utils import counters
+
     from mtl_dist.graphs import WeightGradIntoLinear, _transformer_layers, write_weight_grads_into
     from mtl_dist.model import compile_encoder_layers
 
+    torch._dynamo.reset()
+    counters.clear()
     model, ref = _tiny_bert_model(), _tiny_bert_model()
     if compiled:
         compile_encoder_layers(model), compile_encoder_layers(ref)
@@ -188,6 +192,17 @@ def test_linear_weight_grads_written_into_targets_are_autograds(compiled):
     with torch.no_grad():  # evaluation: a plain Linear
         torch.testing.assert_close(model(ids, mask, task_id=0)[1], ref(ids, mask, task_id=0)[1],
                                    **exact)
+    if compiled:  # the op stays inside the compiled layer: no graph break, one graph per model
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        assert counters["stats"]["unique_graphs"] >= 2
+    # a second call points the swapped Linears at new targets
+    again = {k: torch.zeros_like(v) for k, v in targets.items()}
+    assert write_weight_grads_into(_transformer_layers(model), again) == direct
+    model.zero_grad(set_to_none=True)
+    model(ids, mask, task_id=1, labels=labels)[0].backward()
+    for p in model.parameters():
+        if id(p) in direct:
+            torch.testing.assert_close(again[id(p)], targets[id(p)], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("overrides", [
