@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtl_dist.model import transformer_layers
+
 WARMUP_ITERS = 3  # eager runs on a side stream before capture (cuBLAS/cuDNN plans, allocator)
 
 
@@ -146,7 +148,8 @@ class StepGraphs:
             raise ValueError("StepGraphs: direct_weight_grads needs flat masters and one "
                              "micro-step per accumulation group")
         # Written by their GEMMs: never handed over (their .grad stays None).
-        direct = write_weight_grads_into(_transformer_layers(model), bf16) \
+        direct = write_weight_grads_into(
+            transformer_layers(model, "train.direct_weight_grads"), bf16) \
             if direct_weight_grads else set()
         self._handed_over = [(bf16[id(p)], p) for p in self.encoder_params
                              if id(p) not in direct] if self.grads_stay_bf16 else None
@@ -281,12 +284,3 @@ class StepGraphs:
             for p, grad in hidden:
                 p.grad = grad
 
-
-def _transformer_layers(model: nn.Module) -> nn.Module:
-    """The encoder's stack of transformer layers (BERT/RoBERTa: `encoder.encoder.layer`):
-    every Linear in it runs in every forward."""
-    layers = getattr(getattr(getattr(model, "encoder", None), "encoder", None), "layer", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"train.direct_weight_grads: {type(model).__name__} has no "
-                         "encoder.encoder.layer list (BERT/RoBERTa-style encoders have one)")
-    return layers

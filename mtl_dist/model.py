@@ -212,13 +212,20 @@ def compile_encoder_layers(model: MultiTaskModel, tuning: str = "none") -> int:
     `tuning` (`train.compile_tuning`) picks Inductor options, COMPILE_TUNING; they change
     kernel launch configs only (Triton kernels: no effect on CPU), not the maths.
     """
-    layers = getattr(getattr(model.encoder, "encoder", None), "layer", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ValueError(f"train.compile: {type(model.encoder).__name__} has no encoder.layer "
-                         "list to compile (BERT/RoBERTa-style encoders have one)")
+    layers = transformer_layers(model, "train.compile")
     for layer in layers:
         layer.compile(dynamic=None, options=COMPILE_TUNING[tuning] or None)
     return len(layers)
+
+
+def transformer_layers(model: MultiTaskModel, switch: str) -> nn.ModuleList:
+    """The encoder's stack of transformer layers (BERT/RoBERTa: `encoder.encoder.layer`), which
+    `switch` (a config key, named in the error) works on."""
+    layers = getattr(getattr(model.encoder, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(f"{switch}: {type(model.encoder).__name__} has no encoder.layer "
+                         "list (BERT/RoBERTa-style encoders have one)")
+    return layers
 
 
 def model_shape(model: nn.Module) -> dict[str, list[int]]:

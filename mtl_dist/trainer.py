@@ -716,8 +716,8 @@ class Trainer:
             (epoch_done and cfg.train.eval_at_epoch_end) or finished
         interrupted = self._interrupted(step)
         stop = finished or interrupted
-        if epoch_done or stop or want_eval or cfg.checkpoint.save_steps and \
-                step % cfg.checkpoint.save_steps == 0:
+        periodic_save = cfg.checkpoint.save_steps and step % cfg.checkpoint.save_steps == 0
+        if epoch_done or stop or want_eval or periodic_save:
             self._emit_train_log()  # records in step order; a checkpoint's log_history complete
         # A preempted job has seconds left: checkpoint first, evaluate after the resume.
         if want_eval and self.stop_reason != "preempted" and self.dev_data and any(len(t.labels) for t in self.dev_data):
@@ -734,8 +734,7 @@ class Trainer:
                 print(f"early stopping at step {step}: no improvement in "
                       f"{self.early.bad_evals} evaluations (best {self.early.best_score} "
                       f"at step {self.early.best_step})")
-        want_save = (cfg.checkpoint.save_steps and step % cfg.checkpoint.save_steps == 0) or \
-            (epoch_done and cfg.checkpoint.save_at_epoch_end) or stop
+        want_save = periodic_save or (epoch_done and cfg.checkpoint.save_at_epoch_end) or stop
         if want_save:
             self.save_checkpoint()
         return stop

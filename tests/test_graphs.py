@@ -153,21 +153,21 @@ def test_linear_weight_grads_written_into_targets_are_autograds(compiled):
     other gradient and the loss are unchanged; also inside torch.compile'd layers."""
     from torch._dynamo.utils import counters
 
-    from mtl_dist.graphs import WeightGradIntoLinear, _transformer_layers, write_weight_grads_into
-    from mtl_dist.model import compile_encoder_layers
+    from mtl_dist.graphs import WeightGradIntoLinear, write_weight_grads_into
+    from mtl_dist.model import compile_encoder_layers, transformer_layers
 
     torch._dynamo.reset()
     counters.clear()
     model, ref = _tiny_bert_model(), _tiny_bert_model()
     if compiled:
         compile_encoder_layers(model), compile_encoder_layers(ref)
-    linears = [m for m in _transformer_layers(model).modules() if type(m) is nn.Linear]
+    linears = [m for m in transformer_layers(model, "test").modules() if type(m) is nn.Linear]
     # views of one flat buffer, as MasterWeights.bf16_grad_views gives them
     flat = torch.full((sum(m.weight.numel() for m in linears),), float("nan"))
     spans = torch.cumsum(torch.tensor([0] + [m.weight.numel() for m in linears]), 0).tolist()
     targets = {id(m.weight): flat[a:b].view_as(m.weight)
                for m, a, b in zip(linears, spans, spans[1:], strict=False)}
-    direct = write_weight_grads_into(_transformer_layers(model), targets)
+    direct = write_weight_grads_into(transformer_layers(model, "test"), targets)
     assert len(direct) == 6 * 2 and all(isinstance(m, WeightGradIntoLinear) for m in linears)
     assert model.state_dict().keys() == ref.state_dict().keys()
     ids = torch.randint(5, 50, (4, 9))
@@ -197,7 +197,7 @@ def test_linear_weight_grads_written_into_targets_are_autograds(compiled):
         assert counters["stats"]["unique_graphs"] >= 2
     # a second call points the swapped Linears at new targets
     again = {k: torch.zeros_like(v) for k, v in targets.items()}
-    assert write_weight_grads_into(_transformer_layers(model), again) == direct
+    assert write_weight_grads_into(transformer_layers(model, "test"), again) == direct
     model.zero_grad(set_to_none=True)
     model(ids, mask, task_id=1, labels=labels)[0].backward()
     for p in model.parameters():
