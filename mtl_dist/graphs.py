@@ -283,4 +283,3 @@ class StepGraphs:
         finally:
             for p, grad in hidden:
                 p.grad = grad
-
