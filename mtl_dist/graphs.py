@@ -55,10 +55,11 @@ class _LinearGradInto(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        weight_grad_into(grad, x, ctx.target)
-        grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) \
-            if ctx.has_bias and ctx.needs_input_grad[2] else None
+        rows = grad.reshape(-1, grad.shape[-1])
+        weight_grad_into(rows, x.reshape(-1, x.shape[-1]), ctx.target)
+        grad_x = (rows @ weight).view(*grad.shape[:-1], weight.shape[1]) \
+            if ctx.needs_input_grad[0] else None
+        grad_bias = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, None, grad_bias, None
 
 
