@@ -134,3 +134,44 @@ def test_segment_attention_equals_attention_within_each_sequence():
     want = torch.autograd.grad((expected * weights).sum(), (q, k, v))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["copied", "direct_weight_grads"])
+def test_packed_attention_hands_q_k_v_gradients_to_the_projections_as_views(direct):
+    """The compiled backward of a packed layer copies no q/k/v gradient on its way from the
+    attention kernel to the projections' GEMMs: `query[0]` there made select's backward write
+    a zero-filled tensor and a clone per layer (written twice with train.direct_weight_grads)."""
+    from torch import nn
+    from torch._inductor.utils import run_and_get_code
+
+    from mtl_dist.graphs import write_weight_grads_into
+    from mtl_dist.model import transformer_layers
+
+    torch._dynamo.reset()
+    arch = SimpleNamespace(model_type="bert", hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=64,
+                           max_position_embeddings=64, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0)
+    model = build_model(SimpleNamespace(pretrained=None, arch=arch, head="attention",
+                                        dropout=0.0), vocab_size=50, num_labels=[3])
+    enable_packed_attention(model, max_seqlen=16)
+    compile_encoder_layers(model)
+    if direct:
+        layers = transformer_layers(model, "test")
+        linears = [m for m in layers.modules() if type(m) is nn.Linear]
+        write_weight_grads_into(layers, {id(m.weight): torch.zeros_like(m.weight)
+                                         for m in linears})
+    packed = collate_packed(samples([5, 9, 3, 12]), pad_token_id=0, max_length=16,
+                            pack_multiple=8)
+
+    def step():
+        loss, _ = model(packed["input_ids"], packed["attention_mask"], 0,
+                        token_type_ids=packed["token_type_ids"], labels=packed["labels"],
+                        position_ids=packed["position_ids"], cu_seqlens=packed["cu_seqlens"],
+                        unpack_index=packed["unpack_index"])
+        loss.backward()
+
+    _, code = run_and_get_code(step)
+    backward = "\n".join(code)
+    assert "weight_grad_into" in backward if direct else "extern_kernels.mm" in backward
+    assert "select_backward" not in backward and "clone" not in backward
