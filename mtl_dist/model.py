@@ -104,6 +104,9 @@ def _packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if packed_cu_seqlens is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError(f"a packed batch is one row, got {query.shape[0]} rows")
+    # squeeze, not [0]: its backward is a view, where select's writes a zero-filled copy
     q, k, v = (t.squeeze(0).transpose(0, 1) for t in (query, key, value))  # (1,h,T,d) -> (T,h,d)
     out = varlen_attention(q, k, v, packed_cu_seqlens, packed_max_seqlen, dropout, scaling)
     return out.unsqueeze(0), None  # (1, T, h, d), as transformers expects
