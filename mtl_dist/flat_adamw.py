@@ -135,7 +135,7 @@ class FlatAdamW(torch.optim.AdamW):
                 hidden.append((p, p.grad))
                 p.grad = None
         try:
-            super().step()
+            _unhooked(torch.optim.AdamW.step)(self)
         finally:
             for p, grad in hidden:
                 p.grad = grad
@@ -187,6 +187,13 @@ class FlatAdamW(torch.optim.AdamW):
                     p.grad = None
                 else:
                     p.grad.zero_()
+
+
+def _unhooked(step):
+    """`step` without the wrapper that runs the optimizer step hooks. torch wraps the step of
+    every optimizer class that has an instance (AdamW's too, once one is built in the process),
+    and FlatAdamW's own wrapper has run them already."""
+    return step.__wrapped__ if getattr(step, "hooked", False) else step
 
 
 def _is_view(tensor: torch.Tensor | None, flat: torch.Tensor, span: slice) -> bool:

@@ -329,3 +329,18 @@ def test_a_fallback_step_first_moves_bf16_gradients_into_the_fp32_views():
     torch.testing.assert_close(w_b.segments[0].grad, w_a.segments[0].grad, rtol=0, atol=0)
     for a, b in zip(w_a.masters, w_b.masters, strict=True):
         torch.testing.assert_close(b, a, rtol=2e-6, atol=1e-7)
+
+
+def test_step_hooks_run_once_per_step_also_after_a_plain_adamw_was_built():
+    """FlatAdamW steps its per-tensor groups through torch's AdamW.step, which torch wraps
+    with the hook runner as soon as any AdamW exists: the hooks must still run once."""
+    (m_a, w_a, opt_a), (m_b, w_b, opt_b) = _optimizers(fused=False)  # builds a plain AdamW
+    assert getattr(torch.optim.AdamW.step, "hooked", False)
+    calls = []
+    opt_b.register_step_pre_hook(lambda *_: calls.append("pre"))
+    opt_b.register_step_post_hook(lambda *_: calls.append("post"))
+    _step(m_b, w_b, opt_b, seed=0, head_idle=False, divisor=None)
+    assert calls == ["pre", "post"]
+    _step(m_a, w_a, opt_a, seed=0, head_idle=False, divisor=None)
+    for a, b in zip(w_a.masters, w_b.masters, strict=True):  # the heads stepped as before
+        torch.testing.assert_close(b, a, rtol=2e-6, atol=1e-7)
