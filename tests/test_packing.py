@@ -23,6 +23,16 @@ def samples(lengths, task_id=0):
              "label": i % 3, "task_id": task_id, "index": i} for i, n in enumerate(lengths)]
 
 
+def tiny_model(model_type="bert", head="attention", layers=2, vocab_size=50, pad_token_id=0):
+    """A 32-wide encoder without dropout, one 3-label head."""
+    arch = SimpleNamespace(model_type=model_type, hidden_size=32, num_hidden_layers=layers,
+                           num_attention_heads=2, intermediate_size=64,
+                           max_position_embeddings=64, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0)
+    return build_model(SimpleNamespace(pretrained=None, arch=arch, head=head, dropout=0.0),
+                       vocab_size=vocab_size, num_labels=[3], pad_token_id=pad_token_id)
+
+
 def test_packed_batch_layout():
     batch = collate_packed(samples([5, 3, 7]), pad_token_id=0, max_length=8, pack_multiple=8)
     assert batch["input_ids"].shape == (1, 16)  # 15 tokens + at least one pad token -> 16
@@ -45,13 +55,8 @@ def test_packed_row_always_ends_with_a_pad_sequence():
 @pytest.mark.parametrize("model_type,head", [("bert", "attention"), ("bert", "cls"),
                                              ("roberta", "attention")])
 def test_packed_forward_equals_padded_forward(model_type, head):
-    arch = SimpleNamespace(model_type=model_type, hidden_size=32, num_hidden_layers=2,
-                           num_attention_heads=2, intermediate_size=64,
-                           max_position_embeddings=64, hidden_dropout_prob=0.0,
-                           attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
-    model = build_model(SimpleNamespace(pretrained=None, arch=arch, head=head, dropout=0.0),
-                        vocab_size=50, num_labels=[3], pad_token_id=1).eval()
+    model = tiny_model(model_type, head, pad_token_id=1).eval()
     enable_packed_attention(model, max_seqlen=16)
     rows = samples([5, 9, 3, 12])
     padded = collate(rows, pad_token_id=1, max_length=16)
@@ -93,12 +98,7 @@ def test_compiled_layers_train_like_eager_layers(tmp_path):
 
 @pytest.mark.parametrize("tuning, tuned", [("none", False), ("coordinate_descent", True)])
 def test_compile_tuning_reaches_inductor_in_every_layer(tuning, tuned):
-    arch = SimpleNamespace(model_type="bert", hidden_size=32, num_hidden_layers=3,
-                           num_attention_heads=2, intermediate_size=64,
-                           max_position_embeddings=64, hidden_dropout_prob=0.0,
-                           attention_probs_dropout_prob=0.0)
-    model = build_model(SimpleNamespace(pretrained=None, arch=arch, head="cls", dropout=0.0),
-                        100, [3])
+    model = tiny_model(head="cls", layers=3, vocab_size=100)
     assert compile_encoder_layers(model, tuning) == 3
     for layer in model.encoder.encoder.layer:
         options = layer._compiled_call_impl.get_compiler_config()
@@ -148,12 +148,7 @@ def test_packed_attention_hands_q_k_v_gradients_to_the_projections_as_views(dire
     from mtl_dist.model import transformer_layers
 
     torch._dynamo.reset()
-    arch = SimpleNamespace(model_type="bert", hidden_size=32, num_hidden_layers=2,
-                           num_attention_heads=2, intermediate_size=64,
-                           max_position_embeddings=64, hidden_dropout_prob=0.0,
-                           attention_probs_dropout_prob=0.0)
-    model = build_model(SimpleNamespace(pretrained=None, arch=arch, head="attention",
-                                        dropout=0.0), vocab_size=50, num_labels=[3])
+    model = tiny_model()
     enable_packed_attention(model, max_seqlen=16)
     compile_encoder_layers(model)
     if direct:
