@@ -7,13 +7,13 @@ from `data/lengths.json`, the row rounded up to a multiple of 64 with the pad ta
 segment), BERT-large shapes (16 heads x 64, hidden 1024), bf16:
 
 - attention forward + backward per layer: FlashAttention 2's varlen kernel (what
-  `varlen_attention` runs) against cuDNN's ragged-offset kernel and the memory-efficient
-  (CUTLASS) varlen kernel, with the model's attention dropout 0.1 and without it. Parity at
+  `varlen_attention` runs) against the memory-efficient (CUTLASS) varlen kernel (and, with
+  `--cudnn`, cuDNN's ragged-offset kernel), with the model's attention dropout 0.1 and without it. Parity at
   dropout 0 against FlashAttention is printed beside each time.
 - the q/k/v projections forward + backward per layer: three (1024 x 1024) Linears against one
   (3072 x 1024) Linear over the same weights (input gradient, weight and bias gradients).
 
-Times are CUDA-event means over `--iters` calls per batch after a warm-up, averaged over the
+Times are CUDA-event means over `--iters` calls per batch captured in one CUDA graph, averaged over the
 batches; ratios are against the first candidate of each group, measured in the same run.
 GPU only.
 """
@@ -44,13 +44,23 @@ def packed_rows(lengths: dict[str, list[int]], per_task: int, seed: int) -> list
     return rows
 
 
-def time_us(fn, iters: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
+def time_us(fn, iters: int, warmup: int = 3) -> float:
+    """GPU time of one call: `iters` calls captured in one CUDA graph, as the training step
+    runs them, so the host's launch overhead is not counted (eager, it dominated: run 1)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()  # first replay uploads the graph
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(iters):
-        fn()
+    graph.replay()
     end.record()
     end.synchronize()
     return start.elapsed_time(end) * 1000 / iters
@@ -72,7 +82,10 @@ def efficient(q, k, v, cu, max_len, p):
     return out[0]
 
 
-ATTENTION = {"flash2_varlen": flash, "cudnn_varlen": cudnn, "efficient_varlen": efficient}
+# cuDNN's ragged kernel is not timed by default: in run 1 (eager) it took ~140 ms per call
+# (planned anew every call) and its gradients differed from FlashAttention's by up to 10.6.
+ATTENTION = {"flash2_varlen": flash, "efficient_varlen": efficient}
+EXTRA_ATTENTION = {"cudnn_varlen": cudnn}
 
 
 def attention_case(fn, width: int, cu_list: list[int], dropout: float, iters: int) -> dict:
@@ -138,13 +151,15 @@ def main() -> None:
     parser.add_argument("--rows-per-task", type=int, default=2)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cudnn", action="store_true", help="time cuDNN's ragged kernel too")
     parser.add_argument("--out")
     args = parser.parse_args()
     rows = packed_rows(json.loads(Path(args.lengths).read_text()), args.rows_per_task, args.seed)
     print(f"{len(rows)} packed rows, widths {[w for w, _ in rows]}")
+    candidates = {**ATTENTION, **(EXTRA_ATTENTION if args.cudnn else {})}
     attention: dict[str, dict] = {}
     for dropout in (0.1, 0.0):
-        for name, fn in ATTENTION.items():
+        for name, fn in candidates.items():
             key = f"{name} dropout={dropout}"
             try:
                 cases = [attention_case(fn, w, cu, dropout, args.iters) for w, cu in rows]
@@ -159,7 +174,7 @@ def main() -> None:
             attention[key] = entry
     for dropout in (0.1, 0.0):
         base = attention[f"flash2_varlen dropout={dropout}"]["us_per_layer"]
-        for name in ATTENTION:
+        for name in candidates:
             entry = attention[f"{name} dropout={dropout}"]
             if "us_per_layer" in entry:
                 entry["x_flash2"] = base / entry["us_per_layer"]
