@@ -437,6 +437,8 @@ def variant_list() -> list[tuple[str, list[str]]]:
          _replaced(RECOMMENDED, "data.pack_multiple=32")),
         ("... the same as 18, Linear weight gradients written in place (direct_weight_grads)",
          [*RECOMMENDED_64, "train.direct_weight_grads=true"]),
+        ("... the same as 21, q/k/v projected by one GEMM (train.fused_qkv)",
+         [*RECOMMENDED_64, "train.direct_weight_grads=true", "train.fused_qkv=true"]),
     ]
 
 

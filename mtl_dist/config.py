@@ -176,6 +176,7 @@ class TrainConfig:
     bf16_weights: bool = False  # the model in bf16, fp32 master weights in the optimizer
     flat_masters: bool = False  # bf16_weights: encoder masters/moments/grads flat, one-kernel AdamW
     direct_weight_grads: bool = False  # graphs + flat masters: Linear weight grads into the flat buffer
+    fused_qkv: bool = False  # query, key and value projected by one GEMM (same parameters)
     stop_after_steps: int | None = None
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     preemption_check_steps: int = 1
@@ -1009,6 +1010,13 @@ def _validate_combinations(train: TrainConfig) -> None:
             f"{str(train.cuda_graphs).lower()}, train.gradient_accumulation_steps="
             f"{train.gradient_accumulation_steps} (it needs flat masters, CUDA graphs and one "
             "micro-step per accumulation group), got true",
+        )
+    if train.fused_qkv and train.zero_stage == 3:
+        raise _Problem(
+            "train.fused_qkv",
+            "config key 'train.fused_qkv': expected false with train.zero_stage=3 (ZeRO-3 "
+            "gathers a Linear's weight when that Linear runs; the fused GEMM runs none of the "
+            "three), got true",
         )
     if train.cuda_graphs and train.zero_stage:
         raise _Problem(

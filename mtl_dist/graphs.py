@@ -25,42 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtl_dist.model import transformer_layers
+from mtl_dist.model import FusedQKVAttention, LinearGradInto, stacked_view, transformer_layers
 
 WARMUP_ITERS = 3  # eager runs on a side stream before capture (cuBLAS/cuDNN plans, allocator)
-
-
-@torch.library.custom_op("mtl_dist::weight_grad_into", mutates_args=("out",))
-def weight_grad_into(grad_output: torch.Tensor, inputs: torch.Tensor, out: torch.Tensor) -> None:
-    """A Linear's weight gradient, gradᵀ · input over all rows, written into `out` by the GEMM
-    itself. A custom op: torch.compile keeps it (and its write) inside the compiled backward."""
-    torch.mm(grad_output.reshape(-1, grad_output.shape[-1]).t(),
-             inputs.reshape(-1, inputs.shape[-1]), out=out)
-
-
-class _LinearGradInto(torch.autograd.Function):
-    """F.linear whose backward writes the weight gradient into a given tensor and hands
-    autograd none for it (the weight's `.grad` stays None)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, target):
-        ctx.save_for_backward(x, weight)
-        # Not saved for backward: the targets are views of one flat buffer, so each layer's
-        # write bumps the version counter every other target shares, and autograd's check
-        # of saved tensors would refuse the next layer's backward.
-        ctx.target = target
-        ctx.has_bias = bias is not None
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        rows = grad.reshape(-1, grad.shape[-1])
-        weight_grad_into(rows, x.reshape(-1, x.shape[-1]), ctx.target)
-        grad_x = (rows @ weight).view(*grad.shape[:-1], weight.shape[1]) \
-            if ctx.needs_input_grad[0] else None
-        grad_bias = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_bias, None
 
 
 class WeightGradIntoLinear(nn.Linear):
@@ -72,7 +39,7 @@ class WeightGradIntoLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
-        return _LinearGradInto.apply(x, self.weight, self.bias, self.weight_grad_target)
+        return LinearGradInto.apply(x, self.weight, self.bias, self.weight_grad_target)
 
 
 def write_weight_grads_into(layers: nn.Module, targets: dict[int, torch.Tensor]) -> set[int]:
@@ -80,14 +47,35 @@ def write_weight_grads_into(layers: nn.Module, targets: dict[int, torch.Tensor])
     shape) writes its weight gradient there from then on (again: a new target replaces an
     old one); returns the ids of those weights. Only for Linears that run exactly once in
     every forward (BERT/RoBERTa layers): one that did not run would leave its target as it
-    was, one that ran twice (shared weights) would keep only its last gradient."""
-    direct = set()
+    was, one that ran twice (shared weights) would keep only its last gradient.
+    A fused q/k/v attention (`train.fused_qkv`) whose three weights and three targets each lie
+    end to end (flat masters) writes all three from its one GEMM; otherwise its weights keep
+    their gradients (its q/k/v Linears never run)."""
+    direct, fused_linears = set(), set()
     for module in layers.modules():
-        if type(module) in (nn.Linear, WeightGradIntoLinear) and id(module.weight) in targets:
+        if isinstance(module, FusedQKVAttention):
+            direct |= _write_qkv_weight_grads_into(module, targets)
+            fused_linears |= {id(module.query), id(module.key), id(module.value)}
+    for module in layers.modules():
+        if type(module) in (nn.Linear, WeightGradIntoLinear) and id(module.weight) in targets \
+                and id(module) not in fused_linears:
             module.__class__ = WeightGradIntoLinear
             module.weight_grad_target = targets[id(module.weight)]
             direct.add(id(module.weight))
     return direct
+
+
+def _write_qkv_weight_grads_into(attention: FusedQKVAttention,
+                                 targets: dict[int, torch.Tensor]) -> set[int]:
+    weights = [m.weight for m in (attention.query, attention.key, attention.value)]
+    if not all(id(w) in targets for w in weights):
+        return set()
+    stacked = stacked_view(weights)
+    target = stacked_view([targets[id(w)] for w in weights])
+    if stacked is None or target is None:
+        return set()
+    attention.qkv_weight, attention.qkv_weight_grad_target = stacked, target
+    return {id(w) for w in weights}
 
 
 def _weakly(method):

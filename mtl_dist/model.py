@@ -47,6 +47,40 @@ class ClsHead(nn.Module):
 
 HEADS = {"attention": AttentionPoolingHead, "cls": ClsHead}
 
+# ----------------------------------------------------------------- weight gradients written in place
+@torch.library.custom_op("mtl_dist::weight_grad_into", mutates_args=("out",))
+def weight_grad_into(grad_output: torch.Tensor, inputs: torch.Tensor, out: torch.Tensor) -> None:
+    """A Linear's weight gradient, gradᵀ · input over all rows, written into `out` by the GEMM
+    itself. A custom op: torch.compile keeps it (and its write) inside the compiled backward."""
+    torch.mm(grad_output.reshape(-1, grad_output.shape[-1]).t(),
+             inputs.reshape(-1, inputs.shape[-1]), out=out)
+
+
+class LinearGradInto(torch.autograd.Function):
+    """F.linear whose backward writes the weight gradient into a given tensor and hands
+    autograd none for it (the weight's `.grad` stays None)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target):
+        ctx.save_for_backward(x, weight)
+        # Not saved for backward: the targets are views of one flat buffer, so each layer's
+        # write bumps the version counter every other target shares, and autograd's check
+        # of saved tensors would refuse the next layer's backward.
+        ctx.target = target
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        rows = grad.reshape(-1, grad.shape[-1])
+        weight_grad_into(rows, x.reshape(-1, x.shape[-1]), ctx.target)
+        grad_x = (rows @ weight).view(*grad.shape[:-1], weight.shape[1]) \
+            if ctx.needs_input_grad[0] else None
+        grad_bias = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_bias, None
+
+
 # ----------------------------------------------------------------- packed (unpadded) attention
 PACKED_ATTENTION = "mtl_dist_packed"
 _ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert")  # positions start at pad_token_id + 1
@@ -122,6 +156,102 @@ def enable_packed_attention(model: MultiTaskModel, max_seqlen: int) -> None:
     model.encoder.config._attn_implementation = PACKED_ATTENTION
     model.mask_4d = True
     model.packed_max_seqlen = max_seqlen
+
+
+# ----------------------------------------------------------------- q, k and v in one GEMM
+def stacked_view(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """`tensors` stacked along dim 0 as one view, without a copy, where they lie end to end in
+    one storage (flat masters lay the q/k/v weights out so); else None."""
+    first = tensors[0]
+    offset = first.storage_offset()
+    for t in tensors:
+        if not (t.is_contiguous() and t.dtype == first.dtype and t.shape[1:] == first.shape[1:]
+                and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+                and t.storage_offset() == offset):
+            return None
+        offset += t.numel()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.detach().as_strided((rows, *first.shape[1:]), first.stride())
+
+
+class FusedQKVAttention:
+    """Mixin for a BERT/RoBERTa self-attention (`train.fused_qkv`): query, key and value come
+    out of one GEMM against their weights stacked, (3 * hidden, hidden). Same parameters and
+    state dict, same maths (each output column is the same dot product).
+
+    Why: a (tokens, 1024) x (1024, 1024) GEMM fills under one wave of an H200's SMs at these
+    token counts; the stacked one fills three, and the backward adds no three input
+    gradients. Forward + backward of the projections per layer on packed rows: 174.9 -> 120.8
+    us (benchmarks/attention_kernels.py). The eager path copies the weights into the stack
+    each forward (autograd splits the gradient back); with `train.direct_weight_grads`, the
+    CUDA graphs set `qkv_weight` (the stack as a view of the flat bf16 weights, no copy) and
+    `qkv_weight_grad_target` (where one GEMM writes all three weight gradients).
+    """
+
+    qkv_weight: torch.Tensor | None = None
+    qkv_weight_grad_target: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache=None, **kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        if cache is not None:
+            raise ValueError("train.fused_qkv: encoder self-attention only, got a cache")
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
+        query, key, value = (t.view(hidden_shape).transpose(1, 2) for t in
+                             self._qkv(hidden_states).split(self.all_head_size, dim=-1))
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                          self.eager_attention)
+        out, weights = attention(self, query, key, value, attention_mask,
+                                 dropout=self.dropout.p if self.training else 0.0,
+                                 scaling=self.scaling, **kwargs)
+        return out.reshape(*hidden_states.shape[:-1], -1).contiguous(), weights
+
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        linears = (self.query, self.key, self.value)
+        bias = None if self.query.bias is None else torch.cat([m.bias for m in linears])
+        if self.qkv_weight_grad_target is not None and torch.is_grad_enabled():
+            return LinearGradInto.apply(x, self.qkv_weight, bias, self.qkv_weight_grad_target)
+        return F.linear(x, torch.cat([m.weight for m in linears]), bias)
+
+
+_FUSED_QKV_CLASSES: dict[type, type] = {}
+
+
+def _fused_qkv_class(cls: type) -> type:
+    """`cls` (e.g. BertSelfAttention) with FusedQKVAttention's forward; one class per `cls`."""
+    if cls not in _FUSED_QKV_CLASSES:
+        import sys
+
+        eager = getattr(sys.modules[cls.__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise ValueError(f"train.fused_qkv: {cls.__name__}'s module has no "
+                             "eager_attention_forward (BERT/RoBERTa-style encoders have one)")
+        _FUSED_QKV_CLASSES[cls] = type(f"FusedQKV{cls.__name__}", (FusedQKVAttention, cls),
+                                       {"eager_attention": staticmethod(eager)})
+    return _FUSED_QKV_CLASSES[cls]
+
+
+def _has_qkv_linears(module: nn.Module | None) -> bool:
+    linears = [getattr(module, name, None) for name in ("query", "key", "value")]
+    return all(type(m) is nn.Linear for m in linears) \
+        and len({(m.in_features, m.out_features, m.bias is None) for m in linears}) == 1 \
+        and hasattr(module, "attention_head_size") and hasattr(module, "all_head_size")
+
+
+def enable_fused_qkv(model: MultiTaskModel) -> int:
+    """`train.fused_qkv`: every transformer layer's self-attention projects q, k and v in one
+    GEMM (FusedQKVAttention); returns how many. Before compile and CUDA graphs."""
+    layers = transformer_layers(model, "train.fused_qkv")
+    for layer in layers:
+        attention = getattr(getattr(layer, "attention", None), "self", None)
+        if isinstance(attention, FusedQKVAttention):
+            continue
+        if not _has_qkv_linears(attention):
+            raise ValueError(f"train.fused_qkv: {type(attention).__name__} has no query, key and "
+                             "value Linears of one shape (BERT/RoBERTa self-attention has)")
+        attention.__class__ = _fused_qkv_class(type(attention))
+    return len(layers)
 
 
 class MultiTaskModel(nn.Module):

@@ -38,6 +38,7 @@ from mtl_dist.model import (
     MultiTaskModel,
     build_model,
     compile_encoder_layers,
+    enable_fused_qkv,
     enable_packed_attention,
 )
 from mtl_dist.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag, request_requeue
@@ -271,6 +272,8 @@ class Trainer:
             pad_token_id=self.tokenizer.pad_token_id)
         if cfg.data.packing:
             enable_packed_attention(self.model, cfg.data.max_length)
+        if cfg.train.fused_qkv:
+            enable_fused_qkv(self.model)
         if cfg.train.compile:
             compile_encoder_layers(self.model, cfg.train.compile_tuning)
         self.state = TrainState()

@@ -3,34 +3,18 @@ same maths as the padded, eager path on CPU (the GPU flash path: tests/test_gpu.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from mtl_dist.config import load_config
 from mtl_dist.data import collate, collate_packed
 from mtl_dist.errors import ConfigError
-from mtl_dist.model import build_model, compile_encoder_layers, enable_packed_attention
+from mtl_dist.model import compile_encoder_layers, enable_packed_attention
+from tests._models import samples, tiny_model
 from tests._runs import DEMO, assert_losses_close, run_cli
 
 NO_DROPOUT = ["model.dropout=0.0", "model.arch.hidden_dropout_prob=0.0",
               "model.arch.attention_probs_dropout_prob=0.0"]
-
-
-def samples(lengths, task_id=0):
-    return [{"input_ids": list(range(2, 2 + n)), "token_type_ids": [0] * (n - 2) + [1, 1],
-             "label": i % 3, "task_id": task_id, "index": i} for i, n in enumerate(lengths)]
-
-
-def tiny_model(model_type="bert", head="attention", layers=2, vocab_size=50, pad_token_id=0):
-    """A 32-wide encoder without dropout, one 3-label head."""
-    arch = SimpleNamespace(model_type=model_type, hidden_size=32, num_hidden_layers=layers,
-                           num_attention_heads=2, intermediate_size=64,
-                           max_position_embeddings=64, hidden_dropout_prob=0.0,
-                           attention_probs_dropout_prob=0.0)
-    return build_model(SimpleNamespace(pretrained=None, arch=arch, head=head, dropout=0.0),
-                       vocab_size=vocab_size, num_labels=[3], pad_token_id=pad_token_id)
 
 
 def test_packed_batch_layout():

@@ -1,0 +1,187 @@
+"""`train.fused_qkv`: query, key and value projected by one GEMM over their stacked weights —
+the same outputs, gradients, parameters and training as three Linears (CPU; GPU: test_gpu.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from mtl_dist.config import load_config
+from mtl_dist.data import collate, collate_packed
+from mtl_dist.errors import ConfigError
+from mtl_dist.graphs import WeightGradIntoLinear, write_weight_grads_into
+from mtl_dist.master import MasterWeights
+from mtl_dist.model import (
+    FusedQKVAttention,
+    compile_encoder_layers,
+    enable_fused_qkv,
+    enable_packed_attention,
+    stacked_view,
+    transformer_layers,
+)
+from mtl_dist.trainer import flat_segments
+from tests._models import samples, tiny_model
+from tests._runs import DEMO, run_cli, train_losses
+
+LENGTHS = [5, 9, 3, 12]
+
+
+def loss_of(model, packed: bool) -> torch.Tensor:
+    if packed:
+        b = collate_packed(samples(LENGTHS), pad_token_id=0, max_length=16, pack_multiple=8)
+        return model(b["input_ids"], b["attention_mask"], 0, token_type_ids=b["token_type_ids"],
+                     labels=b["labels"], position_ids=b["position_ids"],
+                     cu_seqlens=b["cu_seqlens"], unpack_index=b["unpack_index"])[0]
+    b = collate(samples(LENGTHS), pad_token_id=0, max_length=16)
+    return model(b["input_ids"], b["attention_mask"], 0, token_type_ids=b["token_type_ids"],
+                 labels=b["labels"])[0]
+
+
+def qkv_linears(model) -> list[nn.Linear]:
+    return [getattr(layer.attention.self, name) for layer in transformer_layers(model, "test")
+            for name in ("query", "key", "value")]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_fused_qkv_gives_the_split_projections_loss_and_gradients(model_type, packed):
+    torch.manual_seed(0)
+    split = tiny_model(model_type, pad_token_id=0 if model_type == "bert" else 1)
+    fused = copy.deepcopy(split)
+    assert enable_fused_qkv(fused) == 2
+    for model in (split, fused):
+        if packed:
+            enable_packed_attention(model, max_seqlen=16)
+    calls = []  # the fused layers never run their q/k/v Linears
+    for linear in qkv_linears(fused):
+        linear.register_forward_hook(lambda *_: calls.append(1))
+    losses = [loss_of(model, packed) for model in (split, fused)]
+    for loss in losses:
+        loss.backward()
+    assert not calls
+    assert all(isinstance(layer.attention.self, FusedQKVAttention)
+               for layer in transformer_layers(fused, "test"))
+    assert list(fused.state_dict()) == list(split.state_dict())  # same parameters, same names
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-7)
+    for (name, a), (_, b) in zip(split.named_parameters(), fused.named_parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _gemms_in_compiled_forward(fused: bool) -> int:
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    model = tiny_model(layers=1).eval()
+    enable_packed_attention(model, max_seqlen=16)
+    if fused:
+        enable_fused_qkv(model)
+    compile_encoder_layers(model)
+    with torch.no_grad():
+        _, code = run_and_get_code(lambda: loss_of(model, packed=True))
+    source = "\n".join(code)
+    return sum(source.count(f"extern_kernels.{op}(") for op in ("mm", "addmm"))
+
+
+def test_compiled_fused_layer_projects_q_k_v_in_one_gemm():
+    """Inductor keeps the one GEMM: a layer's forward runs 4 (q/k/v, attention output, FFN in
+    and out) where the split layer runs 6."""
+    assert _gemms_in_compiled_forward(fused=False) == 6
+    assert _gemms_in_compiled_forward(fused=True) == 4
+
+
+def _flat_bf16_model():
+    """A fused tiny model in bf16 with flat masters, and its flat bf16 gradient views."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    enable_packed_attention(model, max_seqlen=16)
+    enable_fused_qkv(model)
+    cfg = load_config(DEMO, ["train.mixed_precision=bf16", "train.bf16_weights=true",
+                            "train.flat_masters=true"])
+    masters = MasterWeights(model, flat_segments(model, cfg))
+    return model, masters.bf16_grad_views()
+
+
+def test_stacked_view_only_where_the_tensors_lie_end_to_end():
+    flat = torch.arange(12.0)
+    a, b, c = flat[:4].view(2, 2), flat[4:8].view(2, 2), flat[8:].view(2, 2)
+    stacked = stacked_view([a, b, c])
+    assert stacked is not None and stacked.data_ptr() == flat.data_ptr()
+    assert torch.equal(stacked, flat.view(6, 2))
+    assert stacked_view([a, c]) is None  # a gap
+    assert stacked_view([b, a]) is None  # out of order
+    assert stacked_view([a, torch.zeros(2, 2)]) is None  # another storage
+
+
+def test_direct_weight_grads_write_the_three_from_one_gemm_into_the_flat_buffer():
+    """With flat masters the fused attention writes q/k/v's weight gradients, from its one GEMM,
+    into their slices of the flat bf16 buffer; they equal the gradients autograd gives the
+    same bf16 model without the switch, to bf16 noise."""
+    model, views = _flat_bf16_model()
+    reference = copy.deepcopy(model)
+    layers = transformer_layers(model, "test")
+    direct = write_weight_grads_into(layers, views)
+    qkv = qkv_linears(model)
+    assert {id(m.weight) for m in qkv} <= direct
+    assert not any(isinstance(m, WeightGradIntoLinear) for m in qkv)  # never run: not rewired
+    assert sum(isinstance(m, WeightGradIntoLinear) for m in layers.modules()) == 3 * len(layers)
+    for layer in layers:
+        attention = layer.attention.self
+        assert attention.qkv_weight.data_ptr() == attention.query.weight.data_ptr()
+        assert attention.qkv_weight_grad_target.data_ptr() == \
+            views[id(attention.query.weight)].data_ptr()
+    for view in views.values():
+        view.fill_(float("nan"))
+    loss_of(model, packed=True).backward()
+    loss_of(reference, packed=True).backward()
+    for (name, p), (_, ref) in zip(model.named_parameters(), reference.named_parameters(),
+                                   strict=True):
+        if id(p) in direct:
+            assert p.grad is None, name
+            got = views[id(p)]
+        else:
+            got = p.grad
+        torch.testing.assert_close(got.float(), ref.grad.float(), rtol=2e-2, atol=2e-3,
+                                   msg=name)
+
+
+def test_fused_attention_without_flat_targets_keeps_autograd_gradients():
+    """Targets that do not lie end to end (no flat masters): the fused GEMM's weights get their
+    gradients from autograd, and only the other Linears write theirs directly."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    enable_fused_qkv(model)
+    layers = transformer_layers(model, "test")
+    targets = {id(m.weight): torch.zeros_like(m.weight)
+               for m in layers.modules() if type(m) is nn.Linear}
+    direct = write_weight_grads_into(layers, targets)
+    assert direct.isdisjoint(id(m.weight) for m in qkv_linears(model))
+    loss_of(model, packed=False).backward()
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0
+               for m in qkv_linears(model))
+
+
+def test_fused_qkv_trains_like_three_linears(tmp_path):
+    common = [f"data.cache_dir={tmp_path}/c", "train.max_steps=6", "train.log_steps=1",
+              "checkpoint.save_best=false", "train.eval_at_epoch_end=false", "train.lr=1e-3"]
+    for name in ("split", "fused"):
+        run_cli(["train", str(DEMO), f"train.output_dir={tmp_path}/{name}", *common,
+                 f"train.fused_qkv={str(name == 'fused').lower()}"])
+    split, fused = train_losses(tmp_path / "split"), train_losses(tmp_path / "fused")
+    assert [s for s, _ in split] == [s for s, _ in fused] == list(range(1, 7))
+    for (step, x), (_, y) in zip(split, fused, strict=True):  # dropout on: same random stream
+        assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (step, x, y)
+
+
+def test_fused_qkv_refuses_zero_stage_3():
+    with pytest.raises(ConfigError, match="train.fused_qkv.*train.zero_stage=3"):
+        load_config(DEMO, ["train.fused_qkv=true", "train.zero_stage=3"])
+
+
+def test_fused_qkv_names_a_model_without_q_k_v_linears():
+    model = tiny_model()
+    transformer_layers(model, "test")[0].attention.self.key = nn.Linear(32, 16)
+    with pytest.raises(ValueError, match="train.fused_qkv: BertSelfAttention has no query, key"):
+        enable_fused_qkv(model)
