@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.gpu,
 
 NO_DROPOUT = ["model.dropout=0.0", "model.arch.hidden_dropout_prob=0.0",
               "model.arch.attention_probs_dropout_prob=0.0"]
+COMPILED_PACKED = ["train.compile=true", "data.packing=true", "data.pack_multiple=64"]
 
 
 def run(tmp_path, name, *extra):
@@ -113,9 +114,8 @@ def test_direct_weight_grads_train_like_the_copied_ones(tmp_path, extra):
     assert_losses_close(copied, direct, 0.02, steps=30)
 
 
-@pytest.mark.parametrize("extra", [[], ["train.compile=true", "data.packing=true",
-                                         "data.pack_multiple=64"]],
-                         ids=["graphs", "compiled_packed"])
+@pytest.mark.parametrize("extra", [[], COMPILED_PACKED, [*COMPILED_PACKED, "train.fused_qkv=true"]],
+                         ids=["graphs", "compiled_packed", "compiled_packed_fused_qkv"])
 def test_direct_weight_grads_fill_the_flat_buffer_with_the_copied_gradients(tmp_path, extra):
     """One replay of the same batch from the same weights: the flat bf16 gradient buffer
     (NaN before it) holds, with train.direct_weight_grads, the gradients the graph's copy
@@ -135,6 +135,9 @@ def test_direct_weight_grads_fill_the_flat_buffer_with_the_copied_gradients(tmp_
             "train.bf16_weights=true", "train.cuda_graphs=true", "train.flat_masters=true",
             f"train.direct_weight_grads={str(name == 'direct').lower()}", *extra])
         trainer = Trainer(cfg)
+        if name == "direct" and "train.fused_qkv=true" in extra:  # one GEMM writes q, k, v's
+            assert all(layer.attention.self.qkv_weight_grad_target is not None
+                       for layer in trainer.module.encoder.encoder.layer)
         trainer.batch_sampler.set_epoch(0)
         inputs = _model_inputs(next(iter(trainer.loader)), trainer.accelerator.device)
         task_id = inputs.pop("task_id")
@@ -151,6 +154,20 @@ def test_direct_weight_grads_fill_the_flat_buffer_with_the_copied_gradients(tmp_
             torch.testing.assert_close(direct, copied, rtol=2e-2, atol=1e-3)
         else:  # the same GEMMs on the same inputs
             torch.testing.assert_close(direct, copied, rtol=0, atol=0)
+
+
+def test_fused_qkv_trains_like_three_linears_in_the_recommended_set(tmp_path):
+    """train.fused_qkv on the GPU path it is for (graphs, compiled packed layers, flat masters,
+    weight gradients written in place, FlashAttention taking q/k/v as strided views of the one
+    GEMM's output): the losses of three Linears, to bf16 noise."""
+    common = ["train.bf16_weights=true", "train.cuda_graphs=true", "train.fused_clipping=true",
+              "train.flat_masters=true", "train.gradient_accumulation_steps=1",
+              "train.direct_weight_grads=true", *COMPILED_PACKED]
+    split, _, _ = run(tmp_path, "split", *common)
+    fused, trainer, _ = run(tmp_path, "fused", *common, "train.fused_qkv=true")
+    assert all(layer.attention.self.qkv_weight is not None
+               for layer in trainer.module.encoder.encoder.layer)
+    assert_losses_close(split, fused, 0.02, steps=30)
 
 
 def test_cuda_graph_gradients_equal_eager_ones_in_fp32(tmp_path):
