@@ -437,8 +437,11 @@ def variant_list() -> list[tuple[str, list[str]]]:
          _replaced(RECOMMENDED, "data.pack_multiple=32")),
         ("... the same as 18, Linear weight gradients written in place (direct_weight_grads)",
          [*RECOMMENDED_64, "train.direct_weight_grads=true"]),
-        ("... the same as 21, q/k/v projected by one GEMM (train.fused_qkv)",
-         [*RECOMMENDED_64, "train.direct_weight_grads=true", "train.fused_qkv=true"]),
+        ("... the same as 21, q/k/v projected by one GEMM (train.fused_qkv)", RECOMMENDED_QKV),
+        ("... the same as 22, Inductor combo kernels (independent kernels launched as one)",
+         [*RECOMMENDED_QKV, "inductor.combo_kernels=true"]),
+        ("... the same as 22, Inductor aggressive fusion",
+         [*RECOMMENDED_QKV, "inductor.aggressive_fusion=true"]),
     ]
 
 
@@ -455,8 +458,10 @@ def _replaced(overrides: list[str], override: str) -> list[str]:
     return [override if o.startswith(key) else o for o in overrides]
 
 
-# Variant 18: the README's recommended set now (packed rows rounded to 64, run L).
+# Variant 18: the README's recommended set of run L (packed rows rounded to 64).
 RECOMMENDED_64 = _replaced(RECOMMENDED, "data.pack_multiple=64")
+# Variant 22: the README's recommended set now (run O).
+RECOMMENDED_QKV = [*RECOMMENDED_64, "train.direct_weight_grads=true", "train.fused_qkv=true"]
 
 
 def main() -> None:
