@@ -90,6 +90,18 @@ def test_logged_loss_is_the_global_batch_loss_two_ranks_equal_one(tmp_path):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (step, a, b)
 
 
+def test_fused_qkv_trains_like_three_linears_on_two_ranks(straight, tmp_path):
+    """train.fused_qkv under DDP (gloo): the stacked GEMM's gradients reach the three weights
+    through autograd, DDP all-reduces them, and the two ranks train as with three Linears."""
+    out = tmp_path / "fused"
+    run_cli(["train", str(DEMO), f"train.output_dir={out}", f"data.cache_dir={tmp_path}/cache",
+             *FAST, *STEPS, "train.fused_qkv=true"], procs=2)
+    fused, split = train_losses(out), train_losses(straight)
+    assert [s for s, _ in fused] == [s for s, _ in split] == list(range(1, 25))
+    for (step, a), (_, b) in zip(split, fused, strict=True):  # dropout on: same random streams
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (step, a, b)
+
+
 def test_world_size_two_to_one_resume_continues(straight, tmp_path):
     out = tmp_path / "shrink"
     shutil.copytree(straight, out)
