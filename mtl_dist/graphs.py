@@ -67,6 +67,7 @@ def write_weight_grads_into(layers: nn.Module, targets: dict[int, torch.Tensor])
 
 def _write_qkv_weight_grads_into(attention: FusedQKVAttention,
                                  targets: dict[int, torch.Tensor]) -> set[int]:
+    attention.qkv_weight = attention.qkv_weight_grad_target = None  # no stale target kept
     weights = [m.weight for m in (attention.query, attention.key, attention.value)]
     if not all(id(w) in targets for w in weights):
         return set()
@@ -204,6 +205,9 @@ class StepGraphs:
             p.grad = None
 
     def _capture(self, inputs: dict[str, torch.Tensor], task_id: int, first: bool) -> _Captured:
+        for module in self.model.modules():
+            if isinstance(module, FusedQKVAttention):
+                module.check_stacked_weights()
         static = {k: v.clone() for k, v in inputs.items()}
         grads = [self._static[id(p)][0] for p in self.params]
         self._first = first

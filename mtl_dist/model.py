@@ -170,8 +170,9 @@ def stacked_view(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
                 and t.storage_offset() == offset):
             return None
         offset += t.numel()
-    rows = sum(t.shape[0] for t in tensors)
-    return first.detach().as_strided((rows, *first.shape[1:]), first.stride())
+    shape = (sum(t.shape[0] for t in tensors), *first.shape[1:])
+    # contiguous strides: a size-1 leading dimension may carry any stride of its own
+    return first.detach().as_strided(shape, torch.empty(shape, device="meta").stride())
 
 
 class FusedQKVAttention:
@@ -190,6 +191,14 @@ class FusedQKVAttention:
 
     qkv_weight: torch.Tensor | None = None
     qkv_weight_grad_target: torch.Tensor | None = None
+
+    def check_stacked_weights(self) -> None:
+        """`qkv_weight` must still be the weights the model holds: a parameter re-pointed
+        after it was set (`p.data = ...`) would be seen by every other Linear but not here."""
+        if self.qkv_weight is not None and \
+                self.qkv_weight.data_ptr() != self.query.weight.data_ptr():
+            raise RuntimeError("train.fused_qkv: the query/key/value weights were re-pointed "
+                               "after their stacked view was taken (write_weight_grads_into)")
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache=None, **kwargs):

@@ -113,6 +113,11 @@ def test_stacked_view_only_where_the_tensors_lie_end_to_end():
     assert stacked_view([a, c]) is None  # a gap
     assert stacked_view([b, a]) is None  # out of order
     assert stacked_view([a, torch.zeros(2, 2)]) is None  # another storage
+    base = torch.arange(8.0)
+    rows = [base.as_strided((1, 4), (7, 1)), base[4:].view(1, 4)]  # size 1: any stride
+    assert torch.equal(stacked_view(rows), base.view(2, 4))
+    biases = torch.arange(6.0)
+    assert torch.equal(stacked_view([biases[:3], biases[3:]]), biases)
 
 
 def test_direct_weight_grads_write_the_three_from_one_gemm_into_the_flat_buffer():
@@ -145,6 +150,30 @@ def test_direct_weight_grads_write_the_three_from_one_gemm_into_the_flat_buffer(
             got = p.grad
         torch.testing.assert_close(got.float(), ref.grad.float(), rtol=2e-2, atol=2e-3,
                                    msg=name)
+
+
+def test_a_re_pointed_weight_is_refused_before_a_capture_and_stale_targets_are_dropped():
+    model, views = _flat_bf16_model()
+    layers = transformer_layers(model, "test")
+    write_weight_grads_into(layers, views)
+    attention = layers[0].attention.self
+    attention.check_stacked_weights()  # as laid out: fine
+    with torch.no_grad():
+        attention.query.weight.data = attention.query.weight.data.clone()
+    with pytest.raises(RuntimeError, match="train.fused_qkv: the query/key/value weights were"):
+        attention.check_stacked_weights()
+    # targets that no longer stack: the old target is dropped, autograd takes over
+    write_weight_grads_into(layers, {k: v.clone() for k, v in views.items()})
+    assert attention.qkv_weight is None and attention.qkv_weight_grad_target is None
+
+
+def test_trainer_installs_the_fused_attention_in_every_layer(tmp_path):
+    from mtl_dist.trainer import Trainer
+
+    trainer = Trainer(load_config(DEMO, [f"train.output_dir={tmp_path}/out",
+                                         f"data.cache_dir={tmp_path}/c", "train.fused_qkv=true"]))
+    layers = transformer_layers(trainer.module, "test")
+    assert all(isinstance(layer.attention.self, FusedQKVAttention) for layer in layers)
 
 
 def test_fused_attention_without_flat_targets_keeps_autograd_gradients():
