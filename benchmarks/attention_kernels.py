@@ -29,17 +29,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mtl_dist.data import packed_width
+
 HEADS, HEAD_DIM, HIDDEN, BATCH, MULTIPLE, CAP = 16, 64, 1024, 32, 64, 300
 
 
 def packed_rows(lengths: dict[str, list[int]], per_task: int, seed: int) -> list[tuple[int, list[int]]]:
-    """(width, cu_seqlens) of `per_task` rows per task, as data.pack_batch lays them out."""
+    """(width, cu_seqlens) of `per_task` rows per task, as data.collate_packed lays them out."""
     rng = np.random.default_rng(seed)
     rows = []
     for task_lengths in lengths.values():
         for _ in range(per_task):
             drawn = np.minimum(rng.choice(task_lengths, BATCH), CAP)
-            width = (int(drawn.sum()) + 1 + MULTIPLE - 1) // MULTIPLE * MULTIPLE
+            width = int(packed_width(drawn, MULTIPLE))
             rows.append((width, [0, *np.cumsum(drawn).tolist(), width]))
     return rows
 
