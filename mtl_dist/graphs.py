@@ -55,7 +55,7 @@ def write_weight_grads_into(layers: nn.Module, targets: dict[int, torch.Tensor])
     for module in layers.modules():
         if isinstance(module, FusedQKVAttention):
             direct |= _write_qkv_weight_grads_into(module, targets)
-            fused_linears |= {id(module.query), id(module.key), id(module.value)}
+            fused_linears |= {id(m) for m in module.projections}
     for module in layers.modules():
         if type(module) in (nn.Linear, WeightGradIntoLinear) and id(module.weight) in targets \
                 and id(module) not in fused_linears:
@@ -68,7 +68,7 @@ def write_weight_grads_into(layers: nn.Module, targets: dict[int, torch.Tensor])
 def _write_qkv_weight_grads_into(attention: FusedQKVAttention,
                                  targets: dict[int, torch.Tensor]) -> set[int]:
     attention.qkv_weight = attention.qkv_weight_grad_target = None  # no stale target kept
-    weights = [m.weight for m in (attention.query, attention.key, attention.value)]
+    weights = [m.weight for m in attention.projections]
     if not all(id(w) in targets for w in weights):
         return set()
     stacked = stacked_view(weights)

@@ -192,11 +192,18 @@ class FusedQKVAttention:
     qkv_weight: torch.Tensor | None = None
     qkv_weight_grad_target: torch.Tensor | None = None
 
+    @property
+    def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        """The query, key and value Linears, in the order their weights are stacked."""
+        return self.query, self.key, self.value
+
     def check_stacked_weights(self) -> None:
         """`qkv_weight` must still be the weights the model holds: a parameter re-pointed
         after it was set (`p.data = ...`) would be seen by every other Linear but not here."""
-        if self.qkv_weight is not None and \
-                self.qkv_weight.data_ptr() != self.query.weight.data_ptr():
+        if self.qkv_weight is None:
+            return
+        now = stacked_view([m.weight for m in self.projections])
+        if now is None or now.data_ptr() != self.qkv_weight.data_ptr():
             raise RuntimeError("train.fused_qkv: the query/key/value weights were re-pointed "
                                "after their stacked view was taken (write_weight_grads_into)")
 
@@ -217,11 +224,11 @@ class FusedQKVAttention:
         return out.reshape(*hidden_states.shape[:-1], -1).contiguous(), weights
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
-        linears = (self.query, self.key, self.value)
-        bias = None if self.query.bias is None else torch.cat([m.bias for m in linears])
+        bias = None if self.query.bias is None else \
+            torch.cat([m.bias for m in self.projections])
         if self.qkv_weight_grad_target is not None and torch.is_grad_enabled():
             return LinearGradInto.apply(x, self.qkv_weight, bias, self.qkv_weight_grad_target)
-        return F.linear(x, torch.cat([m.weight for m in linears]), bias)
+        return F.linear(x, torch.cat([m.weight for m in self.projections]), bias)
 
 
 _FUSED_QKV_CLASSES: dict[type, type] = {}

@@ -152,14 +152,17 @@ def test_direct_weight_grads_write_the_three_from_one_gemm_into_the_flat_buffer(
                                    msg=name)
 
 
-def test_a_re_pointed_weight_is_refused_before_a_capture_and_stale_targets_are_dropped():
+@pytest.mark.parametrize("projection", ["query", "value"])
+def test_a_re_pointed_weight_is_refused_before_a_capture_and_stale_targets_are_dropped(
+        projection):
     model, views = _flat_bf16_model()
     layers = transformer_layers(model, "test")
     write_weight_grads_into(layers, views)
     attention = layers[0].attention.self
     attention.check_stacked_weights()  # as laid out: fine
     with torch.no_grad():
-        attention.query.weight.data = attention.query.weight.data.clone()
+        weight = getattr(attention, projection).weight
+        weight.data = weight.data.clone()
     with pytest.raises(RuntimeError, match="train.fused_qkv: the query/key/value weights were"):
         attention.check_stacked_weights()
     # targets that no longer stack: the old target is dropped, autograd takes over
