@@ -41,8 +41,7 @@ def loss_of(model, packed: bool) -> torch.Tensor:
 
 
 def qkv_linears(model) -> list[nn.Linear]:
-    return [getattr(layer.attention.self, name) for layer in transformer_layers(model, "test")
-            for name in ("query", "key", "value")]
+    return [m for layer in transformer_layers(model, "test") for m in layer.attention.self.projections]
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
