@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from mtl_dist.zero import free_port  # noqa: F401 - the tests import it from here
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -20,11 +21,6 @@ CPU_LAUNCH = REPO / "launch" / "cpu_multi.yaml"
 FAST = ["train.log_steps=1", "train.eval_steps=8", "checkpoint.save_steps=8",
         "checkpoint.save_total_limit=10", "train.early_stopping_patience=null"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict[str, str]:

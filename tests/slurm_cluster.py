@@ -712,3 +712,30 @@ def started_cluster(nodes: int = 1):
         yield cluster
     finally:
         cluster.down()
+
+
+class SubmittedJob:
+    """One job submitted to a SlurmCluster (subclasses submit it and set `id`): its log, a
+    failure explanation with the cluster's logs, and waiting for its end."""
+
+    cluster: SlurmCluster
+    workdir: Path
+    id: int
+    LOG_TAIL = 5000  # characters of the job log in an explanation
+
+    @property
+    def log(self) -> str:
+        logs = sorted(self.workdir.glob(f"*-{self.id}.out"))
+        return logs[0].read_text(errors="replace") if logs else ""
+
+    def explain(self) -> str:
+        return (f"job {self.id}: {self.cluster.job_info(self.id)}\n--- job log (tail)\n"
+                f"{self.log[-self.LOG_TAIL:]}\n{self.cluster.logs()}")
+
+    def wait(self, restarts: int | None = None, *, timeout_s: float) -> dict[str, str]:
+        import pytest
+
+        try:
+            return self.cluster.wait_job(self.id, timeout_s=timeout_s, restarts=restarts)
+        except TimeoutError as err:
+            pytest.fail(f"{err}\n{self.explain()}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +21,12 @@ from test_checkpoint import MANIFEST, make_objects, save, state_equal, train_ste
 from mtl_dist import checkpoint as ck
 from mtl_dist.checkpoint import CheckpointManager
 from mtl_dist.errors import CheckpointError
+from mtl_dist.zero import free_port
 
 pytestmark = pytest.mark.slow
 
 MANIFEST2 = {**MANIFEST, "world_size": 2}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _init(rank: int, world: int, port: int) -> None:
@@ -280,7 +275,7 @@ def _one_rank_worker(rank: int, port: int, out: str) -> None:
 def two_rank_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    mp.spawn(_two_rank_worker, args=(_free_port(), str(out)), nprocs=2)
+    mp.spawn(_two_rank_worker, args=(free_port(), str(out)), nprocs=2)
     return out
 
 
@@ -309,4 +304,4 @@ def test_two_ranks_commit_once_and_zero2_round_trip(two_rank_run: Path) -> None:
 
 
 def test_universal_checkpoint_resumes_on_one_rank(two_rank_run: Path) -> None:
-    mp.spawn(_one_rank_worker, args=(_free_port(), str(two_rank_run)), nprocs=1)
+    mp.spawn(_one_rank_worker, args=(free_port(), str(two_rank_run)), nprocs=1)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import SlurmCluster, started_cluster
+from slurm_cluster import SlurmCluster, SubmittedJob, started_cluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -41,7 +41,7 @@ def final_eval(out: Path) -> dict:
     return {k: v for k, v in last.items() if k != "time"}
 
 
-class Job:
+class Job(SubmittedJob):
     """One submitted sbatch script: its id, working dir, output dir and log."""
 
     def __init__(self, cluster: SlurmCluster, script: str, workdir: Path, env: dict,
@@ -54,20 +54,8 @@ class Job:
              f"train.output_dir={self.out}", f"data.cache_dir={self.cache}", *RUN],
             cwd=workdir, env={**env, "MTL_DEVICE": "cpu", "MTL_PROCS_PER_NODE": "2"})
 
-    @property
-    def log(self) -> str:
-        logs = sorted(self.workdir.glob(f"*-{self.id}.out"))
-        return logs[0].read_text(errors="replace") if logs else ""
-
-    def explain(self) -> str:
-        return (f"job {self.id}: {self.cluster.job_info(self.id)}\n--- job log (tail)\n"
-                f"{self.log[-4000:]}\n{self.cluster.logs()}")
-
     def wait(self, restarts: int | None = None) -> dict[str, str]:
-        try:
-            return self.cluster.wait_job(self.id, timeout_s=JOB_TIMEOUT_S, restarts=restarts)
-        except TimeoutError as err:
-            pytest.fail(f"{err}\n{self.explain()}")
+        return super().wait(restarts, timeout_s=JOB_TIMEOUT_S)
 
     def wait_for_training(self, timeout_s: float = 240) -> None:
         deadline = time.monotonic() + timeout_s

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 from _runs import run_cli
-from slurm_cluster import TERMINAL_STATES, SlurmCluster, started_cluster
+from slurm_cluster import TERMINAL_STATES, SlurmCluster, SubmittedJob, started_cluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -78,7 +78,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-class Job:
+class Job(SubmittedJob):
     """slurm/multi_node.sbatch submitted with -N 2: its id, working dir, output dir and log."""
 
     def __init__(self, cluster: SlurmCluster, workdir: Path, env: dict, cache: Path):
@@ -89,20 +89,8 @@ class Job:
              f"train.output_dir={self.out}", f"data.cache_dir={cache}", *RUN],
             cwd=workdir, env={**env, "MTL_DEVICE": "cpu", "MTL_PROCS_PER_NODE": str(PROCS_PER_NODE)})
 
-    @property
-    def log(self) -> str:
-        logs = sorted(self.workdir.glob(f"*-{self.id}.out"))
-        return logs[0].read_text(errors="replace") if logs else ""
-
-    def explain(self) -> str:
-        return (f"job {self.id}: {self.cluster.job_info(self.id)}\n--- job log (tail)\n"
-                f"{self.log[-5000:]}\n{self.cluster.logs()}")
-
     def wait(self, restarts: int | None = None, timeout_s: float = JOB_TIMEOUT_S) -> dict[str, str]:
-        try:
-            return self.cluster.wait_job(self.id, timeout_s=timeout_s, restarts=restarts)
-        except TimeoutError as err:
-            pytest.fail(f"{err}\n{self.explain()}")
+        return super().wait(restarts, timeout_s=timeout_s)
 
     def running(self) -> bool:
         """Not ended (pending, running, or on its way back into the queue)."""
