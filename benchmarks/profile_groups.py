@@ -49,8 +49,9 @@ def main() -> None:
     events = gpu_events(trace)
     time_us, count = Counter(), Counter()
     for e in events:
-        time_us[group_of(e["name"])] += e["dur"]
-        count[group_of(e["name"])] += 1
+        group = group_of(e["name"])
+        time_us[group] += e["dur"]
+        count[group] += 1
     print(f"{steps} steps, {sum(time_us.values()) / steps / 1000:.2f} ms of GPU kernels and "
           f"{len(events) / steps:.0f} kernels per step\n")
     print("| kernels | ms per step | kernels per step |\n|---|---:|---:|")

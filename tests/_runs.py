@@ -22,7 +22,6 @@ FAST = ["train.log_steps=1", "train.eval_steps=8", "checkpoint.save_steps=8",
         "checkpoint.save_total_limit=10", "train.early_stopping_patience=null"]
 
 
-
 def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
             "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1"}

@@ -28,7 +28,6 @@ pytestmark = pytest.mark.slow
 MANIFEST2 = {**MANIFEST, "world_size": 2}
 
 
-
 def _init(rank: int, world: int, port: int) -> None:
     """torch.distributed on gloo, with the variables DeepSpeed expects from a launcher."""
     os.environ.update(

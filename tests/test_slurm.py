@@ -44,6 +44,8 @@ def final_eval(out: Path) -> dict:
 class Job(SubmittedJob):
     """One submitted sbatch script: its id, working dir, output dir and log."""
 
+    LOG_TAIL = 4000
+
     def __init__(self, cluster: SlurmCluster, script: str, workdir: Path, env: dict,
                  sbatch_args: tuple[str, ...] = ()):
         self.cluster, self.workdir = cluster, workdir
