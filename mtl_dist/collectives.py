@@ -42,8 +42,13 @@ def release_host_group() -> None:
 
 
 def _registered(group) -> bool:
-    """Still one of torch's live groups (`destroy_process_group()` unregisters them all)."""
-    return group in dist.distributed_c10d._world.pg_map
+    """Still one of torch's live groups (`destroy_process_group()` unregisters them all;
+    `get_backend` refuses a group it no longer knows)."""
+    try:
+        dist.get_backend(group)
+    except (ValueError, RuntimeError):
+        return False
+    return True
 
 
 atexit.register(release_host_group)  # for runs that end without Trainer.close(); else a no-op

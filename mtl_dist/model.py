@@ -192,6 +192,14 @@ class FusedQKVAttention:
     qkv_weight: torch.Tensor | None = None
     qkv_weight_grad_target: torch.Tensor | None = None
 
+    def __reduce_ex__(self, protocol):
+        """Pickled as its base class plus state: the fused class is made at run time, so
+        pickle could not find it by name (`torch.save(model)`, spawn workers)."""
+        reduced = super().__reduce_ex__(protocol)
+        base = next(c for c in type(self).__mro__[1:]
+                    if c is not FusedQKVAttention and not issubclass(c, FusedQKVAttention))
+        return (_new_fused_qkv, (base,), *reduced[2:])
+
     @property
     def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
         """The query, key and value Linears, in the order their weights are stacked."""
@@ -246,6 +254,12 @@ def _fused_qkv_class(cls: type) -> type:
         _FUSED_QKV_CLASSES[cls] = type(f"FusedQKV{cls.__name__}", (FusedQKVAttention, cls),
                                        {"eager_attention": staticmethod(eager)})
     return _FUSED_QKV_CLASSES[cls]
+
+
+def _new_fused_qkv(base: type) -> FusedQKVAttention:
+    """An empty FusedQKV`base` for unpickling; its state is set after."""
+    cls = _fused_qkv_class(base)
+    return cls.__new__(cls)
 
 
 def _has_qkv_linears(module: nn.Module | None) -> bool:

@@ -4,6 +4,8 @@ the same outputs, gradients, parameters and training as three Linears (CPU; GPU:
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -216,3 +218,33 @@ def test_fused_qkv_names_a_model_without_q_k_v_linears():
     transformer_layers(model, "test")[0].attention.self.key = nn.Linear(32, 16)
     with pytest.raises(ValueError, match="train.fused_qkv: BertSelfAttention has no query, key"):
         enable_fused_qkv(model)
+
+
+def test_a_fused_model_pickles_and_loads_in_a_fresh_process(tmp_path):
+    """`torch.save(model)` of a fused model: the run-time class is rebuilt on load, even in an
+    interpreter that never enabled fused_qkv, and gives the same outputs."""
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    enable_fused_qkv(model)
+    batch = collate(samples(LENGTHS), pad_token_id=0, max_length=16)
+    with torch.no_grad():
+        logits = model(batch["input_ids"], batch["attention_mask"], 0,
+                       token_type_ids=batch["token_type_ids"])[1]
+    torch.save({"model": model, "batch": batch}, tmp_path / "model.pt")
+    script = (
+        "import sys, torch\n"
+        "saved = torch.load(sys.argv[1], weights_only=False)\n"
+        "model, b = saved['model'], saved['batch']\n"
+        "attention = model.encoder.encoder.layer[0].attention.self\n"
+        "print(type(attention).__name__, type(attention).__mro__[1].__name__)\n"
+        "with torch.no_grad():\n"
+        "    out = model(b['input_ids'], b['attention_mask'], 0, token_type_ids=b['token_type_ids'])\n"
+        "torch.save(out[1], sys.argv[2])\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "model.pt"),
+                           str(tmp_path / "logits.pt")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["FusedQKVBertSelfAttention", "FusedQKVAttention"]
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), logits, rtol=0, atol=0)
+    assert isinstance(copy.deepcopy(model).encoder.encoder.layer[0].attention.self,
+                      FusedQKVAttention)

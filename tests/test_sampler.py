@@ -537,7 +537,9 @@ def _host_group_worker(rank: int, init_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_dir}/a", rank=rank, world_size=2)
     first = collectives.host_group()
     assert collectives.host_group() is first  # one group per world, not one per call
+    assert collectives._registered(first)
     dist.destroy_process_group()
+    assert not collectives._registered(first)
     dist.init_process_group("gloo", init_method=f"file://{init_dir}/b", rank=rank, world_size=2)
     try:
         second = collectives.host_group()
