@@ -1326,6 +1326,28 @@ class CheckpointManager:
             return None
         return max(good, key=lambda p: _step_of(p) or 0)
 
+    def saved_run(self) -> list[str]:
+        """What an earlier run committed here (its checkpoints, oldest first, then best/):
+        what a fresh run in this output dir would replace or mix with its own."""
+        saved = [p.name for p in sorted(self._periodic(), key=lambda p: _step_of(p) or 0)
+                 if is_committed(p)]
+        return saved + ([f"{BEST_DIR}/"] if is_committed(self.best_dir) else [])
+
+    def clear_run(self) -> None:
+        """`train.overwrite_output_dir`: delete an earlier run's checkpoints and best/ (rank 0,
+        before the fresh run's first save)."""
+        entries = list(self.checkpoints_dir.iterdir()) if self.checkpoints_dir.is_dir() else []
+        for path in entries:
+            if any(p.match(path.name) for p in _DELETABLE) and path.is_dir():
+                _retire_and_delete(path, self.output_dir)
+        if self.best_dir.is_symlink():
+            raise CheckpointError(f"refusing to delete {self.best_dir}: it is a symlink")
+        if self.best_dir.is_dir():  # renamed to a deletable name first, as rotation does
+            aside = self.output_dir / f".old-best-{secrets.token_hex(4)}"
+            os.rename(self.best_dir, aside)
+            _fsync_path(self.output_dir)
+        _clean_stale(self.output_dir, (_TMP_BEST_RE, _OLD_BEST_RE), self.output_dir)
+
     def resolve(self, resume: str | Path) -> Path | None:
         """'auto' -> latest() (None if there is none); a path -> that committed checkpoint."""
         if str(resume) == "auto":

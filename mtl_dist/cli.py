@@ -143,12 +143,38 @@ def _launch_train(config: Path, overrides: list[str], processes: int) -> None:
         raise MtlDistError(f"demo training step failed with exit status {result.returncode}")
 
 
+DEMO_MARKER = ".mtl_dist_demo"  # in an output dir the demo wrote: a rerun may start it over
+
+
+def _demo_fresh_start(out: Path, overrides: list[str], args) -> list[str]:
+    """Checks the demo's arguments here, once, before any process is launched; returns the
+    overrides that let phase 1 start over in an output dir an earlier demo wrote (and only
+    then: a run the demo did not write is never deleted)."""
+    from mtl_dist.checkpoint import CheckpointManager
+
+    if args.processes < 1:
+        raise MtlDistError(f"demo: --processes must be >= 1, got {args.processes}")
+    if args.stop_after < 1:
+        raise MtlDistError(f"demo: --stop-after must be >= 1, got {args.stop_after}")
+    _load(str(DEMO_CONFIG), [*overrides, f"train.stop_after_steps={args.stop_after}"])
+    if out.exists() and not out.is_dir():
+        raise MtlDistError(f"demo: --output {out} exists and is not a directory")
+    saved = CheckpointManager(out, save_total_limit=None).saved_run() if out.is_dir() else []
+    if saved and not (out / DEMO_MARKER).exists():
+        raise MtlDistError(f"demo: --output {out} holds a run the demo did not write "
+                           f"({', '.join(saved[-3:])}); pick another --output")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by `mtl-dist demo`; a rerun starts it over\n")
+    return ["train.overwrite_output_dir=true"]
+
+
 def cmd_demo(args) -> int:
     """The embedded demo: train on 2 CPU processes, stop, resume, evaluate, predict, report."""
     out = Path(args.output).resolve()
     base = [f"train.output_dir={out}", *args.overrides]
+    fresh = _demo_fresh_start(out, base, args)
     print(f"== demo: phase 1, {args.processes} processes, stop after {args.stop_after} steps")
-    _launch_train(DEMO_CONFIG, [*base, f"train.stop_after_steps={args.stop_after}"],
+    _launch_train(DEMO_CONFIG, [*base, f"train.stop_after_steps={args.stop_after}", *fresh],
                   args.processes)
     print("== demo: phase 2, resume from the newest checkpoint and finish")
     _launch_train(DEMO_CONFIG, [*base, "train.resume=auto"], args.processes)

@@ -163,6 +163,7 @@ class TrainConfig:
     log_steps: int = 10
     async_log: bool = True  # a train record's losses read one micro-step later: no GPU drain
     resume: str | None = None
+    overwrite_output_dir: bool = False  # a fresh run may delete the run saved in output_dir
     device: str = "auto"
     collective_timeout_s: int = 600
     zero_stage: int = 0
@@ -235,6 +236,7 @@ class RunConfig:
 HASH_EXCLUDED_KEYS: tuple[str, ...] = (
     "train.output_dir",
     "train.resume",
+    "train.overwrite_output_dir",
     "train.log_steps",
     "train.async_log",
     "train.collective_timeout_s",
@@ -1010,6 +1012,12 @@ def _validate_combinations(train: TrainConfig) -> None:
             f"{str(train.cuda_graphs).lower()}, train.gradient_accumulation_steps="
             f"{train.gradient_accumulation_steps} (it needs flat masters, CUDA graphs and one "
             "micro-step per accumulation group), got true",
+        )
+    if train.overwrite_output_dir and train.resume:
+        raise _Problem(
+            "train.overwrite_output_dir",
+            f"config key 'train.overwrite_output_dir': expected false with train.resume="
+            f"{train.resume} (a resumed run keeps the saved one; overwriting deletes it), got true",
         )
     if train.fused_qkv and train.zero_stage == 3:
         raise _Problem(

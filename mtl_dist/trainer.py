@@ -30,7 +30,7 @@ from mtl_dist.checkpoint import CheckpointManager
 from mtl_dist.collectives import release_host_group
 from mtl_dist.config import RunConfig, config_hash, config_to_yaml
 from mtl_dist.ema import EMA
-from mtl_dist.errors import ConfigError
+from mtl_dist.errors import CheckpointError, ConfigError
 from mtl_dist.flat_adamw import FlatAdamW
 from mtl_dist.master import MasterWeights
 from mtl_dist.metrics import run_score, task_metrics
@@ -256,6 +256,8 @@ class Trainer:
         self.ckpt = CheckpointManager(self.output_dir, save_total_limit=cfg.checkpoint.save_total_limit,
                                       greater_is_better=cfg.train.metric_for_best != "loss",
                                       async_save=cfg.checkpoint.async_save)
+        if for_training:
+            self._check_output_dir()  # before any work
         self.tokenizer = mdata.load_tokenizer(cfg.model)
         self.label_maps = self._frozen_label_maps()
         self.task_names = [t.name for t in cfg.tasks]
@@ -291,10 +293,26 @@ class Trainer:
             self._set_module()
 
     # ----------------------------------------------------------------- set-up
+    def _check_output_dir(self) -> None:
+        """A fresh run (no `train.resume`) refuses an output dir that holds a saved run: it
+        would replace best/ with its own first evaluation, cut the metrics log, and leave
+        its checkpoints beside the old run's (resume=auto would then pick the old newest)."""
+        out, train = self.output_dir, self.cfg.train
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"config key 'train.output_dir': {out} exists and is not a "
+                              "directory")
+        saved = [] if train.resume or train.overwrite_output_dir else self.ckpt.saved_run()
+        if saved:
+            shown = ", ".join(saved if len(saved) <= 3 else ["...", *saved[-3:]])
+            raise CheckpointError(
+                f"train.output_dir={out} already holds a run ({shown}): resume it with "
+                "train.resume=auto, start over with train.overwrite_output_dir=true (deletes "
+                "it), or pick a new train.output_dir")
+
     def _frozen_label_maps(self) -> dict[str, list[str]]:
         """Labels from the config or the train data, then frozen: a resumed run reuses the saved map."""
         saved = self.output_dir / "labels.json"
-        if saved.exists():
+        if saved.exists() and not self.cfg.train.overwrite_output_dir:
             maps = json.loads(saved.read_text())
             mdata.check_label_maps(self.cfg, maps, str(saved))
             return maps
@@ -514,6 +532,10 @@ class Trainer:
         """Train to the end (or early stop / preemption); return the final summary."""
         acc, cfg = self.accelerator, self.cfg
         resumed = self._maybe_resume()  # first: a refused resume leaves OUTPUT untouched
+        if cfg.train.overwrite_output_dir:
+            if acc.is_main_process:
+                self.ckpt.clear_run()
+            acc.wait_for_everyone()
         self.ckpt.write_run_file("config.yaml", config_to_yaml(cfg))
         self.ckpt.write_run_file("labels.json", json.dumps(self.label_maps, indent=1))
         if not resumed:

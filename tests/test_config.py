@@ -384,3 +384,9 @@ def test_yaml_words_that_look_like_booleans_stay_strings_for_string_keys(tmp_pat
     path = tmp_path / "run.yaml"
     path.write_text("tasks: [{name: nli, train: 'demo:nli/train'}]\ntrain:\n  mixed_precision: no\n")
     assert load_config(str(path)).train.mixed_precision == "no"
+
+
+def test_overwrite_output_dir_refuses_a_resume() -> None:
+    with pytest.raises(ConfigError, match="'train.overwrite_output_dir': expected false with "
+                       "train.resume=auto"):
+        load_config(None, [*DEMO, "train.overwrite_output_dir=true", "train.resume=auto"])

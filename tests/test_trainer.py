@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from mtl_dist.cli import bench_rates, bench_schedule
+from mtl_dist.cli import bench_rates, bench_schedule, main
 from mtl_dist.config import load_config
+from mtl_dist.errors import CheckpointError, ConfigError
 from mtl_dist.trainer import Trainer
 from tests._runs import (
     DEMO,
@@ -180,3 +181,52 @@ def test_async_log_writes_the_same_records_in_the_same_order(tmp_path):
         on_h, off_h = ([{k: v for k, v in r.items() if k not in RATE_KEYS} for r in h]
                        for h in states)
         assert on_h == off_h and on_h[-1]["step"] == step // 4 * 4
+
+
+def _tree(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_fresh_run_refuses_an_output_dir_holding_a_run_and_changes_nothing(tmp_path):
+    """Without train.resume, a second run into a used output dir would replace best/ with its
+    own first evaluation and leave its checkpoints beside the old run's: refused in one line
+    before any work, nothing touched; train.overwrite_output_dir=true starts over."""
+    Trainer(demo_cfg(tmp_path, "train.max_steps=16")).fit()
+    out = tmp_path / "out"
+    before = _tree(out)
+    with pytest.raises(CheckpointError, match=r"already holds a run \(checkpoint-8, "
+                       r"checkpoint-16, best/\): resume it with train.resume=auto"):
+        Trainer(demo_cfg(tmp_path, "train.max_steps=4", "train.lr=1e-3"))
+    assert _tree(out) == before
+    Trainer(demo_cfg(tmp_path, "train.max_steps=4", "train.eval_steps=4",
+                     "checkpoint.save_steps=4", "train.overwrite_output_dir=true")).fit()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4"]
+    assert json.loads((out / "best" / "best.json").read_text())["step"] == 4
+    assert [r["step"] for r in records(out, "train")] == [1, 2, 3, 4]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # nothing set aside left
+
+
+def test_output_dir_that_is_a_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "out").write_text("not a directory")
+    with pytest.raises(ConfigError, match="'train.output_dir': .* exists and is not a directory"):
+        Trainer(demo_cfg(tmp_path, "train.max_steps=4"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--processes", "0"], "demo: --processes must be >= 1, got 0"),
+    (["--stop-after", "0"], "demo: --stop-after must be >= 1, got 0"),
+    (["train.lr=abc"], "config key 'train.lr': expected float, got 'abc'"),
+])
+def test_demo_checks_its_arguments_before_launching(tmp_path, capsys, args, message):
+    assert main(["demo", "--output", str(tmp_path / "d"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_never_starts_over_a_run_it_did_not_write(tmp_path, capsys):
+    Trainer(demo_cfg(tmp_path, "train.max_steps=8")).fit()
+    before = _tree(tmp_path / "out")
+    assert main(["demo", "--output", str(tmp_path / "out")]) == 2
+    assert "holds a run the demo did not write (checkpoint-8, best/)" in capsys.readouterr().err
+    assert _tree(tmp_path / "out") == before
