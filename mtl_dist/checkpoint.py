@@ -84,6 +84,7 @@ class CheckpointInfo:
     size_bytes: int
     is_best: bool
     score: float | None
+    damage: str | None = None  # committed, but a file is missing or has another size
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -522,9 +523,16 @@ def read_manifest(path: Path | str) -> dict[str, Any]:
     """The manifest of a committed checkpoint; CheckpointError if uncommitted or tampered."""
     path = Path(path)
     marker = path / COMMITTED
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path}: no such directory")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path}: not a directory")
     if not marker.is_file():
+        if (path / BEST_DIR).is_dir() or (path / CHECKPOINTS_DIR).is_dir():
+            raise CheckpointError(
+                f"checkpoint {path}: is a run's output dir, not a checkpoint: give "
+                f"{path / BEST_DIR} or {path / CHECKPOINTS_DIR}/checkpoint-<step>"
+            )
         raise CheckpointError(
             f"checkpoint {path}: not committed (no {COMMITTED} marker); it is incomplete"
         )
@@ -546,6 +554,18 @@ def _verify_files(path: Path, manifest: Mapping[str, Any], names: Iterable[str])
     """Check size and sha256 of `names` against the manifest; the error names the file."""
     files = manifest["files"]
     names = list(names)
+    _check_sizes(path, manifest, names)
+    found = _digests(path, names, fsync=False)
+    for name in names:
+        if found[name]["sha256"] != files[name]["sha256"]:
+            raise CheckpointError(
+                f"checkpoint {path}: file '{name}' is corrupt (sha256 differs from {MANIFEST})"
+            )
+
+
+def _check_sizes(path: Path, manifest: Mapping[str, Any], names: Iterable[str]) -> None:
+    """Each of `names` listed, present and of its manifest size (cheap: no reading)."""
+    files = manifest["files"]
     for name in names:
         entry = files.get(name)
         full = path / name
@@ -559,12 +579,17 @@ def _verify_files(path: Path, manifest: Mapping[str, Any], names: Iterable[str])
                 f"checkpoint {path}: file '{name}' has {size} bytes, {MANIFEST} says "
                 f"{entry['size']} (truncated or changed)"
             )
-    found = _digests(path, names, fsync=False)
-    for name in names:
-        if found[name]["sha256"] != files[name]["sha256"]:
-            raise CheckpointError(
-                f"checkpoint {path}: file '{name}' is corrupt (sha256 differs from {MANIFEST})"
-            )
+
+
+def damage(path: Path) -> str | None:
+    """Why a committed checkpoint's files do not match its manifest (a file missing or of
+    another size), or None. `ckpt ls`/`inspect`: loading also checks every sha256."""
+    try:
+        manifest = read_manifest(path)
+        _check_sizes(path, manifest, manifest["files"])
+    except CheckpointError as exc:
+        return str(exc)
+    return None
 
 
 def _verify_collective(path: Path, manifest: Mapping[str, Any]) -> None:
@@ -1272,10 +1297,12 @@ class CheckpointManager:
         _install(tmp, self.best_dir, self.output_dir, "best", best=True)
 
     def best_score(self) -> float | None:
-        """Score recorded in OUTPUT/best/best.json, or None when there is no committed best."""
-        if not is_committed(self.best_dir):
+        """Score of the committed OUTPUT/best (from its manifest, which COMMITTED vouches for),
+        or None when there is none."""
+        try:
+            return read_manifest(self.best_dir).get("score")
+        except CheckpointError:
             return None
-        return json.loads((self.best_dir / BEST_JSON).read_text()).get("score")
 
     def improves(self, score: float) -> bool:
         """Whether `score` beats the committed best (mode from greater_is_better)."""
@@ -1338,8 +1365,9 @@ class CheckpointManager:
         before the fresh run's first save)."""
         entries = list(self.checkpoints_dir.iterdir()) if self.checkpoints_dir.is_dir() else []
         for path in entries:
-            if any(p.match(path.name) for p in _DELETABLE) and path.is_dir():
+            if _PERIODIC_RE.match(path.name) and path.is_dir():
                 _retire_and_delete(path, self.output_dir)
+        _clean_stale(self.checkpoints_dir, (_TMP_RE, _OLD_RE), self.output_dir)
         if self.best_dir.is_symlink():
             raise CheckpointError(f"refusing to delete {self.best_dir}: it is a symlink")
         if self.best_dir.is_dir():  # renamed to a deletable name first, as rotation does
@@ -1353,6 +1381,9 @@ class CheckpointManager:
         if str(resume) == "auto":
             return self.latest()
         path = Path(resume).expanduser().absolute()
+        if path.name == CHECKPOINTS_DIR and path.is_dir() and not (path / COMMITTED).exists() \
+                and any(_PERIODIC_RE.match(p.name) for p in path.iterdir()):
+            path = path.parent  # OUTPUT/checkpoints: its run's newest
         if (path / CHECKPOINTS_DIR).is_dir() and not (path / COMMITTED).exists():
             found = CheckpointManager(path, save_total_limit=None).latest()
             if found is None:
@@ -1360,7 +1391,10 @@ class CheckpointManager:
                     f"train.resume: no committed checkpoint under {path / CHECKPOINTS_DIR}"
                 )
             return found
-        read_manifest(path)
+        try:
+            read_manifest(path)
+        except CheckpointError as exc:
+            raise CheckpointError(f"train.resume: {exc}") from None
         return path
 
     # ------------------------------------------------------------------ loading
@@ -1594,7 +1628,7 @@ def _load_entry(path: Path, name: str, obj: Stateful) -> None:
     """Load one app_state object; model from safetensors, the rest with weights_only=True."""
     if name == "model":
         state = _load_safetensors(path / MODEL_FILE)
-        _load_model_state(obj, state, path / MODEL_FILE)
+        load_state_checked(obj, state, path / MODEL_FILE)
         return
     state = _torch_load(path / f"{name}.pt")
     try:
@@ -1605,7 +1639,7 @@ def _load_entry(path: Path, name: str, obj: Stateful) -> None:
         ) from exc
 
 
-def _load_model_state(model: Stateful, state: dict[str, torch.Tensor], file: Path) -> None:
+def load_state_checked(model: Stateful, state: dict[str, torch.Tensor], file: Path) -> None:
     """load_state_dict with a one-line error naming the first missing/unexpected/mis-shaped key."""
     if not isinstance(model, torch.nn.Module):
         model.load_state_dict(state)
@@ -1637,12 +1671,15 @@ def list_checkpoints(output_dir: str | Path) -> list[CheckpointInfo]:
     rows: list[CheckpointInfo] = []
     best = out / BEST_DIR
     if best.is_dir():
-        committed = is_committed(best)
-        info = json.loads((best / BEST_JSON).read_text()) if committed else {}
+        try:  # the manifest (vouched for by COMMITTED) has step and score; best.json may not be
+            info, committed = read_manifest(best), True
+        except CheckpointError:
+            info, committed = {}, False
         best_step = info.get("step")
         rows.append(
             CheckpointInfo(
-                best, "best", best_step, committed, _dir_size(best), True, info.get("score")
+                best, "best", best_step, committed, _dir_size(best), True, info.get("score"),
+                damage(best) if committed else None,
             )
         )
     ckdir = out / CHECKPOINTS_DIR
@@ -1662,6 +1699,7 @@ def list_checkpoints(output_dir: str | Path) -> list[CheckpointInfo]:
                     _dir_size(p),
                     complete and step == best_step,
                     _score_of(p) if complete else None,
+                    damage(p) if complete else None,
                 )
             )
         elif _TMP_RE.match(p.name) and p.is_dir():
@@ -1684,7 +1722,8 @@ def inspect(path: str | Path) -> dict[str, Any]:
     """Manifest, per-rank RNG fingerprints and the sampler cursor of one checkpoint (for `ckpt inspect`)."""
     path = Path(path)
     manifest = read_manifest(path)
-    result: dict[str, Any] = {"path": str(path), "committed": True, "manifest": manifest}
+    result: dict[str, Any] = {"path": str(path), "committed": True, "damage": damage(path),
+                              "manifest": manifest}
     rng = {}
     for name in sorted(manifest["files"]):
         m = _RNG_RE.match(name)
@@ -1704,6 +1743,23 @@ def inspect(path: str | Path) -> dict[str, Any]:
     if (path / BEST_JSON).is_file():
         result["best"] = json.loads((path / BEST_JSON).read_text())
     return result
+
+
+def check_label_maps_of(path: str | Path, label_maps: Mapping[str, list[str]]) -> None:
+    """One-line error when a checkpoint (or best/) was trained with other tasks or labels
+    than `label_maps`: weights of another label order load fine and predict wrong classes."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    saved = manifest.get("run", {}).get("labels")
+    if saved is None and "labels.json" in manifest["files"]:
+        _check_sizes(path, manifest, ["labels.json"])
+        saved = json.loads((path / "labels.json").read_text())
+    diff = None if saved is None else _first_difference(saved, dict(label_maps), "labels")
+    if diff:
+        key, theirs, ours = diff
+        raise CheckpointError(
+            f"checkpoint {path}: '{key}' is {_short(theirs)} there and {_short(ours)} in this "
+            "run: use the config (and output dir) it was trained with")
 
 
 def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:

@@ -34,10 +34,10 @@ def cmd_train(args) -> int:
         trainer.close()
 
 
-def _trainer_for_inference(args):
+def _trainer_for_inference(args, cfg=None):
     from mtl_dist.trainer import Trainer
 
-    cfg = _load(args.config, args.overrides)
+    cfg = cfg or _load(args.config, args.overrides)
     trainer = Trainer(cfg, for_training=False)
     trainer.load_weights(args.checkpoint)
     return trainer
@@ -49,6 +49,7 @@ def cmd_evaluate(args) -> int:
 
     tasks = trainer.dev_data if args.split == "dev" else mdata.load_task_data(
         trainer.cfg, trainer.tokenizer, args.split, trainer.label_maps)
+    _check_labelled(tasks, args.split)
     result = trainer.evaluate(tasks)
     if trainer.accelerator.is_main_process:
         print(json.dumps({"score": result["score"], "loss": result["loss"],
@@ -57,14 +58,39 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _check_labelled(tasks, split: str) -> None:
+    """evaluate scores labelled rows only: a split without labels (or with some rows
+    unlabelled) would score NaN or count the unlabelled rows as errors."""
+    for task in tasks:
+        missing = int((task.labels < 0).sum())
+        if 0 < missing < len(task.labels):
+            raise MtlDistError(f"evaluate --split {split}: {missing} of {len(task.labels)} "
+                               f"rows of task '{task.name}' have no label")
+    if not any(len(t.labels) and (t.labels >= 0).all() for t in tasks):
+        raise MtlDistError(f"evaluate --split {split}: no task has a labelled {split} file "
+                           f"(without labels, use `mtl-dist predict --split {split}`)")
+
+
 def cmd_predict(args) -> int:
+    from mtl_dist.data import split_files
     from mtl_dist.outputs import write_predictions
 
-    trainer = _trainer_for_inference(args)
+    cfg = _load(args.config, args.overrides)
+    if not any(split_files(task, args.split) for task in cfg.tasks):
+        raise MtlDistError(f"predict --split {args.split}: no task has a {args.split} file "
+                           f"(tasks.<i>.{args.split})")
+    out_dir = Path(args.output or Path(cfg.train.output_dir) / "predictions")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MtlDistError(f"predict --output {out_dir}: exists and is not a directory")
+    trainer = _trainer_for_inference(args, cfg)
     records = trainer.predict(args.split)
     if trainer.accelerator.is_main_process:
-        out_dir = Path(args.output or Path(trainer.cfg.train.output_dir) / "predictions")
-        for path, count in write_predictions(out_dir, records):
+        for task in cfg.tasks:
+            if not split_files(task, args.split):  # an empty file would replace earlier ones
+                print(f"{task.name}: no {args.split} file configured; skipped")
+                del records[task.name]
+        suffix = "" if args.split == "test" else f".{args.split}"
+        for path, count in write_predictions(out_dir, records, suffix):
             print(f"wrote {count} predictions to {path}")
     return 0
 
@@ -104,7 +130,12 @@ def cmd_ckpt(args) -> int:
     from mtl_dist import checkpoint as ck
 
     if args.ckpt_cmd == "ls":
-        rows = ck.list_checkpoints(args.output_dir)
+        out = Path(args.output_dir)
+        if not out.is_dir():
+            raise MtlDistError(f"ckpt ls: {out} is not a directory (give a run's output dir)")
+        if out.name == ck.CHECKPOINTS_DIR and not (out / ck.CHECKPOINTS_DIR).is_dir():
+            out = out.parent  # OUTPUT/checkpoints: list its run
+        rows = ck.list_checkpoints(out)
         if not rows:
             print(f"no checkpoints under {args.output_dir}")
         for row in rows:
@@ -124,11 +155,14 @@ def _format_ckpt_row(row) -> str:
     info = row if isinstance(row, dict) else row.as_dict()
     size_mb = (info.get("size_bytes") or 0) / 2**20
     score = info.get("score")
+    status = "DAMAGED" if info.get("damage") else \
+        "complete" if info.get("complete") else "INCOMPLETE"
     text = (f"{str(info.get('path')):60s} step={info.get('step')!s:>7} "
-            f"{'complete' if info.get('complete') else 'INCOMPLETE':10s} {size_mb:9.1f} MiB")
+            f"{status:10s} {size_mb:9.1f} MiB")
     if score is not None:
         text += f"  score={score:.4f}"
-    return text + ("  [best]" if info.get("is_best") else "")
+    text += "  [best]" if info.get("is_best") else ""
+    return text + (f"  ({info['damage']})" if info.get("damage") else "")
 
 
 def _launch_train(config: Path, overrides: list[str], processes: int) -> None:
@@ -294,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", required=True, help="best/ or checkpoints/checkpoint-N")
         p.add_argument("--split", default=default_split, choices=["train", "dev", "test"])
         if name == "predict":
-            p.add_argument("--output", help="directory for <task>.jsonl (default OUTPUT/predictions)")
+            p.add_argument("--output", help="directory for <task>.jsonl (test) or "
+                           "<task>.<split>.jsonl (default OUTPUT/predictions)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("pseudo-label",

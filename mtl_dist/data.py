@@ -655,7 +655,9 @@ def tokenize_task(examples: Sequence[Example], tokenizer: PreTrainedTokenizerFas
 # ----------------------------------------------------------------------------- config level
 
 
-def _split_files(task: Any, split: str) -> list[str]:
+def split_files(task: Any, split: str) -> list[str]:
+    """The files of `split` ('train' | 'dev' | 'test') of a task config: train also lists
+    its extra_train files; none when the split is not configured."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if split == "train":
@@ -683,7 +685,7 @@ def build_label_maps(cfg: RunConfig) -> dict[str, list[str]]:
             out[task.name] = [str(x) for x in given]
             continue
         examples: list[Example] = []
-        for path in _split_files(task, "train"):
+        for path in split_files(task, "train"):
             ex, _, _ = _read_source(path, task, require_label=True, on_bad_row=on_bad_row, labels=None)
             examples.extend(ex)
         labels = infer_labels(examples)
@@ -720,7 +722,7 @@ def load_task_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerFast, split: st
     cache_dir = Path(cache).expanduser() if cache else default_cache_dir()
     out: list[TokenizedTask] = []
     for task in cfg.tasks:
-        files = _split_files(task, split)
+        files = split_files(task, split)
         if not files:
             out.append(empty_task(task.name))
             continue

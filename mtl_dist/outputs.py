@@ -15,12 +15,14 @@ from mtl_dist.errors import DataError
 EXTENSIONS = {"tsv": "tsv", "csv": "csv", "jsonl": "jsonl"}
 
 
-def write_predictions(out_dir: str | Path, records: Mapping[str, list[dict]]) -> Iterator[tuple[Path, int]]:
-    """`<out_dir>/<task>.jsonl`, one {"id", "label", "probs"} line per row; atomic per file."""
+def write_predictions(out_dir: str | Path, records: Mapping[str, list[dict]],
+                      suffix: str = "") -> Iterator[tuple[Path, int]]:
+    """`<out_dir>/<task><suffix>.jsonl`, one {"id", "label", "probs"} line per row; atomic
+    per file."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for task, rows in records.items():
-        path = out_dir / f"{task}.jsonl"
+        path = out_dir / f"{task}{suffix}.jsonl"
         tmp = path.with_suffix(".jsonl.tmp")
         with tmp.open("w") as f:
             for row in rows:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from mtl_dist import data as mdata
 from mtl_dist import zero
-from mtl_dist.checkpoint import CheckpointManager
+from mtl_dist.checkpoint import CheckpointManager, check_label_maps_of, load_state_checked
 from mtl_dist.collectives import release_host_group
 from mtl_dist.config import RunConfig, config_hash, config_to_yaml
 from mtl_dist.ema import EMA
@@ -294,13 +294,15 @@ class Trainer:
 
     # ----------------------------------------------------------------- set-up
     def _check_output_dir(self) -> None:
-        """A fresh run (no `train.resume`) refuses an output dir that holds a saved run: it
+        """A `train.resume` path must be a committed checkpoint. A fresh run (no `train.resume`) refuses an output dir that holds a saved run: it
         would replace best/ with its own first evaluation, cut the metrics log, and leave
         its checkpoints beside the old run's (resume=auto would then pick the old newest)."""
         out, train = self.output_dir, self.cfg.train
         if out.exists() and not out.is_dir():
             raise ConfigError(f"config key 'train.output_dir': {out} exists and is not a "
                               "directory")
+        if train.resume and train.resume != "auto":
+            self.ckpt.resolve(train.resume)  # a wrong path fails here, not after the set-up
         saved = [] if train.resume or train.overwrite_output_dir else self.ckpt.saved_run()
         if saved:
             shown = ", ".join(saved if len(saved) <= 3 else ["...", *saved[-3:]])
@@ -540,6 +542,8 @@ class Trainer:
         self.ckpt.write_run_file("labels.json", json.dumps(self.label_maps, indent=1))
         if not resumed:
             self.batch_sampler.set_epoch(0)
+        # Read once, before any rank can evaluate (a collective): every rank decides alike.
+        self.saved_best = self.ckpt.best_score()
         self.start_step = self.state.global_step
         self.preemption = PreemptionFlag(cfg.train.preemption_signals)
         self._precapture_graphs()  # after the handlers: a stop signal now is a clean stop
@@ -750,7 +754,7 @@ class Trainer:
             self.state.score = result["score"]
             improved = self.early.update(result["score"] if cfg.train.metric_for_best != "loss"
                                          else result["loss"], step)
-            if improved and cfg.checkpoint.save_best:
+            if improved and cfg.checkpoint.save_best and self._beats_saved_best(step):
                 self._save_best(result)
             stop = stop or self.early.should_stop
             if self.early.should_stop:
@@ -849,6 +853,20 @@ class Trainer:
             state.update({name: t.detach().cpu() for name, t in exact})
         return state
 
+    def _beats_saved_best(self, step: int) -> bool:
+        """This run's new best must also beat best/ on disk, which may hold a better model
+        than the checkpoint this run resumed from knows of (a save killed after best/ was
+        written, then a resume from the checkpoint before)."""
+        score, saved = self.early.best_score, self.saved_best
+        if saved is None or score is None or \
+                (score > saved if self.ckpt.greater_is_better else score < saved):
+            self.saved_best = score
+            return True
+        if self.accelerator.is_main_process:
+            print(f"[mtl_dist] eval at step {step}: {score:.6g} is this run's best but not "
+                  f"best/'s ({saved:.6g}); best/ kept")
+        return False
+
     def _save_best(self, result: dict) -> None:
         model = self.module
         ctx = self.ema.applied(model) if self.ema is not None else nullcontext()
@@ -945,9 +963,12 @@ class Trainer:
         return records
 
     def load_weights(self, path: str | Path) -> None:
-        """Model weights (and nothing else) from best/ or a checkpoint directory."""
+        """Model weights (and nothing else) from best/ or a checkpoint directory; refused in
+        one line when its tasks, labels or shapes are not this run's (a label order that
+        differs would load fine and predict the wrong classes)."""
+        check_label_maps_of(path, self.label_maps)
         state = self.ckpt.load_model_state(path)
-        self.module.load_state_dict(state)
+        load_state_checked(self.module, state, Path(path))
         if self.masters is not None:
             self.masters.load_state_dict(state)
 

@@ -633,3 +633,53 @@ def test_kill_9_at_random_moments_never_leaves_a_half_checkpoint(tmp_path: Path)
         _check_output(tmp_path, committed_max, max(saving.value, committed_max), best_max)
     assert committed_max > 24  # the saves did make progress between kills
     assert interrupted >= 5  # and many kills landed inside a save
+
+
+def test_ckpt_ls_names_a_damaged_file_and_reads_best_from_its_manifest(tmp_path: Path) -> None:
+    """A committed checkpoint whose file was truncated is listed DAMAGED (its manifest hash
+    alone still matches); best/ without best.json still lists its step and score."""
+    objs = make_objects()
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    path = save(mgr, 3, objs)
+    mgr.save_best(3, 0.5, objs["model"].state_dict(), extra_files={}, metadata={})
+    rows = {r.kind: r for r in ck.list_checkpoints(tmp_path)}
+    assert rows["periodic"].damage is None and rows["best"].damage is None
+    model = path / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:1000])
+    (tmp_path / "best" / "best.json").unlink()
+    rows = {r.kind: r for r in ck.list_checkpoints(tmp_path)}
+    assert "file 'model.safetensors' has 1000 bytes" in rows["periodic"].damage
+    assert "file 'best.json' is missing" in rows["best"].damage
+    assert (rows["best"].step, rows["best"].score) == (3, 0.5)
+    assert mgr.best_score() == 0.5
+    assert ck.inspect(path)["damage"] == rows["periodic"].damage
+
+
+def test_a_run_dir_given_as_a_checkpoint_names_what_to_give(tmp_path: Path) -> None:
+    objs = make_objects()
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    save(mgr, 2, objs)
+    latest = save(mgr, 4, objs)
+    with pytest.raises(CheckpointError, match="is a run's output dir, not a checkpoint: give "):
+        ck.read_manifest(tmp_path)
+    with pytest.raises(CheckpointError, match="no such directory"):
+        ck.read_manifest(tmp_path / "nope")
+    # train.resume=OUTPUT/checkpoints means that run's newest, as OUTPUT does
+    assert mgr.resolve(tmp_path / "checkpoints") == mgr.resolve(tmp_path) == latest
+    with pytest.raises(CheckpointError, match="^train.resume: checkpoint .*nope: no such"):
+        mgr.resolve(tmp_path / "nope")
+
+
+def test_saved_run_and_clear_run(tmp_path: Path) -> None:
+    objs = make_objects()
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    assert mgr.saved_run() == []
+    for step in (2, 10):
+        save(mgr, step, objs)
+    mgr.save_best(10, 0.5, objs["model"].state_dict(), extra_files={}, metadata={})
+    (tmp_path / "checkpoints" / ".tmp-checkpoint-12-0123abcd").mkdir()  # a crashed save
+    (tmp_path / "notes.txt").write_text("mine")
+    assert mgr.saved_run() == ["checkpoint-2", "checkpoint-10", "best/"]
+    mgr.clear_run()
+    assert mgr.saved_run() == [] and mgr.best_score() is None
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "notes.txt"]

@@ -230,3 +230,21 @@ def test_demo_never_starts_over_a_run_it_did_not_write(tmp_path, capsys):
     assert main(["demo", "--output", str(tmp_path / "out")]) == 2
     assert "holds a run the demo did not write (checkpoint-8, best/)" in capsys.readouterr().err
     assert _tree(tmp_path / "out") == before
+
+
+def test_a_resumed_run_keeps_a_better_best_than_its_checkpoint_knows_of(tmp_path, capsys):
+    """best/ can hold a better model than the checkpoint a run resumes from knows of (a kill
+    after best/ was written, during the next periodic save): the resumed run's improvements
+    replace best/ only when they also beat best/'s own score."""
+    from mtl_dist.checkpoint import CheckpointManager, load_model_state
+
+    Trainer(demo_cfg(tmp_path, "train.max_steps=8")).fit()
+    out = tmp_path / "out"
+    mgr = CheckpointManager(out, save_total_limit=None)
+    mgr.save_best(12, 0.99, load_model_state(out / "best"), extra_files={}, metadata={})
+    capsys.readouterr()
+    Trainer(demo_cfg(tmp_path, "train.max_steps=16", "train.resume=auto")).fit()
+    evals = records(out, "eval")
+    assert [r["step"] for r in evals] == [8, 16] and evals[1]["eval/score"] > evals[0]["eval/score"]
+    assert json.loads((out / "best" / "best.json").read_text())["score"] == 0.99
+    assert "is this run's best but not best/'s (0.99); best/ kept" in capsys.readouterr().out

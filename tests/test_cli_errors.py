@@ -1,0 +1,105 @@
+"""The CLI against user mistakes: a checkpoint of another run, a split without a file or
+without labels, an output path that is a file, a wrong `ckpt ls` path. Each is one line
+(exit 2) and leaves earlier outputs as they were."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mtl_dist.cli import main
+from mtl_dist.config import load_config
+from mtl_dist.trainer import Trainer
+from tests._runs import DEMO, FAST
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One 8-step demo run (checkpoint-8 and best/) and the overrides that name it."""
+    root = tmp_path_factory.mktemp("cli")
+    overrides = [f"train.output_dir={root / 'out'}", f"data.cache_dir={root / 'cache'}", *FAST,
+                 "train.max_steps=8"]
+    Trainer(load_config(DEMO, overrides)).fit()
+    return root, overrides
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_checkpoint_trained_with_other_labels_is_refused(run, capsys, tmp_path):
+    root, overrides = run
+    labels = json.loads((root / "out" / "labels.json").read_text())["nli"]
+    reordered = f"tasks.0.labels=[{','.join(reversed(labels))}]"
+    for checkpoint in (root / "out" / "best", root / "out" / "checkpoints" / "checkpoint-8"):
+        code, _, err = cli(capsys, "evaluate", DEMO, *overrides, f"train.output_dir={tmp_path}",
+                           reordered, "--checkpoint", checkpoint)
+        assert code == 2
+        assert f"'labels.nli[0]' is \"{labels[0]}\" there and \"{labels[-1]}\" in this run" in err
+
+
+def test_a_checkpoint_of_another_shape_is_one_line(run, capsys, tmp_path):
+    root, overrides = run
+    code, _, err = cli(capsys, "evaluate", DEMO, *overrides, f"train.output_dir={tmp_path}",
+                       "model.arch.num_hidden_layers=3", "--checkpoint", root / "out" / "best")
+    assert code == 2
+    assert "does not fit the model: missing key 'encoder.encoder.layer.2." in err
+
+
+def test_predict_keeps_each_splits_file_and_skips_tasks_without_one(run, capsys):
+    root, overrides = run
+    preds = root / "out" / "predictions"
+    assert cli(capsys, "predict", DEMO, *overrides, "--checkpoint", root / "out" / "best")[0] == 0
+    test_files = {p.name: p.read_bytes() for p in preds.iterdir()}
+    assert sorted(test_files) == ["emotion.jsonl", "news.jsonl", "nli.jsonl"]
+    code, out, _ = cli(capsys, "predict", DEMO, *overrides, "tasks.1.dev=null",
+                       "--checkpoint", root / "out" / "best", "--split", "dev")
+    assert code == 0 and "emotion: no dev file configured; skipped" in out
+    assert sorted(p.name for p in preds.iterdir()) == \
+        ["emotion.jsonl", "news.dev.jsonl", "news.jsonl", "nli.dev.jsonl", "nli.jsonl"]
+    assert len((preds / "nli.dev.jsonl").read_text().splitlines()) == 200
+    code, _, err = cli(capsys, "predict", DEMO, *overrides, *(f"tasks.{i}.test=null" for i in
+                                                             range(3)),
+                       "--checkpoint", root / "out" / "best")
+    assert code == 2 and "predict --split test: no task has a test file" in err
+    assert {p.name: p.read_bytes() for p in preds.iterdir() if ".dev." not in p.name} == \
+        test_files
+
+
+def test_predict_to_a_file_is_one_line(run, capsys, tmp_path):
+    root, overrides = run
+    (tmp_path / "file").write_text("mine")
+    code, _, err = cli(capsys, "predict", DEMO, *overrides, "--checkpoint", root / "out" / "best",
+                       "--output", tmp_path / "file")
+    assert code == 2 and "exists and is not a directory" in err
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_evaluate_refuses_a_split_without_labels(run, capsys, tmp_path):
+    root, overrides = run
+    unlabelled = tmp_path / "emotion_test.jsonl"
+    unlabelled.write_text("".join(json.dumps({"id": f"u{i}", "text": f"some text {i}"}) + "\n"
+                                  for i in range(5)))
+    no_tests = [f"tasks.{i}.test=null" for i in (0, 2)]
+    code, _, err = cli(capsys, "evaluate", DEMO, *overrides, *no_tests,
+                       f"tasks.1.test={unlabelled}", "--checkpoint", root / "out" / "best",
+                       "--split", "test")
+    assert code == 2 and "evaluate --split test: no task has a labelled test file" in err
+    half = tmp_path / "half.jsonl"
+    half.write_text(unlabelled.read_text() + json.dumps(
+        {"id": "l", "text": "labelled", "label": json.loads(
+            (root / "out" / "labels.json").read_text())["emotion"][0]}) + "\n")
+    code, _, err = cli(capsys, "evaluate", DEMO, *overrides, *no_tests, f"tasks.1.test={half}",
+                       "--checkpoint", root / "out" / "best", "--split", "test")
+    assert code == 2 and "5 of 6 rows of task 'emotion' have no label" in err
+
+
+def test_ckpt_ls_of_a_wrong_path_fails_and_of_checkpoints_lists_its_run(run, capsys, tmp_path):
+    root, _ = run
+    code, _, err = cli(capsys, "ckpt", "ls", tmp_path / "typo")
+    assert code == 2 and "is not a directory" in err
+    code, out, _ = cli(capsys, "ckpt", "ls", root / "out" / "checkpoints")
+    assert code == 0 and "checkpoint-8" in out and "[best]" in out
