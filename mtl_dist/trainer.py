@@ -91,15 +91,18 @@ class TrainState:
     tracker_run_id: str | None = None
     score: float | None = None  # the latest evaluation's run score (shown by `ckpt ls`)
     log_history: list = field(default_factory=list)
+    # A preemption at an evaluation step checkpoints first: the resumed run evaluates then.
+    pending_eval: bool = False
 
     def state_dict(self) -> dict:
         return {"global_step": self.global_step, "epoch": self.epoch,
                 "samples_seen": self.samples_seen, "tracker_run_id": self.tracker_run_id,
-                "score": self.score, "log_history": self.log_history[-50:]}
+                "score": self.score, "log_history": self.log_history[-50:],
+                "pending_eval": self.pending_eval}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("global_step", "epoch", "samples_seen", "tracker_run_id", "score",
-                    "log_history"):
+                    "log_history", "pending_eval"):
             setattr(self, key, state.get(key, getattr(self, key)))
 
 
@@ -550,9 +553,14 @@ class Trainer:
         self.tracking.truncate_after(self.state.global_step)
         self.state.tracker_run_id = self.tracking.start(self.state.tracker_run_id,
                                                         resume_step=self.state.global_step)
+        stop = self.state.global_step >= self.total_steps
+        if self.state.pending_eval:  # the evaluation a preemption put off, at its own step
+            self.state.pending_eval = False
+            # An early stop here ends the run; its checkpoint (this step's) keeps the
+            # evaluation pending, so a later resume decides the same way.
+            stop = self._evaluate_for_best(self.state.global_step) or stop
         bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc="train",
                    disable=not acc.is_main_process, dynamic_ncols=True)
-        stop = self.state.global_step >= self.total_steps
         while not stop:
             stop = self._train_epoch(bar)
             if not cfg.train.max_steps and self.state.epoch >= cfg.train.num_epochs:
@@ -749,24 +757,35 @@ class Trainer:
         if epoch_done or stop or want_eval or periodic_save:
             self._emit_train_log()  # records in step order; a checkpoint's log_history complete
         # A preempted job has seconds left: checkpoint first, evaluate after the resume.
-        if want_eval and self.stop_reason != "preempted" and self.dev_data and any(len(t.labels) for t in self.dev_data):
-            result = self.evaluate()
-            self.state.score = result["score"]
-            improved = self.early.update(result["score"] if cfg.train.metric_for_best != "loss"
-                                         else result["loss"], step)
-            if improved and cfg.checkpoint.save_best and self._beats_saved_best(step):
-                self._save_best(result)
-            stop = stop or self.early.should_stop
-            if self.early.should_stop:
-                self.stop_reason = "early_stopping"
-            if self.early.should_stop and self.accelerator.is_main_process:
-                print(f"early stopping at step {step}: no improvement in "
-                      f"{self.early.bad_evals} evaluations (best {self.early.best_score} "
-                      f"at step {self.early.best_step})")
+        want_eval = want_eval and self._has_dev_labels()
+        self.state.pending_eval = bool(want_eval and self.stop_reason == "preempted")
+        if want_eval and not self.state.pending_eval:
+            stop = self._evaluate_for_best(step) or stop
         want_save = periodic_save or (epoch_done and cfg.checkpoint.save_at_epoch_end) or stop
         if want_save:
             self.save_checkpoint()
         return stop
+
+    def _has_dev_labels(self) -> bool:
+        return bool(self.dev_data) and any(len(t.labels) for t in self.dev_data)
+
+    def _evaluate_for_best(self, step: int) -> bool:
+        """Evaluate, update early stopping and best/; True when early stopping says stop."""
+        cfg = self.cfg
+        result = self.evaluate()
+        self.state.score = result["score"]
+        improved = self.early.update(result["score"] if cfg.train.metric_for_best != "loss"
+                                     else result["loss"], step)
+        if improved and cfg.checkpoint.save_best and self._beats_saved_best(step):
+            self._save_best(result)
+        if not self.early.should_stop:
+            return False
+        self.stop_reason = "early_stopping"
+        if self.accelerator.is_main_process:
+            print(f"early stopping at step {step}: no improvement in "
+                  f"{self.early.bad_evals} evaluations (best {self.early.best_score} "
+                  f"at step {self.early.best_step})")
+        return True
 
     def _interrupted(self, step: int) -> bool:
         """A stop signal on any rank (agreed by all-reduce), or this invocation's step budget."""

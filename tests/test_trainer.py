@@ -248,3 +248,38 @@ def test_a_resumed_run_keeps_a_better_best_than_its_checkpoint_knows_of(tmp_path
     assert [r["step"] for r in evals] == [8, 16] and evals[1]["eval/score"] > evals[0]["eval/score"]
     assert json.loads((out / "best" / "best.json").read_text())["score"] == 0.99
     assert "is this run's best but not best/'s (0.99); best/ kept" in capsys.readouterr().out
+
+
+def test_a_preemption_at_an_evaluation_step_evaluates_after_the_resume(tmp_path):
+    """A stop signal at an evaluation step checkpoints first; the resumed run evaluates at
+    that step before training on: the same evaluations, best/ and losses as a straight run."""
+    import os
+    import signal
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ["train.max_steps=16", "train.requeue_on_preempt=false"]
+    Trainer(demo_cfg(tmp_path, *common, f"train.output_dir={straight}")).fit()
+    trainer = Trainer(demo_cfg(tmp_path, *common, f"train.output_dir={split}"))
+    optimizer_step = trainer._optimizer_step
+
+    def step_then_signal():  # a real SIGUSR1, arriving during step 8 (an evaluation step)
+        optimizer_step()
+        if trainer.state.global_step == 7:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    trainer._optimizer_step = step_then_signal
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    assert (summary["stop_reason"], summary["global_step"]) == ("preempted", 8)
+    assert records(split, "eval") == [] and not (split / "best").exists()
+    Trainer(demo_cfg(tmp_path, *common, f"train.output_dir={split}", "train.resume=auto")).fit()
+
+    def evals(out):
+        return [{k: v for k, v in r.items() if k not in ("time", "output_dir")}
+                for r in records(out, "eval")]
+
+    assert [r["step"] for r in evals(split)] == [8, 16] and evals(split) == evals(straight)
+    assert train_losses(split) == train_losses(straight)
+    assert (split / "best" / "best.json").read_text() == (straight / "best" / "best.json").read_text()
