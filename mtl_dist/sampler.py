@@ -470,6 +470,7 @@ class RankBatchSampler(Sampler[list[int]]):
         self._epoch = 0
         self._position = 0
         self._resumed = False
+        self.replanned_from: int | None = None  # the saved global batch, after a replan
 
     @property
     def epoch(self) -> int:
@@ -581,6 +582,7 @@ class RankBatchSampler(Sampler[list[int]]):
             next_epoch,
         )
         self._epoch, self._position, self._resumed = next_epoch, 0, True
+        self.replanned_from = saved_g
 
 
 def _describe_diffs(saved: Any, ours: Mapping[str, Any], saved_g: int) -> str:

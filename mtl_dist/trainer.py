@@ -336,8 +336,9 @@ class Trainer:
             lengths=[t.lengths for t in self.train_data],
             group_by_length=cfg.sampler.group_by_length,
             mega_batch_mult=cfg.sampler.mega_batch_mult)
-        self.batch_sampler = RankBatchSampler(self.plan, self.dataset.offsets, self.rank,
-                                              self.world_size)
+        self.batch_sampler = RankBatchSampler(
+            self.plan, self.dataset.offsets, self.rank, self.world_size,
+            on_global_batch_change=cfg.sampler.on_global_batch_change)
         # The loader is NOT passed to accelerator.prepare: the sampler already shards by rank.
         self.loader = DataLoader(self.dataset, batch_sampler=self.batch_sampler,
                                  collate_fn=self._train_collate(),
@@ -611,15 +612,44 @@ class Trainer:
         must_match = ("world_size", "zero_stage", "global_batch_size", "gradient_accumulation_steps",
                       "bf16_weights", "tasks", "labels", "data_fingerprints", "model_shape",
                       "versions")
+        if self.cfg.sampler.on_global_batch_change == "replan":  # the sampler checks it
+            must_match = tuple(k for k in must_match if k != "global_batch_size")
         manifest = self.manifest()
         trainer_state = self.ckpt.load(path, self.app_state(), engine=self.engine,
                                        expected_manifest={k: manifest[k] for k in must_match})
         self.state.load_state_dict(trainer_state)
+        if self.batch_sampler.replanned_from is not None:
+            self._follow_replanned_sampler()
         self.ckpt.restore_rng(path)  # last: after the sampler jumped to its cursor
         if self.accelerator.is_main_process:
             print(f"resumed from {path} at step {self.state.global_step} "
                   f"(epoch {self.state.epoch}, step in epoch {self.batch_sampler.position})")
         return True
+
+    def _follow_replanned_sampler(self) -> None:
+        """`sampler.on_global_batch_change=replan`: the sampler skipped to the start of the
+        next epoch under the new global batch. The loop's epoch follows it; an epoch-counted
+        run is re-counted (steps done + the rest of its epochs at the new batch), and its
+        linear LR schedule re-aimed to reach zero at the new end."""
+        self.state.epoch = self.batch_sampler.epoch
+        if self.cfg.train.max_steps:
+            return
+        self.total_steps = self.state.global_step + sum(
+            self._optimizer_steps_in_epoch(e)
+            for e in range(self.state.epoch, self.cfg.train.num_epochs))
+        sched = self.scheduler
+        sched.lr_lambdas = [partial(lam.func, **{**lam.keywords,
+                                                 "num_training_steps": self.total_steps})
+                            for lam in sched.lr_lambdas]
+        lrs = [base * lam(sched.last_epoch) for base, lam in zip(sched.base_lrs,
+                                                                 sched.lr_lambdas, strict=True)]
+        for group, lr in zip(sched.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        sched._last_lr = lrs
+        if self.accelerator.is_main_process:
+            print(f"[mtl_dist] global batch {self.batch_sampler.replanned_from} -> "
+                  f"{self.global_batch}: continuing at epoch {self.state.epoch} step 0; the "
+                  f"run now ends at step {self.total_steps}")
 
     def _train_epoch(self, bar) -> bool:
         """One pass over the rest of this epoch's plan; True when training must stop."""

@@ -283,3 +283,32 @@ def test_a_preemption_at_an_evaluation_step_evaluates_after_the_resume(tmp_path)
     assert [r["step"] for r in evals(split)] == [8, 16] and evals(split) == evals(straight)
     assert train_losses(split) == train_losses(straight)
     assert (split / "best" / "best.json").read_text() == (straight / "best" / "best.json").read_text()
+
+
+def test_replan_resumes_with_a_new_global_batch_from_the_next_epoch(tmp_path, capsys):
+    """sampler.on_global_batch_change=replan: a resume at another global batch skips the
+    rest of the saved epoch and trains the remaining epochs at the new batch; the run's
+    length and its LR schedule (linear to zero) are re-counted."""
+    caps = [f"tasks.{i}.max_samples=64" for i in range(3)]  # 192 samples per epoch
+    common = [*caps, "train.max_steps=null", "train.num_epochs=2", "train.warmup_steps=0",
+              "train.eval_steps=null", "train.eval_at_epoch_end=false",
+              "checkpoint.save_at_epoch_end=false"]
+    Trainer(demo_cfg(tmp_path, *common, "train.per_device_batch_size=16",
+                     "train.stop_after_steps=5")).fit()
+    with pytest.raises(CheckpointError, match="'global_batch_size' differs: checkpoint has 16, "
+                       "this run has 8"):
+        Trainer(demo_cfg(tmp_path, *common, "train.per_device_batch_size=8",
+                         "train.resume=auto")).fit()
+    capsys.readouterr()
+    summary = Trainer(demo_cfg(tmp_path, *common, "train.per_device_batch_size=8",
+                               "sampler.on_global_batch_change=replan", "train.resume=auto")).fit()
+    assert "global batch 16 -> 8: continuing at epoch 1 step 0; the run now ends at step 29" \
+        in capsys.readouterr().out
+    assert summary["global_step"] == 29  # 5 steps of epoch 0 at 16, then 192 / 8 = 24
+    train = records(tmp_path / "out", "train")
+    assert [r["step"] for r in train] == list(range(1, 30))
+    assert [r["epoch"] for r in train][5:] == [1] * 24
+    lrs = [r["lr"] for r in train]
+    # linear to zero at step 29 (logged after each step: step s has lr * (29 - s) / 29)
+    assert all(a > b for a, b in zip(lrs[5:-1], lrs[6:], strict=True)) and lrs[-1] == 0
+    assert lrs[-2] == pytest.approx(lrs[5] / 23, rel=1e-6)
