@@ -60,7 +60,13 @@ _RNG_RE = re.compile(r"^rng_state_(\d+)\.pth$")
 _DELETABLE = (_PERIODIC_RE, _TMP_RE, _OLD_RE, _TMP_BEST_RE, _OLD_BEST_RE)
 _WARN_ONLY_KEYS = {"versions"}
 # Manifest keys added after checkpoints were first written: what their absence means.
-_ABSENT_MEANS = {"bf16_weights": False}
+_NOT_CHECKED = object()  # an absent key that older checkpoints are not held to
+_ABSENT_MEANS = {"bf16_weights": False, "optimizer_settings": _NOT_CHECKED}
+# Why a difference in these keys cannot be taken: said after the one-line error.
+_WHY_REFUSED = {
+    "optimizer_settings": "the restored AdamW state and LR schedule keep the checkpoint's "
+    "values, so the new ones would be ignored: resume with them, or start a new run",
+}
 _PER_RANK_KEYS = {"distributed_type", "per_device_batch_size"}
 _RESERVED = {"rng_state", "trainer_state", "manifest", "COMMITTED", "best", DS_TAG}
 
@@ -668,6 +674,8 @@ def check_manifest(path: Path, manifest: Mapping[str, Any], expected: Mapping[st
             saved = manifest[key]
         elif key in _ABSENT_MEANS:  # a checkpoint older than the key
             saved = _ABSENT_MEANS[key]
+            if saved is _NOT_CHECKED:
+                continue
         else:
             raise CheckpointError(
                 f"checkpoint {path}: manifest has no key '{key}' (this run has {_short(want)})"
@@ -680,9 +688,10 @@ def check_manifest(path: Path, manifest: Mapping[str, Any], expected: Mapping[st
             )
         elif diff:
             k, h, w = diff
+            why = f" ({_WHY_REFUSED[key]})" if key in _WHY_REFUSED else ""
             raise CheckpointError(
                 f"checkpoint {path}: manifest key '{k}' differs: checkpoint has {_short(h)}, "
-                f"this run has {_short(w)}"
+                f"this run has {_short(w)}{why}"
             )
 
 

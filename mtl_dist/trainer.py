@@ -525,6 +525,9 @@ class Trainer:
             "gradient_accumulation_steps": self.cfg.train.gradient_accumulation_steps,
             "mixed_precision": self.cfg.train.mixed_precision,
             "bf16_weights": self.cfg.train.bf16_weights,
+            # restored with AdamW's state (param groups) and the schedule's base LRs
+            "optimizer_settings": {k: getattr(self.cfg.train, k) for k in (
+                "lr", "head_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps")},
             "config_hash": config_hash(self.cfg),
             "tasks": self.task_names,
             "labels": self.label_maps,
@@ -610,8 +613,8 @@ class Trainer:
         if path is None:
             return False
         must_match = ("world_size", "zero_stage", "global_batch_size", "gradient_accumulation_steps",
-                      "bf16_weights", "tasks", "labels", "data_fingerprints", "model_shape",
-                      "versions")
+                      "bf16_weights", "optimizer_settings", "tasks", "labels",
+                      "data_fingerprints", "model_shape", "versions")
         if self.cfg.sampler.on_global_batch_change == "replan":  # the sampler checks it
             must_match = tuple(k for k in must_match if k != "global_batch_size")
         manifest = self.manifest()

@@ -312,3 +312,15 @@ def test_replan_resumes_with_a_new_global_batch_from_the_next_epoch(tmp_path, ca
     # linear to zero at step 29 (logged after each step: step s has lr * (29 - s) / 29)
     assert all(a > b for a, b in zip(lrs[5:-1], lrs[6:], strict=True)) and lrs[-1] == 0
     assert lrs[-2] == pytest.approx(lrs[5] / 23, rel=1e-6)
+
+
+@pytest.mark.parametrize("change", ["train.lr=0.01", "train.weight_decay=0.5",
+                                    "train.adam_beta2=0.98"])
+def test_a_resume_refuses_optimizer_settings_its_restored_state_would_ignore(tmp_path, change):
+    Trainer(demo_cfg(tmp_path, "train.max_steps=8", "train.stop_after_steps=4")).fit()
+    before = _tree(tmp_path / "out")
+    key = change.split("=")[0].split(".")[1]
+    with pytest.raises(CheckpointError, match=rf"'optimizer_settings.{key}' differs: checkpoint "
+                       rf"has .*, this run has {change.split('=')[1]} \(the restored AdamW state"):
+        Trainer(demo_cfg(tmp_path, "train.max_steps=8", "train.resume=auto", change)).fit()
+    assert _tree(tmp_path / "out") == before
