@@ -1845,6 +1845,8 @@ def export_checkpoint(
     """
     src = Path(path).absolute()
     dst = Path(out_dir).absolute()
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"export: {dst} exists and is not a directory")
     if dst.exists() and any(dst.iterdir()):
         raise CheckpointError(f"export: {dst} exists and is not empty")
     state = load_model_state(src)

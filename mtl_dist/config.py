@@ -756,6 +756,8 @@ def _check_path(value: str | None, key: str, kind: str, sources: _Sources) -> No
         message = f"{key}: expected a file, got a directory: {path}"
     elif kind == "directory" and not os.path.isdir(path):
         message = f"{key}: expected a directory (for from_pretrained), got a file: {path}"
+    elif key == "model.pretrained" and not os.path.isfile(os.path.join(path, "config.json")):
+        message = f"{key}: {path} has no config.json (expected a from_pretrained model dir)"
     else:
         return
     raise sources.error(_Problem(key, message))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl_dist.config import COMPILE_TUNING
+from mtl_dist.errors import ConfigError
 
 if TYPE_CHECKING:
     from mtl_dist.config import ModelConfig
@@ -344,8 +345,13 @@ def build_encoder(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int = 0
     from transformers import AutoConfig, AutoModel
 
     if model_cfg.pretrained:
-        return AutoModel.from_pretrained(model_cfg.pretrained, add_pooling_layer=False,
-                                         local_files_only=True)
+        try:
+            return AutoModel.from_pretrained(model_cfg.pretrained, add_pooling_layer=False,
+                                             local_files_only=True)
+        except (OSError, ValueError) as exc:  # a dir without (readable) weights or model type
+            detail = " ".join(str(exc).split())[:300]
+            raise ConfigError(f"model.pretrained: cannot load an encoder from "
+                              f"{model_cfg.pretrained}: {detail}") from None
     arch = model_cfg.arch
     config = AutoConfig.for_model(
         arch.model_type, vocab_size=vocab_size, hidden_size=arch.hidden_size,

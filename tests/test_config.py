@@ -310,6 +310,7 @@ def test_relative_paths_resolve_against_config_dir(
 ) -> None:
     elsewhere = project / "elsewhere"
     elsewhere.mkdir()
+    (elsewhere / "config.json").write_text("{}")  # what makes a from_pretrained dir
     monkeypatch.chdir(elsewhere)
     cfg = load_config(
         "../configs/run.yaml",
@@ -390,3 +391,9 @@ def test_overwrite_output_dir_refuses_a_resume() -> None:
     with pytest.raises(ConfigError, match="'train.overwrite_output_dir': expected false with "
                        "train.resume=auto"):
         load_config(None, [*DEMO, "train.overwrite_output_dir=true", "train.resume=auto"])
+
+
+def test_pretrained_dir_without_config_json_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"model.pretrained: {tmp_path} has no config.json "
+                       r"\(expected a from_pretrained model dir\)"):
+        load_config(None, [*DEMO, f"model.pretrained={tmp_path}"])
