@@ -1443,7 +1443,8 @@ class CheckpointManager:
         ):
             self.resumed_from = self.checkpoints_dir / path.name  # as rotation spells it
             self._newer_since_resume = False
-            newer = [p.name for p in self._periodic() if (_step_of(p) or 0) > (_step_of(path) or 0)]
+            newer = [p.name for p in self._periodic()  # incomplete ones: auto skips them too
+                     if (_step_of(p) or 0) > (_step_of(path) or 0) and is_committed(p)]
             if newer:
                 warnings.warn(
                     f"resuming from {path.name} while newer checkpoints exist ({', '.join(sorted(newer))}): "

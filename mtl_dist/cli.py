@@ -389,7 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except MtlDistError as err:
-        print(f"error: {err}", file=sys.stderr)
+        from tqdm import tqdm
+
+        # a progress bar cut short leaves the cursor after it: start the error on its own line
+        lead = "\n" if getattr(tqdm, "_instances", None) else ""
+        print(f"{lead}error: {err}", file=sys.stderr)
         return 2
 
 

@@ -625,8 +625,12 @@ def _apply_override(cfg: DictConfig, text: str) -> str:
     key, value = _parse_override(text)
     segments = _override_segments(cfg, key)
     display = _display(segments)
-    if _unwrap_optional(_type_at(display))[0] is str and isinstance(value, (bool, int, float)):
-        value = text.partition("=")[2].strip()  # a string key takes `no`, `off`, `1e3` literally
+    raw = text.partition("=")[2].strip()
+    # A string key takes `no`, `off`, `1e3` literally, and `demo:` (YAML: a one-key mapping).
+    if _unwrap_optional(_type_at(display))[0] is str and (
+            isinstance(value, (bool, int, float)) or (isinstance(value, dict) and
+                                                      raw.endswith(":"))):
+        value = raw
     _check_shape(value, _type_at(display), display)
     if segments == ["tasks"]:
         cfg.tasks = [_task_node(item, index) for index, item in enumerate(value)]
@@ -881,8 +885,19 @@ def _validate(run: RunConfig, sources: _Sources) -> None:
         _validate_backends(run.tracking.backends)
         _validate_combinations(run.train)
         _validate_packing(run.data)
+        _validate_evaluation(run)
     except _Problem as problem:
         raise sources.error(problem) from None
+
+
+def _validate_evaluation(run: RunConfig) -> None:
+    """Early stopping counts evaluations: without a dev file no evaluation ever runs."""
+    if run.train.early_stopping_patience and not any(t.dev for t in run.tasks):
+        raise _Problem(
+            "train.early_stopping_patience",
+            "config key 'train.early_stopping_patience': expected null when no task has a dev "
+            f"file (no evaluation would ever run), got {run.train.early_stopping_patience}",
+        )
 
 
 def _get(run: RunConfig, key: str) -> Any:

@@ -93,6 +93,11 @@ def _parsed_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
             warnings.warn(f"{path}:{number}: skipping an unreadable line (a write cut short?)",
                           stacklevel=3)
             continue
+        if not (isinstance(record, dict) and isinstance(record.get("kind"), str)
+                and isinstance(record.get("step"), int)):
+            warnings.warn(f"{path}:{number}: skipping a line that is not a record (a JSON "
+                          "object with 'kind' and an integer 'step')", stacklevel=3)
+            continue
         out.append((line, record))
     return out
 

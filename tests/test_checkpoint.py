@@ -683,3 +683,18 @@ def test_saved_run_and_clear_run(tmp_path: Path) -> None:
     mgr.clear_run()
     assert mgr.saved_run() == [] and mgr.best_score() is None
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "notes.txt"]
+
+
+def test_resuming_an_older_checkpoint_warns_only_of_newer_committed_ones(tmp_path: Path) -> None:
+    objs = make_objects()
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    older = save(mgr, 2, objs)
+    newer = save(mgr, 4, objs)
+    (newer / "COMMITTED").unlink()  # incomplete: resume=auto skips it, so no warning of it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CheckpointManager(tmp_path, save_total_limit=None).load(older, make_objects())
+    save(mgr, 6, objs)
+    with pytest.warns(UserWarning, match=r"newer checkpoints exist \(checkpoint-6\): "
+                      "train.resume=auto would pick those"):
+        CheckpointManager(tmp_path, save_total_limit=None).load(older, make_objects())

@@ -397,3 +397,15 @@ def test_pretrained_dir_without_config_json_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=f"model.pretrained: {tmp_path} has no config.json "
                        r"\(expected a from_pretrained model dir\)"):
         load_config(None, [*DEMO, f"model.pretrained={tmp_path}"])
+
+
+def test_early_stopping_without_any_dev_file_is_refused() -> None:
+    with pytest.raises(ConfigError, match="'train.early_stopping_patience': expected null when no "
+                       "task has a dev file"):
+        load_config(None, [*DEMO, "train.early_stopping_patience=2"])
+    dev = ["tasks=[{name: nli, train: 'demo:nli/train', dev: 'demo:nli/dev'}]"]
+    assert load_config(None, [*dev, "train.early_stopping_patience=2"])
+
+
+def test_a_string_key_takes_demo_colon_literally_on_the_command_line() -> None:
+    assert load_config(None, [*DEMO, "model.tokenizer=demo:"]).model.tokenizer == "demo:"

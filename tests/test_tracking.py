@@ -262,3 +262,16 @@ def test_without_backends_start_keeps_the_id_and_records_only_while_started(tmp_
     assert kinds == [("eval", 3), ("summary", 3)]
     assert eval_values(result) == {"eval/score": 0.5, "eval/loss": 1.0, "eval/nli/accuracy": 0.5,
                                    "eval/nli/macro_f1": 0.4, "eval/nli/loss": 1.0}
+
+
+def test_a_line_that_is_not_a_record_is_skipped_with_a_warning(tmp_path):
+    """A hand-edited metrics log (a record without its step, a bare value) warns and is read
+    on: `report` and a resume's truncation must not stop on it."""
+    from mtl_dist.tracking import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"kind": "train", "step": 1, "loss": 1.0}\n{"kind": "train", "loss": 2.0}\n3\n'
+        '{"kind": "eval", "step": 1, "eval/score": 0.5}\n')
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:2: skipping a line that is not a record"):
+        records = read_metrics(tmp_path)
+    assert [(r["kind"], r["step"]) for r in records] == [("train", 1), ("eval", 1)]
