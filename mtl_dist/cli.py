@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_config(p):
         p.add_argument("config", help="run config YAML (see configs/)")
-        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-5")
+        p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. train.lr=2e-5")
 
     p = sub.add_parser("train", help="train a run (python, accelerate launch or srun)")
     with_config(p)
@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--stop-after", type=int, default=60,
                    help="optimizer steps of phase 1 before the stop/resume")
-    p.add_argument("overrides", nargs="*", help="dotted overrides for configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", default=[], help="dotted overrides for configs/demo.yaml")
     p.set_defaults(func=cmd_demo)
     return parser
 
