@@ -715,6 +715,16 @@ def check_label_maps(cfg: RunConfig, saved: Mapping[str, Sequence[str]], where: 
                               "labels cannot change (use a new train.output_dir)")
 
 
+def check_split(cfg: RunConfig, split: str, label_maps: Mapping[str, Sequence[str]]) -> None:
+    """Read (not tokenize) every task's `split` files, raising what `load_task_data` would:
+    a training run checks its test files up front instead of failing at `predict`."""
+    for task in cfg.tasks:
+        for path in split_files(task, split):
+            _read_source(path, task, require_label=split != "test",
+                         on_bad_row=_field(cfg.data, "on_bad_row", "error"),
+                         labels=list(label_maps[task.name]))
+
+
 def load_task_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerFast, split: str,
                    label_maps: Mapping[str, Sequence[str]]) -> list[TokenizedTask]:
     """Read and tokenize `split` ('train' | 'dev' | 'test') of every task, in config order.

@@ -263,6 +263,8 @@ class Trainer:
             self._check_output_dir()  # before any work
         self.tokenizer = mdata.load_tokenizer(cfg.model)
         self.label_maps = self._frozen_label_maps()
+        if for_training:  # a bad test file fails now, not after training, at predict
+            mdata.check_split(cfg, "test", self.label_maps)
         self.task_names = [t.name for t in cfg.tasks]
         self.pad_multiple = mdata.resolve_pad_multiple(cfg.data.pad_to_multiple_of,
                                                        acc.device.type == "cuda")

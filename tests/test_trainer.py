@@ -324,3 +324,13 @@ def test_a_resume_refuses_optimizer_settings_its_restored_state_would_ignore(tmp
                        rf"has .*, this run has {change.split('=')[1]} \(the restored AdamW state"):
         Trainer(demo_cfg(tmp_path, "train.max_steps=8", "train.resume=auto", change)).fit()
     assert _tree(tmp_path / "out") == before
+
+
+def test_a_bad_test_file_fails_before_training_not_at_predict(tmp_path):
+    from mtl_dist.errors import DataError
+
+    bad = tmp_path / "test.jsonl"
+    bad.write_text('{"id": "a", "text": "x", "label": "no-such-label"}\n')
+    with pytest.raises(DataError, match=rf"{bad}:1: label 'no-such-label' is not one of"):
+        Trainer(demo_cfg(tmp_path, "train.max_steps=4", f"tasks.1.test={bad}"))
+    assert not (tmp_path / "out").exists()
