@@ -299,9 +299,10 @@ class Trainer:
 
     # ----------------------------------------------------------------- set-up
     def _check_output_dir(self) -> None:
-        """A `train.resume` path must be a committed checkpoint. A fresh run (no `train.resume`) refuses an output dir that holds a saved run: it
-        would replace best/ with its own first evaluation, cut the metrics log, and leave
-        its checkpoints beside the old run's (resume=auto would then pick the old newest)."""
+        """A `train.resume` path must be a committed checkpoint. A fresh run (no
+        `train.resume`) refuses an output dir that holds a saved run: it would replace best/
+        with its own first evaluation, cut the metrics log, and leave its checkpoints beside
+        the old run's (resume=auto would then pick the old newest)."""
         out, train = self.output_dir, self.cfg.train
         if out.exists() and not out.is_dir():
             raise ConfigError(f"config key 'train.output_dir': {out} exists and is not a "
