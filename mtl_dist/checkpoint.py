@@ -55,17 +55,22 @@ _TMP_RE = re.compile(r"^\.tmp-checkpoint-\d+-[0-9a-f]{8}$")
 _OLD_RE = re.compile(r"^\.old-checkpoint-\d+-[0-9a-f]{8}$")
 _TMP_BEST_RE = re.compile(r"^\.tmp-best-[0-9a-f]{8}$")
 _OLD_BEST_RE = re.compile(r"^\.old-best-[0-9a-f]{8}$")
+# best/ being deleted by `clear_run`: never recovered (as an interrupted `.old-best-*` swap is)
+_CLEARED_BEST_RE = re.compile(r"^\.cleared-best-[0-9a-f]{8}$")
 _ENTRY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _RNG_RE = re.compile(r"^rng_state_(\d+)\.pth$")
-_DELETABLE = (_PERIODIC_RE, _TMP_RE, _OLD_RE, _TMP_BEST_RE, _OLD_BEST_RE)
+_DELETABLE = (_PERIODIC_RE, _TMP_RE, _OLD_RE, _TMP_BEST_RE, _OLD_BEST_RE, _CLEARED_BEST_RE)
 _WARN_ONLY_KEYS = {"versions"}
 # Manifest keys added after checkpoints were first written: what their absence means.
 _NOT_CHECKED = object()  # an absent key that older checkpoints are not held to
-_ABSENT_MEANS = {"bf16_weights": False, "optimizer_settings": _NOT_CHECKED}
+_ABSENT_MEANS = {"bf16_weights": False, "optimizer_settings": _NOT_CHECKED,
+                 "metric_for_best": _NOT_CHECKED}
 # Why a difference in these keys cannot be taken: said after the one-line error.
 _WHY_REFUSED = {
     "optimizer_settings": "the restored AdamW state and LR schedule keep the checkpoint's "
     "values, so the new ones would be ignored: resume with them, or start a new run",
+    "metric_for_best": "early stopping's best so far was measured by the checkpoint's "
+    "metric: resume with it, or start a new run",
 }
 _PER_RANK_KEYS = {"distributed_type", "per_device_batch_size"}
 _RESERVED = {"rng_state", "trainer_state", "manifest", "COMMITTED", "best", DS_TAG}
@@ -1276,7 +1281,8 @@ class CheckpointManager:
         if clash:
             raise CheckpointError(f"save_best metadata key '{sorted(clash)[0]}' is reserved")
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        _clean_stale(self.output_dir, (_TMP_BEST_RE, _OLD_BEST_RE), self.output_dir)
+        _clean_stale(self.output_dir, (_TMP_BEST_RE, _OLD_BEST_RE, _CLEARED_BEST_RE),
+                     self.output_dir)
         tmp = self.output_dir / f".tmp-best-{secrets.token_hex(4)}"
         tmp.mkdir()
         try:
@@ -1312,6 +1318,15 @@ class CheckpointManager:
             return read_manifest(self.best_dir).get("score")
         except CheckpointError:
             return None
+
+    def best_info(self) -> dict:
+        """best/best.json (step, score, metric_for_best, ...); {} when there is none."""
+        try:
+            read_manifest(self.best_dir)
+            info = json.loads((self.best_dir / BEST_JSON).read_text())
+        except (CheckpointError, OSError, ValueError):
+            return {}
+        return info if isinstance(info, dict) else {}
 
     def improves(self, score: float) -> bool:
         """Whether `score` beats the committed best (mode from greater_is_better)."""
@@ -1370,8 +1385,19 @@ class CheckpointManager:
         return saved + ([f"{BEST_DIR}/"] if is_committed(self.best_dir) else [])
 
     def clear_run(self) -> None:
-        """`train.overwrite_output_dir`: delete an earlier run's checkpoints and best/ (rank 0,
-        before the fresh run's first save)."""
+        """Collective. `train.overwrite_output_dir`: rank 0 deletes an earlier run's
+        checkpoints and best/ before the fresh run's first save; a failure is raised on every
+        rank (the others would wait for rank 0 until the collective timeout)."""
+        rank, _ = _dist_info()
+        outcome = None
+        if rank == 0:
+            try:
+                self._delete_run()
+            except Exception as exc:  # noqa: BLE001 - reported on every rank, then raised
+                outcome = f"train.overwrite_output_dir: {_error_text(exc)}"
+        _raise_if_any([_broadcast(outcome)])
+
+    def _delete_run(self) -> None:
         entries = list(self.checkpoints_dir.iterdir()) if self.checkpoints_dir.is_dir() else []
         for path in entries:
             if _PERIODIC_RE.match(path.name) and path.is_dir():
@@ -1379,11 +1405,12 @@ class CheckpointManager:
         _clean_stale(self.checkpoints_dir, (_TMP_RE, _OLD_RE), self.output_dir)
         if self.best_dir.is_symlink():
             raise CheckpointError(f"refusing to delete {self.best_dir}: it is a symlink")
-        if self.best_dir.is_dir():  # renamed to a deletable name first, as rotation does
-            aside = self.output_dir / f".old-best-{secrets.token_hex(4)}"
+        if self.best_dir.is_dir():  # set aside under a name no recovery brings back
+            aside = self.output_dir / f".cleared-best-{secrets.token_hex(4)}"
             os.rename(self.best_dir, aside)
             _fsync_path(self.output_dir)
-        _clean_stale(self.output_dir, (_TMP_BEST_RE, _OLD_BEST_RE), self.output_dir)
+        _clean_stale(self.output_dir, (_TMP_BEST_RE, _OLD_BEST_RE, _CLEARED_BEST_RE),
+                     self.output_dir)
 
     def resolve(self, resume: str | Path) -> Path | None:
         """'auto' -> latest() (None if there is none); a path -> that committed checkpoint."""

@@ -262,8 +262,9 @@ def _read_csv(lines: list[tuple[int, str]], task: Any, require_label: bool, rows
         except csv.Error as e:
             if start < len(consumed) and reader.line_num and "end of data" in str(e):
                 # the rest of the file is inside the quote: nothing after it can be read
-                raise DataError(f"{rows.path}:{consumed[start]}: a quoted field opened on this "
-                                "line is never closed (it runs to the end of the file)") from None
+                raise DataError(f"{rows.path}:{consumed[start]}: a quoted field in the row "
+                                "starting on this line is never closed (it runs to the end of "
+                                "the file)") from None
             rows.bad(consumed[-1], f"bad CSV ({e})")
             continue
         lineno = consumed[start] if start < len(consumed) else consumed[-1]

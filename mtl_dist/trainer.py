@@ -93,16 +93,19 @@ class TrainState:
     log_history: list = field(default_factory=list)
     # A preemption at an evaluation step checkpoints first: the resumed run evaluates then.
     pending_eval: bool = False
+    # After a replan of an epoch-counted run: [warm-up steps, total steps] it was re-counted
+    # to, which the config alone no longer gives.
+    schedule: list | None = None
 
     def state_dict(self) -> dict:
         return {"global_step": self.global_step, "epoch": self.epoch,
                 "samples_seen": self.samples_seen, "tracker_run_id": self.tracker_run_id,
                 "score": self.score, "log_history": self.log_history[-50:],
-                "pending_eval": self.pending_eval}
+                "pending_eval": self.pending_eval, "schedule": self.schedule}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("global_step", "epoch", "samples_seen", "tracker_run_id", "score",
-                    "log_history", "pending_eval"):
+                    "log_history", "pending_eval", "schedule"):
             setattr(self, key, state.get(key, getattr(self, key)))
 
 
@@ -260,6 +263,7 @@ class Trainer:
                                       greater_is_better=cfg.train.metric_for_best != "loss",
                                       async_save=cfg.checkpoint.async_save)
         if for_training:
+            acc.wait_for_everyone()  # rank 0's manager may have just recovered best/
             self._check_output_dir()  # before any work
         self.tokenizer = mdata.load_tokenizer(cfg.model)
         self.label_maps = self._frozen_label_maps()
@@ -357,12 +361,14 @@ class Trainer:
             if self.world_size > 1:
                 self.masters.broadcast_from_first_rank()
         optimizer = make_optimizer(self.model, cfg, acc.device, self.masters)
-        warmup = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else \
+        self.warmup_steps = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else \
             math.ceil(cfg.train.warmup_ratio * self.total_steps)
-        from transformers import get_linear_schedule_with_warmup
-
-        # Not prepared by accelerate: its wrapper would step the schedule once per process.
-        self.scheduler = get_linear_schedule_with_warmup(optimizer, warmup, self.total_steps)
+        # Linear warm-up, then linear decay to zero at total_steps (transformers' schedule),
+        # read at each step: a replan re-aims it by changing total_steps. Not prepared by
+        # accelerate: its wrapper would step the schedule once per process.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: linear_warmup_decay(step, self.warmup_steps,
+                                                        self.total_steps))
         if cfg.train.zero_stage:
             ds_config = zero.build_ds_config(cfg, self.world_size)
             self.engine, self.optimizer = zero.initialize(self.model, optimizer, ds_config,
@@ -529,8 +535,10 @@ class Trainer:
             "mixed_precision": self.cfg.train.mixed_precision,
             "bf16_weights": self.cfg.train.bf16_weights,
             # restored with AdamW's state (param groups) and the schedule's base LRs
-            "optimizer_settings": {k: getattr(self.cfg.train, k) for k in (
-                "lr", "head_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps")},
+            "optimizer_settings": {**{k: getattr(self.cfg.train, k) for k in (
+                "lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps")},
+                "head_lr": self.cfg.train.head_lr or self.cfg.train.lr},  # null means lr
+            "metric_for_best": self.cfg.train.metric_for_best,
             "config_hash": config_hash(self.cfg),
             "tasks": self.task_names,
             "labels": self.label_maps,
@@ -545,15 +553,13 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         resumed = self._maybe_resume()  # first: a refused resume leaves OUTPUT untouched
         if cfg.train.overwrite_output_dir:
-            if acc.is_main_process:
-                self.ckpt.clear_run()
-            acc.wait_for_everyone()
+            self.ckpt.clear_run()
         self.ckpt.write_run_file("config.yaml", config_to_yaml(cfg))
         self.ckpt.write_run_file("labels.json", json.dumps(self.label_maps, indent=1))
         if not resumed:
             self.batch_sampler.set_epoch(0)
         # Read once, before any rank can evaluate (a collective): every rank decides alike.
-        self.saved_best = self.ckpt.best_score()
+        self.saved_best = self._saved_best_score()
         self.start_step = self.state.global_step
         self.preemption = PreemptionFlag(cfg.train.preemption_signals)
         self._precapture_graphs()  # after the handlers: a stop signal now is a clean stop
@@ -561,11 +567,12 @@ class Trainer:
         self.state.tracker_run_id = self.tracking.start(self.state.tracker_run_id,
                                                         resume_step=self.state.global_step)
         stop = self.state.global_step >= self.total_steps
-        if self.state.pending_eval:  # the evaluation a preemption put off, at its own step
+        if self.state.pending_eval:  # put off by a preemption (or a replan's end)
             self.state.pending_eval = False
             # An early stop here ends the run; its checkpoint (this step's) keeps the
             # evaluation pending, so a later resume decides the same way.
-            stop = self._evaluate_for_best(self.state.global_step) or stop
+            if self._has_dev_labels():
+                stop = self._evaluate_for_best(self.state.global_step) or stop
         bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc="train",
                    disable=not acc.is_main_process, dynamic_ncols=True)
         while not stop:
@@ -590,9 +597,15 @@ class Trainer:
         if preempted and acc.is_main_process:
             # Last: `scontrol requeue` makes Slurm signal the job at once. Our handlers stay
             # installed until close(), so that signal cannot cut the summary above short.
-            failure = request_requeue(cfg.train.requeue_on_preempt)
+            # The requeued job reruns this command line: with overwrite_output_dir it would
+            # delete the checkpoint just saved and start over, at every preemption.
+            overwrite = cfg.train.overwrite_output_dir
+            failure = request_requeue(cfg.train.requeue_on_preempt and not overwrite)
             if failure:
                 print(f"[mtl_dist] {failure}", flush=True)
+            if overwrite:
+                print("[mtl_dist] not requeued (train.overwrite_output_dir=true would delete "
+                      "this checkpoint on the rerun): resume with train.resume=auto", flush=True)
         else:
             self.preemption.restore()
         return summary
@@ -616,7 +629,7 @@ class Trainer:
         if path is None:
             return False
         must_match = ("world_size", "zero_stage", "global_batch_size", "gradient_accumulation_steps",
-                      "bf16_weights", "optimizer_settings", "tasks", "labels",
+                      "bf16_weights", "optimizer_settings", "metric_for_best", "tasks", "labels",
                       "data_fingerprints", "model_shape", "versions")
         if self.cfg.sampler.on_global_batch_change == "replan":  # the sampler checks it
             must_match = tuple(k for k in must_match if k != "global_batch_size")
@@ -624,6 +637,8 @@ class Trainer:
         trainer_state = self.ckpt.load(path, self.app_state(), engine=self.engine,
                                        expected_manifest={k: manifest[k] for k in must_match})
         self.state.load_state_dict(trainer_state)
+        if self.state.schedule and not self.cfg.train.max_steps:  # re-counted by a replan
+            self.warmup_steps, self.total_steps = self.state.schedule
         if self.batch_sampler.replanned_from is not None:
             self._follow_replanned_sampler()
         self.ckpt.restore_rng(path)  # last: after the sampler jumped to its cursor
@@ -638,24 +653,27 @@ class Trainer:
         run is re-counted (steps done + the rest of its epochs at the new batch), and its
         linear LR schedule re-aimed to reach zero at the new end."""
         self.state.epoch = self.batch_sampler.epoch
-        if self.cfg.train.max_steps:
-            return
-        self.total_steps = self.state.global_step + sum(
-            self._optimizer_steps_in_epoch(e)
-            for e in range(self.state.epoch, self.cfg.train.num_epochs))
-        sched = self.scheduler
-        sched.lr_lambdas = [partial(lam.func, **{**lam.keywords,
-                                                 "num_training_steps": self.total_steps})
-                            for lam in sched.lr_lambdas]
-        lrs = [base * lam(sched.last_epoch) for base, lam in zip(sched.base_lrs,
-                                                                 sched.lr_lambdas, strict=True)]
-        for group, lr in zip(sched.optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
-        sched._last_lr = lrs
+        left = "" if self.cfg.train.max_steps else self._recount_epochs()
         if self.accelerator.is_main_process:
             print(f"[mtl_dist] global batch {self.batch_sampler.replanned_from} -> "
-                  f"{self.global_batch}: continuing at epoch {self.state.epoch} step 0; the "
-                  f"run now ends at step {self.total_steps}")
+                  f"{self.global_batch}: continuing at epoch {self.state.epoch} step 0{left}")
+
+    def _recount_epochs(self) -> str:
+        """An epoch-counted run after a replan: its total is the steps done plus the rest of
+        its epochs at the new batch, kept in the checkpoints from now on (`state.schedule`);
+        the LR schedule, which reads the total, is re-aimed from the current step."""
+        cfg = self.cfg.train
+        self.total_steps = self.state.global_step + sum(
+            self._optimizer_steps_in_epoch(e) for e in range(self.state.epoch, cfg.num_epochs))
+        self.state.schedule = [self.warmup_steps, self.total_steps]
+        sched = self.scheduler
+        for group, base in zip(sched.optimizer.param_groups, sched.base_lrs, strict=True):
+            group["lr"] = base * linear_warmup_decay(sched.last_epoch, self.warmup_steps,
+                                                     self.total_steps)
+        if self.state.epoch >= cfg.num_epochs:  # no epoch left: the finish-time evaluation
+            self.state.pending_eval = self._has_dev_labels()
+            return f"; no epoch is left (num_epochs={cfg.num_epochs}): the run ends here"
+        return f"; the run now ends at step {self.total_steps}"
 
     def _train_epoch(self, bar) -> bool:
         """One pass over the rest of this epoch's plan; True when training must stop."""
@@ -908,6 +926,18 @@ class Trainer:
             state.update({name: t.detach().cpu() for name, t in exact})
         return state
 
+    def _saved_best_score(self) -> float | None:
+        """best/'s score, if it was chosen by this run's `metric_for_best` (a score and a loss
+        do not compare: best/ of another metric is replaced by this run's first best)."""
+        score = self.ckpt.best_score()
+        metric = self.ckpt.best_info().get("metric_for_best")
+        if score is None or metric in (None, self.cfg.train.metric_for_best):
+            return score
+        if self.accelerator.is_main_process:
+            print(f"[mtl_dist] best/ was chosen by metric_for_best={metric}, this run uses "
+                  f"{self.cfg.train.metric_for_best}: its next best replaces it")
+        return None
+
     def _beats_saved_best(self, step: int) -> bool:
         """This run's new best must also beat best/ on disk, which may hold a better model
         than the checkpoint this run resumed from knows of (a save killed after best/ was
@@ -1026,6 +1056,13 @@ class Trainer:
         load_state_checked(self.module, state, Path(path))
         if self.masters is not None:
             self.masters.load_state_dict(state)
+
+
+def linear_warmup_decay(step: int, warmup: int, total: int) -> float:
+    """The LR factor of transformers' get_linear_schedule_with_warmup at `step`."""
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
 
 
 def model_signature(model: torch.nn.Module) -> dict[str, Any]:

@@ -698,3 +698,18 @@ def test_resuming_an_older_checkpoint_warns_only_of_newer_committed_ones(tmp_pat
     with pytest.warns(UserWarning, match=r"newer checkpoints exist \(checkpoint-6\): "
                       "train.resume=auto would pick those"):
         CheckpointManager(tmp_path, save_total_limit=None).load(older, make_objects())
+
+
+def test_a_clear_killed_after_setting_best_aside_never_brings_it_back(tmp_path: Path) -> None:
+    """clear_run sets best/ aside before deleting it: a kill then must not let the next
+    manager "recover" the old run's best/ (as it does an interrupted best swap)."""
+    objs = make_objects()
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    mgr.save_best(4, 0.5, objs["model"].state_dict(), extra_files={}, metadata={})
+    os.rename(tmp_path / "best", tmp_path / ".cleared-best-0123abcd")  # where a kill leaves it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "recovered ..." warning
+        again = CheckpointManager(tmp_path, save_total_limit=None)
+    assert again.best_score() is None and not (tmp_path / "best").exists()
+    again.save_best(1, 0.1, objs["model"].state_dict(), extra_files={}, metadata={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]  # the leftover is cleaned

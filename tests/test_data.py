@@ -188,8 +188,8 @@ def test_csv_pair_and_optional_label(tmp_path):
         ("id,text,label\n1,a,x\n1,b,x\n", "{p}:3: duplicate id '1' (first at line 2)"),
         ("id,text,label\n", "{p}: no data rows"),
         ('id,text,label\n1,a,x\n2,"never closed,y\n3,c,x\n4,d,x\n',
-         "{p}:3: a quoted field opened on this line is never closed (it runs to the end of the "
-         "file)"),
+         "{p}:3: a quoted field in the row starting on this line is never closed (it runs to "
+         "the end of the file)"),
         ('id,text,label\n1,"a"b,x\n', "{p}:2: bad CSV (',' expected after '\"')"),
     ],
 )
@@ -203,7 +203,7 @@ def test_csv_malformed(tmp_path, content, message):
 def test_an_unclosed_quote_is_an_error_even_when_skipping_bad_rows(tmp_path):
     """The rest of the file is inside the quote: skipping "one bad row" would drop it all."""
     p = write(tmp_path, "bad.csv", 'id,text,label\n1,a,x\n2,"open,y\n3,c,x\n')
-    with pytest.raises(DataError, match=":3: a quoted field opened on this line is never"):
+    with pytest.raises(DataError, match=":3: a quoted field in the row starting on this line is never"):
         read(p, on_bad_row="skip")
     p = write(tmp_path, "ok.csv", 'id,text,label\n1,"a"b,x\n2,c,x\n')
     ex, skipped = read(p, on_bad_row="skip")  # a bad row inside the file: skipped, rest read

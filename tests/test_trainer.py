@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -285,33 +286,39 @@ def test_a_preemption_at_an_evaluation_step_evaluates_after_the_resume(tmp_path)
     assert (split / "best" / "best.json").read_text() == (straight / "best" / "best.json").read_text()
 
 
-def test_replan_resumes_with_a_new_global_batch_from_the_next_epoch(tmp_path, capsys):
+@pytest.mark.parametrize("first, then, total", [(16, 8, 5 + 24), (8, 16, 5 + 12)])
+def test_replan_resumes_with_a_new_global_batch_from_the_next_epoch(tmp_path, capsys, first,
+                                                                    then, total):
     """sampler.on_global_batch_change=replan: a resume at another global batch skips the
     rest of the saved epoch and trains the remaining epochs at the new batch; the run's
-    length and its LR schedule (linear to zero) are re-counted."""
+    length and its LR schedule (linear to zero) are re-counted, and kept by the checkpoints
+    for the resumes after it."""
     caps = [f"tasks.{i}.max_samples=64" for i in range(3)]  # 192 samples per epoch
     common = [*caps, "train.max_steps=null", "train.num_epochs=2", "train.warmup_steps=0",
               "train.eval_steps=null", "train.eval_at_epoch_end=false",
               "checkpoint.save_at_epoch_end=false"]
-    Trainer(demo_cfg(tmp_path, *common, "train.per_device_batch_size=16",
+    Trainer(demo_cfg(tmp_path, *common, f"train.per_device_batch_size={first}",
                      "train.stop_after_steps=5")).fit()
-    with pytest.raises(CheckpointError, match="'global_batch_size' differs: checkpoint has 16, "
-                       "this run has 8"):
-        Trainer(demo_cfg(tmp_path, *common, "train.per_device_batch_size=8",
+    with pytest.raises(CheckpointError, match=f"'global_batch_size' differs: checkpoint has "
+                       f"{first}, this run has {then}"):
+        Trainer(demo_cfg(tmp_path, *common, f"train.per_device_batch_size={then}",
                          "train.resume=auto")).fit()
     capsys.readouterr()
-    summary = Trainer(demo_cfg(tmp_path, *common, "train.per_device_batch_size=8",
-                               "sampler.on_global_batch_change=replan", "train.resume=auto")).fit()
-    assert "global batch 16 -> 8: continuing at epoch 1 step 0; the run now ends at step 29" \
-        in capsys.readouterr().out
-    assert summary["global_step"] == 29  # 5 steps of epoch 0 at 16, then 192 / 8 = 24
+    resumed = [*common, f"train.per_device_batch_size={then}",
+               "sampler.on_global_batch_change=replan", "train.resume=auto"]
+    Trainer(demo_cfg(tmp_path, *resumed, "train.stop_after_steps=3")).fit()
+    assert f"global batch {first} -> {then}: continuing at epoch 1 step 0; the run now ends " \
+        f"at step {total}" in capsys.readouterr().out
+    summary = Trainer(demo_cfg(tmp_path, *resumed)).fit()  # a plain resume: same batch
+    assert summary["global_step"] == total
     train = records(tmp_path / "out", "train")
-    assert [r["step"] for r in train] == list(range(1, 30))
-    assert [r["epoch"] for r in train][5:] == [1] * 24
+    assert [r["step"] for r in train] == list(range(1, total + 1))
+    assert [r["epoch"] for r in train][5:] == [1] * (total - 5)
     lrs = [r["lr"] for r in train]
-    # linear to zero at step 29 (logged after each step: step s has lr * (29 - s) / 29)
+    # from the replan on, linear to zero at the new end, across the plain resume too
+    # (logged after each step: step s has lr * (total - s) / total)
     assert all(a > b for a, b in zip(lrs[5:-1], lrs[6:], strict=True)) and lrs[-1] == 0
-    assert lrs[-2] == pytest.approx(lrs[5] / 23, rel=1e-6)
+    assert lrs[-2] == pytest.approx(lrs[5] / (total - 6), rel=1e-6)
 
 
 @pytest.mark.parametrize("change", ["train.lr=0.01", "train.weight_decay=0.5",
@@ -334,3 +341,43 @@ def test_a_bad_test_file_fails_before_training_not_at_predict(tmp_path):
     with pytest.raises(DataError, match=rf"{bad}:1: label 'no-such-label' is not one of"):
         Trainer(demo_cfg(tmp_path, "train.max_steps=4", f"tasks.1.test={bad}"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_replan_in_the_last_epoch_ends_the_run_with_its_final_evaluation(tmp_path, capsys):
+    caps = [f"tasks.{i}.max_samples=64" for i in range(3)]
+    common = [*caps, "train.max_steps=null", "train.num_epochs=1", "train.eval_steps=null"]
+    Trainer(demo_cfg(tmp_path, *common, "train.per_device_batch_size=16",
+                     "train.stop_after_steps=5")).fit()
+    capsys.readouterr()
+    summary = Trainer(demo_cfg(tmp_path, *common, "train.per_device_batch_size=8",
+                               "sampler.on_global_batch_change=replan", "train.resume=auto")).fit()
+    assert "no epoch is left (num_epochs=1): the run ends here" in capsys.readouterr().out
+    assert summary["global_step"] == 5
+    assert [r["step"] for r in records(tmp_path / "out", "eval")] == [5]
+
+
+def test_a_resume_with_another_metric_for_best_does_not_compare_a_loss_with_a_score(
+        tmp_path, capsys):
+    """A resume refuses another metric (early stopping's best was measured by the old one);
+    a fresh start next to best/ of another metric does not compare with it."""
+    Trainer(demo_cfg(tmp_path, "train.max_steps=8")).fit()
+    with pytest.raises(CheckpointError, match="'metric_for_best' differs: checkpoint has "
+                       "\"score\", this run has \"loss\""):
+        Trainer(demo_cfg(tmp_path, "train.max_steps=16", "train.resume=auto",
+                         "train.metric_for_best=loss")).fit()
+    shutil.rmtree(tmp_path / "out" / "checkpoints")  # best/ alone: resume=auto starts afresh
+    capsys.readouterr()
+    Trainer(demo_cfg(tmp_path, "train.max_steps=8", "train.resume=auto",
+                     "train.metric_for_best=loss")).fit()
+    assert "best/ was chosen by metric_for_best=score, this run uses loss" in capsys.readouterr().out
+    best = json.loads((tmp_path / "out" / "best" / "best.json").read_text())
+    assert best["metric_for_best"] == "loss" and best["step"] == 8
+
+
+def test_head_lr_null_and_head_lr_equal_to_lr_resume_alike(tmp_path):
+    Trainer(demo_cfg(tmp_path, "train.max_steps=8", "train.stop_after_steps=4",
+                     "train.head_lr=null")).fit()
+    lr = load_config(DEMO, []).train.lr
+    summary = Trainer(demo_cfg(tmp_path, "train.max_steps=8", "train.resume=auto",
+                               f"train.head_lr={lr}")).fit()
+    assert summary["global_step"] == 8
