@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 
 import pytest
 
@@ -251,28 +253,30 @@ def test_a_resumed_run_keeps_a_better_best_than_its_checkpoint_knows_of(tmp_path
     assert "is this run's best but not best/'s (0.99); best/ kept" in capsys.readouterr().out
 
 
-def test_a_preemption_at_an_evaluation_step_evaluates_after_the_resume(tmp_path):
-    """A stop signal at an evaluation step checkpoints first; the resumed run evaluates at
-    that step before training on: the same evaluations, best/ and losses as a straight run."""
-    import os
-    import signal
-
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    common = ["train.max_steps=16", "train.requeue_on_preempt=false"]
-    Trainer(demo_cfg(tmp_path, *common, f"train.output_dir={straight}")).fit()
-    trainer = Trainer(demo_cfg(tmp_path, *common, f"train.output_dir={split}"))
+def fit_with_a_signal_during_step(trainer, step: int) -> dict:
+    """fit(), with a real SIGUSR1 (a stop signal) sent to this process during `step`."""
     optimizer_step = trainer._optimizer_step
 
-    def step_then_signal():  # a real SIGUSR1, arriving during step 8 (an evaluation step)
+    def step_then_signal():
         optimizer_step()
-        if trainer.state.global_step == 7:
+        if trainer.state.global_step == step - 1:  # counted up right after this call
             os.kill(os.getpid(), signal.SIGUSR1)
 
     trainer._optimizer_step = step_then_signal
     try:
-        summary = trainer.fit()
+        return trainer.fit()
     finally:
         trainer.close()
+
+
+def test_a_preemption_at_an_evaluation_step_evaluates_after_the_resume(tmp_path):
+    """A stop signal at an evaluation step checkpoints first; the resumed run evaluates at
+    that step before training on: the same evaluations, best/ and losses as a straight run."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ["train.max_steps=16", "train.requeue_on_preempt=false"]
+    Trainer(demo_cfg(tmp_path, *common, f"train.output_dir={straight}")).fit()
+    summary = fit_with_a_signal_during_step(
+        Trainer(demo_cfg(tmp_path, *common, f"train.output_dir={split}")), 8)
     assert (summary["stop_reason"], summary["global_step"]) == ("preempted", 8)
     assert records(split, "eval") == [] and not (split / "best").exists()
     Trainer(demo_cfg(tmp_path, *common, f"train.output_dir={split}", "train.resume=auto")).fit()
@@ -381,3 +385,15 @@ def test_head_lr_null_and_head_lr_equal_to_lr_resume_alike(tmp_path):
     summary = Trainer(demo_cfg(tmp_path, "train.max_steps=8", "train.resume=auto",
                                f"train.head_lr={lr}")).fit()
     assert summary["global_step"] == 8
+
+
+def test_a_preempted_overwrite_run_is_not_requeued(tmp_path, capsys, monkeypatch):
+    """Requeued, the job would rerun its command line: with overwrite_output_dir it would
+    delete the checkpoint it just saved and start over at every preemption."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    summary = fit_with_a_signal_during_step(
+        Trainer(demo_cfg(tmp_path, "train.max_steps=8", "train.overwrite_output_dir=true")), 3)
+    out = capsys.readouterr().out
+    assert summary["stop_reason"] == "preempted"
+    assert "requested requeue" not in out
+    assert "not requeued (train.overwrite_output_dir=true would delete this checkpoint" in out
