@@ -95,19 +95,41 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _check_pseudo_label_targets(cfg, out_dir: Path) -> None:
+    """Before predicting: a test file to label, an output dir, and no file written over one
+    of the run's data files (`--output` at the data dir would replace a train file)."""
+    from mtl_dist.data import SPLITS, split_files
+    from mtl_dist.outputs import pseudo_label_path
+
+    if not any(task.test for task in cfg.tasks):
+        raise MtlDistError("pseudo-label: no task has a test file (tasks.<i>.test)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MtlDistError(f"pseudo-label --output {out_dir}: exists and is not a directory")
+    data = {Path(f).resolve(): (i, split) for i, task in enumerate(cfg.tasks)
+            for split in SPLITS for f in split_files(task, split)}
+    for task in cfg.tasks:
+        target = pseudo_label_path(out_dir, task).resolve() if task.test else None
+        if target in data:
+            i, split = data[target]
+            key = "train/extra_train" if split == "train" else split
+            raise MtlDistError(f"pseudo-label --output {out_dir}: {target} is tasks.{i}.{key}; "
+                               "writing there would replace it: pick another --output")
+
+
 def cmd_pseudo_label(args) -> int:
     """Confident test predictions as new train files, one per task, in the task's own layout."""
     from mtl_dist.errors import ConfigError
-    from mtl_dist.outputs import write_pseudo_labels
+    from mtl_dist.outputs import pseudo_label_path, write_pseudo_labels
 
     if not 0.0 < args.threshold <= 1.0:
         raise ConfigError(f"--threshold: expected a probability in (0, 1], got {args.threshold}")
-    trainer = _trainer_for_inference(args)
+    cfg = _load(args.config, args.overrides)
+    out_dir = Path(args.output or Path(cfg.train.output_dir) / "pseudo_labels")
+    _check_pseudo_label_targets(cfg, out_dir)
+    trainer = _trainer_for_inference(args, cfg)
     records = trainer.predict("test")
     if not trainer.accelerator.is_main_process:
         return 0
-    cfg = trainer.cfg
-    out_dir = Path(args.output or Path(cfg.train.output_dir) / "pseudo_labels")
     hints = []
     for i, task in enumerate(cfg.tasks):
         if not task.test:
@@ -116,7 +138,9 @@ def cmd_pseudo_label(args) -> int:
         path, kept, total = write_pseudo_labels(
             out_dir, task, records[task.name], args.threshold, on_bad_row=cfg.data.on_bad_row,
             labels=trainer.label_maps[task.name])
-        where = f"-> {path}" if path else "(no file written)"
+        earlier = pseudo_label_path(out_dir, task)
+        where = f"-> {path}" if path else "(no file written" + (
+            f"; the earlier {earlier} is left as it was)" if earlier.exists() else ")")
         print(f"{task.name}: kept {kept} of {total} test rows with top probability >= "
               f"{args.threshold} {where}")
         if path:
@@ -274,10 +298,15 @@ def cmd_bench(args) -> int:
                                   f"train.max_steps={total}",
                                   f"train.log_steps={every}", "train.eval_at_epoch_end=false",
                                   "train.eval_steps=null", "train.resume=null",
-                                  "checkpoint.save_steps=null",
+                                  "train.stop_after_steps=null", "checkpoint.save_steps=null",
                                   "checkpoint.save_at_epoch_end=false",
-                                  "checkpoint.save_best=false", "tracking.backends=[]"])
+                                  "checkpoint.save_best=false", "tracking.backends=[]",
+                                  # each record written at its own step: a window's ends alike
+                                  "train.async_log=false"])
+        for task in cfg.tasks:  # nothing to evaluate (the run's end evaluates otherwise)
+            task.dev = None
         trainer = Trainer(cfg)
+        trainer.save_on_stop = False
         try:
             trainer.fit()
             records = [r for r in read_metrics(out) if r["kind"] == "train"]

@@ -94,6 +94,11 @@ def format_rows(task: Any, examples: Sequence[Any], fmt: str) -> str:
     raise DataError(f"tasks.{task.name}.format: expected tsv, csv or jsonl, got {fmt!r}")
 
 
+def pseudo_label_path(out_dir: str | Path, task: Any) -> Path:
+    """Where `write_pseudo_labels` puts a task's file: `<out_dir>/<task>.<ext of its layout>`."""
+    return Path(out_dir) / f"{task.name}.{EXTENSIONS[input_layout(task, task.test)]}"
+
+
 def write_pseudo_labels(out_dir: str | Path, task: Any, predictions: Sequence[Mapping[str, Any]],
                         threshold: float, *, on_bad_row: str = "error",
                         labels: Sequence[str] | None = None) -> tuple[Path | None, int, int]:
@@ -102,20 +107,18 @@ def write_pseudo_labels(out_dir: str | Path, task: Any, predictions: Sequence[Ma
 
     The test file is read again as the predictor read it, so rows pair up by position.
     Returns (path, rows kept, test rows); no file (path None) when no row is kept, since an
-    empty train file is an error for the reader."""
+    empty train file is an error for the reader (an earlier file there is not touched)."""
     from mtl_dist.data import read_examples
 
     examples, _ = read_examples(task.test, task, require_label=False, on_bad_row=on_bad_row,
                                 labels=labels)
     kept = select_confident(examples, predictions, threshold)
-    fmt = input_layout(task, task.test)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{task.name}.{EXTENSIONS[fmt]}"
-    if not kept:
-        path.unlink(missing_ok=True)  # no stale file from an earlier round
+    path = pseudo_label_path(out_dir, task)
+    if not kept:  # an earlier round's file, if any, is the user's: left as it is
         return None, 0, len(examples)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(format_rows(task, kept, fmt), encoding="utf-8")
+    tmp.write_text(format_rows(task, kept, fmt=input_layout(task, task.test)),
+                   encoding="utf-8")
     os.replace(tmp, path)
     return path, len(kept), len(examples)

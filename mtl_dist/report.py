@@ -60,14 +60,20 @@ def _tasks_of(record: Mapping[str, Any]) -> list[str]:
 def load_run(output_dir: str | Path) -> RunLog:
     """Read OUTPUT/metrics.jsonl, labels.json and best/; one-line DataError when there is no log."""
     out = Path(output_dir)
+    if not out.is_dir():
+        raise DataError(f"report: {out} is not a directory (give a run's output dir)")
+    if (out / METRICS_FILE).exists() and not (out / METRICS_FILE).is_file():
+        raise DataError(f"{out / METRICS_FILE}: not a file")
     records = read_metrics(out)
     if not records:
         raise DataError(f"{out / METRICS_FILE}: no metrics log (or it is empty); "
                         "train a run into this output directory first")
     run = RunLog(out, train=[r for r in records if r.get("kind") == "train"],
                  evals=[r for r in records if r.get("kind") == "eval"])
-    summaries = [r for r in records if r.get("kind") == "summary"]
-    run.summary = summaries[-1] if summaries else None
+    # A summary followed by later records ended an earlier invocation (a preemption) of a
+    # run that went on: it does not describe the run.
+    last = records[-1]
+    run.summary = last if last.get("kind") == "summary" else None
     run.labels = _read_json(out / "labels.json") or _read_json(out / "best" / "labels.json") or {}
     run.best_step = _best_step(run)
     run.best = _best_metrics(run)
@@ -88,8 +94,24 @@ def _best_step(run: RunLog) -> int | None:
         return info["step"]
     if run.summary and isinstance(run.summary.get("best_step"), int) and run.summary["best_step"] >= 0:
         return run.summary["best_step"]
-    scored = [r for r in run.evals if _finite(r.get("eval/score"))]
-    return max(scored, key=lambda r: r["eval/score"])["step"] if scored else None
+    config = _read_yaml(run.output_dir / "config.yaml")
+    by_loss = isinstance(config, dict) and \
+        (config.get("train") or {}).get("metric_for_best") == "loss"
+    key = "eval/loss" if by_loss else "eval/score"
+    scored = [r for r in run.evals if _finite(r.get(key))]
+    if not scored:
+        return None
+    pick = min if by_loss else max
+    return pick(scored, key=lambda r: r[key])["step"]
+
+
+def _read_yaml(path: Path) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
 
 
 def _best_metrics(run: RunLog) -> dict | None:
@@ -216,6 +238,8 @@ def _save(fig: Figure, path: Path) -> Path:
 
 def render_plots(run: RunLog, report_dir: Path) -> list[tuple[str, Path]]:
     """Every PNG of the report as (caption, path), in page order."""
+    if report_dir.exists() and not report_dir.is_dir():
+        raise DataError(f"report: {report_dir} exists and is not a directory")
     report_dir.mkdir(parents=True, exist_ok=True)
     for stale in report_dir.glob("*.png"):
         stale.unlink()
@@ -307,7 +331,8 @@ def render_html(run: RunLog, plots: Sequence[tuple[str, Path]]) -> str:
              f"</title><style>{STYLE}</style></head><body><h1>mtl_dist report: {name}</h1>",
              f"<table>{_summary_rows(run)}</table>"]
     if run.best:
-        parts.append(_metrics_table(f"Best checkpoint (step {run.best_step}), dev set", run.best))
+        what = "Best checkpoint" if (run.output_dir / "best").is_dir() else "Best evaluation"
+        parts.append(_metrics_table(f"{what} (step {run.best_step}), dev set", run.best))
     if run.evals and run.evals[-1]["step"] != run.best_step:
         last = run.evals[-1]
         parts.append(_metrics_table(f"Last evaluation (step {last['step']}), dev set",

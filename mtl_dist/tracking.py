@@ -224,8 +224,9 @@ class Tracking:
 
     def _init_kwargs(self, run_id: str | None, resume_step: int) -> dict[str, dict]:
         kwargs: dict[str, dict] = {}
-        if "tensorboard" in self.backends and resume_step > 0:
-            # Events the killed job wrote after its last checkpoint vanish from TensorBoard.
+        if "tensorboard" in self.backends:
+            # Events the killed job wrote after its last checkpoint vanish from TensorBoard;
+            # a fresh run (resume_step 0) purges an earlier run's (overwrite_output_dir).
             kwargs["tensorboard"] = {"purge_step": resume_step + 1}
         if "wandb" in self.backends:
             kwargs["wandb"] = self._wandb_kwargs(run_id)

@@ -110,6 +110,25 @@ class TrainState:
 
 
 @dataclass
+class LossSums:
+    """Train losses summed on the device since the last train record."""
+
+    loss: torch.Tensor  # sum over optimizer steps of each step's mean micro-batch loss
+    task_loss: torch.Tensor  # per task, sum over its micro-batches
+    task_count: torch.Tensor  # per task, micro-batches
+    steps: int = 0  # optimizer steps summed
+
+    @classmethod
+    def zeros(cls, tasks: int, device: torch.device) -> LossSums:
+        return cls(torch.zeros((), device=device), torch.zeros(tasks, device=device),
+                   torch.zeros(tasks, device=device))
+
+    def reset(self) -> None:
+        self.loss.zero_(), self.task_loss.zero_(), self.task_count.zero_()
+        self.steps = 0
+
+
+@dataclass
 class QueuedTrainLog:
     """A train record whose device values are still on their way to the host.
 
@@ -292,6 +311,7 @@ class Trainer:
                                    greater_is_better=cfg.train.metric_for_best != "loss")
         self.tracking = Tracking(cfg, acc, self.output_dir)
         self.stop_reason: str | None = None
+        self.save_on_stop = True  # `mtl-dist bench` measures without the final checkpoint
         self.masters: MasterWeights | None = None
         if for_training:
             self._build_training()
@@ -573,6 +593,7 @@ class Trainer:
             # evaluation pending, so a later resume decides the same way.
             if self._has_dev_labels():
                 stop = self._evaluate_for_best(self.state.global_step) or stop
+        self._loss_sums = LossSums.zeros(len(self.task_names), acc.device)
         bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc="train",
                    disable=not acc.is_main_process, dynamic_ncols=True)
         while not stop:
@@ -591,8 +612,10 @@ class Trainer:
                    "stop_reason": self.stop_reason or "finished",
                    "exit_code": PREEMPTED_EXIT_CODE if preempted else 0}
         if acc.is_main_process:
-            print(f"[mtl_dist] stopped: {summary['stop_reason']} at step {summary['global_step']}"
-                  f"; best score {summary['best_score']} at step {summary['best_step']}")
+            best = "no evaluation" if summary["best_score"] is None else \
+                f"best score {summary['best_score']} at step {summary['best_step']}"
+            print(f"[mtl_dist] stopped: {summary['stop_reason']} at step "
+                  f"{summary['global_step']}; {best}")
         self.tracking.finish(summary)
         if preempted and acc.is_main_process:
             # Last: `scontrol requeue` makes Slurm signal the job at once. Our handlers stay
@@ -677,13 +700,11 @@ class Trainer:
 
     def _train_epoch(self, bar) -> bool:
         """One pass over the rest of this epoch's plan; True when training must stop."""
-        cfg, acc = self.cfg, self.accelerator
+        cfg = self.cfg
         accum = cfg.train.gradient_accumulation_steps
         n_micro = self.plan.num_steps(self.state.epoch)
         self.model.train()
-        loss_sum = torch.zeros((), device=acc.device)
-        task_loss = torch.zeros(len(self.task_names), device=acc.device)
-        task_count = torch.zeros(len(self.task_names), device=acc.device)
+        sums = self._loss_sums  # kept across epochs: a record covers the steps since the last
         self._log_clock = (time.perf_counter(), self.state.samples_seen)
         self.tokens_seen = 0  # real (non-pad) tokens on this rank since the last log
         for batch in self.loader:
@@ -698,19 +719,19 @@ class Trainer:
             loss = self._forward_backward(batch, group, pos % accum == 0, last_in_group)
             self._emit_train_log()  # the step logged last, now that this one is queued behind it
             self.batch_sampler.advance()
-            loss_sum += loss.detach() / group
-            task_loss[task_id] += loss.detach()
-            task_count[task_id] += 1
+            sums.loss += loss.detach() / group
+            sums.task_loss[task_id] += loss.detach()
+            sums.task_count[task_id] += 1
             self.state.samples_seen += self.global_batch
             if not last_in_group:
                 continue
             self._optimizer_step()
             self.state.global_step += 1
+            sums.steps += 1
             bar.update(1)
             step = self.state.global_step
             if step % cfg.train.log_steps == 0:
-                self._queue_train_log(bar, loss_sum, task_loss, task_count)
-                loss_sum.zero_(), task_loss.zero_(), task_count.zero_()
+                self._queue_train_log(bar, sums)
             epoch_done = self.batch_sampler.position >= n_micro
             if epoch_done:  # a checkpoint taken now must resume at the start of the next epoch
                 self.state.epoch += 1
@@ -815,9 +836,12 @@ class Trainer:
         self.state.pending_eval = bool(want_eval and self.stop_reason == "preempted")
         if want_eval and not self.state.pending_eval:
             stop = self._evaluate_for_best(step) or stop
-        want_save = periodic_save or (epoch_done and cfg.checkpoint.save_at_epoch_end) or stop
+        want_save = periodic_save or (epoch_done and cfg.checkpoint.save_at_epoch_end) or \
+            (stop and self.save_on_stop)
         if want_save:
             self.save_checkpoint()
+        if want_eval or want_save:  # the next record's rates: training time only
+            self._log_clock = (time.perf_counter(), self.state.samples_seen)
         return stop
 
     def _has_dev_labels(self) -> bool:
@@ -873,14 +897,18 @@ class Trainer:
                 "checkpoint/background_s": t["background_s"],
                 "checkpoint/async": t["async"]})
 
-    def _queue_train_log(self, bar, loss_sum, task_loss, task_count) -> None:
-        """Start this step's train record: its losses leave the GPU without a host sync; the
-        record is written by `_emit_train_log` (at once without `train.async_log`)."""
+    def _queue_train_log(self, bar, sums: LossSums) -> None:
+        """Start this step's train record (the mean over the steps since the last one, which
+        an epoch end or a resume makes fewer than log_steps): its losses leave the GPU without
+        a host sync; the record is written by `_emit_train_log` (at once without
+        `train.async_log`)."""
+        loss_sum, task_loss, task_count = sums.loss, sums.task_loss, sums.task_count
         if self.world_size > 1:  # the loss of the global batch: the mean over ranks
             means = self.accelerator.reduce(torch.cat([loss_sum.view(1), task_loss]), "mean")
             loss_sum, task_loss = means[0], means[1:]
-        values = torch.cat([(loss_sum / self.cfg.train.log_steps).view(1),
+        values = torch.cat([(loss_sum / max(1, sums.steps)).view(1),
                             task_loss / task_count.clamp(min=1), task_count])
+        sums.reset()
         self._emit_train_log()  # an earlier one still waiting (none in the loop's order)
         # this rank's real tokens x world size (ranks see equal batch counts)
         self._queued_log = QueuedTrainLog.queue(

@@ -103,3 +103,36 @@ def test_ckpt_ls_of_a_wrong_path_fails_and_of_checkpoints_lists_its_run(run, cap
     assert code == 2 and "is not a directory" in err
     code, out, _ = cli(capsys, "ckpt", "ls", root / "out" / "checkpoints")
     assert code == 0 and "checkpoint-8" in out and "[best]" in out
+
+
+def test_pseudo_label_never_writes_over_a_data_file_of_the_run(run, capsys, tmp_path):
+    root, overrides = run
+    own = tmp_path / "emotion.tsv"  # where the emotion pseudo-labels would go (TSV layout)
+    own.write_text("e1\tsome text\tanger\n")
+    code, _, err = cli(capsys, "pseudo-label", DEMO, *overrides, f"tasks.1.extra_train=[{own}]",
+                       "--checkpoint", root / "out" / "best", "--output", tmp_path)
+    assert code == 2 and f"{own} is tasks.1.train/extra_train; writing there would replace" in err
+    assert own.read_text() == "e1\tsome text\tanger\n"
+
+
+def test_pseudo_label_mistakes_are_one_line_and_an_empty_round_keeps_earlier_files(
+        run, capsys, tmp_path):
+    root, overrides = run
+    best = root / "out" / "best"
+    code, _, err = cli(capsys, "pseudo-label", DEMO, *overrides,
+                       *(f"tasks.{i}.test=null" for i in range(3)), "--checkpoint", best)
+    assert code == 2 and "pseudo-label: no task has a test file" in err
+    (tmp_path / "file").write_text("mine")
+    code, _, err = cli(capsys, "pseudo-label", DEMO, *overrides, "--checkpoint", best,
+                       "--output", tmp_path / "file")
+    assert code == 2 and "exists and is not a directory" in err
+    out = tmp_path / "pl"
+    assert cli(capsys, "pseudo-label", DEMO, *overrides, "--checkpoint", best, "--output", out,
+               "--threshold", "1e-9")[0] == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(first) == ["emotion.tsv", "news.tsv", "nli.tsv"]
+    code, printed, _ = cli(capsys, "pseudo-label", DEMO, *overrides, "--checkpoint", best,
+                           "--output", out, "--threshold", "1.0")
+    assert code == 0 and f"(no file written; the earlier {out / 'nli.tsv'} is left as it was)" \
+        in printed
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first

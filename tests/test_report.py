@@ -107,6 +107,37 @@ def test_report_on_a_dir_without_a_log_is_a_one_line_error(tmp_path, capsys):
     assert err.startswith("error: ") and "metrics.jsonl" in err and "\n" not in err
 
 
+def test_report_of_a_file_or_with_a_file_in_the_way_is_one_line(run, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert cli.main(["report", str(tmp_path / "afile")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    shutil.copytree(run.out, tmp_path / "out", ignore=shutil.ignore_patterns("report"))
+    (tmp_path / "out" / "report").write_text("mine")
+    assert cli.main(["report", str(tmp_path / "out")]) == 2
+    assert "report exists and is not a directory" in capsys.readouterr().err
+    assert (tmp_path / "out" / "report").read_text() == "mine"
+
+
+def test_report_reads_a_run_that_went_on_after_a_preemption_and_metric_loss(run, tmp_path):
+    """A summary followed by later records (a preempted invocation, then a resume that was
+    killed) does not describe the run; without best/, metric_for_best=loss picks the lowest
+    eval loss."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    lines = (run.out / "metrics.jsonl").read_text().splitlines()
+    preempted = json.dumps({"kind": "summary", "step": 4, "stop_reason": "preempted",
+                            "best_step": 4, "best_score": 0.1, "global_step": 4})
+    lines = [x for x in lines if json.loads(x)["kind"] != "summary"]
+    cut = next(i for i, x in enumerate(lines) if json.loads(x)["step"] > 4)
+    (bare / "metrics.jsonl").write_text("\n".join([*lines[:cut], preempted, *lines[cut:]]) + "\n")
+    loaded = load_run(bare)
+    assert loaded.summary is None
+    evals = records(run.out, "eval")
+    assert loaded.best_step == max(evals, key=lambda r: r["eval/score"])["step"]
+    (bare / "config.yaml").write_text("train:\n  metric_for_best: loss\n")
+    assert load_run(bare).best_step == min(evals, key=lambda r: r["eval/loss"])["step"]
+
+
 def test_predict_writes_one_line_per_test_row_with_the_right_ids(run):
     for task in load_config(DEMO, run.overrides).tasks:
         examples, _ = mdata.read_examples(task.test, task, require_label=False)
@@ -182,7 +213,8 @@ def test_every_layout_round_trips_through_the_reader(tmp_path, fmt, pair, fields
 
 
 def test_pseudo_labels_from_a_tianchi_test_file(tmp_path):
-    """Real layout (tests/data, no label column), threshold, id check, nothing kept = no file."""
+    """Real layout (tests/data, no label column), threshold, id check, nothing kept = no file
+    written (and an earlier one kept)."""
     source = REPO / "tests" / "data" / "nli_test.tsv"
     task = TaskConfig(name="nli", pair=True, test=str(source))
     examples, _ = mdata.read_examples(source, task, require_label=False)
@@ -195,8 +227,9 @@ def test_pseudo_labels_from_a_tianchi_test_file(tmp_path):
     assert [(e.id, e.text_a, e.text_b, e.label) for e in back] == \
         [(e.id, e.text_a, e.text_b, p["label"]) for e, p in zip(examples, preds, strict=True)
          if max(p["probs"]) >= 0.99]
+    earlier = path.read_bytes()
     assert write_pseudo_labels(tmp_path, task, preds, 0.999) == (None, 0, len(examples))
-    assert not path.exists()  # the earlier round's file does not linger
+    assert path.read_bytes() == earlier  # the earlier round's file is the user's: not deleted
     preds[3]["id"] = "someone-else"
     with pytest.raises(DataError, match="out of step"):
         write_pseudo_labels(tmp_path, task, preds, 0.5)

@@ -101,12 +101,23 @@ def test_bad_override_is_one_line_error_and_nothing_runs(tmp_path):
 
 def test_bench_command_reports_throughput_without_writing_checkpoints(tmp_path):
     result = run_cli(["bench", str(DEMO), "--steps", "8", "--warmup", "3",
-                      f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={tmp_path}/o"])
+                      f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={tmp_path}/o",
+                      "train.stop_after_steps=2"])  # a config's time slice: not for bench
     report = json.loads(result.stdout[result.stdout.rindex("{"):])
     assert report["warmup_steps"] == 4  # rounded up to whole log intervals (8 // 4 = 2 steps)
     assert report["steps_timed"] == 8 and report["samples_per_s"] > 0
     assert report["tokens_per_s"] > 0 and report["world_size"] == 1
     assert not (tmp_path / "o").exists()  # bench writes into a temporary directory only
+    assert "[eval step" not in result.stdout + result.stderr  # not even at the run's end
+
+
+def test_a_run_told_not_to_save_on_stop_leaves_no_checkpoint(tmp_path):
+    """What `bench` sets: its last step (which saves in a training run) writes nothing."""
+    trainer = Trainer(demo_cfg(tmp_path, "train.max_steps=4", "checkpoint.save_steps=null",
+                               "checkpoint.save_best=false"))
+    trainer.save_on_stop = False
+    trainer.fit()
+    assert not (tmp_path / "out" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("warmup, steps, expected", [
@@ -331,6 +342,7 @@ def test_a_resume_refuses_optimizer_settings_its_restored_state_would_ignore(tmp
     Trainer(demo_cfg(tmp_path, "train.max_steps=8", "train.stop_after_steps=4")).fit()
     before = _tree(tmp_path / "out")
     key = change.split("=")[0].split(".")[1]
+    key = "(head_)?lr" if key == "lr" else key  # head_lr null follows lr: named first
     with pytest.raises(CheckpointError, match=rf"'optimizer_settings.{key}' differs: checkpoint "
                        rf"has .*, this run has {change.split('=')[1]} \(the restored AdamW state"):
         Trainer(demo_cfg(tmp_path, "train.max_steps=8", "train.resume=auto", change)).fit()
@@ -397,3 +409,25 @@ def test_a_preempted_overwrite_run_is_not_requeued(tmp_path, capsys, monkeypatch
     assert summary["stop_reason"] == "preempted"
     assert "requested requeue" not in out
     assert "not requeued (train.overwrite_output_dir=true would delete this checkpoint" in out
+
+
+def test_a_train_record_is_the_mean_over_the_steps_it_covers(tmp_path):
+    """A record after an epoch end or a resume covers fewer than log_steps steps (and the
+    epoch's last steps used to be dropped): its loss is their mean, as every-step records of
+    the same run show."""
+    caps = [f"tasks.{i}.max_samples=64" for i in range(3)]  # 12 steps per epoch at 16
+    common = [*caps, "train.max_steps=20", "train.per_device_batch_size=16",
+              "train.eval_steps=null", "train.eval_at_epoch_end=false",
+              "checkpoint.save_at_epoch_end=false"]
+    every = tmp_path / "every"
+    Trainer(demo_cfg(tmp_path, *common, f"train.output_dir={every}", "train.log_steps=1")).fit()
+    loss = dict(train_losses(every))
+    base = [*common, "train.log_steps=5"]
+    Trainer(demo_cfg(tmp_path, *base, "train.stop_after_steps=7")).fit()
+    Trainer(demo_cfg(tmp_path, *base, "train.resume=auto")).fit()
+    covered = {5: range(1, 6), 10: range(8, 11), 15: range(11, 16), 20: range(16, 21)}
+    got = dict(train_losses(tmp_path / "out"))
+    assert sorted(got) == sorted(covered)
+    for step, steps in covered.items():
+        mean = sum(loss[s] for s in steps) / len(steps)
+        assert got[step] == pytest.approx(mean, rel=1e-5), step
