@@ -474,9 +474,8 @@ class Trainer:
                                    self.accelerator.device)
             task_id = inputs.pop("task_id")
             self.graphs.prepare(inputs, task_id, first=step % accum == 0)
-        if self.accelerator.is_main_process:
-            print(f"[mtl_dist] captured {len(self.graphs.graphs) - before} CUDA graphs of the "
-                  f"run's (task, shape)s in {time.perf_counter() - start:.1f} s", flush=True)
+        self._say(f"captured {len(self.graphs.graphs) - before} CUDA graphs of the run's "
+                  f"(task, shape)s in {time.perf_counter() - start:.1f} s")
 
     def _first_step_of_each_shape(self) -> list[tuple[int, int]]:
         """(epoch, micro-step) of the first batch of each (task, width, opens-its-group)
@@ -677,9 +676,8 @@ class Trainer:
         linear LR schedule re-aimed to reach zero at the new end."""
         self.state.epoch = self.batch_sampler.epoch
         left = "" if self.cfg.train.max_steps else self._recount_epochs()
-        if self.accelerator.is_main_process:
-            print(f"[mtl_dist] global batch {self.batch_sampler.replanned_from} -> "
-                  f"{self.global_batch}: continuing at epoch {self.state.epoch} step 0{left}")
+        self._say(f"global batch {self.batch_sampler.replanned_from} -> {self.global_batch}: "
+                  f"continuing at epoch {self.state.epoch} step 0{left}")
 
     def _recount_epochs(self) -> str:
         """An epoch-counted run after a replan: its total is the steps done plus the rest of
@@ -954,6 +952,11 @@ class Trainer:
             state.update({name: t.detach().cpu() for name, t in exact})
         return state
 
+    def _say(self, text: str) -> None:
+        """One line on the main process's console."""
+        if self.accelerator.is_main_process:
+            print(f"[mtl_dist] {text}", flush=True)
+
     def _saved_best_score(self) -> float | None:
         """best/'s score, if it was chosen by this run's `metric_for_best` (a score and a loss
         do not compare: best/ of another metric is replaced by this run's first best)."""
@@ -961,8 +964,7 @@ class Trainer:
         metric = self.ckpt.best_info().get("metric_for_best")
         if score is None or metric in (None, self.cfg.train.metric_for_best):
             return score
-        if self.accelerator.is_main_process:
-            print(f"[mtl_dist] best/ was chosen by metric_for_best={metric}, this run uses "
+        self._say(f"best/ was chosen by metric_for_best={metric}, this run uses "
                   f"{self.cfg.train.metric_for_best}: its next best replaces it")
         return None
 
@@ -975,9 +977,8 @@ class Trainer:
                 (score > saved if self.ckpt.greater_is_better else score < saved):
             self.saved_best = score
             return True
-        if self.accelerator.is_main_process:
-            print(f"[mtl_dist] eval at step {step}: {score:.6g} is this run's best but not "
-                  f"best/'s ({saved:.6g}); best/ kept")
+        self._say(f"eval at step {step}: {score:.6g} is this run's best but not best/'s "
+                  f"({saved:.6g}); best/ kept")
         return False
 
     def _save_best(self, result: dict) -> None:
