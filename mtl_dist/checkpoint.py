@@ -65,6 +65,12 @@ _WARN_ONLY_KEYS = {"versions"}
 _NOT_CHECKED = object()  # an absent key that older checkpoints are not held to
 _ABSENT_MEANS = {"bf16_weights": False, "optimizer_settings": _NOT_CHECKED,
                  "metric_for_best": _NOT_CHECKED}
+# Earlier forms of a saved key, in today's form: optimizer_settings.head_lr was saved as set
+# (null: the same as lr) before it was saved as the effective value.
+_SAVED_FORMS = {
+    "optimizer_settings": lambda v: {**v, "head_lr": v.get("lr")}
+    if isinstance(v, dict) and v.get("head_lr") is None else v,
+}
 # Why a difference in these keys cannot be taken: said after the one-line error.
 _WHY_REFUSED = {
     "optimizer_settings": "the restored AdamW state and LR schedule keep the checkpoint's "
@@ -685,6 +691,7 @@ def check_manifest(path: Path, manifest: Mapping[str, Any], expected: Mapping[st
             raise CheckpointError(
                 f"checkpoint {path}: manifest has no key '{key}' (this run has {_short(want)})"
             )
+        saved = _SAVED_FORMS.get(key, lambda v: v)(saved)
         diff = _first_difference(saved, want, key)
         if diff and key in _WARN_ONLY_KEYS:
             warnings.warn(

@@ -593,8 +593,9 @@ class Trainer:
             if self._has_dev_labels():
                 stop = self._evaluate_for_best(self.state.global_step) or stop
         self._loss_sums = LossSums.zeros(len(self.task_names), acc.device)
-        bar = tqdm(total=self.total_steps, initial=self.state.global_step, desc="train",
-                   disable=not acc.is_main_process, dynamic_ncols=True)
+        bar = self._bar = tqdm(total=self.total_steps, initial=self.state.global_step,
+                               desc="train", disable=not acc.is_main_process,
+                               dynamic_ncols=True)
         while not stop:
             stop = self._train_epoch(bar)
             if not cfg.train.max_steps and self.state.epoch >= cfg.train.num_epochs:
@@ -625,9 +626,10 @@ class Trainer:
             failure = request_requeue(cfg.train.requeue_on_preempt and not overwrite)
             if failure:
                 print(f"[mtl_dist] {failure}", flush=True)
-            if overwrite:
+            if overwrite and cfg.train.requeue_on_preempt and os.environ.get("SLURM_JOB_ID"):
                 print("[mtl_dist] not requeued (train.overwrite_output_dir=true would delete "
-                      "this checkpoint on the rerun): resume with train.resume=auto", flush=True)
+                      "this checkpoint on the rerun): rerun with train.resume=auto and without "
+                      "train.overwrite_output_dir", flush=True)
         else:
             self.preemption.restore()
         return summary
@@ -834,12 +836,16 @@ class Trainer:
         self.state.pending_eval = bool(want_eval and self.stop_reason == "preempted")
         if want_eval and not self.state.pending_eval:
             stop = self._evaluate_for_best(step) or stop
+        if stop and not interrupted and self._loss_sums.steps:  # the run's last steps
+            self._queue_train_log(self._bar, self._loss_sums)
+            self._emit_train_log()
         want_save = periodic_save or (epoch_done and cfg.checkpoint.save_at_epoch_end) or \
             (stop and self.save_on_stop)
         if want_save:
             self.save_checkpoint()
         if want_eval or want_save:  # the next record's rates: training time only
             self._log_clock = (time.perf_counter(), self.state.samples_seen)
+            self.tokens_seen = 0
         return stop
 
     def _has_dev_labels(self) -> bool:
@@ -896,8 +902,8 @@ class Trainer:
                 "checkpoint/async": t["async"]})
 
     def _queue_train_log(self, bar, sums: LossSums) -> None:
-        """Start this step's train record (the mean over the steps since the last one, which
-        an epoch end or a resume makes fewer than log_steps): its losses leave the GPU without
+        """Start this step's train record (the mean over the steps since the last one: fewer
+        than log_steps after a resume, or at the run's end): its losses leave the GPU without
         a host sync; the record is written by `_emit_train_log` (at once without
         `train.async_log`)."""
         loss_sum, task_loss, task_count = sums.loss, sums.task_loss, sums.task_count
@@ -964,8 +970,9 @@ class Trainer:
         metric = self.ckpt.best_info().get("metric_for_best")
         if score is None or metric in (None, self.cfg.train.metric_for_best):
             return score
-        self._say(f"best/ was chosen by metric_for_best={metric}, this run uses "
-                  f"{self.cfg.train.metric_for_best}: its next best replaces it")
+        if self.cfg.checkpoint.save_best:
+            self._say(f"best/ was chosen by metric_for_best={metric}, this run uses "
+                      f"{self.cfg.train.metric_for_best}: its next best replaces it")
         return None
 
     def _beats_saved_best(self, step: int) -> bool:

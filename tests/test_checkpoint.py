@@ -713,3 +713,15 @@ def test_a_clear_killed_after_setting_best_aside_never_brings_it_back(tmp_path: 
     assert again.best_score() is None and not (tmp_path / "best").exists()
     again.save_best(1, 0.1, objs["model"].state_dict(), extra_files={}, metadata={})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]  # the leftover is cleaned
+
+
+def test_a_head_lr_saved_as_null_means_the_saved_lr() -> None:
+    """Checkpoints saved optimizer_settings.head_lr as set (null: same as lr) before it was
+    saved as the effective value: they must still resume."""
+    settings = {"lr": 1e-3, "weight_decay": 0.01, "adam_beta1": 0.9, "adam_beta2": 0.999,
+                "adam_eps": 1e-8}
+    saved = {"world_size": 1, "optimizer_settings": {**settings, "head_lr": None}}
+    ck.check_manifest(Path("ck"), saved, {"optimizer_settings": {**settings, "head_lr": 1e-3}})
+    with pytest.raises(CheckpointError, match="'optimizer_settings.head_lr' differs"):
+        ck.check_manifest(Path("ck"), saved, {"optimizer_settings": {**settings,
+                                                                      "head_lr": 5e-3}})

@@ -186,7 +186,7 @@ def test_async_log_writes_the_same_records_in_the_same_order(tmp_path):
     assert on == off
     assert [(r["kind"], r["step"]) for r in on if r["kind"] in ("train", "eval")] == [
         ("train", 4), ("train", 8), ("eval", 8), ("train", 12), ("train", 16), ("eval", 16),
-        ("eval", 18)]
+        ("eval", 18), ("train", 18)]  # the run's last two steps: a record of their own
     assert all(r["samples_per_s"] > 0 for r in records(runs["true"], "train"))
     for step in (6, 12, 18):
         states = [json.loads((out / "checkpoints" / f"checkpoint-{step}" /
@@ -194,7 +194,7 @@ def test_async_log_writes_the_same_records_in_the_same_order(tmp_path):
                   for out in runs.values()]
         on_h, off_h = ([{k: v for k, v in r.items() if k not in RATE_KEYS} for r in h]
                        for h in states)
-        assert on_h == off_h and on_h[-1]["step"] == step // 4 * 4
+        assert on_h == off_h and on_h[-1]["step"] == (18 if step == 18 else step // 4 * 4)
 
 
 def _tree(root) -> dict[str, bytes]:
@@ -402,21 +402,28 @@ def test_head_lr_null_and_head_lr_equal_to_lr_resume_alike(tmp_path):
 def test_a_preempted_overwrite_run_is_not_requeued(tmp_path, capsys, monkeypatch):
     """Requeued, the job would rerun its command line: with overwrite_output_dir it would
     delete the checkpoint it just saved and start over at every preemption."""
+    import mtl_dist.preemption
+
+    def no_scontrol(*args, **kwargs):  # never a real `scontrol requeue` from a test
+        raise AssertionError(f"scontrol called: {args}")
+
+    monkeypatch.setattr(mtl_dist.preemption.subprocess, "run", no_scontrol)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     summary = fit_with_a_signal_during_step(
         Trainer(demo_cfg(tmp_path, "train.max_steps=8", "train.overwrite_output_dir=true")), 3)
     out = capsys.readouterr().out
     assert summary["stop_reason"] == "preempted"
     assert "requested requeue" not in out
-    assert "not requeued (train.overwrite_output_dir=true would delete this checkpoint" in out
+    assert "not requeued (train.overwrite_output_dir=true would delete this checkpoint on the " \
+        "rerun): rerun with train.resume=auto and without train.overwrite_output_dir" in out
 
 
 def test_a_train_record_is_the_mean_over_the_steps_it_covers(tmp_path):
-    """A record after an epoch end or a resume covers fewer than log_steps steps (and the
-    epoch's last steps used to be dropped): its loss is their mean, as every-step records of
-    the same run show."""
+    """A record after a resume, or at the run's end, covers fewer than log_steps steps; one
+    across an epoch end covers steps of both epochs (their last steps used to be dropped):
+    its loss is the mean over them, as every-step records of the same run show."""
     caps = [f"tasks.{i}.max_samples=64" for i in range(3)]  # 12 steps per epoch at 16
-    common = [*caps, "train.max_steps=20", "train.per_device_batch_size=16",
+    common = [*caps, "train.max_steps=22", "train.per_device_batch_size=16",
               "train.eval_steps=null", "train.eval_at_epoch_end=false",
               "checkpoint.save_at_epoch_end=false"]
     every = tmp_path / "every"
@@ -425,7 +432,8 @@ def test_a_train_record_is_the_mean_over_the_steps_it_covers(tmp_path):
     base = [*common, "train.log_steps=5"]
     Trainer(demo_cfg(tmp_path, *base, "train.stop_after_steps=7")).fit()
     Trainer(demo_cfg(tmp_path, *base, "train.resume=auto")).fit()
-    covered = {5: range(1, 6), 10: range(8, 11), 15: range(11, 16), 20: range(16, 21)}
+    covered = {5: range(1, 6), 10: range(8, 11), 15: range(11, 16), 20: range(16, 21),
+               22: range(21, 23)}  # 6-7: summed before the stop, not logged
     got = dict(train_losses(tmp_path / "out"))
     assert sorted(got) == sorted(covered)
     for step, steps in covered.items():
