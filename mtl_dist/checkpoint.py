@@ -638,7 +638,8 @@ def _short(value: Any, limit: int = 80) -> str:
 def _first_difference(have: Any, want: Any, key: str) -> tuple[str, Any, Any] | None:
     """The dotted key of the first difference between two JSON values, with both sides."""
     if isinstance(have, dict) and isinstance(want, dict):
-        for k in sorted(set(have) | set(want), key=str):
+        # in this run's order (lr before the head_lr that follows it), then the saved extras
+        for k in [*want, *(k for k in have if k not in want)]:
             if k not in have or k not in want:
                 return f"{key}.{k}", have.get(k, "<absent>"), want.get(k, "<absent>")
             diff = _first_difference(have[k], want[k], f"{key}.{k}")
@@ -669,7 +670,9 @@ def check_manifest(path: Path, manifest: Mapping[str, Any], expected: Mapping[st
     when an allowed world-size change explains them.
     """
     run = manifest.get("run", {})
-    want_all = json.loads(_to_json(dict(expected), "expected manifest"))
+    _to_json(dict(expected), "expected manifest")  # encodable, or a one-line error
+    # the JSON forms in this run's key order (lr before the head_lr that follows it)
+    want_all = json.loads(json.dumps(dict(expected), default=_json_default))
     resized = "world_size" in want_all and int(want_all["world_size"]) != int(
         manifest["world_size"]
     )

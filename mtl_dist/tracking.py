@@ -45,13 +45,15 @@ class MetricsLog:
         self.is_main = is_main
         self.accelerator = accelerator
 
-    def truncate_after(self, step: int) -> None:
+    def truncate_after(self, step: int, redo_eval: bool = False) -> None:
         """Keep records up to `step` (a stopped invocation's summary at `step` stays: it says
-        why the run stopped there)."""
+        why the run stopped there); `redo_eval`: not an evaluation at `step`, which the run
+        is about to log again (a pending one, done before a crash)."""
         if not self.is_main or not self.path.exists():
             return
         kept = [line for line, record in _parsed_lines(self.path)
-                if record.get("step", 0) <= step]
+                if record.get("step", 0) < step or (record.get("step", 0) == step and not (
+                    redo_eval and record.get("kind") == "eval"))]
         tmp = self.path.with_suffix(".tmp")
         try:
             tmp.write_text("".join(line + "\n" for line in kept))
@@ -192,9 +194,10 @@ class Tracking:
     def run_name(self) -> str:
         return self.cfg.tracking.run_name or self.output_dir.resolve().name
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop JSONL records after the checkpoint's step (they are logged again)."""
-        self.metrics.truncate_after(step)
+    def truncate_after(self, step: int, redo_eval: bool = False) -> None:
+        """On resume: drop JSONL records after the checkpoint's step (they are logged again),
+        and its evaluation's when that is pending (`redo_eval`)."""
+        self.metrics.truncate_after(step, redo_eval)
 
     def start(self, run_id: str | None = None, resume_step: int = 0) -> str | None:
         """Start the trackers; returns the wandb run id to keep in the checkpoint (`run_id`

@@ -96,16 +96,18 @@ class TrainState:
     # After a replan of an epoch-counted run: [warm-up steps, total steps] it was re-counted
     # to, which the config alone no longer gives.
     schedule: list | None = None
+    last_eval_step: int | None = None
 
     def state_dict(self) -> dict:
         return {"global_step": self.global_step, "epoch": self.epoch,
                 "samples_seen": self.samples_seen, "tracker_run_id": self.tracker_run_id,
                 "score": self.score, "log_history": self.log_history[-50:],
-                "pending_eval": self.pending_eval, "schedule": self.schedule}
+                "pending_eval": self.pending_eval, "schedule": self.schedule,
+                "last_eval_step": self.last_eval_step}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("global_step", "epoch", "samples_seen", "tracker_run_id", "score",
-                    "log_history", "pending_eval", "schedule"):
+                    "log_history", "pending_eval", "schedule", "last_eval_step"):
             setattr(self, key, state.get(key, getattr(self, key)))
 
 
@@ -582,7 +584,7 @@ class Trainer:
         self.start_step = self.state.global_step
         self.preemption = PreemptionFlag(cfg.train.preemption_signals)
         self._precapture_graphs()  # after the handlers: a stop signal now is a clean stop
-        self.tracking.truncate_after(self.state.global_step)
+        self.tracking.truncate_after(self.state.global_step, redo_eval=self.state.pending_eval)
         self.state.tracker_run_id = self.tracking.start(self.state.tracker_run_id,
                                                         resume_step=self.state.global_step)
         stop = self.state.global_step >= self.total_steps
@@ -694,7 +696,8 @@ class Trainer:
             group["lr"] = base * linear_warmup_decay(sched.last_epoch, self.warmup_steps,
                                                      self.total_steps)
         if self.state.epoch >= cfg.num_epochs:  # no epoch left: the finish-time evaluation
-            self.state.pending_eval = self._has_dev_labels()
+            self.state.pending_eval = self._has_dev_labels() and \
+                self.state.last_eval_step != self.state.global_step
             return f"; no epoch is left (num_epochs={cfg.num_epochs}): the run ends here"
         return f"; the run now ends at step {self.total_steps}"
 
@@ -855,7 +858,7 @@ class Trainer:
         """Evaluate, update early stopping and best/; True when early stopping says stop."""
         cfg = self.cfg
         result = self.evaluate()
-        self.state.score = result["score"]
+        self.state.score, self.state.last_eval_step = result["score"], step
         improved = self.early.update(result["score"] if cfg.train.metric_for_best != "loss"
                                      else result["loss"], step)
         if improved and cfg.checkpoint.save_best and self._beats_saved_best(step):

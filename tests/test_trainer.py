@@ -290,6 +290,18 @@ def test_a_preemption_at_an_evaluation_step_evaluates_after_the_resume(tmp_path)
         Trainer(demo_cfg(tmp_path, *common, f"train.output_dir={split}")), 8)
     assert (summary["stop_reason"], summary["global_step"]) == ("preempted", 8)
     assert records(split, "eval") == [] and not (split / "best").exists()
+    # a resume that does the pending evaluation, then crashes before its next checkpoint:
+    # the next resume evaluates again, and the log keeps one evaluation at step 8
+    crashing = Trainer(demo_cfg(tmp_path, *common, f"train.output_dir={split}",
+                                "train.resume=auto"))
+
+    def crash():
+        raise RuntimeError("crash after the pending evaluation")
+
+    crashing._optimizer_step = crash
+    with pytest.raises(RuntimeError, match="crash after"):
+        crashing.fit()
+    assert [r["step"] for r in records(split, "eval")] == [8]
     Trainer(demo_cfg(tmp_path, *common, f"train.output_dir={split}", "train.resume=auto")).fit()
 
     def evals(out):
@@ -342,7 +354,6 @@ def test_a_resume_refuses_optimizer_settings_its_restored_state_would_ignore(tmp
     Trainer(demo_cfg(tmp_path, "train.max_steps=8", "train.stop_after_steps=4")).fit()
     before = _tree(tmp_path / "out")
     key = change.split("=")[0].split(".")[1]
-    key = "(head_)?lr" if key == "lr" else key  # head_lr null follows lr: named first
     with pytest.raises(CheckpointError, match=rf"'optimizer_settings.{key}' differs: checkpoint "
                        rf"has .*, this run has {change.split('=')[1]} \(the restored AdamW state"):
         Trainer(demo_cfg(tmp_path, "train.max_steps=8", "train.resume=auto", change)).fit()
@@ -359,9 +370,12 @@ def test_a_bad_test_file_fails_before_training_not_at_predict(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_replan_in_the_last_epoch_ends_the_run_with_its_final_evaluation(tmp_path, capsys):
+@pytest.mark.parametrize("eval_steps", ["null", "5"])  # 5: the checkpoint's step evaluated
+def test_a_replan_in_the_last_epoch_ends_the_run_with_its_final_evaluation(tmp_path, capsys,
+                                                                           eval_steps):
     caps = [f"tasks.{i}.max_samples=64" for i in range(3)]
-    common = [*caps, "train.max_steps=null", "train.num_epochs=1", "train.eval_steps=null"]
+    common = [*caps, "train.max_steps=null", "train.num_epochs=1",
+              f"train.eval_steps={eval_steps}"]
     Trainer(demo_cfg(tmp_path, *common, "train.per_device_batch_size=16",
                      "train.stop_after_steps=5")).fit()
     capsys.readouterr()
