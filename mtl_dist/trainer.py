@@ -26,7 +26,12 @@ from tqdm.auto import tqdm
 
 from mtl_dist import data as mdata
 from mtl_dist import zero
-from mtl_dist.checkpoint import CheckpointManager, check_label_maps_of, load_state_checked
+from mtl_dist.checkpoint import (
+    CheckpointManager,
+    check_label_maps_of,
+    is_committed,
+    load_state_checked,
+)
 from mtl_dist.collectives import release_host_group
 from mtl_dist.config import RunConfig, config_hash, config_to_yaml
 from mtl_dist.ema import EMA
@@ -335,6 +340,8 @@ class Trainer:
                               "directory")
         if train.resume and train.resume != "auto":
             self.ckpt.resolve(train.resume)  # a wrong path fails here, not after the set-up
+        if train.resume == "auto":
+            self._check_nothing_to_resume()
         saved = [] if train.resume or train.overwrite_output_dir else self.ckpt.saved_run()
         if saved:
             shown = ", ".join(saved if len(saved) <= 3 else ["...", *saved[-3:]])
@@ -342,6 +349,23 @@ class Trainer:
                 f"train.output_dir={out} already holds a run ({shown}): resume it with "
                 "train.resume=auto, start over with train.overwrite_output_dir=true (deletes "
                 "it), or pick a new train.output_dir")
+
+    def _check_nothing_to_resume(self) -> None:
+        """`resume=auto` with no checkpoint but a best/ (a crash before the first save, or
+        checkpoints deleted): the run starts afresh beside that best/, which is replaced only
+        by a better score. Refused when best/ was trained with another config: the run would
+        mix with another's best/."""
+        if not is_committed(self.ckpt.best_dir) or self.ckpt.latest() is not None:
+            return
+        info = self.ckpt.best_info()
+        if info.get("config_hash") not in (None, config_hash(self.cfg)):
+            raise CheckpointError(
+                f"train.resume=auto: {self.output_dir} has no checkpoint to resume, and its "
+                "best/ was trained with another config: pick a new train.output_dir, or start "
+                "over with train.overwrite_output_dir=true (without train.resume)")
+        self._say(f"no checkpoint to resume in {self.output_dir}: starting afresh beside "
+                  f"best/ (step {info.get('step')}, score {info.get('score')}), which only a "
+                  "better score replaces")
 
     def _frozen_label_maps(self) -> dict[str, list[str]]:
         """Labels from the config or the train data, then frozen: a resumed run reuses the saved map."""
@@ -1006,6 +1030,7 @@ class Trainer:
             self.ckpt.save_best(self.state.global_step, self.early.best_score, state,
                                 extra_files=extra,
                                 metadata={"metric_for_best": self.cfg.train.metric_for_best,
+                                          "config_hash": config_hash(self.cfg),
                                           "ema": self.ema is not None})
 
     # -------------------------------------------------------------- evaluation

@@ -389,17 +389,27 @@ def test_a_replan_in_the_last_epoch_ends_the_run_with_its_final_evaluation(tmp_p
 def test_a_resume_with_another_metric_for_best_does_not_compare_a_loss_with_a_score(
         tmp_path, capsys):
     """A resume refuses another metric (early stopping's best was measured by the old one);
-    a fresh start next to best/ of another metric does not compare with it."""
+    with no checkpoint left, a best/ of another config is refused, and one saved without its
+    config hash (older) is not compared with when its metric differs."""
     Trainer(demo_cfg(tmp_path, "train.max_steps=8")).fit()
     with pytest.raises(CheckpointError, match="'metric_for_best' differs: checkpoint has "
                        "\"score\", this run has \"loss\""):
         Trainer(demo_cfg(tmp_path, "train.max_steps=16", "train.resume=auto",
                          "train.metric_for_best=loss")).fit()
     shutil.rmtree(tmp_path / "out" / "checkpoints")  # best/ alone: resume=auto starts afresh
+    with pytest.raises(CheckpointError, match="no checkpoint to resume, and its best/ was "
+                       "trained with another config"):  # metric_for_best is in the config
+        Trainer(demo_cfg(tmp_path, "train.max_steps=8", "train.resume=auto",
+                         "train.metric_for_best=loss"))
+    info = tmp_path / "out" / "best" / "best.json"  # as a best/ saved before config_hash was
+    info.write_text(json.dumps({k: v for k, v in json.loads(info.read_text()).items()
+                                if k != "config_hash"}))
     capsys.readouterr()
     Trainer(demo_cfg(tmp_path, "train.max_steps=8", "train.resume=auto",
                      "train.metric_for_best=loss")).fit()
-    assert "best/ was chosen by metric_for_best=score, this run uses loss" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "no checkpoint to resume in" in out and "starting afresh beside best/ (step 8" in out
+    assert "best/ was chosen by metric_for_best=score, this run uses loss" in out
     best = json.loads((tmp_path / "out" / "best" / "best.json").read_text())
     assert best["metric_for_best"] == "loss" and best["step"] == 8
 
