@@ -572,7 +572,7 @@ class RankBatchSampler(Sampler[list[int]]):
     def _replan(self, epoch: int, step: int, saved_g: int) -> None:
         """Opt-in: the global batch changed; begin the next not-yet-started epoch at step 0."""
         next_epoch = epoch if step == 0 else epoch + 1
-        logger.warning(
+        (logger.warning if self.rank == 0 else logger.debug)(  # said once, not once per rank
             "sampler: global batch size %d -> %d; re-planning: epoch %d step %d is left, "
             "training continues at epoch %d step 0",
             saved_g,
