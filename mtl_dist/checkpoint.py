@@ -192,10 +192,10 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__module__}.{type(value).__name__} is not JSON-serialisable")
 
 
-def _to_json(obj: Any, what: str) -> str:
+def _to_json(obj: Any, what: str, sort_keys: bool = True) -> str:
     """JSON text of `obj`; a one-line CheckpointError naming `what` if it cannot be encoded."""
     try:
-        return json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
+        return json.dumps(obj, indent=2, sort_keys=sort_keys, default=_json_default)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"cannot write {what} as JSON: {exc}") from exc
 
@@ -670,9 +670,8 @@ def check_manifest(path: Path, manifest: Mapping[str, Any], expected: Mapping[st
     when an allowed world-size change explains them.
     """
     run = manifest.get("run", {})
-    _to_json(dict(expected), "expected manifest")  # encodable, or a one-line error
-    # the JSON forms in this run's key order (lr before the head_lr that follows it)
-    want_all = json.loads(json.dumps(dict(expected), default=_json_default))
+    # the JSON forms, in this run's key order (lr before the head_lr that follows it)
+    want_all = json.loads(_to_json(dict(expected), "expected manifest", sort_keys=False))
     resized = "world_size" in want_all and int(want_all["world_size"]) != int(
         manifest["world_size"]
     )

@@ -17,6 +17,12 @@ DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 CPU_LAUNCH_CONFIG = REPO_ROOT / "launch" / "cpu_multi.yaml"
 
 
+def _not_a_file(path: Path, what: str) -> None:
+    """An output directory given where a file already is: one line, before any work."""
+    if path.exists() and not path.is_dir():
+        raise MtlDistError(f"{what} {path}: exists and is not a directory")
+
+
 def _load(config: str, overrides: list[str]):
     from mtl_dist.config import load_config
 
@@ -76,19 +82,18 @@ def cmd_predict(args) -> int:
     from mtl_dist.outputs import write_predictions
 
     cfg = _load(args.config, args.overrides)
-    if not any(split_files(task, args.split) for task in cfg.tasks):
+    without = [task.name for task in cfg.tasks if not split_files(task, args.split)]
+    if len(without) == len(cfg.tasks):
         raise MtlDistError(f"predict --split {args.split}: no task has a {args.split} file "
                            f"(tasks.<i>.{args.split})")
     out_dir = Path(args.output or Path(cfg.train.output_dir) / "predictions")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MtlDistError(f"predict --output {out_dir}: exists and is not a directory")
+    _not_a_file(out_dir, "predict --output")
     trainer = _trainer_for_inference(args, cfg)
     records = trainer.predict(args.split)
     if trainer.accelerator.is_main_process:
-        for task in cfg.tasks:
-            if not split_files(task, args.split):  # an empty file would replace earlier ones
-                print(f"{task.name}: no {args.split} file configured; skipped")
-                del records[task.name]
+        for name in without:  # an empty file would replace earlier ones
+            print(f"{name}: no {args.split} file configured; skipped")
+            del records[name]
         suffix = "" if args.split == "test" else f".{args.split}"
         for path, count in write_predictions(out_dir, records, suffix):
             print(f"wrote {count} predictions to {path}")
@@ -103,8 +108,7 @@ def _check_pseudo_label_targets(cfg, out_dir: Path) -> None:
 
     if not any(task.test for task in cfg.tasks):
         raise MtlDistError("pseudo-label: no task has a test file (tasks.<i>.test)")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MtlDistError(f"pseudo-label --output {out_dir}: exists and is not a directory")
+    _not_a_file(out_dir, "pseudo-label --output")
     data = {Path(f).resolve(): (i, split) for i, task in enumerate(cfg.tasks)
             for split in SPLITS for f in split_files(task, split)}
     for task in cfg.tasks:
@@ -215,8 +219,7 @@ def _demo_fresh_start(out: Path, overrides: list[str], args) -> list[str]:
     if args.stop_after < 1:
         raise MtlDistError(f"demo: --stop-after must be >= 1, got {args.stop_after}")
     _load(str(DEMO_CONFIG), [*overrides, f"train.stop_after_steps={args.stop_after}"])
-    if out.exists() and not out.is_dir():
-        raise MtlDistError(f"demo: --output {out} exists and is not a directory")
+    _not_a_file(out, "demo: --output")
     saved = CheckpointManager(out, save_total_limit=None).saved_run() if out.is_dir() else []
     if saved and not (out / DEMO_MARKER).exists():
         raise MtlDistError(f"demo: --output {out} holds a run the demo did not write "
