@@ -209,3 +209,20 @@ def test_ema_applied_restores_zero3_partitions_bit_exactly(tmp_path):
     parameters, a forward and the consolidated state dict see them, and all is restored."""
     out = run_script("ema_zero3.py", tmp_path)
     assert out.count("EMA applied and restored bit-exactly") == 2
+
+
+def test_two_ranks_refuse_a_used_output_dir_and_overwrite_it_together(straight, tmp_path):
+    """The used-dir refusal on both ranks (no rank left waiting), then
+    train.overwrite_output_dir: rank 0 deletes the old run (a collective), both go on."""
+    out = tmp_path / "used"
+    shutil.copytree(straight, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    args = ["train", str(DEMO), f"train.output_dir={out}", f"data.cache_dir={tmp_path}/cache",
+            *FAST, "train.max_steps=8"]
+    refused = run_cli(args, procs=2, check=False, timeout=240)
+    assert refused.returncode != 0 and "already holds a run" in refused.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    run_cli([*args, "train.overwrite_output_dir=true"], procs=2, timeout=240)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-8"]
+    assert json.loads((out / "best" / "best.json").read_text())["step"] == 8
+    assert [s for s, _ in train_losses(out)] == list(range(1, 9))
