@@ -310,6 +310,7 @@ def cmd_bench(args) -> int:
             task.dev = None
         trainer = Trainer(cfg)
         trainer.save_on_stop = False
+        trainer.tracking.point_to_outputs = False  # its directory is gone when bench returns
         try:
             trainer.fit()
             records = [r for r in read_metrics(out) if r["kind"] == "train"]

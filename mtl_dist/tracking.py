@@ -188,6 +188,7 @@ class Tracking:
         self.sync_command: str | None = None  # set when wandb logs offline
         self._offline_reason: str | None = None
         self.active = False
+        self.point_to_outputs = True  # `mtl-dist bench` runs in a directory it then deletes
 
     # ------------------------------------------------------------------ life cycle
     @property
@@ -316,6 +317,8 @@ class Tracking:
             tracker.finish()
         self.accelerator.trackers.clear()
         self.active = False
+        if not self.point_to_outputs:
+            return
         best = self.output_dir / "best"
         print(f"[mtl_dist] best checkpoint: {best if best.exists() else '(none saved)'}; "
               f"metrics log: {self.metrics.path}; report: mtl-dist report {self.output_dir}",

@@ -109,6 +109,7 @@ def test_bench_command_reports_throughput_without_writing_checkpoints(tmp_path):
     assert report["tokens_per_s"] > 0 and report["world_size"] == 1
     assert not (tmp_path / "o").exists()  # bench writes into a temporary directory only
     assert "[eval step" not in result.stdout + result.stderr  # not even at the run's end
+    assert "mtl_bench_" not in result.stdout + result.stderr  # no hint at its deleted directory
 
 
 def test_a_run_told_not_to_save_on_stop_leaves_no_checkpoint(tmp_path):
