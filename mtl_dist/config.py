@@ -891,13 +891,13 @@ def _validate(run: RunConfig, sources: _Sources) -> None:
 
 
 def _validate_evaluation(run: RunConfig) -> None:
-    """Early stopping counts evaluations: without a dev file no evaluation ever runs."""
-    if run.train.early_stopping_patience and not any(t.dev for t in run.tasks):
-        raise _Problem(
-            "train.early_stopping_patience",
-            "config key 'train.early_stopping_patience': expected null when no task has a dev "
-            f"file (no evaluation would ever run), got {run.train.early_stopping_patience}",
-        )
+    """Evaluation keys without a dev file: no evaluation would ever run, so say so."""
+    if any(t.dev for t in run.tasks):
+        return
+    for key in ("train.eval_steps", "train.early_stopping_patience"):
+        if _get(run, key):
+            raise _Problem(key, f"config key '{key}': expected null when no task has a dev "
+                                f"file (no evaluation would ever run), got {_get(run, key)}")
 
 
 def _get(run: RunConfig, key: str) -> Any:

@@ -399,12 +399,13 @@ def test_pretrained_dir_without_config_json_is_named(tmp_path: Path) -> None:
         load_config(None, [*DEMO, f"model.pretrained={tmp_path}"])
 
 
-def test_early_stopping_without_any_dev_file_is_refused() -> None:
-    with pytest.raises(ConfigError, match="'train.early_stopping_patience': expected null when no "
-                       "task has a dev file"):
-        load_config(None, [*DEMO, "train.early_stopping_patience=2"])
+@pytest.mark.parametrize("key", ["train.early_stopping_patience", "train.eval_steps"])
+def test_evaluation_keys_without_any_dev_file_are_refused(key: str) -> None:
+    with pytest.raises(ConfigError, match=f"'{key}': expected null when no task has a dev file "
+                       r"\(no evaluation would ever run\), got 2"):
+        load_config(None, [*DEMO, f"{key}=2"])
     dev = ["tasks=[{name: nli, train: 'demo:nli/train', dev: 'demo:nli/dev'}]"]
-    assert load_config(None, [*dev, "train.early_stopping_patience=2"])
+    assert load_config(None, [*dev, f"{key}=2"])
 
 
 def test_a_string_key_takes_demo_colon_literally_on_the_command_line() -> None:
