@@ -856,7 +856,7 @@ model:
   arch: {hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 128,
          max_position_embeddings: 128}
 data: {max_length: 64}
-train: {per_device_batch_size: 32, lr: 1.0e-3, max_steps: 2, eval_steps: 2, log_steps: 1}
+train: {per_device_batch_size: 32, lr: 1.0e-3, max_steps: 2, log_steps: 1}
 checkpoint: {save_steps: 2}
 """
 
