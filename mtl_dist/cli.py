@@ -123,7 +123,7 @@ def _check_pseudo_label_targets(cfg, out_dir: Path) -> None:
 def cmd_pseudo_label(args) -> int:
     """Confident test predictions as new train files, one per task, in the task's own layout."""
     from mtl_dist.errors import ConfigError
-    from mtl_dist.outputs import pseudo_label_path, write_pseudo_labels
+    from mtl_dist.outputs import is_pseudo_label_file, pseudo_label_path, write_pseudo_labels
 
     if not 0.0 < args.threshold <= 1.0:
         raise ConfigError(f"--threshold: expected a probability in (0, 1], got {args.threshold}")
@@ -134,7 +134,7 @@ def cmd_pseudo_label(args) -> int:
     records = trainer.predict("test")
     if not trainer.accelerator.is_main_process:
         return 0
-    hints = []
+    hints, replaced = [], []
     for i, task in enumerate(cfg.tasks):
         if not task.test:
             print(f"{task.name}: no test file configured; skipped")
@@ -148,9 +148,15 @@ def cmd_pseudo_label(args) -> int:
         print(f"{task.name}: kept {kept} of {total} test rows with top probability >= "
               f"{args.threshold} {where}")
         if path:
-            hints.append(f"tasks.{i}.extra_train=[{','.join([*task.extra_train, str(path)])}]")
+            # an earlier round's file labels the same test rows: this round's replaces it
+            earlier_rounds = [p for p in task.extra_train if is_pseudo_label_file(p, task)]
+            keep = [p for p in task.extra_train if p not in earlier_rounds]
+            hints.append(f"tasks.{i}.extra_train=[{','.join([*keep, str(path)])}]")
+            replaced += earlier_rounds
     if hints:
-        print("train a second round on them with: " + " ".join(hints))
+        print("train the next round on them with: " + " ".join(hints))
+    if replaced:
+        print("(in place of the earlier round's " + ", ".join(map(str, replaced)) + ")")
     return 0
 
 

@@ -13,6 +13,8 @@ from typing import Any
 from mtl_dist.errors import DataError
 
 EXTENSIONS = {"tsv": "tsv", "csv": "csv", "jsonl": "jsonl"}
+# Left in a directory `write_pseudo_labels` wrote into: a later round's hint knows its files.
+PSEUDO_LABEL_MARKER = ".mtl_dist_pseudo_labels"
 
 
 def write_predictions(out_dir: str | Path, records: Mapping[str, list[dict]],
@@ -99,6 +101,13 @@ def pseudo_label_path(out_dir: str | Path, task: Any) -> Path:
     return Path(out_dir) / f"{task.name}.{EXTENSIONS[input_layout(task, task.test)]}"
 
 
+def is_pseudo_label_file(path: str | Path, task: Any) -> bool:
+    """Whether `path` is an earlier `pseudo-label` round's file for `task` (same test rows)."""
+    path = Path(path)
+    return path.name == pseudo_label_path(path.parent, task).name and \
+        (path.parent / PSEUDO_LABEL_MARKER).is_file()
+
+
 def write_pseudo_labels(out_dir: str | Path, task: Any, predictions: Sequence[Mapping[str, Any]],
                         threshold: float, *, on_bad_row: str = "error",
                         labels: Sequence[str] | None = None) -> tuple[Path | None, int, int]:
@@ -117,6 +126,7 @@ def write_pseudo_labels(out_dir: str | Path, task: Any, predictions: Sequence[Ma
     if not kept:  # an earlier round's file, if any, is the user's: left as it is
         return None, 0, len(examples)
     path.parent.mkdir(parents=True, exist_ok=True)
+    (path.parent / PSEUDO_LABEL_MARKER).touch()
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(format_rows(task, kept, fmt=input_layout(task, task.test)),
                    encoding="utf-8")

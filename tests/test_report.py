@@ -171,7 +171,7 @@ def test_pseudo_label_cli_round_trips_and_feeds_a_second_round(run):
         kept_somewhere_less |= len(want) < len(test_rows)
     assert kept_somewhere_less
     # The printed overrides make a second round train on them (extra_train).
-    hint = stdout.split("train a second round on them with: ")[1].split()
+    hint = stdout.split("train the next round on them with: ")[1].split()
     second = load_config(DEMO, [*run.overrides, *hint])
     tok = mdata.load_tokenizer(second.model)
     sizes = [len(t) for t in mdata.load_task_data(second, tok, "train", run.labels)]
@@ -179,6 +179,17 @@ def test_pseudo_label_cli_round_trips_and_feeds_a_second_round(run):
     kept = [len(mdata.read_examples(run.out / "pseudo_labels" / f"{t}.tsv", task,
                                     require_label=True)[0]) for t, task in zip(TASKS, cfg.tasks, strict=True)]
     assert sizes == [b + k for b, k in zip(base, kept, strict=True)]
+    # A next round (trained on the hint) labels the same test rows again: its hint puts its
+    # own files in place of the earlier round's, so no test row is trained on twice.
+    code, stdout = cli_main(["pseudo-label", str(DEMO), *run.overrides, *hint, "--checkpoint",
+                             str(run.out / "best"), "--threshold", repr(threshold),
+                             "--output", str(run.out / "round2")])
+    assert code == 0
+    third = stdout.split("train the next round on them with: ")[1].splitlines()[0].split()
+    assert third == [f"tasks.{i}.extra_train=[{run.out / 'round2' / t}.tsv]"
+                     for i, t in enumerate(TASKS)]
+    earlier = ", ".join(str(run.out / "pseudo_labels" / f"{t}.tsv") for t in TASKS)
+    assert f"(in place of the earlier round's {earlier})" in stdout
 
 
 # ----------------------------------------------------------------- layouts, without a model
