@@ -130,7 +130,7 @@ def test_pseudo_label_mistakes_are_one_line_and_an_empty_round_keeps_earlier_fil
     assert cli(capsys, "pseudo-label", DEMO, *overrides, "--checkpoint", best, "--output", out,
                "--threshold", "1e-9")[0] == 0
     first = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert sorted(first) == ["emotion.tsv", "news.tsv", "nli.tsv"]
+    assert sorted(first) == [".mtl_dist_pseudo_labels", "emotion.tsv", "news.tsv", "nli.tsv"]
     code, printed, _ = cli(capsys, "pseudo-label", DEMO, *overrides, "--checkpoint", best,
                            "--output", out, "--threshold", "1.0")
     assert code == 0 and f"(no file written; the earlier {out / 'nli.tsv'} is left as it was)" \
