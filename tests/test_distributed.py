@@ -226,3 +226,54 @@ def test_two_ranks_refuse_a_used_output_dir_and_overwrite_it_together(straight, 
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-8"]
     assert json.loads((out / "best" / "best.json").read_text())["step"] == 8
     assert [s for s, _ in train_losses(out)] == list(range(1, 9))
+
+
+def _evals(out: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("time", "output_dir")}
+            for r in records(out, "eval")]
+
+
+def test_a_preemption_at_an_evaluation_step_on_two_ranks_evaluates_after_the_resume(
+        straight, tmp_path):
+    """SIGUSR1 to rank 0 alone during step 8 (an evaluation step): both ranks stop there
+    with a checkpoint and no evaluation; the resumed 2-rank run evaluates step 8 first, and
+    ends with the straight run's evaluations, best/ and losses."""
+    out = tmp_path / "out"
+    printed = run_script("preempt_at_step.py", tmp_path, 2, "8", *STEPS)
+    summaries = [json.loads(line) for line in printed.splitlines() if line.startswith('{"rank"')]
+    assert sorted(s["rank"] for s in summaries) == [0, 1]
+    assert {(s["stop_reason"], s["global_step"]) for s in summaries} == {("preempted", 8)}
+    assert (out / "checkpoints" / "checkpoint-8" / "COMMITTED").exists()
+    assert records(out, "eval") == [] and not (out / "best").exists()
+    run_cli(["train", str(DEMO), f"train.output_dir={out}", f"data.cache_dir={tmp_path}/cache",
+             *FAST, *STEPS, "train.resume=auto"], procs=2)
+    assert [r["step"] for r in _evals(out)] == [8, 16, 24] and _evals(out) == _evals(straight)
+    assert train_losses(out) == train_losses(straight)
+    assert (out / "best" / "best.json").read_text() == \
+        (straight / "best" / "best.json").read_text()
+
+
+def test_a_replan_from_two_ranks_to_one_recounts_the_run_and_survives_a_plain_resume(tmp_path):
+    """sampler.on_global_batch_change=replan across a world-size change (2 x 16 -> 1 x 16):
+    the 1-rank resume skips the rest of the saved epoch, re-counts the run's length and its
+    LR schedule, and a plain resume after it keeps them."""
+    out = tmp_path / "out"
+    caps = [f"tasks.{i}.max_samples=64" for i in range(3)]  # 192 samples per epoch
+    common = ["train", str(DEMO), f"train.output_dir={out}", f"data.cache_dir={tmp_path}/cache",
+              *FAST, *caps, "train.max_steps=null", "train.num_epochs=2", "train.warmup_steps=0",
+              "train.eval_steps=null", "train.eval_at_epoch_end=false",
+              "checkpoint.save_at_epoch_end=false", "train.per_device_batch_size=16"]
+    run_cli([*common, "train.stop_after_steps=5"], procs=2)
+    replan = [*common, "sampler.on_global_batch_change=replan", "train.resume=auto"]
+    said = run_cli([*replan, "train.stop_after_steps=3"], procs=1).stdout
+    total = 5 + 192 // 16  # epoch 1 at the new global batch of 16: 12 steps
+    assert f"global batch 32 -> 16: continuing at epoch 1 step 0; the run now ends at step " \
+        f"{total}" in said
+    run_cli(replan, procs=1)  # a plain resume: same batch, the re-counted schedule
+    train = records(out, "train")
+    assert [r["step"] for r in train] == list(range(1, total + 1))
+    assert [r["epoch"] for r in train][5:] == [1] * (total - 5)
+    lrs = [r["lr"] for r in train]
+    assert all(a > b for a, b in zip(lrs[5:-1], lrs[6:], strict=True)) and lrs[-1] == 0
+    assert lrs[-2] == pytest.approx(lrs[5] / (total - 6), rel=1e-6)
+    assert records(out, "summary")[-1]["global_step"] == total

@@ -1,0 +1,36 @@
+"""Run under a 2-process launcher: rank 0 gets a real SIGUSR1 during STEP (a stop signal on one
+rank, as Slurm's `scancel --signal=USR1` to one task would be); both ranks must stop together
+at that step with a checkpoint. Prints each rank's summary as one JSON line.
+
+argv: OUTPUT_DIR CACHE_DIR STEP [overrides...].
+"""
+
+import json
+import os
+import signal
+import sys
+
+from mtl_dist.config import load_config
+from mtl_dist.trainer import Trainer
+from tests._runs import DEMO, FAST
+
+out, cache, step, *extra = sys.argv[1:]
+cfg = load_config(DEMO, [f"train.output_dir={out}", f"data.cache_dir={cache}", *FAST,
+                         "train.requeue_on_preempt=false", *extra])
+trainer = Trainer(cfg)
+optimizer_step = trainer._optimizer_step
+
+
+def step_then_signal():
+    optimizer_step()
+    if trainer.rank == 0 and trainer.state.global_step == int(step) - 1:  # counted up next
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
+trainer._optimizer_step = step_then_signal
+try:
+    summary = trainer.fit()
+finally:
+    trainer.close()
+print(json.dumps({"rank": trainer.rank, "stop_reason": summary["stop_reason"],
+                  "global_step": summary["global_step"]}))
