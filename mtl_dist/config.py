@@ -329,6 +329,7 @@ class _Sources:
         self.path = None if path is None else str(path)
         self.file_dir = None if path is None else os.path.dirname(os.path.abspath(path))
         self.overrides: list[tuple[str, str]] = []  # (display key, override text)
+        self.lines: dict[str, int] = {}  # display key -> its line in the file
 
     def override_for(self, key: str) -> str | None:
         """The last override that set `key` or one of its parents, if any."""
@@ -338,11 +339,21 @@ class _Sources:
         return None
 
     def prefix(self, key: str) -> str:
-        """'override ...: ' or 'file.yaml: ' (or nothing) for a problem about `key`."""
+        """'override ...: ' or 'file.yaml:LINE: ' (or nothing) for a problem about `key`."""
         text = self.override_for(key)
         if text is not None:
             return f"override '{text}': "
-        return f"{self.path}: " if self.path is not None else ""
+        return self.file_prefix(key) if self.path is not None else ""
+
+    def file_prefix(self, key: str) -> str:
+        """'file.yaml:LINE: ' with the line of `key` or its nearest parent in the file
+        ('file.yaml: ' when neither is written there, e.g. a default)."""
+        segments = _split_key(key) if key else []
+        for end in range(len(segments), 0, -1):
+            line = self.lines.get(_display(segments[:end]))
+            if line is not None:
+                return f"{self.path}:{line}: "
+        return f"{self.path}: "
 
     def base_dir(self, key: str) -> str:
         """Directory a relative path at `key` is resolved against (the file's, or the CWD)."""
@@ -356,12 +367,14 @@ class _Sources:
 
 
 @contextmanager
-def _prefixed(prefix: str) -> Iterator[None]:
-    """Prefix every _Problem raised inside with `prefix` (a file name or an override)."""
+def _prefixed(prefix: str | Callable[[str], str]) -> Iterator[None]:
+    """Prefix every _Problem raised inside with `prefix` (an override, or a function of the
+    problem's key: the file and the key's line)."""
     try:
         yield
     except _Problem as problem:
-        raise _Problem(problem.key, prefix + str(problem)) from None
+        text = prefix(problem.key) if callable(prefix) else prefix
+        raise _Problem(problem.key, text + str(problem)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,8 +557,10 @@ def _build(path: str | Path | None, overrides: Sequence[str], sources: _Sources)
     """The schema, then the file, then each override, merged as an OmegaConf config."""
     cfg = OmegaConf.structured(RunConfig)
     if path is not None:
-        raw = _read_yaml(path)
-        with _prefixed(f"{path}: "):
+        text = _read_text(path)
+        raw = _parse_yaml(text, str(path))
+        sources.lines = _key_lines(text)
+        with _prefixed(sources.file_prefix):
             _check_shape(raw, RunConfig, "")
             _merge_file(cfg, raw)
     for text in overrides:
@@ -555,20 +570,40 @@ def _build(path: str | Path | None, overrides: Sequence[str], sources: _Sources)
     return cfg
 
 
-def _read_yaml(path: str | Path) -> dict[str, Any]:
-    """The file's YAML as a plain dict (interpolations unresolved); errors name the file."""
+def _read_text(path: str | Path) -> str:
+    """The config file's text; errors name the file."""
     if not os.path.exists(path):
         raise _Problem("", f"{path}: config file not found")
     if os.path.isdir(path):
         raise _Problem("", f"{path}: expected a YAML config file, got a directory")
     try:
         with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+            return handle.read()
     except UnicodeDecodeError as exc:
         raise _Problem("", f"{path}: not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
         raise _Problem("", f"{path}: cannot read config file: {exc.strerror}") from None
-    return _parse_yaml(text, str(path))
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Display key ('train.lr', 'tasks[0].train') -> 1-based line where the file writes it
+    (the text already parsed, so composing it again cannot fail)."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, key: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value in node.value:
+                child = _join(key, str(key_node.value))
+                lines.setdefault(child, key_node.start_mark.line + 1)
+                walk(value, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                child = _join(key, index)
+                lines.setdefault(child, item.start_mark.line + 1)
+                walk(item, child)
+
+    walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+    return lines
 
 
 def _parse_yaml(text: str, where: str) -> dict[str, Any]:

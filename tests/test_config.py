@@ -119,18 +119,18 @@ def test_interpolation_and_scalar_conversion(project: Path) -> None:
 def test_unknown_key_in_file_names_file_and_suggests(project: Path) -> None:
     path = write(project, BASE + "  lrr: 1\n")
     assert error_of(path) == (
-        "configs/bad.yaml: config key 'train.lrr' is unknown; did you mean 'train.lr'?"
+        "configs/bad.yaml:16: config key 'train.lrr' is unknown; did you mean 'train.lr'?"
     )
 
 
 def test_unknown_key_in_task_and_section(project: Path) -> None:
     path = write(project, BASE.replace("    pair: true", "    trian: x.tsv"))
     assert error_of(path) == (
-        "configs/bad.yaml: config key 'tasks[0].trian' is unknown; did you mean 'tasks[0].train'?"
+        "configs/bad.yaml:8: config key 'tasks[0].trian' is unknown; did you mean 'tasks[0].train'?"
     )
     path = write(project, BASE + "trian: {}\n")
     assert (
-        error_of(path) == "configs/bad.yaml: config key 'trian' is unknown; did you mean 'train'?"
+        error_of(path) == "configs/bad.yaml:16: config key 'trian' is unknown; did you mean 'train'?"
     )
 
 
@@ -144,7 +144,7 @@ def test_unknown_key_without_close_match_lists_valid_keys() -> None:
 
 def test_wrong_type(project: Path) -> None:
     path = write(project, BASE.replace("lr: 3e-5", "lr: abc"))
-    assert error_of(path) == "configs/bad.yaml: config key 'train.lr': expected float, got 'abc'"
+    assert error_of(path) == "configs/bad.yaml:14: config key 'train.lr': expected float, got 'abc'"
     assert error_of(None, [*DEMO, "train.num_epochs=2.5"]) == (
         "override 'train.num_epochs=2.5': config key 'train.num_epochs': expected int, got 2.5"
     )
@@ -270,17 +270,17 @@ def test_nullable_limits_accept_null() -> None:
 def test_task_rules_in_file(project: Path) -> None:
     path = write(project, BASE.replace("name: emotion", "name: nli"))
     assert error_of(path) == (
-        "configs/bad.yaml: config key 'tasks[1].name': duplicate task name 'nli' "
+        "configs/bad.yaml:9: config key 'tasks[1].name': duplicate task name 'nli' "
         "(already used by tasks[0])"
     )
     path = write(project, BASE.replace("    train: data/nli_train.tsv\n", ""))
     assert error_of(path) == (
-        "configs/bad.yaml: config key 'tasks[0].train': task 'nli' has no train file; "
+        "configs/bad.yaml:5: config key 'tasks[0].train': task 'nli' has no train file; "
         "expected a path or 'demo:<task>/train', got null"
     )
     path = write(project, BASE.replace("  - name: emotion", "  - pair: false"))
     assert error_of(path) == (
-        "configs/bad.yaml: config key 'tasks[1].name': expected str, got nothing (required)"
+        "configs/bad.yaml:9: config key 'tasks[1].name': expected str, got nothing (required)"
     )
     path = write(project, "train: {lr: 1.0e-5}\n")
     assert (
@@ -292,7 +292,7 @@ def test_task_rules_in_file(project: Path) -> None:
 def test_missing_file(project: Path) -> None:
     path = write(project, BASE.replace("nli_dev.tsv", "nope.tsv"))
     missing = project / "configs" / "data" / "nope.tsv"
-    assert error_of(path) == f"configs/bad.yaml: tasks[0].dev: file not found: {missing}"
+    assert error_of(path) == f"configs/bad.yaml:7: tasks[0].dev: file not found: {missing}"
     cfg = load_config(path, check_files=False)
     with pytest.raises(ConfigError) as info:
         check_files(cfg)
@@ -410,3 +410,14 @@ def test_evaluation_keys_without_any_dev_file_are_refused(key: str) -> None:
 
 def test_a_string_key_takes_demo_colon_literally_on_the_command_line() -> None:
     assert load_config(None, [*DEMO, "model.tokenizer=demo:"]).model.tokenizer == "demo:"
+
+
+def test_a_problem_in_the_file_names_the_line_of_its_key_or_nearest_parent(project: Path) -> None:
+    """Block and flow style alike; a key the file does not write takes its parent's line."""
+    path = write(project, BASE.replace("hidden_size: 64", "hidden_size: 66"))
+    assert error_of(path).startswith("configs/bad.yaml:3: config key 'model.arch.hidden_size': "
+                                     "expected a multiple of model.arch.num_attention_heads (4)")
+    path = write(project, BASE.replace("    labels: [sad, happy]\n", "    labels: [sad, sad]\n"))
+    assert error_of(path).startswith("configs/bad.yaml:11: config key 'tasks[1].labels'")
+    path = write(project, BASE + "  warmup_ratio: 2\n")
+    assert error_of(path).startswith("configs/bad.yaml:16: config key 'train.warmup_ratio'")
