@@ -41,6 +41,7 @@ __all__ = [
     "config_to_yaml",
     "load_config",
     "save_dict",
+    "saved_config_yaml",
 ]
 
 DEMO_PREFIX = "demo:"
@@ -295,6 +296,20 @@ def save_dict(cfg: RunConfig) -> dict[str, Any]:
 def config_to_yaml(cfg: RunConfig) -> str:
     """The resolved config as YAML, in schema order; `load_config` reads it back unchanged."""
     return yaml.safe_dump(save_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+# What one invocation asked for, not what the run is: OUTPUT/config.yaml saves them unset, so
+# running that file again cannot delete the run it describes or pin an old checkpoint.
+PER_INVOCATION_KEYS = {"resume": None, "overwrite_output_dir": False}
+
+
+def saved_config_yaml(cfg: RunConfig) -> str:
+    """The text of OUTPUT/config.yaml: the resolved config, per-invocation keys unset."""
+    data = save_dict(cfg)
+    data["train"].update(PER_INVOCATION_KEYS)
+    return ("# The resolved config of this run. train.resume and train.overwrite_output_dir are\n"
+            "# per invocation and saved unset: resume with train.resume=auto.\n"
+            + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
 
 
 def config_hash(cfg: RunConfig) -> str:

@@ -33,7 +33,7 @@ from mtl_dist.checkpoint import (
     load_state_checked,
 )
 from mtl_dist.collectives import release_host_group
-from mtl_dist.config import RunConfig, config_hash, config_to_yaml
+from mtl_dist.config import RunConfig, config_hash, saved_config_yaml
 from mtl_dist.ema import EMA
 from mtl_dist.errors import CheckpointError, ConfigError
 from mtl_dist.flat_adamw import FlatAdamW
@@ -599,7 +599,7 @@ class Trainer:
         resumed = self._maybe_resume()  # first: a refused resume leaves OUTPUT untouched
         if cfg.train.overwrite_output_dir:
             self.ckpt.clear_run()
-        self.ckpt.write_run_file("config.yaml", config_to_yaml(cfg))
+        self.ckpt.write_run_file("config.yaml", saved_config_yaml(cfg))
         self.ckpt.write_run_file("labels.json", json.dumps(self.label_maps, indent=1))
         if not resumed:
             self.batch_sampler.set_epoch(0)
@@ -1022,7 +1022,7 @@ class Trainer:
             state = self._full_model_state()
             if self.accelerator.is_main_process:
                 self.tokenizer.save_pretrained(tok_dir)
-            extra = {"config.yaml": config_to_yaml(self.cfg),
+            extra = {"config.yaml": saved_config_yaml(self.cfg),
                      "encoder_config.json": model.encoder.config.to_json_string(),
                      "labels.json": json.dumps(self.label_maps, indent=1),
                      "metrics.json": json.dumps(_strip_cm(result), indent=1)}

@@ -220,6 +220,16 @@ def test_a_fresh_run_refuses_an_output_dir_holding_a_run_and_changes_nothing(tmp
     assert json.loads((out / "best" / "best.json").read_text())["step"] == 4
     assert [r["step"] for r in records(out, "train")] == [1, 2, 3, 4]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # nothing set aside left
+    # OUTPUT/config.yaml, run again, must not delete the run it describes: the per-invocation
+    # keys are saved unset, so it is refused like any fresh run, and resumes when told to
+    saved = load_config(out / "config.yaml")
+    assert (saved.train.overwrite_output_dir, saved.train.resume) == (False, None)
+    before = _tree(out)
+    with pytest.raises(CheckpointError, match="already holds a run"):
+        Trainer(saved)
+    assert _tree(out) == before
+    resumed = Trainer(load_config(out / "config.yaml", ["train.resume=auto", "train.max_steps=6"]))
+    assert resumed.fit()["global_step"] == 6
 
 
 def test_output_dir_that_is_a_file_is_a_one_line_error(tmp_path):
