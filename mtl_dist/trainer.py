@@ -407,8 +407,7 @@ class Trainer:
             if self.world_size > 1:
                 self.masters.broadcast_from_first_rank()
         optimizer = make_optimizer(self.model, cfg, acc.device, self.masters)
-        self.warmup_steps = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else \
-            math.ceil(cfg.train.warmup_ratio * self.total_steps)
+        self.warmup_steps = self._warmup_steps_for(self.total_steps)
         # Linear warm-up, then linear decay to zero at total_steps (transformers' schedule),
         # read at each step: a replan re-aims it by changing total_steps. Not prepared by
         # accelerate: its wrapper would step the schedule once per process.
@@ -707,6 +706,13 @@ class Trainer:
         self._say(f"global batch {self.batch_sampler.replanned_from} -> {self.global_batch}: "
                   f"continuing at epoch {self.state.epoch} step 0{left}")
 
+    def _warmup_steps_for(self, total_steps: int) -> int:
+        """`train.warmup_steps`, else `warmup_ratio` of a run of `total_steps`."""
+        train = self.cfg.train
+        if train.warmup_steps is not None:
+            return train.warmup_steps
+        return math.ceil(train.warmup_ratio * total_steps)
+
     def _recount_epochs(self) -> str:
         """An epoch-counted run after a replan: its total is the steps done plus the rest of
         its epochs at the new batch, kept in the checkpoints from now on (`state.schedule`);
@@ -714,6 +720,7 @@ class Trainer:
         cfg = self.cfg.train
         self.total_steps = self.state.global_step + sum(
             self._optimizer_steps_in_epoch(e) for e in range(self.state.epoch, cfg.num_epochs))
+        self.warmup_steps = self._warmup_steps_for(self.total_steps)  # not the unreplanned run's
         self.state.schedule = [self.warmup_steps, self.total_steps]
         sched = self.scheduler
         for group, base in zip(sched.optimizer.param_groups, sched.base_lrs, strict=True):

@@ -359,6 +359,23 @@ def test_replan_resumes_with_a_new_global_batch_from_the_next_epoch(tmp_path, ca
     assert lrs[-2] == pytest.approx(lrs[5] / (total - 6), rel=1e-6)
 
 
+def test_a_replan_inside_the_warm_up_re_counts_it_from_the_new_run_length(tmp_path, capsys):
+    """warmup_ratio of the re-counted run (5 + 24 steps: 8), not of a run that never happens
+    (two whole epochs at the new batch, 48 steps: 12)."""
+    caps = [f"tasks.{i}.max_samples=64" for i in range(3)]  # 192 samples per epoch
+    common = [*caps, "train.max_steps=null", "train.num_epochs=2", "train.warmup_ratio=0.25",
+              "train.eval_steps=null", "train.eval_at_epoch_end=false",
+              "checkpoint.save_at_epoch_end=false", "train.lr=1e-3", "train.head_lr=1e-3"]
+    Trainer(demo_cfg(tmp_path, *common, "train.per_device_batch_size=16",
+                     "train.stop_after_steps=5")).fit()  # 24 steps, warm-up 6
+    Trainer(demo_cfg(tmp_path, *common, "train.per_device_batch_size=8", "train.resume=auto",
+                     "sampler.on_global_batch_change=replan", "train.stop_after_steps=2")).fit()
+    assert "the run now ends at step 29" in capsys.readouterr().out
+    lrs = {r["step"]: r["lr"] for r in records(tmp_path / "out", "train")}
+    assert lrs[5] == pytest.approx(1e-3 * 5 / 6)
+    assert (lrs[6], lrs[7]) == (pytest.approx(1e-3 * 6 / 8), pytest.approx(1e-3 * 7 / 8))
+
+
 @pytest.mark.parametrize("change", ["train.lr=0.01", "train.weight_decay=0.5",
                                     "train.adam_beta2=0.98"])
 def test_a_resume_refuses_optimizer_settings_its_restored_state_would_ignore(tmp_path, change):
