@@ -39,6 +39,7 @@ from mtl_dist.rng import capture_rng_state, derived_seed, restore_rng_state, rng
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+ABANDONED_DIR = "abandoned"  # newer checkpoints of a branch a resume left (set_aside_newer)
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
 COMMITTED = "COMMITTED"
@@ -59,7 +60,10 @@ _OLD_BEST_RE = re.compile(r"^\.old-best-[0-9a-f]{8}$")
 _CLEARED_BEST_RE = re.compile(r"^\.cleared-best-[0-9a-f]{8}$")
 _ENTRY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _RNG_RE = re.compile(r"^rng_state_(\d+)\.pth$")
-_DELETABLE = (_PERIODIC_RE, _TMP_RE, _OLD_RE, _TMP_BEST_RE, _OLD_BEST_RE, _CLEARED_BEST_RE)
+_ABANDONED_RE = re.compile(rf"^{ABANDONED_DIR}$")  # deleted whole by overwrite_output_dir
+_OLD_ABANDONED_RE = re.compile(rf"^\.old-{ABANDONED_DIR}-[0-9a-f]{{8}}$")
+_DELETABLE = (_PERIODIC_RE, _TMP_RE, _OLD_RE, _TMP_BEST_RE, _OLD_BEST_RE, _CLEARED_BEST_RE,
+              _ABANDONED_RE, _OLD_ABANDONED_RE)
 _WARN_ONLY_KEYS = {"versions"}
 # Manifest keys added after checkpoints were first written: what their absence means.
 _NOT_CHECKED = object()  # an absent key that older checkpoints are not held to
@@ -1290,8 +1294,8 @@ class CheckpointManager:
         if clash:
             raise CheckpointError(f"save_best metadata key '{sorted(clash)[0]}' is reserved")
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        _clean_stale(self.output_dir, (_TMP_BEST_RE, _OLD_BEST_RE, _CLEARED_BEST_RE),
-                     self.output_dir)
+        _clean_stale(self.output_dir, (_TMP_BEST_RE, _OLD_BEST_RE, _CLEARED_BEST_RE,
+                                       _OLD_ABANDONED_RE), self.output_dir)
         tmp = self.output_dir / f".tmp-best-{secrets.token_hex(4)}"
         tmp.mkdir()
         try:
@@ -1412,14 +1416,17 @@ class CheckpointManager:
             if _PERIODIC_RE.match(path.name) and path.is_dir():
                 _retire_and_delete(path, self.output_dir)
         _clean_stale(self.checkpoints_dir, (_TMP_RE, _OLD_RE), self.output_dir)
+        abandoned = self.output_dir / ABANDONED_DIR  # older branches of the run
+        if abandoned.is_dir() and not abandoned.is_symlink():
+            _retire_and_delete(abandoned, self.output_dir)
         if self.best_dir.is_symlink():
             raise CheckpointError(f"refusing to delete {self.best_dir}: it is a symlink")
         if self.best_dir.is_dir():  # set aside under a name no recovery brings back
             aside = self.output_dir / f".cleared-best-{secrets.token_hex(4)}"
             os.rename(self.best_dir, aside)
             _fsync_path(self.output_dir)
-        _clean_stale(self.output_dir, (_TMP_BEST_RE, _OLD_BEST_RE, _CLEARED_BEST_RE),
-                     self.output_dir)
+        _clean_stale(self.output_dir, (_TMP_BEST_RE, _OLD_BEST_RE, _CLEARED_BEST_RE,
+                                       _OLD_ABANDONED_RE), self.output_dir)
 
     def resolve(self, resume: str | Path) -> Path | None:
         """'auto' -> latest() (None if there is none); a path -> that committed checkpoint."""
@@ -1479,14 +1486,33 @@ class CheckpointManager:
         ):
             self.resumed_from = self.checkpoints_dir / path.name  # as rotation spells it
             self._newer_since_resume = False
-            newer = [p.name for p in self._periodic()  # incomplete ones: auto skips them too
-                     if (_step_of(p) or 0) > (_step_of(path) or 0) and is_committed(p)]
+
+    def set_aside_newer(self) -> tuple[list[str], Path | None]:
+        """Collective, after a resume. Resuming a checkpoint older than others of this run
+        starts a new branch: rotation (by step) would keep the old branch's newer checkpoints
+        and delete the new one's, and `resume=auto` (a requeue) would go back to them. Rank 0
+        moves the newer committed ones to OUTPUT/abandoned/after-<name>-<hex>/ (nothing is
+        deleted). Returns (their names, where they went) on rank 0; ([], None) elsewhere."""
+        rank, _ = _dist_info()
+        outcome, names, target = None, [], None
+        if rank == 0 and self.resumed_from is not None:
+            step = _step_of(self.resumed_from) or 0
+            newer = sorted((p for p in self._periodic()  # incomplete ones: auto skips them too
+                            if (_step_of(p) or 0) > step and is_committed(p)), key=_step_of)
             if newer:
-                warnings.warn(
-                    f"resuming from {path.name} while newer checkpoints exist ({', '.join(sorted(newer))}): "
-                    "train.resume=auto would pick those after a restart",
-                    stacklevel=3,
-                )
+                target = self.output_dir / ABANDONED_DIR / \
+                    f"after-{self.resumed_from.name}-{secrets.token_hex(2)}"
+                try:
+                    target.mkdir(parents=True)
+                    for path in newer:
+                        os.rename(path, target / path.name)
+                        names.append(path.name)
+                    _fsync_path(self.checkpoints_dir)
+                except OSError as exc:
+                    outcome = (f"setting aside the checkpoints newer than "
+                               f"{self.resumed_from.name}: {_error_text(exc)}")
+        _raise_if_any([_broadcast(outcome)])
+        return names, target
 
     def restore_rng(self, path: str | Path) -> None:
         """Restore this rank's RNG; ranks the checkpoint had no file for get a derived seed."""

@@ -694,6 +694,10 @@ class Trainer:
         if self.accelerator.is_main_process:
             print(f"resumed from {path} at step {self.state.global_step} "
                   f"(epoch {self.state.epoch}, step in epoch {self.batch_sampler.position})")
+        moved, target = self.ckpt.set_aside_newer()
+        if moved:
+            self._say(f"{', '.join(moved)}: newer than {path.name}, of the branch this resume "
+                      f"leaves; moved to {target} (rotation and train.resume=auto leave it)")
         return True
 
     def _follow_replanned_sampler(self) -> None:

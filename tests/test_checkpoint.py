@@ -267,8 +267,7 @@ def test_resumed_from_survives_rotation_until_newer_commit(tmp_path: Path) -> No
     for step in (1, 2, 3):
         save(mgr, step, objs)
     resumed = CheckpointManager(tmp_path, save_total_limit=1)
-    with pytest.warns(UserWarning, match="newer checkpoints exist"):
-        resumed.load(tmp_path / "checkpoints" / "checkpoint-1", make_objects())
+    resumed.load(tmp_path / "checkpoints" / "checkpoint-1", make_objects())
     resumed.rotate()
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint-1", "checkpoint-3"]
     save(
@@ -685,19 +684,31 @@ def test_saved_run_and_clear_run(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "notes.txt"]
 
 
-def test_resuming_an_older_checkpoint_warns_only_of_newer_committed_ones(tmp_path: Path) -> None:
+def test_resuming_an_older_checkpoint_sets_the_newer_committed_ones_aside(tmp_path: Path) -> None:
+    """A new branch: the old one's newer checkpoints would outlive its saves in rotation (by
+    step) and be what resume=auto picks; they move to OUTPUT/abandoned/, whole."""
     objs = make_objects()
     mgr = CheckpointManager(tmp_path, save_total_limit=None)
     older = save(mgr, 2, objs)
     newer = save(mgr, 4, objs)
-    (newer / "COMMITTED").unlink()  # incomplete: resume=auto skips it, so no warning of it
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        CheckpointManager(tmp_path, save_total_limit=None).load(older, make_objects())
-    save(mgr, 6, objs)
-    with pytest.warns(UserWarning, match=r"newer checkpoints exist \(checkpoint-6\): "
-                      "train.resume=auto would pick those"):
-        CheckpointManager(tmp_path, save_total_limit=None).load(older, make_objects())
+    (newer / "COMMITTED").unlink()  # incomplete: resume=auto skips it; left where it is
+    resumed = CheckpointManager(tmp_path, save_total_limit=None)
+    resumed.load(older, make_objects())
+    assert resumed.set_aside_newer() == ([], None)
+    for step in (6, 8):
+        save(mgr, step, objs)
+    files = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints" / "checkpoint-8").iterdir()}
+    resumed = CheckpointManager(tmp_path, save_total_limit=1)
+    resumed.load(older, make_objects())
+    moved, target = resumed.set_aside_newer()
+    assert moved == ["checkpoint-6", "checkpoint-8"]
+    assert target.parent == tmp_path / "abandoned" and target.name.startswith("after-checkpoint-2-")
+    assert sorted(p.name for p in target.iterdir()) == ["checkpoint-6", "checkpoint-8"]
+    assert {p.name: p.read_bytes() for p in (target / "checkpoint-8").iterdir()} == files
+    assert resumed.latest() == older
+    save(resumed, 3, objs)  # the new branch's first save: rotation keeps it, not step 8
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint-3", "checkpoint-4"]
+    assert resumed.latest() == tmp_path / "checkpoints" / "checkpoint-3"
 
 
 def test_a_clear_killed_after_setting_best_aside_never_brings_it_back(tmp_path: Path) -> None:

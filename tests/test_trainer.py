@@ -232,6 +232,34 @@ def test_a_fresh_run_refuses_an_output_dir_holding_a_run_and_changes_nothing(tmp
     assert resumed.fit()["global_step"] == 6
 
 
+def test_resuming_an_older_checkpoint_branches_and_auto_resume_follows_the_branch(tmp_path,
+                                                                                   capsys):
+    """train.resume=<older checkpoint>: the newer ones (the branch left) move to
+    OUTPUT/abandoned/; rotation keeps the new branch, and resume=auto (a requeue) continues
+    it instead of jumping back to the old branch's newest."""
+    common = ["train.eval_steps=null", "checkpoint.save_steps=2"]
+    Trainer(demo_cfg(tmp_path, *common, "train.max_steps=8",
+                     "checkpoint.save_total_limit=null")).fit()
+    out = tmp_path / "out"
+    old_8 = (out / "checkpoints" / "checkpoint-8" / "manifest.json").read_bytes()
+    capsys.readouterr()
+    Trainer(demo_cfg(tmp_path, *common, "train.max_steps=8", "checkpoint.save_total_limit=2",
+                     f"train.resume={out}/checkpoints/checkpoint-2",
+                     "train.stop_after_steps=3")).fit()
+    said = capsys.readouterr().out
+    assert "checkpoint-4, checkpoint-6, checkpoint-8: newer than checkpoint-2, of the branch " \
+        "this resume leaves; moved to " in said
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4",
+                                                                       "checkpoint-5"]
+    (branch,) = (out / "abandoned").iterdir()
+    assert (branch / "checkpoint-8" / "manifest.json").read_bytes() == old_8
+    Trainer(demo_cfg(tmp_path, *common, "train.max_steps=8", "train.resume=auto")).fit()
+    assert "resumed from " + str(out / "checkpoints" / "checkpoint-5") in capsys.readouterr().out
+    assert [r["step"] for r in records(out, "train")] == list(range(1, 9))
+    Trainer(demo_cfg(tmp_path, "train.max_steps=2", "train.overwrite_output_dir=true")).fit()
+    assert not (out / "abandoned").exists()  # a fresh start deletes the old branches too
+
+
 def test_output_dir_that_is_a_file_is_a_one_line_error(tmp_path):
     (tmp_path / "out").write_text("not a directory")
     with pytest.raises(ConfigError, match="'train.output_dir': .* exists and is not a directory"):
