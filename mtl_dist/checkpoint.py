@@ -1948,9 +1948,7 @@ def _copy_run_files(src: Path, tmp: Path, encoder_config: Mapping[str, Any] | No
                 shutil.copyfile(root / name, tmp / name)
         if (root / "tokenizer").is_dir():
             shutil.copytree(root / "tokenizer", tmp, dirs_exist_ok=True)
-    if not (tmp / "config.json").exists():
-        warnings.warn(
-            f"export: no encoder config found for {src}; pass encoder_config or save "
-            "encoder_config.json with best/ so the export loads with from_pretrained",
-            stacklevel=3,
-        )
+    if not (tmp / "config.json").exists():  # the export would not load with from_pretrained
+        raise CheckpointError(
+            f"export: no encoder_config.json in {src} or in its run's output dir (a run of an "
+            "earlier version keeps it in best/ only): export best/ instead")

@@ -600,6 +600,7 @@ class Trainer:
             self.ckpt.clear_run()
         self.ckpt.write_run_file("config.yaml", saved_config_yaml(cfg))
         self.ckpt.write_run_file("labels.json", json.dumps(self.label_maps, indent=1))
+        self._write_model_run_files()
         if not resumed:
             self.batch_sampler.set_epoch(0)
         # Read once, before any rank can evaluate (a collective): every rank decides alike.
@@ -1025,6 +1026,18 @@ class Trainer:
         self._say(f"eval at step {step}: {score:.6g} is this run's best but not best/'s "
                   f"({saved:.6g}); best/ kept")
         return False
+
+    def _write_model_run_files(self) -> None:
+        """OUTPUT/encoder_config.json and OUTPUT/tokenizer/: what `ckpt export` needs beside a
+        periodic checkpoint's weights for a `from_pretrained` dir (best/ holds its own)."""
+        self.ckpt.write_run_file("encoder_config.json",
+                                 self.module.encoder.config.to_json_string())
+        if not self.accelerator.is_main_process:
+            return
+        with tempfile.TemporaryDirectory() as tok_dir:
+            self.tokenizer.save_pretrained(tok_dir)
+            for path in Path(tok_dir).iterdir():
+                self.ckpt.write_run_file(f"tokenizer/{path.name}", path.read_bytes())
 
     def _save_best(self, result: dict) -> None:
         model = self.module

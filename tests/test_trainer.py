@@ -260,6 +260,31 @@ def test_resuming_an_older_checkpoint_branches_and_auto_resume_follows_the_branc
     assert not (out / "abandoned").exists()  # a fresh start deletes the old branches too
 
 
+def test_ckpt_export_of_a_periodic_checkpoint_loads_with_from_pretrained(tmp_path, capsys):
+    """A periodic checkpoint holds weights only: the export takes config.json and the
+    tokenizer from the run's output dir. Without them: one line, nothing written."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from mtl_dist import checkpoint as ck
+    from mtl_dist.cli import main
+
+    Trainer(demo_cfg(tmp_path, "train.max_steps=4", "train.eval_steps=null",
+                     "checkpoint.save_steps=4", "checkpoint.save_best=false")).fit()
+    out = tmp_path / "out"
+    checkpoint = out / "checkpoints" / "checkpoint-4"
+    assert main(["ckpt", "export", str(checkpoint), str(tmp_path / "hf")]) == 0
+    encoder = AutoModel.from_pretrained(tmp_path / "hf")
+    saved = {k[len("encoder."):]: v for k, v in ck.load_model_state(checkpoint).items()
+             if k.startswith("encoder.")}
+    assert_same_tensors({k: v for k, v in encoder.state_dict().items() if k in saved}, saved)
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf")("boy eats apple")["input_ids"]
+    (out / "encoder_config.json").unlink()  # as a run of an earlier version left it
+    capsys.readouterr()
+    assert main(["ckpt", "export", str(checkpoint), str(tmp_path / "hf2")]) == 2
+    assert "export: no encoder_config.json in" in capsys.readouterr().err
+    assert not (tmp_path / "hf2").exists() and not list(tmp_path.glob(".tmp-export-*"))
+
+
 def test_output_dir_that_is_a_file_is_a_one_line_error(tmp_path):
     (tmp_path / "out").write_text("not a directory")
     with pytest.raises(ConfigError, match="'train.output_dir': .* exists and is not a directory"):
