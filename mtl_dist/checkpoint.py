@@ -1881,7 +1881,13 @@ def convert_zero_to_universal(path: str | Path, out: str | Path) -> Path:
             strict=True,
             inject_missing_state=True,
         )
-        ds_to_universal.main(args)
+        try:
+            ds_to_universal.main(args)
+        except KeyError as exc:  # its lookup of a parameter group's AdamW state
+            raise CheckpointError(
+                f"convert: {src.name} has no optimizer state for parameter group {exc} (a "
+                "task head that has not taken an optimizer step yet), which DeepSpeed's "
+                "universal conversion needs: convert a later checkpoint") from None
         files = _digests(tmp, _list_files(tmp))
         new = dict(manifest, files=files, converted_from=str(src))
         new["engine"] = dict(manifest["engine"], universal=True)

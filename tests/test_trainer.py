@@ -544,3 +544,19 @@ def test_a_train_record_is_the_mean_over_the_steps_it_covers(tmp_path):
     for step, steps in covered.items():
         mean = sum(loss[s] for s in steps) / len(steps)
         assert got[step] == pytest.approx(mean, rel=1e-5), step
+
+
+def test_ckpt_convert_of_a_checkpoint_with_an_untrained_head_is_one_line(tmp_path, capsys):
+    """One step under ZeRO-2 (CPU) trains one task's head: the other heads' parameter groups
+    have no AdamW state, which DeepSpeed's universal conversion looks up (KeyError)."""
+    from mtl_dist.cli import main
+
+    Trainer(demo_cfg(tmp_path, "train.zero_stage=2", "train.max_steps=1", "train.eval_steps=null",
+                     "checkpoint.save_steps=1", "checkpoint.save_best=false")).fit()
+    capsys.readouterr()
+    checkpoint = tmp_path / "out" / "checkpoints" / "checkpoint-1"
+    assert main(["ckpt", "convert", str(checkpoint), str(tmp_path / "universal")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: convert: checkpoint-1 has no optimizer state for "
+                              "parameter group ") and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "universal").exists() and not list(tmp_path.glob(".tmp-convert-*"))
