@@ -347,6 +347,18 @@ def _safetensors_dict(state: Mapping[str, Any], where: str) -> dict[str, torch.T
     return out
 
 
+def _new_file_mode() -> int:
+    """0o666 less the umask, as open() creates a file; read from /proc rather than by
+    os.umask(), which would change it for every thread (async saves) while it is read."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o644
+
+
 def _save_safetensors(
     state: Mapping[str, Any], path: Path, where: str, hasher: _Hasher | None = None
 ) -> None:
@@ -354,6 +366,7 @@ def _save_safetensors(
     from safetensors.torch import save_file
 
     save_file(_safetensors_dict(state, where), str(path), metadata={"format": "pt"})
+    os.chmod(path, _new_file_mode())  # safetensors creates it 0600: others on a shared disk
     if hasher is not None:
         hasher.add(path)
     _fsync_path(path)

@@ -8,6 +8,7 @@ import os
 import random
 import re
 import signal
+import stat
 import tempfile
 import time
 import warnings
@@ -534,6 +535,14 @@ def test_convert_refuses_a_checkpoint_without_zero_state(tmp_path: Path) -> None
     path = save(CheckpointManager(tmp_path, save_total_limit=None), 1, make_objects())
     with pytest.raises(CheckpointError, match="has no DeepSpeed ZeRO state"):
         ck.convert_zero_to_universal(path, tmp_path / "universal")
+
+
+def test_weights_get_the_same_file_mode_as_every_other_file(tmp_path: Path) -> None:
+    """safetensors creates its file 0600: teammates on a shared disk could read optimizer.pt
+    but not the weights."""
+    path = save(CheckpointManager(tmp_path, save_total_limit=None), 4, make_objects())
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()}
+    assert modes["model.safetensors"] == modes["optimizer.pt"] == modes["manifest.json"]
 
 
 def test_inspect_and_export(tmp_path: Path) -> None:
