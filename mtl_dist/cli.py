@@ -56,6 +56,11 @@ def cmd_evaluate(args) -> int:
     tasks = trainer.dev_data if args.split == "dev" else mdata.load_task_data(
         trainer.cfg, trainer.tokenizer, args.split, trainer.label_maps)
     _check_labelled(tasks, args.split)
+    scored = [t.name for t in tasks if len(t.labels) and (t.labels >= 0).all()]
+    left_out = [t.name for t in trainer.cfg.tasks if t.name not in scored]
+    if left_out and trainer.accelerator.is_main_process:  # the score is over the others only
+        print(f"evaluate --split {args.split}: {', '.join(left_out)}: no labelled "
+              f"{args.split} file; the score covers {', '.join(scored)} only", file=sys.stderr)
     result = trainer.evaluate(tasks)
     if trainer.accelerator.is_main_process:
         print(json.dumps({"score": result["score"], "loss": result["loss"],

@@ -95,6 +95,16 @@ def test_evaluate_refuses_a_split_without_labels(run, capsys, tmp_path):
     code, _, err = cli(capsys, "evaluate", DEMO, *overrides, *no_tests, f"tasks.1.test={half}",
                        "--checkpoint", root / "out" / "best", "--split", "test")
     assert code == 2 and "5 of 6 rows of task 'emotion' have no label" in err
+    # one task labelled, one not, one without a file: scored, and the line says over which
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text(half.read_text().splitlines()[-1] + "\n")
+    code, out, err = cli(capsys, "evaluate", DEMO, *overrides, "tasks.0.test=null",
+                         f"tasks.1.test={labelled}", f"tasks.2.test={unlabelled}",
+                         "tasks.2.format=jsonl", "--checkpoint", root / "out" / "best",
+                         "--split", "test")
+    assert code == 0 and list(json.loads(out[out.index("{"):])["tasks"]) == ["emotion"]
+    assert "evaluate --split test: nli, news: no labelled test file; the score covers " \
+        "emotion only" in err
 
 
 def test_ckpt_ls_of_a_wrong_path_fails_and_of_checkpoints_lists_its_run(run, capsys, tmp_path):
