@@ -83,7 +83,8 @@ class Example:
 class _Rows:
     """Collects a file's rows, applies the checks every format shares, and handles bad rows."""
 
-    def __init__(self, path: str, on_bad_row: str, labels: Sequence[str] | None) -> None:
+    def __init__(self, path: str, on_bad_row: str, labels: Sequence[str] | None,
+                 quiet: bool = False) -> None:
         if on_bad_row not in ("error", "skip"):
             raise ConfigError(f"data.on_bad_row: expected 'error' or 'skip', got {on_bad_row!r}")
         self.path = path
@@ -92,6 +93,7 @@ class _Rows:
         self.label_list = labels
         self.examples: list[Example] = []
         self.skipped = 0
+        self.quiet = quiet  # a pre-pass (label inference): the reading that counts says it
         self._first_line_of: dict[str, int] = {}
 
     def bad(self, line: int, problem: str) -> None:
@@ -100,7 +102,7 @@ class _Rows:
         if not self.skip:
             raise DataError(msg)
         self.skipped += 1
-        if self.skipped <= _MAX_LOGGED_SKIPS:
+        if self.skipped <= _MAX_LOGGED_SKIPS and not self.quiet:
             log.warning("skipping bad row: %s", msg)
 
     def add(self, line: int, id_: str, text_a: str, text_b: str | None, label: str | None,
@@ -129,8 +131,11 @@ class _Rows:
 
     def finish(self) -> tuple[list[Example], int]:
         """Return (examples, skipped); a file with no usable row is an error even in skip mode."""
-        if self.skipped > _MAX_LOGGED_SKIPS:
-            log.warning("%s: skipped %d bad rows in all", self.path, self.skipped)
+        if self.skipped and not self.quiet:
+            shown = f"; the first {_MAX_LOGGED_SKIPS} shown" if self.skipped > _MAX_LOGGED_SKIPS \
+                else ""
+            log.warning("%s: skipped %d bad row(s) in all (data.on_bad_row=skip%s)", self.path,
+                        self.skipped, shown)
         if not self.examples and self.skipped:
             raise DataError(f"{self.path}: no usable rows ({self.skipped} bad rows skipped)")
         if not self.examples:
@@ -372,10 +377,11 @@ def _read_demo(path: str, task: Any, rows: _Rows) -> None:
 
 
 def _read_source(path: str | Path, task: Any, *, require_label: bool, on_bad_row: str,
-                 labels: Sequence[str] | None) -> tuple[list[Example], int, str]:
+                 labels: Sequence[str] | None, quiet: bool = False
+                 ) -> tuple[list[Example], int, str]:
     """Read one source once: (examples, skipped, fingerprint)."""
     path = str(path)
-    rows = _Rows(path, on_bad_row, labels)
+    rows = _Rows(path, on_bad_row, labels, quiet)
     if is_demo_path(path):
         _read_demo(path, task, rows)
         return *rows.finish(), demo_fingerprint(*parse_demo_path(path))
@@ -691,7 +697,8 @@ def build_label_maps(cfg: RunConfig) -> dict[str, list[str]]:
             continue
         examples: list[Example] = []
         for path in split_files(task, "train"):
-            ex, _, _ = _read_source(path, task, require_label=True, on_bad_row=on_bad_row, labels=None)
+            ex, _, _ = _read_source(path, task, require_label=True, on_bad_row=on_bad_row,
+                                    labels=None, quiet=True)
             examples.extend(ex)
         labels = infer_labels(examples)
         if not labels:

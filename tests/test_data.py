@@ -505,7 +505,7 @@ def test_load_task_data_cache_invalidated_when_file_changes(tmp_path, demo_tok):
     assert not c.from_cache and len(c) == len(a) + 1 and c.fingerprint != a.fingerprint
 
 
-def test_load_task_data_demo_and_skip_mode(tmp_path, demo_tok):
+def test_load_task_data_demo_and_skip_mode(tmp_path, demo_tok, caplog):
     cfg = Run([Task(name="nli", pair=True, train="demo:nli/train", dev="demo:nli/dev"),
                Task(name="news", train="demo:news/train", test="demo:news/test")],
               Data(cache_dir=str(tmp_path / "c"), max_length=32, tokenize_batch_size=500))
@@ -516,8 +516,12 @@ def test_load_task_data_demo_and_skip_mode(tmp_path, demo_tok):
     assert nli.fingerprint == D.file_fingerprint("demo:nli/train")
     bad = write(tmp_path, "b.tsv", "1\tboy eats\tentailment\n2\tgirl\n")
     cfg = Run([Task(name="x", train=str(bad))], Data(cache_dir=str(tmp_path / "c"), on_bad_row="skip"))
+    caplog.clear()
     (x,) = D.load_task_data(cfg, demo_tok, "train", D.build_label_maps(cfg))
     assert len(x) == 1 and x.num_skipped == 1
+    # said once, with the file's count, though label inference read the file first
+    assert caplog.text.count(f"skipping bad row: {bad}:2:") == 1
+    assert f"{bad}: skipped 1 bad row(s) in all (data.on_bad_row=skip)" in caplog.text
 
 
 # ----------------------------------------------------------------------------- dataset + collate
