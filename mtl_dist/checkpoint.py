@@ -68,7 +68,7 @@ _WARN_ONLY_KEYS = {"versions"}
 # Manifest keys added after checkpoints were first written: what their absence means.
 _NOT_CHECKED = object()  # an absent key that older checkpoints are not held to
 _ABSENT_MEANS = {"bf16_weights": False, "optimizer_settings": _NOT_CHECKED,
-                 "metric_for_best": _NOT_CHECKED}
+                 "metric_for_best": _NOT_CHECKED, "max_length": _NOT_CHECKED}
 # Earlier forms of a saved key, in today's form: optimizer_settings.head_lr was saved as set
 # (null: the same as lr) before it was saved as the effective value.
 _SAVED_FORMS = {
@@ -81,6 +81,8 @@ _WHY_REFUSED = {
     "values, so the new ones would be ignored: resume with them, or start a new run",
     "metric_for_best": "early stopping's best so far was measured by the checkpoint's "
     "metric: resume with it, or start a new run",
+    "max_length": "the rest of the run would train on other truncations than its start, "
+    "not continue it: resume with it, or start a new run",
 }
 _PER_RANK_KEYS = {"distributed_type", "per_device_batch_size"}
 _RESERVED = {"rng_state", "trainer_state", "manifest", "COMMITTED", "best", DS_TAG}

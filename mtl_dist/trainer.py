@@ -587,6 +587,7 @@ class Trainer:
             "tasks": self.task_names,
             "labels": self.label_maps,
             "data_fingerprints": {t.name: t.fingerprint for t in self.train_data},
+            "max_length": self.cfg.data.max_length,  # the fingerprints are of the files
             "model_shape": model_signature(model),
             "versions": library_versions(),
         }
@@ -680,7 +681,7 @@ class Trainer:
             return False
         must_match = ("world_size", "zero_stage", "global_batch_size", "gradient_accumulation_steps",
                       "bf16_weights", "optimizer_settings", "metric_for_best", "tasks", "labels",
-                      "data_fingerprints", "model_shape", "versions")
+                      "data_fingerprints", "max_length", "model_shape", "versions")
         if self.cfg.sampler.on_global_batch_change == "replan":  # the sampler checks it
             must_match = tuple(k for k in must_match if k != "global_batch_size")
         manifest = self.manifest()

@@ -429,6 +429,18 @@ def test_a_replan_inside_the_warm_up_re_counts_it_from_the_new_run_length(tmp_pa
     assert (lrs[6], lrs[7]) == (pytest.approx(1e-3 * 6 / 8), pytest.approx(1e-3 * 7 / 8))
 
 
+def test_a_resume_refuses_another_max_length(tmp_path):
+    """The data fingerprints are of the files: a new truncation would train the rest of the
+    run on other inputs, silently."""
+    Trainer(demo_cfg(tmp_path, "train.max_steps=8", "train.stop_after_steps=4")).fit()
+    before = _tree(tmp_path / "out")
+    with pytest.raises(CheckpointError, match=r"'max_length' differs: checkpoint has 64, this "
+                       r"run has 32 \(the rest of the run would train on other truncations"):
+        Trainer(demo_cfg(tmp_path, "train.max_steps=8", "train.resume=auto",
+                         "data.max_length=32")).fit()
+    assert _tree(tmp_path / "out") == before
+
+
 @pytest.mark.parametrize("change", ["train.lr=0.01", "train.weight_decay=0.5",
                                     "train.adam_beta2=0.98"])
 def test_a_resume_refuses_optimizer_settings_its_restored_state_would_ignore(tmp_path, change):
