@@ -31,6 +31,7 @@ from mtl_dist.checkpoint import (
     check_label_maps_of,
     is_committed,
     load_state_checked,
+    read_manifest,
 )
 from mtl_dist.collectives import release_host_group
 from mtl_dist.config import RunConfig, config_hash, saved_config_yaml
@@ -1145,6 +1146,8 @@ class Trainer:
         load_state_checked(self.module, state, Path(path))
         if self.masters is not None:
             self.masters.load_state_dict(state)
+        # the step its evaluation line names: the weights', not 0
+        self.state.global_step = int(read_manifest(path).get("step") or 0)
 
 
 def linear_warmup_decay(step: int, warmup: int, total: int) -> float:

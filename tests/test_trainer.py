@@ -82,6 +82,8 @@ def test_cli_evaluate_and_predict_from_best(tmp_path):
     metrics = json.loads(result.stdout[result.stdout.index("{"):])
     best = json.loads((out / "best" / "metrics.json").read_text())
     assert metrics["score"] == pytest.approx(best["score"], abs=1e-12)
+    best_step = json.loads((out / "best" / "best.json").read_text())["step"]
+    assert f"[eval step {best_step}]" in result.stdout + result.stderr  # the weights' step
     run_cli(["predict", *args, "--checkpoint", str(out / "best")])
     rows = [json.loads(line) for line in (out / "predictions" / "nli.jsonl").read_text().splitlines()]
     assert len(rows) == 200 and len({r["id"] for r in rows}) == 200
