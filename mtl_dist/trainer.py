@@ -641,7 +641,8 @@ class Trainer:
                    "exit_code": PREEMPTED_EXIT_CODE if preempted else 0}
         if acc.is_main_process:
             best = "no evaluation" if summary["best_score"] is None else \
-                f"best score {summary['best_score']} at step {summary['best_step']}"
+                f"best {self.cfg.train.metric_for_best} {summary['best_score']} at step " \
+                f"{summary['best_step']}"  # metric_for_best=loss: the loss, not a score
             print(f"[mtl_dist] stopped: {summary['stop_reason']} at step "
                   f"{summary['global_step']}; {best}")
         self.tracking.finish(summary)
