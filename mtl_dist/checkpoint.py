@@ -12,6 +12,7 @@ state to (pinned) CPU memory; one background thread per process writes the files
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -1565,7 +1566,8 @@ class CheckpointManager:
             os.replace(tmp, target)
             _fsync_path(target.parent)
         except OSError as exc:  # disk full, read-only: one line, the old file left as it was
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # e.g. its dir could not be made either
+                tmp.unlink(missing_ok=True)
             raise CheckpointError(f"cannot write {target}: {_error_text(exc)}") from exc
         return target
 

@@ -20,6 +20,12 @@ from mtl_dist.collectives import host_group
 # EX_TEMPFAIL: "try again later" -- a checkpointed stop that should be resumed, not a failure.
 PREEMPTED_EXIT_CODE = 75
 DEFAULT_SIGNALS = ("SIGUSR1", "SIGTERM")
+# USR1/USR2 ask for a checkpoint and a requeue (Slurm's warning before a time limit or a
+# preemption); TERM/INT are Slurm (or a user) ending the job: checkpoint, no requeue.
+REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")
+# slurm/common.sh forwards USR1 to the training as TERM (torchrun's agent drops USR1): it
+# writes the signal's name to this file first, and reads the run's stop reason from FILE.stop.
+SIGNAL_FILE_ENV = "MTL_SIGNAL_FILE"
 
 
 class PreemptionFlag:
@@ -27,6 +33,7 @@ class PreemptionFlag:
 
     def __init__(self, signal_names=DEFAULT_SIGNALS):
         self.received: int | None = None
+        self.requeue_wanted = False  # set by should_stop: some rank got a requeue request
         self._previous = {}
         if threading.current_thread() is not threading.main_thread():
             return  # handlers can only be installed from the main thread
@@ -54,13 +61,45 @@ class PreemptionFlag:
         """True on every rank as soon as any rank got a signal (an all-reduce of one flag).
 
         The flag travels over gloo, host to host (`collectives.host_group`)."""
-        local = self.received is not None
+        local = self._stop_code()
         group = host_group()
-        if group is None:
-            return local
-        flag = torch.tensor([1 if local else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        return bool(flag.item())
+        if group is not None:
+            flag = torch.tensor([local], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+            local = int(flag.item())
+        self.requeue_wanted = local == 2
+        return local > 0
+
+    def _stop_code(self) -> int:
+        """0: no signal; 1: stop (TERM/INT: the job is being ended); 2: stop and requeue."""
+        if self.received is None:
+            return 0
+        name = signal.Signals(self.received).name
+        return 2 if name in REQUEUE_SIGNALS or requeue_requested_by_batch_shell() else 1
+
+
+def requeue_requested_by_batch_shell() -> bool:
+    """Whether slurm/*.sbatch forwarded a USR1/USR2 to this training (as TERM)."""
+    path = os.environ.get(SIGNAL_FILE_ENV)
+    if not path:
+        return False
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return f"SIG{handle.read().strip()}" in REQUEUE_SIGNALS
+    except OSError:
+        return False
+
+
+def tell_batch_shell(stop_reason: str) -> None:
+    """Main process: the run's stop reason for slurm/common.sh, which requeues after a USR1
+    only when the run was really preempted (not when it finished first)."""
+    path = os.environ.get(SIGNAL_FILE_ENV)
+    if path:
+        try:
+            with open(f"{path}.stop", "w", encoding="utf-8") as handle:
+                handle.write(stop_reason + "\n")
+        except OSError:
+            pass  # the shell then requeues after a USR1, as before: a resume that finishes
 
 
 def _signal_when_launcher_dies(signum: int) -> None:

@@ -47,7 +47,12 @@ from mtl_dist.model import (
     enable_fused_qkv,
     enable_packed_attention,
 )
-from mtl_dist.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag, request_requeue
+from mtl_dist.preemption import (
+    PREEMPTED_EXIT_CODE,
+    PreemptionFlag,
+    request_requeue,
+    tell_batch_shell,
+)
 from mtl_dist.sampler import MultiTaskBatchPlan, RankBatchSampler, check_task_agreement, eval_shard
 from mtl_dist.tracking import Tracking, format_eval_line
 
@@ -339,6 +344,11 @@ class Trainer:
         if out.exists() and not out.is_dir():
             raise ConfigError(f"config key 'train.output_dir': {out} exists and is not a "
                               "directory")
+        blocking = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()),
+                        None)
+        if blocking is not None:  # found on every rank alike, before any of them waits
+            raise ConfigError(f"config key 'train.output_dir': {out} cannot be created: "
+                              f"{blocking} is a file")
         if train.resume and train.resume != "auto":
             self.ckpt.resolve(train.resume)  # a wrong path fails here, not after the set-up
         if train.resume == "auto":
@@ -646,22 +656,35 @@ class Trainer:
             print(f"[mtl_dist] stopped: {summary['stop_reason']} at step "
                   f"{summary['global_step']}; {best}")
         self.tracking.finish(summary)
+        if acc.is_main_process:
+            tell_batch_shell(summary["stop_reason"])
         if preempted and acc.is_main_process:
-            # Last: `scontrol requeue` makes Slurm signal the job at once. Our handlers stay
-            # installed until close(), so that signal cannot cut the summary above short.
-            # The requeued job reruns this command line: with overwrite_output_dir it would
-            # delete the checkpoint just saved and start over, at every preemption.
-            overwrite = cfg.train.overwrite_output_dir
-            failure = request_requeue(cfg.train.requeue_on_preempt and not overwrite)
-            if failure:
-                print(f"[mtl_dist] {failure}", flush=True)
-            if overwrite and cfg.train.requeue_on_preempt and os.environ.get("SLURM_JOB_ID"):
-                print("[mtl_dist] not requeued (train.overwrite_output_dir=true would delete "
-                      "this checkpoint on the rerun): rerun with train.resume=auto and without "
-                      "train.overwrite_output_dir", flush=True)
+            self._requeue_after_preemption()
         else:
             self.preemption.restore()
         return summary
+
+    def _requeue_after_preemption(self) -> None:
+        """Under Slurm, `scontrol requeue` after a requeue request (USR1/USR2), not after
+        TERM: that is Slurm ending the job (scancel, a time limit reached)."""
+        # Last: `scontrol requeue` makes Slurm signal the job at once. Our handlers stay
+        # installed until close(), so that signal cannot cut the summary above short.
+        # The requeued job reruns this command line: with overwrite_output_dir it would
+        # delete the checkpoint just saved and start over, at every preemption.
+        train, under_slurm = self.cfg.train, bool(os.environ.get("SLURM_JOB_ID"))
+        if not self.preemption.requeue_wanted:
+            if under_slurm:
+                print("[mtl_dist] not requeued: a TERM/INT ends the job (scancel, a time limit); "
+                      "SIGUSR1 asks for a checkpoint and a requeue", flush=True)
+            return
+        overwrite = train.overwrite_output_dir
+        failure = request_requeue(train.requeue_on_preempt and not overwrite)
+        if failure:
+            print(f"[mtl_dist] {failure}", flush=True)
+        if overwrite and train.requeue_on_preempt and under_slurm:
+            print("[mtl_dist] not requeued (train.overwrite_output_dir=true would delete "
+                  "this checkpoint on the rerun): rerun with train.resume=auto and without "
+                  "train.overwrite_output_dir", flush=True)
 
     def close(self) -> None:
         """Tear down the process group (end of the program; not done by fit, so callers can

@@ -16,12 +16,18 @@
 # makes torchrun's agent give up waiting for its workers); it only waits.
 # torchrun waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default here 120; torch's own 30) for
 # the workers before SIGKILL: keep it below the USR1 lead time.
+# The trainer sees TERM either way, so before forwarding USR1 the trap writes "USR1" to
+# $MTL_SIGNAL_FILE: rank 0 requeues only then (a plain scancel must end the job), and writes
+# the run's stop reason to $MTL_SIGNAL_FILE.stop (a run that finished first is not requeued).
 
 MTL_PREEMPTED_EXIT=75          # mtl_dist.preemption.PREEMPTED_EXIT_CODE
 MTL_CHILD_PID=
 MTL_SIGNALLED=
 MTL_FORWARD_MODE=launcher
 MTL_TRAINING_PIDS=
+# Read by mtl_dist.preemption on the batch host (rank 0 runs there: the head node).
+export MTL_SIGNAL_FILE="${TMPDIR:-/tmp}/mtl_dist.${SLURM_JOB_ID:-$$}.${SLURM_RESTART_COUNT:-0}.signal"
+rm -f "$MTL_SIGNAL_FILE" "$MTL_SIGNAL_FILE.stop"
 
 mtl_log() { echo "[mtl-slurm $(date '+%F %T')] $*"; }
 
@@ -108,6 +114,7 @@ _mtl_on_signal() {
     return
   fi
   MTL_SIGNALLED=$sig
+  echo "$sig" > "$MTL_SIGNAL_FILE" 2>/dev/null || true   # before the TERM that carries it
   if [ -n "$MTL_CHILD_PID" ]; then
     mtl_log "got SIG$sig: forwarding SIGTERM to the training ($MTL_FORWARD_MODE);" \
             "it checkpoints at the next step and stops"
@@ -151,7 +158,9 @@ _mtl_wait_pids() {
 
 mtl_finish() {
   # Report, requeue after USR1 if the trainer did not, and exit with a clear status.
-  local rc=$1
+  local rc=$1 stopped
+  stopped=$(cat "$MTL_SIGNAL_FILE.stop" 2>/dev/null || true)
+  rm -f "$MTL_SIGNAL_FILE" "$MTL_SIGNAL_FILE.stop"
   case $MTL_SIGNALLED in
     "")
       if [ "$rc" -eq 0 ]; then
@@ -165,6 +174,10 @@ mtl_finish() {
       exit "$MTL_PREEMPTED_EXIT" ;;
   esac
   mtl_log "training ended (launcher status $rc) after SIG$MTL_SIGNALLED"
+  if [ -n "$stopped" ] && [ "$stopped" != preempted ]; then
+    mtl_log "the run had ended ($stopped) before the signal took effect; not requeued"
+    exit 0
+  fi
   if [ "${MTL_REQUEUE:-1}" != 0 ]; then
     # Normally rank 0 already requeued the job and Slurm is ending this shell; when it did not,
     # do it here. A second request is refused by Slurm ("Job is pending execution").

@@ -153,3 +153,18 @@ def test_multi_node_script_on_one_node_usr1_requeue_resume(slurm, workdir, unint
     assert_preempted_and_resumed(job, uninterrupted)
     assert "SLURM_NODEID=0 -> machine rank 0 of 1" in job.log
     assert "--num_machines=1 --machine_rank=0" in job.log
+
+
+def test_a_plain_scancel_ends_the_job_without_a_requeue(slurm, workdir, cpu_env):
+    """TERM is Slurm ending the job: the training checkpoints if it can, and nothing requeues
+    it (every TERM used to make rank 0 requeue the job, so it could not be cancelled)."""
+    (workdir / "job4").mkdir()
+    job = Job(slurm, "single_node.sbatch", workdir / "job4", cpu_env)
+    job.wait_for_training()
+    subprocess.run(["scancel", str(job.id)], check=True, env=slurm.env, timeout=30)
+    info = job.wait()
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", job.explain()
+    time.sleep(8)  # a requeue would show within Slurm's requeue delay (cred_expire=5 here)
+    info = slurm.job_info(job.id)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", job.explain()
+    assert "requested requeue" not in job.log and "from the batch shell" not in job.log

@@ -291,6 +291,9 @@ def test_output_dir_that_is_a_file_is_a_one_line_error(tmp_path):
     (tmp_path / "out").write_text("not a directory")
     with pytest.raises(ConfigError, match="'train.output_dir': .* exists and is not a directory"):
         Trainer(demo_cfg(tmp_path, "train.max_steps=4"))
+    with pytest.raises(ConfigError, match=f"'train.output_dir': {tmp_path}/out/run cannot be "
+                       f"created: {tmp_path}/out is a file"):
+        Trainer(demo_cfg(tmp_path, "train.max_steps=4", f"train.output_dir={tmp_path}/out/run"))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -330,14 +333,14 @@ def test_a_resumed_run_keeps_a_better_best_than_its_checkpoint_knows_of(tmp_path
     assert "is this run's best but not best/'s (0.99); best/ kept" in capsys.readouterr().out
 
 
-def fit_with_a_signal_during_step(trainer, step: int) -> dict:
-    """fit(), with a real SIGUSR1 (a stop signal) sent to this process during `step`."""
+def fit_with_a_signal_during_step(trainer, step: int, sig: int = signal.SIGUSR1) -> dict:
+    """fit(), with a real `sig` (a stop signal) sent to this process during `step`."""
     optimizer_step = trainer._optimizer_step
 
     def step_then_signal():
         optimizer_step()
         if trainer.state.global_step == step - 1:  # counted up right after this call
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), sig)
 
     trainer._optimizer_step = step_then_signal
     try:
@@ -535,6 +538,40 @@ def test_a_preempted_overwrite_run_is_not_requeued(tmp_path, capsys, monkeypatch
     assert "requested requeue" not in out
     assert "not requeued (train.overwrite_output_dir=true would delete this checkpoint on the " \
         "rerun): rerun with train.resume=auto and without train.overwrite_output_dir" in out
+
+
+@pytest.mark.parametrize("sig, shell_wrote, requeued", [
+    (signal.SIGTERM, None, False),  # a plain scancel / time limit: Slurm ends the job
+    (signal.SIGTERM, "USR1", True),  # slurm/common.sh forwarded a USR1 as TERM
+    (signal.SIGUSR1, None, True),  # srun --signal=USR1@N straight to the training
+])
+def test_under_slurm_only_a_requeue_request_requeues(tmp_path, capsys, monkeypatch, sig,
+                                                    shell_wrote, requeued):
+    """A job whose every TERM requeued itself could not be cancelled: TERM checkpoints and
+    stops; USR1 (or the batch shell's note that its TERM carries one) also requeues."""
+    import subprocess
+
+    import mtl_dist.preemption
+
+    calls = []
+
+    def fake_scontrol(cmd, **kwargs):  # never a real `scontrol requeue` from a test
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(mtl_dist.preemption.subprocess, "run", fake_scontrol)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    signal_file = tmp_path / "signal"
+    monkeypatch.setenv("MTL_SIGNAL_FILE", str(signal_file))
+    if shell_wrote:
+        signal_file.write_text(shell_wrote + "\n")
+    summary = fit_with_a_signal_during_step(Trainer(demo_cfg(tmp_path, "train.max_steps=8")), 3,
+                                            sig)
+    out = capsys.readouterr().out
+    assert summary["stop_reason"] == "preempted" and summary["global_step"] == 3
+    assert calls == ([["scontrol", "requeue", "4242"]] if requeued else [])
+    assert ("not requeued: a TERM/INT ends the job" in out) is not requeued
+    assert (tmp_path / "signal.stop").read_text() == "preempted\n"  # for the batch shell
 
 
 def test_a_train_record_is_the_mean_over_the_steps_it_covers(tmp_path):
