@@ -109,6 +109,7 @@ class CheckpointInfo:
     is_best: bool
     score: float | None
     damage: str | None = None  # committed, but a file is missing or has another size
+    metric: str = "score"  # what `score` is: best/'s is the loss under metric_for_best=loss
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -1769,6 +1770,7 @@ def list_checkpoints(output_dir: str | Path) -> list[CheckpointInfo]:
             CheckpointInfo(
                 best, "best", best_step, committed, _dir_size(best), True, info.get("score"),
                 damage(best) if committed else None,
+                _best_metric(best),
             )
         )
     ckdir = out / CHECKPOINTS_DIR
@@ -1796,6 +1798,15 @@ def list_checkpoints(output_dir: str | Path) -> list[CheckpointInfo]:
             periodic.append(CheckpointInfo(p, "incomplete", step, False, _dir_size(p), False, None))
     periodic.sort(key=lambda r: (r.step or 0, r.kind))
     return periodic + rows
+
+
+def _best_metric(best: Path) -> str:
+    """'loss' when best/ was chosen by metric_for_best=loss (best.json says), else 'score'."""
+    try:
+        info = json.loads((best / BEST_JSON).read_text())
+    except (OSError, ValueError):
+        return "score"
+    return "loss" if isinstance(info, dict) and info.get("metric_for_best") == "loss" else "score"
 
 
 def _score_of(path: Path) -> float | None:

@@ -199,7 +199,7 @@ def _format_ckpt_row(row) -> str:
     text = (f"{str(info.get('path')):60s} step={info.get('step')!s:>7} "
             f"{status:10s} {size_mb:9.1f} MiB")
     if score is not None:
-        text += f"  score={score:.4f}"
+        text += f"  {info.get('metric', 'score')}={score:.4f}"
     text += "  [best]" if info.get("is_best") else ""
     return text + (f"  ({info['damage']})" if info.get("damage") else "")
 

@@ -611,3 +611,18 @@ def test_ckpt_convert_of_a_checkpoint_with_an_untrained_head_is_one_line(tmp_pat
     assert err[-1].startswith("error: convert: checkpoint-1 has no optimizer state for "
                               "parameter group ") and "Traceback" not in "\n".join(err)
     assert not (tmp_path / "universal").exists() and not list(tmp_path.glob(".tmp-convert-*"))
+
+
+def test_under_metric_for_best_loss_best_is_shown_as_a_loss(tmp_path, capsys):
+    """best/'s number is the eval loss then: `ckpt ls` and the end line say so, beside the
+    periodic checkpoints' run scores."""
+    from mtl_dist.cli import main
+
+    Trainer(demo_cfg(tmp_path, "train.max_steps=8", "train.metric_for_best=loss")).fit()
+    loss = json.loads((tmp_path / "out" / "best" / "best.json").read_text())["score"]
+    assert f"best loss {loss} at step" in capsys.readouterr().out
+    assert main(["ckpt", "ls", str(tmp_path / "out")]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    (best,) = [r for r in rows if r.rstrip().endswith("[best]") and "/best " in r]
+    assert f"loss={loss:.4f}" in best
+    assert all("score=" in r for r in rows if "checkpoint-" in r)
