@@ -13,7 +13,8 @@
 #   --ACCEL_OPT=V   any other `--option=value` (or flag) before CONFIG goes to `accelerate launch`,
 #                   e.g. --num_machines=2 --machine_rank=1 --main_process_ip=node1 (multi-node)
 # Other env: MTL_NUM_GPUS (skip detection), MTL_MAIN_PORT (default: a free port),
-# MTL_ACCELERATE (default: accelerate). OMP_NUM_THREADS defaults to cores / processes.
+# MTL_ACCELERATE (default: accelerate), MTL_PYTHON (default: python3; runs `mtl-dist check`
+# on the config before launching). OMP_NUM_THREADS defaults to cores / processes.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -22,7 +23,7 @@ procs=${MTL_NUM_PROCS:-}
 dry_run=${MTL_DRY_RUN:-0}
 accel_opts=()
 
-usage() { sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 die() { echo "launch/train.sh: $*" >&2; exit 2; }
 
 while [ $# -gt 0 ]; do
@@ -111,6 +112,10 @@ cmd=("${MTL_ACCELERATE:-accelerate}" launch --config_file "$ROOT/launch/$file"
 [ -z "$ds_file" ] || cmd+=(--deepspeed_config_file "$ds_file")
 [ "$have_port" -eq 1 ] || cmd+=(--main_process_port "${MTL_MAIN_PORT:-$(free_port)}")
 cmd+=("${accel_opts[@]+"${accel_opts[@]}"}" -m mtl_dist.cli train "$config" "$@")
+
+# The config first, in one process: a mistake is one line and exit 2, not one line per rank
+# followed by the launcher's traceback.
+"${MTL_PYTHON:-python3}" -m mtl_dist.cli check "$config" "$@" >/dev/null || exit $?
 
 echo "[train.sh] launch=$launch gpus=$ngpu procs_per_machine=$procs machines=$machines" \
      "OMP_NUM_THREADS=$OMP_NUM_THREADS" >&2

@@ -1,4 +1,4 @@
-"""`mtl-dist`: train | evaluate | predict | pseudo-label | ckpt ... | report | demo | bench."""
+"""`mtl-dist`: train | check | evaluate | predict | pseudo-label | ckpt ... | report | demo | bench."""
 
 from __future__ import annotations
 
@@ -27,6 +27,15 @@ def _load(config: str, overrides: list[str]):
     from mtl_dist.config import load_config
 
     return load_config(config, overrides)
+
+
+def cmd_check(args) -> int:
+    """Validate a config (keys, types, values, files) without starting anything: what
+    launch/train.sh runs first, so a mistake is one line, not one per rank plus a traceback."""
+    cfg = _load(args.config, args.overrides)
+    print(f"config OK: {len(cfg.tasks)} task(s) ({', '.join(cfg.task_names)}), "
+          f"output dir {cfg.train.output_dir}")
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -365,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a run (python, accelerate launch or srun)")
     with_config(p)
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("check", help="validate a config and its files; start nothing")
+    with_config(p)
+    p.set_defaults(func=cmd_check)
     for name, func, default_split in (("evaluate", cmd_evaluate, "dev"),
                                       ("predict", cmd_predict, "test")):
         p = sub.add_parser(name, help=f"{name} with a checkpoint (best/ or checkpoint-N)")

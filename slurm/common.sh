@@ -166,7 +166,7 @@ mtl_finish() {
       if [ "$rc" -eq 0 ]; then
         mtl_log "training finished (exit 0)"
       else
-        mtl_log "training FAILED with exit status $rc (see the traceback above); not requeued"
+        mtl_log "training FAILED with exit status $rc (see the error above); not requeued"
       fi
       exit "$rc" ;;
     TERM)

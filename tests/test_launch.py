@@ -117,8 +117,9 @@ def wait_for_train_record(out: Path, proc: subprocess.Popen, log: Path, timeout:
 
 
 def dry_run(args: list[str], env: dict, **extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(TRAIN_SH), *args], env={**env, "MTL_DRY_RUN": "1", **extra},
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(["bash", str(TRAIN_SH), *args],
+                          env={**env, "MTL_DRY_RUN": "1", "MTL_PYTHON": sys.executable, **extra},
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
 
 
 def launched_command(result: subprocess.CompletedProcess) -> list[str]:
@@ -249,6 +250,21 @@ def test_train_sh_refuses_bad_requests(args, extra, message, cpu_env):
     result = dry_run(args, cpu_env, **extra)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_train_sh_checks_the_config_once_before_launching(cpu_env, tmp_path):
+    """A config mistake: one line and exit 2 from one process (through a launcher it was one
+    line per rank, then the launcher's traceback and exit 1); nothing is launched."""
+    result = dry_run(["configs/demo.yaml", "train.lrr=1"], cpu_env, MTL_NUM_GPUS="0")
+    assert result.returncode == 2 and "[train.sh]" not in result.stderr  # before the launch
+    assert result.stderr.strip().splitlines() == [
+        "error: override 'train.lrr=1': config key 'train.lrr' is unknown; did you mean "
+        "'train.lr'?"]
+    check = subprocess.run([sys.executable, "-m", "mtl_dist.cli", "check", "configs/demo.yaml",
+                            f"train.output_dir={tmp_path}/o"], cwd=REPO_ROOT, env=cpu_env,
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0 and check.stdout.startswith("config OK: 3 task(s) (nli, emotion")
+    assert not (tmp_path / "o").exists()  # nothing started, nothing written
 
 
 # ------------------------------------------------------------------ real launches (slow)
