@@ -588,7 +588,8 @@ def _build(path: str | Path | None, overrides: Sequence[str], sources: _Sources)
 def _read_text(path: str | Path) -> str:
     """The config file's text; errors name the file."""
     if not os.path.exists(path):
-        raise _Problem("", f"{path}: config file not found")
+        where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+        raise _Problem("", f"{path}: config file not found{where}")
     if os.path.isdir(path):
         raise _Problem("", f"{path}: expected a YAML config file, got a directory")
     try:

@@ -191,7 +191,9 @@ def test_yaml_syntax_and_top_level_errors(project: Path) -> None:
     assert error_of(write(project, "- 1\n")) == (
         "configs/bad.yaml: expected a mapping of config sections at top level, got a list"
     )
-    assert error_of("configs/missing.yaml") == "configs/missing.yaml: config file not found"
+    assert error_of("configs/missing.yaml") == \
+        f"configs/missing.yaml: config file not found (relative to {project})"
+    assert error_of(str(project / "x.yaml")) == f"{project / 'x.yaml'}: config file not found"
 
 
 def test_config_error_is_mtl_dist_error() -> None:
