@@ -63,6 +63,8 @@ _ENTRY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _RNG_RE = re.compile(r"^rng_state_(\d+)\.pth$")
 _ABANDONED_RE = re.compile(rf"^{ABANDONED_DIR}$")  # deleted whole by overwrite_output_dir
 _OLD_ABANDONED_RE = re.compile(rf"^\.old-{ABANDONED_DIR}-[0-9a-f]{{8}}$")
+# Leftovers directly in OUTPUT of a crashed best/ swap, clear_run or abandoned/ deletion.
+_OUTPUT_LEFTOVERS = (_TMP_BEST_RE, _OLD_BEST_RE, _CLEARED_BEST_RE, _OLD_ABANDONED_RE)
 _DELETABLE = (_PERIODIC_RE, _TMP_RE, _OLD_RE, _TMP_BEST_RE, _OLD_BEST_RE, _CLEARED_BEST_RE,
               _ABANDONED_RE, _OLD_ABANDONED_RE)
 _WARN_ONLY_KEYS = {"versions"}
@@ -1311,8 +1313,7 @@ class CheckpointManager:
         if clash:
             raise CheckpointError(f"save_best metadata key '{sorted(clash)[0]}' is reserved")
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        _clean_stale(self.output_dir, (_TMP_BEST_RE, _OLD_BEST_RE, _CLEARED_BEST_RE,
-                                       _OLD_ABANDONED_RE), self.output_dir)
+        _clean_stale(self.output_dir, _OUTPUT_LEFTOVERS, self.output_dir)
         tmp = self.output_dir / f".tmp-best-{secrets.token_hex(4)}"
         tmp.mkdir()
         try:
@@ -1353,10 +1354,9 @@ class CheckpointManager:
         """best/best.json (step, score, metric_for_best, ...); {} when there is none."""
         try:
             read_manifest(self.best_dir)
-            info = json.loads((self.best_dir / BEST_JSON).read_text())
         except (CheckpointError, OSError, ValueError):
             return {}
-        return info if isinstance(info, dict) else {}
+        return _read_best_json(self.best_dir)
 
     def improves(self, score: float) -> bool:
         """Whether `score` beats the committed best (mode from greater_is_better)."""
@@ -1442,8 +1442,7 @@ class CheckpointManager:
             aside = self.output_dir / f".cleared-best-{secrets.token_hex(4)}"
             os.rename(self.best_dir, aside)
             _fsync_path(self.output_dir)
-        _clean_stale(self.output_dir, (_TMP_BEST_RE, _OLD_BEST_RE, _CLEARED_BEST_RE,
-                                       _OLD_ABANDONED_RE), self.output_dir)
+        _clean_stale(self.output_dir, _OUTPUT_LEFTOVERS, self.output_dir)
 
     def resolve(self, resume: str | Path) -> Path | None:
         """'auto' -> latest() (None if there is none); a path -> that committed checkpoint."""
@@ -1800,13 +1799,18 @@ def list_checkpoints(output_dir: str | Path) -> list[CheckpointInfo]:
     return periodic + rows
 
 
-def _best_metric(best: Path) -> str:
-    """'loss' when best/ was chosen by metric_for_best=loss (best.json says), else 'score'."""
+def _read_best_json(best: Path) -> dict:
+    """best/best.json (step, score, metric_for_best, ...); {} when absent or unreadable."""
     try:
         info = json.loads((best / BEST_JSON).read_text())
     except (OSError, ValueError):
-        return "score"
-    return "loss" if isinstance(info, dict) and info.get("metric_for_best") == "loss" else "score"
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _best_metric(best: Path) -> str:
+    """'loss' when best/ was chosen by metric_for_best=loss (best.json says), else 'score'."""
+    return "loss" if _read_best_json(best).get("metric_for_best") == "loss" else "score"
 
 
 def _score_of(path: Path) -> float | None:

@@ -305,11 +305,10 @@ PER_INVOCATION_KEYS = {"resume": None, "overwrite_output_dir": False}
 
 def saved_config_yaml(cfg: RunConfig) -> str:
     """The text of OUTPUT/config.yaml: the resolved config, per-invocation keys unset."""
-    data = save_dict(cfg)
-    data["train"].update(PER_INVOCATION_KEYS)
+    saved = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **PER_INVOCATION_KEYS))
     return ("# The resolved config of this run. train.resume and train.overwrite_output_dir are\n"
             "# per invocation and saved unset: resume with train.resume=auto.\n"
-            + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+            + config_to_yaml(saved))
 
 
 def config_hash(cfg: RunConfig) -> str:
