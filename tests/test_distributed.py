@@ -233,15 +233,30 @@ def _evals(out: Path) -> list[dict]:
             for r in records(out, "eval")]
 
 
+def _preempted_summaries(tmp_path, step: str, rank: str, sig: str, *extra: str) -> list[dict]:
+    """Both ranks' summaries of preempt_at_step.py (`sig` to `rank` during `step`)."""
+    printed = run_script("preempt_at_step.py", tmp_path, 2, step, rank, sig, *extra)
+    summaries = [json.loads(line) for line in printed.splitlines() if line.startswith('{"rank"')]
+    assert sorted(s["rank"] for s in summaries) == [0, 1]
+    return summaries
+
+
+@pytest.mark.parametrize("sig, requeue", [("SIGUSR1", True), ("SIGTERM", False)])
+def test_a_requeue_request_on_rank_1_alone_reaches_rank_0(tmp_path, sig, requeue):
+    """Rank 0 runs `scontrol requeue`: it must learn that rank 1 got a USR1 (a requeue
+    request) and not a TERM (the job being ended), through the stop flag's all-reduce."""
+    summaries = _preempted_summaries(tmp_path, "3", "1", sig, "train.max_steps=8")
+    assert {(s["stop_reason"], s["global_step"]) for s in summaries} == {("preempted", 3)}
+    assert {s["requeue_wanted"] for s in summaries} == {requeue}
+
+
 def test_a_preemption_at_an_evaluation_step_on_two_ranks_evaluates_after_the_resume(
         straight, tmp_path):
     """SIGUSR1 to rank 0 alone during step 8 (an evaluation step): both ranks stop there
     with a checkpoint and no evaluation; the resumed 2-rank run evaluates step 8 first, and
     ends with the straight run's evaluations, best/ and losses."""
     out = tmp_path / "out"
-    printed = run_script("preempt_at_step.py", tmp_path, 2, "8", *STEPS)
-    summaries = [json.loads(line) for line in printed.splitlines() if line.startswith('{"rank"')]
-    assert sorted(s["rank"] for s in summaries) == [0, 1]
+    summaries = _preempted_summaries(tmp_path, "8", "0", "SIGUSR1", *STEPS)
     assert {(s["stop_reason"], s["global_step"]) for s in summaries} == {("preempted", 8)}
     assert (out / "checkpoints" / "checkpoint-8" / "COMMITTED").exists()
     assert records(out, "eval") == [] and not (out / "best").exists()
