@@ -33,6 +33,10 @@ try:
     summary = trainer.fit()
 finally:
     trainer.close()
-print(json.dumps({"rank": trainer.rank, "stop_reason": summary["stop_reason"],
-                  "global_step": summary["global_step"],
-                  "requeue_wanted": trainer.preemption.requeue_wanted}))
+# One write(2) of the whole line: under PYTHONUNBUFFERED, print() writes the text and its
+# newline separately, and the two ranks' lines can interleave on the shared pipe; a single
+# pipe write under PIPE_BUF is atomic.
+line = json.dumps({"rank": trainer.rank, "stop_reason": summary["stop_reason"],
+                   "global_step": summary["global_step"],
+                   "requeue_wanted": trainer.preemption.requeue_wanted})
+os.write(sys.stdout.fileno(), (line + "\n").encode())
