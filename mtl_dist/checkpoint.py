@@ -80,6 +80,8 @@ _SAVED_FORMS = {
 }
 # Why a difference in these keys cannot be taken: said after the one-line error.
 _WHY_REFUSED = {
+    "global_batch_size": "global batch = per_device_batch_size x world size: keep it, or set "
+    "sampler.on_global_batch_change=replan to go on from the next epoch at the new batch",
     "optimizer_settings": "the restored AdamW state and LR schedule keep the checkpoint's "
     "values, so the new ones would be ignored: resume with them, or start a new run",
     "metric_for_best": "early stopping's best so far was measured by the checkpoint's "

@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import hashlib
 import io
+import math
 import os
 import re
 import types
@@ -810,6 +811,8 @@ def _check_path(value: str | None, key: str, kind: str, sources: _Sources) -> No
         message = f"{key}: expected a file, got a directory: {path}"
     elif kind == "directory" and not os.path.isdir(path):
         message = f"{key}: expected a directory (for from_pretrained), got a file: {path}"
+    elif key.startswith("tasks") and os.path.getsize(path) == 0:  # as training would refuse it
+        message = f"{key}: file is empty: {path}"
     elif key == "model.pretrained" and not os.path.isfile(os.path.join(path, "config.json")):
         message = f"{key}: {path} has no config.json (expected a from_pretrained model dir)"
     else:
@@ -958,6 +961,9 @@ def _get(run: RunConfig, key: str) -> Any:
 
 
 def _require(check: _Check, value: Any, key: str, expected: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):  # inf passes every bound
+        raise _Problem(key, f"config key '{key}': expected a finite number "
+                            f"({expected}), got {_show(value)}")
     if not check(value):
         raise _Problem(key, f"config key '{key}': expected {expected}, got {_show(value)}")
 

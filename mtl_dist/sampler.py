@@ -262,9 +262,17 @@ class MultiTaskBatchPlan:
     def temperature_probs(self) -> np.ndarray:
         """Per-step task probabilities of the temperature strategy: p ∝ (e * w) ** (1/T)."""
         mass = self._usable.astype(np.float64) * np.asarray(self.task_weights)
+        live = mass > 0
         p = np.zeros_like(mass)
-        p[mass > 0] = mass[mass > 0] ** (1.0 / self.temperature)
+        with np.errstate(over="ignore", under="ignore"):
+            p[live] = mass[live] ** (1.0 / self.temperature)
         total = p.sum()
+        if live.any() and not 0 < total < np.inf:
+            # a small temperature overflows (or underflows) the powers: the same ratios in
+            # log space, scaled so the largest task's term is 1
+            log_p = np.log(mass[live]) / self.temperature
+            p[live] = np.exp(log_p - log_p.max())
+            total = p.sum()
         return p / total if total > 0 else p
 
     # ----- the plan ---------------------------------------------------------------------

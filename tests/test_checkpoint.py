@@ -341,7 +341,9 @@ def test_best_recovered_after_crash_mid_swap(tmp_path: Path) -> None:
         (
             "global_batch_size",
             32,
-            "'global_batch_size' differs: checkpoint has 64, this run has 32",
+            "'global_batch_size' differs: checkpoint has 64, this run has 32 (global batch "
+            "= per_device_batch_size x world size: keep it, or set "
+            "sampler.on_global_batch_change=replan",
         ),
         ("tasks", ["nli"], "'tasks' differs"),
         (

@@ -291,6 +291,30 @@ def test_task_rules_in_file(project: Path) -> None:
     )
 
 
+def test_an_empty_task_file_is_refused_by_the_check_as_training_would(project: Path) -> None:
+    """`mtl-dist check` said OK, then every rank of `train` failed on the empty file."""
+    empty = project / "configs" / "data" / "nli_dev.tsv"
+    empty.write_bytes(b"")
+    assert error_of("configs/run.yaml") == (
+        f"configs/run.yaml:7: tasks[0].dev: file is empty: {empty}")
+
+
+@pytest.mark.parametrize("value", [".inf", "1e400", "-.inf"])
+@pytest.mark.parametrize("key", ["sampler.temperature", "tasks.0.sample_weight", "train.lr"])
+def test_an_infinite_number_is_refused_where_it_was_set(project: Path, key: str,
+                                                        value: str) -> None:
+    """inf passes every '> 0' bound; it crashed (or was refused with no source) later."""
+    message = error_of("configs/run.yaml", [f"{key}={value}"])
+    assert message.startswith(f"override '{key}={value}': config key ")
+    assert "expected a finite number (" in message and message.endswith("inf")
+
+
+def test_an_infinite_number_in_the_file_names_its_line(project: Path) -> None:
+    path = write(project, BASE.replace("lr: 3e-5", "lr: .inf"))
+    assert error_of(path) == ("configs/bad.yaml:14: config key 'train.lr': expected a finite "
+                              "number (> 0), got inf")
+
+
 def test_missing_file(project: Path) -> None:
     path = write(project, BASE.replace("nli_dev.tsv", "nope.tsv"))
     missing = project / "configs" / "data" / "nope.tsv"

@@ -340,6 +340,27 @@ def test_temperature_frequencies_match_definition(sizes, weights, temperature):
     assert np.all(np.abs(freq - p) <= 5 * sigma + 1e-12), (freq, p)
 
 
+@pytest.mark.parametrize(("sizes", "weights", "temperature"),
+                         [([50000, 20000], None, 0.005), ([5, 3], [0.01, 0.005], 0.001)])
+def test_a_tiny_temperature_gives_the_limit_not_nan(sizes, weights, temperature):
+    """(e*w) ** (1/T) overflows (or underflows) for a small T: the same ratios in log space,
+    i.e. the largest task almost surely, instead of NaN probabilities and a crash."""
+    plan = MultiTaskBatchPlan(sizes, global_batch_size=4, seed=0, strategy="temperature",
+                              temperature=temperature, task_weights=weights)
+    p = plan.temperature_probs()
+    assert np.all(np.isfinite(p)) and p.sum() == pytest.approx(1.0)
+    assert p[0] == pytest.approx(1.0) and p[1] < 1e-60
+    assert set(plan.task_order(0).tolist()) == {0}
+
+
+def test_a_moderate_temperature_keeps_its_direct_probabilities():
+    """The log-space path is a fallback only: ordinary temperatures keep their exact values."""
+    plan = MultiTaskBatchPlan([50000, 20000], global_batch_size=4, seed=0,
+                              strategy="temperature", temperature=0.5)
+    direct = np.array([50000.0, 20000.0]) ** 2
+    assert plan.temperature_probs().tolist() == (direct / direct.sum()).tolist()
+
+
 # ----- group_by_length ------------------------------------------------------------------
 
 
