@@ -931,7 +931,7 @@ def test_bad_config_is_one_line_and_touches_no_output(tmp_path, capsys, override
 
 
 BAD_DATA = [
-    ({"train": ""}, "{train}: file is empty"),
+    ({"train": ""}, "{config}:10: tasks[0].train: file is empty: {train}"),  # by the config check
     ({"train": "1\ta\tx\n2\tb\n"}, "{train}:2: expected 3 tab-separated columns (id, text, "
                                    "label), got 2"),
     ({"train": "1\ta\tx\n2\t  \tx\n"}, "{train}:2: empty text in column 2"),
@@ -949,7 +949,7 @@ def test_bad_data_is_one_line_naming_file_and_line(tmp_path, capsys, files, expe
     out = tmp_path / "out"
     rc, err = _main(capsys, ["train", str(cfg), f"train.output_dir={out}",
                              f"data.cache_dir={tmp_path}/cache"])
-    paths = {k: tmp_path / f"{k}.tsv" for k in ("train", "dev")}
+    paths = {k: tmp_path / f"{k}.tsv" for k in ("train", "dev")} | {"config": cfg}
     assert _one_error(rc, err) == "error: " + expected.format(**paths)
     assert not out.exists()
 
