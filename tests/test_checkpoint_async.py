@@ -368,7 +368,9 @@ def test_kill_9_during_background_writes_never_leaves_a_half_checkpoint(tmp_path
     committed_max = interrupted = 0
     out = tmp_path / "out"
     for trial in range(12):
-        committed, saving, resumed = ctx.Value("i", 0), ctx.Value("i", 0), ctx.Value("i", -1)
+        # lock=False: a child SIGKILLed inside a locked write would leave the lock held and
+        # the next read here blocked forever
+        committed, saving, resumed = (ctx.Value("i", v, lock=False) for v in (0, 0, -1))
         p = ctx.Process(target=_async_saver, args=(str(out), trial, committed, saving, resumed))
         p.start()
         deadline = time.monotonic() + 60

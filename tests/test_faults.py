@@ -284,8 +284,11 @@ def test_kill_9_at_every_phase_and_at_random_moments_loses_nothing(tmp_path: Pat
     where: Counter = Counter()
     known_committed = known_best = 0
     for trial, (kind, k) in enumerate(plans):
-        shared = {"label": ctx.Array("c", 96), "resumed": ctx.Value("i", -1),
-                  "saving": ctx.Value("i", 0), "committed": ctx.Value("i", 0)}
+        # lock=False: the child is SIGKILLed at any moment, also inside a locked write of
+        # these, which left the lock held and the next read here blocked forever (CI hung)
+        shared = {"label": ctx.Array("c", 96, lock=False),
+                  **{name: ctx.Value("i", start, lock=False)
+                     for name, start in (("resumed", -1), ("saving", 0), ("committed", 0))}}
         newest_before = max(_committed(out), default=0)
         p = ctx.Process(target=_saver, args=(str(out), trial, vocab, k, shared))
         p.start()
