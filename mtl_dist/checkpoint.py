@@ -1866,6 +1866,14 @@ def check_label_maps_of(path: str | Path, label_maps: Mapping[str, list[str]]) -
         raise CheckpointError(
             f"checkpoint {path}: '{key}' is {_short(theirs)} there and {_short(ours)} in this "
             "run: use the config (and output dir) it was trained with")
+    # The heads are stored by position: the same tasks in another order would load without a
+    # shape error (equal label counts) and score each task with another task's head.
+    order = manifest.get("run", {}).get("tasks") or list(saved or {})
+    if order and list(order) != list(label_maps):
+        raise CheckpointError(
+            f"checkpoint {path}: its heads are for the tasks in the order {_short(list(order))}, "
+            f"this run lists them as {_short(list(label_maps))}: list the tasks in the "
+            "checkpoint's order")
 
 
 def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:

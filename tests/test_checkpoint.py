@@ -377,6 +377,23 @@ def test_manifest_mismatch_names_the_key(tmp_path: Path, key: str, value, shown:
     assert "\n" not in str(err.value)
 
 
+def test_tasks_with_equal_label_counts_in_another_order_are_refused(tmp_path: Path) -> None:
+    """Heads are stored by position: two 2-label tasks swapped would load without any shape
+    error and each be scored with the other's head; periodic checkpoints and best/ alike."""
+    labels = {"nli": ["a", "b"], "emotion": ["x", "y"]}
+    objs = make_objects()
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    periodic = save(mgr, 1, objs, manifest={**MANIFEST, "labels": labels})
+    mgr.save_best(1, 0.5, objs["model"].state_dict(),
+                  extra_files={"labels.json": json.dumps(labels)}, metadata={})
+    swapped = {"emotion": labels["emotion"], "nli": labels["nli"]}
+    for path in (periodic, tmp_path / "best"):
+        ck.check_label_maps_of(path, labels)
+        with pytest.raises(CheckpointError, match=r'its heads are for the tasks in the order '
+                           r'\["nli", "emotion"\], this run lists them as \["emotion", "nli"\]'):
+            ck.check_label_maps_of(path, swapped)
+
+
 def test_world_size_change_allowed_for_ddp_refused_for_zero(tmp_path: Path) -> None:
     objs = make_objects()
     mgr = CheckpointManager(tmp_path, save_total_limit=None)
@@ -630,7 +647,9 @@ def test_kill_9_at_random_moments_never_leaves_a_half_checkpoint(tmp_path: Path)
     # At least 24 kills; on a slow (loaded) machine more, until the saves made progress.
     while trial < 24 or ((committed_max <= 24 or interrupted < 5) and trial < 96):
         trial += 1
-        committed, saving, best_done = ctx.Value("i", 0), ctx.Value("i", 0), ctx.Value("i", 0)
+        # lock=False: a child SIGKILLed inside a locked write would leave the lock held and
+        # the next read here blocked forever (the suite hung on CI this way)
+        committed, saving, best_done = (ctx.Value("i", 0, lock=False) for _ in range(3))
         p = ctx.Process(target=_saver, args=(str(tmp_path), trial, committed, saving, best_done))
         p.start()
         time.sleep(rng.uniform(0.05, 0.5))

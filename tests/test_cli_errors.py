@@ -41,6 +41,26 @@ def test_a_checkpoint_trained_with_other_labels_is_refused(run, capsys, tmp_path
         assert f"'labels.nli[0]' is \"{labels[0]}\" there and \"{labels[-1]}\" in this run" in err
 
 
+def test_the_same_tasks_in_another_order_are_refused_not_scored_with_swapped_heads(
+        run, capsys, tmp_path):
+    """The heads are stored by position: emotion and news listed the other way round would
+    load (both would fit when their label counts agree) and score each with the other's head."""
+    root, overrides = run
+    swapped = ("tasks=[{name: nli, pair: true, train: 'demo:nli/train', dev: 'demo:nli/dev'}, "
+               "{name: news, train: 'demo:news/train', dev: 'demo:news/dev'}, "
+               "{name: emotion, train: 'demo:emotion/train', dev: 'demo:emotion/dev'}]")
+    for output_dir in (root / "out", tmp_path):  # with its labels.json, and a fresh dir
+        for checkpoint in (root / "out" / "best", root / "out" / "checkpoints" / "checkpoint-8"):
+            code, _, err = cli(capsys, "evaluate", DEMO, *overrides,
+                               f"train.output_dir={output_dir}", swapped, "--checkpoint",
+                               checkpoint)
+            assert code == 2, err
+            assert err.strip() == (
+                f"error: checkpoint {checkpoint}: its heads are for the tasks in the order "
+                '["nli", "emotion", "news"], this run lists them as ["nli", "news", "emotion"]: '
+                "list the tasks in the checkpoint's order")
+
+
 def test_a_checkpoint_of_another_shape_is_one_line(run, capsys, tmp_path):
     root, overrides = run
     code, _, err = cli(capsys, "evaluate", DEMO, *overrides, f"train.output_dir={tmp_path}",
