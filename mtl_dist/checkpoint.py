@@ -89,6 +89,7 @@ _WHY_REFUSED = {
     "max_length": "the rest of the run would train on other truncations than its start, "
     "not continue it: resume with it, or start a new run",
 }
+EMA_FILE = "ema.pt"  # the trainer's app_state entry "ema": the full fp32 shadow per name
 _PER_RANK_KEYS = {"distributed_type", "per_device_batch_size"}
 _RESERVED = {"rng_state", "trainer_state", "manifest", "COMMITTED", "best", DS_TAG}
 
@@ -1877,9 +1878,18 @@ def check_label_maps_of(path: str | Path, label_maps: Mapping[str, list[str]]) -
 
 
 def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The full model state dict of a checkpoint or best/ (ZeRO partitions consolidated to fp32)."""
+    """The model state dict a checkpoint or best/ was evaluated with: its weights (ZeRO
+    partitions consolidated to fp32) with the EMA shadow in place where the run kept one."""
     path = Path(path)
     manifest = read_manifest(path)
+    state = _trained_weights(path, manifest)
+    if EMA_FILE in manifest["files"]:  # periodic checkpoints; best/ holds the EMA weights
+        _apply_ema_shadow(path, manifest, state)
+    return state
+
+
+def _trained_weights(path: Path, manifest: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights the optimizer trained (model.safetensors, or the ZeRO partitions)."""
     if MODEL_FILE in manifest["files"]:
         _verify_files(path, manifest, [MODEL_FILE])
         return _load_safetensors(path / MODEL_FILE)
@@ -1889,6 +1899,20 @@ def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
         _verify_files(path, manifest, [n for n in manifest["files"] if n.startswith(f"{DS_TAG}/")])
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DS_TAG))
     raise CheckpointError(f"checkpoint {path}: holds no model weights")
+
+
+def _apply_ema_shadow(path: Path, manifest: Mapping[str, Any],
+                      state: dict[str, torch.Tensor]) -> None:
+    """Put the EMA shadow in place of the trained weights, in their dtypes, as the run's
+    evaluations did (a bf16 model evaluates the shadow rounded to bf16)."""
+    _verify_files(path, manifest, [EMA_FILE])
+    shadow = _torch_load(path / EMA_FILE).get("shadow") or {}
+    unknown = sorted(set(shadow) - set(state))
+    if unknown:
+        raise CheckpointError(f"checkpoint {path}: {EMA_FILE} has a shadow for "
+                              f"'{unknown[0]}', which its weights do not have")
+    for name, value in shadow.items():
+        state[name] = value.to(state[name].dtype)
 
 
 def convert_zero_to_universal(path: str | Path, out: str | Path) -> Path:

@@ -8,6 +8,7 @@ import shutil
 import signal
 
 import pytest
+import torch
 
 from mtl_dist.cli import bench_rates, bench_schedule, main
 from mtl_dist.config import load_config
@@ -285,6 +286,29 @@ def test_ckpt_export_of_a_periodic_checkpoint_loads_with_from_pretrained(tmp_pat
     assert main(["ckpt", "export", str(checkpoint), str(tmp_path / "hf2")]) == 2
     assert "export: no encoder_config.json in" in capsys.readouterr().err
     assert not (tmp_path / "hf2").exists() and not list(tmp_path.glob(".tmp-export-*"))
+
+
+def test_a_periodic_checkpoint_is_evaluated_and_exported_with_its_ema_weights(tmp_path):
+    """The demo keeps an EMA (ema_decay 0.99): the run evaluated step 8 with the shadow and
+    best/ holds it. checkpoint-8, evaluated or exported later, must be the same model, not
+    the raw trained weights beside the shadow in it."""
+    from safetensors.torch import load_file
+
+    from mtl_dist import checkpoint as ck
+
+    cfg = demo_cfg(tmp_path, "train.max_steps=8")
+    assert cfg.train.ema_decay
+    Trainer(cfg).fit()
+    out = tmp_path / "out"
+    checkpoint = out / "checkpoints" / "checkpoint-8"
+    assert "ema.pt" in json.loads((checkpoint / "manifest.json").read_text())["files"]
+    best = load_file(str(out / "best" / "model.safetensors"))
+    assert_same_tensors(ck.load_model_state(checkpoint), best)
+    raw = load_file(str(checkpoint / "model.safetensors"))
+    assert any(not torch.equal(raw[name], best[name]) for name in best)  # the shadow differs
+    evaluator = Trainer(demo_cfg(tmp_path, "train.max_steps=8"), for_training=False)
+    evaluator.load_weights(checkpoint)
+    assert evaluator.evaluate()["score"] == records(out, "eval")[-1]["eval/score"]
 
 
 def test_output_dir_that_is_a_file_is_a_one_line_error(tmp_path):
