@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import hashlib
 import io
+import json
 import math
 import os
 import re
@@ -797,6 +798,33 @@ def _check_files(run: RunConfig, sources: _Sources) -> None:
     _check_path(run.model.pretrained, "model.pretrained", "directory", sources)
     _check_path(run.model.tokenizer, "model.tokenizer", "any", sources)
     _check_path(run.train.deepspeed_config, "train.deepspeed_config", "file", sources)
+    _check_pretrained_positions(run, sources)
+
+
+# RoBERTa-style embeddings start positions after the padding index: 514 entries, 512 usable.
+_PADDING_OFFSET_TYPES = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet",
+                         "longformer", "data2vec-text", "roberta-prelayernorm"}
+
+
+def _check_pretrained_positions(run: RunConfig, sources: _Sources) -> None:
+    """data.max_length must fit the pretrained model's position embeddings: longer inputs
+    pass the tokenizer and crash in the embedding at the first long batch."""
+    if run.model.pretrained is None or run.model.pretrained.startswith(DEMO_PREFIX):
+        return
+    config_json = os.path.join(run.model.pretrained, "config.json")
+    try:
+        with open(config_json, encoding="utf-8") as f:
+            model_config = json.load(f)
+        positions = int(model_config["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no position table to check against (from_pretrained names any problem)
+    if model_config.get("model_type") in _PADDING_OFFSET_TYPES:
+        pad = model_config.get("pad_token_id")
+        positions -= (1 if pad is None else int(pad)) + 1
+    if run.data.max_length > positions:
+        raise sources.error(_Problem(
+            "data.max_length", f"config key 'data.max_length': expected <= {positions} (the "
+            f"positions of model.pretrained, {config_json}), got {run.data.max_length}"))
 
 
 def _check_path(value: str | None, key: str, kind: str, sources: _Sources) -> None:

