@@ -235,7 +235,25 @@ def _read_tsv(lines: list[tuple[int, str]], task: Any, require_label: bool, rows
         rows.add(lineno, parts[0].strip(), parts[1], parts[2] if pair else None, label, col_names)
 
 
-def _read_csv(lines: list[tuple[int, str]], task: Any, require_label: bool, rows: _Rows) -> None:
+def _has_tsv_header(lines: list[tuple[int, str]], task: Any) -> bool:
+    """A TSV whose first line names the text column and another of the task's fields (GLUE
+    style) has a header; the Tianchi layout has none."""
+    first = next((text for _, text in lines if text.strip()), "")
+    columns = {c.strip() for c in first.split("\t")}
+    fields = _fields(task)
+    return fields["text"] in columns and any(
+        fields[role] in columns for role in ("id", "text_b", "label") if fields[role])
+
+
+def _read_headed_tsv(lines: list[tuple[int, str]], task: Any, require_label: bool,
+                     rows: _Rows) -> None:
+    """Tab-separated with a header row naming the columns: as CSV, but no quoting (GLUE's
+    files keep quotes as text) and one row per line."""
+    _read_csv(lines, task, require_label, rows, dialect="tsv")
+
+
+def _read_csv(lines: list[tuple[int, str]], task: Any, require_label: bool, rows: _Rows,
+              dialect: str = "csv") -> None:
     """CSV with a header row naming the columns (task.*_field); quoted fields may span lines."""
     fields = _fields(task)
     csv.field_size_limit(2**31 - 1)
@@ -246,7 +264,10 @@ def _read_csv(lines: list[tuple[int, str]], task: Any, require_label: bool, rows
             consumed.append(lineno)
             yield text + "\n"
 
-    reader = csv.reader(feed(), strict=True)  # an unclosed quote: an error, not the file's rest
+    # an unclosed quote: an error, not the file's rest
+    reader = (csv.reader(feed(), strict=True) if dialect == "csv" else
+              csv.reader(feed(), delimiter="\t", quoting=csv.QUOTE_NONE, strict=True))
+    separated = "comma-separated" if dialect == "csv" else "tab-separated"
     header: list[str] = []
     try:
         while not header:
@@ -276,7 +297,7 @@ def _read_csv(lines: list[tuple[int, str]], task: Any, require_label: bool, rows
         if not row:
             continue
         if len(row) != len(header):
-            rows.bad(lineno, f"expected {len(header)} comma-separated columns (as in the header), got {len(row)}")
+            rows.bad(lineno, f"expected {len(header)} {separated} columns (as in the header), got {len(row)}")
             continue
         _add_named(rows, lineno, {k: row[i] for k, i in index.items()}, task, require_label, names)
 
@@ -391,7 +412,10 @@ def _read_source(path: str | Path, task: Any, *, require_label: bool, on_bad_row
     if not lines and not rows.skipped:
         raise DataError(f"{path}: file is empty")
     fmt = detect_format(path, task, lines[0][1] if lines else "")
-    reader = {"tsv": _read_tsv, "csv": _read_csv, "jsonl": _read_jsonl}[fmt]
+    if fmt == "tsv" and _has_tsv_header(lines, task):
+        fmt = "headed_tsv"
+    reader = {"tsv": _read_tsv, "headed_tsv": _read_headed_tsv, "csv": _read_csv,
+              "jsonl": _read_jsonl}[fmt]
     reader(lines, task, require_label, rows)
     return *rows.finish(), fingerprint
 

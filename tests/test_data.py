@@ -109,6 +109,28 @@ def test_tsv_malformed_rows(tmp_path, content, task, require_label, message):
     assert "\n" not in str(err.value)
 
 
+def test_a_tsv_whose_first_line_names_the_fields_is_read_by_its_header(tmp_path):
+    """GLUE-style TSVs (header row, columns in any order, quotes kept as text): the header
+    was read as a sample and its 'label' became a class. Columns come by name; the id is the
+    line number when the id field is empty."""
+    p = write(tmp_path, "sst.tsv", 'sentence\tlabel\nit\'s "great"\t1\nbad\t0\n')
+    ex, _ = read(p, Task(text_field="sentence", id_field=""))
+    assert ex == [D.Example("2", 'it\'s "great"', None, "1", 2), D.Example("3", "bad", None, "0", 3)]
+    p = write(tmp_path, "mrpc.tsv", "label\t#1 ID\ts1\ts2\n1\t7\ta\tb\n")
+    (e,), _ = read(p, Task(pair=True, id_field="#1 ID", text_field="s1", text_b_field="s2"))
+    assert (e.id, e.text_a, e.text_b, e.label) == ("7", "a", "b", "1")
+    # a test split without the label column
+    p = write(tmp_path, "test.tsv", "id\ttext\n5\thello\n")
+    assert read(p, require_label=False)[0] == [D.Example("5", "hello", None, None, 2)]
+    p = write(tmp_path, "short.tsv", "id\ttext\tlabel\n5\thello\n")
+    with pytest.raises(DataError, match=r"short\.tsv:2: expected 3 tab-separated columns \(as in "
+                       r"the header\), got 2$"):
+        read(p)
+    # a Tianchi row whose text happens to be 'text' is not a header: no other field named
+    ex, _ = read(write(tmp_path, "tianchi.tsv", "1\ttext\tx\n2\tb\ty\n"))
+    assert [e.id for e in ex] == ["1", "2"]
+
+
 def test_missing_file_and_unknown_suffix(tmp_path):
     with pytest.raises(DataError, match=r"nope\.tsv: file not found$"):
         read(tmp_path / "nope.tsv")
