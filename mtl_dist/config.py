@@ -307,7 +307,14 @@ PER_INVOCATION_KEYS = {"resume": None, "overwrite_output_dir": False}
 
 def saved_config_yaml(cfg: RunConfig) -> str:
     """The text of OUTPUT/config.yaml: the resolved config, per-invocation keys unset."""
-    saved = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **PER_INVOCATION_KEYS))
+    # absolute, as the data paths are: the file also works from another directory
+    train = dataclasses.replace(cfg.train, **PER_INVOCATION_KEYS,
+                                output_dir=os.path.abspath(cfg.train.output_dir))
+    data = cfg.data
+    if data.cache_dir:
+        data = dataclasses.replace(data, cache_dir=os.path.abspath(
+            os.path.expanduser(data.cache_dir)))
+    saved = dataclasses.replace(cfg, train=train, data=data)
     return ("# The resolved config of this run. train.resume and train.overwrite_output_dir are\n"
             "# per invocation and saved unset: resume with train.resume=auto.\n"
             + config_to_yaml(saved))

@@ -366,7 +366,11 @@ class Trainer:
         checkpoints deleted): the run starts afresh beside that best/, which is replaced only
         by a better score. Refused when best/ was trained with another config: the run would
         mix with another's best/."""
-        if not is_committed(self.ckpt.best_dir) or self.ckpt.latest() is not None:
+        if self.ckpt.latest() is not None:
+            return
+        if not is_committed(self.ckpt.best_dir):  # said, or a wrong output dir goes unnoticed
+            self._say(f"train.resume=auto: no checkpoint in {self.output_dir.absolute()}: "
+                      "starting a new run")
             return
         info = self.ckpt.best_info()
         if info.get("config_hash") not in (None, config_hash(self.cfg)):

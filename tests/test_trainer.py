@@ -235,6 +235,27 @@ def test_a_fresh_run_refuses_an_output_dir_holding_a_run_and_changes_nothing(tmp
     assert resumed.fit()["global_step"] == 6
 
 
+def test_the_saved_config_resumes_from_another_directory_and_auto_says_when_it_starts_anew(
+        tmp_path, monkeypatch, capsys):
+    """OUTPUT/config.yaml kept a relative output_dir (its data paths are absolute): run from
+    elsewhere with resume=auto, it silently started a new run in another directory."""
+    (tmp_path / "project").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    cfg = load_config(DEMO, ["train.output_dir=out", "data.cache_dir=cache", *FAST,
+                             "train.max_steps=4", "checkpoint.save_steps=4", "train.resume=auto"])
+    Trainer(cfg).fit()
+    out = tmp_path / "project" / "out"
+    assert f"train.resume=auto: no checkpoint in {out}: starting a new run" in \
+        capsys.readouterr().out
+    saved = load_config(out / "config.yaml")
+    assert (saved.train.output_dir, saved.data.cache_dir) == (str(out), str(out.parent / "cache"))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    Trainer(load_config(out / "config.yaml", ["train.resume=auto", "train.max_steps=6"])).fit()
+    assert f"resumed from {out / 'checkpoints' / 'checkpoint-4'}" in capsys.readouterr().out
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
 def test_resuming_an_older_checkpoint_branches_and_auto_resume_follows_the_branch(tmp_path,
                                                                                    capsys):
     """train.resume=<older checkpoint>: the newer ones (the branch left) move to
