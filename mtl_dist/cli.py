@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -59,6 +60,19 @@ def _trainer_for_inference(args, cfg=None):
 
 
 def cmd_evaluate(args) -> int:
+    # stdout carries the JSON alone, for pipes; the evaluation line and what libraries print
+    # on import (DeepSpeed's accelerator warning) go to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        trainer, result = _evaluate(args)
+    if trainer.accelerator.is_main_process:
+        print(json.dumps({"score": result["score"], "loss": result["loss"],
+                          "tasks": {t: {k: v for k, v in m.items() if k != "confusion_matrix"}
+                                    for t, m in result["tasks"].items()}}, indent=1))
+    return 0
+
+
+def _evaluate(args):
+    """(trainer, evaluation result) of `mtl-dist evaluate`."""
     trainer = _trainer_for_inference(args)
     from mtl_dist import data as mdata
 
@@ -70,12 +84,7 @@ def cmd_evaluate(args) -> int:
     if left_out and trainer.accelerator.is_main_process:  # the score is over the others only
         print(f"evaluate --split {args.split}: {', '.join(left_out)}: no labelled "
               f"{args.split} file; the score covers {', '.join(scored)} only", file=sys.stderr)
-    result = trainer.evaluate(tasks)
-    if trainer.accelerator.is_main_process:
-        print(json.dumps({"score": result["score"], "loss": result["loss"],
-                          "tasks": {t: {k: v for k, v in m.items() if k != "confusion_matrix"}
-                                    for t, m in result["tasks"].items()}}, indent=1))
-    return 0
+    return trainer, trainer.evaluate(tasks)
 
 
 def _check_labelled(tasks, split: str) -> None:

@@ -80,11 +80,11 @@ def test_cli_evaluate_and_predict_from_best(tmp_path):
             "train.max_steps=8"]
     run_cli(["train", *args])
     result = run_cli(["evaluate", *args, "--checkpoint", str(out / "best")])
-    metrics = json.loads(result.stdout[result.stdout.index("{"):])
+    metrics = json.loads(result.stdout)  # stdout is the JSON alone: `| jq` works
     best = json.loads((out / "best" / "metrics.json").read_text())
     assert metrics["score"] == pytest.approx(best["score"], abs=1e-12)
     best_step = json.loads((out / "best" / "best.json").read_text())["step"]
-    assert f"[eval step {best_step}]" in result.stdout + result.stderr  # the weights' step
+    assert f"[eval step {best_step}]" in result.stderr  # the weights' step
     run_cli(["predict", *args, "--checkpoint", str(out / "best")])
     rows = [json.loads(line) for line in (out / "predictions" / "nli.jsonl").read_text().splitlines()]
     assert len(rows) == 200 and len({r["id"] for r in rows}) == 200
