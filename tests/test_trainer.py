@@ -332,6 +332,43 @@ def test_a_periodic_checkpoint_is_evaluated_and_exported_with_its_ema_weights(tm
     assert evaluator.evaluate()["score"] == records(out, "eval")[-1]["eval/score"]
 
 
+def test_the_exported_encoder_and_heads_reproduce_predict_as_the_readme_says(tmp_path):
+    """README's recipe: AutoModel's last_hidden_state, then the attention head from
+    heads.safetensors (masked softmax pooling, classifier), gives predict's probabilities."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    from mtl_dist import data as mdata
+    from mtl_dist.config import TaskConfig
+
+    args = [str(DEMO), f"train.output_dir={tmp_path / 'out'}",
+            f"data.cache_dir={tmp_path / 'cache'}", *FAST, "train.max_steps=8"]
+    Trainer(load_config(args[0], args[1:])).fit()
+    assert main(["predict", *args, "--checkpoint", str(tmp_path / "out" / "best")]) == 0
+    assert main(["ckpt", "export", str(tmp_path / "out" / "best"), str(tmp_path / "hf")]) == 0
+    encoder = AutoModel.from_pretrained(tmp_path / "hf").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    heads = load_file(str(tmp_path / "hf" / "heads.safetensors"))
+    task = 1  # emotion, the second task of labels.json
+    name = list(json.loads((tmp_path / "hf" / "labels.json").read_text()))[task]
+    rows, _ = mdata.read_examples("demo:emotion/test", TaskConfig(name=name, train="x"),
+                                  require_label=False)
+    predicted = [json.loads(line) for line in
+                 (tmp_path / "out" / "predictions" / f"{name}.jsonl").read_text().splitlines()]
+    inputs = tokenizer([r.text_a for r in rows[:32]], truncation=True, max_length=128,
+                       padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = encoder(**inputs).last_hidden_state
+        scores = (h @ heads[f"heads.{task}.score.weight"].T).squeeze(-1)
+        scores = scores.masked_fill(inputs["attention_mask"] == 0, float("-inf"))
+        pooled = (torch.softmax(scores, dim=-1).unsqueeze(-1) * h).sum(1)
+        logits = pooled @ heads[f"heads.{task}.classifier.weight"].T + \
+            heads[f"heads.{task}.classifier.bias"]
+    by_id = {p["id"]: p["probs"] for p in predicted}
+    expected = torch.tensor([by_id[r.id] for r in rows[:32]])
+    torch.testing.assert_close(torch.softmax(logits, -1), expected, rtol=0, atol=1e-5)
+
+
 def test_output_dir_that_is_a_file_is_a_one_line_error(tmp_path):
     (tmp_path / "out").write_text("not a directory")
     with pytest.raises(ConfigError, match="'train.output_dir': .* exists and is not a directory"):
