@@ -31,11 +31,17 @@ def _load(config: str, overrides: list[str]):
 
 
 def cmd_check(args) -> int:
-    """Validate a config (keys, types, values, files) without starting anything: what
-    launch/train.sh runs first, so a mistake is one line, not one per rank plus a traceback."""
+    """Validate a config (keys, types, values, files) and read every data file as training
+    would (bad rows, unknown labels; no tokenizing), starting nothing: what launch/train.sh
+    runs first, so a mistake is one line, not one per rank plus a traceback."""
+    from mtl_dist import data as mdata
+
     cfg = _load(args.config, args.overrides)
-    print(f"config OK: {len(cfg.tasks)} task(s) ({', '.join(cfg.task_names)}), "
-          f"output dir {cfg.train.output_dir}")
+    label_maps = mdata.frozen_label_maps(cfg)
+    for split in ("train", "dev", "test"):
+        mdata.check_split(cfg, split, label_maps)
+    print(f"config OK: {len(cfg.tasks)} task(s) ({', '.join(cfg.task_names)}), data files "
+          f"read, output dir {cfg.train.output_dir}")
     return 0
 
 

@@ -732,6 +732,17 @@ def build_label_maps(cfg: RunConfig) -> dict[str, list[str]]:
     return out
 
 
+def frozen_label_maps(cfg: RunConfig) -> dict[str, list[str]]:
+    """The run's label lists: OUTPUT/labels.json when the output dir holds a run (checked
+    against the config), else `build_label_maps` (a fresh or overwritten run)."""
+    saved = Path(cfg.train.output_dir) / "labels.json"
+    if saved.exists() and not cfg.train.overwrite_output_dir:
+        maps = json.loads(saved.read_text())
+        check_label_maps(cfg, maps, str(saved))
+        return maps
+    return build_label_maps(cfg)
+
+
 def check_label_maps(cfg: RunConfig, saved: Mapping[str, Sequence[str]], where: str) -> None:
     """A run's frozen label maps (`where`, e.g. OUTPUT/labels.json) must cover every configured
     task, and labels the config states explicitly must equal them: else one ConfigError line."""

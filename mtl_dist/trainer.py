@@ -384,12 +384,7 @@ class Trainer:
 
     def _frozen_label_maps(self) -> dict[str, list[str]]:
         """Labels from the config or the train data, then frozen: a resumed run reuses the saved map."""
-        saved = self.output_dir / "labels.json"
-        if saved.exists() and not self.cfg.train.overwrite_output_dir:
-            maps = json.loads(saved.read_text())
-            mdata.check_label_maps(self.cfg, maps, str(saved))
-            return maps
-        return mdata.build_label_maps(self.cfg)
+        return mdata.frozen_label_maps(self.cfg)
 
     def _build_training(self) -> None:
         cfg, acc = self.cfg, self.accelerator

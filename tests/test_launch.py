@@ -267,6 +267,26 @@ def test_train_sh_checks_the_config_once_before_launching(cpu_env, tmp_path):
     assert not (tmp_path / "o").exists()  # nothing started, nothing written
 
 
+@pytest.mark.parametrize(("train", "dev", "bad", "message"), [
+    ("1\ta\tx\n2\tb\n", "1\tc\tx\n", "train",
+     "2: expected 3 tab-separated columns (id, text, label), got 2"),
+    ("1\ta\tx\n2\tb\ty\n", "1\tc\tz\n", "dev",
+     "1: label 'z' is not one of the task's labels (x, y)"),
+])
+def test_check_reads_the_data_files_as_training_would(cpu_env, tmp_path, train, dev, bad,
+                                                      message):
+    """Bad rows and unknown dev labels passed `check` (it only saw that the files exist),
+    then failed on every rank of the launched run, with the launcher's traceback."""
+    (tmp_path / "train.tsv").write_text(train)
+    (tmp_path / "dev.tsv").write_text(dev)
+    task = f"tasks=[{{name: t, train: {tmp_path}/train.tsv, dev: {tmp_path}/dev.tsv}}]"
+    result = dry_run(["configs/demo.yaml", task, f"train.output_dir={tmp_path}/o"], cpu_env,
+                     MTL_NUM_GPUS="0")
+    assert result.returncode == 2 and "[train.sh]" not in result.stderr  # before the launch
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path}/{bad}.tsv:{message}"]
+    assert not (tmp_path / "o").exists()
+
+
 # ------------------------------------------------------------------ real launches (slow)
 @pytest.mark.slow
 def test_cpu_multi_config_trains_with_two_real_ranks(reference_run):
