@@ -393,7 +393,8 @@ def weight_diff(path_a: Path, path_b: Path) -> dict:
 
     from mtl_dist.checkpoint import load_model_state
 
-    a, b = load_model_state(path_a), load_model_state(path_b)
+    # the trained weights: with EMA on, the shadow would hide how far the training differs
+    a, b = load_model_state(path_a, with_ema=False), load_model_state(path_b, with_ema=False)
     if a.keys() != b.keys():
         return {"same_keys": False}
     diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)

@@ -1858,9 +1858,11 @@ def check_label_maps_of(path: str | Path, label_maps: Mapping[str, list[str]]) -
     path = Path(path)
     manifest = read_manifest(path)
     saved = manifest.get("run", {}).get("labels")
+    order = manifest.get("run", {}).get("tasks")  # run.labels is saved with sorted keys
     if saved is None and "labels.json" in manifest["files"]:
         _check_sizes(path, manifest, ["labels.json"])
         saved = json.loads((path / "labels.json").read_text())
+        order = order or list(saved)  # written in the heads' order (the config's)
     diff = None if saved is None else _first_difference(saved, dict(label_maps), "labels")
     if diff:
         key, theirs, ours = diff
@@ -1869,7 +1871,6 @@ def check_label_maps_of(path: str | Path, label_maps: Mapping[str, list[str]]) -
             "run: use the config (and output dir) it was trained with")
     # The heads are stored by position: the same tasks in another order would load without a
     # shape error (equal label counts) and score each task with another task's head.
-    order = manifest.get("run", {}).get("tasks") or list(saved or {})
     if order and list(order) != list(label_maps):
         raise CheckpointError(
             f"checkpoint {path}: its heads are for the tasks in the order {_short(list(order))}, "
@@ -1877,13 +1878,14 @@ def check_label_maps_of(path: str | Path, label_maps: Mapping[str, list[str]]) -
             "checkpoint's order")
 
 
-def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+def load_model_state(path: str | Path, *, with_ema: bool = True) -> dict[str, torch.Tensor]:
     """The model state dict a checkpoint or best/ was evaluated with: its weights (ZeRO
-    partitions consolidated to fp32) with the EMA shadow in place where the run kept one."""
+    partitions consolidated to fp32) with the EMA shadow in place where the run kept one
+    (`with_ema=False`: the trained weights alone, e.g. to compare two runs' training)."""
     path = Path(path)
     manifest = read_manifest(path)
     state = _trained_weights(path, manifest)
-    if EMA_FILE in manifest["files"]:  # periodic checkpoints; best/ holds the EMA weights
+    if with_ema and EMA_FILE in manifest["files"]:  # periodic ones; best/ holds the EMA
         _apply_ema_shadow(path, manifest, state)
     return state
 

@@ -241,7 +241,11 @@ def _has_tsv_header(lines: list[tuple[int, str]], task: Any) -> bool:
     first = next((text for _, text in lines if text.strip()), "")
     columns = {c.strip() for c in first.split("\t")}
     fields = _fields(task)
-    return fields["text"] in columns and any(
+    if fields["text"] not in columns:
+        return False
+    # a text field named in the config (SST-2's test.tsv: `index<TAB>sentence`) is enough;
+    # the default name 'text' needs another field beside it (a Tianchi row may read 'text')
+    return fields["text"] != "text" or any(
         fields[role] in columns for role in ("id", "text_b", "label") if fields[role])
 
 
@@ -739,7 +743,9 @@ def frozen_label_maps(cfg: RunConfig) -> dict[str, list[str]]:
     if saved.exists() and not cfg.train.overwrite_output_dir:
         maps = json.loads(saved.read_text())
         check_label_maps(cfg, maps, str(saved))
-        return maps
+        # in the config's order, which the heads are built (and labels.json rewritten) in;
+        # a run that died before its first checkpoint may be rerun with the tasks reordered
+        return {task.name: maps[task.name] for task in cfg.tasks}
     return build_label_maps(cfg)
 
 

@@ -365,10 +365,24 @@ def build_encoder(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int = 0
 
 
 def build_model(model_cfg: ModelConfig, vocab_size: int, num_labels: Sequence[int],
-                pad_token_id: int = 0) -> MultiTaskModel:
-    """The full multi-task model described by the config."""
+                pad_token_id: int = 0, max_length: int | None = None) -> MultiTaskModel:
+    """The full multi-task model described by the config; `max_length` (data.max_length)
+    must fit its position embeddings: one-line ConfigError, not an index error mid-run."""
     encoder = build_encoder(model_cfg, vocab_size, pad_token_id)
+    limit = usable_positions(encoder)
+    if max_length is not None and max_length > limit:
+        raise ConfigError(f"config key 'data.max_length': expected <= {limit} (the encoder's "
+                          f"position embeddings, less a RoBERTa-style padding offset), got "
+                          f"{max_length}")
     return MultiTaskModel(encoder, num_labels, head=model_cfg.head, dropout=model_cfg.dropout)
+
+
+def usable_positions(encoder: nn.Module) -> int:
+    """The input length the encoder's position table covers: RoBERTa-style embeddings (those
+    with a padding_idx) number positions from padding_idx + 1."""
+    positions = encoder.config.max_position_embeddings
+    padding_idx = getattr(getattr(encoder, "embeddings", None), "padding_idx", None)
+    return positions if padding_idx is None else positions - (padding_idx + 1)
 
 
 def compile_encoder_layers(model: MultiTaskModel, tuning: str = "none") -> int:

@@ -270,8 +270,8 @@ class MultiTaskBatchPlan:
         if live.any() and not 0 < total < np.inf:
             # a small temperature overflows (or underflows) the powers: the same ratios in
             # log space, scaled so the largest task's term is 1
-            log_p = np.log(mass[live]) / self.temperature
-            p[live] = np.exp(log_p - log_p.max())
+            log_mass = np.log(mass[live])
+            p[live] = np.exp((log_mass - log_mass.max()) / self.temperature)
             total = p.sum()
         return p / total if total > 0 else p
 

@@ -312,7 +312,7 @@ class Trainer:
             self.dev_data = mdata.load_task_data(cfg, self.tokenizer, "dev", self.label_maps)
         self.model: MultiTaskModel = build_model(
             cfg.model, len(self.tokenizer), [len(self.label_maps[t]) for t in self.task_names],
-            pad_token_id=self.tokenizer.pad_token_id)
+            pad_token_id=self.tokenizer.pad_token_id, max_length=cfg.data.max_length)
         if cfg.data.packing:
             enable_packed_attention(self.model, cfg.data.max_length)
         if cfg.train.fused_qkv:

@@ -119,9 +119,12 @@ def test_a_tsv_whose_first_line_names_the_fields_is_read_by_its_header(tmp_path)
     p = write(tmp_path, "mrpc.tsv", "label\t#1 ID\ts1\ts2\n1\t7\ta\tb\n")
     (e,), _ = read(p, Task(pair=True, id_field="#1 ID", text_field="s1", text_b_field="s2"))
     assert (e.id, e.text_a, e.text_b, e.label) == ("7", "a", "b", "1")
-    # a test split without the label column
+    # a test split without the label column; SST-2's names the configured text field alone
     p = write(tmp_path, "test.tsv", "id\ttext\n5\thello\n")
     assert read(p, require_label=False)[0] == [D.Example("5", "hello", None, None, 2)]
+    p = write(tmp_path, "sst_test.tsv", "index\tsentence\n0\tfine\n")
+    assert read(p, Task(text_field="sentence", id_field=""), require_label=False)[0] == \
+        [D.Example("2", "fine", None, None, 2)]
     p = write(tmp_path, "short.tsv", "id\ttext\tlabel\n5\thello\n")
     with pytest.raises(DataError, match=r"short\.tsv:2: expected 3 tab-separated columns \(as in "
                        r"the header\), got 2$"):
@@ -129,6 +132,16 @@ def test_a_tsv_whose_first_line_names_the_fields_is_read_by_its_header(tmp_path)
     # a Tianchi row whose text happens to be 'text' is not a header: no other field named
     ex, _ = read(write(tmp_path, "tianchi.tsv", "1\ttext\tx\n2\tb\ty\n"))
     assert [e.id for e in ex] == ["1", "2"]
+
+
+def test_a_saved_label_map_comes_back_in_the_configs_task_order(tmp_path):
+    """A run that died before its first checkpoint may be rerun with its tasks reordered: the
+    heads are built in the config's order, and so must the label maps (and labels.json) be."""
+    run = Run([Task("b", train="demo:nli/train", labels=["x", "y"]),
+               Task("a", train="demo:news/train", labels=["p", "q"])], Data())
+    run.train.output_dir = str(tmp_path)
+    (tmp_path / "labels.json").write_text(json.dumps({"a": ["p", "q"], "b": ["x", "y"]}))
+    assert list(D.frozen_label_maps(run)) == ["b", "a"]
 
 
 def test_missing_file_and_unknown_suffix(tmp_path):

@@ -42,6 +42,24 @@ def test_model_logits_do_not_depend_on_pad_tokens(head):
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(("model_type", "usable"), [("bert", 64), ("roberta", 63)])
+def test_max_length_beyond_the_position_table_is_one_line(model_type, usable):
+    """A random-init RoBERTa-type table numbers positions from pad_token_id + 1 (pad 0 here):
+    max_length = max_position_embeddings passed the config check and hit an index error."""
+    from mtl_dist.config import ArchConfig, ModelConfig
+    from mtl_dist.errors import ConfigError
+
+    model_cfg = ModelConfig(arch=ArchConfig(model_type=model_type, hidden_size=32,
+                                            num_hidden_layers=1, num_attention_heads=2,
+                                            intermediate_size=64, max_position_embeddings=64))
+    model = build_model(model_cfg, 100, [2], pad_token_id=0, max_length=usable)
+    ids = torch.randint(3, 100, (1, usable))
+    assert model(ids, torch.ones_like(ids), task_id=0)[1].shape == (1, 2)  # (loss, logits)
+    with pytest.raises(ConfigError, match=f"'data.max_length': expected <= {usable} "
+                       r"\(the encoder's position embeddings"):
+        build_model(model_cfg, 100, [2], pad_token_id=0, max_length=usable + 1)
+
+
 def test_each_task_has_its_own_head_size():
     model = tiny_model().eval()
     ids = torch.randint(5, 50, (4, 6))

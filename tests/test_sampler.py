@@ -341,7 +341,8 @@ def test_temperature_frequencies_match_definition(sizes, weights, temperature):
 
 
 @pytest.mark.parametrize(("sizes", "weights", "temperature"),
-                         [([50000, 20000], None, 0.005), ([5, 3], [0.01, 0.005], 0.001)])
+                         [([50000, 20000], None, 0.005), ([5, 3], [0.01, 0.005], 0.001),
+                          ([50000, 20000], None, 1e-310)])  # 1/T itself overflows
 def test_a_tiny_temperature_gives_the_limit_not_nan(sizes, weights, temperature):
     """(e*w) ** (1/T) overflows (or underflows) for a small T: the same ratios in log space,
     i.e. the largest task almost surely, instead of NaN probabilities and a crash."""

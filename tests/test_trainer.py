@@ -327,6 +327,7 @@ def test_a_periodic_checkpoint_is_evaluated_and_exported_with_its_ema_weights(tm
     assert_same_tensors(ck.load_model_state(checkpoint), best)
     raw = load_file(str(checkpoint / "model.safetensors"))
     assert any(not torch.equal(raw[name], best[name]) for name in best)  # the shadow differs
+    assert_same_tensors(ck.load_model_state(checkpoint, with_ema=False), raw)
     evaluator = Trainer(demo_cfg(tmp_path, "train.max_steps=8"), for_training=False)
     evaluator.load_weights(checkpoint)
     assert evaluator.evaluate()["score"] == records(out, "eval")[-1]["eval/score"]
