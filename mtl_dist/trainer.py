@@ -838,6 +838,10 @@ class Trainer:
                       if g.get("head") in idle}
             with zero.frozen_groups(self.optimizer, groups):
                 self.engine.step()
+            if self.cfg.train.zero_stage == 3 and self.cfg.train.gradient_accumulation_steps > 1:
+                zero.clear_stage3_grads(self.optimizer, {
+                    i for i, g in enumerate(self.optimizer.optimizer.param_groups)
+                    if g.get("head") is not None})
             self.scheduler.step()
             if self.ema is not None:
                 self.ema.update(self.module)

@@ -163,6 +163,17 @@ def frozen_groups(ds_optimizer, group_ids: set[int]):
                     inner.state[p][k] = v
 
 
+def clear_stage3_grads(ds_optimizer, group_ids: set[int]) -> None:
+    """After a ZeRO-3 step with gradient accumulation: zero these groups' (the heads')
+    gradient partitions. ZeRO-3 copies a gradient into its buffer on the group's first
+    micro-step and adds on the later ones, so a head whose task first comes at a later
+    micro-step added to the gradient its buffer kept from the last step that used it (and a
+    resume, starting from zeroed buffers, then trained differently)."""
+    sub_to_group = getattr(ds_optimizer, "sub_group_to_group_id", None) or {}
+    _zero_stale_stage3_grads(ds_optimizer, [sub for sub, group in sub_to_group.items()
+                                            if group in group_ids])
+
+
 def _zero_stale_stage3_grads(ds_optimizer, sub_groups: list[int]) -> None:
     """ZeRO-3 keeps each parameter's gradient partition in one persistent buffer and only
     overwrites those that received a gradient: an idle head still holds the gradient of the

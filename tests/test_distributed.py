@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -155,16 +156,19 @@ def zero_runs() -> dict:
 ZERO_STEPS, ZERO_STOP = 10, 5  # ZeRO-3 on CPU is slow: few steps
 
 
-def _zero_run(tmp_path, name, stage, *extra) -> Path:
+def _zero_run(tmp_path, name, stage, *extra, resume_with: Sequence[str] | None = None) -> Path:
+    """A 2-rank ZeRO run with `extra` overrides; with a stop in `extra`, then resumed (with
+    `resume_with`, where given, else `extra` is taken as the stop alone)."""
     out = tmp_path / name
     # ZeRO-3 on CPU gathers weights for every eval forward: evaluate only at the end.
     slow = [] if stage == 2 else ["train.eval_steps=100", "checkpoint.save_best=false"]
     base = ["train", str(DEMO), f"train.output_dir={out}", f"data.cache_dir={tmp_path}/c",
             *FAST, f"train.max_steps={ZERO_STEPS}", f"train.zero_stage={stage}", *slow]
     run_cli([*base, *extra], procs=2)
-    if extra:
+    stopped = any(x.startswith("train.stop_after_steps=") for x in extra)
+    if stopped:
         assert (out / "checkpoints" / f"checkpoint-{ZERO_STOP}" / "COMMITTED").exists()
-        run_cli([*base, "train.resume=auto"], procs=2)
+        run_cli([*base, *(resume_with or []), "train.resume=auto"], procs=2)
     return out
 
 
@@ -202,6 +206,21 @@ def test_zero_stop_and_resume_on_two_ranks_is_bit_exact(tmp_path, stage, zero_ru
     for name, value in shadow.items():
         assert value.shape == reference[name].shape == full[name].shape, name
         torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_zero3_with_gradient_accumulation_trains_like_zero2_and_resumes_bit_exactly(tmp_path):
+    """Accumulation 2 often puts two tasks in one optimizer step. ZeRO-3 copies a gradient
+    into its buffer on the first micro-step and adds on later ones: a head first used at the
+    second micro-step added to its gradient from the last step that used it (losses left
+    ZeRO-2's at step 3, and a resume, starting from zeroed buffers, left the straight run)."""
+    accumulate = ["train.gradient_accumulation_steps=2", "train.per_device_batch_size=8"]
+    runs = {stage: _zero_run(tmp_path, f"zero{stage}", stage, *accumulate) for stage in (2, 3)}
+    split = _zero_run(tmp_path, "split", 3, *accumulate, f"train.stop_after_steps={ZERO_STOP}",
+                      resume_with=accumulate)
+    assert train_losses(split) == train_losses(runs[3])
+    for (step, loss3), (_, loss2) in zip(train_losses(runs[3]), train_losses(runs[2]),
+                                         strict=True):
+        assert loss3 == pytest.approx(loss2, rel=1e-5, abs=0), step
 
 
 def test_ema_applied_restores_zero3_partitions_bit_exactly(tmp_path):
