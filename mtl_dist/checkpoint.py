@@ -1895,6 +1895,11 @@ def _trained_weights(path: Path, manifest: Mapping[str, Any]) -> dict[str, torch
     if MODEL_FILE in manifest["files"]:
         _verify_files(path, manifest, [MODEL_FILE])
         return _load_safetensors(path / MODEL_FILE)
+    if (manifest.get("engine") or {}).get("universal"):
+        raise CheckpointError(
+            f"checkpoint {path}: a universal checkpoint (from `ckpt convert`) is for resuming "
+            "at another world size; evaluate, predict or export the checkpoint it was "
+            "converted from, or the run's best/")
     if manifest.get("engine"):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -37,6 +37,10 @@ def cmd_check(args) -> int:
     from mtl_dist import data as mdata
 
     cfg = _load(args.config, args.overrides)
+    if cfg.train.zero_stage:  # the DeepSpeed JSON against the run (the total batch waits
+        from mtl_dist.zero import build_ds_config  # for the launch's world size)
+
+        build_ds_config(cfg, world_size=None)
     label_maps = mdata.frozen_label_maps(cfg)
     for split in ("train", "dev", "test"):
         mdata.check_split(cfg, split, label_maps)

@@ -274,6 +274,7 @@ def load_config(
         cfg = _build(path, overrides, sources)
         run = _to_object(cfg, sources)
         _resolve_paths(run, sources)
+        _adopt_deepspeed_stage(run, sources)
         _validate(run, sources)
         if check_files:
             _check_files(run, sources)
@@ -786,6 +787,29 @@ def _resolve_paths(run: RunConfig, sources: _Sources) -> None:
         setattr(run.model, name, _resolve(value, sources.base_dir(f"model.{name}")))
     run.train.deepspeed_config = _resolve(run.train.deepspeed_config,
                                           sources.base_dir("train.deepspeed_config"))
+
+
+def _adopt_deepspeed_stage(run: RunConfig, sources: _Sources) -> None:
+    """`train.deepspeed_config` with ZeRO off (`train.zero_stage` 0, the default) was ignored:
+    plain DDP, a full model copy per rank. Take the JSON's stage, or 2 when it leaves it
+    "auto", as `accelerate launch --deepspeed_config_file` does; its stage 0 is refused."""
+    path = run.train.deepspeed_config
+    if not path or run.train.zero_stage != 0 or not os.path.isfile(path):
+        return  # a missing file is named by the file check
+    try:
+        with open(path, encoding="utf-8") as f:
+            stage = (json.load(f).get("zero_optimization") or {}).get("stage", "auto")
+    except (OSError, ValueError, AttributeError):
+        return  # unreadable JSON: named in one line where it is read (the DeepSpeed config)
+    if stage in (None, "auto"):
+        run.train.zero_stage = 2
+    elif stage in (1, 2, 3):
+        run.train.zero_stage = stage
+    else:
+        raise sources.error(_Problem(
+            "train.deepspeed_config", f"config key 'train.deepspeed_config': {path} states "
+            f"zero_optimization.stage {_show(stage)}: expected 1, 2, 3 or \"auto\" (without "
+            "ZeRO, drop train.deepspeed_config)"))
 
 
 def _resolve(value: Any, base: str) -> Any:

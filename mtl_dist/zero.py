@@ -45,16 +45,32 @@ def _read_json(path: str) -> dict:
         raise ConfigError(f"train.deepspeed_config: cannot read {path}: {err}") from None
 
 
-def build_ds_config(cfg, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config: the JSON's values, with "auto" (or absent) filled from the run."""
+# Sections the trainer owns: it builds AdamW from train.lr/weight_decay/adam_* and the linear
+# schedule from train.warmup_*; DeepSpeed would build others beside them, which never act.
+_OWNED_SECTIONS = {"optimizer": "train.lr, train.weight_decay and train.adam_*",
+                   "scheduler": "train.warmup_ratio/warmup_steps (linear decay)"}
+
+
+def build_ds_config(cfg, world_size: int | None) -> dict[str, Any]:
+    """The DeepSpeed config: the JSON's values, with "auto" (or absent) filled from the run.
+    `world_size=None` (`mtl-dist check`, before any launch): all but the total batch."""
     ds = _read_json(cfg.train.deepspeed_config) if cfg.train.deepspeed_config else {}
+    if not isinstance(ds, dict):
+        raise ConfigError(f"train.deepspeed_config: {cfg.train.deepspeed_config} holds a JSON "
+                          f"{type(ds).__name__}, expected an object")
+    for section, instead in _OWNED_SECTIONS.items():
+        if section in ds:
+            raise ConfigError(f"train.deepspeed_config: its '{section}' section would not be "
+                              f"used (the trainer's comes from {instead}): remove it")
     t = cfg.train
     filled = {
         "train_micro_batch_size_per_gpu": t.per_device_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "train_batch_size": t.per_device_batch_size * t.gradient_accumulation_steps * world_size,
         "gradient_clipping": float(t.max_grad_norm or 0.0),
     }
+    if world_size is not None:
+        filled["train_batch_size"] = (t.per_device_batch_size * t.gradient_accumulation_steps
+                                      * world_size)
     for key, value in filled.items():
         _fill(ds, key, value, key)
     zero = ds.setdefault("zero_optimization", {})
@@ -62,6 +78,9 @@ def build_ds_config(cfg, world_size: int) -> dict[str, Any]:
     for name in ("bf16", "fp16"):
         _fill(ds.setdefault(name, {}), "enabled", t.mixed_precision == name, f"{name}.enabled")
     ds.setdefault("zero_allow_untested_optimizer", True)  # a plain torch AdamW, by design
+    # ...also with an offloaded optimizer: DeepSpeed would insist on its DeepSpeedCPUAdam
+    # (a client optimizer on CPU states steps correctly, and resumes bit-exactly)
+    ds.setdefault("zero_force_ds_cpu_optimizer", False)
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds

@@ -304,3 +304,13 @@ def test_two_ranks_commit_once_and_zero2_round_trip(two_rank_run: Path) -> None:
 
 def test_universal_checkpoint_resumes_on_one_rank(two_rank_run: Path) -> None:
     mp.spawn(_one_rank_worker, args=(free_port(), str(two_rank_run)), nprocs=1)
+
+
+def test_a_universal_checkpoint_is_refused_for_weights_in_one_line(two_rank_run: Path) -> None:
+    """evaluate/predict/export of a `ckpt convert` output died in zero_to_fp32 with a
+    FileNotFoundError traceback (no *_optim_states.pt in a universal checkpoint)."""
+    universal = two_rank_run / "zero" / "universal"
+    with pytest.raises(CheckpointError, match=r"a universal checkpoint \(from `ckpt convert`\) "
+                       r"is for resuming at another world size; evaluate, predict or export "
+                       r"the checkpoint it was converted from"):
+        ck.load_model_state(universal)

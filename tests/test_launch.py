@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from mtl_dist.config import load_config
+from mtl_dist.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = REPO_ROOT / "launch"
@@ -209,6 +210,62 @@ def test_deepspeed_json_autos_and_validation(stage, tmp_path):
     checked = DeepSpeedConfig(filled)  # strict: unknown zero keys, batch arithmetic
     assert checked.zero_optimization_stage == stage
     assert checked.gradient_clipping == cfg.train.max_grad_norm
+
+
+@pytest.mark.parametrize(("json_text", "stage"), [('{"zero_optimization": {"stage": 3}}', 3),
+                                                   ('{"zero_optimization": {"stage": "auto"}}', 2),
+                                                   ("{}", 2)])
+def test_a_deepspeed_json_with_zero_off_is_its_stage_not_silently_ddp(tmp_path, json_text,
+                                                                     stage):
+    """train.deepspeed_config with train.zero_stage 0 (the default) trained plain DDP (a full
+    model copy per rank) without a word; through accelerate's zero yaml the JSON's stage was
+    used. Now both take it (2 for "auto", as accelerate's path does); a stage 0 is refused."""
+    path = tmp_path / "ds.json"
+    path.write_text(json_text)
+    cfg = load_config(DEMO, [f"train.deepspeed_config={path}", f"data.cache_dir={tmp_path}"])
+    assert cfg.train.zero_stage == stage
+    path.write_text('{"zero_optimization": {"stage": 0}}')
+    with pytest.raises(ConfigError, match=r"override 'train.deepspeed_config=.*': config key "
+                       r"'train.deepspeed_config': .* states zero_optimization.stage 0: "
+                       r"expected 1, 2, 3 or \"auto\""):
+        load_config(DEMO, [f"train.deepspeed_config={path}"])
+
+
+@pytest.mark.parametrize(("json_text", "message"), [
+    ('{"optimizer": {"type": "AdamW", "params": {"lr": 0.5}}}',
+     "its 'optimizer' section would not be used (the trainer's comes from train.lr"),
+    ('{"scheduler": {"type": "WarmupLR"}}', "its 'scheduler' section would not be used"),
+    ('{"train_micro_batch_size_per_gpu": 3}',
+     "'train_micro_batch_size_per_gpu' is 3 but the run config implies 16"),
+    ('{"zero_optimization": {"stage": 2},', "cannot read"),
+])
+def test_check_refuses_what_the_deepspeed_json_would_get_wrong(cpu_env, tmp_path, json_text,
+                                                               message):
+    """Sections DeepSpeed would build beside the trainer's AdamW and schedule (silently
+    overridden: lr 0.5 was never used), and conflicts: one line from `check`, so train.sh
+    stops before launching instead of failing once per rank with the launcher's traceback."""
+    path = tmp_path / "ds.json"
+    path.write_text(json_text)
+    result = dry_run(["configs/demo.yaml", "train.zero_stage=2",
+                      f"train.deepspeed_config={path}", f"train.output_dir={tmp_path}/o"],
+                     cpu_env, MTL_NUM_GPUS="0")
+    assert result.returncode == 2 and "[train.sh]" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: train.deepspeed_config: ") and message in line
+
+
+def test_an_offloaded_optimizer_keeps_the_trainers_adamw(tmp_path):
+    """DeepSpeed refuses a client optimizer with offload_optimizer unless told not to force
+    its DeepSpeedCPUAdam: every rank died with a ZeRORuntimeException traceback."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from mtl_dist.zero import build_ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text('{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}')
+    cfg = load_config(DEMO, [f"train.deepspeed_config={path}", f"data.cache_dir={tmp_path}"])
+    filled = build_ds_config(cfg, world_size=1)
+    assert DeepSpeedConfig(filled).zero_force_ds_cpu_optimizer is False
 
 
 @pytest.mark.parametrize("args, extra, config, procs", [
