@@ -791,25 +791,39 @@ def _resolve_paths(run: RunConfig, sources: _Sources) -> None:
 
 def _adopt_deepspeed_stage(run: RunConfig, sources: _Sources) -> None:
     """`train.deepspeed_config` with ZeRO off (`train.zero_stage` 0, the default) was ignored:
-    plain DDP, a full model copy per rank. Take the JSON's stage, or 2 when it leaves it
-    "auto", as `accelerate launch --deepspeed_config_file` does; its stage 0 is refused."""
+    plain DDP, a full model copy per rank. The JSON's stage is the run's."""
     path = run.train.deepspeed_config
     if not path or run.train.zero_stage != 0 or not os.path.isfile(path):
         return  # a missing file is named by the file check
     try:
+        run.train.zero_stage = deepspeed_json_stage(path)
+    except ConfigError as err:
+        raise sources.error(_Problem("train.deepspeed_config", str(err))) from None
+
+
+def read_deepspeed_json(path: str) -> Any:
+    """The parsed DeepSpeed JSON; a one-line ConfigError when it cannot be read."""
+    try:
         with open(path, encoding="utf-8") as f:
-            stage = (json.load(f).get("zero_optimization") or {}).get("stage", "auto")
-    except (OSError, ValueError, AttributeError):
-        return  # unreadable JSON: named in one line where it is read (the DeepSpeed config)
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"train.deepspeed_config: cannot read {path}: {err}") from None
+
+
+def deepspeed_json_stage(path: str) -> int:
+    """The ZeRO stage a DeepSpeed JSON asks for: its zero_optimization.stage (1, 2 or 3), or 2
+    when it leaves it "auto", as `accelerate launch --deepspeed_config_file` does; a stage 0
+    (or another value) is a one-line ConfigError."""
+    ds = read_deepspeed_json(path)
+    zero = ds.get("zero_optimization") if isinstance(ds, dict) else None
+    stage = zero.get("stage", "auto") if isinstance(zero, dict) else "auto"
     if stage in (None, "auto"):
-        run.train.zero_stage = 2
-    elif stage in (1, 2, 3):
-        run.train.zero_stage = stage
-    else:
-        raise sources.error(_Problem(
-            "train.deepspeed_config", f"config key 'train.deepspeed_config': {path} states "
-            f"zero_optimization.stage {_show(stage)}: expected 1, 2, 3 or \"auto\" (without "
-            "ZeRO, drop train.deepspeed_config)"))
+        return 2
+    if stage in (1, 2, 3) and not isinstance(stage, bool):
+        return int(stage)
+    raise ConfigError(f"config key 'train.deepspeed_config': {path} states "
+                      f"zero_optimization.stage {_show(stage)}: expected 1, 2, 3 or \"auto\" "
+                      "(without ZeRO, drop train.deepspeed_config)")
 
 
 def _resolve(value: Any, base: str) -> Any:

@@ -838,7 +838,7 @@ class Trainer:
                       if g.get("head") in idle}
             with zero.frozen_groups(self.optimizer, groups):
                 self.engine.step()
-            if self.cfg.train.zero_stage == 3 and self.cfg.train.gradient_accumulation_steps > 1:
+            if self.cfg.train.zero_stage == 3:
                 zero.clear_stage3_grads(self.optimizer, {
                     i for i, g in enumerate(self.optimizer.optimizer.param_groups)
                     if g.get("head") is not None})

@@ -9,7 +9,6 @@ already states; batch sizes are stated once, in the run config. EMA works at eve
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 
+from mtl_dist.config import deepspeed_json_stage, read_deepspeed_json
 from mtl_dist.errors import ConfigError
 
 ACCELERATE_DS_ENV = "ACCELERATE_USE_DEEPSPEED"
@@ -33,16 +33,8 @@ def adopt_accelerate_launch(cfg) -> None:
     if path and not cfg.train.deepspeed_config:
         cfg.train.deepspeed_config = str(Path(path).resolve())
     if cfg.train.zero_stage == 0:
-        stage = _read_json(cfg.train.deepspeed_config).get("zero_optimization", {}).get("stage") \
+        cfg.train.zero_stage = deepspeed_json_stage(cfg.train.deepspeed_config) \
             if cfg.train.deepspeed_config else 2
-        cfg.train.zero_stage = 2 if stage in (None, "auto") else int(stage)
-
-
-def _read_json(path: str) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"train.deepspeed_config: cannot read {path}: {err}") from None
 
 
 # Sections the trainer owns: it builds AdamW from train.lr/weight_decay/adam_* and the linear
@@ -54,7 +46,7 @@ _OWNED_SECTIONS = {"optimizer": "train.lr, train.weight_decay and train.adam_*",
 def build_ds_config(cfg, world_size: int | None) -> dict[str, Any]:
     """The DeepSpeed config: the JSON's values, with "auto" (or absent) filled from the run.
     `world_size=None` (`mtl-dist check`, before any launch): all but the total batch."""
-    ds = _read_json(cfg.train.deepspeed_config) if cfg.train.deepspeed_config else {}
+    ds = read_deepspeed_json(cfg.train.deepspeed_config) if cfg.train.deepspeed_config else {}
     if not isinstance(ds, dict):
         raise ConfigError(f"train.deepspeed_config: {cfg.train.deepspeed_config} holds a JSON "
                           f"{type(ds).__name__}, expected an object")
@@ -155,9 +147,7 @@ def frozen_groups(ds_optimizer, group_ids: set[int]):
     sub_to_group = getattr(ds_optimizer, "sub_group_to_group_id", None)
     if sub_to_group:
         flat = ds_optimizer.fp32_partitioned_groups_flat
-        subs = [sub for sub, group in sub_to_group.items() if group in group_ids]
-        params = [flat[sub] for sub in subs]
-        _zero_stale_stage3_grads(ds_optimizer, subs)
+        params = [flat[sub] for sub in _stage3_sub_groups(ds_optimizer, group_ids)]
     else:
         params = [p for i in group_ids for p in groups[i]["params"]]
     saved_lr = {i: groups[i]["lr"] for i in group_ids}
@@ -183,28 +173,26 @@ def frozen_groups(ds_optimizer, group_ids: set[int]):
 
 
 def clear_stage3_grads(ds_optimizer, group_ids: set[int]) -> None:
-    """After a ZeRO-3 step with gradient accumulation: zero these groups' (the heads')
-    gradient partitions. ZeRO-3 copies a gradient into its buffer on the group's first
-    micro-step and adds on the later ones, so a head whose task first comes at a later
-    micro-step added to the gradient its buffer kept from the last step that used it (and a
-    resume, starting from zeroed buffers, then trained differently)."""
-    sub_to_group = getattr(ds_optimizer, "sub_group_to_group_id", None) or {}
-    _zero_stale_stage3_grads(ds_optimizer, [sub for sub, group in sub_to_group.items()
-                                            if group in group_ids])
+    """After every ZeRO-3 step: zero these groups' (the heads') gradient partitions.
 
-
-def _zero_stale_stage3_grads(ds_optimizer, sub_groups: list[int]) -> None:
-    """ZeRO-3 keeps each parameter's gradient partition in one persistent buffer and only
-    overwrites those that received a gradient: an idle head still holds the gradient of the
-    last step that used it. Left there it enters the global norm used for clipping (every
-    used gradient then scales differently than under DDP or ZeRO-2, and differently again
-    after a resume, which starts from zeroed buffers). Zero them: idle means no gradient."""
+    ZeRO-3 keeps each parameter's gradient partition in one persistent buffer, copies a
+    gradient in on a group's first micro-step and adds on the later ones. Left in place, a
+    head's last gradient stayed while the head was idle, entering the global norm used for
+    clipping (every used gradient then scaled differently than under DDP or ZeRO-2), and with
+    accumulation a head first used at a later micro-step added to it. A resume starts from
+    zeroed buffers, so either made it train differently from the uninterrupted run."""
     partitions = getattr(ds_optimizer, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition",
                          None)
     if partitions is None:  # offloaded optimizer states: DeepSpeed keeps no such buffer
         return
-    for sub in sub_groups:
+    for sub in _stage3_sub_groups(ds_optimizer, group_ids):
         for param in ds_optimizer.fp16_groups[sub]:
             grad = partitions.get(param.ds_id)
             if grad is not None:
                 grad.zero_()
+
+
+def _stage3_sub_groups(ds_optimizer, group_ids: set[int]) -> list[int]:
+    """ZeRO-3's sub-groups (flat partitions) of these param groups; [] under ZeRO-1/2."""
+    sub_to_group = getattr(ds_optimizer, "sub_group_to_group_id", None) or {}
+    return [sub for sub, group in sub_to_group.items() if group in group_ids]

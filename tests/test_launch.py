@@ -229,6 +229,10 @@ def test_a_deepspeed_json_with_zero_off_is_its_stage_not_silently_ddp(tmp_path, 
                        r"'train.deepspeed_config': .* states zero_optimization.stage 0: "
                        r"expected 1, 2, 3 or \"auto\""):
         load_config(DEMO, [f"train.deepspeed_config={path}"])
+    path.write_text('{"zero_optimization": {"stage": 3},')  # unreadable: not silently DDP
+    with pytest.raises(ConfigError, match=r"override 'train.deepspeed_config=.*': "
+                       r"train.deepspeed_config: cannot read .*ds.json"):
+        load_config(DEMO, [f"train.deepspeed_config={path}"])
 
 
 @pytest.mark.parametrize(("json_text", "message"), [
