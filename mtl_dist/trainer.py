@@ -1168,8 +1168,7 @@ class Trainer:
         """Model weights (and nothing else) from best/ or a checkpoint directory; refused in
         one line when its tasks, labels or shapes are not this run's (a label order that
         differs would load fine and predict the wrong classes)."""
-        # in the config's task order: the heads are built, and stored, in that order
-        check_label_maps_of(path, {t: self.label_maps[t] for t in self.task_names})
+        check_label_maps_of(path, self.label_maps)  # in the config's order, as the heads
         state = self.ckpt.load_model_state(path)
         load_state_checked(self.module, state, Path(path))
         if self.masters is not None:
