@@ -847,8 +847,10 @@ def _check_files(run: RunConfig, sources: _Sources) -> None:
 
 
 # RoBERTa-style embeddings start positions after the padding index: 514 entries, 512 usable.
+# (model.position_offset reads the same fact from a built encoder; a test keeps them agreed)
 _PADDING_OFFSET_TYPES = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet",
-                         "longformer", "data2vec-text", "roberta-prelayernorm"}
+                         "longformer", "data2vec-text", "roberta-prelayernorm", "luke", "ibert",
+                         "markuplm"}
 
 
 def _check_pretrained_positions(run: RunConfig, sources: _Sources) -> None:

@@ -84,7 +84,6 @@ class LinearGradInto(torch.autograd.Function):
 
 # ----------------------------------------------------------------- packed (unpadded) attention
 PACKED_ATTENTION = "mtl_dist_packed"
-_ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert")  # positions start at pad_token_id + 1
 
 
 def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -301,8 +300,7 @@ class MultiTaskModel(nn.Module):
         # building, which syncs with the GPU every step (`padding_mask.all()`).
         self.mask_4d = getattr(encoder.config, "_attn_implementation", None) == "sdpa"
         self.packed_max_seqlen: int | None = None  # set by enable_packed_attention
-        self.position_offset = encoder.config.pad_token_id + 1 \
-            if encoder.config.model_type in _ROBERTA_LIKE else 0
+        self.position_offset = position_offset(encoder)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_id: int,
                 token_type_ids: torch.Tensor | None = None,
@@ -377,12 +375,18 @@ def build_model(model_cfg: ModelConfig, vocab_size: int, num_labels: Sequence[in
     return MultiTaskModel(encoder, num_labels, head=model_cfg.head, dropout=model_cfg.dropout)
 
 
-def usable_positions(encoder: nn.Module) -> int:
-    """The input length the encoder's position table covers: RoBERTa-style embeddings (those
-    with a padding_idx) number positions from padding_idx + 1."""
-    positions = encoder.config.max_position_embeddings
+def position_offset(encoder: nn.Module) -> int:
+    """Where the encoder's position ids start: RoBERTa-style embeddings (those with a
+    padding_idx: roberta, xlm-roberta(-xl), camembert, data2vec-text, mpnet, ...) number
+    positions from padding_idx + 1; BERT-style ones from 0. Read from the embeddings, not a
+    list of model types, so that a type no list names still gets the right positions."""
     padding_idx = getattr(getattr(encoder, "embeddings", None), "padding_idx", None)
-    return positions if padding_idx is None else positions - (padding_idx + 1)
+    return 0 if padding_idx is None else padding_idx + 1
+
+
+def usable_positions(encoder: nn.Module) -> int:
+    """The input length the encoder's position table covers."""
+    return encoder.config.max_position_embeddings - position_offset(encoder)
 
 
 def compile_encoder_layers(model: MultiTaskModel, tuning: str = "none") -> int:

@@ -60,6 +60,27 @@ def test_max_length_beyond_the_position_table_is_one_line(model_type, usable):
         build_model(model_cfg, 100, [2], pad_token_id=0, max_length=usable + 1)
 
 
+ENCODER_TYPES = ["bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text",
+                 "mpnet", "longformer", "roberta-prelayernorm", "luke", "ibert", "markuplm",
+                 "electra", "distilbert", "deberta-v2", "ernie", "albert"]
+
+
+@pytest.mark.parametrize("model_type", ENCODER_TYPES)
+def test_the_configs_padding_offset_types_agree_with_the_built_embeddings(model_type):
+    """`check` reads a pretrained model's config.json before any model exists, so it keeps a
+    list of RoBERTa-style types; the model reads the built embeddings. They must agree."""
+    from transformers import AutoConfig, AutoModel
+
+    from mtl_dist.config import _PADDING_OFFSET_TYPES
+    from mtl_dist.model import position_offset
+
+    config = AutoConfig.for_model(model_type, hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=37, vocab_size=99,
+                                  max_position_embeddings=40, pad_token_id=1)
+    encoder = AutoModel.from_config(config)
+    assert position_offset(encoder) == (2 if model_type in _PADDING_OFFSET_TYPES else 0)
+
+
 def test_each_task_has_its_own_head_size():
     model = tiny_model().eval()
     ids = torch.randint(5, 50, (4, 6))

@@ -37,7 +37,11 @@ def test_packed_row_always_ends_with_a_pad_sequence():
 
 
 @pytest.mark.parametrize("model_type,head", [("bert", "attention"), ("bert", "cls"),
-                                             ("roberta", "attention")])
+                                             ("roberta", "attention"),
+                                             # RoBERTa-style positions (from padding_idx + 1)
+                                             # in types beyond roberta's own classes
+                                             ("xlm-roberta-xl", "attention"),
+                                             ("data2vec-text", "attention")])
 def test_packed_forward_equals_padded_forward(model_type, head):
     torch.manual_seed(0)
     model = tiny_model(model_type, head, pad_token_id=1).eval()
