@@ -815,8 +815,7 @@ class Trainer:
             task_id = inputs.pop("task_id")
             return self.graphs.run(inputs, task_id, group, first=first_in_group)
         if self.engine is not None:
-            self.engine.set_gradient_accumulation_boundary(last_in_group)
-            loss, _ = self.engine(**inputs)
+            loss, _ = self.engine(**inputs)  # the boundary is step() (unmanaged accumulation)
             self.engine.backward(loss / group, scale_wrt_gas=False)
             return loss
         sync = nullcontext() if last_in_group else acc.no_sync(self.model)
@@ -833,15 +832,7 @@ class Trainer:
         idle = {i for i in range(len(self.task_names))} - self.group_tasks
         self.group_tasks = set()
         if self.engine is not None:
-            # Clipping is in the engine (gradient_clipping); idle heads are frozen explicitly.
-            groups = {i for i, g in enumerate(self.optimizer.optimizer.param_groups)
-                      if g.get("head") in idle}
-            with zero.frozen_groups(self.optimizer, groups):
-                self.engine.step()
-            if self.cfg.train.zero_stage == 3:
-                zero.clear_stage3_grads(self.optimizer, {
-                    i for i, g in enumerate(self.optimizer.optimizer.param_groups)
-                    if g.get("head") is not None})
+            zero.engine_step(self.engine, self.optimizer, idle)  # clipping: in the engine
             self.scheduler.step()
             if self.ema is not None:
                 self.ema.update(self.module)

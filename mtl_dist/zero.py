@@ -63,10 +63,20 @@ def build_ds_config(cfg, world_size: int | None) -> dict[str, Any]:
     if world_size is not None:
         filled["train_batch_size"] = (t.per_device_batch_size * t.gradient_accumulation_steps
                                       * world_size)
+    # The trainer owns the accumulation boundary: a step is its group of micro-batches (one
+    # task each, fewer at an epoch's end), and step() finalizes every gradient accumulated
+    # since the last one. Under DeepSpeed's counter (managed mode) with optimizer offload, a
+    # head used only before the group's last micro-batch lost its gradient for that step.
+    filled["managed_gradient_accumulation"] = False
     for key, value in filled.items():
         _fill(ds, key, value, key)
     zero = ds.setdefault("zero_optimization", {})
     _fill(zero, "stage", t.zero_stage, "zero_optimization.stage")
+    if zero["stage"] == 1 and zero.get("overlap_comm") is True:
+        # stage 1 reduces once, at the trainer's step (DeepSpeed asserts, on every rank)
+        raise ConfigError("train.deepspeed_config: 'zero_optimization.overlap_comm' true needs "
+                          "ZeRO stage 2 or 3 (stage 1 reduces once per step, at the step): "
+                          "remove it")
     for name in ("bf16", "fp16"):
         _fill(ds.setdefault(name, {}), "enabled", t.mixed_precision == name, f"{name}.enabled")
     ds.setdefault("zero_allow_untested_optimizer", True)  # a plain torch AdamW, by design
@@ -133,6 +143,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def engine_step(engine, ds_optimizer, idle_tasks: set[int]) -> None:
+    """One optimizer step of the ZeRO engine over the micro-batches since the last one:
+    the idle tasks' heads left exactly as they were, every head's ZeRO buffers cleared after.
+    Param groups carry "head": their task id, or None for the encoder."""
+    groups = ds_optimizer.optimizer.param_groups
+    heads = {i for i, g in enumerate(groups) if g.get("head") is not None}
+    with frozen_groups(ds_optimizer, {i for i in heads if groups[i]["head"] in idle_tasks}):
+        engine.step()
+    clear_head_grads(ds_optimizer, heads)
+
+
 @contextmanager
 def frozen_groups(ds_optimizer, group_ids: set[int]):
     """Leave whole param groups untouched by one ZeRO step: lr 0 and their Adam state restored.
@@ -172,24 +193,32 @@ def frozen_groups(ds_optimizer, group_ids: set[int]):
                     inner.state[p][k] = v
 
 
-def clear_stage3_grads(ds_optimizer, group_ids: set[int]) -> None:
-    """After every ZeRO-3 step: zero these groups' (the heads') gradient partitions.
+def clear_head_grads(ds_optimizer, group_ids: set[int]) -> None:
+    """After every ZeRO step: zero these groups' (the heads') persistent gradient buffers.
 
-    ZeRO-3 keeps each parameter's gradient partition in one persistent buffer, copies a
-    gradient in on a group's first micro-step and adds on the later ones. Left in place, a
-    head's last gradient stayed while the head was idle, entering the global norm used for
-    clipping (every used gradient then scaled differently than under DDP or ZeRO-2), and with
-    accumulation a head first used at a later micro-step added to it. A resume starts from
-    zeroed buffers, so either made it train differently from the uninterrupted run."""
+    Where ZeRO keeps a gradient across micro-steps in a buffer of its own (every ZeRO-3
+    partition; ZeRO-1/2's CPU accumulators under optimizer offload), it copies a gradient in
+    on the first micro-step of a step and adds on the later ones, assuming every parameter
+    gets a gradient every micro-step. A head does not: one first used at a later micro-step
+    (accumulation often puts two tasks in one step) added to its gradient from the last step
+    that used it, and under ZeRO-3 an idle head's stale partition entered the global norm
+    used for clipping. A resume starts from zeroed buffers, so either made it train
+    differently from the uninterrupted run, and from DDP."""
     partitions = getattr(ds_optimizer, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition",
                          None)
-    if partitions is None:  # offloaded optimizer states: DeepSpeed keeps no such buffer
+    if partitions is not None:
+        for sub in _stage3_sub_groups(ds_optimizer, group_ids):
+            for param in ds_optimizer.fp16_groups[sub]:
+                grad = partitions.get(param.ds_id)
+                if grad is not None:
+                    grad.zero_()
         return
-    for sub in _stage3_sub_groups(ds_optimizer, group_ids):
-        for param in ds_optimizer.fp16_groups[sub]:
-            grad = partitions.get(param.ds_id)
-            if grad is not None:
-                grad.zero_()
+    cpu_accumulators = getattr(ds_optimizer, "accumulated_grads_in_cpu", None) or {}
+    for group in group_ids:
+        for param in ds_optimizer.bit16_groups[group]:
+            buffer = cpu_accumulators.get(ds_optimizer.get_param_id(param))
+            if buffer is not None:
+                buffer.zero_()
 
 
 def _stage3_sub_groups(ds_optimizer, group_ids: set[int]) -> list[int]:

@@ -137,6 +137,18 @@ def test_idle_heads_stay_unchanged_under_zero(tmp_path, stage):
     assert out.count("idle heads unchanged") == 2
 
 
+def test_zero_accumulation_with_heads_skipping_micro_steps_equals_torch(tmp_path):
+    """Two gloo ranks, accumulation 2, one task per micro-batch: ZeRO-1/2/3, with and without
+    optimizer offload, trains exactly like plain torch AdamW + clipping. With offload, a head
+    used only at the first micro-step lost its gradient (DeepSpeed's managed accumulation),
+    and one first used at the second added its stale gradient (offload accumulators)."""
+    settings = ["1:1", "2:0", "2:1", "3:0", "3:1"]
+    printed = run_script("zero_head_accumulation.py", tmp_path, 2, *settings)
+    for setting in settings:
+        stage, offload = setting.split(":")
+        assert printed.count(f"stage {stage} offload {offload} matches torch") == 2, setting
+
+
 def ds_module_state(output_dir, step):
     path = output_dir / "checkpoints" / f"checkpoint-{step}" / "ds" / "mp_rank_00_model_states.pt"
     return torch.load(path, map_location="cpu", weights_only=False)["module"]
@@ -208,17 +220,24 @@ def test_zero_stop_and_resume_on_two_ranks_is_bit_exact(tmp_path, stage, zero_ru
         torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_zero3_with_gradient_accumulation_trains_like_zero2_and_resumes_bit_exactly(tmp_path):
-    """Accumulation 2 often puts two tasks in one optimizer step. ZeRO-3 copies a gradient
-    into its buffer on the first micro-step and adds on later ones: a head first used at the
-    second micro-step added to its gradient from the last step that used it (losses left
-    ZeRO-2's at step 3, and a resume, starting from zeroed buffers, left the straight run)."""
+def test_zero3_offload_with_gradient_accumulation_trains_like_zero2_and_resumes_bit_exactly(
+        tmp_path):
+    """Accumulation 2 often puts two tasks in one optimizer step. A head first used at the
+    second micro-step added to its gradient from the last step that used it (ZeRO-3's
+    partitions, ZeRO-1/2's offload accumulators), and with the optimizer offloaded a head
+    used only at the first lost its gradient: losses left ZeRO-2's at step 3, and a resume,
+    starting from zeroed buffers, left the straight run. The engine-level maths for every
+    stage: test_zero_accumulation_with_heads_skipping_micro_steps_equals_torch."""
+    offload = tmp_path / "offload.json"
+    offload.write_text('{"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}')
     accumulate = ["train.gradient_accumulation_steps=2", "train.per_device_batch_size=8"]
-    runs = {stage: _zero_run(tmp_path, f"zero{stage}", stage, *accumulate) for stage in (2, 3)}
-    split = _zero_run(tmp_path, "split", 3, *accumulate, f"train.stop_after_steps={ZERO_STOP}",
-                      resume_with=accumulate)
-    assert train_losses(split) == train_losses(runs[3])
-    for (step, loss3), (_, loss2) in zip(train_losses(runs[3]), train_losses(runs[2]),
+    zero3 = [*accumulate, f"train.deepspeed_config={offload}"]
+    zero2 = _zero_run(tmp_path, "zero2", 2, *accumulate)
+    straight = _zero_run(tmp_path, "zero3", 3, *zero3)
+    split = _zero_run(tmp_path, "split", 3, *zero3, f"train.stop_after_steps={ZERO_STOP}",
+                      resume_with=zero3)
+    assert train_losses(split) == train_losses(straight)
+    for (step, loss3), (_, loss2) in zip(train_losses(straight), train_losses(zero2),
                                          strict=True):
         assert loss3 == pytest.approx(loss2, rel=1e-5, abs=0), step
 

@@ -242,6 +242,8 @@ def test_a_deepspeed_json_with_zero_off_is_its_stage_not_silently_ddp(tmp_path, 
     ('{"train_micro_batch_size_per_gpu": 3}',
      "'train_micro_batch_size_per_gpu' is 3 but the run config implies 16"),
     ('{"zero_optimization": {"stage": 2},', "cannot read"),
+    ('{"managed_gradient_accumulation": true}',  # the trainer owns the accumulation boundary
+     "'managed_gradient_accumulation' is True but the run config implies False"),
 ])
 def test_check_refuses_what_the_deepspeed_json_would_get_wrong(cpu_env, tmp_path, json_text,
                                                                message):
@@ -256,6 +258,19 @@ def test_check_refuses_what_the_deepspeed_json_would_get_wrong(cpu_env, tmp_path
     assert result.returncode == 2 and "[train.sh]" not in result.stderr, result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: train.deepspeed_config: ") and message in line
+
+
+def test_overlap_comm_under_zero1_is_one_line(tmp_path):
+    """Stage 1 reduces at the trainer's step (unmanaged accumulation), where DeepSpeed
+    refuses overlap_comm with an assertion on every rank."""
+    from mtl_dist.zero import build_ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text('{"zero_optimization": {"stage": 1, "overlap_comm": true}}')
+    cfg = load_config(DEMO, [f"train.deepspeed_config={path}", f"data.cache_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"'zero_optimization.overlap_comm' true needs ZeRO "
+                       r"stage 2 or 3"):
+        build_ds_config(cfg, world_size=1)
 
 
 def test_an_offloaded_optimizer_keeps_the_trainers_adamw(tmp_path):
