@@ -805,6 +805,7 @@ class CheckpointManager:
         self.greater_is_better = greater_is_better
         self.resumed_from: Path | None = None
         self._newer_since_resume = True
+        self._branch_step: int | None = None  # checkpoints/ newer than this leave on a resume
         self._last_saved: Path | None = None
         self.async_save = async_save
         self.marker_timeout_s = MARKER_TIMEOUT_S
@@ -1499,28 +1500,49 @@ class CheckpointManager:
         return trainer_state
 
     def _note_resume(self, path: Path) -> None:
-        """Protect the resumed-from checkpoint from rotation until a newer one is committed."""
+        """Protect the resumed-from checkpoint from rotation until a newer one is committed,
+        and note where the resumed branch leaves checkpoints/ (for set_aside_newer)."""
         if path.parent.resolve() == self.checkpoints_dir.resolve() and _PERIODIC_RE.match(
             path.name
         ):
             self.resumed_from = self.checkpoints_dir / path.name  # as rotation spells it
             self._newer_since_resume = False
+            self._branch_step = _step_of(path) or 0
+        elif self.branch_of(path) is not None:
+            self._branch_step = self.branch_of(path)
+
+    def branch_of(self, path: str | Path) -> int | None:
+        """For a checkpoint in OUTPUT/abandoned/after-checkpoint-<N>-<hex>/: N, the step
+        its branch left the run's line at (its own step if the folder is named otherwise);
+        None for any other path."""
+        path, abandoned = Path(path).resolve(), (self.output_dir / ABANDONED_DIR).resolve()
+        if abandoned not in path.parents:
+            return None
+        branch = path.relative_to(abandoned).parts[0]
+        fork = re.fullmatch(r"after-checkpoint-(\d+)-[0-9a-f]+", branch)
+        return int(fork.group(1)) if fork else (_step_of(path) or 0)
+
+    def is_own(self, path: str | Path) -> bool:
+        """`path` lies in this output dir (checkpoints/, abandoned/ or elsewhere in it)."""
+        return self.output_dir.resolve() in Path(path).resolve().parents
 
     def set_aside_newer(self) -> tuple[list[str], Path | None]:
         """Collective, after a resume. Resuming a checkpoint older than others of this run
         starts a new branch: rotation (by step) would keep the old branch's newer checkpoints
-        and delete the new one's, and `resume=auto` (a requeue) would go back to them. Rank 0
-        moves the newer committed ones to OUTPUT/abandoned/after-<name>-<hex>/ (nothing is
-        deleted). Returns (their names, where they went) on rank 0; ([], None) elsewhere."""
+        and delete the new one's, and `resume=auto` (a requeue) would go back to them. So
+        does resuming one in abandoned/: the current line's checkpoints after that branch's
+        fork would mix with, or be replaced by, its own. Rank 0 moves those committed ones to
+        OUTPUT/abandoned/after-checkpoint-<step>-<hex>/ (nothing is deleted). Returns (their
+        names, where they went) on rank 0; ([], None) elsewhere."""
         rank, _ = _dist_info()
         outcome, names, target = None, [], None
-        if rank == 0 and self.resumed_from is not None:
-            step = _step_of(self.resumed_from) or 0
+        if rank == 0 and self._branch_step is not None:
+            step = self._branch_step
             newer = sorted((p for p in self._periodic()  # incomplete ones: auto skips them too
                             if (_step_of(p) or 0) > step and is_committed(p)), key=_step_of)
             if newer:
                 target = self.output_dir / ABANDONED_DIR / \
-                    f"after-{self.resumed_from.name}-{secrets.token_hex(2)}"
+                    f"after-checkpoint-{step}-{secrets.token_hex(2)}"
                 try:
                     target.mkdir(parents=True)
                     for path in newer:
@@ -1528,8 +1550,8 @@ class CheckpointManager:
                         names.append(path.name)
                     _fsync_path(self.checkpoints_dir)
                 except OSError as exc:
-                    outcome = (f"setting aside the checkpoints newer than "
-                               f"{self.resumed_from.name}: {_error_text(exc)}")
+                    outcome = (f"setting aside the checkpoints newer than step {step}: "
+                               f"{_error_text(exc)}")
         _raise_if_any([_broadcast(outcome)])
         return names, target
 

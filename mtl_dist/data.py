@@ -916,6 +916,20 @@ def collate(samples: Sequence[Mapping[str, Any]], pad_token_id: int,
     }
 
 
+def packing_probe(vocab_size: int, pad_token_id: int, max_length: int,
+                  pack_multiple: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A few random samples of different lengths, padded and packed (for
+    model.verify_packed_attention): fixed seed, any token but the pad."""
+    generator = np.random.default_rng(0)
+    samples = []
+    for index, length in enumerate(min(n, max_length) for n in (7, 3, 5)):
+        ids = generator.integers(0, vocab_size - 1, size=length)
+        samples.append({"input_ids": np.where(ids >= pad_token_id, ids + 1, ids),
+                        "label": 0, "task_id": 0, "index": index})
+    return (collate(samples, pad_token_id, max_length=max_length),
+            collate_packed(samples, pad_token_id, max_length, pack_multiple))
+
+
 def collate_packed(samples: Sequence[Mapping[str, Any]], pad_token_id: int, max_length: int,
                    pack_multiple: int) -> dict[str, Any]:
     """One single-task batch packed end to end into one row (`data.packing`): no padding

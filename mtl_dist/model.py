@@ -158,6 +158,40 @@ def enable_packed_attention(model: MultiTaskModel, max_seqlen: int) -> None:
     model.packed_max_seqlen = max_seqlen
 
 
+def verify_packed_attention(model: MultiTaskModel, padded: dict, packed: dict,
+                            tolerance: float = 1e-4) -> None:
+    """`data.packing` is right only for encoders whose attention goes through transformers'
+    attention interface (BERT, RoBERTa, ALBERT, ...): others (MPNet, DeBERTa, Longformer,
+    ...) compute it themselves, so in a packed row every sample attended to its neighbours,
+    and padded (eval) batches got the 4D bool mask added to the scores instead of masking.
+    Some mix tokens across positions outside attention (MobileBERT's trigram embeddings).
+    So, once at build: the same samples padded (with the encoder's own 2D mask, the
+    reference), padded with the mask packing uses, and packed must give the same logits in
+    fp32 eval mode; else a one-line ConfigError. `padded`/`packed`: data.collate(_packed)
+    of a few samples of different lengths."""
+    def logits(batch: dict) -> torch.Tensor:
+        keys = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "cu_seqlens",
+                "unpack_index")
+        return model(**{k: batch[k] for k in keys if k in batch}, task_id=batch["task_id"])[1]
+
+    was_training, mask_4d = model.training, model.mask_4d
+    model.eval()
+    try:
+        with torch.no_grad():
+            model.mask_4d = getattr(model.encoder.config, "_attn_implementation", None) == "sdpa"
+            reference = logits(padded)
+            model.mask_4d = mask_4d
+            worst = max((logits(batch) - reference).abs().max().item() for batch in (padded, packed))
+    finally:
+        model.train(was_training)
+        model.mask_4d = mask_4d
+    if not worst <= tolerance * max(1.0, reference.abs().max().item()):
+        raise ConfigError(f"config key 'data.packing': {type(model.encoder).__name__} does not "
+                          "keep packed samples apart (its attention is not transformers' "
+                          f"attention interface): logits differ from padded ones by {worst:.2g}; "
+                          "set data.packing=false")
+
+
 # ----------------------------------------------------------------- q, k and v in one GEMM
 def stacked_view(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
     """`tensors` stacked along dim 0 as one view, without a copy, where they lie end to end in
@@ -278,8 +312,10 @@ def enable_fused_qkv(model: MultiTaskModel) -> int:
         if isinstance(attention, FusedQKVAttention):
             continue
         if not _has_qkv_linears(attention):
-            raise ValueError(f"train.fused_qkv: {type(attention).__name__} has no query, key and "
-                             "value Linears of one shape (BERT/RoBERTa self-attention has)")
+            where = type(attention if attention is not None else layer).__name__
+            raise ConfigError(f"config key 'train.fused_qkv': {where} has no query, key and "
+                              "value Linears of one shape (BERT/RoBERTa self-attention has); "
+                              "set train.fused_qkv=false")
         attention.__class__ = _fused_qkv_class(type(attention))
     return len(layers)
 
@@ -301,12 +337,18 @@ class MultiTaskModel(nn.Module):
         self.mask_4d = getattr(encoder.config, "_attn_implementation", None) == "sdpa"
         self.packed_max_seqlen: int | None = None  # set by enable_packed_attention
         self.position_offset = position_offset(encoder)
+        # An encoder with one token type (RoBERTa-family) or none (DistilBERT) gets all zeros
+        # (not None: a packed row may outrun RoBERTa's zeros buffer): a WordPiece tokenizer
+        # still marks a pair's second text 1, an index error in the embeddings.
+        self.token_types = getattr(encoder.config, "type_vocab_size", 0) > 1
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_id: int,
                 token_type_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None,
                 unpack_index: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        if not self.token_types and token_type_ids is not None:
+            token_type_ids = torch.zeros_like(token_type_ids)
         if cu_seqlens is not None:
             hidden = self._packed_hidden(input_ids, token_type_ids, position_ids, cu_seqlens,
                                          unpack_index)
@@ -339,27 +381,60 @@ class MultiTaskModel(nn.Module):
 
 
 def build_encoder(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int = 0) -> nn.Module:
-    """A pretrained encoder from a local directory, or a randomly initialised one from `arch`."""
+    """A pretrained encoder from a local directory, or a randomly initialised one from `arch`.
+
+    Weights load in fp32 whatever dtype the checkpoint was saved in (transformers' default
+    keeps a bf16 checkpoint bf16): mixed precision is `train.mixed_precision`'s job, and
+    AdamW on bf16 weights would lose most small updates."""
     from transformers import AutoConfig, AutoModel
 
     if model_cfg.pretrained:
         try:
-            return AutoModel.from_pretrained(model_cfg.pretrained, add_pooling_layer=False,
-                                             local_files_only=True)
+            config = AutoConfig.from_pretrained(model_cfg.pretrained, local_files_only=True)
+            kwargs = _encoder_kwargs(config, f"model.pretrained ({model_cfg.pretrained})")
+            return AutoModel.from_pretrained(model_cfg.pretrained, local_files_only=True,
+                                             dtype=torch.float32, **kwargs)
         except (OSError, ValueError) as exc:  # a dir without (readable) weights or model type
             detail = " ".join(str(exc).split())[:300]
             raise ConfigError(f"model.pretrained: cannot load an encoder from "
                               f"{model_cfg.pretrained}: {detail}") from None
     arch = model_cfg.arch
-    config = AutoConfig.for_model(
-        arch.model_type, vocab_size=vocab_size, hidden_size=arch.hidden_size,
-        num_hidden_layers=arch.num_hidden_layers, num_attention_heads=arch.num_attention_heads,
-        intermediate_size=arch.intermediate_size,
-        max_position_embeddings=arch.max_position_embeddings,
-        hidden_dropout_prob=arch.hidden_dropout_prob,
-        attention_probs_dropout_prob=arch.attention_probs_dropout_prob,
-        pad_token_id=pad_token_id, type_vocab_size=2)
-    return AutoModel.from_config(config, add_pooling_layer=False)
+    try:
+        config = AutoConfig.for_model(
+            arch.model_type, vocab_size=vocab_size, hidden_size=arch.hidden_size,
+            num_hidden_layers=arch.num_hidden_layers, num_attention_heads=arch.num_attention_heads,
+            intermediate_size=arch.intermediate_size,
+            max_position_embeddings=arch.max_position_embeddings,
+            hidden_dropout_prob=arch.hidden_dropout_prob,
+            attention_probs_dropout_prob=arch.attention_probs_dropout_prob,
+            pad_token_id=pad_token_id, type_vocab_size=2)
+    except ValueError:
+        raise ConfigError(f"config key 'model.arch.model_type': {arch.model_type!r} is not a "
+                          "model type transformers knows (e.g. bert, roberta, electra)") from None
+    except (NotImplementedError, TypeError) as exc:  # a type model.arch cannot describe
+        raise ConfigError(f"config key 'model.arch': cannot build a {arch.model_type!r} encoder "
+                          f"from it: {' '.join(str(exc).split())[:200]}") from None
+    kwargs = _encoder_kwargs(config, "config key 'model.arch.model_type'")
+    return AutoModel.from_config(config, **kwargs)
+
+
+def _encoder_kwargs(config, source: str) -> dict:
+    """add_pooling_layer=False where the encoder class takes it (BERT, RoBERTa: the heads
+    pool, the pooler would be unused weights); ELECTRA, DistilBERT, DeBERTa have no pooler
+    and refuse the argument. A model type that is no encoder is a one-line error."""
+    import inspect
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING, MODEL_MAPPING
+
+    if type(config) not in MODEL_MAPPING or type(config) not in MODEL_FOR_MASKED_LM_MAPPING \
+            or getattr(config, "is_encoder_decoder", False):
+        raise ConfigError(f"{source}: model type {config.model_type!r}: expected a transformer encoder "
+                          "(BERT/RoBERTa family: a masked-language-model type, not a decoder "
+                          "or encoder-decoder)")
+    encoder_class = MODEL_MAPPING[type(config)]
+    takes_pooler = isinstance(encoder_class, type) and \
+        "add_pooling_layer" in inspect.signature(encoder_class.__init__).parameters
+    return {"add_pooling_layer": False} if takes_pooler else {}
 
 
 def build_model(model_cfg: ModelConfig, vocab_size: int, num_labels: Sequence[int],
@@ -410,8 +485,9 @@ def transformer_layers(model: MultiTaskModel, switch: str) -> nn.ModuleList:
     `switch` (a config key, named in the error) works on."""
     layers = getattr(getattr(model.encoder, "encoder", None), "layer", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ValueError(f"{switch}: {type(model.encoder).__name__} has no encoder.layer "
-                         "list (BERT/RoBERTa-style encoders have one)")
+        raise ConfigError(f"config key '{switch}': {type(model.encoder).__name__} has no "
+                          "encoder.layer list (BERT/RoBERTa-style encoders have one); set "
+                          f"{switch}=false")
     return layers
 
 

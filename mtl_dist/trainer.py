@@ -46,6 +46,7 @@ from mtl_dist.model import (
     compile_encoder_layers,
     enable_fused_qkv,
     enable_packed_attention,
+    verify_packed_attention,
 )
 from mtl_dist.preemption import (
     PREEMPTED_EXIT_CODE,
@@ -57,6 +58,11 @@ from mtl_dist.sampler import MultiTaskBatchPlan, RankBatchSampler, check_task_ag
 from mtl_dist.tracking import Tracking, format_eval_line
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+
+def _shown(names: list[str]) -> str:
+    """A run's saved items for a one-line message: all, or the newest three."""
+    return ", ".join(names if len(names) <= 3 else ["...", *names[-3:]])
 
 
 @dataclass
@@ -315,6 +321,10 @@ class Trainer:
             pad_token_id=self.tokenizer.pad_token_id, max_length=cfg.data.max_length)
         if cfg.data.packing:
             enable_packed_attention(self.model, cfg.data.max_length)
+            verify_packed_attention(self.model, *mdata.packing_probe(
+                self.model.encoder.get_input_embeddings().num_embeddings,
+                self.tokenizer.pad_token_id, cfg.data.max_length,
+                cfg.data.pack_multiple))
         if cfg.train.fused_qkv:
             enable_fused_qkv(self.model)
         if cfg.train.compile:
@@ -350,14 +360,20 @@ class Trainer:
             raise ConfigError(f"config key 'train.output_dir': {out} cannot be created: "
                               f"{blocking} is a file")
         if train.resume and train.resume != "auto":
-            self.ckpt.resolve(train.resume)  # a wrong path fails here, not after the set-up
+            path = self.ckpt.resolve(train.resume)  # a wrong path fails here, not after set-up
+            saved = [] if train.overwrite_output_dir or self.ckpt.is_own(path) \
+                else self.ckpt.saved_run()
+            if saved:  # its saves would replace this run's checkpoints of the same steps
+                raise CheckpointError(
+                    f"train.resume={train.resume} is another run's checkpoint, and "
+                    f"train.output_dir={out} already holds a run ({_shown(saved)}): pick a new "
+                    "train.output_dir, or train.overwrite_output_dir=true (deletes that run)")
         if train.resume == "auto":
             self._check_nothing_to_resume()
         saved = [] if train.resume or train.overwrite_output_dir else self.ckpt.saved_run()
         if saved:
-            shown = ", ".join(saved if len(saved) <= 3 else ["...", *saved[-3:]])
             raise CheckpointError(
-                f"train.output_dir={out} already holds a run ({shown}): resume it with "
+                f"train.output_dir={out} already holds a run ({_shown(saved)}): resume it with "
                 "train.resume=auto, start over with train.overwrite_output_dir=true (deletes "
                 "it), or pick a new train.output_dir")
 
@@ -623,6 +639,12 @@ class Trainer:
         self.state.tracker_run_id = self.tracking.start(self.state.tracker_run_id,
                                                         resume_step=self.state.global_step)
         stop = self.state.global_step >= self.total_steps
+        if not stop and self.early.should_stop:  # resumed after an early stop: it stays ended
+            self.stop_reason = "early_stopping"
+            self._say(f"train.resume: the run stopped early at step {self.state.global_step} "
+                      f"({self.early.bad_evals} evaluations without a better score; "
+                      "train.early_stopping_patience raised would go on): nothing to train")
+            stop = True
         if self.state.pending_eval:  # put off by a preemption (or a replan's end)
             self.state.pending_eval = False
             # An early stop here ends the run; its checkpoint (this step's) keeps the
@@ -722,8 +744,10 @@ class Trainer:
                   f"(epoch {self.state.epoch}, step in epoch {self.batch_sampler.position})")
         moved, target = self.ckpt.set_aside_newer()
         if moved:
-            self._say(f"{', '.join(moved)}: newer than {path.name}, of the branch this resume "
-                      f"leaves; moved to {target} (rotation and train.resume=auto leave it)")
+            step = target.name.split("-")[2]  # after-checkpoint-<step>-<hex>
+            self._say(f"{', '.join(moved)}: newer than step {step}, where the branch this "
+                      f"resume takes leaves the run's line; moved to {target} (rotation and "
+                      "train.resume=auto leave it)")
         return True
 
     def _follow_replanned_sampler(self) -> None:

@@ -216,7 +216,7 @@ def test_fused_qkv_refuses_zero_stage_3():
 def test_fused_qkv_names_a_model_without_q_k_v_linears():
     model = tiny_model()
     transformer_layers(model, "test")[0].attention.self.key = nn.Linear(32, 16)
-    with pytest.raises(ValueError, match="train.fused_qkv: BertSelfAttention has no query, key"):
+    with pytest.raises(ConfigError, match="'train.fused_qkv': BertSelfAttention has no query, key"):
         enable_fused_qkv(model)
 
 

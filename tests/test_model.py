@@ -151,3 +151,93 @@ def test_ready_4d_mask_gives_the_same_logits_as_transformers_own_mask():
         model.mask_4d = False
         _, reference = model(ids, mask, task_id=1)
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
+
+
+def _tiny(model_type, pad_token_id=0, layers=1, vocab_size=60):
+    from tests._models import tiny_model as shared_tiny_model
+
+    torch.manual_seed(0)
+    return shared_tiny_model(model_type, layers=layers, vocab_size=vocab_size,
+                             pad_token_id=pad_token_id)
+
+
+@pytest.mark.parametrize("model_type", ["electra", "distilbert", "deberta-v2"])
+def test_encoders_without_a_pooler_build_and_take_pairs(model_type):
+    """add_pooling_layer=False went to every class: ELECTRA, DistilBERT and DeBERTa refuse
+    it (a TypeError traceback in train, after `check` said OK)."""
+    model = _tiny(model_type).eval()
+    ids = torch.randint(1, 60, (2, 6))
+    types = torch.tensor([[0, 0, 0, 1, 1, 1]] * 2)
+    _, logits = model(ids, torch.ones_like(ids), task_id=0, token_type_ids=types)
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+
+
+def test_a_pair_on_an_encoder_with_one_token_type_reads_type_zero():
+    """A RoBERTa-type checkpoint (type_vocab_size 1) with a WordPiece tokenizer (KLUE's
+    roberta-*): the pair's second text is marked 1, an index error at the first pair batch."""
+    from transformers import AutoConfig, AutoModel
+
+    from mtl_dist.model import MultiTaskModel
+
+    config = AutoConfig.for_model("roberta", hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=37, vocab_size=60,
+                                  type_vocab_size=1, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = MultiTaskModel(AutoModel.from_config(config, add_pooling_layer=False), [3],
+                           dropout=0.0).eval()
+    ids = torch.randint(3, 60, (2, 6))
+    types = torch.tensor([[0, 0, 0, 1, 1, 1]] * 2)
+    mask = torch.ones_like(ids)
+    _, marked = model(ids, mask, task_id=0, token_type_ids=types)
+    _, zeros = model(ids, mask, task_id=0, token_type_ids=torch.zeros_like(types))
+    assert torch.equal(marked, zeros)
+
+
+@pytest.mark.parametrize(("model_type", "message"), [
+    ("robertaa", r"'model.arch.model_type': 'robertaa' is not a model type transformers knows"),
+    ("gpt2", r"'model.arch.model_type': model type 'gpt2': expected a transformer encoder"),
+    ("bart", r"model type 'bart': expected a transformer encoder"),
+    ("funnel", r"config key 'model.arch': cannot build a 'funnel' encoder from it"),
+])
+def test_a_model_type_that_is_no_encoder_is_one_line(model_type, message):
+    from mtl_dist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        _tiny(model_type)
+
+
+def test_a_bf16_checkpoint_loads_in_fp32(tmp_path):
+    """transformers loads a checkpoint in its saved dtype by default: a bf16-saved encoder
+    trained with bf16 weights under a plain AdamW (most small updates lost)."""
+    from transformers import AutoModel
+
+    from mtl_dist.model import build_encoder
+
+    AutoModel.from_pretrained(minilm_dir()).to(torch.bfloat16).save_pretrained(tmp_path)
+    encoder = build_encoder(SimpleNamespace(pretrained=str(tmp_path)), vocab_size=0)
+    assert {p.dtype for p in encoder.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize(("model_type", "supported"), [
+    ("bert", True), ("roberta", True), ("albert", True), ("electra", True),
+    ("mpnet", False), ("deberta-v2", False), ("megatron-bert", False), ("mobilebert", False)])
+def test_packing_is_refused_where_the_encoder_does_not_keep_samples_apart(model_type,
+                                                                           supported):
+    """MPNet, DeBERTa, MegatronBERT... compute attention themselves: in a packed row every
+    sample attended to its neighbours, and padded eval batches got the bool mask added to
+    the scores; MobileBERT's trigram embeddings read the next sample's first token."""
+    from mtl_dist.data import packing_probe
+    from mtl_dist.errors import ConfigError
+    from mtl_dist.model import enable_packed_attention, verify_packed_attention
+
+    model = _tiny(model_type, layers=2)
+    enable_packed_attention(model, max_seqlen=16)
+    probe = packing_probe(60, 0, max_length=16, pack_multiple=8)
+    if supported:
+        verify_packed_attention(model, *probe)
+        assert model.training  # restored
+    else:
+        with pytest.raises(ConfigError, match=r"config key 'data.packing': \w+ does not keep "
+                           r"packed samples apart .* set data.packing=false"):
+            verify_packed_attention(model, *probe)

@@ -54,6 +54,14 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement(tmp
     assert summary["stop_reason"] == "early_stopping"
     assert summary["global_step"] == 12 and summary["best_step"] == 4
     assert [r["step"] for r in records(tmp_path / "out", "eval")] == [4, 8, 12]
+    # A rerun with resume=auto (a requeue) trained on to the next evaluation and rotated a
+    # checkpoint out; now the run stays ended, like one that reached max_steps.
+    checkpoints = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    cfg.train.resume = "auto"
+    again = Trainer(cfg).fit()
+    assert again["stop_reason"] == "early_stopping" and again["global_step"] == 12
+    assert [r["step"] for r in records(tmp_path / "out", "eval")] == [4, 8, 12]
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == checkpoints
 
 
 def test_stop_and_resume_mid_epoch_is_bit_exact_with_dropout(tmp_path):
@@ -271,8 +279,8 @@ def test_resuming_an_older_checkpoint_branches_and_auto_resume_follows_the_branc
                      f"train.resume={out}/checkpoints/checkpoint-2",
                      "train.stop_after_steps=3")).fit()
     said = capsys.readouterr().out
-    assert "checkpoint-4, checkpoint-6, checkpoint-8: newer than checkpoint-2, of the branch " \
-        "this resume leaves; moved to " in said
+    assert "checkpoint-4, checkpoint-6, checkpoint-8: newer than step 2, where the branch " \
+        "this resume takes leaves the run's line; moved to " in said
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4",
                                                                        "checkpoint-5"]
     (branch,) = (out / "abandoned").iterdir()
@@ -280,8 +288,41 @@ def test_resuming_an_older_checkpoint_branches_and_auto_resume_follows_the_branc
     Trainer(demo_cfg(tmp_path, *common, "train.max_steps=8", "train.resume=auto")).fit()
     assert "resumed from " + str(out / "checkpoints" / "checkpoint-5") in capsys.readouterr().out
     assert [r["step"] for r in records(out, "train")] == list(range(1, 9))
+    # Back to the abandoned branch: the current line after its fork (step 2) is set aside in
+    # turn, not mixed with (or, same steps, replaced by) the branch's new saves.
+    line = {p.name: (p / "manifest.json").read_bytes() for p in (out / "checkpoints").iterdir()}
+    Trainer(demo_cfg(tmp_path, *common, "train.max_steps=8", "checkpoint.save_total_limit=2",
+                     f"train.resume={branch}/checkpoint-6", "train.stop_after_steps=1")).fit()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-7"]
+    (left,) = [p for p in (out / "abandoned").iterdir() if p != branch]
+    assert {p.name: (p / "manifest.json").read_bytes() for p in left.iterdir()} == line
+    assert (branch / "checkpoint-8" / "manifest.json").read_bytes() == old_8
     Trainer(demo_cfg(tmp_path, "train.max_steps=2", "train.overwrite_output_dir=true")).fit()
     assert not (out / "abandoned").exists()  # a fresh start deletes the old branches too
+
+
+def test_resuming_another_runs_checkpoint_into_a_used_output_dir_is_refused(tmp_path):
+    """train.resume skipped the used-output-dir refusal: run A's checkpoint-4 resumed into
+    run B's OUTPUT replaced B's checkpoint-6 and -8 with A's branch, cut B's metrics and
+    config without a word. Into an empty output dir it is a fine start."""
+    common = ["train.eval_steps=null", "checkpoint.save_steps=2", "train.max_steps=8",
+              "checkpoint.save_total_limit=null"]
+    Trainer(load_config(DEMO, [f"train.output_dir={tmp_path}/a", f"data.cache_dir={tmp_path}/c",
+                               *common])).fit()
+    Trainer(load_config(DEMO, [f"train.output_dir={tmp_path}/b", f"data.cache_dir={tmp_path}/c",
+                               *common, "train.seed=7"])).fit()
+    b = tmp_path / "b"
+    before = {p: p.read_bytes() for p in b.rglob("*") if p.is_file()}
+    resume = [f"train.resume={tmp_path}/a/checkpoints/checkpoint-4", *common]
+    with pytest.raises(CheckpointError, match=r"train.resume=.*/a/checkpoints/checkpoint-4 is "
+                       r"another run's checkpoint, and train.output_dir=.*/b already holds a "
+                       r"run \(.*checkpoint-8, best/\): pick a new train.output_dir"):
+        Trainer(load_config(DEMO, [f"train.output_dir={b}", f"data.cache_dir={tmp_path}/c",
+                                   *resume, "train.seed=7"])).fit()
+    assert {p: p.read_bytes() for p in b.rglob("*") if p.is_file()} == before
+    fresh = Trainer(load_config(DEMO, [f"train.output_dir={tmp_path}/fresh",
+                                       f"data.cache_dir={tmp_path}/c", *resume])).fit()
+    assert fresh["global_step"] == 8
 
 
 def test_ckpt_export_of_a_periodic_checkpoint_loads_with_from_pretrained(tmp_path, capsys):
