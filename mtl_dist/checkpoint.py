@@ -71,7 +71,8 @@ _WARN_ONLY_KEYS = {"versions"}
 # Manifest keys added after checkpoints were first written: what their absence means.
 _NOT_CHECKED = object()  # an absent key that older checkpoints are not held to
 _ABSENT_MEANS = {"bf16_weights": False, "optimizer_settings": _NOT_CHECKED,
-                 "metric_for_best": _NOT_CHECKED, "max_length": _NOT_CHECKED}
+                 "metric_for_best": _NOT_CHECKED, "max_length": _NOT_CHECKED,
+                 "task_scoring": _NOT_CHECKED}
 # Earlier forms of a saved key, in today's form: optimizer_settings.head_lr was saved as set
 # (null: the same as lr) before it was saved as the effective value.
 _SAVED_FORMS = {
@@ -86,6 +87,9 @@ _WHY_REFUSED = {
     "values, so the new ones would be ignored: resume with them, or start a new run",
     "metric_for_best": "early stopping's best so far was measured by the checkpoint's "
     "metric: resume with it, or start a new run",
+    "task_scoring": "early stopping's best so far and best/ were scored with the "
+    "checkpoint's task metrics and weights, which a new run score could not be compared "
+    "with: resume with them, or start a new run",
     "max_length": "the rest of the run would train on other truncations than its start, "
     "not continue it: resume with it, or start a new run",
 }

@@ -9,10 +9,20 @@ host memory and the GPU queue is left alone.
 from __future__ import annotations
 
 import atexit
+from datetime import timedelta
 
 import torch.distributed as dist
 
 _GROUP: list = []  # the one gloo group of this process, made on first use
+_TIMEOUT: list[timedelta] = []  # set_host_timeout's; torch's default (30 minutes) otherwise
+
+
+def set_host_timeout(seconds: float) -> None:
+    """How long the host group's collectives wait for a missing rank (the trainer passes
+    `train.collective_timeout_s`, as for the training backend): a group made without one
+    waited torch's 30 minutes, so a rank stuck or gone before a per-step check held the
+    others that long. For groups made from now on."""
+    _TIMEOUT[:] = [timedelta(seconds=seconds)]
 
 
 def host_group():
@@ -25,7 +35,7 @@ def host_group():
     if _GROUP and not _registered(_GROUP[0]):  # destroyed with its world: a new run
         _GROUP.clear()
     if not _GROUP:
-        _GROUP.append(dist.new_group(backend="gloo"))
+        _GROUP.append(dist.new_group(backend="gloo", timeout=_TIMEOUT[0] if _TIMEOUT else None))
     return _GROUP[0]
 
 

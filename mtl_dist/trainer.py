@@ -33,7 +33,7 @@ from mtl_dist.checkpoint import (
     load_state_checked,
     read_manifest,
 )
-from mtl_dist.collectives import release_host_group
+from mtl_dist.collectives import release_host_group, set_host_timeout
 from mtl_dist.config import RunConfig, config_hash, saved_config_yaml
 from mtl_dist.ema import EMA
 from mtl_dist.errors import CheckpointError, ConfigError
@@ -191,6 +191,7 @@ def make_accelerator(cfg: RunConfig):
         raise ConfigError("train.device: 'cuda' requested but no CUDA GPU is visible")
     if use_cpu and cfg.train.mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision: 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on CPU")
+    set_host_timeout(cfg.train.collective_timeout_s)  # the per-step checks' gloo group too
     handlers = [
         # Only one head runs per step: the others are unused parameters for DDP.
         DistributedDataParallelKwargs(find_unused_parameters=True),
@@ -609,6 +610,10 @@ class Trainer:
                 "lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps")},
                 "head_lr": self.cfg.train.head_lr or self.cfg.train.lr},  # null means lr
             "metric_for_best": self.cfg.train.metric_for_best,
+            # what the run score (early stopping's best so far, best/) is made of
+            "task_scoring": None if self.cfg.train.metric_for_best == "loss" else {
+                t.name: {"metric": t.metric, "score_weight": t.score_weight}
+                for t in self.cfg.tasks},
             "config_hash": config_hash(self.cfg),
             "tasks": self.task_names,
             "labels": self.label_maps,
@@ -726,7 +731,8 @@ class Trainer:
         if path is None:
             return False
         must_match = ("world_size", "zero_stage", "global_batch_size", "gradient_accumulation_steps",
-                      "bf16_weights", "optimizer_settings", "metric_for_best", "tasks", "labels",
+                      "bf16_weights", "optimizer_settings", "metric_for_best", "tasks",
+                      "task_scoring", "labels",
                       "data_fingerprints", "max_length", "model_shape", "versions")
         if self.cfg.sampler.on_global_batch_change == "replan":  # the sampler checks it
             must_match = tuple(k for k in must_match if k != "global_batch_size")

@@ -149,6 +149,13 @@ def test_zero_accumulation_with_heads_skipping_micro_steps_equals_torch(tmp_path
         assert printed.count(f"stage {stage} offload {offload} matches torch") == 2, setting
 
 
+def test_the_host_groups_collectives_time_out_at_the_runs_collective_timeout(tmp_path):
+    """The per-step checks' gloo group was made without a timeout: with rank 0 stopped
+    (SIGSTOP) under collective_timeout_s=15, rank 1 still waited after 150 s (torch's
+    default is 30 minutes)."""
+    assert "timed out while rank 0 was away" in run_script("host_group_timeout.py", tmp_path)
+
+
 def ds_module_state(output_dir, step):
     path = output_dir / "checkpoints" / f"checkpoint-{step}" / "ds" / "mp_rank_00_model_states.pt"
     return torch.load(path, map_location="cpu", weights_only=False)["module"]

@@ -636,6 +636,20 @@ def test_a_resume_with_another_metric_for_best_does_not_compare_a_loss_with_a_sc
     assert best["metric_for_best"] == "loss" and best["step"] == 8
 
 
+@pytest.mark.parametrize(("override", "difference"), [
+    ("tasks.0.metric=macro_f1", r"'task_scoring.nli.metric' differs: checkpoint has "
+                                r"\"accuracy\", this run has \"macro_f1\""),
+    ("tasks.1.score_weight=3.0", r"'task_scoring.emotion.score_weight' differs: checkpoint "
+                                 r"has 1.0, this run has 3.0")])
+def test_a_resume_with_another_task_metric_or_weight_is_refused(tmp_path, override, difference):
+    """The run score early stopping and best/ compare is built from the tasks' metrics and
+    weights: changed on resume, new scores were compared with the old best (the reviewer's
+    run improved at every evaluation, yet stopped early and never updated best/)."""
+    Trainer(demo_cfg(tmp_path, "train.max_steps=8")).fit()
+    with pytest.raises(CheckpointError, match=difference + r" \(early stopping's best"):
+        Trainer(demo_cfg(tmp_path, "train.max_steps=16", "train.resume=auto", override)).fit()
+
+
 def test_head_lr_null_and_head_lr_equal_to_lr_resume_alike(tmp_path):
     Trainer(demo_cfg(tmp_path, "train.max_steps=8", "train.stop_after_steps=4",
                      "train.head_lr=null")).fit()
