@@ -8,7 +8,6 @@ key, the bad value and what was expected. `load_config` returns plain dataclasse
 import dataclasses
 import difflib
 import hashlib
-import io
 import json
 import math
 import os
@@ -631,10 +630,37 @@ def _key_lines(text: str) -> dict[str, int]:
     return lines
 
 
+def _yaml12_loader() -> type:
+    """OmegaConf's YAML loader, with booleans as YAML 1.2 has them: true/false only. YAML
+    1.1 also reads yes/no/on/off as booleans, so `labels: [yes, no]` became 'True'/'False'
+    and `name: on` a task named 'True'; a boolean key still takes yes/no (OmegaConf
+    converts the string)."""
+    from omegaconf._yaml import get_yaml_loader
+
+    class Loader(get_yaml_loader()):
+        pass
+
+    bool_tag = "tag:yaml.org,2002:bool"
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != bool_tag]
+        for first, resolvers in Loader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+    return Loader
+
+
+_YAML12 = _yaml12_loader()
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YAML12)  # noqa: S506 (OmegaConf's safe loader)
+
+
 def _parse_yaml(text: str, where: str) -> dict[str, Any]:
     """Parse YAML text with OmegaConf's loader; errors name `where` and the line."""
     try:
-        loaded = OmegaConf.load(io.StringIO(text))
+        data = _load_yaml(text)
+        loaded = OmegaConf.create({} if data is None else data)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         at = f"{where}:{mark.line + 1}" if mark is not None else where
@@ -672,7 +698,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise _Problem("", "expected key=value (e.g. train.lr=2e-5)")
     try:
-        parsed = OmegaConf.from_dotlist([f"value={raw}"])
+        parsed = OmegaConf.create({"value": _load_yaml(raw)})
     except (yaml.YAMLError, oc_errors.OmegaConfBaseException) as exc:
         problem = str(exc).splitlines()[0]
         raise _Problem(key, f"cannot parse value {raw!r} as YAML: {problem}") from None
@@ -787,6 +813,11 @@ def _resolve_paths(run: RunConfig, sources: _Sources) -> None:
         setattr(run.model, name, _resolve(value, sources.base_dir(f"model.{name}")))
     run.train.deepspeed_config = _resolve(run.train.deepspeed_config,
                                           sources.base_dir("train.deepspeed_config"))
+    # Output and cache dirs stay relative to the CWD, as documented, but take `~` like the
+    # others: `~/x` made a directory named '~' in the CWD.
+    run.train.output_dir = os.path.expanduser(run.train.output_dir)
+    if run.data.cache_dir:
+        run.data.cache_dir = os.path.expanduser(run.data.cache_dir)
 
 
 def _adopt_deepspeed_stage(run: RunConfig, sources: _Sources) -> None:

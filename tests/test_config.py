@@ -474,3 +474,27 @@ def test_a_problem_in_the_file_names_the_line_of_its_key_or_nearest_parent(proje
     assert error_of(path).startswith("configs/bad.yaml:11: config key 'tasks[1].labels'")
     path = write(project, BASE + "  warmup_ratio: 2\n")
     assert error_of(path).startswith("configs/bad.yaml:16: config key 'train.warmup_ratio'")
+
+
+def test_output_and_cache_dirs_take_a_home_tilde(tmp_path, monkeypatch):
+    """`train.output_dir: ~/x` made a directory named '~' in the CWD."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, [*DEMO, "train.output_dir=~/runs/a", "data.cache_dir=~/cache"])
+    assert cfg.train.output_dir == f"{tmp_path}/runs/a"
+    assert cfg.data.cache_dir == f"{tmp_path}/cache"
+
+
+def test_yes_no_on_off_are_strings_where_strings_are_expected(tmp_path):
+    """YAML 1.1 reads yes/no/on/off as booleans: `labels: [yes, no]` became 'True'/'False'
+    (then every data row's label was refused) and `name: on` a task named 'True'. Booleans
+    are YAML 1.2's now (true/false); a boolean key still takes yes/no/on/off."""
+    path = tmp_path / "run.yaml"
+    path.write_text("tasks:\n  - {name: on, train: 'demo:nli/train', labels: [yes, no, Off],\n"
+                    "     label_field: no}\ncheckpoint: {save_best: no}\n"
+                    "tracking: {run_name: off}\n")
+    cfg = load_config(path)
+    assert (cfg.tasks[0].name, cfg.tasks[0].labels, cfg.tasks[0].label_field) == \
+        ("on", ["yes", "no", "Off"], "no")
+    assert cfg.checkpoint.save_best is False and cfg.tracking.run_name == "off"
+    cfg = load_config(path, ["tasks.0.labels=[yes,no,maybe]", "checkpoint.save_best=on"])
+    assert cfg.tasks[0].labels == ["yes", "no", "maybe"] and cfg.checkpoint.save_best is True
