@@ -741,12 +741,26 @@ def frozen_label_maps(cfg: RunConfig) -> dict[str, list[str]]:
     against the config), else `build_label_maps` (a fresh or overwritten run)."""
     saved = Path(cfg.train.output_dir) / "labels.json"
     if saved.exists() and not cfg.train.overwrite_output_dir:
-        maps = json.loads(saved.read_text())
+        maps = _read_label_maps(saved)
         check_label_maps(cfg, maps, str(saved))
         # in the config's order, which the heads are built (and labels.json rewritten) in;
         # a run that died before its first checkpoint may be rerun with the tasks reordered
         return {task.name: maps[task.name] for task in cfg.tasks}
     return build_label_maps(cfg)
+
+
+def _read_label_maps(path: Path) -> dict[str, list[str]]:
+    """OUTPUT/labels.json: {task: [label, ...]}; damaged (empty, cut, edited): one line."""
+    try:
+        maps = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the run's frozen labels: {exc}") from None
+    if not (isinstance(maps, dict) and maps and all(
+            isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)
+            for labels in maps.values())):
+        raise DataError(f"{path}: expected a JSON object of task name -> list of label "
+                        f"strings (as the run wrote it), got {json.dumps(maps)[:120]}")
+    return maps
 
 
 def check_label_maps(cfg: RunConfig, saved: Mapping[str, Sequence[str]], where: str) -> None:

@@ -144,6 +144,24 @@ def test_a_saved_label_map_comes_back_in_the_configs_task_order(tmp_path):
     assert list(D.frozen_label_maps(run)) == ["b", "a"]
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("", r"cannot read the run's frozen labels: Expecting value"),
+    ('{"a": ["p", "q"]', r"cannot read the run's frozen labels"),
+    ('{"a": "p"}', r"expected a JSON object of task name -> list of label strings .* got "
+                   r"\{\"a\": \"p\"\}"),
+    ("[]", r"expected a JSON object of task name -> list of label strings"),
+    ('{"a": [1, 2]}', r"expected a JSON object"),
+])
+def test_a_damaged_labels_json_is_one_line(tmp_path, text, message):
+    """An empty, cut or hand-edited OUTPUT/labels.json gave a JSONDecodeError, TypeError or
+    KeyError traceback (on every rank)."""
+    run = Run([Task("a", train="demo:news/train")], Data())
+    run.train.output_dir = str(tmp_path)
+    (tmp_path / "labels.json").write_text(text)
+    with pytest.raises(DataError, match=r"labels\.json: " + message):
+        D.frozen_label_maps(run)
+
+
 def test_missing_file_and_unknown_suffix(tmp_path):
     with pytest.raises(DataError, match=r"nope\.tsv: file not found$"):
         read(tmp_path / "nope.tsv")
