@@ -386,18 +386,30 @@ def build_encoder(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int = 0
     Weights load in fp32 whatever dtype the checkpoint was saved in (transformers' default
     keeps a bf16 checkpoint bf16): mixed precision is `train.mixed_precision`'s job, and
     AdamW on bf16 weights would lose most small updates."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
+
+    config, kwargs = encoder_config(model_cfg, vocab_size, pad_token_id)
+    if not model_cfg.pretrained:
+        return AutoModel.from_config(config, **kwargs)
+    try:
+        return AutoModel.from_pretrained(model_cfg.pretrained, local_files_only=True,
+                                         dtype=torch.float32, **kwargs)
+    except (OSError, ValueError) as exc:  # a dir without (readable) weights
+        raise _unloadable(model_cfg.pretrained, exc) from None
+
+
+def encoder_config(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int = 0):
+    """The encoder's transformers config and the keyword arguments its class takes; a model
+    type that transformers does not know, or that is no encoder, is a one-line ConfigError
+    (also from `mtl-dist check`, before any launch)."""
+    from transformers import AutoConfig
 
     if model_cfg.pretrained:
         try:
             config = AutoConfig.from_pretrained(model_cfg.pretrained, local_files_only=True)
-            kwargs = _encoder_kwargs(config, f"model.pretrained ({model_cfg.pretrained})")
-            return AutoModel.from_pretrained(model_cfg.pretrained, local_files_only=True,
-                                             dtype=torch.float32, **kwargs)
-        except (OSError, ValueError) as exc:  # a dir without (readable) weights or model type
-            detail = " ".join(str(exc).split())[:300]
-            raise ConfigError(f"model.pretrained: cannot load an encoder from "
-                              f"{model_cfg.pretrained}: {detail}") from None
+        except (OSError, ValueError) as exc:  # no (readable) config.json, or an unknown type
+            raise _unloadable(model_cfg.pretrained, exc) from None
+        return config, _encoder_kwargs(config, f"model.pretrained ({model_cfg.pretrained})")
     arch = model_cfg.arch
     try:
         config = AutoConfig.for_model(
@@ -414,8 +426,12 @@ def build_encoder(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int = 0
     except (NotImplementedError, TypeError) as exc:  # a type model.arch cannot describe
         raise ConfigError(f"config key 'model.arch': cannot build a {arch.model_type!r} encoder "
                           f"from it: {' '.join(str(exc).split())[:200]}") from None
-    kwargs = _encoder_kwargs(config, "config key 'model.arch.model_type'")
-    return AutoModel.from_config(config, **kwargs)
+    return config, _encoder_kwargs(config, "config key 'model.arch.model_type'")
+
+
+def _unloadable(directory: str, exc: Exception) -> ConfigError:
+    detail = " ".join(str(exc).split())[:300]
+    return ConfigError(f"model.pretrained: cannot load an encoder from {directory}: {detail}")
 
 
 def _encoder_kwargs(config, source: str) -> dict:

@@ -180,17 +180,75 @@ class QueuedTrainLog:
         return self.values.tolist()
 
 
+def check_device(cfg: RunConfig) -> None:
+    """The device and precision asked for exist here (also `mtl-dist check`'s)."""
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' requested but no CUDA GPU is visible")
+    use_cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
+    if use_cpu and cfg.train.mixed_precision == "fp16":
+        raise ConfigError("train.mixed_precision: 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on CPU")
+
+
+def check_output_dir(cfg: RunConfig, ckpt: CheckpointManager, say=print) -> None:
+    """Before any work (and in `mtl-dist check`): a `train.resume` path must be a committed
+    checkpoint. A fresh run (no `train.resume`) refuses an output dir that holds a saved run:
+    it would replace best/ with its own first evaluation, cut the metrics log, and leave its
+    checkpoints beside the old run's (resume=auto would then pick the old newest)."""
+    out, train = ckpt.output_dir, cfg.train
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"config key 'train.output_dir': {out} exists and is not a "
+                          "directory")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # found on every rank alike, before any of them waits
+        raise ConfigError(f"config key 'train.output_dir': {out} cannot be created: "
+                          f"{blocking} is a file")
+    if train.resume and train.resume != "auto":
+        path = ckpt.resolve(train.resume)  # a wrong path fails here, not after set-up
+        saved = [] if train.overwrite_output_dir or ckpt.is_own(path) else ckpt.saved_run()
+        if saved:  # its saves would replace this run's checkpoints of the same steps
+            raise CheckpointError(
+                f"train.resume={train.resume} is another run's checkpoint, and "
+                f"train.output_dir={out} already holds a run ({_shown(saved)}): pick a new "
+                "train.output_dir, or train.overwrite_output_dir=true (deletes that run)")
+    if train.resume == "auto":
+        _check_nothing_to_resume(cfg, ckpt, say)
+    saved = [] if train.resume or train.overwrite_output_dir else ckpt.saved_run()
+    if saved:
+        raise CheckpointError(
+            f"train.output_dir={out} already holds a run ({_shown(saved)}): resume it with "
+            "train.resume=auto, start over with train.overwrite_output_dir=true (deletes "
+            "it), or pick a new train.output_dir")
+
+
+def _check_nothing_to_resume(cfg: RunConfig, ckpt: CheckpointManager, say) -> None:
+    """`resume=auto` with no checkpoint but a best/ (a crash before the first save, or
+    checkpoints deleted): the run starts afresh beside that best/, which is replaced only
+    by a better score. Refused when best/ was trained with another config: the run would
+    mix with another's best/."""
+    if ckpt.latest() is not None:
+        return
+    if not is_committed(ckpt.best_dir):  # said, or a wrong output dir goes unnoticed
+        say(f"train.resume=auto: no checkpoint in {ckpt.output_dir}: starting a new run")
+        return
+    info = ckpt.best_info()
+    if info.get("config_hash") not in (None, config_hash(cfg)):
+        raise CheckpointError(
+            f"train.resume=auto: {cfg.train.output_dir} has no checkpoint to resume, and its "
+            "best/ was trained with another config: pick a new train.output_dir, or start "
+            "over with train.overwrite_output_dir=true (without train.resume)")
+    say(f"no checkpoint to resume in {cfg.train.output_dir}: starting afresh beside "
+        f"best/ (step {info.get('step')}, score {info.get('score')}), which only a "
+        "better score replaces")
+
+
 def make_accelerator(cfg: RunConfig):
     """An Accelerator that sees every rank, whichever launcher started us."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+    check_device(cfg)
     use_cpu = cfg.train.device == "cpu" or (
         cfg.train.device == "auto" and not torch.cuda.is_available())
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda' requested but no CUDA GPU is visible")
-    if use_cpu and cfg.train.mixed_precision == "fp16":
-        raise ConfigError("train.mixed_precision: 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on CPU")
     set_host_timeout(cfg.train.collective_timeout_s)  # the per-step checks' gloo group too
     handlers = [
         # Only one head runs per step: the others are unused parameters for DDP.
@@ -347,57 +405,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- set-up
     def _check_output_dir(self) -> None:
-        """A `train.resume` path must be a committed checkpoint. A fresh run (no
-        `train.resume`) refuses an output dir that holds a saved run: it would replace best/
-        with its own first evaluation, cut the metrics log, and leave its checkpoints beside
-        the old run's (resume=auto would then pick the old newest)."""
-        out, train = self.output_dir, self.cfg.train
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"config key 'train.output_dir': {out} exists and is not a "
-                              "directory")
-        blocking = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()),
-                        None)
-        if blocking is not None:  # found on every rank alike, before any of them waits
-            raise ConfigError(f"config key 'train.output_dir': {out} cannot be created: "
-                              f"{blocking} is a file")
-        if train.resume and train.resume != "auto":
-            path = self.ckpt.resolve(train.resume)  # a wrong path fails here, not after set-up
-            saved = [] if train.overwrite_output_dir or self.ckpt.is_own(path) \
-                else self.ckpt.saved_run()
-            if saved:  # its saves would replace this run's checkpoints of the same steps
-                raise CheckpointError(
-                    f"train.resume={train.resume} is another run's checkpoint, and "
-                    f"train.output_dir={out} already holds a run ({_shown(saved)}): pick a new "
-                    "train.output_dir, or train.overwrite_output_dir=true (deletes that run)")
-        if train.resume == "auto":
-            self._check_nothing_to_resume()
-        saved = [] if train.resume or train.overwrite_output_dir else self.ckpt.saved_run()
-        if saved:
-            raise CheckpointError(
-                f"train.output_dir={out} already holds a run ({_shown(saved)}): resume it with "
-                "train.resume=auto, start over with train.overwrite_output_dir=true (deletes "
-                "it), or pick a new train.output_dir")
-
-    def _check_nothing_to_resume(self) -> None:
-        """`resume=auto` with no checkpoint but a best/ (a crash before the first save, or
-        checkpoints deleted): the run starts afresh beside that best/, which is replaced only
-        by a better score. Refused when best/ was trained with another config: the run would
-        mix with another's best/."""
-        if self.ckpt.latest() is not None:
-            return
-        if not is_committed(self.ckpt.best_dir):  # said, or a wrong output dir goes unnoticed
-            self._say(f"train.resume=auto: no checkpoint in {self.output_dir.absolute()}: "
-                      "starting a new run")
-            return
-        info = self.ckpt.best_info()
-        if info.get("config_hash") not in (None, config_hash(self.cfg)):
-            raise CheckpointError(
-                f"train.resume=auto: {self.output_dir} has no checkpoint to resume, and its "
-                "best/ was trained with another config: pick a new train.output_dir, or start "
-                "over with train.overwrite_output_dir=true (without train.resume)")
-        self._say(f"no checkpoint to resume in {self.output_dir}: starting afresh beside "
-                  f"best/ (step {info.get('step')}, score {info.get('score')}), which only a "
-                  "better score replaces")
+        check_output_dir(self.cfg, self.ckpt, self._say)
 
     def _frozen_label_maps(self) -> dict[str, list[str]]:
         """Labels from the config or the train data, then frozen: a resumed run reuses the saved map."""

@@ -5,6 +5,7 @@ without labels, an output path that is a file, a wrong `ckpt ls` path. Each is o
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -166,3 +167,25 @@ def test_pseudo_label_mistakes_are_one_line_and_an_empty_round_keeps_earlier_fil
     assert code == 0 and f"(no file written; the earlier {out / 'nli.tsv'} is left as it was)" \
         in printed
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ([], r"already holds a run \(checkpoint-8, best/\): resume it with train.resume=auto"),
+    (["train.resume=/nonexistent/checkpoint-3"], r"train.resume: .*checkpoint-3"),
+    (["train.resume=auto", "model.arch.model_type=robertaa"],
+     r"'model.arch.model_type': 'robertaa' is not a model type transformers knows"),
+    (["train.resume=auto", "train.device=cuda"], r"train.device: 'cuda' requested but no CUDA GPU is visible"),
+])
+def test_check_refuses_what_the_runs_start_would(run, capsys, extra, message):
+    """`check` (what launch/train.sh runs before launching) said "config OK" for these, and
+    then every rank failed on its own, with the launcher's traceback after."""
+    import torch
+
+    if "train.device=cuda" in extra and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    _root, overrides = run
+    before = {p: p.stat().st_mtime_ns for p in (_root / "out").rglob("*")}
+    code, _out, err = cli(capsys, "check", DEMO, *overrides, *extra)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert {p: p.stat().st_mtime_ns for p in (_root / "out").rglob("*")} == before
