@@ -941,6 +941,12 @@ def _ge(bound: float) -> tuple[_Check, str]:
     return (lambda v: v >= bound), f">= {bound}"
 
 
+def _within(low: float, high: float) -> tuple[_Check, str]:
+    """Bounded above too: far beyond any real use, a value overflowed or hung later
+    (a timedelta, numpy's int64 widths, an epoch loop), past every check."""
+    return (lambda v: low <= v <= high), f"in [{low}, {high}]"
+
+
 def _one_of(*choices: Any) -> tuple[_Check, str]:
     return (lambda v: v in choices), "one of " + ", ".join(str(c) for c in choices)
 
@@ -973,10 +979,10 @@ _RULES: dict[str, tuple[_Check, str]] = {
     "model.arch.hidden_dropout_prob": _unit(False, True),
     "model.arch.attention_probs_dropout_prob": _unit(False, True),
     "data.max_length": _ge(8),
-    "data.pad_to_multiple_of": _or_null(_ge(1)),
+    "data.pad_to_multiple_of": _or_null(_within(1, 65536)),
     "data.pack_multiple": _ge(8),
     "data.on_bad_row": _one_of("error", "skip"),
-    "data.num_workers": _ge(0),
+    "data.num_workers": _within(0, 256),
     "data.tokenize_batch_size": _ge(1),
     "sampler.strategy": _one_of("proportional", "uniform", "temperature", "round_robin"),
     "sampler.temperature": _gt(0),
@@ -996,7 +1002,7 @@ _RULES: dict[str, tuple[_Check, str]] = {
     "train.warmup_ratio": _unit(False, False),
     "train.warmup_steps": _or_null(_ge(0)),
     "train.max_grad_norm": _or_null(_gt(0)),
-    "train.num_epochs": _ge(1),
+    "train.num_epochs": _within(1, 1_000_000),
     "train.max_steps": _or_null(_ge(1)),
     "train.mixed_precision": _one_of("no", "bf16", "fp16"),
     "train.ema_decay": _or_null(_unit(True, True)),
@@ -1005,7 +1011,7 @@ _RULES: dict[str, tuple[_Check, str]] = {
     "train.early_stopping_patience": _or_null(_ge(1)),
     "train.log_steps": _ge(1),
     "train.device": _one_of("auto", "cpu", "cuda"),
-    "train.collective_timeout_s": _ge(1),
+    "train.collective_timeout_s": _within(1, 7 * 24 * 3600),
     "train.zero_stage": _one_of(0, 1, 2, 3),
     "train.compile_tuning": _one_of(*COMPILE_TUNING),
     "train.stop_after_steps": _or_null(_ge(1)),

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -498,3 +499,18 @@ def test_yes_no_on_off_are_strings_where_strings_are_expected(tmp_path):
     assert cfg.checkpoint.save_best is False and cfg.tracking.run_name == "off"
     cfg = load_config(path, ["tasks.0.labels=[yes,no,maybe]", "checkpoint.save_best=on"])
     assert cfg.tasks[0].labels == ["yes", "no", "maybe"] and cfg.checkpoint.save_best is True
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("train.collective_timeout_s=99999999999999999999999", "in [1, 604800]"),
+    ("data.pad_to_multiple_of=99999999999999999999999", "in [1, 65536] or null"),
+    ("train.num_epochs=99999999999999999999", "in [1, 1000000]"),
+    ("data.num_workers=99999", "in [0, 256]"),
+])
+def test_values_far_beyond_any_real_use_are_refused(override, expected):
+    """They passed `check`, then overflowed (a timedelta; numpy's int64 widths, after
+    overwrite_output_dir had deleted the old run), hung (an epoch loop) or forked 99,999
+    DataLoader workers."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=re.escape(f"config key '{key}': expected {expected}")):
+        load_config(None, [*DEMO, override])
