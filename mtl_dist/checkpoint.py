@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import hashlib
 import json
 import logging
@@ -818,8 +819,48 @@ class CheckpointManager:
         self._pending: _PendingSave | None = None
         self._snapshotter = _Snapshotter()
         self._told_zero_blocks = False
+        self._output_lock: int | None = None  # hold_output_dir's descriptor (rank 0)
         if _env_rank() == 0:
             self._recover_best()
+
+    # ------------------------------------------------------------------ one run at a time
+
+    def hold_output_dir(self) -> None:
+        """Collective. Rank 0 takes an exclusive lock (flock) on OUTPUT itself, for as long as
+        the run goes on; held by another process, every rank raises one line. The lock is the
+        kernel's: a killed or preempted run lets go of it with its process (a requeue is
+        never locked out), and no file is left behind. A filesystem without flock (some
+        network ones) gets a warning: two runs there are not stopped."""
+        rank, _ = _dist_info()
+        outcome = None
+        if rank == 0 and self._output_lock is None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.output_dir, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._output_lock = fd
+            except BlockingIOError:
+                os.close(fd)
+                outcome = (f"train.output_dir={self.output_dir} is in use by another run (it "
+                           "holds the directory's lock): wait for it to end, or pick another "
+                           "train.output_dir")
+            except OSError as exc:
+                os.close(fd)
+                warnings.warn(f"train.output_dir={self.output_dir}: cannot lock it "
+                              f"({_error_text(exc)}): a second run started on it would not be "
+                              "stopped", stacklevel=2)
+        _raise_if_any([_broadcast(outcome)])
+
+    def let_go_of_output_dir(self) -> None:
+        """Release hold_output_dir's lock (idempotent; closing the descriptor releases it)."""
+        fd, self._output_lock = self._output_lock, None
+        if fd is not None:
+            os.close(fd)
+
+    @property
+    def saving(self) -> bool:
+        """An async save is in flight (wait() finishes it)."""
+        return self._pending is not None
 
     # ------------------------------------------------------------------ periodic save
 

@@ -633,7 +633,17 @@ class Trainer:
 
     # ---------------------------------------------------------------- training
     def fit(self) -> dict[str, Any]:
-        """Train to the end (or early stop / preemption); return the final summary."""
+        """Train to the end (or early stop / preemption); return the final summary. The
+        output dir is held for the run's length: a second run on it is refused at once (it
+        deleted the first's in-progress save, and each replaced the other's checkpoints)."""
+        self.ckpt.hold_output_dir()
+        try:
+            return self._fit()
+        finally:
+            if not self.ckpt.saving:  # else close() lets go, once the save is finished
+                self.ckpt.let_go_of_output_dir()
+
+    def _fit(self) -> dict[str, Any]:
         acc, cfg = self.accelerator, self.cfg
         resumed = self._maybe_resume()  # first: a refused resume leaves OUTPUT untouched
         if cfg.train.overwrite_output_dir:
@@ -727,6 +737,7 @@ class Trainer:
             self.ckpt.wait()
         except Exception as exc:  # noqa: BLE001 - an exception is on its way already
             warnings.warn(f"checkpoint: {exc}", stacklevel=2)
+        self.ckpt.let_go_of_output_dir()
         if getattr(self, "preemption", None) is not None:
             self.preemption.restore()
         release_host_group()

@@ -764,3 +764,25 @@ def test_under_metric_for_best_loss_best_is_shown_as_a_loss(tmp_path, capsys):
     (best,) = [r for r in rows if r.rstrip().endswith("[best]") and "/best " in r]
     assert f"loss={loss:.4f}" in best
     assert all("score=" in r for r in rows if "checkpoint-" in r)
+
+
+def test_a_second_run_on_an_output_dir_in_use_is_refused(tmp_path):
+    """Two runs on one OUTPUT: the second's save clean-up deleted the first's in-progress
+    save (the first died), metrics.jsonl got duplicated and out-of-order steps, and each
+    replaced the other's checkpoints. The run holds a lock on OUTPUT while it goes on."""
+    from mtl_dist.checkpoint import CheckpointManager
+
+    cfg = demo_cfg(tmp_path, "train.max_steps=4", "train.eval_steps=null")
+    first = Trainer(cfg).fit()
+    out = tmp_path / "out"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    holder = CheckpointManager(out, save_total_limit=None)  # another run, going on
+    holder.hold_output_dir()
+    cfg.train.resume = "auto"
+    cfg.train.max_steps = 8
+    with pytest.raises(CheckpointError, match=r"train.output_dir=.*/out is in use by another "
+                       r"run \(it holds the directory's lock\)"):
+        Trainer(cfg).fit()
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    holder.let_go_of_output_dir()  # it ended (or was killed: the kernel lets go)
+    assert Trainer(cfg).fit()["global_step"] == 8 and first["global_step"] == 4
