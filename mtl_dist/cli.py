@@ -24,6 +24,18 @@ def _not_a_file(path: Path, what: str) -> None:
         raise MtlDistError(f"{what} {path}: exists and is not a directory")
 
 
+def _not_the_run_dir(path: Path, cfg, what: str) -> None:
+    """Predictions written into OUTPUT itself (or its checkpoints/, best/) can replace the
+    run's own files: a task named `metrics` wrote over metrics.jsonl."""
+    run = Path(cfg.train.output_dir).resolve()
+    target = path.resolve()
+    if target == run or (target.parent == run and target.name in ("checkpoints", "best")) \
+            or any(p in (run / "checkpoints", run / "best") for p in target.parents):
+        raise MtlDistError(f"{what} {path}: is the run's output dir (or a folder of its "
+                           "checkpoints), whose files predictions could replace: pick another, "
+                           f"e.g. {run / 'predictions'} (the default)")
+
+
 def _load(config: str, overrides: list[str]):
     from mtl_dist.config import load_config
 
@@ -129,6 +141,7 @@ def cmd_predict(args) -> int:
                            f"(tasks.<i>.{args.split})")
     out_dir = Path(args.output or Path(cfg.train.output_dir) / "predictions")
     _not_a_file(out_dir, "predict --output")
+    _not_the_run_dir(out_dir, cfg, "predict --output")
     trainer = _trainer_for_inference(args, cfg)
     records = trainer.predict(args.split)
     if trainer.accelerator.is_main_process:
@@ -150,6 +163,7 @@ def _check_pseudo_label_targets(cfg, out_dir: Path) -> None:
     if not any(task.test for task in cfg.tasks):
         raise MtlDistError("pseudo-label: no task has a test file (tasks.<i>.test)")
     _not_a_file(out_dir, "pseudo-label --output")
+    _not_the_run_dir(out_dir, cfg, "pseudo-label --output")
     data = {Path(f).resolve(): (i, split) for i, task in enumerate(cfg.tasks)
             for split in SPLITS for f in split_files(task, split)}
     for task in cfg.tasks:

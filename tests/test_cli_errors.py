@@ -99,6 +99,20 @@ def test_predict_to_a_file_is_one_line(run, capsys, tmp_path):
     assert (tmp_path / "file").read_text() == "mine"
 
 
+@pytest.mark.parametrize("command", ["predict", "pseudo-label"])
+@pytest.mark.parametrize("where", [".", "checkpoints", "best"])
+def test_predictions_into_the_runs_own_folders_are_refused(run, capsys, command, where):
+    """`predict --output OUTPUT` with a task named `metrics` replaced metrics.jsonl (`report`
+    then failed on 400 lines); the run's folders are not a place for predictions."""
+    root, overrides = run
+    out = root / "out"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, _, err = cli(capsys, command, DEMO, *overrides, "--checkpoint", out / "best",
+                       "--output", out / where)
+    assert code == 2 and f"{command} --output {out / where}: is the run's output dir" in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_evaluate_refuses_a_split_without_labels(run, capsys, tmp_path):
     root, overrides = run
     unlabelled = tmp_path / "emotion_test.jsonl"
