@@ -45,22 +45,32 @@ class MetricsLog:
         self.is_main = is_main
         self.accelerator = accelerator
 
-    def truncate_after(self, step: int, redo_eval: bool = False) -> None:
+    def truncate_after(self, step: int, redo_eval: bool = False,
+                       keep_cut_in: Path | None = None) -> None:
         """Keep records up to `step` (a stopped invocation's summary at `step` stays: it says
         why the run stopped there); `redo_eval`: not an evaluation at `step`, which the run
-        is about to log again (a pending one, done before a crash)."""
+        is about to log again (a pending one, done before a crash). `keep_cut_in`: a folder
+        where the records cut go (the abandoned branch's, whose checkpoints went there: its
+        evaluations are not logged again)."""
         if not self.is_main or not self.path.exists():
             return
-        kept = [line for line, record in _parsed_lines(self.path)
-                if record.get("step", 0) < step or (record.get("step", 0) == step and not (
-                    redo_eval and record.get("kind") == "eval"))]
-        tmp = self.path.with_suffix(".tmp")
+        kept, cut = [], []
+        for line, record in _parsed_lines(self.path):
+            keep = record.get("step", 0) < step or (record.get("step", 0) == step and not (
+                redo_eval and record.get("kind") == "eval"))
+            (kept if keep else cut).append(line)
+        if keep_cut_in is not None and cut:
+            self._write_lines(keep_cut_in / self.path.name, cut)
+        self._write_lines(self.path, kept)
+
+    def _write_lines(self, path: Path, lines: list[str]) -> None:
+        tmp = path.with_suffix(".tmp")
         try:
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            tmp.write_text("".join(line + "\n" for line in lines))
+            os.replace(tmp, path)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            raise MtlDistError(f"cannot rewrite {self.path}: {exc.strerror or exc}") from exc
+            raise MtlDistError(f"cannot rewrite {path}: {exc.strerror or exc}") from exc
 
     def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
         if not self.is_main:
@@ -195,10 +205,12 @@ class Tracking:
     def run_name(self) -> str:
         return self.cfg.tracking.run_name or self.output_dir.resolve().name
 
-    def truncate_after(self, step: int, redo_eval: bool = False) -> None:
+    def truncate_after(self, step: int, redo_eval: bool = False,
+                       keep_cut_in: Path | None = None) -> None:
         """On resume: drop JSONL records after the checkpoint's step (they are logged again),
-        and its evaluation's when that is pending (`redo_eval`)."""
-        self.metrics.truncate_after(step, redo_eval)
+        and its evaluation's when that is pending (`redo_eval`); a branch left by the resume
+        keeps them in its abandoned/ folder (`keep_cut_in`)."""
+        self.metrics.truncate_after(step, redo_eval, keep_cut_in)
 
     def start(self, run_id: str | None = None, resume_step: int = 0) -> str | None:
         """Start the trackers; returns the wandb run id to keep in the checkpoint (`run_id`

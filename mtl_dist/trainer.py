@@ -393,6 +393,7 @@ class Trainer:
                                    greater_is_better=cfg.train.metric_for_best != "loss")
         self.tracking = Tracking(cfg, acc, self.output_dir)
         self.stop_reason: str | None = None
+        self.abandoned_to: Path | None = None  # where a resume set a branch aside (rank 0)
         self.save_on_stop = True  # `mtl-dist bench` measures without the final checkpoint
         self.masters: MasterWeights | None = None
         if for_training:
@@ -658,7 +659,8 @@ class Trainer:
         self.start_step = self.state.global_step
         self.preemption = PreemptionFlag(cfg.train.preemption_signals)
         self._precapture_graphs()  # after the handlers: a stop signal now is a clean stop
-        self.tracking.truncate_after(self.state.global_step, redo_eval=self.state.pending_eval)
+        self.tracking.truncate_after(self.state.global_step, redo_eval=self.state.pending_eval,
+                                     keep_cut_in=self.abandoned_to)
         self.state.tracker_run_id = self.tracking.start(self.state.tracker_run_id,
                                                         resume_step=self.state.global_step)
         stop = self.state.global_step >= self.total_steps
@@ -768,6 +770,7 @@ class Trainer:
             print(f"resumed from {path} at step {self.state.global_step} "
                   f"(epoch {self.state.epoch}, step in epoch {self.batch_sampler.position})")
         moved, target = self.ckpt.set_aside_newer()
+        self.abandoned_to = target
         if moved:
             step = target.name.split("-")[2]  # after-checkpoint-<step>-<hex>
             self._say(f"{', '.join(moved)}: newer than step {step}, where the branch this "
