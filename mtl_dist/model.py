@@ -458,6 +458,14 @@ def build_model(model_cfg: ModelConfig, vocab_size: int, num_labels: Sequence[in
     """The full multi-task model described by the config; `max_length` (data.max_length)
     must fit its position embeddings: one-line ConfigError, not an index error mid-run."""
     encoder = build_encoder(model_cfg, vocab_size, pad_token_id)
+    padding_idx = getattr(getattr(encoder, "embeddings", None), "padding_idx", None)
+    if not model_cfg.pretrained and padding_idx not in (None, pad_token_id):
+        # MPNet fixes its padding index at 1 whatever the config says: a tokenizer padding
+        # with another id had its token 1 ([UNK]) embedded as zeros and shifting positions
+        raise ConfigError(f"config key 'model.arch.model_type': {model_cfg.arch.model_type!r} "
+                          f"pads with token id {padding_idx}, the tokenizer with "
+                          f"{pad_token_id}: use a tokenizer whose pad id is {padding_idx}, or "
+                          "another model type")
     limit = usable_positions(encoder)
     if max_length is not None and max_length > limit:
         raise ConfigError(f"config key 'data.max_length': expected <= {limit} (the encoder's "

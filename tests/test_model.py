@@ -231,9 +231,9 @@ def test_packing_is_refused_where_the_encoder_does_not_keep_samples_apart(model_
     from mtl_dist.errors import ConfigError
     from mtl_dist.model import enable_packed_attention, verify_packed_attention
 
-    model = _tiny(model_type, layers=2)
+    model = _tiny(model_type, layers=2, pad_token_id=1)  # MPNet's fixed pad id
     enable_packed_attention(model, max_seqlen=16)
-    probe = packing_probe(60, 0, max_length=16, pack_multiple=8)
+    probe = packing_probe(60, 1, max_length=16, pack_multiple=8)
     if supported:
         verify_packed_attention(model, *probe)
         assert model.training  # restored
@@ -241,3 +241,15 @@ def test_packing_is_refused_where_the_encoder_does_not_keep_samples_apart(model_
         with pytest.raises(ConfigError, match=r"config key 'data.packing': \w+ does not keep "
                            r"packed samples apart .* set data.packing=false"):
             verify_packed_attention(model, *probe)
+
+
+def test_a_random_init_encoder_padding_with_another_id_than_the_tokenizer_is_one_line():
+    """transformers fixes MPNet's padding index at 1: with a tokenizer padding with 0, the
+    token 1 ([UNK]) was embedded as zeros and the positions after it shifted (packed and
+    padded logits differed by 0.25)."""
+    from mtl_dist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'model.arch.model_type': 'mpnet' pads with token id "
+                       r"1, the tokenizer with 0: use a tokenizer whose pad id is 1"):
+        _tiny("mpnet", pad_token_id=0)
+    assert _tiny("mpnet", pad_token_id=1) is not None
