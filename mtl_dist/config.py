@@ -635,7 +635,10 @@ def _yaml12_loader() -> type:
     1.1 also reads yes/no/on/off as booleans, so `labels: [yes, no]` became 'True'/'False'
     and `name: on` a task named 'True'; a boolean key still takes yes/no (OmegaConf
     converts the string)."""
-    from omegaconf._yaml import get_yaml_loader
+    try:
+        from omegaconf._yaml import get_yaml_loader  # omegaconf 2.4
+    except ImportError:  # omegaconf 2.3
+        from omegaconf._utils import get_yaml_loader
 
     class Loader(get_yaml_loader()):
         pass

@@ -213,7 +213,9 @@ def clear_head_grads(ds_optimizer, group_ids: set[int]) -> None:
                 if grad is not None:
                     grad.zero_()
         return
-    cpu_accumulators = getattr(ds_optimizer, "accumulated_grads_in_cpu", None) or {}
+    cpu_accumulators = getattr(ds_optimizer, "accumulated_grads_in_cpu", None)
+    if not cpu_accumulators:  # no offload (or DeepSpeed's BF16_Optimizer): nothing kept
+        return
     for group in group_ids:
         for param in ds_optimizer.bit16_groups[group]:
             buffer = cpu_accumulators.get(ds_optimizer.get_param_id(param))

@@ -142,11 +142,12 @@ def test_zero_accumulation_with_heads_skipping_micro_steps_equals_torch(tmp_path
     optimizer offload, trains exactly like plain torch AdamW + clipping. With offload, a head
     used only at the first micro-step lost its gradient (DeepSpeed's managed accumulation),
     and one first used at the second added its stale gradient (offload accumulators)."""
-    settings = ["1:1", "2:0", "2:1", "3:0", "3:1"]
+    settings = ["1:1", "2:0", "2:1", "3:0", "3:1", "1:0:bf16"]
     printed = run_script("zero_head_accumulation.py", tmp_path, 2, *settings)
     for setting in settings:
-        stage, offload = setting.split(":")
-        assert printed.count(f"stage {stage} offload {offload} matches torch") == 2, setting
+        stage, offload, *bf16 = setting.split(":")
+        done = "bf16 steps" if bf16 else "no matches torch"
+        assert printed.count(f"stage {stage} offload {offload} {done}") == 2, setting
 
 
 def test_the_host_groups_collectives_time_out_at_the_runs_collective_timeout(tmp_path):
