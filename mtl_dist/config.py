@@ -663,7 +663,8 @@ def _parse_yaml(text: str, where: str) -> dict[str, Any]:
     """Parse YAML text with OmegaConf's loader; errors name `where` and the line."""
     try:
         data = _load_yaml(text)
-        loaded = OmegaConf.create({} if data is None else data)
+        loaded = OmegaConf.create({} if data is None else data) \
+            if isinstance(data, (dict, list, type(None))) else None  # a bare scalar
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         at = f"{where}:{mark.line + 1}" if mark is not None else where
@@ -1043,7 +1044,7 @@ _TASK_RULES: dict[str, tuple[_Check, str]] = {
 
 def _validate(run: RunConfig, sources: _Sources) -> None:
     """Ranges, choices and cross-field rules; the first problem is raised."""
-    if run.train.mixed_precision == "False":  # YAML 1.1 reads `mixed_precision: no` as false
+    if run.train.mixed_precision == "False":  # `mixed_precision: false`, a YAML boolean
         run.train.mixed_precision = "no"
     try:
         for key, (check, expected) in _RULES.items():

@@ -194,6 +194,10 @@ def test_yaml_syntax_and_top_level_errors(project: Path) -> None:
     assert error_of(write(project, "- 1\n")) == (
         "configs/bad.yaml: expected a mapping of config sections at top level, got a list"
     )
+    for scalar in ("5\n", "true\n", "hello\n"):  # a bare number or boolean: a traceback
+        assert error_of(write(project, scalar)) == (
+            "configs/bad.yaml: expected a mapping of config sections at top level, got a scalar"
+        )
     assert error_of("configs/missing.yaml") == \
         f"configs/missing.yaml: config file not found (relative to {project})"
     assert error_of(str(project / "x.yaml")) == f"{project / 'x.yaml'}: config file not found"
@@ -228,13 +232,13 @@ RANGE_CASES = [
     ("data.max_length=7", "config key 'data.max_length': expected >= 8, got 7"),
     (
         "data.pad_to_multiple_of=0",
-        "config key 'data.pad_to_multiple_of': expected >= 1 or null, got 0",
+        "config key 'data.pad_to_multiple_of': expected in [1, 65536] or null, got 0",
     ),
     (
         "checkpoint.save_total_limit=0",
         "config key 'checkpoint.save_total_limit': expected >= 1 or null, got 0",
     ),
-    ("train.num_epochs=0", "config key 'train.num_epochs': expected >= 1, got 0"),
+    ("train.num_epochs=0", "config key 'train.num_epochs': expected in [1, 1000000], got 0"),
     ("sampler.temperature=0", "config key 'sampler.temperature': expected > 0, got 0.0"),
     ("train.zero_stage=4", "config key 'train.zero_stage': expected one of 0, 1, 2, 3, got 4"),
     (
