@@ -204,12 +204,12 @@ def check_output_dir(cfg: RunConfig, ckpt: CheckpointManager, say=print) -> None
                           f"{blocking} is a file")
     if train.resume and train.resume != "auto":
         path = ckpt.resolve(train.resume)  # a wrong path fails here, not after set-up
-        saved = [] if train.overwrite_output_dir or ckpt.is_own(path) else ckpt.saved_run()
+        saved = [] if ckpt.is_own(path) else ckpt.saved_run()
         if saved:  # its saves would replace this run's checkpoints of the same steps
             raise CheckpointError(
                 f"train.resume={train.resume} is another run's checkpoint, and "
                 f"train.output_dir={out} already holds a run ({_shown(saved)}): pick a new "
-                "train.output_dir, or train.overwrite_output_dir=true (deletes that run)")
+                "train.output_dir (or move that run away)")
     if train.resume == "auto":
         _check_nothing_to_resume(cfg, ckpt, say)
     saved = [] if train.resume or train.overwrite_output_dir else ckpt.saved_run()
@@ -723,14 +723,17 @@ class Trainer:
                 print("[mtl_dist] not requeued: a TERM/INT ends the job (scancel, a time limit); "
                       "SIGUSR1 asks for a checkpoint and a requeue", flush=True)
             return
-        overwrite = train.overwrite_output_dir
-        failure = request_requeue(train.requeue_on_preempt and not overwrite)
+        # ...and with train.resume=PATH it would go back to PATH (this run's progress set
+        # aside, or, PATH another run's, refused into this now used output dir)
+        rerun_problem = "train.overwrite_output_dir=true would delete this checkpoint" \
+            if train.overwrite_output_dir else f"train.resume={train.resume} would go back " \
+            "to that checkpoint" if train.resume not in (None, "auto") else None
+        failure = request_requeue(train.requeue_on_preempt and rerun_problem is None)
         if failure:
             print(f"[mtl_dist] {failure}", flush=True)
-        if overwrite and train.requeue_on_preempt and under_slurm:
-            print("[mtl_dist] not requeued (train.overwrite_output_dir=true would delete "
-                  "this checkpoint on the rerun): rerun with train.resume=auto and without "
-                  "train.overwrite_output_dir", flush=True)
+        if rerun_problem and train.requeue_on_preempt and under_slurm:
+            print(f"[mtl_dist] not requeued ({rerun_problem} on the rerun): rerun with "
+                  "train.resume=auto (and without train.overwrite_output_dir)", flush=True)
 
     def close(self) -> None:
         """Tear down the process group (end of the program; not done by fit, so callers can

@@ -663,9 +663,12 @@ def test_head_lr_null_and_head_lr_equal_to_lr_resume_alike(tmp_path):
     assert summary["global_step"] == 8
 
 
-def test_a_preempted_overwrite_run_is_not_requeued(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("rerun", ["overwrite", "resume_path"])
+def test_a_preempted_run_whose_rerun_would_go_wrong_is_not_requeued(tmp_path, capsys,
+                                                                    monkeypatch, rerun):
     """Requeued, the job would rerun its command line: with overwrite_output_dir it would
-    delete the checkpoint it just saved and start over at every preemption."""
+    delete the checkpoint it just saved and start over at every preemption; with
+    train.resume=PATH it would go back to PATH (or, PATH another run's, be refused)."""
     import mtl_dist.preemption
 
     def no_scontrol(*args, **kwargs):  # never a real `scontrol requeue` from a test
@@ -673,13 +676,21 @@ def test_a_preempted_overwrite_run_is_not_requeued(tmp_path, capsys, monkeypatch
 
     monkeypatch.setattr(mtl_dist.preemption.subprocess, "run", no_scontrol)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    if rerun == "overwrite":
+        extra, problem = ["train.overwrite_output_dir=true"], \
+            "train.overwrite_output_dir=true would delete this checkpoint"
+    else:
+        Trainer(demo_cfg(tmp_path / "a", "train.max_steps=4", "checkpoint.save_steps=4")).fit()
+        path = tmp_path / "a" / "out" / "checkpoints" / "checkpoint-4"
+        extra, problem = [f"train.resume={path}"], \
+            f"train.resume={path} would go back to that checkpoint"
     summary = fit_with_a_signal_during_step(
-        Trainer(demo_cfg(tmp_path, "train.max_steps=8", "train.overwrite_output_dir=true")), 3)
+        Trainer(demo_cfg(tmp_path, "train.max_steps=8", *extra)), 6)
     out = capsys.readouterr().out
     assert summary["stop_reason"] == "preempted"
     assert "requested requeue" not in out
-    assert "not requeued (train.overwrite_output_dir=true would delete this checkpoint on the " \
-        "rerun): rerun with train.resume=auto and without train.overwrite_output_dir" in out
+    assert f"not requeued ({problem} on the rerun): rerun with train.resume=auto (and " \
+        "without train.overwrite_output_dir)" in out
 
 
 @pytest.mark.parametrize("sig, shell_wrote, requeued", [
