@@ -788,6 +788,21 @@ class _PendingSave:
     background_s: float | None = None
 
 
+_HELD_LOCKS: set[int] = set()  # output-dir lock descriptors this process holds
+
+
+def _close_held_locks_in_child() -> None:
+    """A forked child (a DataLoader worker) shares the lock's open file: it would keep the
+    output dir locked for a moment after a kill -9 of the run. The parent's lock stays."""
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
+
 class CheckpointManager:
     """Writes and reads every file under OUTPUT: periodic checkpoints, best/, run files."""
 
@@ -798,7 +813,11 @@ class CheckpointManager:
         save_total_limit: int | None,
         greater_is_better: bool = True,
         async_save: bool = False,
+        recover_best: bool = True,
     ) -> None:
+        """`recover_best`: rank 0 reinstalls a best/ a crash left mid-swap, now; False leaves
+        OUTPUT untouched here (a reader of another run, `check`, or a training run, which
+        recovers once it holds the output dir: hold_output_dir)."""
         if save_total_limit is not None and save_total_limit < 1:
             raise CheckpointError(
                 f"save_total_limit: expected >= 1 or None, got {save_total_limit}"
@@ -820,7 +839,8 @@ class CheckpointManager:
         self._snapshotter = _Snapshotter()
         self._told_zero_blocks = False
         self._output_lock: int | None = None  # hold_output_dir's descriptor (rank 0)
-        if _env_rank() == 0:
+        self._recovered = not recover_best
+        if recover_best and _env_rank() == 0:
             self._recover_best()
 
     # ------------------------------------------------------------------ one run at a time
@@ -839,6 +859,7 @@ class CheckpointManager:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 self._output_lock = fd
+                _HELD_LOCKS.add(fd)
             except BlockingIOError:
                 os.close(fd)
                 outcome = (f"train.output_dir={self.output_dir} is in use by another run (it "
@@ -849,12 +870,16 @@ class CheckpointManager:
                 warnings.warn(f"train.output_dir={self.output_dir}: cannot lock it "
                               f"({_error_text(exc)}): a second run started on it would not be "
                               "stopped", stacklevel=2)
+        if outcome is None and rank == 0 and self._recovered:  # put off until held
+            self._recovered = False
+            self._recover_best()
         _raise_if_any([_broadcast(outcome)])
 
     def let_go_of_output_dir(self) -> None:
         """Release hold_output_dir's lock (idempotent; closing the descriptor releases it)."""
         fd, self._output_lock = self._output_lock, None
         if fd is not None:
+            _HELD_LOCKS.discard(fd)
             os.close(fd)
 
     @property
@@ -1502,7 +1527,7 @@ class CheckpointManager:
                 and any(_PERIODIC_RE.match(p.name) for p in path.iterdir()):
             path = path.parent  # OUTPUT/checkpoints: its run's newest
         if (path / CHECKPOINTS_DIR).is_dir() and not (path / COMMITTED).exists():
-            found = CheckpointManager(path, save_total_limit=None).latest()
+            found = CheckpointManager(path, save_total_limit=None, recover_best=False).latest()
             if found is None:
                 raise CheckpointError(
                     f"train.resume: no committed checkpoint under {path / CHECKPOINTS_DIR}"

@@ -54,7 +54,8 @@ def cmd_check(args) -> int:
     cfg = _load(args.config, args.overrides)
     check_device(cfg)
     # what the run's start would refuse: the output dir (used, a file, a wrong resume path)
-    check_output_dir(cfg, CheckpointManager(cfg.train.output_dir, save_total_limit=None))
+    check_output_dir(cfg, CheckpointManager(cfg.train.output_dir, save_total_limit=None,
+                                            recover_best=False))
     tokenizer = mdata.load_tokenizer(cfg.model)
     encoder_config(cfg.model, len(tokenizer), tokenizer.pad_token_id)
     if cfg.train.zero_stage:  # the DeepSpeed JSON against the run (the total batch waits
@@ -281,7 +282,8 @@ def _demo_fresh_start(out: Path, overrides: list[str], args) -> list[str]:
         raise MtlDistError(f"demo: --stop-after must be >= 1, got {args.stop_after}")
     _load(str(DEMO_CONFIG), [*overrides, f"train.stop_after_steps={args.stop_after}"])
     _not_a_file(out, "demo: --output")
-    saved = CheckpointManager(out, save_total_limit=None).saved_run() if out.is_dir() else []
+    saved = CheckpointManager(out, save_total_limit=None, recover_best=False).saved_run() \
+        if out.is_dir() else []
     if saved and not (out / DEMO_MARKER).exists():
         raise MtlDistError(f"demo: --output {out} holds a run the demo did not write "
                            f"({', '.join(saved[-3:])}); pick another --output")

@@ -356,12 +356,13 @@ class Trainer:
         # Dropout differs per rank (as in any data-parallel run); the plan never uses these streams.
         set_seed(cfg.train.seed + self.rank)
         self.output_dir = Path(cfg.train.output_dir)
+        # a training run touches OUTPUT only once it holds it (fit: hold_output_dir)
         self.ckpt = CheckpointManager(self.output_dir, save_total_limit=cfg.checkpoint.save_total_limit,
                                       greater_is_better=cfg.train.metric_for_best != "loss",
-                                      async_save=cfg.checkpoint.async_save)
+                                      async_save=cfg.checkpoint.async_save,
+                                      recover_best=not for_training)
         if for_training:
-            acc.wait_for_everyone()  # rank 0's manager may have just recovered best/
-            self._check_output_dir()  # before any work
+            self._check_output_dir()  # before any work (it reads OUTPUT only)
         self.tokenizer = mdata.load_tokenizer(cfg.model)
         self.label_maps = self._frozen_label_maps()
         if for_training:  # a bad test file fails now, not after training, at predict

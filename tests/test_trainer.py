@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import time
 
 import pytest
 import torch
@@ -787,17 +788,45 @@ def test_a_second_run_on_an_output_dir_in_use_is_refused(tmp_path):
     replaced the other's checkpoints. The run holds a lock on OUTPUT while it goes on."""
     from mtl_dist.checkpoint import CheckpointManager
 
-    cfg = demo_cfg(tmp_path, "train.max_steps=4", "train.eval_steps=null")
+    cfg = demo_cfg(tmp_path, "train.max_steps=4", "train.eval_steps=4")
     first = Trainer(cfg).fit()
     out = tmp_path / "out"
+    holder = CheckpointManager(out, save_total_limit=None, recover_best=False)
+    holder.hold_output_dir()  # another run, going on...
+    (out / "best").rename(out / ".old-best-0123abcd")  # ...and mid best/ swap
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    holder = CheckpointManager(out, save_total_limit=None)  # another run, going on
-    holder.hold_output_dir()
     cfg.train.resume = "auto"
     cfg.train.max_steps = 8
     with pytest.raises(CheckpointError, match=r"train.output_dir=.*/out is in use by another "
                        r"run \(it holds the directory's lock\)"):
         Trainer(cfg).fit()
+    # untouched: not even its best/ swap "recovered" under it
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     holder.let_go_of_output_dir()  # it ended (or was killed: the kernel lets go)
     assert Trainer(cfg).fit()["global_step"] == 8 and first["global_step"] == 4
+    assert (out / "best").is_dir() and not (out / ".old-best-0123abcd").exists()
+
+
+def test_a_forked_child_does_not_keep_the_output_dir_locked(tmp_path):
+    """DataLoader workers (forked) shared the lock's open file: after a kill -9 of the run
+    they kept OUTPUT locked for seconds, and a resume then was refused."""
+    from mtl_dist.checkpoint import CheckpointManager
+
+    run = CheckpointManager(tmp_path, save_total_limit=None, recover_best=False)
+    run.hold_output_dir()
+    started, ready = os.pipe()
+    child = os.fork()
+    if child == 0:  # a worker, outliving its parent's descriptor for a while
+        os.write(ready, b"1")  # after the fork hooks
+        time.sleep(30)
+        os._exit(0)
+    try:
+        assert os.read(started, 1) == b"1"
+        os.close(started)
+        run.let_go_of_output_dir()  # the run's own descriptor gone, as at its death
+        again = CheckpointManager(tmp_path, save_total_limit=None, recover_best=False)
+        again.hold_output_dir()  # refused while the child kept the lock
+        again.let_go_of_output_dir()
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
