@@ -46,21 +46,31 @@ class MetricsLog:
         self.accelerator = accelerator
 
     def truncate_after(self, step: int, redo_eval: bool = False,
-                       keep_cut_in: Path | None = None) -> None:
+                       keep_cut_in: Path | None = None, fork: int | None = None,
+                       branch_log: Path | None = None) -> None:
         """Keep records up to `step` (a stopped invocation's summary at `step` stays: it says
         why the run stopped there); `redo_eval`: not an evaluation at `step`, which the run
         is about to log again (a pending one, done before a crash). `keep_cut_in`: a folder
-        where the records cut go (the abandoned branch's, whose checkpoints went there: its
-        evaluations are not logged again)."""
+        where the records cut go (a branch the resume leaves, whose checkpoints went there).
+        A resume into an abandoned branch (`fork`, the step it left the run's line at, and
+        `branch_log`, its kept records): the line is cut after `fork`, and the branch's
+        records up to `step` take the place of what was cut."""
         if not self.is_main or not self.path.exists():
             return
+
+        def kept_at(record: dict, cut_after: int) -> bool:
+            at = record.get("step", 0)
+            return at < cut_after or (at == cut_after and not (
+                cut_after == step and redo_eval and record.get("kind") == "eval"))
+
         kept, cut = [], []
         for line, record in _parsed_lines(self.path):
-            keep = record.get("step", 0) < step or (record.get("step", 0) == step and not (
-                redo_eval and record.get("kind") == "eval"))
-            (kept if keep else cut).append(line)
+            (kept if kept_at(record, step if fork is None else fork) else cut).append(line)
         if keep_cut_in is not None and cut:
             self._write_lines(keep_cut_in / self.path.name, cut)
+        if fork is not None and branch_log is not None and branch_log.exists():
+            kept += [line for line, record in _parsed_lines(branch_log)
+                     if record.get("step", 0) > fork and kept_at(record, step)]
         self._write_lines(self.path, kept)
 
     def _write_lines(self, path: Path, lines: list[str]) -> None:
@@ -206,11 +216,13 @@ class Tracking:
         return self.cfg.tracking.run_name or self.output_dir.resolve().name
 
     def truncate_after(self, step: int, redo_eval: bool = False,
-                       keep_cut_in: Path | None = None) -> None:
+                       keep_cut_in: Path | None = None, fork: int | None = None,
+                       branch_log: Path | None = None) -> None:
         """On resume: drop JSONL records after the checkpoint's step (they are logged again),
         and its evaluation's when that is pending (`redo_eval`); a branch left by the resume
-        keeps them in its abandoned/ folder (`keep_cut_in`)."""
-        self.metrics.truncate_after(step, redo_eval, keep_cut_in)
+        keeps them in its abandoned/ folder (`keep_cut_in`); a resume into an abandoned
+        branch takes that branch's records back (`fork`, `branch_log`)."""
+        self.metrics.truncate_after(step, redo_eval, keep_cut_in, fork, branch_log)
 
     def start(self, run_id: str | None = None, resume_step: int = 0) -> str | None:
         """Start the trackers; returns the wandb run id to keep in the checkpoint (`run_id`

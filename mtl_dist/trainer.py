@@ -395,6 +395,7 @@ class Trainer:
         self.tracking = Tracking(cfg, acc, self.output_dir)
         self.stop_reason: str | None = None
         self.abandoned_to: Path | None = None  # where a resume set a branch aside (rank 0)
+        self.resumed_branch: tuple[int, Path] | None = None  # resumed from abandoned/: fork
         self.save_on_stop = True  # `mtl-dist bench` measures without the final checkpoint
         self.masters: MasterWeights | None = None
         if for_training:
@@ -660,8 +661,11 @@ class Trainer:
         self.start_step = self.state.global_step
         self.preemption = PreemptionFlag(cfg.train.preemption_signals)
         self._precapture_graphs()  # after the handlers: a stop signal now is a clean stop
+        branch = self.resumed_branch  # (fork step, its folder) when resumed from abandoned/
         self.tracking.truncate_after(self.state.global_step, redo_eval=self.state.pending_eval,
-                                     keep_cut_in=self.abandoned_to)
+                                     keep_cut_in=self.abandoned_to,
+                                     fork=branch[0] if branch else None,
+                                     branch_log=branch[1] / "metrics.jsonl" if branch else None)
         self.state.tracker_run_id = self.tracking.start(self.state.tracker_run_id,
                                                         resume_step=self.state.global_step)
         stop = self.state.global_step >= self.total_steps
@@ -775,6 +779,8 @@ class Trainer:
                   f"(epoch {self.state.epoch}, step in epoch {self.batch_sampler.position})")
         moved, target = self.ckpt.set_aside_newer()
         self.abandoned_to = target
+        fork = self.ckpt.branch_of(path)
+        self.resumed_branch = None if fork is None else (fork, path.parent)
         if moved:
             step = target.name.split("-")[2]  # after-checkpoint-<step>-<hex>
             self._say(f"{', '.join(moved)}: newer than step {step}, where the branch this "

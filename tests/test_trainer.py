@@ -301,6 +301,14 @@ def test_resuming_an_older_checkpoint_branches_and_auto_resume_follows_the_branc
     (left,) = [p for p in (out / "abandoned").iterdir() if p != branch]
     assert {p.name: (p / "manifest.json").read_bytes() for p in left.iterdir() if p.is_dir()} \
         == line
+    # the log: the shared steps, the branch's own records back (3-6), then its new step 7;
+    # the line set aside keeps its records (3-8) with its checkpoints
+    log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["kind"] == "train"] == list(range(1, 8))
+    assert [r for r in log if r["kind"] == "train" and 3 <= r["step"] <= 6] == \
+        [r for r in kept if r["kind"] == "train" and r["step"] <= 6]
+    left_log = [json.loads(x) for x in (left / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in left_log if r["kind"] == "train"] == list(range(3, 9))
     assert (branch / "checkpoint-8" / "manifest.json").read_bytes() == old_8
     Trainer(demo_cfg(tmp_path, "train.max_steps=2", "train.overwrite_output_dir=true")).fit()
     assert not (out / "abandoned").exists()  # a fresh start deletes the old branches too
