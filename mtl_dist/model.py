@@ -440,13 +440,17 @@ def _encoder_kwargs(config, source: str) -> dict:
     and refuse the argument. A model type that is no encoder is a one-line error."""
     import inspect
 
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING, MODEL_MAPPING
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_MASKED_LM_MAPPING,
+        MODEL_MAPPING,
+    )
 
-    if type(config) not in MODEL_MAPPING or type(config) not in MODEL_FOR_MASKED_LM_MAPPING \
-            or getattr(config, "is_encoder_decoder", False):
-        raise ConfigError(f"{source}: model type {config.model_type!r}: expected a transformer encoder "
-                          "(BERT/RoBERTa family: a masked-language-model type, not a decoder "
-                          "or encoder-decoder)")
+    kind = type(config)
+    decoder_only = kind in MODEL_FOR_CAUSAL_LM_MAPPING and kind not in MODEL_FOR_MASKED_LM_MAPPING
+    if kind not in MODEL_MAPPING or decoder_only or getattr(config, "is_encoder_decoder", False):
+        raise ConfigError(f"{source}: model type {config.model_type!r}: expected a transformer "
+                          "encoder (BERT/RoBERTa family), not a decoder or encoder-decoder")
     encoder_class = MODEL_MAPPING[type(config)]
     takes_pooler = isinstance(encoder_class, type) and \
         "add_pooling_layer" in inspect.signature(encoder_class.__init__).parameters
