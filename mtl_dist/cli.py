@@ -81,9 +81,26 @@ def cmd_train(args) -> int:
         trainer.close()
 
 
+def _one_checkpoint(path: Path) -> None:
+    """`--checkpoint OUTPUT/checkpoints` (or OUTPUT) names a folder of checkpoints, not one:
+    say which to name, rather than calling it an incomplete checkpoint."""
+    import re
+
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if (path / "COMMITTED").exists() or not folder.is_dir():
+        return
+    steps = sorted(int(m.group(1)) for p in folder.iterdir()
+                   if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+    if steps:
+        raise MtlDistError(f"--checkpoint {path}: a folder of checkpoints, not one: name one, "
+                           f"e.g. {folder / f'checkpoint-{steps[-1]}'} (the newest), or "
+                           f"{folder.parent / 'best'}")
+
+
 def _trainer_for_inference(args, cfg=None):
     from mtl_dist.trainer import Trainer
 
+    _one_checkpoint(Path(args.checkpoint))
     cfg = cfg or _load(args.config, args.overrides)
     trainer = Trainer(cfg, for_training=False)
     trainer.load_weights(args.checkpoint)

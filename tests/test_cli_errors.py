@@ -203,3 +203,14 @@ def test_check_refuses_what_the_runs_start_would(run, capsys, extra, message):
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert re.search(message, err), err
     assert {p: p.stat().st_mtime_ns for p in (_root / "out").rglob("*")} == before
+
+
+@pytest.mark.parametrize("where", ["checkpoints", "."])
+def test_a_folder_of_checkpoints_given_as_one_names_which_to_give(run, capsys, where):
+    """`--checkpoint OUTPUT/checkpoints` was called an incomplete checkpoint."""
+    root, overrides = run
+    code, _, err = cli(capsys, "evaluate", DEMO, *overrides, "--checkpoint", root / "out" / where)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "a folder of checkpoints, not one: name one, e.g. " \
+        f"{root / 'out' / 'checkpoints' / 'checkpoint-8'} (the newest), or " \
+        f"{root / 'out' / 'best'}" in err
