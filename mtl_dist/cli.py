@@ -500,8 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-")
                                                     for x in extra):
         args.overrides = [*args.overrides, *extra]
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    elif extra:  # name only what is wrong: the overrides among them are fine
+        unknown = [x for x in extra if "=" not in x or x.startswith("-")]
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args) or 0
     except MtlDistError as err:

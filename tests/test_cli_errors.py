@@ -214,3 +214,12 @@ def test_a_folder_of_checkpoints_given_as_one_names_which_to_give(run, capsys, w
     assert "a folder of checkpoints, not one: name one, e.g. " \
         f"{root / 'out' / 'checkpoints' / 'checkpoint-8'} (the newest), or " \
         f"{root / 'out' / 'best'}" in err
+
+
+def test_an_unknown_option_is_named_alone(capsys):
+    """One bad option made argparse call the valid overrides after it unrecognized too."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", str(DEMO), "--bogus", "train.lr=1e-3"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "mtl-dist: error: unrecognized arguments: --bogus"
