@@ -526,6 +526,9 @@ def _check_shape(value: Any, tp: Any, key: str) -> None:
             _check_shape(item, element, _join(key, index))
     elif isinstance(value, dict | list):
         raise _wrong_type(key, value, tp)
+    elif inner is bool and isinstance(value, int | float) and not isinstance(value, bool) \
+            and value not in (0, 1):  # OmegaConf reads any other number as true
+        raise _wrong_type(key, value, tp)
 
 
 def _check_section(value: Any, cls: type, key: str, tp: Any) -> None:

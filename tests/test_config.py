@@ -518,3 +518,12 @@ def test_values_far_beyond_any_real_use_are_refused(override, expected):
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=re.escape(f"config key '{key}': expected {expected}")):
         load_config(None, [*DEMO, override])
+
+
+def test_a_number_other_than_0_or_1_is_no_boolean():
+    """OmegaConf read `check_task_agreement=2` as true, silently."""
+    with pytest.raises(ConfigError, match=r"config key 'sampler.check_task_agreement': expected "
+                       r"bool, got 2"):
+        load_config(None, [*DEMO, "sampler.check_task_agreement=2"])
+    assert load_config(None, [*DEMO, "sampler.check_task_agreement=0"]).sampler \
+        .check_task_agreement is False
