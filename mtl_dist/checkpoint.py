@@ -791,6 +791,11 @@ class _PendingSave:
 _HELD_LOCKS: set[int] = set()  # output-dir lock descriptors this process holds
 
 
+def in_use_message(output_dir: Path) -> str:
+    return (f"train.output_dir={output_dir} is in use by another run (it holds the "
+            "directory's lock): wait for it to end, or pick another train.output_dir")
+
+
 def _close_held_locks_in_child() -> None:
     """A forked child (a DataLoader worker) shares the lock's open file: it would keep the
     output dir locked for a moment after a kill -9 of the run. The parent's lock stays."""
@@ -862,9 +867,7 @@ class CheckpointManager:
                 _HELD_LOCKS.add(fd)
             except BlockingIOError:
                 os.close(fd)
-                outcome = (f"train.output_dir={self.output_dir} is in use by another run (it "
-                           "holds the directory's lock): wait for it to end, or pick another "
-                           "train.output_dir")
+                outcome = in_use_message(self.output_dir)
             except OSError as exc:
                 os.close(fd)
                 warnings.warn(f"train.output_dir={self.output_dir}: cannot lock it "
@@ -874,6 +877,23 @@ class CheckpointManager:
             self._recovered = False
             self._recover_best()
         _raise_if_any([_broadcast(outcome)])
+
+    def in_use(self) -> bool:
+        """Whether another process holds OUTPUT (hold_output_dir) now: for `mtl-dist check`,
+        which then refuses before anything is launched. One process only (a probe takes the
+        lock for a moment: two ranks probing at once would see each other)."""
+        if not self.output_dir.is_dir():
+            return False
+        fd = os.open(self.output_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:  # no flock here: hold_output_dir warns
+            return False
+        finally:
+            os.close(fd)
+        return False
 
     def let_go_of_output_dir(self) -> None:
         """Release hold_output_dir's lock (idempotent; closing the descriptor releases it)."""

@@ -223,3 +223,19 @@ def test_an_unknown_option_is_named_alone(capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         "mtl-dist: error: unrecognized arguments: --bogus"
+
+
+def test_check_refuses_an_output_dir_a_run_is_using(run, capsys):
+    """launch/train.sh runs `check` first: a run going on in OUTPUT is one line before any
+    launch, not a refusal on every rank after the model build."""
+    from mtl_dist.checkpoint import CheckpointManager
+
+    root, overrides = run
+    holder = CheckpointManager(root / "out", save_total_limit=None, recover_best=False)
+    holder.hold_output_dir()
+    try:
+        code, _, err = cli(capsys, "check", DEMO, *overrides, "train.resume=auto")
+    finally:
+        holder.let_go_of_output_dir()
+    assert code == 2 and "is in use by another run (it holds the directory's lock)" in err
+    assert cli(capsys, "check", DEMO, *overrides, "train.resume=auto")[0] == 0
