@@ -1598,8 +1598,8 @@ class CheckpointManager:
             self.resumed_from = self.checkpoints_dir / path.name  # as rotation spells it
             self._newer_since_resume = False
             self._branch_step = _step_of(path) or 0
-        elif self.branch_of(path) is not None:
-            self._branch_step = self.branch_of(path)
+        else:
+            self._branch_step = self.branch_of(path)  # None: another run's checkpoint
 
     def branch_of(self, path: str | Path) -> int | None:
         """For a checkpoint in OUTPUT/abandoned/after-checkpoint-<N>-<hex>/: N, the step

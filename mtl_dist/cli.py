@@ -86,17 +86,15 @@ def cmd_train(args) -> int:
 def _one_checkpoint(path: Path) -> None:
     """`--checkpoint OUTPUT/checkpoints` (or OUTPUT) names a folder of checkpoints, not one:
     say which to name, rather than calling it an incomplete checkpoint."""
-    import re
+    from mtl_dist.checkpoint import CheckpointManager
 
-    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    if (path / "COMMITTED").exists() or not folder.is_dir():
+    run = path.parent if path.name == "checkpoints" else path
+    if (path / "COMMITTED").exists() or not (run / "checkpoints").is_dir():
         return
-    steps = sorted(int(m.group(1)) for p in folder.iterdir()
-                   if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
-    if steps:
+    newest = CheckpointManager(run, save_total_limit=None, recover_best=False).latest()
+    if newest is not None:
         raise MtlDistError(f"--checkpoint {path}: a folder of checkpoints, not one: name one, "
-                           f"e.g. {folder / f'checkpoint-{steps[-1]}'} (the newest), or "
-                           f"{folder.parent / 'best'}")
+                           f"e.g. {newest} (the newest), or {run / 'best'}")
 
 
 def _trainer_for_inference(args, cfg=None):
