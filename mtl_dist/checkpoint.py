@@ -808,6 +808,19 @@ def _close_held_locks_in_child() -> None:
 os.register_at_fork(after_in_child=_close_held_locks_in_child)
 
 
+def _lock_exclusively(fd: int, tries: int = 5, pause_s: float = 0.05) -> None:
+    """flock(LOCK_EX) without waiting on a holder, but past a probe's moment-long shared
+    lock (in_use: `mtl-dist check`, another run's start); BlockingIOError if still held."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(pause_s)
+
+
 class CheckpointManager:
     """Writes and reads every file under OUTPUT: periodic checkpoints, best/, run files."""
 
@@ -862,7 +875,7 @@ class CheckpointManager:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.output_dir, os.O_RDONLY)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _lock_exclusively(fd)
                 self._output_lock = fd
                 _HELD_LOCKS.add(fd)
             except BlockingIOError:
@@ -879,14 +892,13 @@ class CheckpointManager:
         _raise_if_any([_broadcast(outcome)])
 
     def in_use(self) -> bool:
-        """Whether another process holds OUTPUT (hold_output_dir) now: for `mtl-dist check`,
-        which then refuses before anything is launched. One process only (a probe takes the
-        lock for a moment: two ranks probing at once would see each other)."""
+        """Whether another process holds OUTPUT (hold_output_dir) now. The probe takes a
+        shared lock for a moment: probes never see each other, only a run's exclusive one."""
         if not self.output_dir.is_dir():
             return False
         fd = os.open(self.output_dir, os.O_RDONLY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return True
         except OSError:  # no flock here: hold_output_dir warns
@@ -894,6 +906,13 @@ class CheckpointManager:
         finally:
             os.close(fd)
         return False
+
+    def refuse_if_in_use(self) -> None:
+        """Collective: raise one line on every rank if a run going on holds OUTPUT. Before a
+        run's set-up (model build, data), so a second run is refused at once; its own
+        exclusive lock comes at fit (hold_output_dir), where a race is settled."""
+        busy = _broadcast(self.in_use() if _dist_info()[0] == 0 else None)
+        _raise_if_any([in_use_message(self.output_dir) if busy else None])
 
     def let_go_of_output_dir(self) -> None:
         """Release hold_output_dir's lock (idempotent; closing the descriptor releases it)."""

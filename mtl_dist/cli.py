@@ -47,16 +47,15 @@ def cmd_check(args) -> int:
     would (bad rows, unknown labels; no tokenizing), starting nothing: what launch/train.sh
     runs first, so a mistake is one line, not one per rank plus a traceback."""
     from mtl_dist import data as mdata
-    from mtl_dist.checkpoint import CheckpointManager, in_use_message
+    from mtl_dist.checkpoint import CheckpointManager
     from mtl_dist.model import encoder_config
     from mtl_dist.trainer import check_device, check_output_dir
 
     cfg = _load(args.config, args.overrides)
     check_device(cfg)
-    # what the run's start would refuse: the output dir (used, a file, a wrong resume path)
+    # what the run's start would refuse: the output dir (in use, used, a file, a wrong
+    # resume path)
     output = CheckpointManager(cfg.train.output_dir, save_total_limit=None, recover_best=False)
-    if output.in_use():  # a run going on there (train.sh would launch into a refusal)
-        raise MtlDistError(in_use_message(output.output_dir))
     check_output_dir(cfg, output)
     tokenizer = mdata.load_tokenizer(cfg.model)
     encoder_config(cfg.model, len(tokenizer), tokenizer.pad_token_id)

@@ -190,11 +190,13 @@ def check_device(cfg: RunConfig) -> None:
 
 
 def check_output_dir(cfg: RunConfig, ckpt: CheckpointManager, say=print) -> None:
-    """Before any work (and in `mtl-dist check`): a `train.resume` path must be a committed
+    """Before any work (and in `mtl-dist check`); collective. No run may be going on in the
+    output dir (its lock). A `train.resume` path must be a committed
     checkpoint. A fresh run (no `train.resume`) refuses an output dir that holds a saved run:
     it would replace best/ with its own first evaluation, cut the metrics log, and leave its
     checkpoints beside the old run's (resume=auto would then pick the old newest)."""
     out, train = ckpt.output_dir, cfg.train
+    ckpt.refuse_if_in_use()  # a run going on there: refused before any set-up
     if out.exists() and not out.is_dir():
         raise ConfigError(f"config key 'train.output_dir': {out} exists and is not a "
                           "directory")

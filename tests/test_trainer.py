@@ -815,6 +815,50 @@ def test_a_second_run_on_an_output_dir_in_use_is_refused(tmp_path):
     assert (out / "best").is_dir() and not (out / ".old-best-0123abcd").exists()
 
 
+def test_a_second_run_is_refused_before_its_set_up(tmp_path, monkeypatch):
+    """`train` started directly (not through train.sh's `check`) built its model and read its
+    data before the lock refused it: minutes on a large model, per rank."""
+    from mtl_dist import trainer as trainer_module
+    from mtl_dist.checkpoint import CheckpointManager
+
+    built = []
+    real_build = trainer_module.build_model
+    monkeypatch.setattr(trainer_module, "build_model",
+                        lambda *a, **k: built.append(1) or real_build(*a, **k))
+    cfg = demo_cfg(tmp_path, "train.max_steps=2")
+    holder = CheckpointManager(tmp_path / "out", save_total_limit=None, recover_best=False)
+    holder.hold_output_dir()
+    with pytest.raises(CheckpointError, match=r"is in use by another run"):
+        Trainer(cfg)
+    assert built == []
+    holder.let_go_of_output_dir()
+    Trainer(cfg).close()
+    assert built == [1]
+
+
+def test_lock_probes_do_not_refuse_each_other_or_a_run(tmp_path):
+    """A probe (`check`, another run's start) holds a shared lock for a moment: a second
+    probe must not read it as a run, and a run taking its lock then must not be refused."""
+    import fcntl
+    import threading
+
+    from mtl_dist.checkpoint import CheckpointManager
+
+    probe = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH)  # a probe, caught mid-moment
+    probe_ends = threading.Timer(0.08, fcntl.flock, [probe, fcntl.LOCK_UN])
+    try:
+        assert not CheckpointManager(tmp_path, save_total_limit=None, recover_best=False).in_use()
+        probe_ends.start()
+        run = CheckpointManager(tmp_path, save_total_limit=None, recover_best=False)
+        run.hold_output_dir()  # waits out the probe instead of refusing
+        assert CheckpointManager(tmp_path, save_total_limit=None, recover_best=False).in_use()
+        run.let_go_of_output_dir()
+    finally:
+        probe_ends.join()
+        os.close(probe)
+
+
 def test_a_forked_child_does_not_keep_the_output_dir_locked(tmp_path):
     """DataLoader workers (forked) shared the lock's open file: after a kill -9 of the run
     they kept OUTPUT locked for seconds, and a resume then was refused."""
