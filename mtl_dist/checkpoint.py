@@ -1129,10 +1129,7 @@ class CheckpointManager:
             outcome = outcome or f"committing checkpoint-{p.step} failed: {_error_text(exc)}"
         if outcome is not None:
             if p.tmp.exists():
-                try:
-                    _safe_rmtree(p.tmp, self.output_dir)
-                except (CheckpointError, OSError) as exc:
-                    log.warning("could not remove %s: %s", p.tmp, exc)
+                _remove_quietly(p.tmp, self.output_dir)
             return outcome
         self._note_commit(p.final, p.step)
         try:
@@ -1214,10 +1211,7 @@ class CheckpointManager:
     def _fail_together(self, tmp: Path, errors: list[str | None]) -> None:
         """If any rank failed: rank 0 discards the temp dir, then every rank raises the first error."""
         if any(errors) and _dist_info()[0] == 0 and tmp.exists():
-            try:
-                _safe_rmtree(tmp, self.output_dir)
-            except (CheckpointError, OSError) as exc:
-                log.warning("could not remove %s: %s", tmp, exc)
+            _remove_quietly(tmp, self.output_dir)
         _raise_if_any(errors)
 
     def _entry_names(self, app_state: Mapping[str, Stateful], engine: Any) -> list[str]:
@@ -1448,12 +1442,14 @@ class CheckpointManager:
             _commit(tmp, full)
         except Exception:
             # A failed write (disk full) must not leave a model-sized half dir eating the disk.
-            try:
-                _safe_rmtree(tmp, self.output_dir)
-            except (CheckpointError, OSError) as exc:
-                log.warning("could not remove %s: %s", tmp, exc)
+            _remove_quietly(tmp, self.output_dir)
             raise
-        _install(tmp, self.best_dir, self.output_dir, "best", best=True)
+        try:
+            _install(tmp, self.best_dir, self.output_dir, "best", best=True)
+        except Exception:
+            if is_committed(self.best_dir):  # the old best/ stayed: its would-be successor goes
+                _remove_quietly(tmp, self.output_dir)
+            raise  # else best/ is mid-swap: the newest committed copy is reinstalled at start
 
     def best_score(self) -> float | None:
         """Score of the committed OUTPUT/best (from its manifest, which COMMITTED vouches for),
@@ -1742,6 +1738,14 @@ def _commit(tmp: Path, manifest: dict) -> None:
     _write_bytes(tmp / COMMITTED, json.dumps(marker).encode())
     _fsync_path(tmp)
     _pause()
+
+
+def _remove_quietly(path: Path, output_dir: Path) -> None:
+    """Delete a temp dir on the way out of a failed save (whose error is the one to raise)."""
+    try:
+        _safe_rmtree(path, output_dir)
+    except (CheckpointError, OSError) as exc:
+        log.warning("could not remove %s: %s", path, exc)
 
 
 def _install(tmp: Path, final: Path, output_dir: Path, label: str, *, best: bool = False) -> None:

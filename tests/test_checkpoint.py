@@ -332,6 +332,33 @@ def test_best_recovered_after_crash_mid_swap(tmp_path: Path) -> None:
     assert not (tmp_path / ".old-best-0123abcd").exists()
 
 
+def test_a_failed_best_install_leaves_no_copy_or_loses_none(tmp_path: Path, monkeypatch) -> None:
+    """Installing a new best/ failed (e.g. the old one could not be moved): the committed
+    new copy stayed beside it, model-sized, until the next best save. Where the old best/
+    was already aside, both stay and the newest comes back at the next start."""
+    objs = make_objects()
+    mgr = CheckpointManager(tmp_path, save_total_limit=1)
+    mgr.save_best(1, 0.1, objs["model"].state_dict(), extra_files={}, metadata={})
+    real_rename = os.rename
+
+    def refuse(src, dst, moving):
+        if moving(Path(src), Path(dst)):
+            raise PermissionError(13, "Permission denied", str(src))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(ck.os, "rename", lambda s, d: refuse(s, d, lambda a, b: a.name == "best"))
+    with pytest.raises(CheckpointError, match=r"saving best \(step 2\) failed: PermissionError"):
+        mgr.save_best(2, 0.2, objs["model"].state_dict(), extra_files={}, metadata={})
+    assert sorted(os.listdir(tmp_path)) == ["best"] and mgr.best_score() == 0.1
+    # the old best/ aside, then the new one's rename refused: nothing deleted
+    monkeypatch.setattr(ck.os, "rename", lambda s, d: refuse(s, d, lambda a, b: b.name == "best"))
+    with pytest.raises(CheckpointError, match=r"saving best \(step 2\) failed"):
+        mgr.save_best(2, 0.2, objs["model"].state_dict(), extra_files={}, metadata={})
+    monkeypatch.setattr(ck.os, "rename", real_rename)
+    with pytest.warns(UserWarning, match="recovered"):
+        assert CheckpointManager(tmp_path, save_total_limit=1).best_score() == 0.2
+
+
 # --------------------------------------------------------------------------- validation
 
 
