@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mtl_dist.errors import MtlDistError
+from mtl_dist.errors import ConfigError, MtlDistError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
@@ -36,10 +36,15 @@ def _not_the_run_dir(path: Path, cfg, what: str) -> None:
                            f"e.g. {run / 'predictions'} (the default)")
 
 
+_LOADED: list = []  # the config this command loaded: an error about a key names its line
+
+
 def _load(config: str, overrides: list[str]):
     from mtl_dist.config import load_config
 
-    return load_config(config, overrides)
+    cfg = load_config(config, overrides)
+    _LOADED[:] = [cfg]
+    return cfg
 
 
 def cmd_check(args) -> int:
@@ -502,14 +507,19 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:  # name only what is wrong: the overrides among them are fine
         unknown = [x for x in extra if "=" not in x or x.startswith("-")]
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    _LOADED.clear()
     try:
         return args.func(args) or 0
     except MtlDistError as err:
         from tqdm import tqdm
 
+        from mtl_dist.config import where_set
+
+        message = where_set(err, _LOADED[0] if _LOADED else None) \
+            if isinstance(err, ConfigError) else str(err)
         # a progress bar cut short leaves the cursor after it: start the error on its own line
         lead = "\n" if getattr(tqdm, "_instances", None) else ""
-        print(f"{lead}error: {err}", file=sys.stderr)
+        print(f"{lead}error: {message}", file=sys.stderr)
         return 2
 
 

@@ -278,8 +278,19 @@ def load_config(
         if check_files:
             _check_files(run, sources)
     except _Problem as problem:
-        raise ConfigError(str(problem)) from None
+        raise ConfigError(str(problem), located=True) from None
+    run._sources = sources  # not a field: where_set names a key's line after loading
     return run
+
+
+def where_set(err: ConfigError, cfg: RunConfig | None) -> str:
+    """`err`'s message led by where its key was set in `cfg`'s file or overrides, as a
+    load-time error is ('run.yaml:12: config key ...'): for errors found after loading (a
+    file output_dir, a DeepSpeed JSON against the run, cuda asked on CPU)."""
+    sources = getattr(cfg, "_sources", None)
+    if err.located or not err.key or sources is None:
+        return str(err)
+    return sources.prefix(err.key) + str(err)
 
 
 def check_files(cfg: RunConfig) -> None:
@@ -341,7 +352,7 @@ class _Problem(ConfigError):
     """An internal one-line problem about dotted `key`; the source prefix is added later."""
 
     def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(message, key or None)
         self.key = key
 
 

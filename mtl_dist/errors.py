@@ -1,12 +1,26 @@
 """Error types: each carries one line that names the culprit (file:line, key, value)."""
 
+import re
+
+# A message about one config key starts by naming it: "config key 'train.lr': ..." or
+# "train.device: ...".
+_KEY_NAMED_FIRST = re.compile(r"config key '([^']+)'|([A-Za-z_]\w*(?:\.\w+|\[\d+\])+):")
+
 
 class MtlDistError(Exception):
     """Base class; the CLI prints its message on one line and exits with status 2."""
 
 
 class ConfigError(MtlDistError):
-    """A config key, type or value is wrong."""
+    """A config key, type or value is wrong. `key`: the one at fault (found in the message
+    when not given), for the CLI to add where it was set; `located`: the message already
+    says where (a load-time error's file line or override)."""
+
+    def __init__(self, message: str, key: str | None = None, *, located: bool = False) -> None:
+        super().__init__(message)
+        named = None if key or located else _KEY_NAMED_FIRST.match(message)
+        self.key = key or (named and (named[1] or named[2])) or None
+        self.located = located
 
 
 class DataError(MtlDistError):

@@ -180,13 +180,15 @@ class QueuedTrainLog:
         return self.values.tolist()
 
 
-def check_device(cfg: RunConfig) -> None:
-    """The device and precision asked for exist here (also `mtl-dist check`'s)."""
+def check_device(cfg: RunConfig) -> bool:
+    """The device and precision asked for exist here (also `mtl-dist check`'s); whether the
+    run is on CPU."""
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: 'cuda' requested but no CUDA GPU is visible")
     use_cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
     if use_cpu and cfg.train.mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision: 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on CPU")
+    return use_cpu
 
 
 def check_output_dir(cfg: RunConfig, ckpt: CheckpointManager, say=print) -> None:
@@ -248,9 +250,7 @@ def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    check_device(cfg)
-    use_cpu = cfg.train.device == "cpu" or (
-        cfg.train.device == "auto" and not torch.cuda.is_available())
+    use_cpu = check_device(cfg)
     set_host_timeout(cfg.train.collective_timeout_s)  # the per-step checks' gloo group too
     handlers = [
         # Only one head runs per step: the others are unused parameters for DDP.

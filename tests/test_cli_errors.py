@@ -239,3 +239,36 @@ def test_check_refuses_an_output_dir_a_run_is_using(run, capsys):
         holder.let_go_of_output_dir()
     assert code == 2 and "is in use by another run (it holds the directory's lock)" in err
     assert cli(capsys, "check", DEMO, *overrides, "train.resume=auto")[0] == 0
+
+
+def test_an_error_found_after_loading_names_the_keys_line_or_override(capsys, tmp_path):
+    """Errors found once the config had loaded (an output dir that is a file, a DeepSpeed
+    JSON at odds with the run, cuda asked for on CPU) named the key but not where it was set,
+    unlike every load-time error."""
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "ds.json").write_text('{"gradient_accumulation_steps": 4}')
+    text = DEMO.read_text().replace("output_dir: runs/demo", f"output_dir: {tmp_path / 'afile'}")
+    text = text.replace("train:\n", f"train:\n  deepspeed_config: {tmp_path / 'ds.json'}\n", 1)
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    line_of = {key: 1 + next(i for i, row in enumerate(text.splitlines())
+                             if row.strip().startswith(f"{key}:"))
+               for key in ("output_dir", "deepspeed_config")}
+    code, _, err = cli(capsys, "check", config)
+    assert code == 2 and err.strip() == (
+        f"error: {config}:{line_of['output_dir']}: config key 'train.output_dir': "
+        f"{tmp_path / 'afile'} exists and is not a directory")
+    out = f"train.output_dir={tmp_path / 'out'}"
+    code, _, err = cli(capsys, "check", config, out, "train.zero_stage=2")
+    assert code == 2 and err.strip() == (
+        f"error: {config}:{line_of['deepspeed_config']}: train.deepspeed_config: "
+        "'gradient_accumulation_steps' is 4 but the run config implies 1; set it to \"auto\"")
+    code, _, err = cli(capsys, "check", config, out, "train.zero_stage=2",
+                       f"train.deepspeed_config={tmp_path / 'ds.json'}")
+    assert code == 2 and err.strip().startswith(
+        f"error: override 'train.deepspeed_config={tmp_path / 'ds.json'}': "
+        "train.deepspeed_config: 'gradient_accumulation_steps' is 4")
+    # a load-time error keeps its one place
+    code, _, err = cli(capsys, "check", config, "train.lr=abc")
+    assert code == 2 and err.strip() == \
+        "error: override 'train.lr=abc': config key 'train.lr': expected float, got 'abc'"

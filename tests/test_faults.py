@@ -908,14 +908,15 @@ BAD_CONFIGS = [
                                  "'train.warmup_ratio': expected in [0, 1], got 1.5"),
     (["tasks.0.dev=nope.tsv"], "override 'tasks.0.dev=nope.tsv': tasks[0].dev: file not found: "
                                "{cwd}/nope.tsv"),
-    (["train.mixed_precision=fp16"], "train.mixed_precision: 'fp16' needs a CUDA GPU; use 'bf16' "
+    (["train.mixed_precision=fp16"], "override 'train.mixed_precision=fp16': "
+                                     "train.mixed_precision: 'fp16' needs a CUDA GPU; use 'bf16' "
                                      "or 'no' on CPU"),
     (["train.cuda_graphs=true", "train.zero_stage=2"],
      "override 'train.cuda_graphs=true': config key 'train.cuda_graphs': expected false with "
      "train.zero_stage=2 (CUDA graphs run on one GPU without DeepSpeed), got true"),
     (["train.zero_stage=2", "train.deepspeed_config={ds}"],
-     "train.deepspeed_config: 'train_batch_size' is 100 but the run config implies 16; set it "
-     "to \"auto\""),
+     "override 'train.deepspeed_config={ds}': train.deepspeed_config: 'train_batch_size' is "
+     "100 but the run config implies 16; set it to \"auto\""),
 ]
 
 

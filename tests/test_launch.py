@@ -257,7 +257,8 @@ def test_check_refuses_what_the_deepspeed_json_would_get_wrong(cpu_env, tmp_path
                      cpu_env, MTL_NUM_GPUS="0")
     assert result.returncode == 2 and "[train.sh]" not in result.stderr, result.stderr
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("error: train.deepspeed_config: ") and message in line
+    assert line.startswith(f"error: override 'train.deepspeed_config={path}': "
+                           "train.deepspeed_config: ") and message in line
 
 
 def test_overlap_comm_under_zero1_is_one_line(tmp_path):
