@@ -870,26 +870,33 @@ class CheckpointManager:
         never locked out), and no file is left behind. A filesystem without flock (some
         network ones) gets a warning: two runs there are not stopped."""
         rank, _ = _dist_info()
-        outcome = None
-        if rank == 0 and self._output_lock is None:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.output_dir, os.O_RDONLY)
-            try:
-                _lock_exclusively(fd)
-                self._output_lock = fd
-                _HELD_LOCKS.add(fd)
-            except BlockingIOError:
-                os.close(fd)
-                outcome = in_use_message(self.output_dir)
-            except OSError as exc:
-                os.close(fd)
-                warnings.warn(f"train.output_dir={self.output_dir}: cannot lock it "
-                              f"({_error_text(exc)}): a second run started on it would not be "
-                              "stopped", stacklevel=2)
+        outcome = self._take_lock() if rank == 0 and self._output_lock is None else None
         if outcome is None and rank == 0 and self._recovered:  # put off until held
             self._recovered = False
             self._recover_best()
         _raise_if_any([_broadcast(outcome)])
+
+    def _take_lock(self) -> str | None:
+        """Rank 0's half of hold_output_dir: None once held (or where flock is missing)."""
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.output_dir, os.O_RDONLY)
+        except OSError as exc:  # unusable: one line on every rank, not a hang
+            return f"train.output_dir={self.output_dir}: {_error_text(exc)}"
+        try:
+            _lock_exclusively(fd)
+        except BlockingIOError:
+            os.close(fd)
+            return in_use_message(self.output_dir)
+        except OSError as exc:
+            os.close(fd)
+            warnings.warn(f"train.output_dir={self.output_dir}: cannot lock it "
+                          f"({_error_text(exc)}): a second run started on it would not be "
+                          "stopped", stacklevel=4)
+            return None
+        self._output_lock = fd
+        _HELD_LOCKS.add(fd)
+        return None
 
     def in_use(self) -> bool:
         """Whether another process holds OUTPUT (hold_output_dir) now. The probe takes a
@@ -911,8 +918,13 @@ class CheckpointManager:
         """Collective: raise one line on every rank if a run going on holds OUTPUT. Before a
         run's set-up (model build, data), so a second run is refused at once; its own
         exclusive lock comes at fit (hold_output_dir), where a race is settled."""
-        busy = _broadcast(self.in_use() if _dist_info()[0] == 0 else None)
-        _raise_if_any([in_use_message(self.output_dir) if busy else None])
+        outcome = None
+        if _dist_info()[0] == 0:
+            try:
+                outcome = in_use_message(self.output_dir) if self.in_use() else None
+            except OSError as exc:  # unreadable: one line on every rank, not a hang
+                outcome = f"train.output_dir={self.output_dir}: {_error_text(exc)}"
+        _raise_if_any([_broadcast(outcome)])
 
     def let_go_of_output_dir(self) -> None:
         """Release hold_output_dir's lock (idempotent; closing the descriptor releases it)."""

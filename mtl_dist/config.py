@@ -288,9 +288,29 @@ def where_set(err: ConfigError, cfg: RunConfig | None) -> str:
     load-time error is ('run.yaml:12: config key ...'): for errors found after loading (a
     file output_dir, a DeepSpeed JSON against the run, cuda asked on CPU)."""
     sources = getattr(cfg, "_sources", None)
-    if err.located or not err.key or sources is None:
-        return str(err)
-    return sources.prefix(err.key) + str(err)
+    key = None if err.located or not err.key or sources is None else _config_key(err.key, cfg)
+    return str(err) if key is None else sources.prefix(key) + str(err)
+
+
+def set_elsewhere(cfg: RunConfig, key: str, where: str) -> None:
+    """Note that `key` was set by `where` (a launcher's option), not by the file or an
+    override: an error about it names that."""
+    sources = getattr(cfg, "_sources", None)
+    if sources is not None:
+        sources.elsewhere[key] = where
+
+
+def _config_key(key: str, cfg: RunConfig) -> str | None:
+    """`key` as a display key of `cfg` ('tasks.nli.dev' -> 'tasks[0].dev'); None when it
+    names no config section (a file name, say)."""
+    segments = _split_key(key)
+    if segments[0] not in {field.name for field in dataclasses.fields(RunConfig)}:
+        return None
+    if segments[0] == "tasks" and len(segments) > 1 and isinstance(segments[1], str):
+        names = [task.name for task in cfg.tasks]
+        segments = [*segments[:1], names.index(segments[1]), *segments[2:]] \
+            if segments[1] in names else segments[:1]
+    return _display(segments)
 
 
 def check_files(cfg: RunConfig) -> None:
@@ -364,6 +384,7 @@ class _Sources:
         self.file_dir = None if path is None else os.path.dirname(os.path.abspath(path))
         self.overrides: list[tuple[str, str]] = []  # (display key, override text)
         self.lines: dict[str, int] = {}  # display key -> its line in the file
+        self.elsewhere: dict[str, str] = {}  # display key -> what set it after loading
 
     def override_for(self, key: str) -> str | None:
         """The last override that set `key` or one of its parents, if any."""
@@ -374,6 +395,8 @@ class _Sources:
 
     def prefix(self, key: str) -> str:
         """'override ...: ' or 'file.yaml:LINE: ' (or nothing) for a problem about `key`."""
+        if key in self.elsewhere:
+            return f"{self.elsewhere[key]}: "
         text = self.override_for(key)
         if text is not None:
             return f"override '{text}': "

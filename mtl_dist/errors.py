@@ -2,9 +2,9 @@
 
 import re
 
-# A message about one config key starts by naming it: "config key 'train.lr': ..." or
-# "train.device: ...".
-_KEY_NAMED_FIRST = re.compile(r"config key '([^']+)'|([A-Za-z_]\w*(?:\.\w+|\[\d+\])+):")
+# A message about one config key starts by naming it: "config key 'train.lr': ...",
+# "train.device: ..." or "model.pretrained (/its/path): ...".
+_KEY_NAMED_FIRST = re.compile(r"config key '([^']+)'|([A-Za-z_]\w*(?:\.\w+|\[\d+\])+)(?::| \()")
 
 
 class MtlDistError(Exception):

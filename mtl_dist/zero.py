@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mtl_dist.config import deepspeed_json_stage, read_deepspeed_json
+from mtl_dist.config import deepspeed_json_stage, read_deepspeed_json, set_elsewhere
 from mtl_dist.errors import ConfigError
 
 ACCELERATE_DS_ENV = "ACCELERATE_USE_DEEPSPEED"
@@ -32,6 +32,8 @@ def adopt_accelerate_launch(cfg) -> None:
     path = os.environ.get(ACCELERATE_DS_FILE_ENV)
     if path and not cfg.train.deepspeed_config:
         cfg.train.deepspeed_config = str(Path(path).resolve())
+        set_elsewhere(cfg, "train.deepspeed_config",
+                      f"accelerate launch --deepspeed_config_file {path}")
     if cfg.train.zero_stage == 0:
         cfg.train.zero_stage = deepspeed_json_stage(cfg.train.deepspeed_config) \
             if cfg.train.deepspeed_config else 2

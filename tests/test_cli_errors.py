@@ -272,3 +272,33 @@ def test_an_error_found_after_loading_names_the_keys_line_or_override(capsys, tm
     code, _, err = cli(capsys, "check", config, "train.lr=abc")
     assert code == 2 and err.strip() == \
         "error: override 'train.lr=abc': config key 'train.lr': expected float, got 'abc'"
+
+
+def test_where_set_names_only_config_keys_and_the_launcher(tmp_path, monkeypatch):
+    """A message led by a file name ('bad.yaml: ...') was taken for a key; tasks named by name
+    pointed nowhere; a DeepSpeed JSON given to `accelerate launch` was blamed on the YAML."""
+    from mtl_dist import zero
+    from mtl_dist.config import where_set
+    from mtl_dist.errors import ConfigError
+
+    config = tmp_path / "run.yaml"
+    text = DEMO.read_text()
+    config.write_text(text)
+    cfg = load_config(config, [f"train.output_dir={tmp_path / 'o'}"])
+    tasks_line = 1 + text.splitlines().index("tasks:")
+    nli_line = 1 + next(i for i, row in enumerate(text.splitlines()) if "name: nli" in row)
+    assert where_set(ConfigError("bad.yaml: x"), cfg) == "bad.yaml: x"
+    assert where_set(ConfigError("tasks.nli.format: x"), cfg) == f"{config}:{nli_line}: tasks.nli.format: x"
+    assert where_set(ConfigError("tasks.nope.format: x"), cfg) == f"{config}:{tasks_line}: tasks.nope.format: x"
+    assert where_set(ConfigError("model.pretrained (/m): model type 'gpt2': x"), cfg).startswith(
+        f"{config}:")
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"gradient_accumulation_steps": 4}')
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds))
+    zero.adopt_accelerate_launch(cfg)
+    with pytest.raises(ConfigError) as error:
+        zero.build_ds_config(cfg, world_size=2)
+    assert where_set(error.value, cfg).startswith(
+        f"accelerate launch --deepspeed_config_file {ds}: train.deepspeed_config: "
+        "'gradient_accumulation_steps' is 4")

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from mtl_dist import checkpoint as ck
 from mtl_dist.cli import bench_rates, bench_schedule, main
 from mtl_dist.config import load_config
 from mtl_dist.errors import CheckpointError, ConfigError
@@ -836,27 +837,45 @@ def test_a_second_run_is_refused_before_its_set_up(tmp_path, monkeypatch):
     assert built == [1]
 
 
-def test_lock_probes_do_not_refuse_each_other_or_a_run(tmp_path):
+def test_lock_probes_do_not_refuse_each_other_or_a_run(tmp_path, monkeypatch):
     """A probe (`check`, another run's start) holds a shared lock for a moment: a second
     probe must not read it as a run, and a run taking its lock then must not be refused."""
     import fcntl
-    import threading
 
     from mtl_dist.checkpoint import CheckpointManager
 
     probe = os.open(tmp_path, os.O_RDONLY)
     fcntl.flock(probe, fcntl.LOCK_SH)  # a probe, caught mid-moment
-    probe_ends = threading.Timer(0.08, fcntl.flock, [probe, fcntl.LOCK_UN])
+    waits = []
+
+    def probe_ends(seconds):  # the run's first pause outlasts the probe's moment
+        waits.append(seconds)
+        fcntl.flock(probe, fcntl.LOCK_UN)
+
     try:
         assert not CheckpointManager(tmp_path, save_total_limit=None, recover_best=False).in_use()
-        probe_ends.start()
+        monkeypatch.setattr(ck.time, "sleep", probe_ends)
         run = CheckpointManager(tmp_path, save_total_limit=None, recover_best=False)
         run.hold_output_dir()  # waits out the probe instead of refusing
+        assert len(waits) == 1
         assert CheckpointManager(tmp_path, save_total_limit=None, recover_best=False).in_use()
         run.let_go_of_output_dir()
     finally:
-        probe_ends.join()
         os.close(probe)
+
+
+def test_an_unreadable_output_dir_is_one_line_at_the_probe_and_the_lock(tmp_path, monkeypatch):
+    """rank 0's os.open failing raised there alone: the other ranks waited at the broadcast."""
+    real_open = os.open
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(ck.os, "open", lambda path, *a: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied", str(path))) if str(path) == str(out)
+        else real_open(path, *a))
+    manager = ck.CheckpointManager(out, save_total_limit=None, recover_best=False)
+    for step in (manager.refuse_if_in_use, manager.hold_output_dir):
+        with pytest.raises(CheckpointError, match=rf"^train.output_dir={out}: PermissionError: "):
+            step()
 
 
 def test_a_forked_child_does_not_keep_the_output_dir_locked(tmp_path):
