@@ -1009,11 +1009,13 @@ def test_resume_with_another_model_size_tasks_or_labels_is_refused(copied_run, c
         f'{prefix} \'tasks\' differs: checkpoint has ["nli", "emotion", "news"], this run has ' \
         '["nli", "emotion"]'
     assert _resume(capsys, copied_run, cache, "tasks.0.labels=[a, b, c]") == \
-        f"error: tasks[0].labels: ['a', 'b', 'c'] differ from the labels frozen in {labels}: " \
+        "error: override 'tasks.0.labels=[a, b, c]': " \
+        f"tasks[0].labels: ['a', 'b', 'c'] differ from the labels frozen in {labels}: " \
         "['contradiction', 'entailment', 'neutral']; a run's labels cannot change (use a new " \
         "train.output_dir)"
     assert _resume(capsys, copied_run, cache, "tasks.2.name=headlines") == \
-        f"error: tasks[2].name: task 'headlines' has no labels in {labels} (it has: nli, " \
+        "error: override 'tasks.2.name=headlines': tasks[2].name: task 'headlines' has no " \
+        f"labels in {labels} (it has: nli, " \
         "emotion, news); a run's tasks cannot change (use a new train.output_dir)"
 
 
