@@ -382,14 +382,16 @@ class _Sources:
     def __init__(self, path: str | Path | None) -> None:
         self.path = None if path is None else str(path)
         self.file_dir = None if path is None else os.path.dirname(os.path.abspath(path))
-        self.overrides: list[tuple[str, str]] = []  # (display key, override text)
+        # (display key, override text, the keys a mapping value merges in; None: all of them)
+        self.overrides: list[tuple[str, str, set[str] | None]] = []
         self.lines: dict[str, int] = {}  # display key -> its line in the file
         self.elsewhere: dict[str, str] = {}  # display key -> what set it after loading
 
     def override_for(self, key: str) -> str | None:
         """The last override that set `key` or one of its parents, if any."""
-        for okey, text in reversed(self.overrides):
-            if key == okey or key.startswith((okey + ".", okey + "[")):
+        for okey, text, merged in reversed(self.overrides):
+            if _is_under(key, okey) and (merged is None or key == okey
+                                         or any(_is_under(key, m) for m in merged)):
                 return text
         return None
 
@@ -626,8 +628,31 @@ def _build(path: str | Path | None, overrides: Sequence[str], sources: _Sources)
     for text in overrides:
         with _prefixed(f"override '{text}': "):
             key = _apply_override(cfg, text)
-        sources.overrides.append((key, text))
+        sources.overrides.append((key, text, _merged_keys(key, _parse_override(text)[1])))
     return cfg
+
+
+def _is_under(key: str, parent: str) -> bool:
+    """`key` is `parent` or lies under it."""
+    return key == parent or key.startswith((parent + ".", parent + "["))
+
+
+def _merged_keys(key: str, value: Any) -> set[str] | None:
+    """The keys a mapping override (`train={seed: 1}`) merges in: the others under `key`
+    keep where they were set. None for any other value, which replaces all under `key`."""
+    if not isinstance(value, dict):
+        return None
+    merged: set[str] = set()
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for name, child in node.items():
+                walk(_join(prefix, str(name)), child)
+        else:
+            merged.add(prefix)
+
+    walk(key, value)
+    return merged
 
 
 def _read_text(path: str | Path) -> str:

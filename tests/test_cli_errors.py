@@ -302,3 +302,21 @@ def test_where_set_names_only_config_keys_and_the_launcher(tmp_path, monkeypatch
     assert where_set(error.value, cfg).startswith(
         f"accelerate launch --deepspeed_config_file {ds}: train.deepspeed_config: "
         "'gradient_accumulation_steps' is 4")
+
+
+def test_a_mapping_override_is_named_only_for_the_keys_it_sets(capsys, tmp_path):
+    """`train={seed: 1}` merges one key in: an output dir from the file was blamed on it."""
+    (tmp_path / "afile").write_text("")
+    text = DEMO.read_text().replace("output_dir: runs/demo", f"output_dir: {tmp_path / 'afile'}")
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    line = 1 + next(i for i, row in enumerate(text.splitlines()) if "output_dir:" in row)
+    code, _, err = cli(capsys, "check", config, "train={seed: 1}")
+    assert code == 2 and err.startswith(f"error: {config}:{line}: config key 'train.output_dir'")
+    code, _, err = cli(capsys, "check", config, "train.lr=1e-4",
+                       f"train={{output_dir: {tmp_path / 'afile'}}}")
+    assert code == 2 and err.startswith(
+        f"error: override 'train={{output_dir: {tmp_path / 'afile'}}}': config key 'train.output_dir'")
+    code, _, err = cli(capsys, "check", config, "train={lr: abc}")
+    assert code == 2 and err.strip() == \
+        "error: override 'train={lr: abc}': config key 'train.lr': expected float, got 'abc'"
