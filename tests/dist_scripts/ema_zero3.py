@@ -73,3 +73,4 @@ assert all(torch.equal(a, b) for a, b in zip(gathered0, gathered1, strict=True))
 after = full_model()
 assert all(torch.equal(weights0[n], after[n]) for n in weights0)
 print(f"rank {trainer.rank}: EMA applied and restored bit-exactly")
+trainer.close()  # as `mtl-dist train` ends: gloo torn down while both ranks live
