@@ -301,7 +301,14 @@ def _demo_fresh_start(out: Path, overrides: list[str], args) -> list[str]:
         raise MtlDistError(f"demo: --processes must be >= 1, got {args.processes}")
     if args.stop_after < 1:
         raise MtlDistError(f"demo: --stop-after must be >= 1, got {args.stop_after}")
-    _load(str(DEMO_CONFIG), [*overrides, f"train.stop_after_steps={args.stop_after}"])
+    cfg = _load(str(DEMO_CONFIG), overrides)
+    owned = {"train.output_dir (use --output)": Path(cfg.train.output_dir).resolve() != out,
+             "train.resume": bool(cfg.train.resume),
+             "train.overwrite_output_dir": cfg.train.overwrite_output_dir,
+             "train.stop_after_steps (use --stop-after)": cfg.train.stop_after_steps is not None}
+    taken = [key for key, changed in owned.items() if changed]
+    if taken:  # phase 1 starts its output dir over: it must be the one the marker guards
+        raise MtlDistError(f"demo: {taken[0]} is the demo's to set, not an override's")
     _not_a_file(out, "demo: --output")
     saved = CheckpointManager(out, save_total_limit=None, recover_best=False).saved_run() \
         if out.is_dir() else []

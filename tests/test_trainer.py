@@ -451,6 +451,15 @@ def test_demo_never_starts_over_a_run_it_did_not_write(tmp_path, capsys):
     assert main(["demo", "--output", str(tmp_path / "out")]) == 2
     assert "holds a run the demo did not write (checkpoint-8, best/)" in capsys.readouterr().err
     assert _tree(tmp_path / "out") == before
+    # nor through an override of what the demo sets: phase 1 started the run in OUTPUT over
+    for override, named in [(f"train.output_dir={tmp_path / 'out'}", "train.output_dir (use --output)"),
+                            (f"train={{output_dir: {tmp_path / 'out'}}}", "train.output_dir"),
+                            ("train.overwrite_output_dir=true", "train.overwrite_output_dir"),
+                            ("train.resume=auto", "train.resume"),
+                            ("train.stop_after_steps=5", "train.stop_after_steps (use --stop-after)")]:
+        assert main(["demo", "--output", str(tmp_path / "d"), override]) == 2
+        assert f"demo: {named}" in capsys.readouterr().err
+    assert _tree(tmp_path / "out") == before and not (tmp_path / "d").exists()
 
 
 def test_a_resumed_run_keeps_a_better_best_than_its_checkpoint_knows_of(tmp_path, capsys):
