@@ -19,21 +19,50 @@ CPU_LAUNCH_CONFIG = REPO_ROOT / "launch" / "cpu_multi.yaml"
 
 
 def _not_a_file(path: Path, what: str) -> None:
-    """An output directory given where a file already is: one line, before any work."""
+    """An output directory that cannot be made: a file there, or above it. One line, before
+    any work (predict and pseudo-label failed after all the predicting, with a traceback)."""
     if path.exists() and not path.is_dir():
         raise MtlDistError(f"{what} {path}: exists and is not a directory")
+    blocking = next((p for p in path.absolute().parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise MtlDistError(f"{what} {path}: cannot be created: {blocking} is a file")
 
 
-def _not_the_run_dir(path: Path, cfg, what: str) -> None:
-    """Predictions written into OUTPUT itself (or its checkpoints/, best/) can replace the
-    run's own files: a task named `metrics` wrote over metrics.jsonl."""
-    run = Path(cfg.train.output_dir).resolve()
-    target = path.resolve()
-    if target == run or (target.parent == run and target.name in ("checkpoints", "best")) \
-            or any(p in (run / "checkpoints", run / "best") for p in target.parents):
-        raise MtlDistError(f"{what} {path}: is the run's output dir (or a folder of its "
-                           "checkpoints), whose files predictions could replace: pick another, "
-                           f"e.g. {run / 'predictions'} (the default)")
+def _run_of(checkpoint: Path, cfg) -> Path:
+    """The run a checkpoint belongs to (OUTPUT of OUTPUT/best or OUTPUT/checkpoints/
+    checkpoint-N); the config's output dir for one elsewhere (an exported copy, say)."""
+    checkpoint = checkpoint.resolve()
+    if checkpoint.name == "best":
+        return checkpoint.parent
+    if checkpoint.parent.name == "checkpoints":
+        return checkpoint.parent.parent
+    return Path(cfg.train.output_dir).resolve()
+
+
+def _check_output_dir_for(out_dir: Path, cfg, checkpoint: Path, what: str, default: str,
+                          targets: list[Path]) -> None:
+    """Before predicting: `out_dir` can be made, is not a run's own folder (the config's or
+    the checkpoint's: a task named `metrics` wrote over metrics.jsonl), and none of the files
+    to write (`targets`) is one of the run's data files
+    (`--output` at the data dir replaced a dev file with predictions)."""
+    from mtl_dist.data import SPLITS, split_files
+
+    _not_a_file(out_dir, what)
+    target = out_dir.resolve()
+    for run in {Path(cfg.train.output_dir).resolve(), _run_of(checkpoint, cfg)}:
+        if target == run or (target.parent == run and target.name in ("checkpoints", "best")) \
+                or any(p in (run / "checkpoints", run / "best") for p in target.parents):
+            raise MtlDistError(f"{what} {out_dir}: is the run's output dir (or a folder of its "
+                               "checkpoints), whose files predictions could replace: pick "
+                               f"another, e.g. {run / default} (the default)")
+    data = {Path(f).resolve(): (i, split) for i, task in enumerate(cfg.tasks)
+            for split in SPLITS for f in split_files(task, split)}
+    for path in targets:
+        if path.resolve() in data:
+            i, split = data[path.resolve()]
+            key = "train/extra_train" if split == "train" else split
+            raise MtlDistError(f"{what} {out_dir}: {path.resolve()} is tasks.{i}.{key}; "
+                               "writing there would replace it: pick another --output")
 
 
 _LOADED: list = []  # the config this command loaded: an error about a key names its line
@@ -161,40 +190,31 @@ def cmd_predict(args) -> int:
     if len(without) == len(cfg.tasks):
         raise MtlDistError(f"predict --split {args.split}: no task has a {args.split} file "
                            f"(tasks.<i>.{args.split})")
-    out_dir = Path(args.output or Path(cfg.train.output_dir) / "predictions")
-    _not_a_file(out_dir, "predict --output")
-    _not_the_run_dir(out_dir, cfg, "predict --output")
+    # by default beside the checkpoint's run (the config's output dir may be another run's)
+    out_dir = Path(args.output or _run_of(Path(args.checkpoint), cfg) / "predictions")
+    suffix = "" if args.split == "test" else f".{args.split}"
+    _check_output_dir_for(out_dir, cfg, Path(args.checkpoint), "predict --output", "predictions",
+                          [out_dir / f"{task.name}{suffix}.jsonl" for task in cfg.tasks
+                           if task.name not in without])
     trainer = _trainer_for_inference(args, cfg)
     records = trainer.predict(args.split)
     if trainer.accelerator.is_main_process:
         for name in without:  # an empty file would replace earlier ones
             print(f"{name}: no {args.split} file configured; skipped")
             del records[name]
-        suffix = "" if args.split == "test" else f".{args.split}"
         for path, count in write_predictions(out_dir, records, suffix):
             print(f"wrote {count} predictions to {path}")
     return 0
 
 
-def _check_pseudo_label_targets(cfg, out_dir: Path) -> None:
-    """Before predicting: a test file to label, an output dir, and no file written over one
-    of the run's data files (`--output` at the data dir would replace a train file)."""
-    from mtl_dist.data import SPLITS, split_files
+def _check_pseudo_label_targets(cfg, out_dir: Path, checkpoint: Path) -> None:
+    """Before predicting: a test file to label, and an output dir it can go to."""
     from mtl_dist.outputs import pseudo_label_path
 
     if not any(task.test for task in cfg.tasks):
         raise MtlDistError("pseudo-label: no task has a test file (tasks.<i>.test)")
-    _not_a_file(out_dir, "pseudo-label --output")
-    _not_the_run_dir(out_dir, cfg, "pseudo-label --output")
-    data = {Path(f).resolve(): (i, split) for i, task in enumerate(cfg.tasks)
-            for split in SPLITS for f in split_files(task, split)}
-    for task in cfg.tasks:
-        target = pseudo_label_path(out_dir, task).resolve() if task.test else None
-        if target in data:
-            i, split = data[target]
-            key = "train/extra_train" if split == "train" else split
-            raise MtlDistError(f"pseudo-label --output {out_dir}: {target} is tasks.{i}.{key}; "
-                               "writing there would replace it: pick another --output")
+    _check_output_dir_for(out_dir, cfg, checkpoint, "pseudo-label --output", "pseudo_labels",
+                          [pseudo_label_path(out_dir, task) for task in cfg.tasks if task.test])
 
 
 def cmd_pseudo_label(args) -> int:
@@ -205,8 +225,8 @@ def cmd_pseudo_label(args) -> int:
     if not 0.0 < args.threshold <= 1.0:
         raise ConfigError(f"--threshold: expected a probability in (0, 1], got {args.threshold}")
     cfg = _load(args.config, args.overrides)
-    out_dir = Path(args.output or Path(cfg.train.output_dir) / "pseudo_labels")
-    _check_pseudo_label_targets(cfg, out_dir)
+    out_dir = Path(args.output or _run_of(Path(args.checkpoint), cfg) / "pseudo_labels")
+    _check_pseudo_label_targets(cfg, out_dir, Path(args.checkpoint))
     trainer = _trainer_for_inference(args, cfg)
     records = trainer.predict("test")
     if not trainer.accelerator.is_main_process:

@@ -320,3 +320,42 @@ def test_a_mapping_override_is_named_only_for_the_keys_it_sets(capsys, tmp_path)
     code, _, err = cli(capsys, "check", config, "train={lr: abc}")
     assert code == 2 and err.strip() == \
         "error: override 'train={lr: abc}': config key 'train.lr': expected float, got 'abc'"
+
+
+def test_predict_never_writes_over_a_data_file_or_under_a_file(run, capsys, tmp_path):
+    """`predict --split dev --output <data dir>` replaced `<task>.dev.jsonl` with predictions
+    (the next resume then failed on it); an --output below a file was a traceback after all
+    the predicting."""
+    root, overrides = run
+    dev = tmp_path / "emotion.dev.jsonl"  # a common layout: <task>.<split>.jsonl
+    dev.write_text('{"id": 1, "text": "some text", "label": "anger"}\n')
+    code, _, err = cli(capsys, "predict", DEMO, *overrides, f"tasks.1.dev={dev}", "--split", "dev",
+                       "--checkpoint", root / "out" / "best", "--output", tmp_path)
+    assert code == 2 and f"{dev} is tasks.1.dev; writing there would replace it" in err, err
+    assert dev.read_text() == '{"id": 1, "text": "some text", "label": "anger"}\n'
+    (tmp_path / "afile").write_text("")
+    for command in ("predict", "pseudo-label"):
+        code, _, err = cli(capsys, command, DEMO, *overrides, "--checkpoint", root / "out" / "best",
+                           "--output", tmp_path / "afile" / "sub")
+        assert code == 2 and err.strip() == f"error: {command} --output {tmp_path / 'afile' / 'sub'}" \
+            f": cannot be created: {tmp_path / 'afile'} is a file"
+
+
+def test_predictions_go_beside_the_checkpoints_run_not_the_configs(run, capsys, tmp_path):
+    """`predict CONFIG --checkpoint runB/best` wrote into the config's run (another one),
+    replacing its predictions; a refusal suggested predictions/ for pseudo-labels."""
+    import shutil
+
+    root, overrides = run
+    other = tmp_path / "other"
+    shutil.copytree(root / "out", other)
+    before = {p: p.read_bytes() for p in (root / "out").rglob("*") if p.is_file()}
+    code, out, _ = cli(capsys, "predict", DEMO, *overrides, "--checkpoint", other / "best")
+    assert code == 0 and f"to {other / 'predictions' / 'nli.jsonl'}" in out
+    assert {p: p.read_bytes() for p in (root / "out").rglob("*") if p.is_file()} == before
+    code, _, err = cli(capsys, "pseudo-label", DEMO, *overrides, "--checkpoint", other / "best",
+                       "--output", other / "best")
+    assert code == 2 and f"e.g. {other / 'pseudo_labels'} (the default)" in err, err
+    code, out, _ = cli(capsys, "pseudo-label", DEMO, *overrides, "--checkpoint", other / "best",
+                       "--threshold", "0.1")
+    assert code == 0 and f"-> {other / 'pseudo_labels'}" in out, out
