@@ -274,9 +274,11 @@ def cmd_ckpt(args) -> int:
     elif args.ckpt_cmd == "inspect":
         print(json.dumps(ck.inspect(args.path), indent=1, default=str))
     elif args.ckpt_cmd == "export":
+        _not_a_file(Path(args.out_dir), "ckpt export: DIR")
         ck.export_checkpoint(args.path, args.out_dir)
         print(f"exported {args.path} to {args.out_dir}")
     elif args.ckpt_cmd == "convert":
+        _not_a_file(Path(args.out_dir), "ckpt convert: DIR")
         ck.convert_zero_to_universal(args.path, args.out_dir)
         print(f"converted {args.path} to a universal checkpoint at {args.out_dir}")
     return 0

@@ -339,6 +339,11 @@ def test_predict_never_writes_over_a_data_file_or_under_a_file(run, capsys, tmp_
                            "--output", tmp_path / "afile" / "sub")
         assert code == 2 and err.strip() == f"error: {command} --output {tmp_path / 'afile' / 'sub'}" \
             f": cannot be created: {tmp_path / 'afile'} is a file"
+    for args in (["ckpt", "export", root / "out" / "best"], ["ckpt", "convert", root / "out" / "best"],
+                 ["demo", "--output"]):
+        code, _, err = cli(capsys, *args, tmp_path / "afile" / "sub")
+        assert code == 2 and err.strip().endswith(
+            f"{tmp_path / 'afile' / 'sub'}: cannot be created: {tmp_path / 'afile'} is a file"), err
 
 
 def test_predictions_go_beside_the_checkpoints_run_not_the_configs(run, capsys, tmp_path):
