@@ -1528,6 +1528,14 @@ class CheckpointManager:
             return None
         return max(good, key=lambda p: _step_of(p) or 0)
 
+    def newest_intact(self, before: Path) -> Path | None:
+        """The newest committed periodic checkpoint older than `before` whose files are all
+        there at their manifest sizes (`damage`: no reading)."""
+        before_step = _step_of(before) or 0
+        older = [p for p in self._periodic() if (_step_of(p) or 0) < before_step
+                 and is_committed(p) and damage(p) is None]
+        return max(older, key=lambda p: _step_of(p) or 0, default=None)
+
     def saved_run(self) -> list[str]:
         """What an earlier run committed here (its checkpoints, oldest first, then best/):
         what a fresh run in this output dir would replace or mix with its own."""

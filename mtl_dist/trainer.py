@@ -768,8 +768,11 @@ class Trainer:
         if self.cfg.sampler.on_global_batch_change == "replan":  # the sampler checks it
             must_match = tuple(k for k in must_match if k != "global_batch_size")
         manifest = self.manifest()
-        trainer_state = self.ckpt.load(path, self.app_state(), engine=self.engine,
-                                       expected_manifest={k: manifest[k] for k in must_match})
+        try:
+            trainer_state = self.ckpt.load(path, self.app_state(), engine=self.engine,
+                                           expected_manifest={k: manifest[k] for k in must_match})
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}{self._intact_hint(path, exc)}") from None
         self.state.load_state_dict(trainer_state)
         if self.state.schedule and not self.cfg.train.max_steps:  # re-counted by a replan
             self.warmup_steps, self.total_steps = self.state.schedule
@@ -789,6 +792,17 @@ class Trainer:
                       f"resume takes leaves the run's line; moved to {target} (rotation and "
                       "train.resume=auto leave it)")
         return True
+
+    def _intact_hint(self, path: Path, exc: CheckpointError) -> str:
+        """Where resume=auto met a damaged newest checkpoint (every requeue would fail on it
+        alike): the newest intact one before it, to resume by hand."""
+        if self.cfg.train.resume != "auto" or f"checkpoint {path}: file '" not in str(exc):
+            return ""
+        older = self.ckpt.newest_intact(before=path)
+        if older is None:
+            return ""
+        return (f"; the newest intact checkpoint is {older}: resume it with "
+                f"train.resume={older} (newer ones then move to abandoned/)")
 
     def _follow_replanned_sampler(self) -> None:
         """`sampler.on_global_batch_change=replan`: the sampler skipped to the start of the

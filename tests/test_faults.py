@@ -1023,22 +1023,27 @@ def test_resume_with_another_model_size_tasks_or_labels_is_refused(copied_run, c
 def test_corrupt_checkpoints_are_named_by_file(copied_run, reference, cache, capsys):
     ckpt = copied_run / "checkpoints" / f"checkpoint-{STEPS}"
     prefix = f"error: checkpoint {ckpt}: file"
+    older = copied_run / "checkpoints" / "checkpoint-35"  # every requeue would fail alike
+    hint = f"; the newest intact checkpoint is {older}: resume it with train.resume={older} " \
+        "(newer ones then move to abandoned/)"
     model = ckpt / "model.safetensors"
     size = model.stat().st_size
     model.write_bytes(model.read_bytes()[:-100])
     assert _resume(capsys, copied_run, cache) == \
         f"{prefix} 'model.safetensors' has {size - 100} bytes, manifest.json says {size} " \
-        "(truncated or changed)"
+        f"(truncated or changed){hint}"
     shutil.copy(reference / "checkpoints" / f"checkpoint-{STEPS}" / "model.safetensors", model)
     opt = ckpt / "optimizer.pt"
     data = bytearray(opt.read_bytes())
     data[len(data) // 2] ^= 0x10
     opt.write_bytes(bytes(data))
     assert _resume(capsys, copied_run, cache) == \
-        f"{prefix} 'optimizer.pt' is corrupt (sha256 differs from manifest.json)"
+        f"{prefix} 'optimizer.pt' is corrupt (sha256 differs from manifest.json){hint}"
     shutil.copy(reference / "checkpoints" / f"checkpoint-{STEPS}" / "optimizer.pt", opt)
     (ckpt / "rng_state_1.pth").unlink()
-    assert _resume(capsys, copied_run, cache) == f"{prefix} 'rng_state_1.pth' is missing"
+    assert _resume(capsys, copied_run, cache) == f"{prefix} 'rng_state_1.pth' is missing{hint}"
+    assert _resume(capsys, copied_run, cache, f"train.resume={ckpt}") == \
+        f"{prefix} 'rng_state_1.pth' is missing"  # named by hand: no hint
     shutil.copy(reference / "checkpoints" / f"checkpoint-{STEPS}" / "rng_state_1.pth", ckpt)
     # A manifest (and its marker) from another checkpoint: the files no longer match it.
     for name in ("manifest.json", "COMMITTED"):
