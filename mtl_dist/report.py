@@ -87,6 +87,12 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+def _best_json_score(run: RunLog, otherwise: Any) -> Any:
+    """best/best.json's score, else `otherwise`."""
+    info = _read_json(run.output_dir / "best" / "best.json")
+    return info["score"] if isinstance(info, dict) and _finite(info.get("score")) else otherwise
+
+
 def _best_step(run: RunLog) -> int | None:
     """best/best.json's step, else the summary's, else the eval with the highest score."""
     info = _read_json(run.output_dir / "best" / "best.json")
@@ -304,7 +310,9 @@ def _summary_rows(run: RunLog) -> str:
     rows = [("output directory", str(run.output_dir.resolve())),
             ("optimizer steps", s.get("global_step", last_step)),
             ("stopped because", s.get("stop_reason", "(still running or killed)")),
-            ("best score", s.get("best_score", (run.best or {}).get("score"))),
+            # best/'s own (best.json), as the best step is: after a resume from an older
+            # checkpoint the summary's is that line's best, which best/ may have beaten
+            ("best score", _best_json_score(run, s.get("best_score", (run.best or {}).get("score")))),
             ("best step", run.best_step),
             ("wall time (first to last record)",
              f"{(max(times) - min(times)) / 60:.1f} min" if len(times) > 1 else None)]

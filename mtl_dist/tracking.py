@@ -344,11 +344,24 @@ class Tracking:
         if not self.point_to_outputs:
             return
         best = self.output_dir / "best"
-        print(f"[mtl_dist] best checkpoint: {best if best.exists() else '(none saved)'}; "
-              f"metrics log: {self.metrics.path}; report: mtl-dist report {self.output_dir}",
-              flush=True)
+        print(f"[mtl_dist] best checkpoint: {best if best.exists() else '(none saved)'}"
+              f"{_kept_from_before(best, summary)}; metrics log: {self.metrics.path}; "
+              f"report: mtl-dist report {self.output_dir}", flush=True)
         if self.sync_command:
             print(f"[mtl_dist] upload the offline wandb run with: {self.sync_command}", flush=True)
+
+
+def _kept_from_before(best: Path, summary: Mapping[str, Any]) -> str:
+    """When best/ is not this run's best (a resume from an older checkpoint: best/ holds a
+    better model of the line set aside), its own step and score, so the two are not paired."""
+    try:
+        info = json.loads((best / "best.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(info, dict) or info.get("step") in (None, summary.get("best_step")):
+        return ""
+    return (f" (it holds step {info['step']}, {info.get('metric_for_best', 'score')} "
+            f"{info.get('score')}: better than this line's best, so kept)")
 
 
 def _wandb_summary(summary: Mapping[str, Any], cfg: Any) -> dict[str, Any]:

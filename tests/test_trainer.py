@@ -477,7 +477,15 @@ def test_a_resumed_run_keeps_a_better_best_than_its_checkpoint_knows_of(tmp_path
     evals = records(out, "eval")
     assert [r["step"] for r in evals] == [8, 16] and evals[1]["eval/score"] > evals[0]["eval/score"]
     assert json.loads((out / "best" / "best.json").read_text())["score"] == 0.99
-    assert "is this run's best but not best/'s (0.99); best/ kept" in capsys.readouterr().out
+    # the end line and the report pair best/ with its own step and score, not this line's
+    printed = capsys.readouterr().out
+    assert f"best checkpoint: {out / 'best'} (it holds step 12, score 0.99: better than this " \
+        "line's best, so kept)" in printed
+    from mtl_dist.report import build_report
+
+    page = build_report(out).read_text()
+    assert "<th>best score</th><td>0.9900</td>" in page and "<th>best step</th><td>12</td>" in page
+    assert "is this run's best but not best/'s (0.99); best/ kept" in printed
 
 
 def fit_with_a_signal_during_step(trainer, step: int, sig: int = signal.SIGUSR1) -> dict:
