@@ -629,6 +629,17 @@ def _check_sizes(path: Path, manifest: Mapping[str, Any], names: Iterable[str]) 
             )
 
 
+def training_manifest(path: Path) -> dict:
+    """The manifest of a checkpoint to resume from: a periodic one (best/ holds no optimizer,
+    sampler or RNG state)."""
+    manifest = read_manifest(path)
+    if manifest.get("kind") != "periodic":
+        raise CheckpointError(
+            f"checkpoint {path}: is a '{manifest.get('kind')}' checkpoint, not a training checkpoint"
+        )
+    return manifest
+
+
 def damage(path: Path) -> str | None:
     """Why a committed checkpoint's files do not match its manifest (a file missing or of
     another size), or None. `ckpt ls`/`inspect`: loading also checks every sha256."""
@@ -1606,11 +1617,7 @@ class CheckpointManager:
     ) -> dict:
         """Collective: verify and restore every object from a committed checkpoint; returns trainer_state."""
         path = Path(path).absolute()
-        manifest = read_manifest(path)
-        if manifest.get("kind") != "periodic":
-            raise CheckpointError(
-                f"checkpoint {path}: is a '{manifest.get('kind')}' checkpoint, not a training checkpoint"
-            )
+        manifest = training_manifest(path)
         if expected_manifest is not None:
             check_manifest(path, manifest, expected_manifest)
         _verify_collective(path, manifest)

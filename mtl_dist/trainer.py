@@ -32,6 +32,7 @@ from mtl_dist.checkpoint import (
     is_committed,
     load_state_checked,
     read_manifest,
+    training_manifest,
 )
 from mtl_dist.collectives import release_host_group, set_host_timeout
 from mtl_dist.config import RunConfig, config_hash, saved_config_yaml
@@ -208,6 +209,8 @@ def check_output_dir(cfg: RunConfig, ckpt: CheckpointManager, say=print) -> None
                           f"{blocking} is a file")
     if train.resume and train.resume != "auto":
         path = ckpt.resolve(train.resume)  # a wrong path fails here, not after set-up
+        if path is not None:  # best/, say: it has no optimizer, sampler or RNG state
+            training_manifest(path)
         saved = [] if ckpt.is_own(path) else ckpt.saved_run()
         if saved:  # its saves would replace this run's checkpoints of the same steps
             raise CheckpointError(

@@ -364,3 +364,12 @@ def test_predictions_go_beside_the_checkpoints_run_not_the_configs(run, capsys, 
     code, out, _ = cli(capsys, "pseudo-label", DEMO, *overrides, "--checkpoint", other / "best",
                        "--threshold", "0.1")
     assert code == 0 and f"-> {other / 'pseudo_labels'}" in out, out
+
+
+def test_check_refuses_best_as_the_checkpoint_to_resume(run, capsys, tmp_path):
+    """`check` said "config OK" for `train.resume=OUTPUT/best`; every rank then refused it."""
+    root, overrides = run
+    code, _, err = cli(capsys, "check", DEMO, *overrides, f"train.output_dir={tmp_path / 'new'}",
+                       f"train.resume={root / 'out' / 'best'}")
+    assert code == 2 and err.strip() == \
+        f"error: checkpoint {root / 'out' / 'best'}: is a 'best' checkpoint, not a training checkpoint"
