@@ -550,6 +550,12 @@ def main(argv: list[str] | None = None) -> int:
         lead = "\n" if getattr(tqdm, "_instances", None) else ""
         print(f"{lead}error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line (per rank), not a traceback each
+        hint = ("stopped without a checkpoint; train.resume=auto continues from the newest "
+                "committed one (SIGINT in train.preemption_signals stops with a checkpoint)"
+                if args.command == "train" else "stopped")
+        print(f"\ninterrupted (Ctrl-C): {hint}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
 
 
 if __name__ == "__main__":

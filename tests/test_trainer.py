@@ -918,3 +918,25 @@ def test_a_forked_child_does_not_keep_the_output_dir_locked(tmp_path):
     finally:
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
+
+
+def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path, capsys, monkeypatch):
+    """A plain Ctrl-C (SIGINT, not a stop signal by default) gave one traceback per rank."""
+    optimizer_step = Trainer._optimizer_step
+
+    def step_then_interrupt(self):
+        optimizer_step(self)
+        if self.state.global_step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", step_then_interrupt)
+    args = ["train", str(DEMO), f"train.output_dir={tmp_path / 'out'}",
+            f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=12", "checkpoint.save_steps=4"]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        "interrupted (Ctrl-C): stopped without a checkpoint; train.resume=auto continues from "
+        "the newest committed one (SIGINT in train.preemption_signals stops with a checkpoint)")
+    monkeypatch.setattr(Trainer, "_optimizer_step", optimizer_step)
+    assert main([*args, "train.resume=auto"]) == 0
+    assert "resumed from" in capsys.readouterr().out
