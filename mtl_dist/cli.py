@@ -83,7 +83,7 @@ def cmd_check(args) -> int:
     from mtl_dist import data as mdata
     from mtl_dist.checkpoint import CheckpointManager
     from mtl_dist.model import encoder_config
-    from mtl_dist.trainer import check_device, check_output_dir
+    from mtl_dist.trainer import check_device, check_output_dir, check_resume_settings
 
     cfg = _load(args.config, args.overrides)
     check_device(cfg)
@@ -98,6 +98,7 @@ def cmd_check(args) -> int:
 
         build_ds_config(cfg, world_size=None)
     label_maps = mdata.frozen_label_maps(cfg)
+    check_resume_settings(cfg, output, label_maps)
     for split in ("train", "dev", "test"):
         mdata.check_split(cfg, split, label_maps)
     print(f"config OK: {len(cfg.tasks)} task(s) ({', '.join(cfg.task_names)}), data files "

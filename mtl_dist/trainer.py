@@ -12,6 +12,7 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -29,6 +30,7 @@ from mtl_dist import zero
 from mtl_dist.checkpoint import (
     CheckpointManager,
     check_label_maps_of,
+    check_manifest,
     is_committed,
     load_state_checked,
     read_manifest,
@@ -190,6 +192,51 @@ def check_device(cfg: RunConfig) -> bool:
     if use_cpu and cfg.train.mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision: 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on CPU")
     return use_cpu
+
+
+# What a resumed run must match in its checkpoint's manifest, in the order refusals name them.
+RESUME_MUST_MATCH = ("world_size", "zero_stage", "global_batch_size", "gradient_accumulation_steps",
+                     "bf16_weights", "optimizer_settings", "metric_for_best", "tasks",
+                     "task_scoring", "labels", "data_fingerprints", "max_length", "model_shape",
+                     "versions")
+
+
+def config_manifest(cfg: RunConfig, label_maps: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    """The manifest keys the config alone decides (no model, data or launch): what `check`
+    compares with the checkpoint a run would resume from."""
+    train = cfg.train
+    return {
+        "zero_stage": train.zero_stage,
+        "per_device_batch_size": train.per_device_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "mixed_precision": train.mixed_precision,
+        "bf16_weights": train.bf16_weights,
+        # restored with AdamW's state (param groups) and the schedule's base LRs
+        "optimizer_settings": {**{k: getattr(train, k) for k in (
+            "lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps")},
+            "head_lr": train.head_lr or train.lr},  # null means lr
+        "metric_for_best": train.metric_for_best,
+        # what the run score (early stopping's best so far, best/) is made of
+        "task_scoring": None if train.metric_for_best == "loss" else {
+            t.name: {"metric": t.metric, "score_weight": t.score_weight} for t in cfg.tasks},
+        "config_hash": config_hash(cfg),
+        "tasks": [t.name for t in cfg.tasks],
+        "labels": dict(label_maps),
+        "max_length": cfg.data.max_length,  # the fingerprints are of the files
+    }
+
+
+def check_resume_settings(cfg: RunConfig, ckpt: CheckpointManager,
+                          label_maps: Mapping[str, Sequence[str]]) -> None:
+    """`mtl-dist check`: the config-decided keys the run's resume would refuse (lr, tasks,
+    labels, ...), one line before any launch rather than one per rank."""
+    resume = cfg.train.resume
+    path = (ckpt.latest() if resume == "auto" else ckpt.resolve(resume)) if resume else None
+    if path is None:
+        return
+    decided = config_manifest(cfg, label_maps)
+    check_manifest(path, training_manifest(path),
+                   {k: decided[k] for k in RESUME_MUST_MATCH if k in decided})
 
 
 def check_output_dir(cfg: RunConfig, ckpt: CheckpointManager, say=print) -> None:
@@ -611,31 +658,13 @@ class Trainer:
 
     def manifest(self) -> dict[str, Any]:
         """What a resumed run must match (and what `ckpt inspect` shows)."""
-        model = self.module
         return {
             "world_size": self.world_size,
             "distributed_type": str(self.accelerator.distributed_type),
-            "zero_stage": self.cfg.train.zero_stage,
-            "per_device_batch_size": self.cfg.train.per_device_batch_size,
             "global_batch_size": self.cfg.train.per_device_batch_size * self.world_size,
-            "gradient_accumulation_steps": self.cfg.train.gradient_accumulation_steps,
-            "mixed_precision": self.cfg.train.mixed_precision,
-            "bf16_weights": self.cfg.train.bf16_weights,
-            # restored with AdamW's state (param groups) and the schedule's base LRs
-            "optimizer_settings": {**{k: getattr(self.cfg.train, k) for k in (
-                "lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps")},
-                "head_lr": self.cfg.train.head_lr or self.cfg.train.lr},  # null means lr
-            "metric_for_best": self.cfg.train.metric_for_best,
-            # what the run score (early stopping's best so far, best/) is made of
-            "task_scoring": None if self.cfg.train.metric_for_best == "loss" else {
-                t.name: {"metric": t.metric, "score_weight": t.score_weight}
-                for t in self.cfg.tasks},
-            "config_hash": config_hash(self.cfg),
-            "tasks": self.task_names,
-            "labels": self.label_maps,
+            **config_manifest(self.cfg, self.label_maps),
             "data_fingerprints": {t.name: t.fingerprint for t in self.train_data},
-            "max_length": self.cfg.data.max_length,  # the fingerprints are of the files
-            "model_shape": model_signature(model),
+            "model_shape": model_signature(self.module),
             "versions": library_versions(),
         }
 
@@ -764,10 +793,7 @@ class Trainer:
         path = self.ckpt.resolve(self.cfg.train.resume)
         if path is None:
             return False
-        must_match = ("world_size", "zero_stage", "global_batch_size", "gradient_accumulation_steps",
-                      "bf16_weights", "optimizer_settings", "metric_for_best", "tasks",
-                      "task_scoring", "labels",
-                      "data_fingerprints", "max_length", "model_shape", "versions")
+        must_match = RESUME_MUST_MATCH
         if self.cfg.sampler.on_global_batch_change == "replan":  # the sampler checks it
             must_match = tuple(k for k in must_match if k != "global_batch_size")
         manifest = self.manifest()

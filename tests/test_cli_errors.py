@@ -373,3 +373,22 @@ def test_check_refuses_best_as_the_checkpoint_to_resume(run, capsys, tmp_path):
                        f"train.resume={root / 'out' / 'best'}")
     assert code == 2 and err.strip() == \
         f"error: checkpoint {root / 'out' / 'best'}: is a 'best' checkpoint, not a training checkpoint"
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["train.lr=2e-3"], "manifest key 'optimizer_settings.lr' differs: checkpoint has 0.001, "
+                        "this run has 0.002"),
+    (["data.max_length=32"], "manifest key 'max_length' differs: checkpoint has 64, this run has 32"),
+    (["train.gradient_accumulation_steps=2"], "manifest key 'gradient_accumulation_steps' differs"),
+    (["train.metric_for_best=loss"], "manifest key 'metric_for_best' differs"),
+])
+def test_check_refuses_settings_the_resume_would_refuse(run, capsys, extra, message):
+    """`check` said "config OK" to a resume with a changed lr (or max_length, accumulation,
+    ...); launch/train.sh then printed the refusal once per rank and the launcher's traceback."""
+    root, overrides = run
+    before = {p: p.stat().st_mtime_ns for p in (root / "out").rglob("*")}
+    code, _, err = cli(capsys, "check", DEMO, *overrides, "train.resume=auto", *extra)
+    ckpt = root / "out" / "checkpoints" / "checkpoint-8"
+    assert code == 2 and err.startswith(f"error: checkpoint {ckpt}: {message}"), err
+    assert {p: p.stat().st_mtime_ns for p in (root / "out").rglob("*")} == before
+    assert cli(capsys, "check", DEMO, *overrides, "train.resume=auto")[0] == 0
