@@ -235,8 +235,10 @@ def check_resume_settings(cfg: RunConfig, ckpt: CheckpointManager,
     if path is None:
         return
     decided = config_manifest(cfg, label_maps)
+    # not the ZeRO stage: `accelerate launch --deepspeed_config_file` (train.sh --launch
+    # zero2) sets it at the run's start, after this check
     check_manifest(path, training_manifest(path),
-                   {k: decided[k] for k in RESUME_MUST_MATCH if k in decided})
+                   {k: decided[k] for k in RESUME_MUST_MATCH if k in decided and k != "zero_stage"})
 
 
 def check_output_dir(cfg: RunConfig, ckpt: CheckpointManager, say=print) -> None:

@@ -793,6 +793,22 @@ def test_ckpt_convert_of_a_checkpoint_with_an_untrained_head_is_one_line(tmp_pat
     assert not (tmp_path / "universal").exists() and not list(tmp_path.glob(".tmp-convert-*"))
 
 
+def test_check_leaves_the_zero_stage_of_a_resume_to_the_launch(tmp_path, capsys):
+    """`train.sh --launch zero2 CONFIG train.resume=auto` runs `check` on the config alone
+    (stage 0); the launch's DeepSpeed file sets the stage after it: no refusal there."""
+    from mtl_dist.cli import main
+
+    common = [str(DEMO), f"train.output_dir={tmp_path / 'out'}", f"data.cache_dir={tmp_path / 'cache'}",
+              "train.max_steps=1", "checkpoint.save_steps=1", "checkpoint.save_best=false",
+              "train.eval_steps=null", "train.resume=auto"]
+    Trainer(demo_cfg(tmp_path, "train.zero_stage=2", "train.max_steps=1", "train.eval_steps=null",
+                     "checkpoint.save_steps=1", "checkpoint.save_best=false")).fit()
+    capsys.readouterr()
+    assert main(["check", *common]) == 0, capsys.readouterr().err
+    assert main(["check", *common, "train.lr=0.5"]) == 2  # what the config decides still is
+    assert "manifest key 'optimizer_settings.lr' differs" in capsys.readouterr().err
+
+
 def test_under_metric_for_best_loss_best_is_shown_as_a_loss(tmp_path, capsys):
     """best/'s number is the eval loss then: `ckpt ls` and the end line say so, beside the
     periodic checkpoints' run scores."""
