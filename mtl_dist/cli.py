@@ -267,6 +267,9 @@ def cmd_ckpt(args) -> int:
             raise MtlDistError(f"ckpt ls: {out} is not a directory (give a run's output dir)")
         if out.name == ck.CHECKPOINTS_DIR and not (out / ck.CHECKPOINTS_DIR).is_dir():
             out = out.parent  # OUTPUT/checkpoints: list its run
+        elif not (out / ck.CHECKPOINTS_DIR).is_dir() and (
+                out.name == ck.BEST_DIR or out.parent.name == ck.CHECKPOINTS_DIR):
+            out = out.parent if out.name == ck.BEST_DIR else out.parent.parent  # one of its run's
         rows = ck.list_checkpoints(out)
         if not rows:
             print(f"no checkpoints under {args.output_dir}")

@@ -148,6 +148,8 @@ def test_ckpt_ls_of_a_wrong_path_fails_and_of_checkpoints_lists_its_run(run, cap
     assert code == 2 and "is not a directory" in err
     code, out, _ = cli(capsys, "ckpt", "ls", root / "out" / "checkpoints")
     assert code == 0 and "checkpoint-8" in out and "[best]" in out
+    for one in ("best", "checkpoints/checkpoint-8"):  # "no checkpoints under .../best" was said
+        assert cli(capsys, "ckpt", "ls", root / "out" / one)[1] == out
 
 
 def test_pseudo_label_never_writes_over_a_data_file_of_the_run(run, capsys, tmp_path):
