@@ -28,15 +28,19 @@ def _not_a_file(path: Path, what: str) -> None:
         raise MtlDistError(f"{what} {path}: cannot be created: {blocking} is a file")
 
 
-def _run_of(checkpoint: Path, cfg) -> Path:
-    """The run a checkpoint belongs to (OUTPUT of OUTPUT/best or OUTPUT/checkpoints/
-    checkpoint-N); the config's output dir for one elsewhere (an exported copy, say)."""
-    checkpoint = checkpoint.resolve()
+def _run_holding(checkpoint: Path) -> Path | None:
+    """The run a checkpoint belongs to: OUTPUT of OUTPUT/best or OUTPUT/checkpoints/
+    checkpoint-N; None for one elsewhere (an exported copy, say)."""
     if checkpoint.name == "best":
         return checkpoint.parent
     if checkpoint.parent.name == "checkpoints":
         return checkpoint.parent.parent
-    return Path(cfg.train.output_dir).resolve()
+    return None
+
+
+def _run_of(checkpoint: Path, cfg) -> Path:
+    """The checkpoint's run, else the config's output dir."""
+    return _run_holding(checkpoint.resolve()) or Path(cfg.train.output_dir).resolve()
 
 
 def _check_output_dir_for(out_dir: Path, cfg, checkpoint: Path, what: str, default: str,
@@ -267,9 +271,8 @@ def cmd_ckpt(args) -> int:
             raise MtlDistError(f"ckpt ls: {out} is not a directory (give a run's output dir)")
         if out.name == ck.CHECKPOINTS_DIR and not (out / ck.CHECKPOINTS_DIR).is_dir():
             out = out.parent  # OUTPUT/checkpoints: list its run
-        elif not (out / ck.CHECKPOINTS_DIR).is_dir() and (
-                out.name == ck.BEST_DIR or out.parent.name == ck.CHECKPOINTS_DIR):
-            out = out.parent if out.name == ck.BEST_DIR else out.parent.parent  # one of its run's
+        elif not (out / ck.CHECKPOINTS_DIR).is_dir():
+            out = _run_holding(out) or out  # best/ or one checkpoint: list its run
         rows = ck.list_checkpoints(out)
         if not rows:
             print(f"no checkpoints under {args.output_dir}")
