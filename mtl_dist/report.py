@@ -40,6 +40,7 @@ class RunLog:
     labels: dict[str, list[str]] = field(default_factory=dict)
     best_step: int | None = None
     best: dict | None = None  # {"score", "loss", "tasks": {task: {metric: value, ...}}}
+    best_json: dict = field(default_factory=dict)  # best/best.json (step, score, ...); {} if none
 
     @property
     def tasks(self) -> list[str]:
@@ -75,6 +76,8 @@ def load_run(output_dir: str | Path) -> RunLog:
     last = records[-1]
     run.summary = last if last.get("kind") == "summary" else None
     run.labels = _read_json(out / "labels.json") or _read_json(out / "best" / "labels.json") or {}
+    info = _read_json(out / "best" / "best.json")
+    run.best_json = info if isinstance(info, dict) else {}
     run.best_step = _best_step(run)
     run.best = _best_metrics(run)
     return run
@@ -89,15 +92,14 @@ def _read_json(path: Path) -> Any:
 
 def _best_json_score(run: RunLog, otherwise: Any) -> Any:
     """best/best.json's score, else `otherwise`."""
-    info = _read_json(run.output_dir / "best" / "best.json")
-    return info["score"] if isinstance(info, dict) and _finite(info.get("score")) else otherwise
+    score = run.best_json.get("score")
+    return score if _finite(score) else otherwise
 
 
 def _best_step(run: RunLog) -> int | None:
     """best/best.json's step, else the summary's, else the eval with the highest score."""
-    info = _read_json(run.output_dir / "best" / "best.json")
-    if isinstance(info, dict) and isinstance(info.get("step"), int):
-        return info["step"]
+    if isinstance(run.best_json.get("step"), int):
+        return run.best_json["step"]
     if run.summary and isinstance(run.summary.get("best_step"), int) and run.summary["best_step"] >= 0:
         return run.summary["best_step"]
     config = _read_yaml(run.output_dir / "config.yaml")
