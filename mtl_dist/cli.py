@@ -135,42 +135,49 @@ def _one_checkpoint(path: Path) -> None:
                            f"e.g. {newest} (the newest), or {run / 'best'}")
 
 
+@contextlib.contextmanager
 def _trainer_for_inference(args, cfg=None):
+    """A trainer with the checkpoint's weights, closed after use (or a failed load): its
+    process group torn down before the interpreter exits, where gloo's teardown could abort
+    a rank of a multi-process run."""
     from mtl_dist.trainer import Trainer
 
     _one_checkpoint(Path(args.checkpoint))
     cfg = cfg or _load(args.config, args.overrides)
     trainer = Trainer(cfg, for_training=False)
-    trainer.load_weights(args.checkpoint)
-    return trainer
+    try:
+        trainer.load_weights(args.checkpoint)
+        yield trainer
+    finally:
+        trainer.close()
 
 
 def cmd_evaluate(args) -> int:
     # stdout carries the JSON alone, for pipes; the evaluation line and what libraries print
     # on import (DeepSpeed's accelerator warning) go to stderr
-    with contextlib.redirect_stdout(sys.stderr):
-        trainer, result = _evaluate(args)
-    if trainer.accelerator.is_main_process:
+    with contextlib.redirect_stdout(sys.stderr), _trainer_for_inference(args) as trainer:
+        result = _evaluate(trainer, args.split)
+        is_main = trainer.accelerator.is_main_process
+    if is_main:
         print(json.dumps({"score": result["score"], "loss": result["loss"],
                           "tasks": {t: {k: v for k, v in m.items() if k != "confusion_matrix"}
                                     for t, m in result["tasks"].items()}}, indent=1))
     return 0
 
 
-def _evaluate(args):
-    """(trainer, evaluation result) of `mtl-dist evaluate`."""
-    trainer = _trainer_for_inference(args)
+def _evaluate(trainer, split: str):
+    """The evaluation result of `mtl-dist evaluate`."""
     from mtl_dist import data as mdata
 
-    tasks = trainer.dev_data if args.split == "dev" else mdata.load_task_data(
-        trainer.cfg, trainer.tokenizer, args.split, trainer.label_maps)
-    _check_labelled(tasks, args.split)
+    tasks = trainer.dev_data if split == "dev" else mdata.load_task_data(
+        trainer.cfg, trainer.tokenizer, split, trainer.label_maps)
+    _check_labelled(tasks, split)
     scored = [t.name for t in tasks if len(t.labels) and (t.labels >= 0).all()]
     left_out = [t.name for t in trainer.cfg.tasks if t.name not in scored]
     if left_out and trainer.accelerator.is_main_process:  # the score is over the others only
-        print(f"evaluate --split {args.split}: {', '.join(left_out)}: no labelled "
-              f"{args.split} file; the score covers {', '.join(scored)} only", file=sys.stderr)
-    return trainer, trainer.evaluate(tasks)
+        print(f"evaluate --split {split}: {', '.join(left_out)}: no labelled "
+              f"{split} file; the score covers {', '.join(scored)} only", file=sys.stderr)
+    return trainer.evaluate(tasks)
 
 
 def _check_labelled(tasks, split: str) -> None:
@@ -201,9 +208,10 @@ def cmd_predict(args) -> int:
     _check_output_dir_for(out_dir, cfg, Path(args.checkpoint), "predict --output", "predictions",
                           [out_dir / f"{task.name}{suffix}.jsonl" for task in cfg.tasks
                            if task.name not in without])
-    trainer = _trainer_for_inference(args, cfg)
-    records = trainer.predict(args.split)
-    if trainer.accelerator.is_main_process:
+    with _trainer_for_inference(args, cfg) as trainer:
+        records = trainer.predict(args.split)
+        is_main = trainer.accelerator.is_main_process
+    if is_main:
         for name in without:  # an empty file would replace earlier ones
             print(f"{name}: no {args.split} file configured; skipped")
             del records[name]
@@ -232,10 +240,11 @@ def cmd_pseudo_label(args) -> int:
     cfg = _load(args.config, args.overrides)
     out_dir = Path(args.output or _run_of(Path(args.checkpoint), cfg) / "pseudo_labels")
     _check_pseudo_label_targets(cfg, out_dir, Path(args.checkpoint))
-    trainer = _trainer_for_inference(args, cfg)
-    records = trainer.predict("test")
-    if not trainer.accelerator.is_main_process:
-        return 0
+    with _trainer_for_inference(args, cfg) as trainer:
+        records = trainer.predict("test")
+        label_maps = trainer.label_maps
+        if not trainer.accelerator.is_main_process:
+            return 0
     hints, replaced = [], []
     for i, task in enumerate(cfg.tasks):
         if not task.test:
@@ -243,7 +252,7 @@ def cmd_pseudo_label(args) -> int:
             continue
         path, kept, total = write_pseudo_labels(
             out_dir, task, records[task.name], args.threshold, on_bad_row=cfg.data.on_bad_row,
-            labels=trainer.label_maps[task.name])
+            labels=label_maps[task.name])
         earlier = pseudo_label_path(out_dir, task)
         where = f"-> {path}" if path else "(no file written" + (
             f"; the earlier {earlier} is left as it was)" if earlier.exists() else ")")

@@ -402,6 +402,16 @@ class Trainer:
         self.cfg = cfg
         zero.adopt_accelerate_launch(cfg)
         self.accelerator = make_accelerator(cfg)
+        try:
+            self._set_up(cfg, for_training)
+        except BaseException:
+            # Why: a process group left to interpreter exit aborted a rank of a refused
+            # 2-rank start (gloo: "terminate called without an active exception", SIGABRT)
+            # after its one-line error
+            self.close()
+            raise
+
+    def _set_up(self, cfg: RunConfig, for_training: bool) -> None:
         self.engine = None
         acc = self.accelerator
         self.rank, self.world_size = acc.process_index, acc.num_processes
@@ -778,12 +788,16 @@ class Trainer:
 
     def close(self) -> None:
         """Tear down the process group (end of the program; not done by fit, so callers can
-        still inspect sharded state after training) and restore the signal handlers."""
+        still inspect sharded state after training) and restore the signal handlers. Also
+        after a set-up that failed part way (the constructor calls it)."""
+        ckpt = getattr(self, "ckpt", None)
         try:  # an async save left in flight (fit raised): finish it, report a failure, go on
-            self.ckpt.wait()
+            if ckpt is not None:
+                ckpt.wait()
         except Exception as exc:  # noqa: BLE001 - an exception is on its way already
             warnings.warn(f"checkpoint: {exc}", stacklevel=2)
-        self.ckpt.let_go_of_output_dir()
+        if ckpt is not None:
+            ckpt.let_go_of_output_dir()
         if getattr(self, "preemption", None) is not None:
             self.preemption.restore()
         release_host_group()

@@ -257,6 +257,21 @@ def test_ema_applied_restores_zero3_partitions_bit_exactly(tmp_path):
     assert out.count("EMA applied and restored bit-exactly") == 2
 
 
+def test_two_ranks_refused_by_a_run_in_progress_leave_no_process_group(tmp_path):
+    """Another process holds OUTPUT (a run going on): both ranks are refused before their
+    set-up and tear their process groups down, so each exits with its error, not a gloo
+    abort at interpreter exit (it aborted one start in five)."""
+    from mtl_dist.checkpoint import CheckpointManager
+
+    holder = CheckpointManager(tmp_path / "out", save_total_limit=None, recover_best=False)
+    holder.hold_output_dir()
+    try:
+        assert run_script("refused_start.py", tmp_path).count("refused and torn down") == 2
+    finally:
+        holder.let_go_of_output_dir()
+    assert list((tmp_path / "out").iterdir()) == []  # nothing written under a live run
+
+
 def test_two_ranks_refuse_a_used_output_dir_and_overwrite_it_together(straight, tmp_path):
     """The used-dir refusal on both ranks (no rank left waiting), then
     train.overwrite_output_dir: rank 0 deletes the old run (a collective), both go on."""
