@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from mtl_dist.errors import CheckpointError
+from mtl_dist.errors import CheckpointError, MtlDistWarning
 from mtl_dist.rng import capture_rng_state, derived_seed, restore_rng_state, rng_summary, seed_all
 
 log = logging.getLogger(__name__)
@@ -552,7 +552,8 @@ def _clean_stale(directory: Path, patterns: Iterable[re.Pattern[str]], output_di
             try:
                 _safe_rmtree(entry, output_dir)
             except (CheckpointError, OSError) as exc:
-                warnings.warn(f"could not remove stale {entry}: {exc}", stacklevel=3)
+                warnings.warn(f"could not remove stale {entry}: {exc}", MtlDistWarning,
+                              stacklevel=3)
 
 
 # --------------------------------------------------------------------------- reading
@@ -740,6 +741,7 @@ def check_manifest(path: Path, manifest: Mapping[str, Any], expected: Mapping[st
         if diff and key in _WARN_ONLY_KEYS:
             warnings.warn(
                 f"checkpoint {path}: '{diff[0]}' was {_short(diff[1])}, now {_short(diff[2])}",
+                MtlDistWarning,
                 stacklevel=3,
             )
         elif diff:
@@ -903,7 +905,7 @@ class CheckpointManager:
             os.close(fd)
             warnings.warn(f"train.output_dir={self.output_dir}: cannot lock it "
                           f"({_error_text(exc)}): a second run started on it would not be "
-                          "stopped", stacklevel=4)
+                          "stopped", MtlDistWarning, stacklevel=4)
             return None
         self._output_lock = fd
         _HELD_LOCKS.add(fd)
@@ -1388,7 +1390,7 @@ class CheckpointManager:
                 _retire_and_delete(path, self.output_dir)
                 deleted.append(path)
             except (CheckpointError, OSError) as exc:
-                warnings.warn(f"rotation: {exc}", stacklevel=2)
+                warnings.warn(f"rotation: {exc}", MtlDistWarning, stacklevel=2)
         return deleted
 
     def _periodic(self, *, include_symlinks: bool = True) -> list[Path]:
@@ -1517,6 +1519,7 @@ class CheckpointManager:
             _fsync_path(self.output_dir)
             warnings.warn(
                 f"recovered {self.best_dir} from {newest.name} (a save was interrupted)",
+                MtlDistWarning,
                 stacklevel=3,
             )
 
@@ -1532,7 +1535,7 @@ class CheckpointManager:
         if skipped:
             warnings.warn(
                 "skipping incomplete checkpoint(s) (no valid COMMITTED marker): "
-                + ", ".join(sorted(p.name for p in skipped)),
+                + ", ".join(sorted(p.name for p in skipped)), MtlDistWarning,
                 stacklevel=2,
             )
         if not good:
@@ -1700,7 +1703,7 @@ class CheckpointManager:
         seed = derived_seed(f"mtl_dist:{manifest['step']}", rank)
         warnings.warn(
             f"checkpoint {path} has no RNG state for rank {rank} (saved by {manifest['world_size']} ranks); "
-            f"seeding it with derived seed {seed}",
+            f"seeding it with derived seed {seed}", MtlDistWarning,
             stacklevel=2,
         )
         seed_all(seed)
@@ -1793,7 +1796,8 @@ def _install(tmp: Path, final: Path, output_dir: Path, label: str, *, best: bool
         try:
             _safe_rmtree(aside, output_dir)
         except (CheckpointError, OSError) as exc:  # committed already; the next save retries
-            warnings.warn(f"could not remove the replaced {aside}: {exc}", stacklevel=3)
+            warnings.warn(f"could not remove the replaced {aside}: {exc}", MtlDistWarning,
+                          stacklevel=3)
 
 
 def _safe_child(root: Path, name: str, what: str) -> Path:
@@ -1847,6 +1851,7 @@ def _check_entries(path: Path, manifest: Mapping[str, Any], names: list[str], en
     if extra:
         warnings.warn(
             f"checkpoint {path}: ignoring saved state not asked for: {', '.join(extra)}",
+            MtlDistWarning,
             stacklevel=3,
         )
     ds = manifest.get("engine")

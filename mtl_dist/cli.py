@@ -9,9 +9,10 @@ import os
 import shlex
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
-from mtl_dist.errors import ConfigError, MtlDistError
+from mtl_dist.errors import ConfigError, MtlDistError, MtlDistWarning
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
@@ -542,7 +543,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None, *, _python=warnings.formatwarning):
+    """mtl_dist's own warnings as one line, like its errors (Python's format adds the
+    file:line of our code and its source line); other libraries' keep theirs."""
+    if issubclass(category, MtlDistWarning):
+        return f"warning: {message}\n"
+    return _python(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _format_warning
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may also follow the options (`bench CONFIG --steps 50 train.lr=1e-4`).

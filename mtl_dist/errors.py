@@ -29,3 +29,7 @@ class DataError(MtlDistError):
 
 class CheckpointError(MtlDistError):
     """A checkpoint is missing, incomplete, corrupt or does not match this run."""
+
+
+class MtlDistWarning(UserWarning):
+    """A warning of mtl_dist's own; the CLI prints it as one line (`warning: ...`)."""

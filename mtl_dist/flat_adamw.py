@@ -23,6 +23,7 @@ import warnings
 
 import torch
 
+from mtl_dist.errors import MtlDistWarning
 from mtl_dist.master import FlatSegment, MasterWeights
 
 
@@ -95,7 +96,8 @@ class FlatAdamW(torch.optim.AdamW):
             warnings.warn(f"train.flat_masters: the loaded optimizer state gives the "
                           f"{len(steps)} parameters of group {i} different step counts "
                           f"({counts[:5]}); that group steps per tensor through torch's AdamW "
-                          f"(same maths, slower) for the rest of this run", stacklevel=3)
+                          f"(same maths, slower) for the rest of this run", MtlDistWarning,
+                          stacklevel=3)
 
     @staticmethod
     def _relink_after_load(optimizer: FlatAdamW) -> None:

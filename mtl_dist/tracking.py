@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from mtl_dist.errors import MtlDistError
+from mtl_dist.errors import MtlDistError, MtlDistWarning
 
 METRICS_FILE = "metrics.jsonl"
 STEP_METRIC = "global_step"  # wandb's x-axis: our optimizer step, not wandb's own counter
@@ -113,12 +113,13 @@ def _parsed_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
             record = json.loads(line)
         except ValueError:
             warnings.warn(f"{path}:{number}: skipping an unreadable line (a write cut short?)",
+                          MtlDistWarning,
                           stacklevel=3)
             continue
         if not (isinstance(record, dict) and isinstance(record.get("kind"), str)
                 and isinstance(record.get("step"), int)):
             warnings.warn(f"{path}:{number}: skipping a line that is not a record (a JSON "
-                          "object with 'kind' and an integer 'step')", stacklevel=3)
+                          "object with 'kind' and an integer 'step')", MtlDistWarning, stacklevel=3)
             continue
         out.append((line, record))
     return out

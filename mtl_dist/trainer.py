@@ -39,7 +39,7 @@ from mtl_dist.checkpoint import (
 from mtl_dist.collectives import release_host_group, set_host_timeout
 from mtl_dist.config import RunConfig, config_hash, saved_config_yaml
 from mtl_dist.ema import EMA
-from mtl_dist.errors import CheckpointError, ConfigError
+from mtl_dist.errors import CheckpointError, ConfigError, MtlDistWarning
 from mtl_dist.flat_adamw import FlatAdamW
 from mtl_dist.master import MasterWeights
 from mtl_dist.metrics import run_score, task_metrics
@@ -563,7 +563,7 @@ class Trainer:
         if not cfg.cuda_graphs:
             return None
         if self.accelerator.device.type != "cuda":
-            warnings.warn("train.cuda_graphs is ignored on CPU", stacklevel=2)
+            warnings.warn("train.cuda_graphs is ignored on CPU", MtlDistWarning, stacklevel=2)
             return None
         if self.world_size > 1 or cfg.zero_stage:
             raise ConfigError("train.cuda_graphs: supported on one GPU without DeepSpeed; "
@@ -795,7 +795,7 @@ class Trainer:
             if ckpt is not None:
                 ckpt.wait()
         except Exception as exc:  # noqa: BLE001 - an exception is on its way already
-            warnings.warn(f"checkpoint: {exc}", stacklevel=2)
+            warnings.warn(f"checkpoint: {exc}", MtlDistWarning, stacklevel=2)
         if ckpt is not None:
             ckpt.let_go_of_output_dir()
         if getattr(self, "preemption", None) is not None:

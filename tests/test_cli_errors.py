@@ -394,3 +394,24 @@ def test_check_refuses_settings_the_resume_would_refuse(run, capsys, extra, mess
     assert code == 2 and err.startswith(f"error: checkpoint {ckpt}: {message}"), err
     assert {p: p.stat().st_mtime_ns for p in (root / "out").rglob("*")} == before
     assert cli(capsys, "check", DEMO, *overrides, "train.resume=auto")[0] == 0
+
+
+def test_our_warnings_print_as_one_line(tmp_path):
+    """mtl_dist's warnings came out in Python's format: the file:line of our code, the
+    category, then a line of our source code. A user gets `warning: ...`, like an error."""
+    import subprocess
+    import sys
+
+    from tests._runs import REPO, env
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "train/loss": 1.0}\n'
+                                           '{"kind": "tra')  # a write cut short by a kill
+    done = subprocess.run([sys.executable, "-m", "mtl_dist.cli", "report", str(run_dir)],
+                          env=env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    ours = [line for line in done.stderr.splitlines() if "metrics.jsonl:2" in line]
+    assert ours == [f"warning: {run_dir}/metrics.jsonl:2: skipping an unreadable line "
+                    "(a write cut short?)"], done.stderr
+    assert "UserWarning" not in done.stderr and "warnings.warn" not in done.stderr
