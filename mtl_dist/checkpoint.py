@@ -80,8 +80,15 @@ _SAVED_FORMS = {
     "optimizer_settings": lambda v: {**v, "head_lr": v.get("lr")}
     if isinstance(v, dict) and v.get("head_lr") is None else v,
 }
+# Keys added to a saved mapping later: compared only where the checkpoint has them.
+_ADDED_LATER = {"model_shape": ("head",)}
 # Why a difference in these keys cannot be taken: said after the one-line error.
 _WHY_REFUSED = {
+    "data_fingerprints": "that task's training files (tasks.<i>.train and extra_train) are "
+    "not the ones the checkpoint trained on, so the sampler's place in the epoch would point "
+    "at other rows: resume with those files, or start a new run",
+    "model_shape": "the checkpoint's weights are of another model: resume with its model "
+    "settings (model.*), or start a new run",
     "global_batch_size": "global batch = per_device_batch_size x world size: keep it, or set "
     "sampler.on_global_batch_change=replan to go on from the next epoch at the new batch",
     "optimizer_settings": "the restored AdamW state and LR schedule keep the checkpoint's "
@@ -737,6 +744,9 @@ def check_manifest(path: Path, manifest: Mapping[str, Any], expected: Mapping[st
                 f"checkpoint {path}: manifest has no key '{key}' (this run has {_short(want)})"
             )
         saved = _SAVED_FORMS.get(key, lambda v: v)(saved)
+        if isinstance(saved, dict) and isinstance(want, dict):
+            want = {k: v for k, v in want.items()
+                    if k in saved or k not in _ADDED_LATER.get(key, ())}
         diff = _first_difference(saved, want, key)
         if diff and key in _WARN_ONLY_KEYS:
             warnings.warn(

@@ -331,6 +331,7 @@ class MultiTaskModel(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.heads = nn.ModuleDict(
             {str(i): HEADS[head](hidden, n, dropout) for i, n in enumerate(num_labels)})
+        self.head_kind = head
         self.num_labels = list(num_labels)
         # With SDPA, a ready 4D bool mask is used as is: transformers then skips its own mask
         # building, which syncs with the GPU every step (`padding_mask.all()`).

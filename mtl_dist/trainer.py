@@ -235,9 +235,14 @@ def check_resume_settings(cfg: RunConfig, ckpt: CheckpointManager,
     if path is None:
         return
     decided = config_manifest(cfg, label_maps)
+    manifest = training_manifest(path)
+    # of the model's shape, only the head kind is the config's alone (the rest needs the model)
+    shape = manifest.get("run", {}).get("model_shape", manifest.get("model_shape"))
+    if isinstance(shape, dict) and "head" in shape:
+        decided["model_shape"] = {**shape, "head": cfg.model.head}
     # not the ZeRO stage: `accelerate launch --deepspeed_config_file` (train.sh --launch
     # zero2) sets it at the run's start, after this check
-    check_manifest(path, training_manifest(path),
+    check_manifest(path, manifest,
                    {k: decided[k] for k in RESUME_MUST_MATCH if k in decided and k != "zero_stage"})
 
 
@@ -1301,7 +1306,9 @@ def linear_warmup_decay(step: int, warmup: int, total: int) -> float:
 def model_signature(model: torch.nn.Module) -> dict[str, Any]:
     """A compact description of the model's shape: a checkpoint must match it to load."""
     cfg = model.encoder.config
-    return {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
+    # the head kind first: a model.head change is named as such, not by the parameter count
+    return {"head": model.head_kind,
+            "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
             "vocab_size": cfg.vocab_size, "num_labels": list(model.num_labels),
             # ZeRO-3 leaves empty placeholders in the module: count the real sizes.
             "num_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}

@@ -404,6 +404,21 @@ def test_manifest_mismatch_names_the_key(tmp_path: Path, key: str, value, shown:
     assert "\n" not in str(err.value)
 
 
+def test_a_model_shape_key_added_later_is_compared_only_where_saved(tmp_path: Path) -> None:
+    """model_shape.head came after checkpoints were saved without it: those still resume
+    (nothing to compare), newer ones name a head change."""
+    objs = make_objects()
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    older = save(mgr, 1, objs)  # MANIFEST's model_shape has no head
+    newer = save(mgr, 2, objs, manifest={**MANIFEST, "model_shape": {
+        "head": "attention", **MANIFEST["model_shape"]}})
+    expected = {**MANIFEST, "model_shape": {"head": "cls", **MANIFEST["model_shape"]}}
+    mgr.load(older, make_objects(), expected_manifest=expected)
+    with pytest.raises(CheckpointError, match=r"'model_shape.head' differs: checkpoint has "
+                       r'"attention", this run has "cls" \(the checkpoint\'s weights'):
+        mgr.load(newer, make_objects(), expected_manifest=expected)
+
+
 def test_tasks_with_equal_label_counts_in_another_order_are_refused(tmp_path: Path) -> None:
     """Heads are stored by position: two 2-label tasks swapped would load without any shape
     error and each be scored with the other's head; periodic checkpoints and best/ alike."""

@@ -383,6 +383,8 @@ def test_check_refuses_best_as_the_checkpoint_to_resume(run, capsys, tmp_path):
     (["data.max_length=32"], "manifest key 'max_length' differs: checkpoint has 64, this run has 32"),
     (["train.gradient_accumulation_steps=2"], "manifest key 'gradient_accumulation_steps' differs"),
     (["train.metric_for_best=loss"], "manifest key 'metric_for_best' differs"),
+    (["model.head=cls"], "manifest key 'model_shape.head' differs: checkpoint has \"attention\", "
+                         "this run has \"cls\" (the checkpoint's weights are of another model"),
 ])
 def test_check_refuses_settings_the_resume_would_refuse(run, capsys, extra, message):
     """`check` said "config OK" to a resume with a changed lr (or max_length, accumulation,
@@ -415,3 +417,16 @@ def test_our_warnings_print_as_one_line(tmp_path):
     assert ours == [f"warning: {run_dir}/metrics.jsonl:2: skipping an unreadable line "
                     "(a write cut short?)"], done.stderr
     assert "UserWarning" not in done.stderr and "warnings.warn" not in done.stderr
+
+
+def test_a_resume_with_another_head_kind_names_the_head(run, capsys):
+    """A model.head change was refused as 'model_shape.num_parameters' differs (or, for two
+    heads of one size, not before the state dict failed to load)."""
+    root, overrides = run
+    code, _, err = cli(capsys, "train", DEMO, *overrides, "train.resume=auto", "train.max_steps=9",
+                       "model.head=cls")
+    ckpt = root / "out" / "checkpoints" / "checkpoint-8"
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"error: checkpoint {ckpt}: manifest key 'model_shape.head' differs: checkpoint has "
+        '"attention", this run has "cls" (the checkpoint\'s weights are of another model: '
+        "resume with its model settings (model.*), or start a new run)"), err

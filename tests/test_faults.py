@@ -1004,7 +1004,9 @@ def test_resume_with_another_model_size_tasks_or_labels_is_refused(copied_run, c
     prefix = f"error: checkpoint {ckpt}: manifest key"
     assert _resume(capsys, copied_run, cache, "model.arch.hidden_size=32",
                    "model.arch.intermediate_size=64") == \
-        f"{prefix} 'model_shape.hidden_size' differs: checkpoint has 64, this run has 32"
+        f"{prefix} 'model_shape.hidden_size' differs: checkpoint has 64, this run has 32 " \
+        "(the checkpoint's weights are of another model: resume with its model settings " \
+        "(model.*), or start a new run)"
     assert _resume(capsys, copied_run, cache, TASKS_2) == \
         f'{prefix} \'tasks\' differs: checkpoint has ["nli", "emotion", "news"], this run has ' \
         '["nli", "emotion"]'
