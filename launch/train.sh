@@ -114,8 +114,12 @@ cmd=("${MTL_ACCELERATE:-accelerate}" launch --config_file "$ROOT/launch/$file"
 cmd+=("${accel_opts[@]+"${accel_opts[@]}"}" -m mtl_dist.cli train "$config" "$@")
 
 # The config first, in one process: a mistake is one line and exit 2, not one line per rank
-# followed by the launcher's traceback.
-"${MTL_PYTHON:-python3}" -m mtl_dist.cli check "$config" "$@" >/dev/null || exit $?
+# followed by the launcher's traceback. It sees the launch's world size and DeepSpeed JSON, so
+# a resume's global batch, world size and ZeRO stage are checked too.
+check_env=()
+[ -z "$ds_file" ] || check_env=(ACCELERATE_USE_DEEPSPEED=true "ACCELERATE_DEEPSPEED_CONFIG_FILE=$ds_file")
+env "${check_env[@]+"${check_env[@]}"}" "${MTL_PYTHON:-python3}" -m mtl_dist.cli check \
+  --world-size "$(( procs * machines ))" "$config" "$@" >/dev/null || exit $?
 
 echo "[train.sh] launch=$launch gpus=$ngpu procs_per_machine=$procs machines=$machines" \
      "OMP_NUM_THREADS=$OMP_NUM_THREADS" >&2

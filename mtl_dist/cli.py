@@ -86,11 +86,13 @@ def cmd_check(args) -> int:
     would (bad rows, unknown labels; no tokenizing), starting nothing: what launch/train.sh
     runs first, so a mistake is one line, not one per rank plus a traceback."""
     from mtl_dist import data as mdata
+    from mtl_dist import zero
     from mtl_dist.checkpoint import CheckpointManager
     from mtl_dist.model import encoder_config
     from mtl_dist.trainer import check_device, check_output_dir, check_resume_settings
 
     cfg = _load(args.config, args.overrides)
+    zero.adopt_accelerate_launch(cfg)  # launch/train.sh's ZeRO launch, as the run will see it
     check_device(cfg)
     # what the run's start would refuse: the output dir (in use, used, a file, a wrong
     # resume path)
@@ -98,12 +100,10 @@ def cmd_check(args) -> int:
     check_output_dir(cfg, output)
     tokenizer = mdata.load_tokenizer(cfg.model)
     encoder_config(cfg.model, len(tokenizer), tokenizer.pad_token_id)
-    if cfg.train.zero_stage:  # the DeepSpeed JSON against the run (the total batch waits
-        from mtl_dist.zero import build_ds_config  # for the launch's world size)
-
-        build_ds_config(cfg, world_size=None)
+    if cfg.train.zero_stage:  # the DeepSpeed JSON against the run (the total batch needs
+        zero.build_ds_config(cfg, world_size=args.world_size)  # the launch's world size)
     label_maps = mdata.frozen_label_maps(cfg)
-    check_resume_settings(cfg, output, label_maps)
+    check_resume_settings(cfg, output, label_maps, args.world_size)
     for split in ("train", "dev", "test"):
         mdata.check_split(cfg, split, label_maps)
     print(f"config OK: {len(cfg.tasks)} task(s) ({', '.join(cfg.task_names)}), data files "
@@ -473,6 +473,17 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (its message is argparse's one line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtl-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -486,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("check", help="validate a config and its files; start nothing")
     with_config(p)
+    p.add_argument("--world-size", type=_positive_int, default=None, metavar="N",
+                   help="the processes the run will start (launch/train.sh passes it): also "
+                        "check the global batch, ZeRO stage and world size of a resume")
     p.set_defaults(func=cmd_check)
     for name, func, default_split in (("evaluate", cmd_evaluate, "dev"),
                                       ("predict", cmd_predict, "test")):

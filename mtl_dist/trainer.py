@@ -201,6 +201,14 @@ RESUME_MUST_MATCH = ("world_size", "zero_stage", "global_batch_size", "gradient_
                      "versions")
 
 
+def resume_must_match(cfg: RunConfig) -> tuple[str, ...]:
+    """RESUME_MUST_MATCH for this run: with sampler.on_global_batch_change=replan the sampler
+    takes a new global batch (from the next epoch) instead of refusing it."""
+    if cfg.sampler.on_global_batch_change == "replan":
+        return tuple(k for k in RESUME_MUST_MATCH if k != "global_batch_size")
+    return RESUME_MUST_MATCH
+
+
 def config_manifest(cfg: RunConfig, label_maps: Mapping[str, Sequence[str]]) -> dict[str, Any]:
     """The manifest keys the config alone decides (no model, data or launch): what `check`
     compares with the checkpoint a run would resume from."""
@@ -227,23 +235,29 @@ def config_manifest(cfg: RunConfig, label_maps: Mapping[str, Sequence[str]]) -> 
 
 
 def check_resume_settings(cfg: RunConfig, ckpt: CheckpointManager,
-                          label_maps: Mapping[str, Sequence[str]]) -> None:
+                          label_maps: Mapping[str, Sequence[str]],
+                          world_size: int | None = None) -> None:
     """`mtl-dist check`: the config-decided keys the run's resume would refuse (lr, tasks,
-    labels, ...), one line before any launch rather than one per rank."""
+    labels, ...), one line before any launch rather than one per rank. With the launch's
+    `world_size` (launch/train.sh passes it, and sets the ZeRO stage as the launch will),
+    also the world size (ZeRO partitions), the ZeRO stage and the global batch."""
     resume = cfg.train.resume
     path = (ckpt.latest() if resume == "auto" else ckpt.resolve(resume)) if resume else None
     if path is None:
         return
     decided = config_manifest(cfg, label_maps)
+    if world_size is not None:
+        decided["world_size"] = world_size
+        decided["global_batch_size"] = cfg.train.per_device_batch_size * world_size
     manifest = training_manifest(path)
     # of the model's shape, only the head kind is the config's alone (the rest needs the model)
     shape = manifest.get("run", {}).get("model_shape", manifest.get("model_shape"))
     if isinstance(shape, dict) and "head" in shape:
         decided["model_shape"] = {**shape, "head": cfg.model.head}
-    # not the ZeRO stage: `accelerate launch --deepspeed_config_file` (train.sh --launch
-    # zero2) sets it at the run's start, after this check
-    check_manifest(path, manifest,
-                   {k: decided[k] for k in RESUME_MUST_MATCH if k in decided and k != "zero_stage"})
+    # without the launch's world size, not the ZeRO stage either: `accelerate launch
+    # --deepspeed_config_file` (train.sh --launch zero2) may set it at the run's start
+    check_manifest(path, manifest, {k: decided[k] for k in resume_must_match(cfg)
+                                    if k in decided and (world_size or k != "zero_stage")})
 
 
 def check_output_dir(cfg: RunConfig, ckpt: CheckpointManager, say=print) -> None:
@@ -814,13 +828,11 @@ class Trainer:
         path = self.ckpt.resolve(self.cfg.train.resume)
         if path is None:
             return False
-        must_match = RESUME_MUST_MATCH
-        if self.cfg.sampler.on_global_batch_change == "replan":  # the sampler checks it
-            must_match = tuple(k for k in must_match if k != "global_batch_size")
         manifest = self.manifest()
         try:
             trainer_state = self.ckpt.load(path, self.app_state(), engine=self.engine,
-                                           expected_manifest={k: manifest[k] for k in must_match})
+                                           expected_manifest={k: manifest[k] for k in
+                                                              resume_must_match(self.cfg)})
         except CheckpointError as exc:
             raise CheckpointError(f"{exc}{self._intact_hint(path, exc)}") from None
         self.state.load_state_dict(trainer_state)

@@ -366,6 +366,28 @@ def test_check_reads_the_data_files_as_training_would(cpu_env, tmp_path, train, 
 
 # ------------------------------------------------------------------ real launches (slow)
 @pytest.mark.slow
+def test_train_sh_checks_a_resumes_global_batch_before_launching(reference_run, cache_dir,
+                                                                 cpu_env):
+    """train.sh's `check` now knows the launch's world size: resuming the 2-process run on 1
+    process (global batch 32 -> 16) is one line before the launch, not one per rank after."""
+    out, _, _ = reference_run
+    ckpt = out / "checkpoints" / f"checkpoint-{MAX_STEPS}"
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    resume = [*demo_args(out, cache_dir), "train.resume=auto"]
+    refused = dry_run(["--launch", "cpu", "--procs", "1", *resume], cpu_env, MTL_NUM_GPUS="0")
+    assert refused.returncode == 2 and "[train.sh]" not in refused.stderr, refused.stderr
+    assert refused.stderr.strip().splitlines() == [
+        f"error: checkpoint {ckpt}: manifest key 'global_batch_size' differs: checkpoint has 32, "
+        "this run has 16 (global batch = per_device_batch_size x world size: keep it, or set "
+        "sampler.on_global_batch_change=replan to go on from the next epoch at the new batch)"]
+    for kept in (["--procs", "2", *resume], ["--procs", "1", *resume,
+                                             "train.per_device_batch_size=32"]):
+        allowed = dry_run(["--launch", "cpu", *kept], cpu_env, MTL_NUM_GPUS="0")
+        assert allowed.returncode == 0 and "[train.sh] accelerate" in allowed.stderr, \
+            allowed.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
 def test_cpu_multi_config_trains_with_two_real_ranks(reference_run):
     out, rc, log = reference_run
     assert rc == 0, tail(log)

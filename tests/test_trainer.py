@@ -809,6 +809,40 @@ def test_check_leaves_the_zero_stage_of_a_resume_to_the_launch(tmp_path, capsys)
     assert "manifest key 'optimizer_settings.lr' differs" in capsys.readouterr().err
 
 
+def test_check_with_the_launchs_world_size_checks_what_the_launch_decides(tmp_path, capsys,
+                                                                          monkeypatch):
+    """Given the launch's world size and DeepSpeed file (launch/train.sh passes both),
+    `check` also refuses a resume's other ZeRO stage and world size (ZeRO partitions): they
+    used to be refused once per rank, after the launch. (The global batch: test_launch.)"""
+    from mtl_dist.cli import main
+    from tests._runs import REPO
+
+    common = [str(DEMO), f"train.output_dir={tmp_path / 'out'}",
+              f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=2", "train.resume=auto"]
+    Trainer(demo_cfg(tmp_path, "train.zero_stage=2", "train.max_steps=1", "train.eval_steps=null",
+                     "checkpoint.save_steps=1", "checkpoint.save_best=false")).fit()
+    ckpt = tmp_path / "out" / "checkpoints" / "checkpoint-1"
+    capsys.readouterr()
+    # a DDP launch of 1 process: the checkpoint's ZeRO-2 partitions cannot be taken
+    assert main(["check", "--world-size", "1", *common]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: checkpoint {ckpt}: manifest key 'zero_stage' differs: checkpoint has 2, this "
+        "run has 0")
+
+    def zero2_launch():  # what `accelerate launch --deepspeed_config_file` gives the process
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(REPO / "launch" / "ds_zero2.json"))
+
+    zero2_launch()
+    assert main(["check", "--world-size", "1", *common]) == 0, capsys.readouterr().err
+    zero2_launch()
+    assert main(["check", "--world-size", "2", *common]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: checkpoint {ckpt}: manifest key 'world_size' differs: checkpoint has 1, this "
+        "run has 2; ZeRO stage 2 partitions cannot be re-sharded in place: run `mtl-dist ckpt "
+        "convert")
+
+
 def test_under_metric_for_best_loss_best_is_shown_as_a_loss(tmp_path, capsys):
     """best/'s number is the eval loss then: `ckpt ls` and the end line say so, beside the
     periodic checkpoints' run scores."""
