@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -811,6 +812,18 @@ class _PendingSave:
     background_s: float | None = None
 
 
+def improves_on(score: float, best: float | None, greater_is_better: bool) -> bool:
+    """Whether `score` is a new best against `best` (None: nothing yet). A NaN (a diverged
+    evaluation) is never a best, and a NaN best is beaten by any number: taken as the best
+    before, every later evaluation compared False against it, early stopping fired, and best/
+    kept the diverged model for good."""
+    if math.isnan(score):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return score > best if greater_is_better else score < best
+
+
 _HELD_LOCKS: set[int] = set()  # output-dir lock descriptors this process holds
 
 
@@ -1504,10 +1517,7 @@ class CheckpointManager:
 
     def improves(self, score: float) -> bool:
         """Whether `score` beats the committed best (mode from greater_is_better)."""
-        best = self.best_score()
-        if best is None:
-            return True
-        return score > best if self.greater_is_better else score < best
+        return improves_on(score, self.best_score(), self.greater_is_better)
 
     def _recover_best(self) -> None:
         """After a crash mid-swap, reinstall the newest committed `.old-best-*`/`.tmp-best-*`."""

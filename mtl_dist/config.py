@@ -1122,8 +1122,15 @@ def _validate(run: RunConfig, sources: _Sources) -> None:
 
 
 def _validate_evaluation(run: RunConfig) -> None:
-    """Evaluation keys without a dev file: no evaluation would ever run, so say so."""
-    if any(t.dev for t in run.tasks):
+    """Evaluation keys without a dev file: no evaluation would ever run, so say so. With dev
+    files, one of their tasks must count in the run score (a weighted mean over them)."""
+    evaluated = [t for t in run.tasks if t.dev]
+    if evaluated and not any(t.score_weight > 0 for t in evaluated):
+        raise _Problem("tasks", "config key 'tasks': expected a task with a dev file and "
+                                "score_weight > 0 (the run score is a weighted mean over the "
+                                "evaluated tasks), got dev files only for "
+                                f"{', '.join(t.name for t in evaluated)} (score_weight 0)")
+    if evaluated:
         return
     for key in ("train.eval_steps", "train.early_stopping_patience"):
         if _get(run, key):

@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
+from mtl_dist.errors import MtlDistError
+
 METRICS = ("accuracy", "macro_f1")
 
 
@@ -30,4 +32,8 @@ def run_score(per_task: Mapping[str, Mapping[str, float]], metric_of: Mapping[st
               weight_of: Mapping[str, float]) -> float:
     """Weighted mean of each task's chosen metric (the reference baseline: plain mean)."""
     total = sum(weight_of[t] for t in per_task)
+    if total <= 0:  # config validation refuses this for dev; a split's labels may still
+        raise MtlDistError(f"run score: no evaluated task has score_weight > 0 (evaluated: "
+                           f"{', '.join(per_task) or 'none'}), so there is no score to compute")
     return float(sum(weight_of[t] * per_task[t][metric_of[t]] for t in per_task) / total)
+

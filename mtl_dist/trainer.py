@@ -31,6 +31,7 @@ from mtl_dist.checkpoint import (
     CheckpointManager,
     check_label_maps_of,
     check_manifest,
+    improves_on,
     is_committed,
     load_state_checked,
     read_manifest,
@@ -80,8 +81,7 @@ class EarlyStopping:
 
     def update(self, score: float, step: int) -> bool:
         """Record an evaluation; True when it is a new best."""
-        better = self.best_score is None or (
-            score > self.best_score if self.greater_is_better else score < self.best_score)
+        better = improves_on(score, self.best_score, self.greater_is_better)
         if better:
             self.best_score, self.best_step, self.bad_evals = score, step, 0
         else:
@@ -1055,8 +1055,11 @@ class Trainer:
         cfg = self.cfg
         result = self.evaluate()
         self.state.score, self.state.last_eval_step = result["score"], step
-        improved = self.early.update(result["score"] if cfg.train.metric_for_best != "loss"
-                                     else result["loss"], step)
+        value = result["score"] if cfg.train.metric_for_best != "loss" else result["loss"]
+        if math.isnan(value):
+            self._say(f"eval at step {step}: {cfg.train.metric_for_best} is NaN (diverged?): "
+                      "not taken as a best")
+        improved = self.early.update(value, step)
         if improved and cfg.checkpoint.save_best and self._beats_saved_best(step):
             self._save_best(result)
         if not self.early.should_stop:
@@ -1179,8 +1182,7 @@ class Trainer:
         than the checkpoint this run resumed from knows of (a save killed after best/ was
         written, then a resume from the checkpoint before)."""
         score, saved = self.early.best_score, self.saved_best
-        if saved is None or score is None or \
-                (score > saved if self.ckpt.greater_is_better else score < saved):
+        if score is None or improves_on(score, saved, self.ckpt.greater_is_better):
             self.saved_best = score
             return True
         self._say(f"eval at step {step}: {score:.6g} is this run's best but not best/'s "

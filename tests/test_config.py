@@ -466,6 +466,17 @@ def test_evaluation_keys_without_any_dev_file_are_refused(key: str) -> None:
     assert load_config(None, [*dev, f"{key}=2"])
 
 
+def test_dev_files_only_for_tasks_outside_the_run_score_are_refused() -> None:
+    """Only a zero-weight task had a dev file: `check` passed, and training died with a
+    ZeroDivisionError traceback at its first evaluation, before that step's save."""
+    tasks = ("tasks=[{name: nli, train: 'demo:nli/train'}, "
+             "{name: news, train: 'demo:news/train', dev: 'demo:news/dev', score_weight: 0}]")
+    with pytest.raises(ConfigError, match=r"config key 'tasks': expected a task with a dev file "
+                       r"and score_weight > 0 .*, got dev files only for news \(score_weight 0\)"):
+        load_config(None, [tasks])
+    assert load_config(None, [tasks.replace("score_weight: 0", "score_weight: 0.5")])
+
+
 def test_a_string_key_takes_demo_colon_literally_on_the_command_line() -> None:
     assert load_config(None, [*DEMO, "model.tokenizer=demo:"]).model.tokenizer == "demo:"
 

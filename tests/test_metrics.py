@@ -1,6 +1,7 @@
 """Metrics against hand-computed values."""
 
 import numpy as np
+import torch
 import pytest
 from sklearn.metrics import f1_score
 
@@ -37,3 +38,33 @@ def test_run_score_is_the_weighted_mean_of_chosen_metrics():
         pytest.approx(0.6)
     assert run_score(per_task, {"a": "accuracy", "b": "accuracy"}, {"a": 3, "b": 1}) == \
         pytest.approx((3 * 0.9 + 0.6) / 4)
+
+
+def test_a_run_score_over_zero_weight_tasks_is_one_line():
+    """`evaluate --split test` where only zero-weight tasks have labels: a ZeroDivisionError."""
+    from mtl_dist.errors import MtlDistError
+
+    with pytest.raises(MtlDistError, match=r"run score: no evaluated task has score_weight > 0 "
+                       r"\(evaluated: news\)"):
+        run_score({"news": {"accuracy": 0.5}}, {"news": "accuracy"}, {"news": 0.0})
+
+
+@pytest.mark.parametrize("greater", [True, False])
+def test_a_nan_evaluation_is_never_a_best_and_a_nan_best_is_beaten(greater, tmp_path):
+    """A diverged first evaluation (NaN) became the best: every later one compared False
+    against it, early stopping fired after `patience` evaluations, and best/ kept the NaN
+    model for good, also across resumes."""
+    from mtl_dist.checkpoint import CheckpointManager, improves_on
+    from mtl_dist.trainer import EarlyStopping
+
+    nan, good, better = float("nan"), (0.5 if greater else 2.0), (0.6 if greater else 1.5)
+    early = EarlyStopping(patience=2, greater_is_better=greater)
+    assert early.update(nan, 8) is False and early.best_score is None and early.bad_evals == 1
+    assert early.update(good, 16) is True and (early.best_score, early.best_step) == (good, 16)
+    assert early.update(nan, 24) is False and early.best_score == good
+    assert early.update(better, 32) is True and not early.should_stop
+    assert improves_on(good, nan, greater)  # a NaN best saved by an older version
+    assert not improves_on(nan, None, greater)
+    mgr = CheckpointManager(tmp_path, save_total_limit=None, greater_is_better=greater)
+    mgr.save_best(8, nan, {"w": torch.zeros(1)}, extra_files={}, metadata={})
+    assert mgr.improves(good) and not mgr.improves(nan)
