@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import netrc
@@ -25,6 +26,12 @@ METRICS_FILE = "metrics.jsonl"
 STEP_METRIC = "global_step"  # wandb's x-axis: our optimizer step, not wandb's own counter
 TENSORBOARD_DIR = "tensorboard"
 WANDB_HOST = "api.wandb.ai"
+
+
+def _first_line(exc: BaseException) -> str:
+    """`Type: message`, its first line only (tracker libraries raise long messages)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, float]:
@@ -156,23 +163,38 @@ def eval_values(result: Mapping[str, Any]) -> dict[str, float]:
 def wandb_api_key_configured(environ: Mapping[str, str] | None = None,
                              home: str | Path | None = None) -> bool:
     """True when WANDB_API_KEY is set or a netrc file ($NETRC, ~/.netrc, ~/_netrc) holds an
-    entry for the wandb host (WANDB_BASE_URL's, default api.wandb.ai) — what `wandb login` writes."""
+    entry for the wandb host — what `wandb login` writes: WANDB_BASE_URL's host, else the
+    installed wandb's default (api.forge.coreweave.com since wandb 0.31) or api.wandb.ai."""
     environ = os.environ if environ is None else environ
     if environ.get("WANDB_API_KEY"):
         return True
-    host = urlparse(environ.get("WANDB_BASE_URL") or f"https://{WANDB_HOST}").hostname or WANDB_HOST
+    if environ.get("WANDB_BASE_URL"):
+        hosts = [urlparse(environ["WANDB_BASE_URL"]).hostname or WANDB_HOST]
+    else:
+        hosts = list(dict.fromkeys([_wandb_default_host(), WANDB_HOST]))
     home = Path(home) if home is not None else Path.home()
     candidates = [Path(environ["NETRC"])] if environ.get("NETRC") else \
         [home / ".netrc", home / "_netrc"]
     for path in candidates:
         try:
             # An explicit file skips netrc's permission check: wandb does not make one either.
-            auth = netrc.netrc(str(path)).authenticators(host) if path.is_file() else None
-            if auth and auth[2]:  # (login, account, password): the key is the password
-                return True
+            entries = netrc.netrc(str(path)) if path.is_file() else None
         except (OSError, netrc.NetrcParseError):
             continue
+        for host in hosts if entries else ():
+            auth = entries.authenticators(host)
+            if auth and auth[2]:  # (login, account, password): the key is the password
+                return True
     return False
+
+
+def _wandb_default_host() -> str:
+    """The host `wandb login` writes its key for when WANDB_BASE_URL is unset."""
+    try:
+        from wandb.sdk.lib.urls import DEFAULT_BASE_URL
+    except ImportError:  # older wandb: api.wandb.ai
+        return WANDB_HOST
+    return urlparse(DEFAULT_BASE_URL).hostname or WANDB_HOST
 
 
 def new_run_id(length: int = 8) -> str:
@@ -187,7 +209,8 @@ def _offline_reason(environ: Mapping[str, str]) -> str | None:
         return None
     if wandb_api_key_configured(environ):
         return None
-    return f"no wandb API key configured (WANDB_API_KEY unset, no {WANDB_HOST} entry in ~/.netrc)"
+    return (f"no wandb API key configured (WANDB_API_KEY unset, no {_wandb_default_host()} "
+            "entry in ~/.netrc)")
 
 
 class Tracking:
@@ -235,8 +258,17 @@ class Tracking:
         new_id = (run_id or new_run_id()) if "wandb" in self.backends else run_id
         acc = self.accelerator
         acc.project_configuration.logging_dir = str(self.output_dir / TENSORBOARD_DIR)
-        acc.init_trackers(self.cfg.tracking.project,
-                          init_kwargs=self._init_kwargs(new_id, resume_step))
+        try:
+            acc.init_trackers(self.cfg.tracking.project,
+                              init_kwargs=self._init_kwargs(new_id, resume_step))
+        except Exception as exc:  # noqa: BLE001 - whatever the tracker library raises
+            # half-started trackers: their finish() at the run's end failed again, and its
+            # AttributeError was the last line printed, not the cause
+            acc.trackers.clear()
+            hint = ("; without network, WANDB_MODE=offline logs offline for a later "
+                    "`wandb sync`") if "wandb" in self.backends else ""
+            raise MtlDistError(f"tracking.backends={list(self.backends)}: could not start: "
+                               f"{_first_line(exc)}{hint}") from exc
         started = set()
         for tracker in acc.trackers:
             started.add(tracker.name)
@@ -307,11 +339,29 @@ class Tracking:
 
     def _to_trackers(self, step: int, scalars: dict[str, float],
                      wandb_extra: Mapping[str, Any] | None = None) -> None:
-        for tracker in self.accelerator.trackers:
+        for tracker in list(self.accelerator.trackers):
             if tracker.name == "wandb":
-                tracker.log({STEP_METRIC: step, **scalars, **(wandb_extra or {})})
+                self._guarded(tracker, f"step {step}", lambda t=tracker: t.log(
+                    {STEP_METRIC: step, **scalars, **(wandb_extra or {})}))
             else:
-                tracker.log(scalars, step=step)
+                self._guarded(tracker, f"step {step}",
+                              lambda t=tracker: t.log(scalars, step=step))
+
+    def _guarded(self, tracker: Any, when: str, call) -> bool:
+        """Run one tracker call; a tracker that fails (its service died, its disk filled) is
+        dropped with a warning instead of ending the training: it killed the run with no
+        checkpoint at the stop. metrics.jsonl, written first, keeps every record."""
+        try:
+            call()
+            return True
+        except Exception as exc:  # noqa: BLE001 - whatever the tracker library raises
+            self.accelerator.trackers.remove(tracker)
+            warnings.warn(f"tracking: {tracker.name} failed at {when} ({_first_line(exc)}); "
+                          f"not logging to it for the rest of this run ({self.metrics.path} "
+                          "keeps every record)", MtlDistWarning, stacklevel=3)
+            with contextlib.suppress(Exception):
+                tracker.finish()
+            return False
 
     def log_eval(self, step: int, result: Mapping[str, Any],
                  label_maps: Mapping[str, list[str]]) -> None:
@@ -326,8 +376,10 @@ class Tracking:
         names = {t.name: t for t in self.accelerator.trackers}
         extra = _wandb_confusion_plots(step, matrices, label_maps) if "wandb" in names else None
         self._to_trackers(step, _scalars(values), extra)
-        if "tensorboard" in names:
-            _tensorboard_confusion_images(names["tensorboard"].writer, step, matrices, label_maps)
+        if "tensorboard" in names and names["tensorboard"] in self.accelerator.trackers:
+            board = names["tensorboard"]
+            self._guarded(board, f"step {step}", lambda: _tensorboard_confusion_images(
+                board.writer, step, matrices, label_maps))
 
     def finish(self, summary: Mapping[str, Any]) -> None:
         """The summary record; best score/step into the wandb summary; trackers closed (so a
@@ -336,10 +388,12 @@ class Tracking:
             self.active = False
             return
         self.metrics.log("summary", summary.get("global_step", 0), dict(summary))
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "wandb":
-                tracker.tracker.summary.update(_wandb_summary(summary, self.cfg))
-            tracker.finish()
+        for tracker in list(self.accelerator.trackers):
+            if tracker.name == "wandb" and not self._guarded(
+                    tracker, "the summary",
+                    lambda t=tracker: t.tracker.summary.update(_wandb_summary(summary, self.cfg))):
+                continue
+            self._guarded(tracker, "its finish", tracker.finish)
         self.accelerator.trackers.clear()
         self.active = False
         if not self.point_to_outputs:

@@ -235,6 +235,22 @@ def test_api_key_detection_env_netrc_and_base_url(tmp_path):
     assert not wandb_api_key_configured({}, home=home)
 
 
+def test_a_key_for_the_installed_wandbs_default_host_counts(tmp_path, monkeypatch):
+    """wandb 0.31's `wandb login` writes its key for api.forge.coreweave.com (its default
+    base URL): a logged-in user was forced offline, told no key was configured."""
+    pytest.importorskip("wandb")
+    from urllib.parse import urlparse
+
+    from wandb.sdk.lib.urls import DEFAULT_BASE_URL
+
+    (tmp_path / ".netrc").write_text(f"machine {urlparse(DEFAULT_BASE_URL).hostname} login user "
+                                     "password " + "k" * 40 + "\n")
+    assert wandb_api_key_configured({}, home=tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("NETRC", raising=False)
+    assert _offline_reason({}) is None  # not forced offline
+
+
 def test_offline_only_when_no_key_and_no_explicit_mode(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("NETRC", raising=False)
@@ -275,3 +291,54 @@ def test_a_line_that_is_not_a_record_is_skipped_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match=r"metrics.jsonl:2: skipping a line that is not a record"):
         records = read_metrics(tmp_path)
     assert [(r["kind"], r["step"]) for r in records] == [("train", 1), ("eval", 1)]
+
+
+def test_a_tracker_failing_mid_run_is_dropped_and_training_goes_on(tmp_path, cache, monkeypatch):
+    """wandb's service killed mid-run: its log() raised, and the run died with no checkpoint
+    at the stop (the console showed only the tracker's own teardown failing). The failing
+    tracker is dropped with one warning; training, checkpoints and metrics.jsonl go on."""
+    from accelerate.tracking import TensorBoardTracker
+
+    real_log, calls = TensorBoardTracker.log, []
+
+    def dies_at_the_third_call(self, values, step=None, **kwargs):
+        calls.append(step)
+        if len(calls) >= 3:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return real_log(self, values, step=step, **kwargs)
+
+    monkeypatch.setattr(TensorBoardTracker, "log", dies_at_the_third_call)
+    out = tmp_path / "out"
+    cfg = load_config(DEMO, [f"train.output_dir={out}", f"data.cache_dir={cache}", *RUN,
+                             "tracking.backends=[tensorboard]"])
+    trainer = Trainer(cfg)
+    with pytest.warns(UserWarning, match=r"tracking: tensorboard failed at step \d+ "
+                      r"\(ConnectionResetError: \[Errno 104\] Connection reset by peer\); not "
+                      r"logging to it for the rest of this run \(.*metrics.jsonl keeps every "
+                      r"record\)") as caught:
+        summary = trainer.fit()
+    trainer.close()
+    assert summary["global_step"] == 8 and len(calls) == 3  # dropped: never called again
+    assert len([w for w in caught if "tracking: tensorboard" in str(w.message)]) == 1
+    assert (out / "checkpoints" / "checkpoint-8" / "COMMITTED").exists()
+    assert [r["step"] for r in records(out, "train")] == [2, 4, 6, 8]
+
+
+def test_a_tracker_that_cannot_start_is_one_line(tmp_path, cache):
+    """OUTPUT/tensorboard a file (or wandb without network): a chained traceback whose last
+    line was accelerate's AttributeError ('no attribute writer') from the half-started
+    tracker's finish, not the cause."""
+    from mtl_dist.errors import MtlDistError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tensorboard").write_text("not a directory")
+    cfg = load_config(DEMO, [f"train.output_dir={out}", f"data.cache_dir={cache}", *RUN,
+                             "tracking.backends=[tensorboard]"])
+    trainer = Trainer(cfg)
+    with pytest.raises(MtlDistError, match=r"^tracking.backends=\['tensorboard'\]: could not "
+                       r"start: (NotADirectoryError|FileExistsError): ") as err:
+        trainer.fit()
+    assert "\n" not in str(err.value)
+    trainer.close()  # what `mtl-dist train` does next: it raised AttributeError here
+    assert not (out / "checkpoints").exists()
