@@ -1977,7 +1977,7 @@ def list_checkpoints(output_dir: str | Path) -> list[CheckpointInfo]:
                     step,
                     complete,
                     _dir_size(p),
-                    complete and step == best_step,
+                    complete and step == best_step and _same_model_score(p, best),
                     _score_of(p) if complete else None,
                     damage(p) if complete else None,
                 )
@@ -2001,6 +2001,18 @@ def _read_best_json(best: Path) -> dict:
 def _best_metric(best: Path) -> str:
     """'loss' when best/ was chosen by metric_for_best=loss (best.json says), else 'score'."""
     return "loss" if _read_best_json(best).get("metric_for_best") == "loss" else "score"
+
+
+def _same_model_score(path: Path, best: Path) -> bool:
+    """Whether a checkpoint at best/'s step scored what best/ did: after a resume from an
+    older checkpoint, this line's checkpoint at that step is another model than best/ (the
+    line set aside), and was marked [best] by its step alone. Unknown scores: True."""
+    try:
+        best_score = json.loads((best / "metrics.json").read_text()).get("score")
+    except (OSError, ValueError, AttributeError):
+        return True
+    score = _score_of(path)
+    return not isinstance(best_score, (int, float)) or score is None or score == best_score
 
 
 def _score_of(path: Path) -> float | None:

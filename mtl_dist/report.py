@@ -122,6 +122,17 @@ def _read_yaml(path: Path) -> Any:
         return None
 
 
+def _is_best_record(run: RunLog, record: Mapping[str, Any]) -> bool:
+    """Whether an eval record is the evaluation best/ came from: its step, and its score (or
+    loss) where best.json has one. After a resume from an older checkpoint, this line's eval
+    at best/'s step is another model's, and was shown as best/'s."""
+    if record.get("step") != run.best_step:
+        return False
+    saved = run.best_json.get("score")
+    key = "eval/loss" if run.best_json.get("metric_for_best") == "loss" else "eval/score"
+    return not _finite(saved) or not _finite(record.get(key)) or record[key] == saved
+
+
 def _best_metrics(run: RunLog) -> dict | None:
     """The best checkpoint's metrics: best/metrics.json when it has confusion matrices, else
     the eval record at the best step (its matrices are in `confusion_matrices`)."""
@@ -129,7 +140,7 @@ def _best_metrics(run: RunLog) -> dict | None:
     if isinstance(saved, dict) and saved.get("tasks") and all(
             "confusion_matrix" in m for m in saved["tasks"].values()):
         return saved
-    record = next((r for r in reversed(run.evals) if r["step"] == run.best_step), None)
+    record = next((r for r in reversed(run.evals) if _is_best_record(run, r)), None)
     if record is None:
         return saved if isinstance(saved, dict) else None
     matrices = record.get("confusion_matrices") or {}
@@ -343,7 +354,7 @@ def render_html(run: RunLog, plots: Sequence[tuple[str, Path]]) -> str:
     if run.best:
         what = "Best checkpoint" if (run.output_dir / "best").is_dir() else "Best evaluation"
         parts.append(_metrics_table(f"{what} (step {run.best_step}), dev set", run.best))
-    if run.evals and run.evals[-1]["step"] != run.best_step:
+    if run.evals and not _is_best_record(run, run.evals[-1]):
         last = run.evals[-1]
         parts.append(_metrics_table(f"Last evaluation (step {last['step']}), dev set",
                                     _eval_as_metrics(last)))

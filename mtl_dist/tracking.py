@@ -413,7 +413,10 @@ def _kept_from_before(best: Path, summary: Mapping[str, Any]) -> str:
         info = json.loads((best / "best.json").read_text())
     except (OSError, ValueError):
         return ""
-    if not isinstance(info, dict) or info.get("step") in (None, summary.get("best_step")):
+    if not isinstance(info, dict) or info.get("step") is None:
+        return ""
+    # the same step is not enough: a resumed line's best can be at best/'s step, another model
+    if info["step"] == summary.get("best_step") and info.get("score") == summary.get("best_score"):
         return ""
     return (f" (it holds step {info['step']}, {info.get('metric_for_best', 'score')} "
             f"{info.get('score')}: better than this line's best, so kept)")

@@ -488,6 +488,34 @@ def test_a_resumed_run_keeps_a_better_best_than_its_checkpoint_knows_of(tmp_path
     assert "is this run's best but not best/'s (0.99); best/ kept" in printed
 
 
+def test_a_kept_best_at_the_same_step_as_this_lines_best_is_not_taken_for_it(tmp_path, capsys):
+    """best/ from the line set aside and this line's best at the same step: the end line,
+    the report and `ckpt ls` paired them by step alone (no "it holds" note, this line's
+    last evaluation left out of the report, this line's checkpoint marked [best])."""
+    from mtl_dist.checkpoint import CheckpointManager, load_model_state
+    from mtl_dist.cli import main
+    from mtl_dist.report import build_report
+
+    Trainer(demo_cfg(tmp_path, "train.max_steps=8")).fit()
+    out = tmp_path / "out"
+    kept = {"score": 0.99, "loss": 0.5, "tasks": {}}
+    CheckpointManager(out, save_total_limit=None).save_best(
+        16, 0.99, load_model_state(out / "best"), metadata={},
+        extra_files={"metrics.json": json.dumps(kept)})
+    capsys.readouterr()
+    Trainer(demo_cfg(tmp_path, "train.max_steps=16", "train.resume=auto")).fit()
+    evals = records(out, "eval")
+    assert [r["step"] for r in evals] == [8, 16] and evals[1]["eval/score"] < 0.99
+    printed = capsys.readouterr().out
+    assert f"best checkpoint: {out / 'best'} (it holds step 16, score 0.99: better than this " \
+        "line's best, so kept)" in printed
+    page = build_report(out).read_text()
+    assert "Last evaluation (step 16)" in page and "<th>best score</th><td>0.9900</td>" in page
+    assert main(["ckpt", "ls", str(out)]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert [r.split()[0] for r in rows if r.rstrip().endswith("[best]")] == [str(out / "best")]
+
+
 def fit_with_a_signal_during_step(trainer, step: int, sig: int = signal.SIGUSR1) -> dict:
     """fit(), with a real `sig` (a stop signal) sent to this process during `step`."""
     optimizer_step = trainer._optimizer_step
