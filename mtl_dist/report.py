@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from mtl_dist.errors import DataError
+from mtl_dist.errors import DataError, MtlDistWarning
 from mtl_dist.tracking import METRICS_FILE, read_metrics
 
 REPORT_DIR = "report"
@@ -75,12 +76,37 @@ def load_run(output_dir: str | Path) -> RunLog:
     # run that went on: it does not describe the run.
     last = records[-1]
     run.summary = last if last.get("kind") == "summary" else None
-    run.labels = _read_json(out / "labels.json") or _read_json(out / "best" / "labels.json") or {}
+    run.labels = _label_lists(out / "labels.json") or _label_lists(out / "best" / "labels.json")
     info = _read_json(out / "best" / "best.json")
     run.best_json = info if isinstance(info, dict) else {}
     run.best_step = _best_step(run)
     run.best = _best_metrics(run)
     return run
+
+
+def _left_out(what: str) -> None:
+    """A hand-edited or damaged value the report can do without: a warning, not a traceback."""
+    warnings.warn(f"report: {what}; left out", MtlDistWarning, stacklevel=3)
+
+
+def _label_lists(path: Path) -> dict[str, list[str]]:
+    """labels.json's task -> label names ({} when absent); a damaged one is left out."""
+    labels = _read_json(path)
+    if labels is None:
+        return {}
+    if not (isinstance(labels, dict) and all(
+            isinstance(v, list) and all(isinstance(x, str) for x in v) for v in labels.values())):
+        _left_out(f"{path}: not a mapping of task names to label lists")
+        return {}
+    return labels
+
+
+def _counts_table(matrix: Any) -> bool:
+    """A confusion matrix as written: a square list of lists of non-negative integers."""
+    return isinstance(matrix, list) and bool(matrix) and all(
+        isinstance(row, list) and len(row) == len(matrix)
+        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in row)
+        for row in matrix)
 
 
 def _read_json(path: Path) -> Any:
@@ -136,14 +162,21 @@ def _is_best_record(run: RunLog, record: Mapping[str, Any]) -> bool:
 def _best_metrics(run: RunLog) -> dict | None:
     """The best checkpoint's metrics: best/metrics.json when it has confusion matrices, else
     the eval record at the best step (its matrices are in `confusion_matrices`)."""
-    saved = _read_json(run.output_dir / "best" / "metrics.json")
-    if isinstance(saved, dict) and saved.get("tasks") and all(
-            "confusion_matrix" in m for m in saved["tasks"].values()):
+    path = run.output_dir / "best" / "metrics.json"
+    saved = _read_json(path)
+    if saved is not None and not (isinstance(saved, dict) and isinstance(saved.get("tasks"), dict)
+                                  and all(isinstance(m, dict) for m in saved["tasks"].values())):
+        _left_out(f"{path}: not the metrics of an evaluation (score, loss, tasks)")
+        saved = None
+    if saved and saved["tasks"] and all("confusion_matrix" in m for m in saved["tasks"].values()):
         return saved
     record = next((r for r in reversed(run.evals) if _is_best_record(run, r)), None)
     if record is None:
         return saved if isinstance(saved, dict) else None
     matrices = record.get("confusion_matrices") or {}
+    if not isinstance(matrices, dict):
+        _left_out(f"the confusion matrices of step {record['step']} (not a mapping of tasks)")
+        matrices = {}
     tasks = {t: {m: record[f"eval/{t}/{m}"] for m in METRICS if f"eval/{t}/{m}" in record}
              for t in _tasks_of(record)}
     for t, matrix in matrices.items():
@@ -279,6 +312,10 @@ def render_plots(run: RunLog, report_dir: Path) -> list[tuple[str, Path]]:
     for task, m in ((run.best or {}).get("tasks") or {}).items():
         matrix = m.get("confusion_matrix")
         if not matrix:
+            continue
+        if not _counts_table(matrix):
+            _left_out(f"{task}: the best checkpoint's confusion matrix (not a square table of "
+                      "counts)")
             continue
         labels = run.labels.get(task) or []
         labels = labels if len(labels) == len(matrix) else [str(i) for i in range(len(matrix))]

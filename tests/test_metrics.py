@@ -1,8 +1,8 @@
 """Metrics against hand-computed values."""
 
 import numpy as np
-import torch
 import pytest
+import torch
 from sklearn.metrics import f1_score
 
 from mtl_dist.metrics import run_score, task_metrics

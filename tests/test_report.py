@@ -101,6 +101,44 @@ def test_confusion_matrices_come_from_best_or_else_from_the_log(run, tmp_path):
     assert (build_report(bare).parent / "confusion_news.png").exists()
 
 
+@pytest.mark.parametrize(("name", "edit", "warned"), [
+    ("matrices not a mapping", lambda ev: ev.update(confusion_matrices=[1, 2]),
+     r"the confusion matrices of step \d+ \(not a mapping of tasks\)"),
+    ("ragged matrix", lambda ev: ev["confusion_matrices"].update(nli=[[1, 2], [3]]),
+     r"nli: the best checkpoint's confusion matrix \(not a square table of counts\)"),
+    ("a count that is text", lambda ev: ev["confusion_matrices"]["news"][0].__setitem__(0, "x"), r"news: the best checkpoint's confusion matrix"),
+])
+def test_report_leaves_out_hand_edited_values_with_a_warning(run, tmp_path, name, edit, warned):
+    """Well-formed JSON with an odd value (a hand edit) gave a numpy or AttributeError
+    traceback; torn lines were already skipped with a warning."""
+    bare = tmp_path / "bare"  # no best/: the matrices come from the log's eval records
+    bare.mkdir()
+    shutil.copy(run.out / "labels.json", bare / "labels.json")
+    recs = [r for r in map(json.loads, (run.out / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] != "summary"]
+    best_step = max((r for r in recs if r["kind"] == "eval"), key=lambda r: r["eval/score"])["step"]
+    recs = [r for r in recs if r["kind"] != "eval" or r["step"] <= best_step]  # best = last
+    edit(next(r for r in reversed(recs) if r["kind"] == "eval"))  # the best one
+    (bare / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.warns(UserWarning, match=f"report: {warned}"):
+        page = build_report(bare)
+    assert "Dev score and loss" in page.read_text()
+
+
+def test_report_leaves_out_a_damaged_labels_json_or_best_metrics(run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run.out, copy, ignore=shutil.ignore_patterns("report", "checkpoints"))
+    (copy / "labels.json").write_text(json.dumps({"nli": 3}))
+    (copy / "best" / "metrics.json").write_text(json.dumps({"score": 1, "tasks": [1]}))
+    with pytest.warns(UserWarning) as caught:
+        build_report(copy)
+    said = [str(w.message) for w in caught]
+    assert f"report: {copy / 'labels.json'}: not a mapping of task names to label lists; " \
+        "left out" in said
+    assert f"report: {copy / 'best' / 'metrics.json'}: not the metrics of an evaluation " \
+        "(score, loss, tasks); left out" in said
+
+
 def test_report_on_a_dir_without_a_log_is_a_one_line_error(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
