@@ -1214,11 +1214,14 @@ def _validate_task(task: TaskConfig, prefix: str) -> None:
 
 
 def _validate_labels(labels: list[str], key: str) -> None:
-    """An explicit label list is non-empty and has no repeats."""
+    """An explicit label list has 2 or more labels and no repeats."""
     if not labels:
         raise _Problem(
             key, f"config key '{key}': expected a non-empty list of labels or null, got []"
         )
+    if len(labels) == 1:
+        raise _Problem(key, f"config key '{key}': expected 2 or more labels (a classifier over "
+                            f"one label always predicts it), got {_show(labels)}")
     seen: set[str] = set()
     for label in labels:
         if label in seen:

@@ -732,6 +732,10 @@ def build_label_maps(cfg: RunConfig) -> dict[str, list[str]]:
         if not labels:
             raise DataError(f"tasks[{i}] ({task.name}): no train file to infer labels from; "
                             f"set tasks[{i}].train or tasks[{i}].labels")
+        if len(labels) == 1:  # its head could only ever predict it, and score 1.0 each time
+            raise DataError(f"tasks[{i}] ({task.name}): its train file(s) hold one label only "
+                            f"({labels[0]!r}), a classifier needs 2 or more: another label "
+                            f"column (tasks[{i}].label_field)? or list them in tasks[{i}].labels")
         out[task.name] = labels
     return out
 

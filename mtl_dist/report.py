@@ -362,7 +362,9 @@ def _summary_rows(run: RunLog) -> str:
             ("stopped because", s.get("stop_reason", "(still running or killed)")),
             # best/'s own (best.json), as the best step is: after a resume from an older
             # checkpoint the summary's is that line's best, which best/ may have beaten
-            ("best score", _best_json_score(run, s.get("best_score", (run.best or {}).get("score")))),
+            # under metric_for_best=loss best/ was chosen by (and best.json holds) the loss
+            ("best loss" if run.best_json.get("metric_for_best") == "loss" else "best score",
+             _best_json_score(run, s.get("best_score", (run.best or {}).get("score")))),
             ("best step", run.best_step),
             ("wall time (first to last record)",
              f"{(max(times) - min(times)) / 60:.1f} min" if len(times) > 1 else None)]

@@ -466,6 +466,12 @@ def test_evaluation_keys_without_any_dev_file_are_refused(key: str) -> None:
     assert load_config(None, [*dev, f"{key}=2"])
 
 
+def test_an_explicit_label_list_of_one_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"config key 'tasks\[0\].labels': expected 2 or more "
+                       r"labels \(a classifier over one label always predicts it\), got \['a'\]"):
+        load_config(None, [*DEMO, "tasks.nli.labels=[a]"])
+
+
 def test_dev_files_only_for_tasks_outside_the_run_score_are_refused() -> None:
     """Only a zero-weight task had a dev file: `check` passed, and training died with a
     ZeroDivisionError traceback at its first evaluation, before that step's save."""

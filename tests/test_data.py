@@ -544,6 +544,19 @@ def test_load_task_data_missing_split_extra_train_and_given_labels(tmp_path, dem
         D.build_label_maps(cfg)
 
 
+def test_a_task_whose_train_files_hold_one_label_is_refused(tmp_path):
+    """A wrong label column (or a filtered file) froze one label: its head always predicted
+    it, scored 1.0 at every evaluation and lifted the run score (0.11 -> 0.45)."""
+    one = write(tmp_path, "one.tsv", "1\tgood\tanger\n2\tbad\tanger\n")
+    cfg = Run([Task(name="emotion", train=str(one))], Data(cache_dir=str(tmp_path / "c")))
+    with pytest.raises(DataError, match=r"^tasks\[0\] \(emotion\): its train file\(s\) hold one "
+                       r"label only \('anger'\), a classifier needs 2 or more: another label "
+                       r"column \(tasks\[0\].label_field\)\? or list them in tasks\[0\].labels$"):
+        D.build_label_maps(cfg)
+    cfg.tasks[0].labels = ["anger", "joy"]  # stated: the rows may hold any of them
+    assert D.build_label_maps(cfg) == {"emotion": ["anger", "joy"]}
+
+
 def test_load_task_data_cache_invalidated_when_file_changes(tmp_path, demo_tok):
     src = write(tmp_path, "news.tsv", (DATA / "news_train.tsv").read_text(encoding="utf-8"))
     cfg = Run([Task(name="news", train=str(src), labels=D.build_label_maps(reference_cfg(tmp_path))["news"])],
@@ -567,11 +580,11 @@ def test_load_task_data_demo_and_skip_mode(tmp_path, demo_tok, caplog):
     nli, news = D.load_task_data(cfg, demo_tok, "train", maps)
     assert (len(nli), len(news)) == (1200, 1500) and nli.num_truncated == 0
     assert nli.fingerprint == D.file_fingerprint("demo:nli/train")
-    bad = write(tmp_path, "b.tsv", "1\tboy eats\tentailment\n2\tgirl\n")
+    bad = write(tmp_path, "b.tsv", "1\tboy eats\tentailment\n2\tgirl\n3\tdog\tneutral\n")
     cfg = Run([Task(name="x", train=str(bad))], Data(cache_dir=str(tmp_path / "c"), on_bad_row="skip"))
     caplog.clear()
     (x,) = D.load_task_data(cfg, demo_tok, "train", D.build_label_maps(cfg))
-    assert len(x) == 1 and x.num_skipped == 1
+    assert len(x) == 2 and x.num_skipped == 1
     # said once, with the file's count, though label inference read the file first
     assert caplog.text.count(f"skipping bad row: {bad}:2:") == 1
     assert f"{bad}: skipped 1 bad row(s) in all (data.on_bad_row=skip)" in caplog.text

@@ -884,6 +884,10 @@ def test_under_metric_for_best_loss_best_is_shown_as_a_loss(tmp_path, capsys):
     (best,) = [r for r in rows if r.rstrip().endswith("[best]") and "/best " in r]
     assert f"loss={loss:.4f}" in best
     assert all("score=" in r for r in rows if "checkpoint-" in r)
+    from mtl_dist.report import build_report  # the report's row said "best score" for it
+
+    page = build_report(tmp_path / "out").read_text()
+    assert f"<th>best loss</th><td>{loss:.4f}</td>" in page and "best score" not in page
 
 
 def test_a_second_run_on_an_output_dir_in_use_is_refused(tmp_path):
