@@ -346,9 +346,12 @@ def saved_config_yaml(cfg: RunConfig) -> str:
         data = dataclasses.replace(data, cache_dir=os.path.abspath(
             os.path.expanduser(data.cache_dir)))
     saved = dataclasses.replace(cfg, train=train, data=data)
-    return ("# The resolved config of this run. train.resume and train.overwrite_output_dir are\n"
+    return (SAVED_CONFIG_HEADER + "train.resume and train.overwrite_output_dir are\n"
             "# per invocation and saved unset: resume with train.resume=auto.\n"
             + config_to_yaml(saved))
+
+
+SAVED_CONFIG_HEADER = "# The resolved config of this run. "  # how a run's own config.yaml starts
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -1091,8 +1094,9 @@ _RULES: dict[str, tuple[_Check, str]] = {
 
 _TASK_RULES: dict[str, tuple[_Check, str]] = {
     "name": (
-        (lambda v: bool(_TASK_NAME_RE.fullmatch(v))),
-        "a name without spaces, '/', '.', '=' or brackets",
+        # file names: the token cache, predictions/<task>.jsonl (255 bytes at most)
+        (lambda v: bool(_TASK_NAME_RE.fullmatch(v)) and len(v.encode()) <= 128),
+        "a name of at most 128 bytes without spaces, '/', '.', '=' or brackets",
     ),
     "format": _one_of("auto", "tsv", "csv", "jsonl"),
     "metric": _one_of("accuracy", "macro_f1"),
@@ -1113,7 +1117,7 @@ def _validate(run: RunConfig, sources: _Sources) -> None:
             _require(check, _get(run, key), key, expected)
         _validate_model_shape(run)
         _validate_tasks(run.tasks)
-        _validate_backends(run.tracking.backends)
+        _validate_tracking(run.tracking)
         _validate_combinations(run.train)
         _validate_packing(run.data)
         _validate_evaluation(run)
@@ -1303,6 +1307,20 @@ def _validate_packing(data: DataConfig) -> None:
             f"config key 'data.pack_multiple': expected <= data.max_length ({data.max_length}) "
             f"with data.packing=true, got {data.pack_multiple}",
         )
+
+
+def _validate_tracking(tracking: TrackingConfig) -> None:
+    """Known backends; what a tracker would refuse at its start, after an overwrite_output_dir
+    had already deleted the old run: wandb's 1-64 characters per tag. The project names
+    TensorBoard's subdir of OUTPUT: a path there wrote the events outside OUTPUT."""
+    _validate_backends(tracking.backends)
+    for index, tag in enumerate(tracking.tags):
+        _require(lambda v: 1 <= len(v) <= 64, tag, f"tracking.tags[{index}]",
+                 "1 to 64 characters (wandb's limit)")
+    _require(lambda v: bool(v) and not any(c in v for c in "/\\#?%:") and v not in (".", ".."),
+             tracking.project, "tracking.project",
+             "a name without '/', '\\', '#', '?', '%' or ':' (it names TensorBoard's subdir "
+             "of the output dir and the wandb project)")
 
 
 def _validate_backends(backends: list[str]) -> None:

@@ -63,6 +63,12 @@ def derived_seed(base: str, rank: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """This rank's seed for dropout and the like: `train.seed + rank`, wrapped into numpy's
+    [0, 2**32) (train.seed=2**32-1 made rank 1 crash every multi-process run)."""
+    return (seed + rank) % 2**32
+
+
 def seed_all(seed: int) -> None:
     """Seed python, numpy, torch CPU and CUDA from one integer."""
     random.seed(seed)

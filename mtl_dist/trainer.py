@@ -38,7 +38,7 @@ from mtl_dist.checkpoint import (
     training_manifest,
 )
 from mtl_dist.collectives import release_host_group, set_host_timeout
-from mtl_dist.config import RunConfig, config_hash, saved_config_yaml
+from mtl_dist.config import SAVED_CONFIG_HEADER, RunConfig, config_hash, saved_config_yaml
 from mtl_dist.ema import EMA
 from mtl_dist.errors import CheckpointError, ConfigError, MtlDistWarning
 from mtl_dist.flat_adamw import FlatAdamW
@@ -58,6 +58,7 @@ from mtl_dist.preemption import (
     request_requeue,
     tell_batch_shell,
 )
+from mtl_dist.rng import rank_seed
 from mtl_dist.sampler import MultiTaskBatchPlan, RankBatchSampler, check_task_agreement, eval_shard
 from mtl_dist.tracking import Tracking, format_eval_line
 
@@ -260,6 +261,23 @@ def check_resume_settings(cfg: RunConfig, ckpt: CheckpointManager,
                                     if k in decided and (world_size or k != "zero_stage")})
 
 
+def _refuse_replacing_the_config_file(cfg: RunConfig, out: Path) -> None:
+    """`train.output_dir: .` beside a hand-written config.yaml: the run's resolved config
+    replaced it (comments, layout, interpolations lost). A run's own saved config.yaml, given
+    back as the config to resume with, is fine."""
+    loaded = getattr(getattr(cfg, "_sources", None), "path", None)
+    target = out / "config.yaml"
+    try:
+        same = loaded is not None and target.is_file() and target.samefile(loaded)
+        if not same or target.read_text().startswith(SAVED_CONFIG_HEADER):
+            return
+    except OSError:
+        return
+    raise ConfigError(f"config key 'train.output_dir': {out} holds the config file itself "
+                      f"({loaded}), which the run's resolved config.yaml would replace: pick "
+                      "another train.output_dir (or rename the config)")
+
+
 def check_output_dir(cfg: RunConfig, ckpt: CheckpointManager, say=print) -> None:
     """Before any work (and in `mtl-dist check`); collective. No run may be going on in the
     output dir (its lock). A `train.resume` path must be a committed
@@ -275,6 +293,11 @@ def check_output_dir(cfg: RunConfig, ckpt: CheckpointManager, say=print) -> None
     if blocking is not None:  # found on every rank alike, before any of them waits
         raise ConfigError(f"config key 'train.output_dir': {out} cannot be created: "
                           f"{blocking} is a file")
+    _refuse_replacing_the_config_file(cfg, out)
+    cache = cfg.data.cache_dir
+    if cache and Path(cache).expanduser().exists() and not Path(cache).expanduser().is_dir():
+        # it ran on with a warning per task and split, tokenizing afresh every time
+        raise ConfigError(f"config key 'data.cache_dir': {cache} exists and is not a directory")
     if train.resume and train.resume != "auto":
         path = ckpt.resolve(train.resume)  # a wrong path fails here, not after set-up
         if path is not None:  # best/, say: it has no optimizer, sampler or RNG state
@@ -437,7 +460,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         # Dropout differs per rank (as in any data-parallel run); the plan never uses these streams.
-        set_seed(cfg.train.seed + self.rank)
+        set_seed(rank_seed(cfg.train.seed, self.rank))
         self.output_dir = Path(cfg.train.output_dir)
         # a training run touches OUTPUT only once it holds it (fit: hold_output_dir)
         self.ckpt = CheckpointManager(self.output_dir, save_total_limit=cfg.checkpoint.save_total_limit,
@@ -473,6 +496,12 @@ class Trainer:
         if cfg.train.compile:
             compile_encoder_layers(self.model, cfg.train.compile_tuning)
         self.state = TrainState()
+        if for_training and cfg.train.early_stopping_patience and not cfg.train.eval_steps \
+                and not cfg.train.eval_at_epoch_end and acc.is_main_process:
+            warnings.warn(f"train.early_stopping_patience={cfg.train.early_stopping_patience} "
+                          "cannot act: no evaluation is scheduled (train.eval_steps null, "
+                          "train.eval_at_epoch_end false), only the one at the end",
+                          MtlDistWarning, stacklevel=3)
         self.early = EarlyStopping(cfg.train.early_stopping_patience,
                                    greater_is_better=cfg.train.metric_for_best != "loss")
         self.tracking = Tracking(cfg, acc, self.output_dir)

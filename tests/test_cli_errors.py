@@ -430,3 +430,27 @@ def test_a_resume_with_another_head_kind_names_the_head(run, capsys):
         f"error: checkpoint {ckpt}: manifest key 'model_shape.head' differs: checkpoint has "
         '"attention", this run has "cls" (the checkpoint\'s weights are of another model: '
         "resume with its model settings (model.*), or start a new run)"), err
+
+
+def test_check_refuses_an_output_dir_holding_the_config_file_or_a_cache_dir_file(tmp_path,
+                                                                                 capsys):
+    """`train.output_dir: .` beside a hand-written config.yaml: the run replaced it with its
+    resolved config. A run's own saved config.yaml (given back to resume) is fine. A
+    data.cache_dir that is a file ran on with a warning per task and split, uncached."""
+    config = tmp_path / "config.yaml"
+    config.write_text(DEMO.read_text())
+    code, _, err = cli(capsys, "check", config, f"train.output_dir={tmp_path}")
+    assert code == 2 and err.strip() == (
+        f"error: override 'train.output_dir={tmp_path}': config key 'train.output_dir': "
+        f"{tmp_path} holds the config file itself ({config}), which the run's resolved "
+        "config.yaml would replace: pick another train.output_dir (or rename the config)")
+    assert config.read_text() == DEMO.read_text()
+    from mtl_dist.config import saved_config_yaml
+
+    config.write_text(saved_config_yaml(load_config(DEMO, [f"train.output_dir={tmp_path}"])))
+    assert cli(capsys, "check", config)[0] == 0  # a run's own config.yaml
+    code, _, err = cli(capsys, "check", DEMO, f"train.output_dir={tmp_path / 'o'}",
+                       f"data.cache_dir={config}")
+    assert code == 2 and err.strip() == (
+        f"error: override 'data.cache_dir={config}': config key 'data.cache_dir': {config} "
+        "exists and is not a directory")

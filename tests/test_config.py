@@ -466,6 +466,24 @@ def test_evaluation_keys_without_any_dev_file_are_refused(key: str) -> None:
     assert load_config(None, [*dev, f"{key}=2"])
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ("tracking.tags=[" + "x" * 65 + "]",
+     r"config key 'tracking.tags\[0\]': expected 1 to 64 characters \(wandb's limit\)"),
+    ("tracking.project=/tmp/elsewhere", r"config key 'tracking.project': expected a name "
+                                        r"without '/'"),
+    ("tracking.project=..", r"config key 'tracking.project': expected a name"),
+    ("tasks.nli.name=" + "n" * 129, r"config key 'tasks\[0\].name': expected a name of at "
+                                    r"most 128 bytes"),
+])
+def test_what_a_tracker_or_the_file_system_would_refuse_later_is_refused_at_load(override,
+                                                                                 message):
+    """A 65-character wandb tag passed `check`, then the run (after overwrite_output_dir had
+    deleted the old one) crashed in wandb's start; a project path put TensorBoard's events
+    outside OUTPUT; a 260-character task name crashed the token cache (file name too long)."""
+    with pytest.raises(ConfigError, match=f"^override '.*': {message}"):
+        load_config(None, [*DEMO, override])
+
+
 def test_an_explicit_label_list_of_one_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"config key 'tasks\[0\].labels': expected 2 or more "
                        r"labels \(a classifier over one label always predicts it\), got \['a'\]"):

@@ -871,6 +871,15 @@ def test_check_with_the_launchs_world_size_checks_what_the_launch_decides(tmp_pa
         "convert")
 
 
+def test_patience_without_any_scheduled_evaluation_warns(tmp_path):
+    """Patience with eval_steps null and no epoch-end evaluation can never act (only the
+    final evaluation runs): said once at the start."""
+    with pytest.warns(UserWarning, match=r"train.early_stopping_patience=5 cannot act: no "
+                      r"evaluation is scheduled"):
+        Trainer(demo_cfg(tmp_path, "train.eval_steps=null", "train.eval_at_epoch_end=false",
+                         "train.early_stopping_patience=5")).close()
+
+
 def test_under_metric_for_best_loss_best_is_shown_as_a_loss(tmp_path, capsys):
     """best/'s number is the eval loss then: `ckpt ls` and the end line say so, beside the
     periodic checkpoints' run scores."""
