@@ -9,6 +9,7 @@ already states; batch sizes are stated once, in the run config. EMA works at eve
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,6 +75,7 @@ def build_ds_config(cfg, world_size: int | None) -> dict[str, Any]:
         _fill(ds, key, value, key)
     zero = ds.setdefault("zero_optimization", {})
     _fill(zero, "stage", t.zero_stage, "zero_optimization.stage")
+    _check_zero_section(zero)
     if zero["stage"] == 1 and zero.get("overlap_comm") is True:
         # stage 1 reduces once, at the trainer's step (DeepSpeed asserts, on every rank)
         raise ConfigError("train.deepspeed_config: 'zero_optimization.overlap_comm' true needs "
@@ -88,6 +90,32 @@ def build_ds_config(cfg, world_size: int | None) -> dict[str, Any]:
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def _check_zero_section(zero: dict) -> None:
+    """The JSON's zero_optimization against DeepSpeed's own model of it: a misspelled key
+    (`stag`) passed `check` and failed at the engine's start on every rank, as a pydantic
+    traceback. Where DeepSpeed is not installed, the run's start says so anyway."""
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+        from pydantic import ValidationError
+    except ImportError:
+        return
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        why = "not a DeepSpeed key" if first["type"] == "extra_forbidden" else first["msg"]
+        raise ConfigError(f"train.deepspeed_config: 'zero_optimization.{where}': {why} "
+                          f"(got {_show_json(first.get('input'))})") from None
+
+
+def _show_json(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 def _fill(section: dict, key: str, value: Any, dotted: str) -> None:

@@ -242,6 +242,10 @@ def test_a_deepspeed_json_with_zero_off_is_its_stage_not_silently_ddp(tmp_path, 
     ('{"train_micro_batch_size_per_gpu": 3}',
      "'train_micro_batch_size_per_gpu' is 3 but the run config implies 16"),
     ('{"zero_optimization": {"stage": 2},', "cannot read"),
+    # DeepSpeed's own model of the section: a typo failed at the engine's start, per rank
+    ('{"zero_optimization": {"stag": 2}}', "'zero_optimization.stag': not a DeepSpeed key (got 2)"),
+    ('{"zero_optimization": {"offload_optimizer": {"devise": "cpu"}}}',
+     "'zero_optimization.offload_optimizer.devise': not a DeepSpeed key (got \"cpu\")"),
     ('{"managed_gradient_accumulation": true}',  # the trainer owns the accumulation boundary
      "'managed_gradient_accumulation' is True but the run config implies False"),
 ])
