@@ -191,6 +191,9 @@ def test_pseudo_label_mistakes_are_one_line_and_an_empty_round_keeps_earlier_fil
     (["train.resume=auto", "model.arch.model_type=robertaa"],
      r"'model.arch.model_type': 'robertaa' is not a model type transformers knows"),
     (["train.resume=auto", "train.device=cuda"], r"train.device: 'cuda' requested but no CUDA GPU is visible"),
+    # the model's own refusal, found by building it on the meta device (no memory, no weights)
+    (["train.resume=auto", "model.arch.model_type=mpnet"],
+     r"'model.arch.model_type': 'mpnet' pads with token id 1, the tokenizer with 0"),
 ])
 def test_check_refuses_what_the_runs_start_would(run, capsys, extra, message):
     """`check` (what launch/train.sh runs before launching) said "config OK" for these, and
