@@ -975,8 +975,14 @@ def _check_pretrained_positions(run: RunConfig, sources: _Sources) -> None:
 
 
 def _check_path(value: str | None, key: str, kind: str, sources: _Sources) -> None:
-    """`value` exists and is a file / a directory (kind 'file' / 'directory' / 'any')."""
-    if value is None or value.startswith(DEMO_PREFIX):
+    """`value` exists and is a file / a directory (kind 'file' / 'directory' / 'any'); a
+    built-in `demo:` name is one that exists (a typo named no key or line, at read time)."""
+    if value is not None and value.startswith(DEMO_PREFIX):
+        message = _demo_name_problem(value, key)
+        if message:
+            raise sources.error(_Problem(key, f"config key '{key}': {message}"))
+        return
+    if value is None:
         return
     path = os.path.abspath(value)
     if not os.path.exists(path):
@@ -993,6 +999,21 @@ def _check_path(value: str | None, key: str, kind: str, sources: _Sources) -> No
     else:
         return
     raise sources.error(_Problem(key, message))
+
+
+def _demo_name_problem(value: str, key: str) -> str | None:
+    """What is wrong with a `demo:` value of a task file or the tokenizer, if anything."""
+    if key == "model.tokenizer":  # `demo:xyz` quietly meant `demo:`
+        return None if value == DEMO_PREFIX else f"expected 'demo:' (the built-in tokenizer), got {value!r}"
+    if not key.startswith("tasks"):
+        return None
+    from mtl_dist.demo_data import parse_demo_path
+
+    try:
+        parse_demo_path(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -484,6 +484,17 @@ def test_what_a_tracker_or_the_file_system_would_refuse_later_is_refused_at_load
         load_config(None, [*DEMO, override])
 
 
+def test_a_misspelled_demo_name_is_named_by_its_key() -> None:
+    """`demo:emotion/trian` failed at read time naming neither the key nor its line, and
+    `model.tokenizer: demo:xyz` quietly meant `demo:`."""
+    with pytest.raises(ConfigError, match=r"^override 'tasks.0.train=demo:nli/trian': config key "
+                       r"'tasks\[0\].train': demo:nli/trian: expected demo:<task>/<split>"):
+        load_config(None, [*DEMO, "tasks.0.train=demo:nli/trian"])
+    with pytest.raises(ConfigError, match=r"config key 'model.tokenizer': expected 'demo:' \(the "
+                       r"built-in tokenizer\), got 'demo:xyz'"):
+        load_config(None, [*DEMO, "model.tokenizer=demo:xyz"])
+
+
 def test_an_explicit_label_list_of_one_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"config key 'tasks\[0\].labels': expected 2 or more "
                        r"labels \(a classifier over one label always predicts it\), got \['a'\]"):
