@@ -623,7 +623,7 @@ def _build(path: str | Path | None, overrides: Sequence[str], sources: _Sources)
     cfg = OmegaConf.structured(RunConfig)
     if path is not None:
         text = _read_text(path)
-        raw = _parse_yaml(text, str(path))
+        raw = _written_text_in_str_slots(_parse_yaml(text, str(path)), text, "")
         sources.lines = _key_lines(text)
         with _prefixed(sources.file_prefix):
             _check_shape(raw, RunConfig, "")
@@ -633,6 +633,33 @@ def _build(path: str | Path | None, overrides: Sequence[str], sources: _Sources)
             key = _apply_override(cfg, text)
         sources.overrides.append((key, text, _merged_keys(key, _parse_override(text)[1])))
     return cfg
+
+
+def _written_text_in_str_slots(value: Any, text: str, key: str) -> Any:
+    """`value` (YAML `text` as loaded, at display key `key`) with each plain scalar that YAML
+    read as a number or boolean, where the schema wants a str (a label, a name, a tag), put
+    back as written: `labels: [01, 02]` became ['1', '2'] (a data file's '01' was then "not
+    one of the task's labels"), `1e3` '1000.0', `true` 'True'; an override kept the text."""
+    def walk(node: yaml.Node, loaded: Any, at: str) -> Any:
+        if isinstance(node, yaml.MappingNode) and isinstance(loaded, dict):
+            for key_node, child in node.value:
+                if isinstance(key_node.value, str) and key_node.value in loaded:
+                    name = key_node.value
+                    loaded[name] = walk(child, loaded[name], _join(at, name))
+        elif isinstance(node, yaml.SequenceNode) and isinstance(loaded, list):
+            for index, child in enumerate(node.value[:len(loaded)]):
+                loaded[index] = walk(child, loaded[index], _join(at, index))
+        elif isinstance(node, yaml.ScalarNode) and node.style is None and \
+                isinstance(loaded, (bool, int, float)) and \
+                _unwrap_optional(_type_at(at))[0] is str:
+            return node.value
+        return loaded
+
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:  # what the loader took, this one may not: leave the value
+        return value
+    return value if node is None else walk(node, value, key)
 
 
 def _is_under(key: str, parent: str) -> bool:
@@ -786,6 +813,8 @@ def _apply_override(cfg: DictConfig, text: str) -> str:
             isinstance(value, (bool, int, float)) or (isinstance(value, dict) and
                                                       raw.endswith(":"))):
         value = raw
+    elif isinstance(value, (list, dict)):  # ...and so do the str slots inside a list or mapping
+        value = _written_text_in_str_slots(value, raw, display)
     _check_shape(value, _type_at(display), display)
     if segments == ["tasks"]:
         cfg.tasks = [_task_node(item, index) for index, item in enumerate(value)]

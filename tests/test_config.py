@@ -112,7 +112,7 @@ def test_interpolation_and_scalar_conversion(project: Path) -> None:
     cfg = load_config(path)
     assert cfg.train.head_lr == 3e-5 and cfg.train.num_epochs == 2
     assert cfg.tasks[1].labels == ["sad", "happy"]
-    numeric = load_config(None, ["tasks=[{name: a, train: 'demo:a/train', labels: [0, 1]}]"])
+    numeric = load_config(None, ["tasks=[{name: a, train: 'demo:nli/train', labels: [0, 1]}]"])
     assert numeric.tasks[0].labels == ["0", "1"]
 
 
@@ -482,6 +482,23 @@ def test_what_a_tracker_or_the_file_system_would_refuse_later_is_refused_at_load
     outside OUTPUT; a 260-character task name crashed the token cache (file name too long)."""
     with pytest.raises(ConfigError, match=f"^override '.*': {message}"):
         load_config(None, [*DEMO, override])
+
+
+def test_str_slots_keep_the_text_written_in_the_file_and_in_list_overrides(tmp_path) -> None:
+    """YAML read `01` as 1 and `true` as True: labels [01, 02] became ['1', '2'] (a data
+    file's '01' was then "not one of the task's labels", blaming the data), a task named 1e3
+    became '1000.0', and a file and an override gave different values for the same text."""
+    path = tmp_path / "run.yaml"
+    path.write_text("tasks:\n  - name: 1e3\n    train: 'demo:nli/train'\n"
+                    "    labels: [01, 02, true, 1.50]\n"
+                    "tracking:\n  run_name: 007\n  tags: [2024.10]\ntrain:\n  seed: 007\n")
+    cfg = load_config(path, [])
+    assert (cfg.tasks[0].name, cfg.tasks[0].labels) == ("1e3", ["01", "02", "true", "1.50"])
+    assert (cfg.tracking.run_name, cfg.tracking.tags, cfg.train.seed) == ("007", ["2024.10"], 7)
+    cfg = load_config(path, ["tasks.0.labels=[01, 1e3]", "tracking.tags=[2024.10]"])
+    assert (cfg.tasks[0].labels, cfg.tracking.tags) == (["01", "1e3"], ["2024.10"])
+    news = load_config(path, ["tasks.0.labels=[100, 101]"]).tasks[0].labels
+    assert news == ["100", "101"]  # numbers written plainly read as before
 
 
 def test_a_misspelled_demo_name_is_named_by_its_key() -> None:
