@@ -235,13 +235,19 @@ def _read_tsv(lines: list[tuple[int, str]], task: Any, require_label: bool, rows
         rows.add(lineno, parts[0].strip(), parts[1], parts[2] if pair else None, label, col_names)
 
 
-def _has_tsv_header(lines: list[tuple[int, str]], task: Any) -> bool:
+def _has_tsv_header(lines: list[tuple[int, str]], task: Any, path: str | Path) -> bool:
     """A TSV whose first line names the text column and another of the task's fields (GLUE
     style) has a header; the Tianchi layout has none."""
-    first = next((text for _, text in lines if text.strip()), "")
+    number, first = next(((n, text) for n, text in lines if text.strip()), (0, ""))
     columns = {c.strip() for c in first.split("\t")}
     fields = _fields(task)
     if fields["text"] not in columns:
+        named = [fields[r] for r in ("id", "label") if fields[r] and fields[r] in columns]
+        if len(named) == 2:  # a GLUE-style header whose text column has another name
+            raise DataError(f"{path}:{number}: reads as a header naming {' and '.join(named)} but "
+                            f"not the text column {fields['text']!r} (columns: "
+                            f"{', '.join(c.strip() for c in first.split(chr(9)))}): set the "
+                            "task's text_field (and text_b_field) to the header's names")
         return False
     # a text field named in the config (SST-2's test.tsv: `index<TAB>sentence`) is enough;
     # the default name 'text' needs another field beside it (a Tianchi row may read 'text')
@@ -416,7 +422,7 @@ def _read_source(path: str | Path, task: Any, *, require_label: bool, on_bad_row
     if not lines and not rows.skipped:
         raise DataError(f"{path}: file is empty")
     fmt = detect_format(path, task, lines[0][1] if lines else "")
-    if fmt == "tsv" and _has_tsv_header(lines, task):
+    if fmt == "tsv" and _has_tsv_header(lines, task, path):
         fmt = "headed_tsv"
     reader = {"tsv": _read_tsv, "headed_tsv": _read_headed_tsv, "csv": _read_csv,
               "jsonl": _read_jsonl}[fmt]

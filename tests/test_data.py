@@ -132,6 +132,14 @@ def test_a_tsv_whose_first_line_names_the_fields_is_read_by_its_header(tmp_path)
     # a Tianchi row whose text happens to be 'text' is not a header: no other field named
     ex, _ = read(write(tmp_path, "tianchi.tsv", "1\ttext\tx\n2\tb\ty\n"))
     assert [e.id for e in ex] == ["1", "2"]
+    # a header naming the id and label columns but a text column of another name was read as
+    # a Tianchi row: 'label' became a class with one sample
+    p = write(tmp_path, "glue.tsv", "id\tsentence\tlabel\n1\tgood\tpos\n")
+    with pytest.raises(DataError, match=r"glue\.tsv:1: reads as a header naming id and label but "
+                       r"not the text column 'text' \(columns: id, sentence, label\): set the "
+                       r"task's text_field"):
+        read(p)
+    assert [e.text_a for e in read(p, Task(text_field="sentence"))[0]] == ["good"]
 
 
 def test_a_saved_label_map_comes_back_in_the_configs_task_order(tmp_path):
