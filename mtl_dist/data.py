@@ -497,7 +497,15 @@ def _load_local_tokenizer(path: Path, key: str) -> PreTrainedTokenizerFast:
             tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
             _set_bert_specials(tok)
             return tok
+        files = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "vocab.json",
+                 "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+        if path.is_dir() and not any((path / name).exists() for name in files):
+            # transformers then blamed a missing sentencepiece/tiktoken install
+            raise ConfigError(f"{key}: {path} holds no tokenizer files (none of "
+                              f"{', '.join(files)})")
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except ConfigError:
+        raise
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one config line
         detail = " ".join(str(e).split())
         raise ConfigError(f"{key}: cannot load a tokenizer from {path}: {detail}") from None

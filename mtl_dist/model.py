@@ -412,6 +412,11 @@ def encoder_config(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int = 
             raise _unloadable(model_cfg.pretrained, exc) from None
         return config, _encoder_kwargs(config, f"model.pretrained ({model_cfg.pretrained})")
     arch = model_cfg.arch
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    # a decoder type (gpt2) printed two token-id warnings before its one-line refusal below
+    hf_logging.set_verbosity_error()
     try:
         config = AutoConfig.for_model(
             arch.model_type, vocab_size=vocab_size, hidden_size=arch.hidden_size,
@@ -427,6 +432,8 @@ def encoder_config(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int = 
     except (NotImplementedError, TypeError) as exc:  # a type model.arch cannot describe
         raise ConfigError(f"config key 'model.arch': cannot build a {arch.model_type!r} encoder "
                           f"from it: {' '.join(str(exc).split())[:200]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return config, _encoder_kwargs(config, "config key 'model.arch.model_type'")
 
 

@@ -207,6 +207,25 @@ def test_a_model_type_that_is_no_encoder_is_one_line(model_type, message):
         _tiny(model_type)
 
 
+def test_a_decoder_type_is_refused_without_transformers_warnings_first():
+    """gpt2's config printed two "[transformers] Model config: bos_token_id must be ..."
+    lines before the one-line refusal. (A subprocess: transformers' log handler keeps the
+    stderr it found at import, which pytest's fixtures do not see.)"""
+    import subprocess
+    import sys
+
+    from tests._runs import REPO, env
+
+    script = ("from mtl_dist.config import ModelConfig, ArchConfig\n"
+              "from mtl_dist.model import encoder_config\n"
+              "try:\n    encoder_config(ModelConfig(arch=ArchConfig(model_type='gpt2')), 395)\n"
+              "except Exception as exc:\n    print(type(exc).__name__)\n")
+    done = subprocess.run([sys.executable, "-c", script], env=env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "ConfigError", done.stderr
+    assert "[transformers]" not in done.stderr, done.stderr
+
+
 def test_a_bf16_checkpoint_loads_in_fp32(tmp_path):
     """transformers loads a checkpoint in its saved dtype by default: a bf16-saved encoder
     trained with bf16 weights under a plain AdamW (most small updates lost)."""
