@@ -1619,13 +1619,13 @@ class CheckpointManager:
             found = CheckpointManager(path, save_total_limit=None, recover_best=False).latest()
             if found is None:
                 raise CheckpointError(
-                    f"train.resume: no committed checkpoint under {path / CHECKPOINTS_DIR}"
-                )
+                    f"train.resume: no committed checkpoint under {path / CHECKPOINTS_DIR}",
+                    key="train.resume")
             return found
         try:
             read_manifest(path)
         except CheckpointError as exc:
-            raise CheckpointError(f"train.resume: {exc}") from None
+            raise CheckpointError(f"train.resume: {exc}", key="train.resume") from None
         return path
 
     # ------------------------------------------------------------------ loading

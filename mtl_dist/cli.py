@@ -592,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         from mtl_dist.config import where_set
 
         message = where_set(err, _LOADED[0] if _LOADED else None) \
-            if isinstance(err, ConfigError) else str(err)
+            if isinstance(err, ConfigError) or getattr(err, "key", None) else str(err)
         # a progress bar cut short leaves the cursor after it: start the error on its own line
         lead = "\n" if getattr(tqdm, "_instances", None) else ""
         print(f"{lead}error: {message}", file=sys.stderr)

@@ -24,7 +24,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
-from mtl_dist.errors import ConfigError
+from mtl_dist.errors import CheckpointError, ConfigError
 
 __all__ = [
     "ArchConfig",
@@ -283,7 +283,7 @@ def load_config(
     return run
 
 
-def where_set(err: ConfigError, cfg: RunConfig | None) -> str:
+def where_set(err: ConfigError | CheckpointError, cfg: RunConfig | None) -> str:
     """`err`'s message led by where its key was set in `cfg`'s file or overrides, as a
     load-time error is ('run.yaml:12: config key ...'): for errors found after loading (a
     file output_dir, a DeepSpeed JSON against the run, cuda asked on CPU)."""

@@ -28,7 +28,13 @@ class DataError(MtlDistError):
 
 
 class CheckpointError(MtlDistError):
-    """A checkpoint is missing, incomplete, corrupt or does not match this run."""
+    """A checkpoint is missing, incomplete, corrupt or does not match this run. `key`: the
+    config key that named it (train.resume), for the CLI to add where it was set."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.located = False
 
 
 class MtlDistWarning(UserWarning):

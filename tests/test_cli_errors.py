@@ -187,7 +187,10 @@ def test_pseudo_label_mistakes_are_one_line_and_an_empty_round_keeps_earlier_fil
 
 @pytest.mark.parametrize(("extra", "message"), [
     ([], r"already holds a run \(checkpoint-8, best/\): resume it with train.resume=auto"),
-    (["train.resume=/nonexistent/checkpoint-3"], r"train.resume: .*checkpoint-3"),
+    # named by the override (or file line) that set it, as a config error is
+    (["train.resume=/nonexistent/checkpoint-3"],
+     r"^error: override 'train.resume=/nonexistent/checkpoint-3': train.resume: checkpoint "
+     r"/nonexistent/checkpoint-3: no such directory$"),
     (["train.resume=auto", "model.arch.model_type=robertaa"],
      r"'model.arch.model_type': 'robertaa' is not a model type transformers knows"),
     (["train.resume=auto", "train.device=cuda"], r"train.device: 'cuda' requested but no CUDA GPU is visible"),
