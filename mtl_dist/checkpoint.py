@@ -2006,13 +2006,19 @@ def _best_metric(best: Path) -> str:
 def _same_model_score(path: Path, best: Path) -> bool:
     """Whether a checkpoint at best/'s step scored what best/ did: after a resume from an
     older checkpoint, this line's checkpoint at that step is another model than best/ (the
-    line set aside), and was marked [best] by its step alone. Unknown scores: True."""
+    line set aside), and was marked [best] by its step alone. Unknown scores, or a
+    checkpoint saved before its step's evaluation (a preemption at an eval step leaves it
+    pending, for the resume to run on these very weights): True."""
     try:
         best_score = json.loads((best / "metrics.json").read_text()).get("score")
+        state = json.loads((path / TRAINER_STATE).read_text())
     except (OSError, ValueError, AttributeError):
         return True
-    score = _score_of(path)
-    return not isinstance(best_score, (int, float)) or score is None or score == best_score
+    if not isinstance(state, dict) or state.get("last_eval_step") != state.get("global_step"):
+        return True
+    score = state.get("score")
+    return not isinstance(best_score, (int, float)) or not isinstance(score, (int, float)) \
+        or score == best_score
 
 
 def _score_of(path: Path) -> float | None:

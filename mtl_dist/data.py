@@ -497,18 +497,24 @@ def _load_local_tokenizer(path: Path, key: str) -> PreTrainedTokenizerFast:
             tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
             _set_bert_specials(tok)
             return tok
-        files = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "vocab.json",
-                 "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
-        if path.is_dir() and not any((path / name).exists() for name in files):
+        if path.is_dir() and not any(_looks_like_tokenizer_file(f.name) for f in path.iterdir()):
             # transformers then blamed a missing sentencepiece/tiktoken install
-            raise ConfigError(f"{key}: {path} holds no tokenizer files (none of "
-                              f"{', '.join(files)})")
+            raise ConfigError(f"{key}: {path} holds no tokenizer files (no tokenizer.json, "
+                              "tokenizer_config.json, vocab or sentencepiece model)")
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one config line
         detail = " ".join(str(e).split())
         raise ConfigError(f"{key}: cannot load a tokenizer from {path}: {detail}") from None
+
+
+def _looks_like_tokenizer_file(name: str) -> bool:
+    """tokenizer.json/_config.json, vocab.txt/.json, merges.txt, spiece.model, spm.model,
+    sentencepiece.bpe.model, *.tiktoken, ...: any file a transformers tokenizer may load."""
+    name = name.lower()
+    return any(part in name for part in ("token", "vocab", "merges", "spm", "spiece",
+                                         "sentencepiece")) or name.endswith(".model")
 
 
 def _set_bert_specials(tok: Any) -> None:

@@ -391,7 +391,13 @@ def build_encoder(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int = 0
 
     config, kwargs = encoder_config(model_cfg, vocab_size, pad_token_id)
     if not model_cfg.pretrained:
-        return AutoModel.from_config(config, **kwargs)
+        try:
+            return AutoModel.from_config(config, **kwargs)
+        except (AssertionError, ValueError, TypeError, NotImplementedError) as exc:
+            # a type whose sizes model.arch cannot state (squeezebert asserts on its own)
+            detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise ConfigError(f"config key 'model.arch': cannot build a "
+                              f"{model_cfg.arch.model_type!r} encoder from it: {detail}") from None
     try:
         return AutoModel.from_pretrained(model_cfg.pretrained, local_files_only=True,
                                          dtype=torch.float32, **kwargs)

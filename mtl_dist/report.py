@@ -128,15 +128,21 @@ def _best_step(run: RunLog) -> int | None:
         return run.best_json["step"]
     if run.summary and isinstance(run.summary.get("best_step"), int) and run.summary["best_step"] >= 0:
         return run.summary["best_step"]
-    config = _read_yaml(run.output_dir / "config.yaml")
-    by_loss = isinstance(config, dict) and \
-        (config.get("train") or {}).get("metric_for_best") == "loss"
+    by_loss = _metric_for_best(run) == "loss"
     key = "eval/loss" if by_loss else "eval/score"
     scored = [r for r in run.evals if _finite(r.get(key))]
     if not scored:
         return None
     pick = min if by_loss else max
     return pick(scored, key=lambda r: r[key])["step"]
+
+
+def _metric_for_best(run: RunLog) -> str | None:
+    """best.json's metric_for_best, else the run's config.yaml's (a run without best/)."""
+    if run.best_json.get("metric_for_best"):
+        return run.best_json["metric_for_best"]
+    config = _read_yaml(run.output_dir / "config.yaml")
+    return (config.get("train") or {}).get("metric_for_best") if isinstance(config, dict) else None
 
 
 def _read_yaml(path: Path) -> Any:
@@ -363,7 +369,7 @@ def _summary_rows(run: RunLog) -> str:
             # best/'s own (best.json), as the best step is: after a resume from an older
             # checkpoint the summary's is that line's best, which best/ may have beaten
             # under metric_for_best=loss best/ was chosen by (and best.json holds) the loss
-            ("best loss" if run.best_json.get("metric_for_best") == "loss" else "best score",
+            ("best loss" if _metric_for_best(run) == "loss" else "best score",
              _best_json_score(run, s.get("best_score", (run.best or {}).get("score")))),
             ("best step", run.best_step),
             ("wall time (first to last record)",

@@ -261,6 +261,9 @@ def check_resume_settings(cfg: RunConfig, ckpt: CheckpointManager,
                                     if k in decided and (world_size or k != "zero_stage")})
 
 
+RUN_FILES = ("labels.json", "metrics.jsonl", "checkpoints", "best")  # beside a run's config
+
+
 def _refuse_replacing_the_config_file(cfg: RunConfig, out: Path) -> None:
     """`train.output_dir: .` beside a hand-written config.yaml: the run's resolved config
     replaced it (comments, layout, interpolations lost). A run's own saved config.yaml, given
@@ -269,7 +272,10 @@ def _refuse_replacing_the_config_file(cfg: RunConfig, out: Path) -> None:
     target = out / "config.yaml"
     try:
         same = loaded is not None and target.is_file() and target.samefile(loaded)
-        if not same or target.read_text().startswith(SAVED_CONFIG_HEADER):
+        # a run's own: its header, or (saved before the header, or the header edited away)
+        # beside the run's other files
+        if not same or target.read_text().startswith(SAVED_CONFIG_HEADER) or any(
+                (out / name).exists() for name in RUN_FILES):
             return
     except OSError:
         return
@@ -497,7 +503,8 @@ class Trainer:
             compile_encoder_layers(self.model, cfg.train.compile_tuning)
         self.state = TrainState()
         if for_training and cfg.train.early_stopping_patience and not cfg.train.eval_steps \
-                and not cfg.train.eval_at_epoch_end and acc.is_main_process:
+                and not cfg.train.eval_at_epoch_end and any(t.dev for t in cfg.tasks) \
+                and acc.is_main_process:
             warnings.warn(f"train.early_stopping_patience={cfg.train.early_stopping_patience} "
                           "cannot act: no evaluation is scheduled (train.eval_steps null, "
                           "train.eval_at_epoch_end false), only the one at the end",
@@ -795,9 +802,12 @@ class Trainer:
                    "stop_reason": self.stop_reason or "finished",
                    "exit_code": PREEMPTED_EXIT_CODE if preempted else 0}
         if acc.is_main_process:
-            best = "no evaluation" if summary["best_score"] is None else \
-                f"best {self.cfg.train.metric_for_best} {summary['best_score']} at step " \
-                f"{summary['best_step']}"  # metric_for_best=loss: the loss, not a score
+            if summary["best_score"] is not None:  # metric_for_best=loss: the loss
+                best = (f"best {self.cfg.train.metric_for_best} {summary['best_score']} at "
+                        f"step {summary['best_step']}")
+            else:  # evaluations that were all NaN are no best, but they ran
+                best = "no evaluation" if self.state.last_eval_step is None else \
+                    f"no finite evaluation ({self.cfg.train.metric_for_best} NaN at every one)"
             print(f"[mtl_dist] stopped: {summary['stop_reason']} at step "
                   f"{summary['global_step']}; {best}")
         self.tracking.finish(summary)

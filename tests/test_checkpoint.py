@@ -419,6 +419,26 @@ def test_a_model_shape_key_added_later_is_compared_only_where_saved(tmp_path: Pa
         mgr.load(newer, make_objects(), expected_manifest=expected)
 
 
+def test_ckpt_ls_marks_a_checkpoint_saved_before_its_steps_evaluation_as_best(tmp_path):
+    """A preemption at an eval step saves the checkpoint first (it holds the previous
+    evaluation's score); the resume evaluates these very weights into best/. Told apart by
+    score, it lost its [best]; a checkpoint saved after its own evaluation is compared."""
+    objs = make_objects()
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    mgr.save(8, objs, {"global_step": 8, "last_eval_step": 4, "score": 0.6875},
+             manifest=MANIFEST)
+    mgr.save(12, objs, {"global_step": 12, "last_eval_step": 12, "score": 0.7},
+             manifest=MANIFEST)
+    mgr.save_best(8, 0.5, objs["model"].state_dict(), metadata={},
+                  extra_files={"metrics.json": json.dumps({"score": 0.5, "tasks": {}})})
+    marked = {r.path.name: r.is_best for r in ck.list_checkpoints(tmp_path) if r.kind != "best"}
+    assert marked == {"checkpoint-8": True, "checkpoint-12": False}
+    mgr.save_best(12, 0.9, objs["model"].state_dict(), metadata={},  # another line's, step 12
+                  extra_files={"metrics.json": json.dumps({"score": 0.9, "tasks": {}})})
+    marked = {r.path.name: r.is_best for r in ck.list_checkpoints(tmp_path) if r.kind != "best"}
+    assert marked == {"checkpoint-8": False, "checkpoint-12": False}
+
+
 def test_tasks_with_equal_label_counts_in_another_order_are_refused(tmp_path: Path) -> None:
     """Heads are stored by position: two 2-label tasks swapped would load without any shape
     error and each be scored with the other's head; periodic checkpoints and best/ alike."""

@@ -455,6 +455,10 @@ def test_check_refuses_an_output_dir_holding_the_config_file_or_a_cache_dir_file
 
     config.write_text(saved_config_yaml(load_config(DEMO, [f"train.output_dir={tmp_path}"])))
     assert cli(capsys, "check", config)[0] == 0  # a run's own config.yaml
+    # ...also one saved before the header (or with it edited away), beside the run's files
+    config.write_text(config.read_text().split("\n", 2)[2])
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert cli(capsys, "check", config)[0] == 0, capsys.readouterr().err
     code, _, err = cli(capsys, "check", DEMO, f"train.output_dir={tmp_path / 'o'}",
                        f"data.cache_dir={config}")
     assert code == 2 and err.strip() == (

@@ -418,8 +418,12 @@ def test_load_tokenizer_demo_and_errors(tmp_path):
         D.load_tokenizer(Model(pretrained=str(tmp_path / "x")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=f"model.tokenizer: {tmp_path / 'empty'} holds no "
-                       r"tokenizer files \(none of tokenizer.json, vocab.txt"):
+                       r"tokenizer files \(no tokenizer.json, tokenizer_config.json, vocab"):
         D.load_tokenizer(Model(tokenizer=str(tmp_path / "empty")))  # not: install sentencepiece
+    assert all(D._looks_like_tokenizer_file(n) for n in (
+        "tokenizer.json", "vocab.txt", "spm.model", "sentencepiece.model", "merges.txt",
+        "cl100k_base.tiktoken", "spiece.model"))  # DeBERTa-v2's spm.model, RemBERT's, ...
+    assert not any(D._looks_like_tokenizer_file(n) for n in ("config.json", "model.safetensors"))
 
 
 def test_real_minilm_tokenizer_pair(tmp_path):

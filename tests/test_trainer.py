@@ -873,11 +873,38 @@ def test_check_with_the_launchs_world_size_checks_what_the_launch_decides(tmp_pa
 
 def test_patience_without_any_scheduled_evaluation_warns(tmp_path):
     """Patience with eval_steps null and no epoch-end evaluation can never act (only the
-    final evaluation runs): said once at the start."""
+    final evaluation runs): said once at the start. Not where no task has a dev file any more
+    (`mtl-dist bench` drops them after loading the user's config)."""
+    import warnings
+
+    no_schedule = ["train.eval_steps=null", "train.eval_at_epoch_end=false",
+                   "train.early_stopping_patience=5"]
     with pytest.warns(UserWarning, match=r"train.early_stopping_patience=5 cannot act: no "
                       r"evaluation is scheduled"):
-        Trainer(demo_cfg(tmp_path, "train.eval_steps=null", "train.eval_at_epoch_end=false",
-                         "train.early_stopping_patience=5")).close()
+        Trainer(demo_cfg(tmp_path, *no_schedule)).close()
+    cfg = demo_cfg(tmp_path, *no_schedule)
+    for task in cfg.tasks:
+        task.dev = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(cfg).close()
+    assert not [w for w in caught if "cannot act" in str(w.message)]
+
+
+def test_a_run_whose_every_evaluation_was_nan_says_so_at_its_end(tmp_path, capsys):
+    """NaN is never a best; the end line then said "no evaluation", though evaluations ran."""
+    trainer = Trainer(demo_cfg(tmp_path, "train.max_steps=8", "train.metric_for_best=loss"))
+    real_evaluate = trainer.evaluate
+
+    def diverged(*args, **kwargs):  # a diverged run's evaluations
+        return {**real_evaluate(*args, **kwargs), "loss": float("nan")}
+
+    trainer.evaluate = diverged
+    trainer.fit()
+    trainer.close()
+    out = capsys.readouterr().out
+    assert "loss is NaN (diverged?): not taken as a best" in out
+    assert "at step 8; no finite evaluation (loss NaN at every one)" in out
 
 
 def test_under_metric_for_best_loss_best_is_shown_as_a_loss(tmp_path, capsys):
@@ -897,6 +924,8 @@ def test_under_metric_for_best_loss_best_is_shown_as_a_loss(tmp_path, capsys):
 
     page = build_report(tmp_path / "out").read_text()
     assert f"<th>best loss</th><td>{loss:.4f}</td>" in page and "best score" not in page
+    shutil.rmtree(tmp_path / "out" / "best")  # save_best off: the run's config.yaml says it
+    assert "<th>best loss</th>" in build_report(tmp_path / "out").read_text()
 
 
 def test_a_second_run_on_an_output_dir_in_use_is_refused(tmp_path):
