@@ -1160,7 +1160,7 @@ _TASK_RULES: dict[str, tuple[_Check, str]] = {
 
 def _validate(run: RunConfig, sources: _Sources) -> None:
     """Ranges, choices and cross-field rules; the first problem is raised."""
-    if run.train.mixed_precision == "False":  # `mixed_precision: false`, a YAML boolean
+    if run.train.mixed_precision in ("false", "False"):  # `mixed_precision: false`, as written
         run.train.mixed_precision = "no"
     try:
         for key, (check, expected) in _RULES.items():

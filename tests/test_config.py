@@ -499,6 +499,11 @@ def test_str_slots_keep_the_text_written_in_the_file_and_in_list_overrides(tmp_p
     assert (cfg.tasks[0].labels, cfg.tracking.tags) == (["01", "1e3"], ["2024.10"])
     news = load_config(path, ["tasks.0.labels=[100, 101]"]).tasks[0].labels
     assert news == ["100", "101"]  # numbers written plainly read as before
+    # a YAML boolean in a choice key still reads as its word: `mixed_precision: false` is "no"
+    path.write_text("tasks:\n  - {name: nli, train: 'demo:nli/train'}\n"
+                    "train:\n  mixed_precision: false\n")
+    assert load_config(path, []).train.mixed_precision == "no"
+    assert load_config(path, ["train.mixed_precision=false"]).train.mixed_precision == "no"
 
 
 def test_a_misspelled_demo_name_is_named_by_its_key() -> None:
