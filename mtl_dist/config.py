@@ -1034,6 +1034,9 @@ def _demo_name_problem(value: str, key: str) -> str | None:
     """What is wrong with a `demo:` value of a task file or the tokenizer, if anything."""
     if key == "model.tokenizer":  # `demo:xyz` quietly meant `demo:`
         return None if value == DEMO_PREFIX else f"expected 'demo:' (the built-in tokenizer), got {value!r}"
+    if key == "model.pretrained":  # it went to the hub's repo-id rules
+        return (f"the built-in demo has no pretrained model, got {value!r} (random init: "
+                "model.pretrained null, model.arch, model.tokenizer 'demo:')")
     if not key.startswith("tasks"):
         return None
     from mtl_dist.demo_data import parse_demo_path
@@ -1369,8 +1372,8 @@ def _validate_tracking(tracking: TrackingConfig) -> None:
                  "1 to 64 characters (wandb's limit)")
     _require(lambda v: bool(v) and not any(c in v for c in "/\\#?%:") and v not in (".", ".."),
              tracking.project, "tracking.project",
-             "a name without '/', '\\', '#', '?', '%' or ':' (it names TensorBoard's subdir "
-             "of the output dir and the wandb project)")
+             "a non-empty name other than '.' or '..', without '/', '\\', '#', '?', '%' or ':' "
+             "(it names TensorBoard's subdir of the output dir and the wandb project)")
 
 
 def _validate_backends(backends: list[str]) -> None:

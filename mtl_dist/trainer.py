@@ -264,6 +264,21 @@ def check_resume_settings(cfg: RunConfig, ckpt: CheckpointManager,
 RUN_FILES = ("labels.json", "metrics.jsonl", "checkpoints", "best")  # beside a run's config
 
 
+def _refuse_a_cache_dir_file(cfg: RunConfig) -> None:
+    """The token cache's dir (data.cache_dir, or its default from $MTL_DIST_CACHE_DIR...)
+    a file or below one: the run went on with a warning per task and split, tokenizing
+    afresh every time."""
+    cache = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir \
+        else mdata.default_cache_dir()
+    where = "config key 'data.cache_dir'" if cfg.data.cache_dir else \
+        "data.cache_dir (null: the default, from $MTL_DIST_CACHE_DIR, $XDG_CACHE_HOME or ~/.cache)"
+    blocking = next((p for p in (cache, *cache.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"{where}: {cache} " + ("exists and is not a directory"
+                          if blocking == cache else f"cannot be created: {blocking} is a file"),
+                          located=not cfg.data.cache_dir)  # the default: set by no line
+
+
 def _refuse_replacing_the_config_file(cfg: RunConfig, out: Path) -> None:
     """`train.output_dir: .` beside a hand-written config.yaml: the run's resolved config
     replaced it (comments, layout, interpolations lost). A run's own saved config.yaml, given
@@ -300,14 +315,14 @@ def check_output_dir(cfg: RunConfig, ckpt: CheckpointManager, say=print) -> None
         raise ConfigError(f"config key 'train.output_dir': {out} cannot be created: "
                           f"{blocking} is a file")
     _refuse_replacing_the_config_file(cfg, out)
-    cache = cfg.data.cache_dir
-    if cache and Path(cache).expanduser().exists() and not Path(cache).expanduser().is_dir():
-        # it ran on with a warning per task and split, tokenizing afresh every time
-        raise ConfigError(f"config key 'data.cache_dir': {cache} exists and is not a directory")
+    _refuse_a_cache_dir_file(cfg)
     if train.resume and train.resume != "auto":
         path = ckpt.resolve(train.resume)  # a wrong path fails here, not after set-up
         if path is not None:  # best/, say: it has no optimizer, sampler or RNG state
-            training_manifest(path)
+            try:
+                training_manifest(path)
+            except CheckpointError as exc:
+                raise CheckpointError(str(exc), key="train.resume") from None
         saved = [] if ckpt.is_own(path) else ckpt.saved_run()
         if saved:  # its saves would replace this run's checkpoints of the same steps
             raise CheckpointError(

@@ -379,8 +379,9 @@ def test_check_refuses_best_as_the_checkpoint_to_resume(run, capsys, tmp_path):
     root, overrides = run
     code, _, err = cli(capsys, "check", DEMO, *overrides, f"train.output_dir={tmp_path / 'new'}",
                        f"train.resume={root / 'out' / 'best'}")
-    assert code == 2 and err.strip() == \
-        f"error: checkpoint {root / 'out' / 'best'}: is a 'best' checkpoint, not a training checkpoint"
+    assert code == 2 and err.strip() == (  # named by the override that set it
+        f"error: override 'train.resume={root / 'out' / 'best'}': checkpoint "
+        f"{root / 'out' / 'best'}: is a 'best' checkpoint, not a training checkpoint")
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -464,3 +465,18 @@ def test_check_refuses_an_output_dir_holding_the_config_file_or_a_cache_dir_file
     assert code == 2 and err.strip() == (
         f"error: override 'data.cache_dir={config}': config key 'data.cache_dir': {config} "
         "exists and is not a directory")
+
+    # ...also the default one (from $MTL_DIST_CACHE_DIR), or one below a file
+    import os
+
+    for env_dir, why in ((config, "exists and is not a directory"),
+                         (config / "sub", f"cannot be created: {config} is a file")):
+        os.environ["MTL_DIST_CACHE_DIR"] = str(env_dir)
+        try:
+            code, _, err = cli(capsys, "check", DEMO, f"train.output_dir={tmp_path / 'o'}",
+                               "data.cache_dir=null")
+        finally:
+            del os.environ["MTL_DIST_CACHE_DIR"]
+        assert code == 2 and err.strip() == (
+            "error: data.cache_dir (null: the default, from $MTL_DIST_CACHE_DIR, "
+            f"$XDG_CACHE_HOME or ~/.cache): {env_dir} {why}"), err

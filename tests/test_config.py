@@ -469,9 +469,10 @@ def test_evaluation_keys_without_any_dev_file_are_refused(key: str) -> None:
 @pytest.mark.parametrize(("override", "message"), [
     ("tracking.tags=[" + "x" * 65 + "]",
      r"config key 'tracking.tags\[0\]': expected 1 to 64 characters \(wandb's limit\)"),
-    ("tracking.project=/tmp/elsewhere", r"config key 'tracking.project': expected a name "
-                                        r"without '/'"),
-    ("tracking.project=..", r"config key 'tracking.project': expected a name"),
+    ("tracking.project=/tmp/elsewhere", r"config key 'tracking.project': expected a non-empty "
+                                        r"name other than '.' or '..', without '/'"),
+    ("tracking.project=..", r"config key 'tracking.project': expected a non-empty name other "
+                            r"than '.' or '..'"),
     ("tasks.nli.name=" + "n" * 129, r"config key 'tasks\[0\].name': expected a name of at "
                                     r"most 128 bytes"),
 ])
@@ -515,6 +516,9 @@ def test_a_misspelled_demo_name_is_named_by_its_key() -> None:
     with pytest.raises(ConfigError, match=r"config key 'model.tokenizer': expected 'demo:' \(the "
                        r"built-in tokenizer\), got 'demo:xyz'"):
         load_config(None, [*DEMO, "model.tokenizer=demo:xyz"])
+    with pytest.raises(ConfigError, match=r"config key 'model.pretrained': the built-in demo has "
+                       r"no pretrained model, got 'demo:'"):  # it went to the hub's repo-id rules
+        load_config(None, [*DEMO, "model.pretrained=demo:"])
 
 
 def test_an_explicit_label_list_of_one_is_refused() -> None:
