@@ -103,14 +103,17 @@ def cmd_check(args) -> int:
     if cfg.train.zero_stage:  # the DeepSpeed JSON against the run (the total batch needs
         zero.build_ds_config(cfg, world_size=args.world_size)  # the launch's world size)
     label_maps = mdata.frozen_label_maps(cfg)
+    shape = None
     if not cfg.model.pretrained:  # the model's own refusals (MPNet's fixed padding index),
-        import torch  # built without memory or weights
+        import torch  # built without memory or weights; its shape, for a resume
 
         from mtl_dist.model import build_model
+        from mtl_dist.trainer import model_signature
         with torch.device("meta"):
-            build_model(cfg.model, len(tokenizer), [len(label_maps[t.name]) for t in cfg.tasks],
-                        pad_token_id=tokenizer.pad_token_id, max_length=cfg.data.max_length)
-    check_resume_settings(cfg, output, label_maps, args.world_size)
+            shape = model_signature(build_model(
+                cfg.model, len(tokenizer), [len(label_maps[t.name]) for t in cfg.tasks],
+                pad_token_id=tokenizer.pad_token_id, max_length=cfg.data.max_length))
+    check_resume_settings(cfg, output, label_maps, args.world_size, shape)
     for split in ("train", "dev", "test"):
         mdata.check_split(cfg, split, label_maps)
     print(f"config OK: {len(cfg.tasks)} task(s) ({', '.join(cfg.task_names)}), data files "

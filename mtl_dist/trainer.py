@@ -237,11 +237,13 @@ def config_manifest(cfg: RunConfig, label_maps: Mapping[str, Sequence[str]]) -> 
 
 def check_resume_settings(cfg: RunConfig, ckpt: CheckpointManager,
                           label_maps: Mapping[str, Sequence[str]],
-                          world_size: int | None = None) -> None:
+                          world_size: int | None = None,
+                          model_shape: Mapping[str, Any] | None = None) -> None:
     """`mtl-dist check`: the config-decided keys the run's resume would refuse (lr, tasks,
     labels, ...), one line before any launch rather than one per rank. With the launch's
     `world_size` (launch/train.sh passes it, and sets the ZeRO stage as the launch will),
-    also the world size (ZeRO partitions), the ZeRO stage and the global batch."""
+    also the world size (ZeRO partitions), the ZeRO stage and the global batch; with the
+    `model_shape` of the model `check` built (random init, on the meta device), all of it."""
     resume = cfg.train.resume
     path = (ckpt.latest() if resume == "auto" else ckpt.resolve(resume)) if resume else None
     if path is None:
@@ -251,9 +253,10 @@ def check_resume_settings(cfg: RunConfig, ckpt: CheckpointManager,
         decided["world_size"] = world_size
         decided["global_batch_size"] = cfg.train.per_device_batch_size * world_size
     manifest = training_manifest(path)
-    # of the model's shape, only the head kind is the config's alone (the rest needs the model)
     shape = manifest.get("run", {}).get("model_shape", manifest.get("model_shape"))
-    if isinstance(shape, dict) and "head" in shape:
+    if model_shape is not None:
+        decided["model_shape"] = dict(model_shape)
+    elif isinstance(shape, dict) and "head" in shape:  # without the model: the head kind
         decided["model_shape"] = {**shape, "head": cfg.model.head}
     # without the launch's world size, not the ZeRO stage either: `accelerate launch
     # --deepspeed_config_file` (train.sh --launch zero2) may set it at the run's start

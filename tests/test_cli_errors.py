@@ -392,6 +392,9 @@ def test_check_refuses_best_as_the_checkpoint_to_resume(run, capsys, tmp_path):
     (["train.metric_for_best=loss"], "manifest key 'metric_for_best' differs"),
     (["model.head=cls"], "manifest key 'model_shape.head' differs: checkpoint has \"attention\", "
                          "this run has \"cls\" (the checkpoint's weights are of another model"),
+    # the model's size: `check` builds it on the meta device, so all of its shape is compared
+    (["model.arch.hidden_size=32", "model.arch.intermediate_size=64"],
+     "manifest key 'model_shape.hidden_size' differs: checkpoint has 64, this run has 32"),
 ])
 def test_check_refuses_settings_the_resume_would_refuse(run, capsys, extra, message):
     """`check` said "config OK" to a resume with a changed lr (or max_length, accumulation,
