@@ -181,6 +181,16 @@ def _error_text(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- files
 
 
+def why_not_a_directory(path: str | Path) -> str | None:
+    """Why a directory cannot be at `path` (a file there, or above it), said after the path;
+    None when it is one or can be made. For every output dir a command is given."""
+    path = Path(path).absolute()
+    if path.exists() and not path.is_dir():
+        return "exists and is not a directory"
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    return None if blocking is None else f"cannot be created: {blocking} is a file"
+
+
 def _pause() -> None:
     """Test hook: sleep MTL_DIST_TEST_SAVE_SLEEP seconds between save phases (kill -9 tests)."""
     value = os.environ.get(SLEEP_ENV)

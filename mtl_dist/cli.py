@@ -22,11 +22,11 @@ CPU_LAUNCH_CONFIG = REPO_ROOT / "launch" / "cpu_multi.yaml"
 def _not_a_file(path: Path, what: str) -> None:
     """An output directory that cannot be made: a file there, or above it. One line, before
     any work (predict and pseudo-label failed after all the predicting, with a traceback)."""
-    if path.exists() and not path.is_dir():
-        raise MtlDistError(f"{what} {path}: exists and is not a directory")
-    blocking = next((p for p in path.absolute().parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise MtlDistError(f"{what} {path}: cannot be created: {blocking} is a file")
+    from mtl_dist.checkpoint import why_not_a_directory
+
+    why = why_not_a_directory(path)
+    if why is not None:
+        raise MtlDistError(f"{what} {path}: {why}")
 
 
 def _run_holding(checkpoint: Path) -> Path | None:

@@ -36,6 +36,7 @@ from mtl_dist.checkpoint import (
     load_state_checked,
     read_manifest,
     training_manifest,
+    why_not_a_directory,
 )
 from mtl_dist.collectives import release_host_group, set_host_timeout
 from mtl_dist.config import SAVED_CONFIG_HEADER, RunConfig, config_hash, saved_config_yaml
@@ -275,11 +276,9 @@ def _refuse_a_cache_dir_file(cfg: RunConfig) -> None:
         else mdata.default_cache_dir()
     where = "config key 'data.cache_dir'" if cfg.data.cache_dir else \
         "data.cache_dir (null: the default, from $MTL_DIST_CACHE_DIR, $XDG_CACHE_HOME or ~/.cache)"
-    blocking = next((p for p in (cache, *cache.parents) if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise ConfigError(f"{where}: {cache} " + ("exists and is not a directory"
-                          if blocking == cache else f"cannot be created: {blocking} is a file"),
-                          located=not cfg.data.cache_dir)  # the default: set by no line
+    why = why_not_a_directory(cache)
+    if why is not None:  # the default is set by no line
+        raise ConfigError(f"{where}: {cache} {why}", located=not cfg.data.cache_dir)
 
 
 def _refuse_replacing_the_config_file(cfg: RunConfig, out: Path) -> None:
@@ -310,13 +309,9 @@ def check_output_dir(cfg: RunConfig, ckpt: CheckpointManager, say=print) -> None
     checkpoints beside the old run's (resume=auto would then pick the old newest)."""
     out, train = ckpt.output_dir, cfg.train
     ckpt.refuse_if_in_use()  # a run going on there: refused before any set-up
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"config key 'train.output_dir': {out} exists and is not a "
-                          "directory")
-    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:  # found on every rank alike, before any of them waits
-        raise ConfigError(f"config key 'train.output_dir': {out} cannot be created: "
-                          f"{blocking} is a file")
+    why = why_not_a_directory(out)
+    if why is not None:  # found on every rank alike, before any of them waits
+        raise ConfigError(f"config key 'train.output_dir': {out} {why}")
     _refuse_replacing_the_config_file(cfg, out)
     _refuse_a_cache_dir_file(cfg)
     if train.resume and train.resume != "auto":
