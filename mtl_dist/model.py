@@ -395,9 +395,7 @@ def build_encoder(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int = 0
             return AutoModel.from_config(config, **kwargs)
         except (AssertionError, ValueError, TypeError, NotImplementedError) as exc:
             # a type whose sizes model.arch cannot state (squeezebert asserts on its own)
-            detail = " ".join(str(exc).split())[:200] or type(exc).__name__
-            raise ConfigError(f"config key 'model.arch': cannot build a "
-                              f"{model_cfg.arch.model_type!r} encoder from it: {detail}") from None
+            raise _unbuildable(model_cfg.arch.model_type, exc) from None
     try:
         return AutoModel.from_pretrained(model_cfg.pretrained, local_files_only=True,
                                          dtype=torch.float32, **kwargs)
@@ -436,11 +434,16 @@ def encoder_config(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int = 
         raise ConfigError(f"config key 'model.arch.model_type': {arch.model_type!r} is not a "
                           "model type transformers knows (e.g. bert, roberta, electra)") from None
     except (NotImplementedError, TypeError) as exc:  # a type model.arch cannot describe
-        raise ConfigError(f"config key 'model.arch': cannot build a {arch.model_type!r} encoder "
-                          f"from it: {' '.join(str(exc).split())[:200]}") from None
+        raise _unbuildable(arch.model_type, exc) from None
     finally:
         hf_logging.set_verbosity(verbosity)
     return config, _encoder_kwargs(config, "config key 'model.arch.model_type'")
+
+
+def _unbuildable(model_type: str, exc: Exception) -> ConfigError:
+    detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+    return ConfigError(f"config key 'model.arch': cannot build a {model_type!r} encoder from "
+                       f"it: {detail}")
 
 
 def _unloadable(directory: str, exc: Exception) -> ConfigError:
