@@ -36,4 +36,3 @@ def run_score(per_task: Mapping[str, Mapping[str, float]], metric_of: Mapping[st
         raise MtlDistError(f"run score: no evaluated task has score_weight > 0 (evaluated: "
                            f"{', '.join(per_task) or 'none'}), so there is no score to compute")
     return float(sum(weight_of[t] * per_task[t][metric_of[t]] for t in per_task) / total)
-

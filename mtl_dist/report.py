@@ -42,6 +42,7 @@ class RunLog:
     best_step: int | None = None
     best: dict | None = None  # {"score", "loss", "tasks": {task: {metric: value, ...}}}
     best_json: dict = field(default_factory=dict)  # best/best.json (step, score, ...); {} if none
+    metric_for_best: str | None = None  # best.json's, else the run's config.yaml's
 
     @property
     def tasks(self) -> list[str]:
@@ -79,6 +80,7 @@ def load_run(output_dir: str | Path) -> RunLog:
     run.labels = _label_lists(out / "labels.json") or _label_lists(out / "best" / "labels.json")
     info = _read_json(out / "best" / "best.json")
     run.best_json = info if isinstance(info, dict) else {}
+    run.metric_for_best = _metric_for_best(run)
     run.best_step = _best_step(run)
     run.best = _best_metrics(run)
     return run
@@ -128,7 +130,7 @@ def _best_step(run: RunLog) -> int | None:
         return run.best_json["step"]
     if run.summary and isinstance(run.summary.get("best_step"), int) and run.summary["best_step"] >= 0:
         return run.summary["best_step"]
-    by_loss = _metric_for_best(run) == "loss"
+    by_loss = run.metric_for_best == "loss"
     key = "eval/loss" if by_loss else "eval/score"
     scored = [r for r in run.evals if _finite(r.get(key))]
     if not scored:
@@ -369,7 +371,7 @@ def _summary_rows(run: RunLog) -> str:
             # best/'s own (best.json), as the best step is: after a resume from an older
             # checkpoint the summary's is that line's best, which best/ may have beaten
             # under metric_for_best=loss best/ was chosen by (and best.json holds) the loss
-            ("best loss" if _metric_for_best(run) == "loss" else "best score",
+            ("best loss" if run.metric_for_best == "loss" else "best score",
              _best_json_score(run, s.get("best_score", (run.best or {}).get("score")))),
             ("best step", run.best_step),
             ("wall time (first to last record)",

@@ -254,11 +254,12 @@ def check_resume_settings(cfg: RunConfig, ckpt: CheckpointManager,
         decided["world_size"] = world_size
         decided["global_batch_size"] = cfg.train.per_device_batch_size * world_size
     manifest = training_manifest(path)
-    shape = manifest.get("run", {}).get("model_shape", manifest.get("model_shape"))
     if model_shape is not None:
         decided["model_shape"] = dict(model_shape)
-    elif isinstance(shape, dict) and "head" in shape:  # without the model: the head kind
-        decided["model_shape"] = {**shape, "head": cfg.model.head}
+    else:  # without the model: the head kind alone
+        shape = manifest.get("run", {}).get("model_shape", manifest.get("model_shape"))
+        if isinstance(shape, dict) and "head" in shape:
+            decided["model_shape"] = {**shape, "head": cfg.model.head}
     # without the launch's world size, not the ZeRO stage either: `accelerate launch
     # --deepspeed_config_file` (train.sh --launch zero2) may set it at the run's start
     check_manifest(path, manifest, {k: decided[k] for k in resume_must_match(cfg)
