@@ -623,8 +623,11 @@ def _build(path: str | Path | None, overrides: Sequence[str], sources: _Sources)
     cfg = OmegaConf.structured(RunConfig)
     if path is not None:
         text = _read_text(path)
-        raw = _written_text_in_str_slots(_parse_yaml(text, str(path)), text, "")
-        sources.lines = _key_lines(text)
+        raw = _parse_yaml(text, str(path))
+        # the text already parsed, so composing it cannot fail: one node tree for both
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = _written_text_in_str_slots(raw, node, "")
+        sources.lines = _key_lines(node)
         with _prefixed(sources.file_prefix):
             _check_shape(raw, RunConfig, "")
             _merge_file(cfg, raw)
@@ -635,10 +638,10 @@ def _build(path: str | Path | None, overrides: Sequence[str], sources: _Sources)
     return cfg
 
 
-def _written_text_in_str_slots(value: Any, text: str, key: str) -> Any:
-    """`value` (YAML `text` as loaded, at display key `key`) with each plain scalar that YAML
-    read as a number or boolean, where the schema wants a str (a label, a name, a tag), put
-    back as written: `labels: [01, 02]` became ['1', '2'] (a data file's '01' was then "not
+def _written_text_in_str_slots(value: Any, node: yaml.Node | None, key: str) -> Any:
+    """`value` (loaded from the YAML composed as `node`, at display key `key`) with each plain
+    scalar that YAML read as a number or boolean, where the schema wants a str (a label, a
+    name, a tag), put back as written: `labels: [01, 02]` became ['1', '2'] (a data file's '01' was then "not
     one of the task's labels"), `1e3` '1000.0', `true` 'True'; an override kept the text."""
     def walk(node: yaml.Node, loaded: Any, at: str) -> Any:
         if isinstance(node, yaml.MappingNode) and isinstance(loaded, dict):
@@ -655,10 +658,6 @@ def _written_text_in_str_slots(value: Any, text: str, key: str) -> Any:
             return node.value
         return loaded
 
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:  # what the loader took, this one may not: leave the value
-        return value
     return value if node is None else walk(node, value, key)
 
 
@@ -701,9 +700,9 @@ def _read_text(path: str | Path) -> str:
         raise _Problem("", f"{path}: cannot read config file: {exc.strerror}") from None
 
 
-def _key_lines(text: str) -> dict[str, int]:
+def _key_lines(root: yaml.Node | None) -> dict[str, int]:
     """Display key ('train.lr', 'tasks[0].train') -> 1-based line where the file writes it
-    (the text already parsed, so composing it again cannot fail)."""
+    (`root`: the file's composed YAML)."""
     lines: dict[str, int] = {}
 
     def walk(node: yaml.Node, key: str) -> None:
@@ -718,7 +717,8 @@ def _key_lines(text: str) -> dict[str, int]:
                 lines.setdefault(child, item.start_mark.line + 1)
                 walk(item, child)
 
-    walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+    if root is not None:
+        walk(root, "")
     return lines
 
 
@@ -814,7 +814,9 @@ def _apply_override(cfg: DictConfig, text: str) -> str:
                                                       raw.endswith(":"))):
         value = raw
     elif isinstance(value, (list, dict)):  # ...and so do the str slots inside a list or mapping
-        value = _written_text_in_str_slots(value, raw, display)
+        # the text already parsed (_parse_override), so composing it cannot fail
+        value = _written_text_in_str_slots(value, yaml.compose(raw, Loader=yaml.SafeLoader),
+                                           display)
     _check_shape(value, _type_at(display), display)
     if segments == ["tasks"]:
         cfg.tasks = [_task_node(item, index) for index, item in enumerate(value)]
