@@ -180,6 +180,7 @@ class TrainConfig:
     flat_masters: bool = False  # bf16_weights: encoder masters/moments/grads flat, one-kernel AdamW
     direct_weight_grads: bool = False  # graphs + flat masters: Linear weight grads into the flat buffer
     fused_qkv: bool = False  # query, key and value projected by one GEMM (same parameters)
+    overlap_optimizer: bool = False  # flat masters: AdamW per layer, overlapping the next forward
     stop_after_steps: int | None = None
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     preemption_check_steps: int = 1
@@ -1322,6 +1323,12 @@ def _validate_combinations(train: TrainConfig) -> None:
             "train.flat_masters",
             "config key 'train.flat_masters': expected false with train.bf16_weights=false "
             "(it lays out the fp32 master weights that bf16_weights keeps), got true",
+        )
+    if train.overlap_optimizer and not train.flat_masters:
+        raise _Problem(
+            "train.overlap_optimizer",
+            "config key 'train.overlap_optimizer': expected false with train.flat_masters=false "
+            "(it splits the flat AdamW step of flat_masters by layer), got true",
         )
     if train.direct_weight_grads and not (train.flat_masters and train.cuda_graphs
                                           and train.gradient_accumulation_steps == 1):

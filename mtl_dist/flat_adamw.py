@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import functools
 import warnings
+from functools import partial
 
 import torch
+from torch import nn
 
 from mtl_dist.errors import MtlDistWarning
 from mtl_dist.master import FlatSegment, MasterWeights
+from mtl_dist.overlap import OverlappedStep
 
 
 def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
@@ -43,10 +46,11 @@ def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
 
 
 @functools.cache
-def compiled_update():
-    # Static shapes: one specialisation per flat group (two for the encoder). What changes
-    # every step comes in tensors (Dynamo bakes Python floats in as constants).
-    return torch.compile(adamw_update, fullgraph=True, dynamic=False)
+def compiled_update(dynamic: bool = False):
+    # Static shapes: one specialisation per flat group (two for the encoder); `dynamic` for
+    # the chunks of `train.overlap_optimizer` (a few sizes, one kernel). What changes every
+    # step comes in tensors (Dynamo bakes Python floats in as constants).
+    return torch.compile(adamw_update, fullgraph=True, dynamic=dynamic)
 
 
 class FlatAdamW(torch.optim.AdamW):
@@ -57,7 +61,11 @@ class FlatAdamW(torch.optim.AdamW):
             raise ValueError("FlatAdamW: amsgrad and maximize are not supported")
         super().__init__(params, **kwargs)
         self._masters = masters
+        self._compiled = compiled
         self._update = compiled_update() if compiled else adamw_update
+        self.overlap: OverlappedStep | None = None  # see overlap_next_forward
+        self.zero_grads_in_step = False
+        self._zeroed_in_step: set[int] = set()  # groups whose step zeroes their gradients
         self._segments: dict[int, FlatSegment] = {}
         for i, group in enumerate(self.param_groups):
             seg = masters.segment(group["params"])
@@ -99,6 +107,20 @@ class FlatAdamW(torch.optim.AdamW):
                           f"(same maths, slower) for the rest of this run", MtlDistWarning,
                           stacklevel=3)
 
+    def overlap_next_forward(self, encoder: nn.Module, layers: nn.ModuleList,
+                             zero_grads: bool) -> OverlappedStep:
+        """`train.overlap_optimizer`: from now on the flat groups step chunk by chunk, each
+        chunk waited for by the part of `encoder`'s forward that reads it (mtl_dist/overlap.py).
+        `zero_grads`: the caller zeroes the gradients after each step (eager micro-steps; a
+        CUDA graph overwrites them instead): each chunk then zeroes its own, which zero_grad
+        could not do without waiting for every chunk."""
+        device = next(iter(self._segments.values())).grad.device
+        self.overlap = OverlappedStep(encoder, layers, self._segments, device)
+        self.zero_grads_in_step = zero_grads
+        if self._compiled:
+            self._update = compiled_update(dynamic=True)
+        return self.overlap
+
     @staticmethod
     def _relink_after_load(optimizer: FlatAdamW) -> None:
         for i in optimizer._segments:
@@ -126,16 +148,17 @@ class FlatAdamW(torch.optim.AdamW):
         ready = {i: self._flat_ready(i) for i in self._segments}
         if not all(ready.values()):
             self._masters.grads_to_fp32()  # torch's AdamW reads the fp32 `.grad` views
-        hidden, per_tensor = [], []
-        for i, seg in self._segments.items():
+        hidden, per_tensor, flat = [], [], []
+        for i in self._segments:
             group = self.param_groups[i]
             if not ready[i]:
                 per_tensor.append(i)
                 continue
-            self._step_flat(i, seg, group, divisor)
+            flat.append(i)
             for p in group["params"]:  # torch's step below leaves them alone
                 hidden.append((p, p.grad))
                 p.grad = None
+        self._step_flat(flat, divisor)
         try:
             _unhooked(torch.optim.AdamW.step)(self)
         finally:
@@ -146,23 +169,64 @@ class FlatAdamW(torch.optim.AdamW):
             self._host_step[i] = _uniform_step([self.state[p].get("step")
                                                 for p in self.param_groups[i]["params"]])
 
-    def _step_flat(self, i: int, seg: FlatSegment, group: dict, divisor) -> None:
-        step = self._host_step[i] + 1
-        beta1, beta2 = group["betas"]
-        lr = float(group["lr"])
-        device = seg.grad.device
-        scalars = torch.tensor([1 - lr * group["weight_decay"], lr / (1 - beta1 ** step),
-                                (1 - beta2 ** step) ** 0.5], dtype=torch.float32,
-                               pin_memory=device.type == "cuda")
+    def _step_flat(self, groups: list[int], divisor) -> None:
+        """The flat groups' step: whole buffers, or chunk by chunk (`overlap`)."""
+        if not groups:
+            return
+        device = self._segments[groups[0]].grad.device
         if divisor is None:
             divisor = self._one(device)
+        grads = {i: self._masters.flat_grad(self._segments[i]) for i in groups}
+        host_scalars = {i: self._scalars(i) for i in groups}
+        for i in groups:
+            self._host_step[i] += 1
+            torch._foreach_add_([self.state[p]["step"] for p in self.param_groups[i]["params"]],
+                                1.0)
+
+        zero = self.overlap is not None and self.zero_grads_in_step
+        if zero:
+            self._zeroed_in_step = set(groups)
+
+        def launch():
+            # Pinned: no host sync; the allocator keeps the buffer until the copy has run.
+            scalars = {i: s.to(device, non_blocking=True) for i, s in host_scalars.items()}
+            return partial(self._update_span, grads, scalars, divisor, zero)
+
+        if self.overlap is None:
+            update = launch()
+            for i in groups:
+                update(i, slice(None))
+            return
+        # The chunks read the gradients and the clip scale on the overlap's side stream:
+        # the scale (a fresh tensor each step) is not handed back to the allocator before.
+        if self.overlap.side_stream is not None and divisor.is_cuda:
+            divisor.record_stream(self.overlap.side_stream)
+        self.overlap.run(launch)
+
+    def _scalars(self, i: int) -> torch.Tensor:
+        """This step's [1 - lr * weight_decay, lr / bias_correction1, sqrt(bias_correction2)]
+        of group `i`, on the host."""
+        group, step = self.param_groups[i], self._host_step[i] + 1
+        beta1, beta2 = group["betas"]
+        lr = float(group["lr"])
+        return torch.tensor([1 - lr * group["weight_decay"], lr / (1 - beta1 ** step),
+                             (1 - beta2 ** step) ** 0.5], dtype=torch.float32,
+                            pin_memory=self._segments[i].grad.is_cuda)
+
+    def _update_span(self, grads: dict[int, torch.Tensor], scalars: dict[int, torch.Tensor],
+                     divisor: torch.Tensor, zero: bool, i: int, span: slice) -> None:
+        """AdamW over `span` of group `i`'s flat buffers; `zero`: its fp32 gradients are
+        zeroed after (what zero_grad does, see overlap_next_forward)."""
+        if i not in grads:  # a group stepping per tensor this time (see step)
+            return
+        seg, group = self._segments[i], self.param_groups[i]
         exp_avg, exp_avg_sq = self._moments[i]
-        # Pinned: no host sync; the allocator keeps the buffer until the copy has run.
-        self._update(seg.master, self._masters.flat_grad(seg), exp_avg, exp_avg_sq, seg.weight,
-                     divisor, scalars.to(device, non_blocking=True), float(beta1),
-                     float(beta2), float(group["eps"]))
-        torch._foreach_add_([self.state[p]["step"] for p in group["params"]], 1.0)
-        self._host_step[i] = step
+        beta1, beta2 = group["betas"]
+        self._update(seg.master[span], grads[i][span], exp_avg[span], exp_avg_sq[span],
+                     seg.weight[span], divisor, scalars[i], float(beta1), float(beta2),
+                     float(group["eps"]))
+        if zero:
+            seg.grad[span].zero_()
 
     def _one(self, device: torch.device) -> torch.Tensor:
         if device not in self._ones:
@@ -175,8 +239,10 @@ class FlatAdamW(torch.optim.AdamW):
         had been replaced would otherwise keep summing); the rest as asked."""
         flat_ids = set()
         self._masters.grads_in_bf16 = False
-        for seg in self._segments.values():
-            seg.grad.zero_()
+        zeroed, self._zeroed_in_step = self._zeroed_in_step, set()
+        for i, seg in self._segments.items():
+            if i not in zeroed:  # else the overlapped step's chunks did (or will, in order)
+                seg.grad.zero_()
             for _, p, span in seg.spans():
                 if not _is_view(p.grad, seg.grad, span):
                     p.grad = seg.grad[span].view_as(p)

@@ -51,8 +51,10 @@ from mtl_dist.model import (
     compile_encoder_layers,
     enable_fused_qkv,
     enable_packed_attention,
+    transformer_layers,
     verify_packed_attention,
 )
+from mtl_dist.overlap import OverlappedStep
 from mtl_dist.preemption import (
     PREEMPTED_EXIT_CODE,
     PreemptionFlag,
@@ -600,6 +602,7 @@ class Trainer:
         self.ema = EMA(self._fp32_weights(), cfg.train.ema_decay, zero3_optimizer=zero3) \
             if cfg.train.ema_decay else None
         self.graphs = self._make_step_graphs(self.module)
+        self.overlap = self._overlap_optimizer()
         self.group_tasks: set[int] = set()  # tasks seen in the current accumulation group
         self._queued_log: QueuedTrainLog | None = None  # written by _emit_train_log
 
@@ -648,6 +651,22 @@ class Trainer:
         return StepGraphs(module, torch.bfloat16 if autocast else None, self.masters,
                           single_micro_step=cfg.gradient_accumulation_steps == 1,
                           direct_weight_grads=cfg.direct_weight_grads)
+
+    def _overlap_optimizer(self) -> OverlappedStep | None:
+        """`train.overlap_optimizer`: the flat AdamW step runs chunk by chunk on a side
+        stream while the next forward starts (mtl_dist/overlap.py). Before any graph is
+        captured: the graphs hold the forward's waits."""
+        if not self.cfg.train.overlap_optimizer:
+            return None
+        return self.optimizer.optimizer.overlap_next_forward(
+            self.module.encoder, transformer_layers(self.module, "train.overlap_optimizer"),
+            zero_grads=self.graphs is None)
+
+    def _settle_optimizer(self) -> None:
+        """Whatever reads the weights, masters or moments next (not the next micro-step's
+        forward, which waits per layer) sees the whole optimizer step."""
+        if getattr(self, "overlap", None) is not None:
+            self.overlap.settle()
 
     def _precapture_graphs(self) -> None:
         """`train.precapture_graphs`: capture the graph of every (task, shape) the rest of the
@@ -804,6 +823,7 @@ class Trainer:
             stop = self._train_epoch(bar)
             if not cfg.train.max_steps and self.state.epoch >= cfg.train.num_epochs:
                 stop = True
+        self._settle_optimizer()  # the trained model is whole when fit returns
         self._emit_train_log()
         bar.close()
         # The last (or preemption) checkpoint is committed before fit returns (exit code 75).
@@ -1048,6 +1068,7 @@ class Trainer:
         else:
             self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
+            self._settle_optimizer()
             self.ema.update(self._fp32_weights())
 
     def _head_trainables(self, task_id: int) -> list[torch.Tensor]:
@@ -1082,6 +1103,7 @@ class Trainer:
         stop = finished or interrupted
         periodic_save = cfg.checkpoint.save_steps and step % cfg.checkpoint.save_steps == 0
         if epoch_done or stop or want_eval or periodic_save:
+            self._settle_optimizer()
             self._emit_train_log()  # records in step order; a checkpoint's log_history complete
         # A preempted job has seconds left: checkpoint first, evaluate after the resume.
         want_eval = want_eval and self._has_dev_labels()
@@ -1137,6 +1159,7 @@ class Trainer:
         return False
 
     def save_checkpoint(self) -> Path:
+        self._settle_optimizer()
         # ZeRO-3: the EMA's full shadow is gathered to rank 0 (collective) for the save.
         with self.ema.for_checkpoint(self.module) if self.ema is not None else nullcontext():
             path = self.ckpt.save(self.state.global_step, self.app_state(),
@@ -1206,6 +1229,7 @@ class Trainer:
         """Every weight on rank 0 (ZeRO-3 gathers its partitions: a collective call)."""
         if self.engine is not None and self.cfg.train.zero_stage == 3:
             return self.engine._zero3_consolidated_16bit_state_dict() or {}
+        self._settle_optimizer()
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
         if self.masters is not None:  # the fp32 weights (EMA's when on), not the bf16 copy
             exact = zip(self.ema.names, self.ema.shadow, strict=True) if self.ema is not None \
@@ -1280,6 +1304,7 @@ class Trainer:
 
         acc = self.accelerator
         model = self.module
+        self._settle_optimizer()
         was_training = model.training
         model.eval()
         bs = self.cfg.train.effective_eval_batch_size()
@@ -1314,6 +1339,7 @@ class Trainer:
     def evaluate(self, tasks: list[mdata.TokenizedTask] | None = None) -> dict[str, Any]:
         """Per-task metrics + run score on the dev sets (with EMA weights when enabled)."""
         tasks = self.dev_data if tasks is None else tasks
+        self._settle_optimizer()  # before EMA swaps its weights in
         ema = getattr(self, "ema", None)
         with ema.applied(self.module) if ema is not None else nullcontext():
             outputs = self._run_split(tasks)

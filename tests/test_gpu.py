@@ -298,3 +298,24 @@ def test_precaptured_graphs_are_those_the_run_meets_and_train_bit_exact(tmp_path
         return
     assert train_losses(ahead) == train_losses(lazy)
     assert_same_tensors(checkpoint_model(ahead, 16), checkpoint_model(lazy, 16))
+
+
+@pytest.mark.parametrize("extra", [[], ["train.precapture_graphs=false"],
+                                   [*COMPILED_PACKED, "train.direct_weight_grads=true",
+                                    "train.fused_qkv=true"]],
+                         ids=["graphs", "captured_on_first_sight", "recommended"])
+def test_overlap_optimizer_on_a_side_stream_trains_bit_exact(tmp_path, extra):
+    """train.overlap_optimizer on CUDA: the chunks of the flat AdamW step run on a side
+    stream and the graphs wait per layer (external events: captured before the first step,
+    or mid-run with a step pending); every loss and saved tensor as without the switch
+    (dropout on; compiled: the same kernels, the shapes come in the same order)."""
+    common = ["train.bf16_weights=true", "train.cuda_graphs=true", "train.fused_clipping=true",
+              "train.flat_masters=true", "train.gradient_accumulation_steps=1",
+              "train.ema_decay=null", "train.max_steps=24", *DROPOUT, *extra]
+    plain, _, _ = run(tmp_path, "plain", *common)
+    over, trainer, _ = run(tmp_path, "overlap", *common, "train.overlap_optimizer=true")
+    assert trainer.overlap.side_stream is not None
+    assert len(trainer.overlap.chunks) == trainer.module.encoder.config.num_hidden_layers + 1
+    assert [s for s, _ in train_losses(over)] == list(range(1, 25))
+    assert train_losses(over) == train_losses(plain)
+    assert_same_tensors(checkpoint_model(over, 24), checkpoint_model(plain, 24))
