@@ -319,3 +319,61 @@ def test_overlap_optimizer_on_a_side_stream_trains_bit_exact(tmp_path, extra):
     assert [s for s, _ in train_losses(over)] == list(range(1, 25))
     assert train_losses(over) == train_losses(plain)
     assert_same_tensors(checkpoint_model(over, 24), checkpoint_model(plain, 24))
+
+
+def test_overlap_waits_inside_a_cuda_graph_for_a_slow_side_stream():
+    """The forward's waits, captured into a CUDA graph before any step, hold each replay
+    until the latest step's chunks are done: with the side stream held up ~0.1 s, a graph
+    without the waits reads the old weights, the one with them the new ones."""
+    import copy
+
+    from mtl_dist.master import MasterWeights
+    from mtl_dist.overlap import OverlappedStep
+    from tests.test_overlap import _Encoder
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    encoder = _Encoder().to(device)
+    masters = MasterWeights(encoder, [list(encoder.parameters())])
+    seg = masters.segments[0]
+    x = torch.randn(64, 4, device=device, dtype=torch.bfloat16)
+
+    @torch.no_grad()
+    def captured():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture, as graphs.py does
+            encoder(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = encoder(x)
+        return graph, out
+
+    unwaited, stale_out = captured()  # before the overlap's hooks exist
+    overlap = OverlappedStep(encoder, encoder.layer, {0: seg}, device)
+    assert len(overlap.chunks) == 4
+    waited, out = captured()
+    with torch.no_grad():
+        old = encoder(x).clone()
+        updated = copy.deepcopy(encoder)
+        for p in updated.parameters():
+            p.add_(0.5)
+        expected = updated(x)
+    saved = seg.weight.clone()
+
+    def launch():
+        torch.cuda._sleep(200_000_000)  # ~0.1 s on the side stream, before any chunk
+        return lambda i, span: seg.weight[span].add_(0.5)
+
+    overlap.run(launch)
+    unwaited.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(stale_out, old)  # the race is real: the old weights
+    overlap.settle()
+    seg.weight.copy_(saved)
+    overlap.run(launch)
+    waited.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, expected)
+    assert (out - old).abs().max() > 0.1
