@@ -47,10 +47,17 @@ def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
 
 @functools.cache
 def compiled_update(dynamic: bool = False):
-    # Static shapes: one specialisation per flat group (two for the encoder); `dynamic` for
-    # the chunks of `train.overlap_optimizer` (a few sizes, one kernel). What changes every
-    # step comes in tensors (Dynamo bakes Python floats in as constants).
-    return torch.compile(adamw_update, fullgraph=True, dynamic=dynamic)
+    # Static shapes: one specialisation per flat group (two for the encoder). What changes
+    # every step comes in tensors (Dynamo bakes Python floats in as constants).
+    if not dynamic:
+        return torch.compile(adamw_update, fullgraph=True, dynamic=False)
+    # `dynamic`: the chunks of `train.overlap_optimizer`, views at many offsets and a few
+    # sizes, one kernel. Their storage offsets are symbolic then, so Inductor could not prove
+    # them 16-byte aligned and would drop the aligned (vectorised) loads of this
+    # bandwidth-bound kernel; it is told to assume alignment instead, and clones an input
+    # that is not (BERT's spans all are: their sizes are multiples of the hidden size).
+    return torch.compile(adamw_update, fullgraph=True, dynamic=True,
+                         options={"assume_aligned_inputs": True})
 
 
 class FlatAdamW(torch.optim.AdamW):

@@ -1042,6 +1042,9 @@ class Trainer:
         return loss
 
     def _optimizer_step(self) -> None:
+        # The previous step is done (every forward since waited for all of it; GPU: a wait
+        # already met): this one's clipping and update never see it half applied.
+        self._settle_optimizer()
         idle = {i for i in range(len(self.task_names))} - self.group_tasks
         self.group_tasks = set()
         if self.engine is not None:

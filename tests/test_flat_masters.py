@@ -188,6 +188,33 @@ def test_compiled_update_matches_the_eager_one_without_recompiling():
         assert torch.equal(w_c, compiled[0].to(torch.bfloat16))
 
 
+def test_compiled_chunk_update_equals_the_whole_buffer_one_bit_for_bit_in_one_compile():
+    """`train.overlap_optimizer` steps views of the flat buffers (several sizes and offsets)
+    through the dynamic-shape compile: the same bits as the whole-buffer kernel, and one
+    compilation for every chunk."""
+    from mtl_dist.flat_adamw import compiled_update
+
+    gen = torch.Generator().manual_seed(0)
+    n, cuts = 1000, [0, 400, 656, 1000]
+    whole = [torch.randn(n, generator=gen) for _ in range(2)] + [torch.zeros(n), torch.zeros(n)]
+    chunked = [t.clone() for t in whole]
+    w_whole, w_chunked = (torch.empty(n, dtype=torch.bfloat16) for _ in range(2))
+    calls = 0
+    for step in range(1, 4):
+        lr, divisor = 1e-2 / step, torch.tensor(1.0 + step)
+        scalars = torch.tensor([1 - lr * 0.1, lr / (1 - 0.9 ** step), (1 - 0.98 ** step) ** 0.5])
+        args = (divisor, scalars, 0.9, 0.98, 1e-6)
+        compiled_update()(*whole, w_whole, *args)
+        for lo, hi in zip(cuts, cuts[1:], strict=False):
+            with torch._dynamo.config.patch(error_on_recompile=calls > 0):
+                compiled_update(dynamic=True)(*(t[lo:hi] for t in chunked), w_chunked[lo:hi],
+                                              *args)
+            calls += 1
+        for a, b in zip(whole, chunked, strict=True):
+            assert torch.equal(a, b)
+        assert torch.equal(w_whole, w_chunked)
+
+
 def test_trains_like_bf16_weights_and_updates_every_encoder_weight_in_place(tmp_path):
     common = ["train.bf16_weights=true", "train.max_steps=12", "train.lr=1e-3",
               "train.gradient_accumulation_steps=2", "train.fused_clipping=true",
