@@ -4,12 +4,16 @@
 
 Prints a markdown table (ms and kernels per step) and the GPU gaps longer than `--gap-us`.
 The groups are named by kernel-name patterns (GROUPS, first match wins); steps are the
-trace's `ProfilerStep#` spans on the CPU side (throughput.py profiles 10).
+trace's `ProfilerStep#` spans on the CPU side (throughput.py profiles 10). Then the GPU's busy
+time (kernel intervals merged: below the table's sum where streams ran at once) and how much
+of the flat AdamW kernels' time ran beside another stream's kernels (`train.overlap_optimizer`
+puts them on a stream of their own).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import gzip
 import json
 import re
@@ -35,6 +39,42 @@ def gpu_events(trace: dict) -> list[dict]:
 
 def group_of(name: str) -> str:
     return next(label for label, pattern in GROUPS if re.search(pattern, name))
+
+
+def merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(start, end) intervals merged into sorted disjoint ones."""
+    out: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def covered(interval: tuple[float, float], disjoint: list[tuple[float, float]]) -> float:
+    """How much of `interval` the sorted disjoint intervals cover."""
+    start, end = interval
+    total, i = 0.0, max(0, bisect.bisect_right(disjoint, (start, float("inf"))) - 1)
+    while i < len(disjoint) and disjoint[i][0] < end:
+        total += max(0.0, min(end, disjoint[i][1]) - max(start, disjoint[i][0]))
+        i += 1
+    return total
+
+
+def stream_of(event: dict):
+    return event.get("args", {}).get("stream", event.get("tid"))
+
+
+def concurrency(events: list[dict], label: str) -> tuple[float, float, int]:
+    """The kernels of group `label`: their time, the part of it during which a kernel of
+    another stream ran, and how many streams they ran on."""
+    mine = [e for e in events if group_of(e["name"]) == label]
+    streams = {stream_of(e) for e in mine}
+    others = merged([(e["ts"], e["ts"] + e["dur"]) for e in events
+                     if stream_of(e) not in streams])
+    beside = sum(covered((e["ts"], e["ts"] + e["dur"]), others) for e in mine)
+    return sum(e["dur"] for e in mine), beside, len(streams)
 
 
 def main() -> None:
@@ -65,6 +105,12 @@ def main() -> None:
     print(f"\nGPU gaps over {args.gap_us:.0f} µs: {len(gaps)}, {sum(g for g, _ in gaps) / 1000:.2f} ms "
           f"in all; the last one starts {max((t for _, t in gaps), default=0) / 1000:.2f} ms "
           f"into a {(end - events[0]['ts']) / 1000:.1f} ms trace")
+    busy = sum(b - a for a, b in merged([(e["ts"], e["ts"] + e["dur"]) for e in events]))
+    print(f"GPU busy (kernel intervals merged): {busy / steps / 1000:.2f} ms per step")
+    adamw, beside, streams = concurrency(events, "flat AdamW")
+    if adamw:
+        print(f"flat AdamW: {adamw / steps / 1000:.2f} ms per step on {streams} stream(s), "
+              f"{beside / steps / 1000:.2f} ms of it beside another stream's kernels")
 
 
 if __name__ == "__main__":

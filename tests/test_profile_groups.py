@@ -11,8 +11,17 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_groups.py"
 
 
-def _kernel(name: str, ts: float, dur: float) -> dict:
-    return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur}
+def _kernel(name: str, ts: float, dur: float, stream: int = 7) -> dict:
+    return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "tid": stream,
+            "args": {"stream": stream}}
+
+
+def _run(tmp_path, events: list[dict]) -> str:
+    trace = tmp_path / "trace.json.gz"
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    return subprocess.run([sys.executable, str(SCRIPT), str(trace)], capture_output=True,
+                          text=True, check=True).stdout
 
 
 def test_kernel_time_is_grouped_per_step_and_gaps_are_found(tmp_path):
@@ -25,11 +34,7 @@ def test_kernel_time_is_grouped_per_step_and_gaps_are_found(tmp_path):
                _kernel("nvjet_sm90_tst_64x128", 2100, 1000),  # after a 100 µs gap
                {"ph": "X", "cat": "gpu_memset", "name": "Memset (Device)", "ts": 3100, "dur": 4},
                _kernel("void at::native::index_kernel", 3104, 96)]
-    trace = tmp_path / "trace.json.gz"
-    with gzip.open(trace, "wt") as f:
-        json.dump({"traceEvents": events}, f)
-    out = subprocess.run([sys.executable, str(SCRIPT), str(trace)], capture_output=True,
-                         text=True, check=True).stdout
+    out = _run(tmp_path, events)
     assert out.startswith("2 steps, 1.55 ms of GPU kernels and 4 kernels per step")
     assert "| GEMMs (cuBLAS `nvjet`) | 1.00 | 1 |" in out
     assert "| Inductor's fused elementwise, norms, reductions | 0.25 | 0.5 |" in out
@@ -38,3 +43,19 @@ def test_kernel_time_is_grouped_per_step_and_gaps_are_found(tmp_path):
     assert "| memcpy / memset | 0.00 | 0.5 |" in out
     assert "| other aten | 0.05 | 0.5 |" in out
     assert "GPU gaps over 20 µs: 1, 0.10 ms in all; the last one starts 2.00 ms into a 3.2 ms trace" in out
+    assert "GPU busy (kernel intervals merged): 1.55 ms per step" in out
+    assert "flat AdamW" not in out  # none in this trace
+
+
+def test_adamw_on_its_own_stream_is_measured_beside_the_other_streams_kernels(tmp_path):
+    events = [{"ph": "X", "cat": "cpu_op", "name": "ProfilerStep#1", "ts": 0, "dur": 1}]
+    events += [_kernel("nvjet_sm90_tst_128x256", 0, 1000),
+               _kernel("triton_poi_fused_gelu_1", 1200, 300),
+               # AdamW chunks on stream 20: 600 µs beside the GEMM, 100 beside the GELU
+               _kernel("triton_poi_fused_add_lerp_mul_0", 400, 800, stream=20),
+               _kernel("triton_poi_fused_add_lerp_mul_0", 1400, 200, stream=20)]
+    out = _run(tmp_path, events)
+    assert out.startswith("1 steps, 2.30 ms of GPU kernels")
+    assert "GPU busy (kernel intervals merged): 1.60 ms per step" in out
+    assert "flat AdamW: 1.00 ms per step on 1 stream(s), 0.70 ms of it beside another " \
+           "stream's kernels" in out
