@@ -17,6 +17,7 @@ import bisect
 import gzip
 import json
 import re
+import statistics
 from collections import Counter
 
 GROUPS = [
@@ -77,6 +78,24 @@ def concurrency(events: list[dict], label: str) -> tuple[float, float, int]:
     return sum(e["dur"] for e in mine), beside, len(streams)
 
 
+def forward_windows(events: list[dict]) -> list[Counter]:
+    """Where flat AdamW ran alone (no overlap): each stretch from the end of a step's last
+    AdamW kernel to the first attention-backward kernel after it, i.e. the next forward (and
+    its loss), with the time of its kernels by group."""
+    windows, last = [], None  # `last`: index of the latest AdamW kernel not yet followed up
+    for j, e in enumerate(events):
+        if group_of(e["name"]) == "flat AdamW":
+            last = j
+        elif "flash_bwd" in e["name"] and last is not None:
+            start = events[last]["ts"] + events[last]["dur"]
+            window = Counter({"window": e["ts"] - start})
+            for k in events[last + 1:j]:
+                window[group_of(k["name"])] += k["dur"]
+            windows.append(window)
+            last = None
+    return windows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trace")
@@ -107,6 +126,13 @@ def main() -> None:
           f"into a {(end - events[0]['ts']) / 1000:.1f} ms trace")
     busy = sum(b - a for a, b in merged([(e["ts"], e["ts"] + e["dur"]) for e in events]))
     print(f"GPU busy (kernel intervals merged): {busy / steps / 1000:.2f} ms per step")
+    windows = forward_windows(events)
+    if windows:  # medians: a window with a graph capture or a log read in it is no forward
+        mid = {label: statistics.median(w[label] for w in windows) / 1000
+               for label in ("window", GROUPS[1][0], GROUPS[2][0], GROUPS[5][0])}
+        print(f"forward after flat AdamW (to the first attention-backward kernel), median of "
+              f"{len(windows)}: {mid['window']:.2f} ms, of which GEMMs {mid[GROUPS[1][0]]:.2f}, "
+              f"attention {mid[GROUPS[2][0]]:.2f}, Inductor's kernels {mid[GROUPS[5][0]]:.2f} ms")
     adamw, beside, streams = concurrency(events, "flat AdamW")
     if adamw:
         print(f"flat AdamW: {adamw / steps / 1000:.2f} ms per step on {streams} stream(s), "

@@ -59,3 +59,17 @@ def test_adamw_on_its_own_stream_is_measured_beside_the_other_streams_kernels(tm
     assert "GPU busy (kernel intervals merged): 1.60 ms per step" in out
     assert "flat AdamW: 1.00 ms per step on 1 stream(s), 0.70 ms of it beside another " \
            "stream's kernels" in out
+
+
+def test_the_forward_after_a_serial_adamw_is_timed_by_group(tmp_path):
+    events = [{"ph": "X", "cat": "cpu_op", "name": "ProfilerStep#1", "ts": 0, "dur": 1}]
+    events += [_kernel("triton_poi_fused_add_lerp_mul_1", 0, 10),  # a step's two groups
+               _kernel("void at::native::foreach_add", 10, 5),
+               _kernel("triton_poi_fused_add_lerp_mul_0", 15, 2985),
+               _kernel("nvjet_sm90_tst_128x256", 3000, 400),
+               _kernel("void pytorch_flash::flash_fwd_kernel", 3400, 100),
+               _kernel("triton_poi_fused_gelu_1", 3500, 200),
+               _kernel("void pytorch_flash::flash_bwd_dq_dk_dv_loop", 3800, 100)]
+    out = _run(tmp_path, events)
+    assert "forward after flat AdamW (to the first attention-backward kernel), median of 1: " \
+           "0.80 ms, of which GEMMs 0.40, attention 0.10, Inductor's kernels 0.20 ms" in out
