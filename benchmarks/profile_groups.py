@@ -91,9 +91,31 @@ def forward_windows(events: list[dict]) -> list[Counter]:
             window = Counter({"window": e["ts"] - start})
             for k in events[last + 1:j]:
                 window[group_of(k["name"])] += k["dur"]
+            busy = merged([(k["ts"], k["ts"] + k["dur"]) for k in events[last + 1:j]])
+            window["idle"] = window["window"] - sum(b - a for a, b in busy)
             windows.append(window)
             last = None
     return windows
+
+
+SM_REGISTERS = 65536  # per SM on sm_80/sm_90 (A100, H100, H200)
+
+
+def register_bound_share(events: list[dict], label: str) -> float | None:
+    """The share of group `label`'s time in kernels each of whose blocks takes at least 90 %
+    of an SM's registers: beside those, no other stream's block fits on that SM."""
+    mine = [e for e in events if group_of(e["name"]) == label
+            and "registers per thread" in e.get("args", {})]
+    if not mine:
+        return None
+    full = sum(e["dur"] for e in mine
+               if e["args"]["registers per thread"] * _threads(e) >= 0.9 * SM_REGISTERS)
+    return full / sum(e["dur"] for e in mine)
+
+
+def _threads(event: dict) -> int:
+    x, y, z = (list(event["args"].get("block", [1])) + [1, 1])[:3]
+    return x * y * z
 
 
 def main() -> None:
@@ -129,10 +151,15 @@ def main() -> None:
     windows = forward_windows(events)
     if windows:  # medians: a window with a graph capture or a log read in it is no forward
         mid = {label: statistics.median(w[label] for w in windows) / 1000
-               for label in ("window", GROUPS[1][0], GROUPS[2][0], GROUPS[5][0])}
+               for label in ("window", "idle", GROUPS[1][0], GROUPS[2][0], GROUPS[5][0])}
         print(f"forward after flat AdamW (to the first attention-backward kernel), median of "
               f"{len(windows)}: {mid['window']:.2f} ms, of which GEMMs {mid[GROUPS[1][0]]:.2f}, "
-              f"attention {mid[GROUPS[2][0]]:.2f}, Inductor's kernels {mid[GROUPS[5][0]]:.2f} ms")
+              f"attention {mid[GROUPS[2][0]]:.2f}, Inductor's kernels {mid[GROUPS[5][0]]:.2f}, "
+              f"no kernel running {mid['idle']:.2f} ms")
+    share = register_bound_share(events, GROUPS[1][0])
+    if share is not None:
+        print(f"GEMMs: {100 * share:.0f} % of their time in kernels whose every block takes "
+              f"≥ 90 % of an SM's {SM_REGISTERS} registers (no other stream's block fits beside)")
     adamw, beside, streams = concurrency(events, "flat AdamW")
     if adamw:
         print(f"flat AdamW: {adamw / steps / 1000:.2f} ms per step on {streams} stream(s), "

@@ -72,4 +72,19 @@ def test_the_forward_after_a_serial_adamw_is_timed_by_group(tmp_path):
                _kernel("void pytorch_flash::flash_bwd_dq_dk_dv_loop", 3800, 100)]
     out = _run(tmp_path, events)
     assert "forward after flat AdamW (to the first attention-backward kernel), median of 1: " \
-           "0.80 ms, of which GEMMs 0.40, attention 0.10, Inductor's kernels 0.20 ms" in out
+           "0.80 ms, of which GEMMs 0.40, attention 0.10, Inductor's kernels 0.20, no kernel " \
+           "running 0.10 ms" in out
+
+
+def test_gemms_that_fill_an_sms_registers_are_counted(tmp_path):
+    def gemm(ts, dur, regs, threads):
+        event = _kernel("nvjet_sm90_tst_128x256", ts, dur)
+        event["args"].update({"registers per thread": regs, "block": [threads, 1, 1]})
+        return event
+
+    events = [{"ph": "X", "cat": "cpu_op", "name": "ProfilerStep#1", "ts": 0, "dur": 1},
+              gemm(0, 300, 168, 384),  # 64,512 registers: the SM's whole file
+              gemm(300, 100, 64, 256)]
+    out = _run(tmp_path, events)
+    assert "GEMMs: 75 % of their time in kernels whose every block takes ≥ 90 % of an SM's " \
+           "65536 registers (no other stream's block fits beside)" in out
