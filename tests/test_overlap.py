@@ -211,3 +211,12 @@ def test_two_ranks_under_ddp_train_bit_exact(tmp_path):
     assert train_losses(tmp_path / "overlap") == train_losses(tmp_path / "plain")
     assert_same_tensors(checkpoint_model(tmp_path / "overlap", 6),
                         checkpoint_model(tmp_path / "plain", 6))
+
+
+def test_an_encoder_without_a_layer_list_is_one_line_naming_the_switch(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        _trainer(tmp_path, "run", *FLAT, "train.overlap_optimizer=true",
+                 "model.arch.model_type=distilbert")
+    assert str(err.value).count("\n") == 0
+    assert "'train.overlap_optimizer'" in str(err.value) and "DistilBertModel" in str(err.value)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
