@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import functools
 import warnings
-from functools import partial
 
 import torch
 from torch import nn
 
 from mtl_dist.errors import MtlDistWarning
 from mtl_dist.master import FlatSegment, MasterWeights
-from mtl_dist.overlap import OverlappedStep
+from mtl_dist.overlap import OverlappedStep, misaligned_spans
 
 
 def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
@@ -46,16 +45,19 @@ def adamw_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
 
 
 @functools.cache
-def compiled_update(dynamic: bool = False):
+def compiled_update():
     # Static shapes: one specialisation per flat group (two for the encoder). What changes
     # every step comes in tensors (Dynamo bakes Python floats in as constants).
-    if not dynamic:
-        return torch.compile(adamw_update, fullgraph=True, dynamic=False)
-    # `dynamic`: the chunks of `train.overlap_optimizer`, views at many offsets and a few
-    # sizes, one kernel. Their storage offsets are symbolic then, so Inductor could not prove
-    # them 16-byte aligned and would drop the aligned (vectorised) loads of this
-    # bandwidth-bound kernel; it is told to assume alignment instead, and clones an input
-    # that is not (BERT's spans all are: their sizes are multiples of the hidden size).
+    return torch.compile(adamw_update, fullgraph=True, dynamic=False)
+
+
+@functools.cache
+def compiled_chunk_update():
+    # The chunks of `train.overlap_optimizer`: views at many offsets and of a few sizes, one
+    # kernel (dynamic shapes). Their storage offsets are symbolic then, so Inductor could not
+    # prove them 16-byte aligned and would drop the aligned (vectorised) loads of this
+    # bandwidth-bound kernel; it is told to assume alignment instead, and copies an input
+    # that is not (see overlap.misaligned_spans).
     return torch.compile(adamw_update, fullgraph=True, dynamic=True,
                          options={"assume_aligned_inputs": True})
 
@@ -71,7 +73,7 @@ class FlatAdamW(torch.optim.AdamW):
         self._compiled = compiled
         self._update = compiled_update() if compiled else adamw_update
         self.overlap: OverlappedStep | None = None  # see overlap_next_forward
-        self.zero_grads_in_step = False
+        self._zero_grads_in_step = False
         self._zeroed_in_step: set[int] = set()  # groups whose step zeroes their gradients
         self._segments: dict[int, FlatSegment] = {}
         for i, group in enumerate(self.param_groups):
@@ -123,9 +125,15 @@ class FlatAdamW(torch.optim.AdamW):
         could not do without waiting for every chunk."""
         device = next(iter(self._segments.values())).grad.device
         self.overlap = OverlappedStep(encoder, layers, self._segments, device)
-        self.zero_grads_in_step = zero_grads
+        self._zero_grads_in_step = zero_grads
         if self._compiled:
-            self._update = compiled_update(dynamic=True)
+            self._update = compiled_chunk_update()
+            misaligned = misaligned_spans(self.overlap.chunks)
+            if misaligned:
+                warnings.warn(f"train.overlap_optimizer: {misaligned} of the encoder's chunk "
+                              "spans do not start on a 16-byte boundary (parameter sizes not "
+                              "multiples of 8): each is copied before its update and back "
+                              "after (same result, slower)", MtlDistWarning, stacklevel=2)
         return self.overlap
 
     @staticmethod
@@ -190,19 +198,19 @@ class FlatAdamW(torch.optim.AdamW):
             torch._foreach_add_([self.state[p]["step"] for p in self.param_groups[i]["params"]],
                                 1.0)
 
-        zero = self.overlap is not None and self.zero_grads_in_step
+        zero = self.overlap is not None and self._zero_grads_in_step
         if zero:
             self._zeroed_in_step = set(groups)
 
         def launch():
             # Pinned: no host sync; the allocator keeps the buffer until the copy has run.
             scalars = {i: s.to(device, non_blocking=True) for i, s in host_scalars.items()}
-            return partial(self._update_span, grads, scalars, divisor, zero)
+            return functools.partial(self._update_span, grads, scalars, divisor, zero)
 
         if self.overlap is None:
             update = launch()
             for i in groups:
-                update(i, slice(None))
+                update(i, None)
             return
         # The chunks read the gradients and the clip scale on the overlap's side stream:
         # the scale (a fresh tensor each step) is not handed back to the allocator before.
@@ -221,16 +229,18 @@ class FlatAdamW(torch.optim.AdamW):
                             pin_memory=self._segments[i].grad.is_cuda)
 
     def _update_span(self, grads: dict[int, torch.Tensor], scalars: dict[int, torch.Tensor],
-                     divisor: torch.Tensor, zero: bool, i: int, span: slice) -> None:
-        """AdamW over `span` of group `i`'s flat buffers; `zero`: its fp32 gradients are
-        zeroed after (what zero_grad does, see overlap_next_forward)."""
+                     divisor: torch.Tensor, zero: bool, i: int, span: slice | None) -> None:
+        """AdamW over `span` of group `i`'s flat buffers (None: the whole buffers); `zero`: its
+        fp32 gradients are zeroed after (what zero_grad does, see overlap_next_forward)."""
         if i not in grads:  # a group stepping per tensor this time (see step)
             return
         seg, group = self._segments[i], self.param_groups[i]
         exp_avg, exp_avg_sq = self._moments[i]
         beta1, beta2 = group["betas"]
-        self._update(seg.master[span], grads[i][span], exp_avg[span], exp_avg_sq[span],
-                     seg.weight[span], divisor, scalars[i], float(beta1), float(beta2),
+        tensors = (seg.master, grads[i], exp_avg, exp_avg_sq, seg.weight)
+        if span is not None:
+            tensors = tuple(t[span] for t in tensors)
+        self._update(*tensors, divisor, scalars[i], float(beta1), float(beta2),
                      float(group["eps"]))
         if zero:
             seg.grad[span].zero_()

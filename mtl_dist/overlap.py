@@ -57,6 +57,13 @@ def chunk_spans(layers: nn.ModuleList,
     return chunks
 
 
+def misaligned_spans(chunks: list[list[Span]], alignment: int = 8) -> int:
+    """How many spans start off a multiple of `alignment` elements (8 bf16 weights: 16
+    bytes, what the compiled update's vectorised loads assume; a misaligned one is copied
+    before each update and back after: same result, slower)."""
+    return sum(1 for spans in chunks for _, span in spans if span.start % alignment)
+
+
 class OverlappedStep:
     """Runs an optimizer step over the chunks so that the next forward waits per chunk."""
 
@@ -74,14 +81,17 @@ class OverlappedStep:
             for event in self._events:
                 event.record(self._side)
         self._deferred: list[Callable[[], None] | None] = [None] * len(self.chunks)
-        self._handles = [encoder.register_forward_pre_hook(partial(self._wait_hook, 0))]
+        encoder.register_forward_pre_hook(partial(self._wait_hook, 0))
         for k, layer in enumerate(layers):
             self._wait_before(layer, k + 1)
+        # CPU: a chunk whose module the forward skipped runs when the forward ends, before the
+        # backward and the next step read the gradients it reads (the GPU runs it anyway).
+        encoder.register_forward_hook(self._settle_deferred)
 
     def _wait_before(self, layer: nn.Module, k: int) -> None:
         compiled = layer._compiled_call_impl  # set by Module.compile (train.compile)
         if compiled is None:
-            self._handles.append(layer.register_forward_pre_hook(partial(self._wait_hook, k)))
+            layer.register_forward_pre_hook(partial(self._wait_hook, k))
             return
 
         # A hook would run inside the compiled code (Dynamo traces the module's hooks): the
@@ -94,6 +104,10 @@ class OverlappedStep:
 
     def _wait_hook(self, k: int, module: nn.Module, args) -> None:
         self.wait(k)
+
+    def _settle_deferred(self, module: nn.Module, args, output) -> None:
+        if self._side is None:
+            self.settle()
 
     def run(self, launch: Callable[[], Callable[[int, slice], None]]) -> None:
         """One optimizer step. `launch()` (called once: e.g. its scalars to the device)

@@ -533,6 +533,7 @@ class Trainer:
         self.resumed_branch: tuple[int, Path] | None = None  # resumed from abandoned/: fork
         self.save_on_stop = True  # `mtl-dist bench` measures without the final checkpoint
         self.masters: MasterWeights | None = None
+        self.overlap: OverlappedStep | None = None  # train.overlap_optimizer
         if for_training:
             self._build_training()
         else:
@@ -656,8 +657,16 @@ class Trainer:
         """`train.overlap_optimizer`: the flat AdamW step runs chunk by chunk on a side
         stream while the next forward starts (mtl_dist/overlap.py). Before any graph is
         captured: the graphs hold the forward's waits."""
-        if not self.cfg.train.overlap_optimizer:
+        train = self.cfg.train
+        if not train.overlap_optimizer:
             return None
+        nothing_overlaps = "no CUDA streams on CPU: each layer's update runs when the " \
+            "forward reaches it" if self.accelerator.device.type != "cuda" else \
+            f"train.ema_decay={train.ema_decay} reads the whole step after each one" \
+            if train.ema_decay else None
+        if nothing_overlaps and self.accelerator.is_main_process:
+            warnings.warn(f"train.overlap_optimizer: nothing overlaps ({nothing_overlaps}); "
+                          "same results as without it", MtlDistWarning, stacklevel=3)
         return self.optimizer.optimizer.overlap_next_forward(
             self.module.encoder, transformer_layers(self.module, "train.overlap_optimizer"),
             zero_grads=self.graphs is None)
@@ -665,7 +674,7 @@ class Trainer:
     def _settle_optimizer(self) -> None:
         """Whatever reads the weights, masters or moments next (not the next micro-step's
         forward, which waits per layer) sees the whole optimizer step."""
-        if getattr(self, "overlap", None) is not None:
+        if self.overlap is not None:
             self.overlap.settle()
 
     def _precapture_graphs(self) -> None:
@@ -823,7 +832,6 @@ class Trainer:
             stop = self._train_epoch(bar)
             if not cfg.train.max_steps and self.state.epoch >= cfg.train.num_epochs:
                 stop = True
-        self._settle_optimizer()  # the trained model is whole when fit returns
         self._emit_train_log()
         bar.close()
         # The last (or preemption) checkpoint is committed before fit returns (exit code 75).
@@ -1042,9 +1050,6 @@ class Trainer:
         return loss
 
     def _optimizer_step(self) -> None:
-        # The previous step is done (every forward since waited for all of it; GPU: a wait
-        # already met): this one's clipping and update never see it half applied.
-        self._settle_optimizer()
         idle = {i for i in range(len(self.task_names))} - self.group_tasks
         self.group_tasks = set()
         if self.engine is not None:
@@ -1162,7 +1167,6 @@ class Trainer:
         return False
 
     def save_checkpoint(self) -> Path:
-        self._settle_optimizer()
         # ZeRO-3: the EMA's full shadow is gathered to rank 0 (collective) for the save.
         with self.ema.for_checkpoint(self.module) if self.ema is not None else nullcontext():
             path = self.ckpt.save(self.state.global_step, self.app_state(),
@@ -1232,7 +1236,6 @@ class Trainer:
         """Every weight on rank 0 (ZeRO-3 gathers its partitions: a collective call)."""
         if self.engine is not None and self.cfg.train.zero_stage == 3:
             return self.engine._zero3_consolidated_16bit_state_dict() or {}
-        self._settle_optimizer()
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
         if self.masters is not None:  # the fp32 weights (EMA's when on), not the bf16 copy
             exact = zip(self.ema.names, self.ema.shadow, strict=True) if self.ema is not None \
@@ -1307,7 +1310,6 @@ class Trainer:
 
         acc = self.accelerator
         model = self.module
-        self._settle_optimizer()
         was_training = model.training
         model.eval()
         bs = self.cfg.train.effective_eval_batch_size()
@@ -1342,7 +1344,6 @@ class Trainer:
     def evaluate(self, tasks: list[mdata.TokenizedTask] | None = None) -> dict[str, Any]:
         """Per-task metrics + run score on the dev sets (with EMA weights when enabled)."""
         tasks = self.dev_data if tasks is None else tasks
-        self._settle_optimizer()  # before EMA swaps its weights in
         ema = getattr(self, "ema", None)
         with ema.applied(self.module) if ema is not None else nullcontext():
             outputs = self._run_split(tasks)

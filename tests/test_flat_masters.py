@@ -4,6 +4,7 @@ buffers, stepped by one AdamW kernel per group (CPU; the compiled GPU kernel: te
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -192,7 +193,7 @@ def test_compiled_chunk_update_equals_the_whole_buffer_one_bit_for_bit_in_one_co
     """`train.overlap_optimizer` steps views of the flat buffers (several sizes and offsets)
     through the dynamic-shape compile: the same bits as the whole-buffer kernel, and one
     compilation for every chunk."""
-    from mtl_dist.flat_adamw import compiled_update
+    from mtl_dist.flat_adamw import compiled_chunk_update, compiled_update
 
     gen = torch.Generator().manual_seed(0)
     n, cuts = 1000, [0, 400, 656, 1000]
@@ -205,10 +206,9 @@ def test_compiled_chunk_update_equals_the_whole_buffer_one_bit_for_bit_in_one_co
         scalars = torch.tensor([1 - lr * 0.1, lr / (1 - 0.9 ** step), (1 - 0.98 ** step) ** 0.5])
         args = (divisor, scalars, 0.9, 0.98, 1e-6)
         compiled_update()(*whole, w_whole, *args)
-        for lo, hi in zip(cuts, cuts[1:], strict=False):
+        for lo, hi in itertools.pairwise(cuts):
             with torch._dynamo.config.patch(error_on_recompile=calls > 0):
-                compiled_update(dynamic=True)(*(t[lo:hi] for t in chunked), w_chunked[lo:hi],
-                                              *args)
+                compiled_chunk_update()(*(t[lo:hi] for t in chunked), w_chunked[lo:hi], *args)
             calls += 1
         for a, b in zip(whole, chunked, strict=True):
             assert torch.equal(a, b)

@@ -350,17 +350,17 @@ def test_overlap_waits_inside_a_cuda_graph_for_a_slow_side_stream():
             out = encoder(x)
         return graph, out
 
-    unwaited, stale_out = captured()  # before the overlap's hooks exist
-    overlap = OverlappedStep(encoder, encoder.layer, {0: seg}, device)
-    assert len(overlap.chunks) == 4
-    waited, out = captured()
-    with torch.no_grad():
+    with torch.no_grad():  # before the overlap's hooks (deepcopy cannot copy its stream)
         old = encoder(x).clone()
         updated = copy.deepcopy(encoder)
         for p in updated.parameters():
             p.add_(0.5)
         expected = updated(x)
     saved = seg.weight.clone()
+    unwaited, stale_out = captured()  # before the overlap's hooks exist
+    overlap = OverlappedStep(encoder, encoder.layer, {0: seg}, device)
+    assert len(overlap.chunks) == 4
+    waited, out = captured()
 
     def launch():
         torch.cuda._sleep(200_000_000)  # ~0.1 s on the side stream, before any chunk

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from mtl_dist.config import load_config
-from mtl_dist.errors import ConfigError
+from mtl_dist.errors import ConfigError, MtlDistWarning
 from mtl_dist.master import MasterWeights
-from mtl_dist.overlap import OverlappedStep, chunk_spans
+from mtl_dist.overlap import OverlappedStep, chunk_spans, misaligned_spans
 from tests._runs import (
     DEMO,
     assert_same_tensors,
@@ -26,18 +26,21 @@ NO_EMA = ["train.ema_decay=null"]  # EMA settles the step before each update: no
 
 
 class _Encoder(nn.Module):
-    """Embeddings, three layers and a pooler, read in that order."""
+    """Embeddings, three layers and a pooler, read in that order (`skip`: layers the forward
+    leaves out, as a layer-drop model would)."""
 
     def __init__(self):
         super().__init__()
         self.embed = nn.Linear(4, 8)
         self.layer = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
         self.pool = nn.Linear(8, 8)
+        self.skip: set[int] = set()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x)
-        for layer in self.layer:
-            h = layer(h)
+        for k, layer in enumerate(self.layer):
+            if k not in self.skip:
+                h = layer(h)
         return self.pool(h)
 
 
@@ -103,6 +106,38 @@ def test_a_step_still_pending_runs_before_the_next_one():
     assert [s for s, _ in done] == [1] * 5 + [2] * 5
 
 
+def test_a_chunk_whose_layer_the_forward_skipped_runs_when_the_forward_ends():
+    """Before the backward and the next step read the gradients it reads (CPU)."""
+    encoder, segments = _flat_encoder()
+    overlap = OverlappedStep(encoder, encoder.layer, segments, torch.device("cpu"))
+    done = []
+    overlap.run(lambda: lambda i, span: done.append(span.start))
+    encoder.skip = {1}
+    encoder.layer[2].register_forward_pre_hook(lambda m, a: done.append("layer2"))
+    encoder(torch.randn(2, 4, dtype=torch.bfloat16))
+    starts = [s.start for spans in overlap.chunks for _, s in spans]
+    # chunks 0, 1 and 3 as the forward reached them, chunk 2 (layer 1's) at its end
+    assert done == [*starts[:3], starts[4], "layer2", starts[3]]
+
+
+def test_misaligned_spans_are_counted():
+    encoder, segments = _flat_encoder()  # sizes 40, 72, 72, 72, 72: all multiples of 8
+    assert misaligned_spans(chunk_spans(encoder.layer, segments)) == 0
+    torch.manual_seed(0)
+    odd = nn.Module()
+    odd.layer = nn.ModuleList([nn.Linear(3, 3), nn.Linear(3, 3)])  # 12 each
+    masters = MasterWeights(odd, [list(odd.parameters())])
+    chunks = chunk_spans(odd.layer, {0: masters.segments[0]})
+    assert [s.start for spans in chunks for _, s in spans] == [0, 12]
+    assert misaligned_spans(chunks) == 1
+
+
+def test_on_cpu_a_warning_says_nothing_overlaps(tmp_path):
+    with pytest.warns(MtlDistWarning, match=r"train.overlap_optimizer: nothing overlaps \(no "
+                      r"CUDA streams on CPU.*same results as without it"):
+        _trainer(tmp_path, "run", *FLAT, *NO_EMA, "train.overlap_optimizer=true")
+
+
 def test_needs_flat_masters():
     with pytest.raises(ConfigError) as err:
         load_config(DEMO, ["train.mixed_precision=bf16", "train.bf16_weights=true",
@@ -152,7 +187,10 @@ def test_in_training_the_next_forward_updates_each_layer_just_before_it_runs(tmp
 
 
 def _fit(tmp_path, name, *extra):
-    trainer = _trainer(tmp_path, name, *FLAT, "train.max_steps=12", "train.eval_steps=4",
+    # checkpoints at 4 and 8 without an evaluation before them (its forward would apply the
+    # pending chunks itself), evaluations at 6 and 12
+    trainer = _trainer(tmp_path, name, *FLAT, "train.max_steps=12", "train.eval_steps=6",
+                       "checkpoint.save_steps=4",
                        "train.gradient_accumulation_steps=2", "train.fused_clipping=true",
                        "train.max_grad_norm=0.5", *extra)
     trainer.fit()
@@ -165,15 +203,15 @@ def _evals(output_dir):
 
 
 def test_training_with_the_switch_is_bit_exact_evaluations_checkpoints_and_resume(tmp_path):
-    """Dropout on, two micro-steps per step, clipping, an evaluation every 4 steps, a
-    checkpoint at 8 and 12: every loss, evaluation and saved tensor as without the switch."""
+    """Dropout on, two micro-steps per step, clipping, evaluations at 6 and 12, checkpoints
+    at 4, 8 and 12: every loss, evaluation and saved tensor as without the switch."""
     plain = _fit(tmp_path, "plain", *NO_EMA)
     over = _fit(tmp_path, "overlap", *NO_EMA, "train.overlap_optimizer=true")
     assert over.optimizer.optimizer._host_step == {0: 12, 1: 12}
     assert train_losses(tmp_path / "overlap") == train_losses(tmp_path / "plain")
-    assert len(_evals(tmp_path / "plain")) == 3
+    assert len(_evals(tmp_path / "plain")) == 2
     assert _evals(tmp_path / "overlap") == _evals(tmp_path / "plain")
-    for step in (8, 12):
+    for step in (4, 8, 12):
         assert_same_tensors(checkpoint_model(tmp_path / "overlap", step),
                             checkpoint_model(tmp_path / "plain", step))
     assert_same_tensors(dict(over.masters.named_parameters()),
@@ -219,4 +257,3 @@ def test_an_encoder_without_a_layer_list_is_one_line_naming_the_switch(tmp_path)
                  "model.arch.model_type=distilbert")
     assert str(err.value).count("\n") == 0
     assert "'train.overlap_optimizer'" in str(err.value) and "DistilBertModel" in str(err.value)
-    assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -53,10 +53,12 @@ def test_adamw_on_its_own_stream_is_measured_beside_the_other_streams_kernels(tm
                _kernel("triton_poi_fused_gelu_1", 1200, 300),
                # AdamW chunks on stream 20: 600 µs beside the GEMM, 100 beside the GELU
                _kernel("triton_poi_fused_add_lerp_mul_0", 400, 800, stream=20),
-               _kernel("triton_poi_fused_add_lerp_mul_0", 1400, 200, stream=20)]
+               _kernel("triton_poi_fused_add_lerp_mul_0", 1400, 200, stream=20),
+               _kernel("void pytorch_flash::flash_bwd_dq_dk_dv_loop", 1600, 100)]
     out = _run(tmp_path, events)
-    assert out.startswith("1 steps, 2.30 ms of GPU kernels")
-    assert "GPU busy (kernel intervals merged): 1.60 ms per step" in out
+    assert out.startswith("1 steps, 2.40 ms of GPU kernels")
+    assert "GPU busy (kernel intervals merged): 1.70 ms per step" in out
+    assert "forward after flat AdamW" not in out  # the last chunk fell inside the forward
     assert "flat AdamW: 1.00 ms per step on 1 stream(s), 0.70 ms of it beside another " \
            "stream's kernels" in out
 
@@ -77,14 +79,21 @@ def test_the_forward_after_a_serial_adamw_is_timed_by_group(tmp_path):
 
 
 def test_gemms_that_fill_an_sms_registers_are_counted(tmp_path):
-    def gemm(ts, dur, regs, threads):
+    def gemm(ts, dur, regs, threads, blocks):
         event = _kernel("nvjet_sm90_tst_128x256", ts, dur)
-        event["args"].update({"registers per thread": regs, "block": [threads, 1, 1]})
+        event["args"].update({"registers per thread": regs, "block": [threads, 1, 1],
+                              "grid": [2, blocks // 2, 1]})
         return event
 
     events = [{"ph": "X", "cat": "cpu_op", "name": "ProfilerStep#1", "ts": 0, "dur": 1},
-              gemm(0, 300, 168, 384),  # 64,512 registers: the SM's whole file
-              gemm(300, 100, 64, 256)]
-    out = _run(tmp_path, events)
+              gemm(0, 300, 168, 384, 132),  # 64,512 registers: the SM's whole file
+              gemm(300, 100, 64, 256, 112)]
+    trace = {"traceEvents": events,
+             "deviceProperties": [{"numSms": 132, "regsPerMultiprocessor": 65536}]}
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(trace))
+    out = subprocess.run([sys.executable, str(SCRIPT), str(path)], capture_output=True,
+                         text=True, check=True).stdout
     assert "GEMMs: 75 % of their time in kernels whose every block takes ≥ 90 % of an SM's " \
            "65536 registers (no other stream's block fits beside)" in out
+    assert "GEMMs: 25 % of their time in launches of fewer blocks than the GPU's 132 SMs" in out
