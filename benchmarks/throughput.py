@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -258,6 +259,7 @@ def _run_mtl(root, out, name, overrides, warmup, steps, profile_dir, inductor, l
     if profile_dir is not None:
         return _profile(trainer, profile_dir)
     captures = _record_captures(trainer)
+    optimizer_host = _record_optimizer_host_time(trainer)
     trainer.fit()
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     times = {r["step"]: r["time"] for r in recs if r["kind"] == "train"}
@@ -275,6 +277,9 @@ def _run_mtl(root, out, name, overrides, warmup, steps, profile_dir, inductor, l
         task, idx = trainer.plan.batch(step // per_epoch, step % per_epoch)
         real.extend(int(trainer.train_data[task].lengths[i]) for i in idx)
     extra = {"overrides": overrides, **({"inductor": inductor} if inductor else {})}
+    in_window = [s for step, s in optimizer_host if first < step <= last]
+    if in_window:  # host-bound? (train.overlap_optimizer launches 50 chunk updates a step)
+        extra["optimizer_step_host_ms_median"] = 1000 * statistics.median(in_window)
     if trainer.graphs is not None:
         extra["captured_graphs"] = len(trainer.graphs.graphs)
         # A (task, shape) first seen inside the window is captured there (one-time cost):
@@ -321,6 +326,23 @@ def _record_captures(trainer) -> list[tuple[float, float]]:
             spans.append((start, time.time()))
 
     trainer.graphs._capture = timed_capture
+    return spans
+
+
+def _record_optimizer_host_time(trainer) -> list[tuple[int, float]]:
+    """(step, host seconds) of every optimizer step: the time the host spends issuing it
+    (it does not wait for the GPU), to tell a step bound by the host from one bound by the GPU."""
+    spans: list[tuple[int, float]] = []
+    step = trainer._optimizer_step
+
+    def timed_step(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return step(*args, **kwargs)
+        finally:
+            spans.append((trainer.state.global_step + 1, time.perf_counter() - start))
+
+    trainer._optimizer_step = timed_step
     return spans
 
 
