@@ -7,7 +7,8 @@ from `data/lengths.json`, the row rounded up to a multiple of 64 with the pad ta
 segment), BERT-large shapes (16 heads x 64, hidden 1024), bf16:
 
 - attention forward + backward per layer: FlashAttention 2's varlen kernel (what
-  `varlen_attention` runs) against the memory-efficient (CUTLASS) varlen kernel (and, with
+  `varlen_attention` runs by default) against the memory-efficient (CUTLASS) varlen kernel,
+  mtl_dist's Triton kernel with tiles of 64 (`train.attention_kernel=triton`) (and, with
   `--cudnn`, cuDNN's ragged-offset kernel), with the model's attention dropout 0.1 and without it. Parity at
   dropout 0 against FlashAttention is printed beside each time.
 - the q/k/v projections forward + backward per layer: three (1024 x 1024) Linears against one
@@ -84,9 +85,15 @@ def efficient(q, k, v, cu, max_len, p):
     return out[0]
 
 
+def triton_varlen(q, k, v, cu, max_len, p):
+    from mtl_dist.triton_attention import varlen_attention_triton
+    return varlen_attention_triton(q, k, v, cu, max_len, p, None)
+
+
 # cuDNN's ragged kernel is not timed by default: in run 1 (eager) it took ~140 ms per call
 # (planned anew every call) and its gradients differed from FlashAttention's by up to 10.6.
-ATTENTION = {"flash2_varlen": flash, "efficient_varlen": efficient}
+ATTENTION = {"flash2_varlen": flash, "efficient_varlen": efficient,
+             "triton_varlen_64": triton_varlen}
 EXTRA_ATTENTION = {"cudnn_varlen": cudnn}
 
 

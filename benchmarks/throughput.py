@@ -482,6 +482,10 @@ def variant_list() -> list[tuple[str, list[str]]]:
         # under the next forward's compute-bound GEMMs (not yet measured on a GPU)
         ("... the same as 22, AdamW per layer overlapping the next forward (overlap_optimizer)",
          [*RECOMMENDED_QKV, "train.overlap_optimizer=true"]),
+        # FlashAttention 2's backward tiles are 128 x 128: 1.8-2.9x the real work on these
+        # lengths, 1.3-1.6x with tiles of 64 (mtl_dist/triton_attention.py)
+        ("... the same as 22, attention in mtl_dist's Triton kernel (train.attention_kernel)",
+         [*RECOMMENDED_QKV, "train.attention_kernel=triton"]),
     ]
 
 

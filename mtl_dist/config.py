@@ -181,6 +181,7 @@ class TrainConfig:
     direct_weight_grads: bool = False  # graphs + flat masters: Linear weight grads into the flat buffer
     fused_qkv: bool = False  # query, key and value projected by one GEMM (same parameters)
     overlap_optimizer: bool = False  # flat masters: AdamW per layer, overlapping the next forward
+    attention_kernel: str = "flash"  # packed rows on CUDA: "flash" (FlashAttention 2) or "triton"
     stop_after_steps: int | None = None
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     preemption_check_steps: int = 1
@@ -1139,6 +1140,7 @@ _RULES: dict[str, tuple[_Check, str]] = {
     "train.collective_timeout_s": _within(1, 7 * 24 * 3600),
     "train.zero_stage": _one_of(0, 1, 2, 3),
     "train.compile_tuning": _one_of(*COMPILE_TUNING),
+    "train.attention_kernel": _one_of("flash", "triton"),
     "train.stop_after_steps": _or_null(_ge(1)),
     "train.preemption_check_steps": _ge(1),
     "train.preemption_signals": ((lambda v: all(x in ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
@@ -1176,6 +1178,7 @@ def _validate(run: RunConfig, sources: _Sources) -> None:
         _validate_tracking(run.tracking)
         _validate_combinations(run.train)
         _validate_packing(run.data)
+        _validate_attention_kernel(run)
         _validate_evaluation(run)
     except _Problem as problem:
         raise sources.error(problem) from None
@@ -1368,6 +1371,16 @@ def _validate_packing(data: DataConfig) -> None:
             "data.pack_multiple",
             f"config key 'data.pack_multiple': expected <= data.max_length ({data.max_length}) "
             f"with data.packing=true, got {data.pack_multiple}",
+        )
+
+
+def _validate_attention_kernel(run: RunConfig) -> None:
+    """The kernel choice is for packed rows only: padded batches go through SDPA."""
+    if run.train.attention_kernel != "flash" and not run.data.packing:
+        raise _Problem(
+            "train.attention_kernel",
+            f"config key 'train.attention_kernel': expected 'flash' with data.packing=false "
+            f"(it picks the kernel of packed rows), got '{run.train.attention_kernel}'",
         )
 
 

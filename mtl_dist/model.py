@@ -113,14 +113,22 @@ def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return q.new_zeros(q.shape).index_add(0, index, out.reshape(-1, *q.shape[1:]))
 
 
+ATTENTION_KERNELS = ("flash", "triton")
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     max_seqlen: int, dropout_p: float, scale: float | None) -> torch.Tensor:
+                     max_seqlen: int, dropout_p: float, scale: float | None,
+                     kernel: str = "flash") -> torch.Tensor:
     """Attention over packed sequences, q/k/v (total_tokens, heads, head_dim).
 
     On CUDA in bf16/fp16: FlashAttention's variable-length kernel (aten op, autograd and a
-    meta kernel for torch.compile included): no padding, no mask. Elsewhere: SDPA over the
+    meta kernel for torch.compile included), or with kernel="triton" mtl_dist's own
+    (triton_attention: tiles of 64, not 128): no padding, no mask. Elsewhere: SDPA over the
     sequences laid out padded to max_seqlen, same maths."""
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        if kernel == "triton":
+            from mtl_dist.triton_attention import varlen_attention_triton
+            return varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale)
         return torch.ops.aten._flash_attention_forward(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, False, False,
             scale=scale)[0]
@@ -142,18 +150,23 @@ def _packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         raise ValueError(f"a packed batch is one row, got {query.shape[0]} rows")
     # squeeze, not [0]: its backward is a view, where select's writes a zero-filled copy
     q, k, v = (t.squeeze(0).transpose(0, 1) for t in (query, key, value))  # (1,h,T,d) -> (T,h,d)
-    out = varlen_attention(q, k, v, packed_cu_seqlens, packed_max_seqlen, dropout, scaling)
+    out = varlen_attention(q, k, v, packed_cu_seqlens, packed_max_seqlen, dropout, scaling,
+                           getattr(module.config, "mtl_attention_kernel", "flash"))
     return out.unsqueeze(0), None  # (1, T, h, d), as transformers expects
 
 
-def enable_packed_attention(model: MultiTaskModel, max_seqlen: int) -> None:
-    """Let `model` take packed batches (`data.packing`); padded batches still work (eval)."""
+def enable_packed_attention(model: MultiTaskModel, max_seqlen: int, kernel: str = "flash") -> None:
+    """Let `model` take packed batches (`data.packing`); padded batches still work (eval).
+    `kernel`: the CUDA varlen kernel (`train.attention_kernel`), one of ATTENTION_KERNELS."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel {kernel!r}: expected one of {ATTENTION_KERNELS}")
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
     AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
     model.encoder.config._attn_implementation = PACKED_ATTENTION
+    model.encoder.config.mtl_attention_kernel = kernel
     model.mask_4d = True
     model.packed_max_seqlen = max_seqlen
 

@@ -508,7 +508,7 @@ class Trainer:
             cfg.model, len(self.tokenizer), [len(self.label_maps[t]) for t in self.task_names],
             pad_token_id=self.tokenizer.pad_token_id, max_length=cfg.data.max_length)
         if cfg.data.packing:
-            enable_packed_attention(self.model, cfg.data.max_length)
+            enable_packed_attention(self.model, cfg.data.max_length, cfg.train.attention_kernel)
             verify_packed_attention(self.model, *mdata.packing_probe(
                 self.model.encoder.get_input_embeddings().num_embeddings,
                 self.tokenizer.pad_token_id, cfg.data.max_length,

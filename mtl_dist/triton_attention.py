@@ -1,0 +1,286 @@
+"""Variable-length attention with dropout in Triton, tiles of 64 x 64 (`train.attention_kernel`).
+
+Why: FlashAttention 2's varlen kernel (the default) works on tiles of 128 query x 128 key
+rows in its backward (128 x 64 forward). The packed rows hold sequences of ~70-170 tokens, so
+most of every tile is past the sequence's end: over `benchmarks/data/lengths.json` the padded
+tiles do 1.8-2.9x the attention's real work in the backward, against 1.3-1.6x with tiles of 64
+(benchmarks/attention_kernels.py measures both kernels). Same maths: softmax(q k^T * scale)
+with dropout on the probabilities, scaled by 1/(1 - p), times v; each sequence of `cu_seqlens`
+attends to itself only. Only the dropout mask's random numbers differ from FlashAttention's
+(Philox, seeded per call from the CUDA generator, so CUDA graphs and RNG checkpoints work as
+for any dropout).
+
+q, k, v: (tokens, heads, head_dim) with a unit last stride (views of one fused q/k/v output
+are fine). The forward keeps the log-sum-exp of each row for the backward, which recomputes
+the probabilities: one kernel for dk and dv (a program per key block, looping over the query
+blocks of its sequence), one for dq (a program per query block).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 64
+LOG2_E = 1.4426950408889634
+
+
+@triton.jit
+def _keep(seed, head, q_tokens, k_local, p_drop, n_tokens, WIDTH: tl.constexpr):
+    """Dropout's keep mask for (query token, key position within its sequence) of `head`: the
+    same counter in the forward and both backward kernels."""
+    counter = (head * n_tokens + q_tokens) * WIDTH + k_local
+    return tl.rand(seed, counter) >= p_drop
+
+
+@triton.jit
+def _forward_kernel(Q, K, V, OUT, LSE, CU, SEED,
+                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                    stride_ot, stride_oh, n_tokens, qk_scale, p_drop,
+                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    WIDTH: tl.constexpr, DROPOUT: tl.constexpr):
+    m_block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(CU + seq)
+    length = tl.load(CU + seq + 1) - start
+    if m_block * BLOCK_M >= length:
+        return
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, D)
+    row_ok = rows < length
+    q = tl.load(Q + (start + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :],
+                mask=row_ok[:, None], other=0.0)
+    seed = tl.load(SEED)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for n0 in range(0, length, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < length
+        k = tl.load(K + (start + cols)[:, None] * stride_kt + head * stride_kh + dims[None, :],
+                    mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + (start + cols)[:, None] * stride_vt + head * stride_vh + dims[None, :],
+                    mask=col_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale          # log2 domain
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)                 # the softmax sums all probabilities
+        if DROPOUT:
+            keep = _keep(seed, head, (start + rows)[:, None], cols[None, :], p_drop, n_tokens,
+                         WIDTH)
+            p = tl.where(keep, p, 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    if DROPOUT:
+        out = out / (1.0 - p_drop)
+    tl.store(OUT + (start + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
+             out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + head * n_tokens + start + rows, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _backward_dk_dv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, SEED,
+                           stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                           stride_dot, stride_doh, n_tokens, qk_scale, scale, p_drop,
+                           D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           WIDTH: tl.constexpr, DROPOUT: tl.constexpr):
+    n_block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(CU + seq)
+    length = tl.load(CU + seq + 1) - start
+    if n_block * BLOCK_N >= length:
+        return
+    cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, D)
+    col_ok = cols < length
+    k = tl.load(K + (start + cols)[:, None] * stride_kt + head * stride_kh + dims[None, :],
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + (start + cols)[:, None] * stride_vt + head * stride_vh + dims[None, :],
+                mask=col_ok[:, None], other=0.0)
+    seed = tl.load(SEED)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    for m0 in range(0, length, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < length
+        # rows past the end load q = do = 0, so they add nothing to dk and dv
+        q = tl.load(Q + (start + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + (start + rows)[:, None] * stride_dot + head * stride_doh
+                     + dims[None, :], mask=row_ok[:, None], other=0.0)
+        lse = tl.load(LSE + head * n_tokens + start + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + head * n_tokens + start + rows, mask=row_ok, other=0.0)
+        p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])   # (keys, queries)
+        dp_t = tl.dot(v, tl.trans(do))
+        if DROPOUT:
+            keep_t = _keep(seed, head, (start + rows)[None, :], cols[:, None], p_drop,
+                           n_tokens, WIDTH)
+            dropped_t = tl.where(keep_t, p_t / (1.0 - p_drop), 0.0)
+            dp_t = tl.where(keep_t, dp_t / (1.0 - p_drop), 0.0)
+        else:
+            dropped_t = p_t
+        dv += tl.dot(dropped_t.to(do.dtype), do)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q)
+    offsets = (start + cols)[:, None] * D * tl.num_programs(2) + head * D + dims[None, :]
+    tl.store(DK + offsets, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, SEED,
+                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                        stride_dot, stride_doh, n_tokens, qk_scale, scale, p_drop,
+                        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        WIDTH: tl.constexpr, DROPOUT: tl.constexpr):
+    m_block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(CU + seq)
+    length = tl.load(CU + seq + 1) - start
+    if m_block * BLOCK_M >= length:
+        return
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, D)
+    row_ok = rows < length
+    q = tl.load(Q + (start + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + (start + rows)[:, None] * stride_dot + head * stride_doh + dims[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + head * n_tokens + start + rows, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + head * n_tokens + start + rows, mask=row_ok, other=0.0)
+    seed = tl.load(SEED)
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    for n0 in range(0, length, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < length
+        k = tl.load(K + (start + cols)[:, None] * stride_kt + head * stride_kh + dims[None, :],
+                    mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + (start + cols)[:, None] * stride_vt + head * stride_vh + dims[None, :],
+                    mask=col_ok[:, None], other=0.0)
+        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+        p = tl.where(col_ok[None, :], p, 0.0)            # keys past the end loaded as 0
+        dp = tl.dot(do, tl.trans(v))
+        if DROPOUT:
+            keep = _keep(seed, head, (start + rows)[:, None], cols[None, :], p_drop, n_tokens,
+                         WIDTH)
+            dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    offsets = (start + rows)[:, None] * D * tl.num_programs(2) + head * D + dims[None, :]
+    tl.store(DQ + offsets, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _launcher(kernel):
+    """The kernel as torch.compile sees through it (wrap_triton), or itself in Triton's CPU
+    interpreter (tests)."""
+    if _interpreted():
+        return kernel
+    from torch.library import wrap_triton
+    return wrap_triton(kernel)
+
+
+def _width(max_seqlen: int) -> int:
+    return triton.next_power_of_2(max(max_seqlen, 16))
+
+
+def _check(q: torch.Tensor, max_seqlen: int) -> None:
+    tokens, heads, dim = q.shape
+    if dim not in (16, 32, 64, 128):
+        raise ValueError(f"train.attention_kernel=triton: head_dim must be 16, 32, 64 or 128, "
+                         f"got {dim}")
+    if heads * tokens * _width(max_seqlen) >= 2 ** 31:
+        raise ValueError(f"train.attention_kernel=triton: {tokens} tokens x {heads} heads x "
+                         f"max length {max_seqlen} overflow the dropout counter (2^31)")
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def attention_forward(q, k, v, cu_seqlens, seed, max_seqlen: int, dropout_p: float,
+                      scale: float):
+    """(out, lse): out (tokens, heads, dim) like q, lse (heads, tokens) in fp32, log2 domain."""
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    tokens, heads, dim = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((heads, tokens), dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(max_seqlen, BLOCK), cu_seqlens.numel() - 1, heads)
+    _launcher(_forward_kernel)[grid](
+        q, k, v, out, lse, cu_seqlens, seed, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), out.stride(0), out.stride(1), tokens, scale * LOG2_E,
+        dropout_p, D=dim, BLOCK_M=BLOCK, BLOCK_N=BLOCK, WIDTH=_width(max_seqlen),
+        DROPOUT=dropout_p > 0, num_warps=4, num_stages=2)
+    return out, lse
+
+
+def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, seed, max_seqlen: int,
+                       dropout_p: float, scale: float):
+    """(dq, dk, dv), each (tokens, heads, dim) contiguous."""
+    q, k, v, grad_out = (_unit_last_stride(t) for t in (q, k, v, grad_out))
+    tokens, heads, dim = q.shape
+    # delta_i = sum_j P_ij dP_ij = rowsum(dO * O), dropout included (O holds it)
+    delta = (grad_out.float() * out.float()).sum(-1).t().contiguous()
+    dq, dk, dv = (torch.empty((tokens, heads, dim), dtype=q.dtype, device=q.device)
+                  for _ in range(3))
+    blocks = (triton.cdiv(max_seqlen, BLOCK), cu_seqlens.numel() - 1, heads)
+    common = dict(D=dim, BLOCK_M=BLOCK, BLOCK_N=BLOCK, WIDTH=_width(max_seqlen),
+                  DROPOUT=dropout_p > 0, num_warps=4, num_stages=2)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               grad_out.stride(0), grad_out.stride(1), tokens, scale * LOG2_E, scale, dropout_p)
+    _launcher(_backward_dk_dv_kernel)[blocks](q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens,
+                                              seed, *strides, **common)
+    _launcher(_backward_dq_kernel)[blocks](q, k, v, grad_out, lse, delta, dq, cu_seqlens, seed,
+                                           *strides, **common)
+    return dq, dk, dv
+
+
+@torch.library.triton_op("mtl_dist::varlen_attention_fwd", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                seed: torch.Tensor, max_seqlen: int, dropout_p: float,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, cu_seqlens, seed, max_seqlen, dropout_p, scale)
+
+
+@torch.library.triton_op("mtl_dist::varlen_attention_bwd", mutates_args=())
+def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor,
+                 seed: torch.Tensor, max_seqlen: int, dropout_p: float,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, seed, max_seqlen,
+                              dropout_p, scale)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, seed, max_seqlen, dropout_p, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed)
+    ctx.args = (max_seqlen, dropout_p, scale)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, cu_seqlens, seed = ctx.saved_tensors
+    dq, dk, dv = _backward_op(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, seed,
+                              *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def varlen_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            cu_seqlens: torch.Tensor, max_seqlen: int, dropout_p: float,
+                            scale: float | None) -> torch.Tensor:
+    """Attention over the packed sequences of `cu_seqlens` (int32, starts and the end)."""
+    _check(q, max_seqlen)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    # a fresh Philox seed per call from the CUDA generator: graph-safe, checkpointed with it
+    seed = torch.randint(0, 2 ** 31 - 1, (1,), device=q.device, dtype=torch.int64) \
+        if dropout_p > 0 else torch.zeros(1, device=q.device, dtype=torch.int64)
+    return _forward_op(q, k, v, cu_seqlens, seed, max_seqlen, float(dropout_p), float(scale))[0]

@@ -1,0 +1,235 @@
+"""train.attention_kernel=triton: mtl_dist's varlen attention kernel (mtl_dist/triton_attention.py).
+
+On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, in a subprocess: the
+switch is read when the kernels are defined), in fp32: its bf16 matmul is not usable. They
+are checked against attention computed per sequence in fp32 with the very dropout mask the
+kernels draw. The GPU tests check bf16 against FlashAttention 2 and training end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtl_dist.config import ConfigError, load_config
+from tests._runs import DEMO, FAST
+
+triton = pytest.importorskip("triton")
+tl = triton.language
+from mtl_dist.triton_attention import _keep, _width  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LENGTHS = [5, 70, 1, 130, 64, 17]  # one token, a full tile, over two tiles, a tile's edge
+
+
+@triton.jit
+def _mask_kernel(OUT, SEED, n_tokens, p_drop, WIDTH: tl.constexpr, ROWS: tl.constexpr):
+    head = tl.program_id(0)
+    q = tl.arange(0, ROWS)[:, None]
+    k = tl.arange(0, WIDTH)[None, :]
+    keep = _keep(tl.load(SEED), head, q, k, p_drop, n_tokens, WIDTH)
+    tl.store(OUT + (head * ROWS + q) * WIDTH + k, keep.to(tl.int8))
+
+
+def keep_mask(seed: torch.Tensor, heads: int, tokens: int, max_seqlen: int, p: float):
+    """(heads, tokens, width) bool: the dropout mask the kernels draw for `seed`."""
+    rows, width = triton.next_power_of_2(tokens), _width(max_seqlen)
+    out = torch.zeros(heads, rows, width, dtype=torch.int8, device=seed.device)
+    _mask_kernel[(heads,)](out, seed, tokens, p, WIDTH=width, ROWS=rows)
+    return out[:, :tokens].bool()
+
+
+def reference(q, k, v, cu_seqlens, p, scale, keep):
+    """Attention per sequence in fp32, dropout by `keep` (key positions within the sequence)."""
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        qs, ks, vs = (t[a:b].transpose(0, 1).float() for t in (q, k, v))   # (heads, L, dim)
+        probs = torch.softmax(qs @ ks.transpose(1, 2) * scale, -1)
+        if p > 0:
+            probs = probs * keep[:, a:b, : b - a] / (1 - p)
+        out[a:b] = (probs @ vs).transpose(0, 1)
+    return out
+
+
+def packed_qkv(lengths, heads, dim, dtype, device):
+    """q, k, v as strided views of one (tokens, 3 * heads * dim) tensor (what fused q/k/v
+    hands the kernel), with cu_seqlens."""
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
+                      device=device)
+    tokens = int(cu[-1])
+    fused = torch.randn(tokens, 3 * heads * dim, dtype=dtype, device=device)
+    q, k, v = (t.view(tokens, heads, dim).detach().requires_grad_()
+               for t in fused.split(heads * dim, dim=1))
+    return q, k, v, cu
+
+
+def kernel_errors(p: float, dtype=torch.float32, device="cpu", heads=2, dim=16,
+                  lengths=LENGTHS) -> dict:
+    """Max abs differences of out, dq, dk, dv from `reference`, through the autograd op with a
+    seed drawn as the op draws it, and the mask's keep fraction."""
+    from mtl_dist.triton_attention import varlen_attention_triton
+
+    torch.manual_seed(0)
+    q, k, v, cu = packed_qkv(lengths, heads, dim, dtype, device)
+    max_seqlen, scale = max(lengths) + 3, dim ** -0.5   # max_seqlen above the longest: allowed
+    state = torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
+    seed = torch.randint(0, 2 ** 31 - 1, (1,), device=device, dtype=torch.int64)
+    (torch.cuda.set_rng_state if device == "cuda" else torch.set_rng_state)(state)
+    out = varlen_attention_triton(q, k, v, cu, max_seqlen, p, None)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    keep = keep_mask(seed, heads, q.shape[0], max_seqlen, p) if p > 0 else None
+    ref_inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = reference(*ref_inputs, cu, p, scale, keep)
+    ref_grads = torch.autograd.grad(ref, ref_inputs, grad.float())
+    errors = {name: (a.float() - b).abs().max().item() for name, a, b in
+              zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads), strict=True)}
+    if keep is not None:
+        within = torch.cat([keep[:, a:b, : b - a].reshape(heads, -1) for a, b in
+                            zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)], 1)
+        errors["keep_fraction"] = within.float().mean().item()
+        errors["heads_differ"] = bool((within[0] != within[1]).any())
+    return errors
+
+
+def _interpreted(p: float) -> dict:
+    code = ("import json; from tests.test_triton_attention import kernel_errors; "
+            f"print(json.dumps(kernel_errors({p})))")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_kernels_compute_attention_per_sequence_with_their_dropout_mask(p):
+    """Forward, dq, dk and dv (Triton's CPU interpreter, fp32) equal per-sequence attention;
+    with dropout, the forward and both backward kernels drop the same entries (the mask read
+    back from the same counter), ~p of them, differently per head."""
+    errors = _interpreted(p)
+    for name in ("out", "dq", "dk", "dv"):
+        assert errors[name] < 1e-4, errors
+    if p:
+        assert abs(errors["keep_fraction"] - (1 - p)) < 0.05, errors
+        assert errors["heads_differ"], errors
+
+
+def test_attention_kernel_needs_packing_and_a_known_kernel(tmp_path):
+    common = [f"train.output_dir={tmp_path}/o", *FAST]
+    with pytest.raises(ConfigError, match="train.attention_kernel.*data.packing=false"):
+        load_config(DEMO, [*common, "train.attention_kernel=triton"])
+    with pytest.raises(ConfigError, match="train.attention_kernel.*one of flash, triton"):
+        load_config(DEMO, [*common, "data.packing=true", "data.pack_multiple=64", "train.attention_kernel=cudnn"])
+    cfg = load_config(DEMO, [*common, "data.packing=true", "data.pack_multiple=64", "train.attention_kernel=triton"])
+    assert cfg.train.attention_kernel == "triton"
+
+
+def test_packed_attention_reads_the_kernel_from_the_encoder_config(monkeypatch):
+    """The attention interface passes the configured kernel to varlen_attention."""
+    from mtl_dist import model as model_module
+
+    seen = []
+    monkeypatch.setattr(model_module, "varlen_attention",
+                        lambda *args: seen.append(args[-1]) or args[0])
+
+    class Module:
+        config = type("Config", (), {"mtl_attention_kernel": "triton"})()
+
+    q = torch.zeros(1, 2, 4, 8)
+    model_module._packed_attention(Module(), q, q, q, None, packed_cu_seqlens=torch.tensor([0, 4]),
+                                   packed_max_seqlen=4)
+    assert seen == ["triton"]
+
+
+# ------------------------------------------------------------------------------------ GPU
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kernels_on_cuda_in_bf16_match_per_sequence_attention(p):
+    """BERT-large heads (16 x 64), a packed row's lengths, q/k/v as views of one tensor."""
+    lengths = [166, 73, 300, 12, 91, 128, 1, 64, 45]
+    errors = kernel_errors(p, torch.bfloat16, "cuda", heads=16, dim=64, lengths=lengths)
+    for name in ("out", "dq", "dk", "dv"):
+        assert errors[name] < 3e-2, errors
+    if p:
+        assert abs(errors["keep_fraction"] - (1 - p)) < 0.01, errors
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kernel_matches_flash_attention_without_dropout():
+    from mtl_dist.triton_attention import varlen_attention_triton
+
+    torch.manual_seed(0)
+    lengths = [166, 73, 300, 12, 91, 128, 1, 64, 45]
+    q, k, v, cu = packed_qkv(lengths, 16, 64, torch.bfloat16, "cuda")
+    grad = torch.randn(q.shape, dtype=q.dtype, device="cuda")
+    outs = {}
+    for name in ("triton", "flash"):
+        if name == "triton":
+            out = varlen_attention_triton(q, k, v, cu, 300, 0.0, None)
+        else:
+            out = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, 300, 300, 0.0, False,
+                                                          False)[0]
+        outs[name] = (out, *torch.autograd.grad(out, (q, k, v), grad))
+    for a, b in zip(*outs.values(), strict=True):
+        assert (a.float() - b.float()).abs().max().item() < 3e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dropout_draws_a_new_mask_at_every_graph_replay():
+    """The seed comes from the CUDA generator inside the graph: each replay drops anew."""
+    from mtl_dist.triton_attention import varlen_attention_triton
+
+    torch.manual_seed(0)
+    q, k, v, cu = packed_qkv([100, 60], 4, 64, torch.bfloat16, "cuda")
+    q, k, v = (t.detach() for t in (q, k, v))
+    varlen_attention_triton(q, k, v, cu, 128, 0.1, None)  # compile before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = varlen_attention_triton(q, k, v, cu, 128, 0.1, None)
+    graph.replay()
+    first = out.clone()
+    graph.replay()
+    assert not torch.equal(first, out)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_recommended_set_trains_with_the_triton_kernel_like_flash(tmp_path):
+    """Compiled layers, CUDA graphs, flat masters, fused q/k/v: losses as FlashAttention's."""
+    from tests.test_gpu import COMPILED_PACKED, run
+
+    common = ["train.bf16_weights=true", "train.cuda_graphs=true", "train.fused_clipping=true",
+              "train.flat_masters=true", "train.gradient_accumulation_steps=1",
+              "train.direct_weight_grads=true", "train.fused_qkv=true", *COMPILED_PACKED]
+    flash, _, _ = run(tmp_path, "flash", *common)
+    mine, trainer, _ = run(tmp_path, "triton", *common, "train.attention_kernel=triton")
+    assert trainer.module.encoder.config.mtl_attention_kernel == "triton"
+    from tests._runs import assert_losses_close
+    assert_losses_close(flash, mine, 0.02, steps=30)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_stop_and_resume_with_the_triton_kernel_and_dropout_is_bit_exact(tmp_path):
+    from tests._runs import assert_same_tensors, checkpoint_model, train_losses
+    from tests.test_gpu import COMPILED_PACKED, DROPOUT, run
+
+    common = ["train.cuda_graphs=true", "train.max_steps=16", *DROPOUT,
+              "train.attention_kernel=triton", *COMPILED_PACKED]
+    straight, _, _ = run(tmp_path, "straight", *common)
+    split, first, _ = run(tmp_path, "split", *common, "train.stop_after_steps=7")
+    assert first.state.global_step == 7
+    run(tmp_path, "split", *common, "train.resume=auto")
+    assert train_losses(split) == train_losses(straight)
+    assert_same_tensors(checkpoint_model(split, 16), checkpoint_model(straight, 16))
