@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 64
+# (BLOCK_M query rows, BLOCK_N key rows, warps, pipeline stages) of each kernel
+TILES = {"forward": (64, 64, 4, 2), "dk_dv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
 LOG2_E = 1.4426950408889634
 
 
@@ -211,12 +212,13 @@ def attention_forward(q, k, v, cu_seqlens, seed, max_seqlen: int, dropout_p: flo
     tokens, heads, dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((heads, tokens), dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(max_seqlen, BLOCK), cu_seqlens.numel() - 1, heads)
+    block_m, block_n, warps, stages = TILES["forward"]
+    grid = (triton.cdiv(max_seqlen, block_m), cu_seqlens.numel() - 1, heads)
     _launcher(_forward_kernel)[grid](
         q, k, v, out, lse, cu_seqlens, seed, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), out.stride(0), out.stride(1), tokens, scale * LOG2_E,
-        dropout_p, D=dim, BLOCK_M=BLOCK, BLOCK_N=BLOCK, WIDTH=_width(max_seqlen),
-        DROPOUT=dropout_p > 0, num_warps=4, num_stages=2)
+        dropout_p, D=dim, BLOCK_M=block_m, BLOCK_N=block_n, WIDTH=_width(max_seqlen),
+        DROPOUT=dropout_p > 0, num_warps=warps, num_stages=stages)
     return out, lse
 
 
@@ -229,15 +231,20 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, seed, max_seqlen
     delta = (grad_out.float() * out.float()).sum(-1).t().contiguous()
     dq, dk, dv = (torch.empty((tokens, heads, dim), dtype=q.dtype, device=q.device)
                   for _ in range(3))
-    blocks = (triton.cdiv(max_seqlen, BLOCK), cu_seqlens.numel() - 1, heads)
-    common = dict(D=dim, BLOCK_M=BLOCK, BLOCK_N=BLOCK, WIDTH=_width(max_seqlen),
-                  DROPOUT=dropout_p > 0, num_warps=4, num_stages=2)
+    sequences, width = cu_seqlens.numel() - 1, _width(max_seqlen)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                grad_out.stride(0), grad_out.stride(1), tokens, scale * LOG2_E, scale, dropout_p)
-    _launcher(_backward_dk_dv_kernel)[blocks](q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens,
-                                              seed, *strides, **common)
-    _launcher(_backward_dq_kernel)[blocks](q, k, v, grad_out, lse, delta, dq, cu_seqlens, seed,
-                                           *strides, **common)
+
+    def launch(kernel, tiles: str, own_block: int, *tensors):
+        block_m, block_n, warps, stages = TILES[tiles]
+        grid = (triton.cdiv(max_seqlen, (block_m, block_n)[own_block]), sequences, heads)
+        _launcher(kernel)[grid](*tensors, cu_seqlens, seed, *strides, D=dim, BLOCK_M=block_m,
+                                BLOCK_N=block_n, WIDTH=width, DROPOUT=dropout_p > 0,
+                                num_warps=warps, num_stages=stages)
+
+    # dk/dv: a program per key block; dq: a program per query block
+    launch(_backward_dk_dv_kernel, "dk_dv", 1, q, k, v, grad_out, lse, delta, dk, dv)
+    launch(_backward_dq_kernel, "dq", 0, q, k, v, grad_out, lse, delta, dq)
     return dq, dk, dv
 
 
