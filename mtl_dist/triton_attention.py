@@ -30,17 +30,30 @@ LOG2_E = 1.4426950408889634
 
 
 @triton.jit
-def _keep(seed, head, q_tokens, k_local, p_drop, n_tokens, WIDTH: tl.constexpr):
-    """Dropout's keep mask for (query token, key position within its sequence) of `head`: the
-    same counter in the forward and both backward kernels."""
-    counter = (head * n_tokens + q_tokens) * WIDTH + k_local
-    return tl.rand(seed, counter) >= p_drop
+def _halves(word):
+    """A uint32 tensor as its two 16-bit halves, joined on a new last axis."""
+    return tl.join((word & 0xFFFF).to(tl.int32), (word >> 16).to(tl.int32))
+
+
+@triton.jit
+def _keep(seed, head, q_tokens, k_start, threshold, n_tokens, WIDTH: tl.constexpr,
+          BLOCK_N: tl.constexpr):
+    """Dropout's keep mask of a (queries, BLOCK_N keys) tile of `head`: queries `q_tokens`
+    (global token indices), keys k_start.. (positions within their sequence, k_start a
+    multiple of 8). One Philox call gives 4 x 32 random bits, 16 per entry, for 8 keys of a
+    query: the forward and both backward kernels draw the same tile. An entry is kept where
+    its 16 bits are >= threshold = round(p * 65536)."""
+    groups = k_start // 8 + tl.arange(0, BLOCK_N // 8)
+    counter = (head * n_tokens + q_tokens[:, None]) * (WIDTH // 8) + groups[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, counter)
+    bits = tl.join(tl.join(_halves(r0), _halves(r1)), tl.join(_halves(r2), _halves(r3)))
+    return tl.reshape(bits, (q_tokens.shape[0], BLOCK_N)) >= threshold
 
 
 @triton.jit
 def _forward_kernel(Q, K, V, OUT, LSE, CU, SEED,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                    stride_ot, stride_oh, n_tokens, qk_scale, p_drop,
+                    stride_ot, stride_oh, n_tokens, qk_scale, p_drop, threshold,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     WIDTH: tl.constexpr, DROPOUT: tl.constexpr):
     m_block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -71,8 +84,7 @@ def _forward_kernel(Q, K, V, OUT, LSE, CU, SEED,
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)                 # the softmax sums all probabilities
         if DROPOUT:
-            keep = _keep(seed, head, (start + rows)[:, None], cols[None, :], p_drop, n_tokens,
-                         WIDTH)
+            keep = _keep(seed, head, start + rows, n0, threshold, n_tokens, WIDTH, BLOCK_N)
             p = tl.where(keep, p, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
@@ -87,7 +99,7 @@ def _forward_kernel(Q, K, V, OUT, LSE, CU, SEED,
 @triton.jit
 def _backward_dk_dv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, SEED,
                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                           stride_dot, stride_doh, n_tokens, qk_scale, scale, p_drop,
+                           stride_dot, stride_doh, n_tokens, qk_scale, scale, p_drop, threshold,
                            D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            WIDTH: tl.constexpr, DROPOUT: tl.constexpr):
     n_block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -118,8 +130,8 @@ def _backward_dk_dv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, SEED,
         p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])   # (keys, queries)
         dp_t = tl.dot(v, tl.trans(do))
         if DROPOUT:
-            keep_t = _keep(seed, head, (start + rows)[None, :], cols[:, None], p_drop,
-                           n_tokens, WIDTH)
+            keep_t = tl.trans(_keep(seed, head, start + rows, n_block * BLOCK_N, threshold,
+                                    n_tokens, WIDTH, BLOCK_N))
             dropped_t = tl.where(keep_t, p_t / (1.0 - p_drop), 0.0)
             dp_t = tl.where(keep_t, dp_t / (1.0 - p_drop), 0.0)
         else:
@@ -135,7 +147,7 @@ def _backward_dk_dv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, SEED,
 @triton.jit
 def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, SEED,
                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                        stride_dot, stride_doh, n_tokens, qk_scale, scale, p_drop,
+                        stride_dot, stride_doh, n_tokens, qk_scale, scale, p_drop, threshold,
                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         WIDTH: tl.constexpr, DROPOUT: tl.constexpr):
     m_block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -165,8 +177,7 @@ def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, SEED,
         p = tl.where(col_ok[None, :], p, 0.0)            # keys past the end loaded as 0
         dp = tl.dot(do, tl.trans(v))
         if DROPOUT:
-            keep = _keep(seed, head, (start + rows)[:, None], cols[None, :], p_drop, n_tokens,
-                         WIDTH)
+            keep = _keep(seed, head, start + rows, n0, threshold, n_tokens, WIDTH, BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
@@ -185,6 +196,11 @@ def _launcher(kernel):
         return kernel
     from torch.library import wrap_triton
     return wrap_triton(kernel)
+
+
+def _threshold(dropout_p: float) -> int:
+    """16-bit threshold of the keep test: drops p to within 2^-17 (FlashAttention: 8 bits)."""
+    return round(dropout_p * 65536)
 
 
 def _width(max_seqlen: int) -> int:
@@ -217,8 +233,8 @@ def attention_forward(q, k, v, cu_seqlens, seed, max_seqlen: int, dropout_p: flo
     _launcher(_forward_kernel)[grid](
         q, k, v, out, lse, cu_seqlens, seed, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), out.stride(0), out.stride(1), tokens, scale * LOG2_E,
-        dropout_p, D=dim, BLOCK_M=block_m, BLOCK_N=block_n, WIDTH=_width(max_seqlen),
-        DROPOUT=dropout_p > 0, num_warps=warps, num_stages=stages)
+        dropout_p, _threshold(dropout_p), D=dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        WIDTH=_width(max_seqlen), DROPOUT=dropout_p > 0, num_warps=warps, num_stages=stages)
     return out, lse
 
 
@@ -233,7 +249,8 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, seed, max_seqlen
                   for _ in range(3))
     sequences, width = cu_seqlens.numel() - 1, _width(max_seqlen)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-               grad_out.stride(0), grad_out.stride(1), tokens, scale * LOG2_E, scale, dropout_p)
+               grad_out.stride(0), grad_out.stride(1), tokens, scale * LOG2_E, scale, dropout_p,
+               _threshold(dropout_p))
 
     def launch(kernel, tiles: str, own_block: int, *tensors):
         block_m, block_n, warps, stages = TILES[tiles]

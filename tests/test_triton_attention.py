@@ -22,27 +22,30 @@ from tests._runs import DEMO, FAST
 
 triton = pytest.importorskip("triton")
 tl = triton.language
-from mtl_dist.triton_attention import _keep, _width  # noqa: E402
+from mtl_dist.triton_attention import _keep, _threshold, _width  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = [5, 70, 1, 130, 64, 17]  # one token, a full tile, over two tiles, a tile's edge
 
 
 @triton.jit
-def _mask_kernel(OUT, SEED, n_tokens, p_drop, WIDTH: tl.constexpr, ROWS: tl.constexpr):
-    head = tl.program_id(0)
-    q = tl.arange(0, ROWS)[:, None]
-    k = tl.arange(0, WIDTH)[None, :]
-    keep = _keep(tl.load(SEED), head, q, k, p_drop, n_tokens, WIDTH)
-    tl.store(OUT + (head * ROWS + q) * WIDTH + k, keep.to(tl.int8))
+def _mask_kernel(OUT, SEED, n_tokens, threshold, WIDTH: tl.constexpr):
+    """Tiles of 16 x 16, not the kernels' 64 x 64: the mask must not depend on the tiling."""
+    head, block = tl.program_id(0), tl.program_id(1)
+    rows = block * 16 + tl.arange(0, 16)
+    for k0 in tl.static_range(0, WIDTH, 16):
+        keep = _keep(tl.load(SEED), head, rows, k0, threshold, n_tokens, WIDTH, 16)
+        cols = k0 + tl.arange(0, 16)
+        tl.store(OUT + (head * n_tokens + rows[:, None]) * WIDTH + cols[None, :],
+                 keep.to(tl.int8), mask=rows[:, None] < n_tokens)
 
 
 def keep_mask(seed: torch.Tensor, heads: int, tokens: int, max_seqlen: int, p: float):
     """(heads, tokens, width) bool: the dropout mask the kernels draw for `seed`."""
-    rows, width = triton.next_power_of_2(tokens), _width(max_seqlen)
-    out = torch.zeros(heads, rows, width, dtype=torch.int8, device=seed.device)
-    _mask_kernel[(heads,)](out, seed, tokens, p, WIDTH=width, ROWS=rows)
-    return out[:, :tokens].bool()
+    width = _width(max_seqlen)
+    out = torch.zeros(heads, tokens, width, dtype=torch.int8, device=seed.device)
+    _mask_kernel[(heads, triton.cdiv(tokens, 16))](out, seed, tokens, _threshold(p), WIDTH=width)
+    return out.bool()
 
 
 def reference(q, k, v, cu_seqlens, p, scale, keep):
