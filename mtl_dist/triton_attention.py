@@ -26,6 +26,7 @@ import triton.language as tl
 
 # (BLOCK_M query rows, BLOCK_N key rows, warps, pipeline stages) of each kernel
 TILES = {"forward": (64, 64, 4, 2), "dk_dv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
+DQ_ATOMIC = False
 LOG2_E = 1.4426950408889634
 
 
@@ -97,11 +98,11 @@ def _forward_kernel(Q, K, V, OUT, LSE, CU, SEED,
 
 
 @triton.jit
-def _backward_dk_dv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, SEED,
+def _backward_dk_dv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_SUM, CU, SEED,
                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                            stride_dot, stride_doh, n_tokens, qk_scale, scale, p_drop, threshold,
                            D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           WIDTH: tl.constexpr, DROPOUT: tl.constexpr):
+                           WIDTH: tl.constexpr, DROPOUT: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     n_block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(CU + seq)
     length = tl.load(CU + seq + 1) - start
@@ -137,8 +138,12 @@ def _backward_dk_dv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, SEED,
         else:
             dropped_t = p_t
         dv += tl.dot(dropped_t.to(do.dtype), do)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk += tl.dot(ds_t, q)
+        if DQ_ATOMIC:  # this key block's share of dq, summed over key blocks in fp32
+            tl.atomic_add(DQ_SUM + (start + rows)[:, None] * D * tl.num_programs(2) + head * D
+                          + dims[None, :], tl.dot(tl.trans(ds_t), k) * scale,
+                          mask=row_ok[:, None], sem="relaxed")
     offsets = (start + cols)[:, None] * D * tl.num_programs(2) + head * D + dims[None, :]
     tl.store(DK + offsets, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
@@ -252,15 +257,20 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, seed, max_seqlen
                grad_out.stride(0), grad_out.stride(1), tokens, scale * LOG2_E, scale, dropout_p,
                _threshold(dropout_p))
 
-    def launch(kernel, tiles: str, own_block: int, *tensors):
+    def launch(kernel, tiles: str, own_block: int, *tensors, **flags):
         block_m, block_n, warps, stages = TILES[tiles]
         grid = (triton.cdiv(max_seqlen, (block_m, block_n)[own_block]), sequences, heads)
         _launcher(kernel)[grid](*tensors, cu_seqlens, seed, *strides, D=dim, BLOCK_M=block_m,
                                 BLOCK_N=block_n, WIDTH=width, DROPOUT=dropout_p > 0,
-                                num_warps=warps, num_stages=stages)
+                                num_warps=warps, num_stages=stages, **flags)
 
-    # dk/dv: a program per key block; dq: a program per query block
-    launch(_backward_dk_dv_kernel, "dk_dv", 1, q, k, v, grad_out, lse, delta, dk, dv)
+    # dk/dv: a program per key block; dq: a program per query block, or (DQ_ATOMIC) summed
+    # by the dk/dv programs with atomic adds, which saves recomputing the probabilities
+    dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if DQ_ATOMIC else dq
+    launch(_backward_dk_dv_kernel, "dk_dv", 1, q, k, v, grad_out, lse, delta, dk, dv, dq_sum,
+           DQ_ATOMIC=DQ_ATOMIC)
+    if DQ_ATOMIC:
+        return dq_sum.to(q.dtype), dk, dv
     launch(_backward_dq_kernel, "dq", 0, q, k, v, grad_out, lse, delta, dq)
     return dq, dk, dv
 
