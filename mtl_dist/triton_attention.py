@@ -37,18 +37,24 @@ def _halves(word):
 
 
 @triton.jit
-def _keep(seed, head, q_tokens, k_start, threshold, n_tokens, WIDTH: tl.constexpr,
-          BLOCK_N: tl.constexpr):
-    """Dropout's keep mask of a (queries, BLOCK_N keys) tile of `head`: queries `q_tokens`
-    (global token indices), keys k_start.. (positions within their sequence, k_start a
-    multiple of 8). One Philox call gives 4 x 32 random bits, 16 per entry, for 8 keys of a
-    query: the forward and both backward kernels draw the same tile. An entry is kept where
-    its 16 bits are >= threshold = round(p * 65536)."""
+def _random_bits(seed, head, q_tokens, k_start, n_tokens, WIDTH: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """16 random bits (int32) for each entry of a (queries, BLOCK_N keys) tile of `head`:
+    queries `q_tokens` (global token indices), keys k_start.. (positions within their
+    sequence, k_start a multiple of 8). One Philox call gives 4 x 32 bits, for 8 keys of a
+    query, so the forward and both backward kernels draw the same tile whatever their tiling."""
     groups = k_start // 8 + tl.arange(0, BLOCK_N // 8)
     counter = (head * n_tokens + q_tokens[:, None]) * (WIDTH // 8) + groups[None, :]
     r0, r1, r2, r3 = tl.randint4x(seed, counter)
     bits = tl.join(tl.join(_halves(r0), _halves(r1)), tl.join(_halves(r2), _halves(r3)))
-    return tl.reshape(bits, (q_tokens.shape[0], BLOCK_N)) >= threshold
+    return tl.reshape(bits, (q_tokens.shape[0], BLOCK_N))
+
+
+@triton.jit
+def _keep(seed, head, q_tokens, k_start, threshold, n_tokens, WIDTH: tl.constexpr,
+          BLOCK_N: tl.constexpr):
+    """Dropout's keep mask of the tile: kept where its 16 bits are >= round(p * 65536)."""
+    return _random_bits(seed, head, q_tokens, k_start, n_tokens, WIDTH, BLOCK_N) >= threshold
 
 
 @triton.jit
@@ -131,8 +137,8 @@ def _backward_dk_dv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_SUM, CU, SEED,
         p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])   # (keys, queries)
         dp_t = tl.dot(v, tl.trans(do))
         if DROPOUT:
-            keep_t = tl.trans(_keep(seed, head, start + rows, n_block * BLOCK_N, threshold,
-                                    n_tokens, WIDTH, BLOCK_N))
+            keep_t = tl.trans(_random_bits(seed, head, start + rows, n_block * BLOCK_N,
+                                           n_tokens, WIDTH, BLOCK_N)) >= threshold
             dropped_t = tl.where(keep_t, p_t / (1.0 - p_drop), 0.0)
             dp_t = tl.where(keep_t, dp_t / (1.0 - p_drop), 0.0)
         else:
