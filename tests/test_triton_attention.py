@@ -102,8 +102,10 @@ def kernel_errors(p: float, dtype=torch.float32, device="cpu", heads=2, dim=16,
     return errors
 
 
-def _interpreted(p: float) -> dict:
-    code = ("import json; from tests.test_triton_attention import kernel_errors; "
+def _interpreted(p: float, dq_atomic: bool) -> dict:
+    code = ("import json; from mtl_dist import triton_attention; "
+            f"triton_attention.DQ_ATOMIC = {dq_atomic}; "
+            "from tests.test_triton_attention import kernel_errors; "
             f"print(json.dumps(kernel_errors({p})))")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
@@ -112,12 +114,14 @@ def _interpreted(p: float) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.parametrize("dq_atomic", [False, True])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_kernels_compute_attention_per_sequence_with_their_dropout_mask(p):
+def test_kernels_compute_attention_per_sequence_with_their_dropout_mask(p, dq_atomic):
     """Forward, dq, dk and dv (Triton's CPU interpreter, fp32) equal per-sequence attention;
     with dropout, the forward and both backward kernels drop the same entries (the mask read
-    back from the same counter), ~p of them, differently per head."""
-    errors = _interpreted(p)
+    back from the same counter), ~p of them, differently per head. dq by its own kernel, or
+    summed by the dk/dv kernel's programs (DQ_ATOMIC)."""
+    errors = _interpreted(p, dq_atomic)
     for name in ("out", "dq", "dk", "dv"):
         assert errors[name] < 1e-4, errors
     if p:
