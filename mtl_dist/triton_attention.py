@@ -60,7 +60,7 @@ def _keep(seed, head, q_tokens, k_start, threshold, n_tokens, WIDTH: tl.constexp
 @triton.jit
 def _forward_kernel(Q, K, V, OUT, LSE, CU, SEED,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                    stride_ot, stride_oh, n_tokens, qk_scale, p_drop, threshold,
+                    stride_ot, stride_oh, n_tokens, qk_scale, rescale, threshold,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     WIDTH: tl.constexpr, DROPOUT: tl.constexpr):
     m_block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -97,7 +97,7 @@ def _forward_kernel(Q, K, V, OUT, LSE, CU, SEED,
         m_i = m_new
     out = acc / l_i[:, None]
     if DROPOUT:
-        out = out / (1.0 - p_drop)
+        out = out * rescale
     tl.store(OUT + (start + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
              out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + head * n_tokens + start + rows, m_i + tl.log2(l_i), mask=row_ok)
@@ -106,7 +106,7 @@ def _forward_kernel(Q, K, V, OUT, LSE, CU, SEED,
 @triton.jit
 def _backward_dk_dv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_SUM, CU, SEED,
                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                           stride_dot, stride_doh, n_tokens, qk_scale, scale, p_drop, threshold,
+                           stride_dot, stride_doh, n_tokens, qk_scale, scale, rescale, threshold,
                            D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            WIDTH: tl.constexpr, DROPOUT: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     n_block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -139,8 +139,8 @@ def _backward_dk_dv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_SUM, CU, SEED,
         if DROPOUT:
             keep_t = tl.trans(_random_bits(seed, head, start + rows, n_block * BLOCK_N,
                                            n_tokens, WIDTH, BLOCK_N)) >= threshold
-            dropped_t = tl.where(keep_t, p_t / (1.0 - p_drop), 0.0)
-            dp_t = tl.where(keep_t, dp_t / (1.0 - p_drop), 0.0)
+            dropped_t = tl.where(keep_t, p_t * rescale, 0.0)
+            dp_t = tl.where(keep_t, dp_t * rescale, 0.0)
         else:
             dropped_t = p_t
         dv += tl.dot(dropped_t.to(do.dtype), do)
@@ -158,7 +158,7 @@ def _backward_dk_dv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_SUM, CU, SEED,
 @triton.jit
 def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, SEED,
                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                        stride_dot, stride_doh, n_tokens, qk_scale, scale, p_drop, threshold,
+                        stride_dot, stride_doh, n_tokens, qk_scale, scale, rescale, threshold,
                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         WIDTH: tl.constexpr, DROPOUT: tl.constexpr):
     m_block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -189,7 +189,7 @@ def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, SEED,
         dp = tl.dot(do, tl.trans(v))
         if DROPOUT:
             keep = _keep(seed, head, start + rows, n0, threshold, n_tokens, WIDTH, BLOCK_N)
-            dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
+            dp = tl.where(keep, dp * rescale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
     offsets = (start + rows)[:, None] * D * tl.num_programs(2) + head * D + dims[None, :]
@@ -209,6 +209,11 @@ def _launcher(kernel):
     return wrap_triton(kernel)
 
 
+def _rescale(dropout_p: float) -> float:
+    """What kept probabilities are multiplied by: 1 / (1 - p), as nn.Dropout does."""
+    return 1.0 / (1.0 - dropout_p)
+
+
 def _threshold(dropout_p: float) -> int:
     """16-bit threshold of the keep test: drops p to within 2^-17 (FlashAttention: 8 bits)."""
     return round(dropout_p * 65536)
@@ -218,8 +223,11 @@ def _width(max_seqlen: int) -> int:
     return triton.next_power_of_2(max(max_seqlen, 16))
 
 
-def _check(q: torch.Tensor, max_seqlen: int) -> None:
+def _check(q: torch.Tensor, max_seqlen: int, dropout_p: float) -> None:
     tokens, heads, dim = q.shape
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"train.attention_kernel=triton: dropout must be in [0, 1), got "
+                         f"{dropout_p}")
     if dim not in (16, 32, 64, 128):
         raise ValueError(f"train.attention_kernel=triton: head_dim must be 16, 32, 64 or 128, "
                          f"got {dim}")
@@ -244,7 +252,7 @@ def attention_forward(q, k, v, cu_seqlens, seed, max_seqlen: int, dropout_p: flo
     _launcher(_forward_kernel)[grid](
         q, k, v, out, lse, cu_seqlens, seed, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), out.stride(0), out.stride(1), tokens, scale * LOG2_E,
-        dropout_p, _threshold(dropout_p), D=dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        _rescale(dropout_p), _threshold(dropout_p), D=dim, BLOCK_M=block_m, BLOCK_N=block_n,
         WIDTH=_width(max_seqlen), DROPOUT=dropout_p > 0, num_warps=warps, num_stages=stages)
     return out, lse
 
@@ -260,8 +268,8 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, seed, max_seqlen
                   for _ in range(3))
     sequences, width = cu_seqlens.numel() - 1, _width(max_seqlen)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-               grad_out.stride(0), grad_out.stride(1), tokens, scale * LOG2_E, scale, dropout_p,
-               _threshold(dropout_p))
+               grad_out.stride(0), grad_out.stride(1), tokens, scale * LOG2_E, scale,
+               _rescale(dropout_p), _threshold(dropout_p))
 
     def launch(kernel, tiles: str, own_block: int, *tensors, **flags):
         block_m, block_n, warps, stages = TILES[tiles]
@@ -318,7 +326,7 @@ def varlen_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             cu_seqlens: torch.Tensor, max_seqlen: int, dropout_p: float,
                             scale: float | None) -> torch.Tensor:
     """Attention over the packed sequences of `cu_seqlens` (int32, starts and the end)."""
-    _check(q, max_seqlen)
+    _check(q, max_seqlen, dropout_p)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     # a fresh Philox seed per call from the CUDA generator: graph-safe, checkpointed with it
     seed = torch.randint(0, 2 ** 31 - 1, (1,), device=q.device, dtype=torch.int64) \
