@@ -58,6 +58,21 @@ def _keep(seed, head, q_tokens, k_start, threshold, n_tokens, WIDTH: tl.constexp
 
 
 @triton.jit
+def _tile(X, start, index, ok, head, stride_t, stride_h, D: tl.constexpr):
+    """Rows `index` (within a sequence from token `start`) of `head` in X, (tokens, heads, D);
+    rows past the sequence's end (not `ok`) read as 0."""
+    dims = tl.arange(0, D)
+    return tl.load(X + (start + index)[:, None] * stride_t + head * stride_h + dims[None, :],
+                   mask=ok[:, None], other=0.0)
+
+
+@triton.jit
+def _dense_offsets(start, index, head, D: tl.constexpr):
+    """Offsets of rows `index` of `head` in a contiguous (tokens, heads, D) gradient."""
+    return (start + index)[:, None] * D * tl.num_programs(2) + head * D + tl.arange(0, D)[None, :]
+
+
+@triton.jit
 def _forward_kernel(Q, K, V, OUT, LSE, CU, SEED,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                     stride_ot, stride_oh, n_tokens, qk_scale, rescale, threshold,
@@ -71,8 +86,7 @@ def _forward_kernel(Q, K, V, OUT, LSE, CU, SEED,
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, D)
     row_ok = rows < length
-    q = tl.load(Q + (start + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q = _tile(Q, start, rows, row_ok, head, stride_qt, stride_qh, D)
     seed = tl.load(SEED)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -80,10 +94,8 @@ def _forward_kernel(Q, K, V, OUT, LSE, CU, SEED,
     for n0 in range(0, length, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < length
-        k = tl.load(K + (start + cols)[:, None] * stride_kt + head * stride_kh + dims[None, :],
-                    mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + (start + cols)[:, None] * stride_vt + head * stride_vh + dims[None, :],
-                    mask=col_ok[:, None], other=0.0)
+        k = _tile(K, start, cols, col_ok, head, stride_kt, stride_kh, D)
+        v = _tile(V, start, cols, col_ok, head, stride_vt, stride_vh, D)
         s = tl.dot(q, tl.trans(k)) * qk_scale          # log2 domain
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -115,12 +127,9 @@ def _backward_dk_dv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_SUM, CU, SEED,
     if n_block * BLOCK_N >= length:
         return
     cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, D)
     col_ok = cols < length
-    k = tl.load(K + (start + cols)[:, None] * stride_kt + head * stride_kh + dims[None, :],
-                mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + (start + cols)[:, None] * stride_vt + head * stride_vh + dims[None, :],
-                mask=col_ok[:, None], other=0.0)
+    k = _tile(K, start, cols, col_ok, head, stride_kt, stride_kh, D)
+    v = _tile(V, start, cols, col_ok, head, stride_vt, stride_vh, D)
     seed = tl.load(SEED)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
@@ -128,10 +137,8 @@ def _backward_dk_dv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_SUM, CU, SEED,
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < length
         # rows past the end load q = do = 0, so they add nothing to dk and dv
-        q = tl.load(Q + (start + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :],
-                    mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + (start + rows)[:, None] * stride_dot + head * stride_doh
-                     + dims[None, :], mask=row_ok[:, None], other=0.0)
+        q = _tile(Q, start, rows, row_ok, head, stride_qt, stride_qh, D)
+        do = _tile(DO, start, rows, row_ok, head, stride_dot, stride_doh, D)
         lse = tl.load(LSE + head * n_tokens + start + rows, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + head * n_tokens + start + rows, mask=row_ok, other=0.0)
         p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])   # (keys, queries)
@@ -147,10 +154,10 @@ def _backward_dk_dv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_SUM, CU, SEED,
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
         dk += tl.dot(ds_t, q)
         if DQ_ATOMIC:  # this key block's share of dq, summed over key blocks in fp32
-            tl.atomic_add(DQ_SUM + (start + rows)[:, None] * D * tl.num_programs(2) + head * D
-                          + dims[None, :], tl.dot(tl.trans(ds_t), k) * scale,
-                          mask=row_ok[:, None], sem="relaxed")
-    offsets = (start + cols)[:, None] * D * tl.num_programs(2) + head * D + dims[None, :]
+            tl.atomic_add(DQ_SUM + _dense_offsets(start, rows, head, D),
+                          tl.dot(tl.trans(ds_t), k) * scale, mask=row_ok[:, None],
+                          sem="relaxed")
+    offsets = _dense_offsets(start, cols, head, D)
     tl.store(DK + offsets, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
@@ -167,12 +174,9 @@ def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, SEED,
     if m_block * BLOCK_M >= length:
         return
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, D)
     row_ok = rows < length
-    q = tl.load(Q + (start + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :],
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + (start + rows)[:, None] * stride_dot + head * stride_doh + dims[None, :],
-                 mask=row_ok[:, None], other=0.0)
+    q = _tile(Q, start, rows, row_ok, head, stride_qt, stride_qh, D)
+    do = _tile(DO, start, rows, row_ok, head, stride_dot, stride_doh, D)
     lse = tl.load(LSE + head * n_tokens + start + rows, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + head * n_tokens + start + rows, mask=row_ok, other=0.0)
     seed = tl.load(SEED)
@@ -180,10 +184,8 @@ def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, SEED,
     for n0 in range(0, length, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < length
-        k = tl.load(K + (start + cols)[:, None] * stride_kt + head * stride_kh + dims[None, :],
-                    mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + (start + cols)[:, None] * stride_vt + head * stride_vh + dims[None, :],
-                    mask=col_ok[:, None], other=0.0)
+        k = _tile(K, start, cols, col_ok, head, stride_kt, stride_kh, D)
+        v = _tile(V, start, cols, col_ok, head, stride_vt, stride_vh, D)
         # keys past the end load k = v = 0: their ds multiplies k = 0, no mask needed
         p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
@@ -192,7 +194,7 @@ def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, SEED,
             dp = tl.where(keep, dp * rescale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
-    offsets = (start + rows)[:, None] * D * tl.num_programs(2) + head * D + dims[None, :]
+    offsets = _dense_offsets(start, rows, head, D)
     tl.store(DQ + offsets, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
