@@ -11,7 +11,9 @@ attends to itself only. Only the dropout mask's random numbers differ from Flash
 for any dropout).
 
 q, k, v: (tokens, heads, head_dim) with a unit last stride (views of one fused q/k/v output
-are fine). The forward keeps the log-sum-exp of each row for the backward, which recomputes
+are fine). Every token must lie in one of the `cu_seqlens` sequences, none longer than
+`max_seqlen` (data.collate_packed's rows do: the pad tail is a sequence of its own); the
+outputs of other tokens are left unwritten. The forward keeps the log-sum-exp of each row for the backward, which recomputes
 the probabilities: one kernel for dk and dv (a program per key block, looping over the query
 blocks of its sequence), one for dq (a program per query block).
 """
@@ -23,6 +25,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 # (BLOCK_M query rows, BLOCK_N key rows, warps, pipeline stages) of each kernel
 TILES = {"forward": (64, 64, 4, 2), "dk_dv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
@@ -33,7 +36,7 @@ LOG2_E = 1.4426950408889634
 @triton.jit
 def _halves(word):
     """A uint32 tensor as its two 16-bit halves, joined on a new last axis."""
-    return tl.join((word & 0xFFFF).to(tl.int32), (word >> 16).to(tl.int32))
+    return tl.join((word & 0xFFFF).to(tl.int32), ((word >> 16) & 0xFFFF).to(tl.int32))
 
 
 @triton.jit
@@ -142,6 +145,7 @@ def _backward_dk_dv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_SUM, CU, SEED,
         lse = tl.load(LSE + head * n_tokens + start + rows, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + head * n_tokens + start + rows, mask=row_ok, other=0.0)
         p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])   # (keys, queries)
+        p_t = tl.where(col_ok[:, None], p_t, 0.0)  # as in the dq kernel (atomic dq reads it)
         dp_t = tl.dot(v, tl.trans(do))
         if DROPOUT:
             keep_t = tl.trans(_random_bits(seed, head, start + rows, n_block * BLOCK_N,
@@ -186,8 +190,9 @@ def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, SEED,
         col_ok = cols < length
         k = _tile(K, start, cols, col_ok, head, stride_kt, stride_kh, D)
         v = _tile(V, start, cols, col_ok, head, stride_vt, stride_vh, D)
-        # keys past the end load k = v = 0: their ds multiplies k = 0, no mask needed
         p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+        # keys past the end (k = 0) score 0, which exp2(0 - lse) can overflow: inf * 0 = NaN
+        p = tl.where(col_ok[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         if DROPOUT:
             keep = _keep(seed, head, start + rows, n0, threshold, n_tokens, WIDTH, BLOCK_N)
@@ -200,15 +205,6 @@ def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, SEED,
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _launcher(kernel):
-    """The kernel as torch.compile sees through it (wrap_triton), or itself in Triton's CPU
-    interpreter (tests)."""
-    if _interpreted():
-        return kernel
-    from torch.library import wrap_triton
-    return wrap_triton(kernel)
 
 
 def _rescale(dropout_p: float) -> float:
@@ -251,7 +247,9 @@ def attention_forward(q, k, v, cu_seqlens, seed, max_seqlen: int, dropout_p: flo
     lse = torch.empty((heads, tokens), dtype=torch.float32, device=q.device)
     block_m, block_n, warps, stages = TILES["forward"]
     grid = (triton.cdiv(max_seqlen, block_m), cu_seqlens.numel() - 1, heads)
-    _launcher(_forward_kernel)[grid](
+    # wrap_triton(<kernel>) written out: torch finds an op's kernels in its source (compile
+    # caches key on them); Triton's CPU interpreter (tests) runs the kernel itself
+    (_forward_kernel if _interpreted() else wrap_triton(_forward_kernel))[grid](
         q, k, v, out, lse, cu_seqlens, seed, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), out.stride(0), out.stride(1), tokens, scale * LOG2_E,
         _rescale(dropout_p), _threshold(dropout_p), D=dim, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -266,29 +264,35 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, seed, max_seqlen
     tokens, heads, dim = q.shape
     # delta_i = sum_j P_ij dP_ij = rowsum(dO * O), dropout included (O holds it)
     delta = (grad_out.float() * out.float()).sum(-1).t().contiguous()
-    dq, dk, dv = (torch.empty((tokens, heads, dim), dtype=q.dtype, device=q.device)
-                  for _ in range(3))
+    dk, dv = (torch.empty((tokens, heads, dim), dtype=q.dtype, device=q.device) for _ in range(2))
+    # dq_sum: fp32, summed over key blocks by atomic adds (not bit-reproducible run to run,
+    # like FlashAttention 2's dq); else dq's own kernel writes it
+    dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if DQ_ATOMIC else \
+        torch.empty((tokens, heads, dim), dtype=q.dtype, device=q.device)
     sequences, width = cu_seqlens.numel() - 1, _width(max_seqlen)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                grad_out.stride(0), grad_out.stride(1), tokens, scale * LOG2_E, scale,
                _rescale(dropout_p), _threshold(dropout_p))
 
+    interpreted = _interpreted()
+    dk_dv_kernel = _backward_dk_dv_kernel if interpreted else wrap_triton(_backward_dk_dv_kernel)
+    dq_kernel = _backward_dq_kernel if interpreted else wrap_triton(_backward_dq_kernel)
+
     def launch(kernel, tiles: str, own_block: int, *tensors, **flags):
         block_m, block_n, warps, stages = TILES[tiles]
         grid = (triton.cdiv(max_seqlen, (block_m, block_n)[own_block]), sequences, heads)
-        _launcher(kernel)[grid](*tensors, cu_seqlens, seed, *strides, D=dim, BLOCK_M=block_m,
-                                BLOCK_N=block_n, WIDTH=width, DROPOUT=dropout_p > 0,
-                                num_warps=warps, num_stages=stages, **flags)
+        kernel[grid](*tensors, cu_seqlens, seed, *strides, D=dim, BLOCK_M=block_m,
+                     BLOCK_N=block_n, WIDTH=width, DROPOUT=dropout_p > 0, num_warps=warps,
+                     num_stages=stages, **flags)
 
     # dk/dv: a program per key block; dq: a program per query block, or (DQ_ATOMIC) summed
     # by the dk/dv programs with atomic adds, which saves recomputing the probabilities
-    dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if DQ_ATOMIC else dq
-    launch(_backward_dk_dv_kernel, "dk_dv", 1, q, k, v, grad_out, lse, delta, dk, dv, dq_sum,
+    launch(dk_dv_kernel, "dk_dv", 1, q, k, v, grad_out, lse, delta, dk, dv, dq_sum,
            DQ_ATOMIC=DQ_ATOMIC)
     if DQ_ATOMIC:
         return dq_sum.to(q.dtype), dk, dv
-    launch(_backward_dq_kernel, "dq", 0, q, k, v, grad_out, lse, delta, dq)
-    return dq, dk, dv
+    launch(dq_kernel, "dq", 0, q, k, v, grad_out, lse, delta, dq_sum)
+    return dq_sum, dk, dv
 
 
 @torch.library.triton_op("mtl_dist::varlen_attention_fwd", mutates_args=())
@@ -310,6 +314,7 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens, seed, max_seqlen, dropout_p, scale = inputs
     out, lse = output
+    ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed)
     ctx.args = (max_seqlen, dropout_p, scale)
 
@@ -324,13 +329,18 @@ def _backward(ctx, grad_out, _grad_lse):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def dropout_seed(device: torch.device) -> torch.Tensor:
+    """A fresh 63-bit Philox seed per call, drawn from the device's generator: graph-safe
+    (a new one at each CUDA-graph replay) and restored with the generator's state."""
+    return torch.randint(0, 2 ** 63 - 1, (1,), device=device, dtype=torch.int64)
+
+
 def varlen_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             cu_seqlens: torch.Tensor, max_seqlen: int, dropout_p: float,
                             scale: float | None) -> torch.Tensor:
     """Attention over the packed sequences of `cu_seqlens` (int32, starts and the end)."""
     _check(q, max_seqlen, dropout_p)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    # a fresh Philox seed per call from the CUDA generator: graph-safe, checkpointed with it
-    seed = torch.randint(0, 2 ** 31 - 1, (1,), device=q.device, dtype=torch.int64) \
-        if dropout_p > 0 else torch.zeros(1, device=q.device, dtype=torch.int64)
+    seed = dropout_seed(q.device) if dropout_p > 0 else \
+        torch.zeros(1, device=q.device, dtype=torch.int64)
     return _forward_op(q, k, v, cu_seqlens, seed, max_seqlen, float(dropout_p), float(scale))[0]

@@ -77,13 +77,13 @@ def kernel_errors(p: float, dtype=torch.float32, device="cpu", heads=2, dim=16,
                   lengths=LENGTHS) -> dict:
     """Max abs differences of out, dq, dk, dv from `reference`, through the autograd op with a
     seed drawn as the op draws it, and the mask's keep fraction."""
-    from mtl_dist.triton_attention import varlen_attention_triton
+    from mtl_dist.triton_attention import dropout_seed, varlen_attention_triton
 
     torch.manual_seed(0)
     q, k, v, cu = packed_qkv(lengths, heads, dim, dtype, device)
     max_seqlen, scale = max(lengths) + 3, dim ** -0.5   # max_seqlen above the longest: allowed
     state = torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
-    seed = torch.randint(0, 2 ** 31 - 1, (1,), device=device, dtype=torch.int64)
+    seed = dropout_seed(device)
     (torch.cuda.set_rng_state if device == "cuda" else torch.set_rng_state)(state)
     out = varlen_attention_triton(q, k, v, cu, max_seqlen, p, None)
     grad = torch.randn_like(out)
@@ -103,10 +103,14 @@ def kernel_errors(p: float, dtype=torch.float32, device="cpu", heads=2, dim=16,
 
 
 def _interpreted(p: float, dq_atomic: bool) -> dict:
-    code = ("import json; from mtl_dist import triton_attention; "
-            f"triton_attention.DQ_ATOMIC = {dq_atomic}; "
-            "from tests.test_triton_attention import kernel_errors; "
-            f"print(json.dumps(kernel_errors({p})))")
+    return _run_interpreted("import json; from mtl_dist import triton_attention; "
+                            f"triton_attention.DQ_ATOMIC = {dq_atomic}; "
+                            "from tests.test_triton_attention import kernel_errors; "
+                            f"print(json.dumps(kernel_errors({p})))")
+
+
+def _run_interpreted(code: str) -> dict:
+    """`code` run with Triton's CPU interpreter; its last line of output, parsed as JSON."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -127,6 +131,33 @@ def test_kernels_compute_attention_per_sequence_with_their_dropout_mask(p, dq_at
     if p:
         assert abs(errors["keep_fraction"] - (1 - p)) < 0.05, errors
         assert errors["heads_differ"], errors
+
+
+def _far_scores_errors() -> dict:
+    """Every score of a sequence near -100 (natural log): keys past its end score 0, whose
+    exp(0 - lse) overflows fp32, and must not reach the gradients (inf * 0 = NaN)."""
+    from mtl_dist.triton_attention import varlen_attention_triton
+
+    torch.manual_seed(0)
+    tokens, dim = 5, 16
+    q = (torch.randn(tokens, 1, dim) * 0.1 + 5.0).requires_grad_()
+    k = (torch.randn(tokens, 1, dim) * 0.1 - 5.0).requires_grad_()
+    v = torch.randn(tokens, 1, dim).requires_grad_()
+    cu = torch.tensor([0, tokens], dtype=torch.int32)
+    out = varlen_attention_triton(q, k, v, cu, tokens, 0.0, None)
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    return {"max_score": (q[:, 0] @ k[:, 0].T * dim ** -0.5).max().item(),
+            "finite": all(bool(t.isfinite().all()) for t in (out, *grads))}
+
+
+@pytest.mark.parametrize("dq_atomic", [False, True])
+def test_gradients_stay_finite_when_every_score_is_far_below_zero(dq_atomic):
+    code = ("import json; from mtl_dist import triton_attention; "
+            f"triton_attention.DQ_ATOMIC = {dq_atomic}; "
+            "from tests.test_triton_attention import _far_scores_errors; "
+            "print(json.dumps(_far_scores_errors()))")
+    result = _run_interpreted(code)
+    assert result["max_score"] < -90 and result["finite"], result
 
 
 def test_attention_kernel_needs_packing_and_a_known_kernel(tmp_path):
