@@ -46,6 +46,9 @@ __all__ = [
 ]
 
 DEMO_PREFIX = "demo:"
+# train.attention_kernel: the CUDA kernel of packed rows' attention (model.varlen_attention)
+ATTENTION_KERNELS = ("flash", "triton")
+
 # train.compile_tuning -> Inductor options for the compiled layers. Measured on an H200
 # (benchmarks/README.md, run G): coordinate descent +1.5-2.7 % samples/s; max-autotune left out:
 # its GEMM templates made the BERT-large step 8 % slower and start-up 425 s longer (run L3).
@@ -1140,7 +1143,7 @@ _RULES: dict[str, tuple[_Check, str]] = {
     "train.collective_timeout_s": _within(1, 7 * 24 * 3600),
     "train.zero_stage": _one_of(0, 1, 2, 3),
     "train.compile_tuning": _one_of(*COMPILE_TUNING),
-    "train.attention_kernel": _one_of("flash", "triton"),
+    "train.attention_kernel": _one_of(*ATTENTION_KERNELS),
     "train.stop_after_steps": _or_null(_ge(1)),
     "train.preemption_check_steps": _ge(1),
     "train.preemption_signals": ((lambda v: all(x in ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")

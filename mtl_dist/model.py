@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtl_dist.config import COMPILE_TUNING
+from mtl_dist.config import ATTENTION_KERNELS, COMPILE_TUNING
 from mtl_dist.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -111,9 +111,6 @@ def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                          dropout_p=dropout_p, scale=scale).transpose(1, 2)
     out = torch.where(valid[..., None, None], out, 0.0)  # padding slots add nothing below
     return q.new_zeros(q.shape).index_add(0, index, out.reshape(-1, *q.shape[1:]))
-
-
-ATTENTION_KERNELS = ("flash", "triton")
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
