@@ -7,7 +7,8 @@ Per candidate: forward + backward per layer (BERT-large heads, 16 x 64, bf16, at
 0.1), CUDA-event time of calls captured in one CUDA graph, averaged over the packed rows of
 `attention_kernels.py` (2 per task). Each kernel's candidates are tried with the best of the
 kernels swept before it; then dq summed by the dk/dv kernel's atomic adds (DQ_ATOMIC); then the
-best set with and without dropout beside FlashAttention 2. GPU only.
+dropout mask's bits per entry and Philox rounds; then the best set (default mask) with and
+without dropout beside FlashAttention 2. GPU only.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from mtl_dist import triton_attention as ta
 CANDIDATES = {"forward": [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
               "dk_dv": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2)],
               "dq": [(64, 64, 4, 2), (64, 64, 8, 2)]}
+MASKS = [(16, 10), (16, 7), (8, 10), (8, 7)]  # (MASK_BITS, PHILOX_ROUNDS), the default first
 
 
 def main() -> None:
@@ -61,6 +63,13 @@ def main() -> None:
     else:
         ta.DQ_ATOMIC = False
     ta.TILES.update(best)
+    masks = {}
+    for bits, rounds in MASKS:  # the dropout mask's cost: bits per entry, Philox rounds
+        ta.MASK_BITS, ta.PHILOX_ROUNDS = bits, rounds
+        masks[(bits, rounds)] = log[f"mask bits={bits} rounds={rounds}"] = \
+            per_layer_us(ak.triton_varlen, 0.1)
+        print("mask", bits, rounds, round(masks[(bits, rounds)], 1), flush=True)
+    ta.MASK_BITS, ta.PHILOX_ROUNDS = MASKS[0]
     log.update(best={k: list(v) for k, v in best.items()}, dq_atomic=ta.DQ_ATOMIC,
                best_us=per_layer_us(ak.triton_varlen, 0.1),
                flash2_again=per_layer_us(ak.flash, 0.1),

@@ -30,6 +30,9 @@ from torch.library import wrap_triton
 # (BLOCK_M query rows, BLOCK_N key rows, warps, pipeline stages) of each kernel
 TILES = {"forward": (64, 64, 4, 2), "dk_dv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
 DQ_ATOMIC = False
+# dropout's random numbers: bits per entry (16, or 8 as FlashAttention: p to within 1/512) and
+# Philox rounds (10 as torch and curand; 7 is the fewest Random123 calls crush-resistant)
+MASK_BITS, PHILOX_ROUNDS = 16, 10
 LOG2_E = 1.4426950408889634
 
 
@@ -40,24 +43,37 @@ def _halves(word):
 
 
 @triton.jit
+def _quarters(word):
+    """A uint32 tensor as its four bytes, joined on two new last axes."""
+    return tl.join(tl.join((word & 0xFF).to(tl.int32), ((word >> 8) & 0xFF).to(tl.int32)),
+                   tl.join(((word >> 16) & 0xFF).to(tl.int32), ((word >> 24) & 0xFF).to(tl.int32)))
+
+
+@triton.jit
 def _random_bits(seed, head, q_tokens, k_start, n_tokens, WIDTH: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
-    """16 random bits (int32) for each entry of a (queries, BLOCK_N keys) tile of `head`:
-    queries `q_tokens` (global token indices), keys k_start.. (positions within their
-    sequence, k_start a multiple of 8). One Philox call gives 4 x 32 bits, for 8 keys of a
-    query, so the forward and both backward kernels draw the same tile whatever their tiling."""
-    groups = k_start // 8 + tl.arange(0, BLOCK_N // 8)
-    counter = (head * n_tokens + q_tokens[:, None]) * (WIDTH // 8) + groups[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, counter)
-    bits = tl.join(tl.join(_halves(r0), _halves(r1)), tl.join(_halves(r2), _halves(r3)))
+                 BLOCK_N: tl.constexpr, BITS: tl.constexpr, ROUNDS: tl.constexpr):
+    """BITS (16 or 8) random bits (int32) for each entry of a (queries, BLOCK_N keys) tile of
+    `head`: queries `q_tokens` (global token indices), keys k_start.. (positions within their
+    sequence, k_start a multiple of 16). One Philox call (ROUNDS rounds) gives 4 x 32 bits, for
+    128 / BITS keys of a query, so the forward and both backward kernels draw the same tile
+    whatever their tiling."""
+    groups = k_start // (128 // BITS) + tl.arange(0, BLOCK_N // (128 // BITS))
+    counter = (head * n_tokens + q_tokens[:, None]) * (WIDTH // (128 // BITS)) + groups[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, counter, ROUNDS)
+    if BITS == 16:
+        bits = tl.join(tl.join(_halves(r0), _halves(r1)), tl.join(_halves(r2), _halves(r3)))
+    else:
+        bits = tl.join(tl.join(_quarters(r0), _quarters(r1)),
+                       tl.join(_quarters(r2), _quarters(r3)))
     return tl.reshape(bits, (q_tokens.shape[0], BLOCK_N))
 
 
 @triton.jit
 def _keep(seed, head, q_tokens, k_start, threshold, n_tokens, WIDTH: tl.constexpr,
-          BLOCK_N: tl.constexpr):
-    """Dropout's keep mask of the tile: kept where its 16 bits are >= round(p * 65536)."""
-    return _random_bits(seed, head, q_tokens, k_start, n_tokens, WIDTH, BLOCK_N) >= threshold
+          BLOCK_N: tl.constexpr, BITS: tl.constexpr, ROUNDS: tl.constexpr):
+    """Dropout's keep mask of the tile: kept where its bits are >= round(p * 2^BITS)."""
+    return _random_bits(seed, head, q_tokens, k_start, n_tokens, WIDTH, BLOCK_N, BITS,
+                        ROUNDS) >= threshold
 
 
 @triton.jit
@@ -80,7 +96,8 @@ def _forward_kernel(Q, K, V, OUT, LSE, CU, SEED,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                     stride_ot, stride_oh, n_tokens, qk_scale, rescale, threshold,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    WIDTH: tl.constexpr, DROPOUT: tl.constexpr):
+                    WIDTH: tl.constexpr, BITS: tl.constexpr, ROUNDS: tl.constexpr,
+                    DROPOUT: tl.constexpr):
     m_block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(CU + seq)
     length = tl.load(CU + seq + 1) - start
@@ -106,7 +123,8 @@ def _forward_kernel(Q, K, V, OUT, LSE, CU, SEED,
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)                 # the softmax sums all probabilities
         if DROPOUT:
-            keep = _keep(seed, head, start + rows, n0, threshold, n_tokens, WIDTH, BLOCK_N)
+            keep = _keep(seed, head, start + rows, n0, threshold, n_tokens, WIDTH, BLOCK_N,
+                         BITS, ROUNDS)
             p = tl.where(keep, p, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
@@ -123,7 +141,8 @@ def _backward_dk_dv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_SUM, CU, SEED,
                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                            stride_dot, stride_doh, n_tokens, qk_scale, scale, rescale, threshold,
                            D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           WIDTH: tl.constexpr, DROPOUT: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+                           WIDTH: tl.constexpr, BITS: tl.constexpr, ROUNDS: tl.constexpr,
+                    DROPOUT: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     n_block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(CU + seq)
     length = tl.load(CU + seq + 1) - start
@@ -149,7 +168,7 @@ def _backward_dk_dv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_SUM, CU, SEED,
         dp_t = tl.dot(v, tl.trans(do))
         if DROPOUT:
             keep_t = tl.trans(_random_bits(seed, head, start + rows, n_block * BLOCK_N,
-                                           n_tokens, WIDTH, BLOCK_N)) >= threshold
+                                           n_tokens, WIDTH, BLOCK_N, BITS, ROUNDS)) >= threshold
             dropped_t = tl.where(keep_t, p_t * rescale, 0.0)
             dp_t = tl.where(keep_t, dp_t * rescale, 0.0)
         else:
@@ -171,7 +190,8 @@ def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, SEED,
                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                         stride_dot, stride_doh, n_tokens, qk_scale, scale, rescale, threshold,
                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        WIDTH: tl.constexpr, DROPOUT: tl.constexpr):
+                        WIDTH: tl.constexpr, BITS: tl.constexpr, ROUNDS: tl.constexpr,
+                    DROPOUT: tl.constexpr):
     m_block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(CU + seq)
     length = tl.load(CU + seq + 1) - start
@@ -195,7 +215,8 @@ def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, SEED,
         p = tl.where(col_ok[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         if DROPOUT:
-            keep = _keep(seed, head, start + rows, n0, threshold, n_tokens, WIDTH, BLOCK_N)
+            keep = _keep(seed, head, start + rows, n0, threshold, n_tokens, WIDTH, BLOCK_N,
+                         BITS, ROUNDS)
             dp = tl.where(keep, dp * rescale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
@@ -213,8 +234,8 @@ def _rescale(dropout_p: float) -> float:
 
 
 def _threshold(dropout_p: float) -> int:
-    """16-bit threshold of the keep test: drops p to within 2^-17 (FlashAttention: 8 bits)."""
-    return round(dropout_p * 65536)
+    """Threshold of the keep test on MASK_BITS bits: drops p to within 2^-(MASK_BITS + 1)."""
+    return round(dropout_p * 2 ** MASK_BITS)
 
 
 def _width(max_seqlen: int) -> int:
@@ -253,7 +274,8 @@ def attention_forward(q, k, v, cu_seqlens, seed, max_seqlen: int, dropout_p: flo
         q, k, v, out, lse, cu_seqlens, seed, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), out.stride(0), out.stride(1), tokens, scale * LOG2_E,
         _rescale(dropout_p), _threshold(dropout_p), D=dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        WIDTH=_width(max_seqlen), DROPOUT=dropout_p > 0, num_warps=warps, num_stages=stages)
+        WIDTH=_width(max_seqlen), BITS=MASK_BITS, ROUNDS=PHILOX_ROUNDS, DROPOUT=dropout_p > 0,
+        num_warps=warps, num_stages=stages)
     return out, lse
 
 
@@ -282,7 +304,8 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, seed, max_seqlen
         block_m, block_n, warps, stages = TILES[tiles]
         grid = (triton.cdiv(max_seqlen, (block_m, block_n)[own_block]), sequences, heads)
         kernel[grid](*tensors, cu_seqlens, seed, *strides, D=dim, BLOCK_M=block_m,
-                     BLOCK_N=block_n, WIDTH=width, DROPOUT=dropout_p > 0, num_warps=warps,
+                     BLOCK_N=block_n, WIDTH=width, BITS=MASK_BITS, ROUNDS=PHILOX_ROUNDS,
+                     DROPOUT=dropout_p > 0, num_warps=warps,
                      num_stages=stages, **flags)
 
     # dk/dv: a program per key block; dq: a program per query block, or (DQ_ATOMIC) summed

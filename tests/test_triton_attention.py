@@ -29,12 +29,13 @@ LENGTHS = [5, 70, 1, 130, 64, 17]  # one token, a full tile, over two tiles, a t
 
 
 @triton.jit
-def _mask_kernel(OUT, SEED, n_tokens, threshold, WIDTH: tl.constexpr):
+def _mask_kernel(OUT, SEED, n_tokens, threshold, WIDTH: tl.constexpr, BITS: tl.constexpr,
+                 ROUNDS: tl.constexpr):
     """Tiles of 16 x 16, not the kernels' 64 x 64: the mask must not depend on the tiling."""
     head, block = tl.program_id(0), tl.program_id(1)
     rows = block * 16 + tl.arange(0, 16)
     for k0 in tl.static_range(0, WIDTH, 16):
-        keep = _keep(tl.load(SEED), head, rows, k0, threshold, n_tokens, WIDTH, 16)
+        keep = _keep(tl.load(SEED), head, rows, k0, threshold, n_tokens, WIDTH, 16, BITS, ROUNDS)
         cols = k0 + tl.arange(0, 16)
         tl.store(OUT + (head * n_tokens + rows[:, None]) * WIDTH + cols[None, :],
                  keep.to(tl.int8), mask=rows[:, None] < n_tokens)
@@ -44,7 +45,11 @@ def keep_mask(seed: torch.Tensor, heads: int, tokens: int, max_seqlen: int, p: f
     """(heads, tokens, width) bool: the dropout mask the kernels draw for `seed`."""
     width = _width(max_seqlen)
     out = torch.zeros(heads, tokens, width, dtype=torch.int8, device=seed.device)
-    _mask_kernel[(heads, triton.cdiv(tokens, 16))](out, seed, tokens, _threshold(p), WIDTH=width)
+    from mtl_dist import triton_attention
+
+    _mask_kernel[(heads, triton.cdiv(tokens, 16))](out, seed, tokens, _threshold(p), WIDTH=width,
+                                                   BITS=triton_attention.MASK_BITS,
+                                                   ROUNDS=triton_attention.PHILOX_ROUNDS)
     return out.bool()
 
 
@@ -102,9 +107,11 @@ def kernel_errors(p: float, dtype=torch.float32, device="cpu", heads=2, dim=16,
     return errors
 
 
-def _interpreted(p: float, dq_atomic: bool) -> dict:
+def _interpreted(p: float, dq_atomic: bool, bits: int = 16, rounds: int = 10) -> dict:
     return _run_interpreted("import json; from mtl_dist import triton_attention; "
                             f"triton_attention.DQ_ATOMIC = {dq_atomic}; "
+                            f"triton_attention.MASK_BITS = {bits}; "
+                            f"triton_attention.PHILOX_ROUNDS = {rounds}; "
                             "from tests.test_triton_attention import kernel_errors; "
                             f"print(json.dumps(kernel_errors({p})))")
 
@@ -118,14 +125,16 @@ def _run_interpreted(code: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("dq_atomic", [False, True])
-@pytest.mark.parametrize("p", [0.0, 0.3])
-def test_kernels_compute_attention_per_sequence_with_their_dropout_mask(p, dq_atomic):
+@pytest.mark.parametrize(("p", "dq_atomic", "bits", "rounds"),
+                         [(0.0, False, 16, 10), (0.3, False, 16, 10), (0.0, True, 16, 10),
+                          (0.3, True, 16, 10), (0.3, True, 8, 7)])
+def test_kernels_compute_attention_per_sequence_with_their_dropout_mask(p, dq_atomic, bits,
+                                                                         rounds):
     """Forward, dq, dk and dv (Triton's CPU interpreter, fp32) equal per-sequence attention;
     with dropout, the forward and both backward kernels drop the same entries (the mask read
     back from the same counter), ~p of them, differently per head. dq by its own kernel, or
-    summed by the dk/dv kernel's programs (DQ_ATOMIC)."""
-    errors = _interpreted(p, dq_atomic)
+    summed by the dk/dv kernel's programs (DQ_ATOMIC); 16 or 8 bits per entry."""
+    errors = _interpreted(p, dq_atomic, bits, rounds)
     for name in ("out", "dq", "dk", "dv"):
         assert errors[name] < 1e-4, errors
     if p:
