@@ -77,18 +77,36 @@ def _keep(seed, head, q_tokens, k_start, threshold, n_tokens, WIDTH: tl.constexp
 
 
 @triton.jit
+def _sequence(CU, seq):
+    """(first token, length) of packed sequence `seq`."""
+    start = tl.load(CU + seq)
+    return start, tl.load(CU + seq + 1) - start
+
+
+@triton.jit
+def _row_offsets(start, index, head, stride_t, stride_h, D: tl.constexpr):
+    """Offsets of rows `index` (within a sequence from token `start`) of `head` in a
+    (tokens, heads, D) tensor with these token and head strides."""
+    return (start + index)[:, None] * stride_t + head * stride_h + tl.arange(0, D)[None, :]
+
+
+@triton.jit
 def _tile(X, start, index, ok, head, stride_t, stride_h, D: tl.constexpr):
-    """Rows `index` (within a sequence from token `start`) of `head` in X, (tokens, heads, D);
-    rows past the sequence's end (not `ok`) read as 0."""
-    dims = tl.arange(0, D)
-    return tl.load(X + (start + index)[:, None] * stride_t + head * stride_h + dims[None, :],
+    """Rows `index` of `head` in X; rows past the sequence's end (not `ok`) read as 0."""
+    return tl.load(X + _row_offsets(start, index, head, stride_t, stride_h, D),
                    mask=ok[:, None], other=0.0)
 
 
 @triton.jit
 def _dense_offsets(start, index, head, D: tl.constexpr):
     """Offsets of rows `index` of `head` in a contiguous (tokens, heads, D) gradient."""
-    return (start + index)[:, None] * D * tl.num_programs(2) + head * D + tl.arange(0, D)[None, :]
+    return _row_offsets(start, index, head, D * tl.num_programs(2), D, D)
+
+
+@triton.jit
+def _per_row(X, head, n_tokens, start, index, ok):
+    """Rows `index` of `head` in a (heads, tokens) fp32 statistic (lse, delta); 0 past the end."""
+    return tl.load(X + head * n_tokens + start + index, mask=ok, other=0.0)
 
 
 @triton.jit
@@ -99,12 +117,10 @@ def _forward_kernel(Q, K, V, OUT, LSE, CU, SEED,
                     WIDTH: tl.constexpr, BITS: tl.constexpr, ROUNDS: tl.constexpr,
                     DROPOUT: tl.constexpr):
     m_block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(CU + seq)
-    length = tl.load(CU + seq + 1) - start
+    start, length = _sequence(CU, seq)
     if m_block * BLOCK_M >= length:
         return
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, D)
     row_ok = rows < length
     q = _tile(Q, start, rows, row_ok, head, stride_qt, stride_qh, D)
     seed = tl.load(SEED)
@@ -131,7 +147,7 @@ def _forward_kernel(Q, K, V, OUT, LSE, CU, SEED,
     out = acc / l_i[:, None]
     if DROPOUT:
         out = out * rescale
-    tl.store(OUT + (start + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
+    tl.store(OUT + _row_offsets(start, rows, head, stride_ot, stride_oh, D),
              out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + head * n_tokens + start + rows, m_i + tl.log2(l_i), mask=row_ok)
 
@@ -142,10 +158,9 @@ def _backward_dk_dv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_SUM, CU, SEED,
                            stride_dot, stride_doh, n_tokens, qk_scale, scale, rescale, threshold,
                            D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            WIDTH: tl.constexpr, BITS: tl.constexpr, ROUNDS: tl.constexpr,
-                    DROPOUT: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+                           DROPOUT: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     n_block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(CU + seq)
-    length = tl.load(CU + seq + 1) - start
+    start, length = _sequence(CU, seq)
     if n_block * BLOCK_N >= length:
         return
     cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -161,8 +176,8 @@ def _backward_dk_dv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_SUM, CU, SEED,
         # rows past the end load q = do = 0, so they add nothing to dk and dv
         q = _tile(Q, start, rows, row_ok, head, stride_qt, stride_qh, D)
         do = _tile(DO, start, rows, row_ok, head, stride_dot, stride_doh, D)
-        lse = tl.load(LSE + head * n_tokens + start + rows, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + head * n_tokens + start + rows, mask=row_ok, other=0.0)
+        lse = _per_row(LSE, head, n_tokens, start, rows, row_ok)
+        delta = _per_row(DELTA, head, n_tokens, start, rows, row_ok)
         p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])   # (keys, queries)
         p_t = tl.where(col_ok[:, None], p_t, 0.0)  # as in the dq kernel (atomic dq reads it)
         dp_t = tl.dot(v, tl.trans(do))
@@ -191,18 +206,17 @@ def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, SEED,
                         stride_dot, stride_doh, n_tokens, qk_scale, scale, rescale, threshold,
                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         WIDTH: tl.constexpr, BITS: tl.constexpr, ROUNDS: tl.constexpr,
-                    DROPOUT: tl.constexpr):
+                        DROPOUT: tl.constexpr):
     m_block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(CU + seq)
-    length = tl.load(CU + seq + 1) - start
+    start, length = _sequence(CU, seq)
     if m_block * BLOCK_M >= length:
         return
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < length
     q = _tile(Q, start, rows, row_ok, head, stride_qt, stride_qh, D)
     do = _tile(DO, start, rows, row_ok, head, stride_dot, stride_doh, D)
-    lse = tl.load(LSE + head * n_tokens + start + rows, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + head * n_tokens + start + rows, mask=row_ok, other=0.0)
+    lse = _per_row(LSE, head, n_tokens, start, rows, row_ok)
+    delta = _per_row(DELTA, head, n_tokens, start, rows, row_ok)
     seed = tl.load(SEED)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     for n0 in range(0, length, BLOCK_N):
@@ -287,10 +301,10 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, seed, max_seqlen
     # delta_i = sum_j P_ij dP_ij = rowsum(dO * O), dropout included (O holds it)
     delta = (grad_out.float() * out.float()).sum(-1).t().contiguous()
     dk, dv = (torch.empty((tokens, heads, dim), dtype=q.dtype, device=q.device) for _ in range(2))
-    # dq_sum: fp32, summed over key blocks by atomic adds (not bit-reproducible run to run,
-    # like FlashAttention 2's dq); else dq's own kernel writes it
-    dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if DQ_ATOMIC else \
-        torch.empty((tokens, heads, dim), dtype=q.dtype, device=q.device)
+    # with DQ_ATOMIC, dq is summed over key blocks in fp32 by atomic adds (not bit-reproducible
+    # run to run, like FlashAttention 2's dq); else dq's own kernel writes it
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if DQ_ATOMIC else \
+        torch.empty(q.shape, dtype=q.dtype, device=q.device)
     sequences, width = cu_seqlens.numel() - 1, _width(max_seqlen)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                grad_out.stride(0), grad_out.stride(1), tokens, scale * LOG2_E, scale,
@@ -305,17 +319,16 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, seed, max_seqlen
         grid = (triton.cdiv(max_seqlen, (block_m, block_n)[own_block]), sequences, heads)
         kernel[grid](*tensors, cu_seqlens, seed, *strides, D=dim, BLOCK_M=block_m,
                      BLOCK_N=block_n, WIDTH=width, BITS=MASK_BITS, ROUNDS=PHILOX_ROUNDS,
-                     DROPOUT=dropout_p > 0, num_warps=warps,
-                     num_stages=stages, **flags)
+                     DROPOUT=dropout_p > 0, num_warps=warps, num_stages=stages, **flags)
 
     # dk/dv: a program per key block; dq: a program per query block, or (DQ_ATOMIC) summed
     # by the dk/dv programs with atomic adds, which saves recomputing the probabilities
-    launch(dk_dv_kernel, "dk_dv", 1, q, k, v, grad_out, lse, delta, dk, dv, dq_sum,
+    launch(dk_dv_kernel, "dk_dv", 1, q, k, v, grad_out, lse, delta, dk, dv, dq,
            DQ_ATOMIC=DQ_ATOMIC)
     if DQ_ATOMIC:
-        return dq_sum.to(q.dtype), dk, dv
-    launch(dq_kernel, "dq", 0, q, k, v, grad_out, lse, delta, dq_sum)
-    return dq_sum, dk, dv
+        return dq.to(q.dtype), dk, dv
+    launch(dq_kernel, "dq", 0, q, k, v, grad_out, lse, delta, dq)
+    return dq, dk, dv
 
 
 @torch.library.triton_op("mtl_dist::varlen_attention_fwd", mutates_args=())
@@ -344,8 +357,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_seqlens, seed = ctx.saved_tensors
-    dq, dk, dv = _backward_op(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, seed,
-                              *ctx.args)
+    dq, dk, dv = _backward_op(grad_out, q, k, v, out, lse, cu_seqlens, seed, *ctx.args)
     return dq, dk, dv, None, None, None, None, None
 
 
