@@ -107,17 +107,13 @@ def kernel_errors(p: float, dtype=torch.float32, device="cpu", heads=2, dim=16,
     return errors
 
 
-def _interpreted(p: float, dq_atomic: bool, bits: int = 16, rounds: int = 10) -> dict:
-    return _run_interpreted("import json; from mtl_dist import triton_attention; "
-                            f"triton_attention.DQ_ATOMIC = {dq_atomic}; "
-                            f"triton_attention.MASK_BITS = {bits}; "
-                            f"triton_attention.PHILOX_ROUNDS = {rounds}; "
-                            "from tests.test_triton_attention import kernel_errors; "
-                            f"print(json.dumps(kernel_errors({p})))")
-
-
-def _run_interpreted(code: str) -> dict:
-    """`code` run with Triton's CPU interpreter; its last line of output, parsed as JSON."""
+def _interpreted(call: str, dq_atomic: bool, bits: int = 16, rounds: int = 10) -> dict:
+    """`call` (a function of this file, with its arguments) run with Triton's CPU interpreter
+    and these module constants of triton_attention; what it returns, through JSON."""
+    code = ("import json; from mtl_dist import triton_attention; "
+            f"triton_attention.DQ_ATOMIC = {dq_atomic}; triton_attention.MASK_BITS = {bits}; "
+            f"triton_attention.PHILOX_ROUNDS = {rounds}; import tests.test_triton_attention as t; "
+            f"print(json.dumps(t.{call}))")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -134,7 +130,7 @@ def test_kernels_compute_attention_per_sequence_with_their_dropout_mask(p, dq_at
     with dropout, the forward and both backward kernels drop the same entries (the mask read
     back from the same counter), ~p of them, differently per head. dq by its own kernel, or
     summed by the dk/dv kernel's programs (DQ_ATOMIC); 16 or 8 bits per entry."""
-    errors = _interpreted(p, dq_atomic, bits, rounds)
+    errors = _interpreted(f"kernel_errors({p})", dq_atomic, bits, rounds)
     for name in ("out", "dq", "dk", "dv"):
         assert errors[name] < 1e-4, errors
     if p:
@@ -161,11 +157,7 @@ def _far_scores_errors() -> dict:
 
 @pytest.mark.parametrize("dq_atomic", [False, True])
 def test_gradients_stay_finite_when_every_score_is_far_below_zero(dq_atomic):
-    code = ("import json; from mtl_dist import triton_attention; "
-            f"triton_attention.DQ_ATOMIC = {dq_atomic}; "
-            "from tests.test_triton_attention import _far_scores_errors; "
-            "print(json.dumps(_far_scores_errors()))")
-    result = _run_interpreted(code)
+    result = _interpreted("_far_scores_errors()", dq_atomic)
     assert result["max_score"] < -90 and result["finite"], result
 
 
