@@ -1,0 +1,116 @@
+"""Where the compiled layers' elementwise kernels lose time (one GPU, kernels alone).
+
+Run S's profile (H100) put Inductor's fused elementwise kernels at 4.97 ms of a 22.9 ms step;
+the GELU forward alone at 35 us per layer, the LayerNorm + dropout kernels at 17-18 us, more
+than their bytes need at the H100's bandwidth. This times, on the workload's packed shape
+(3,584 tokens: ~32 samples of the reference lengths, rounded to 64), each piece compiled by
+Inductor against a copy of the same bytes, and dumps Inductor's code for them:
+
+    python benchmarks/elementwise_probe.py --out benchmarks/results/elementwise_probe_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch._inductor.utils import run_and_get_code
+from triton.testing import do_bench
+
+TOKENS, HIDDEN, FFN = 3584, 1024, 4096
+
+
+def timed(fn, *args) -> float:
+    """Median microseconds of fn(*args) (warm, compiled before)."""
+    fn(*args)
+    return do_bench(lambda: fn(*args), warmup=50, rep=300, return_mode="median") * 1000
+
+
+def ln_dropout(x, residual, weight, bias, p: float):
+    y = F.dropout(x, p, training=True) if p else x
+    return F.layer_norm(y + residual, (HIDDEN,), weight, bias, 1e-12)
+
+
+def gelu_backward(grad, h):
+    return torch.ops.aten.gelu_backward(grad, h)
+
+
+def philox_rounds(rounds: int | None):
+    """Make Inductor's dropout draw with `rounds` Philox rounds (None: Triton's default, 10)."""
+    from torch._inductor.codegen.triton import TritonOverrides
+    original = TritonOverrides.__dict__["rand"].__func__ if not hasattr(
+        TritonOverrides, "_probe_rand") else TritonOverrides._probe_rand
+    TritonOverrides._probe_rand = original
+
+    def rand(seed, offset):
+        text = original(seed, offset)
+        if rounds is None or not text.startswith("tl.rand("):
+            return text
+        return text[:-1] + f", {rounds})"
+    TritonOverrides.rand = staticmethod(rand)
+
+
+def cases():
+    dev, bf16 = "cuda", torch.bfloat16
+    h = torch.randn(TOKENS, FFN, device=dev, dtype=bf16)
+    g = torch.randn(TOKENS, FFN, device=dev, dtype=bf16)
+    x = torch.randn(TOKENS, HIDDEN, device=dev, dtype=bf16)
+    r = torch.randn(TOKENS, HIDDEN, device=dev, dtype=bf16)
+    w = torch.ones(HIDDEN, device=dev, dtype=bf16)
+    b = torch.zeros(HIDDEN, device=dev, dtype=bf16)
+    mb = 2 * TOKENS * FFN / 1e6  # one (tokens, ffn) bf16 tensor, MB
+    small = 2 * TOKENS * HIDDEN / 1e6
+    return [
+        ("copy x2 (tokens, 4096): read + write", lambda t: t * 2, (h,), 2 * mb),
+        ("gelu exact (erf)", F.gelu, (h,), 2 * mb),
+        ("gelu tanh", lambda t: F.gelu(t, approximate="tanh"), (h,), 2 * mb),
+        ("gelu backward exact", gelu_backward, (g, h), 3 * mb),
+        ("copy x + r (tokens, 1024)", lambda a, c: a + c, (x, r), 3 * small),
+        ("layernorm(x + r), no dropout", lambda *a: ln_dropout(*a, 0.0), (x, r, w, b), 3 * small),
+        ("layernorm(dropout(x) + r), p=0.1", lambda *a: ln_dropout(*a, 0.1), (x, r, w, b),
+         3 * small + TOKENS * HIDDEN / 1e6),
+        ("dropout(x) alone, p=0.1", lambda t: F.dropout(t, 0.1, True), (x,), 2 * small),
+        ("layernorm(dropout(x) + r), p=0.1, Philox 7 rounds", lambda *a: ln_dropout(*a, 0.1),
+         (x, r, w, b), 3 * small + TOKENS * HIDDEN / 1e6, 7),
+        ("dropout(x) alone, p=0.1, Philox 7 rounds", lambda t: F.dropout(t, 0.1, True), (x,),
+         2 * small, 7),
+        ("layernorm(dropout(x) + r), p=0.1, aten's dropout (fallback_random)",
+         lambda *a: ln_dropout(*a, 0.1), (x, r, w, b), 3 * small + TOKENS * HIDDEN / 1e6, None,
+         {"fallback_random": True}),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results/elementwise_probe.json")
+    parser.add_argument("--code-dir", default=os.environ.get("OUT", "/tmp") + "/probe_code")
+    args = parser.parse_args()
+    torch._inductor.config.fx_graph_cache = False  # the rounds patch is not in its key
+    code_dir = Path(args.code_dir)
+    code_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (name, fn, inputs, megabytes, *extra) in enumerate(cases()):
+        torch._dynamo.reset()
+        philox_rounds(extra[0] if extra else None)
+        options = {"coordinate_descent_tuning": True, **(extra[1] if len(extra) > 1 else {})}
+        compiled = torch.compile(fn, dynamic=False, options=options)
+        _, code = run_and_get_code(compiled, *inputs)
+        (code_dir / f"{i:02d}.py").write_text(f"# {name}\n" + "\n\n".join(code))
+        us = timed(compiled, *inputs)
+        rows.append({"case": name, "us": round(us, 2), "MB": round(megabytes, 1),
+                     "TB_per_s": round(megabytes / us, 3)})
+        print(json.dumps(rows[-1]), flush=True)
+    helpers = torch._inductor.runtime.triton_helpers
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "tokens": TOKENS, "rows": rows,
+              "inductor_has_rand4x": hasattr(helpers, "rand4x")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
