@@ -77,6 +77,13 @@ def _keep(seed, head, q_tokens, k_start, threshold, n_tokens, WIDTH: tl.constexp
 
 
 @triton.jit
+def _fp32(x):
+    """A float argument in fp32: Triton's launcher passes Python floats as fp32, but Inductor
+    (the kernels inside a compiled layer) passes them as fp64, which would promote the tiles."""
+    return tl.cast(x, tl.float32)
+
+
+@triton.jit
 def _sequence(CU, seq):
     """(first token, length) of packed sequence `seq`."""
     start = tl.load(CU + seq)
@@ -120,6 +127,7 @@ def _forward_kernel(Q, K, V, OUT, LSE, CU, SEED,
     start, length = _sequence(CU, seq)
     if m_block * BLOCK_M >= length:
         return
+    qk_scale, rescale = _fp32(qk_scale), _fp32(rescale)
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < length
     q = _tile(Q, start, rows, row_ok, head, stride_qt, stride_qh, D)
@@ -163,6 +171,7 @@ def _backward_dk_dv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_SUM, CU, SEED,
     start, length = _sequence(CU, seq)
     if n_block * BLOCK_N >= length:
         return
+    qk_scale, scale, rescale = _fp32(qk_scale), _fp32(scale), _fp32(rescale)
     cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < length
     k = _tile(K, start, cols, col_ok, head, stride_kt, stride_kh, D)
@@ -211,6 +220,7 @@ def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, SEED,
     start, length = _sequence(CU, seq)
     if m_block * BLOCK_M >= length:
         return
+    qk_scale, scale, rescale = _fp32(qk_scale), _fp32(scale), _fp32(rescale)
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < length
     q = _tile(Q, start, rows, row_ok, head, stride_qt, stride_qh, D)
