@@ -486,12 +486,6 @@ def variant_list() -> list[tuple[str, list[str]]]:
         # lengths, 1.3-1.6x with tiles of 64 (mtl_dist/triton_attention.py)
         ("... the same as 22, attention in mtl_dist's Triton kernel (train.attention_kernel)",
          [*RECOMMENDED_QKV, "train.attention_kernel=triton"]),
-        # Inductor's dropout calls Philox4x32 once per element (10 rounds, 1 word of 4 used),
-        # in the forward and again in the backward
-        ("... the same as 22, compiled dropout with 7 Philox rounds (dropout_philox_rounds)",
-         [*RECOMMENDED_QKV, "train.dropout_philox_rounds=7"]),
-        ("... the same as 22, dropout by aten's kernel, its mask saved (inductor.fallback_random)",
-         [*RECOMMENDED_QKV, "inductor.fallback_random=true"]),
     ]
 
 

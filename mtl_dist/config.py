@@ -185,7 +185,6 @@ class TrainConfig:
     fused_qkv: bool = False  # query, key and value projected by one GEMM (same parameters)
     overlap_optimizer: bool = False  # flat masters: AdamW per layer, overlapping the next forward
     attention_kernel: str = "flash"  # packed rows on CUDA: "flash" (FlashAttention 2) or "triton"
-    dropout_philox_rounds: int | None = None  # compiled layers' dropout on CUDA: 7-10 (None: 10)
     stop_after_steps: int | None = None
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     preemption_check_steps: int = 1
@@ -1145,8 +1144,6 @@ _RULES: dict[str, tuple[_Check, str]] = {
     "train.zero_stage": _one_of(0, 1, 2, 3),
     "train.compile_tuning": _one_of(*COMPILE_TUNING),
     "train.attention_kernel": _one_of(*ATTENTION_KERNELS),
-    # 7: the fewest rounds of Philox4x32 that pass TestU01's BigCrush (Salmon et al., SC 2011)
-    "train.dropout_philox_rounds": _or_null(_within(7, 10)),
     "train.stop_after_steps": _or_null(_ge(1)),
     "train.preemption_check_steps": _ge(1),
     "train.preemption_signals": ((lambda v: all(x in ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
@@ -1317,12 +1314,6 @@ def _validate_combinations(train: TrainConfig) -> None:
             "train.compile_tuning",
             f"config key 'train.compile_tuning': expected 'none' with train.compile=false "
             f"(it tunes the compiled layers), got {train.compile_tuning!r}",
-        )
-    if train.dropout_philox_rounds is not None and not train.compile:
-        raise _Problem(
-            "train.dropout_philox_rounds",
-            f"config key 'train.dropout_philox_rounds': expected null with train.compile=false "
-            f"(it sets the compiled layers' dropout), got {train.dropout_philox_rounds}",
         )
     if train.bf16_weights and (train.mixed_precision != "bf16" or train.zero_stage):
         why = "DeepSpeed's bf16 mode keeps fp32 masters itself" if train.zero_stage else \

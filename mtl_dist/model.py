@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -520,62 +519,7 @@ def usable_positions(encoder: nn.Module) -> int:
     return encoder.config.max_position_embeddings - position_offset(encoder)
 
 
-# ----------------------------------------------------------------- compiled dropout's Philox rounds
-def dropout_philox_options(rounds: int | None) -> dict:
-    """torch.compile options that give Inductor's Triton dropout `rounds` Philox rounds
-    (`train.dropout_philox_rounds`; None: Triton's 10, no options). Inductor draws dropout with
-    `tl.rand(seed, offset)`: a whole Philox4x32 call per element, of which one of the four
-    words is used. The rounds ride in the options (as a no-op post-grad pass whose uuid names
-    them), so Inductor's cache keys carry them, and the compiled backward, which draws the
-    same masks again from the saved seed, is generated with them too."""
-    if rounds is None:
-        return {}
-    _install_philox_rounds_hook()
-    return {"post_grad_custom_post_pass": _philox_rounds_key()(rounds)}
-
-
-@functools.cache
-def _philox_rounds_key() -> type:
-    """The pass class, defined on first use (importing Inductor's module takes ~1 s)."""
-    from torch._inductor.custom_graph_pass import CustomGraphPass
-
-    class PhiloxRoundsKey(CustomGraphPass):
-        def __init__(self, rounds: int):
-            self.rounds = rounds
-
-        def __call__(self, graph) -> None:
-            return None
-
-        def uuid(self) -> str:
-            return f"mtl_dist.dropout_philox_rounds={self.rounds}"
-
-    return PhiloxRoundsKey
-
-
-@functools.cache
-def _install_philox_rounds_hook() -> None:
-    """Once per process: Inductor's generators of `tl.rand(...)` / `tl.randn(...)` append the
-    rounds of the compile they run in (none: Inductor's code, unchanged)."""
-    from torch._inductor import config
-    from torch._inductor.codegen.triton import TritonOverrides
-
-    def with_rounds(original, call: str):
-        def emit(seed, offset):
-            text = original(seed, offset)
-            key = config.post_grad_custom_post_pass
-            if isinstance(key, _philox_rounds_key()) and text.startswith(call) \
-                    and text.endswith(")"):
-                return f"{text[:-1]}, {key.rounds})"
-            return text
-        return emit
-
-    for name in ("rand", "randn"):
-        setattr(TritonOverrides, name,
-                staticmethod(with_rounds(getattr(TritonOverrides, name), f"tl.{name}(")))
-
-
-def compile_encoder_layers(model: MultiTaskModel, tuning: str = "none",
-                           philox_rounds: int | None = None) -> int:
+def compile_encoder_layers(model: MultiTaskModel, tuning: str = "none") -> int:
     """`torch.compile` each transformer layer in place (`train.compile`); returns how many.
 
     Why layers and not the whole model: the layers are identical, so one compiled graph serves
@@ -584,12 +528,10 @@ def compile_encoder_layers(model: MultiTaskModel, tuning: str = "none",
     tail (bias, GELU, dropout, residual, LayerNorm, autocast casts) into a few kernels.
     `tuning` (`train.compile_tuning`) picks Inductor options, COMPILE_TUNING; they change
     kernel launch configs only (Triton kernels: no effect on CPU), not the maths.
-    `philox_rounds` (`train.dropout_philox_rounds`): dropout_philox_options.
     """
     layers = transformer_layers(model, "train.compile")
-    options = {**COMPILE_TUNING[tuning], **dropout_philox_options(philox_rounds)}
     for layer in layers:
-        layer.compile(dynamic=None, options=options or None)
+        layer.compile(dynamic=None, options=COMPILE_TUNING[tuning] or None)
     return len(layers)
 
 

@@ -9,7 +9,7 @@ import torch
 from mtl_dist.config import load_config
 from mtl_dist.data import collate, collate_packed
 from mtl_dist.errors import ConfigError
-from mtl_dist.model import compile_encoder_layers, dropout_philox_options, enable_packed_attention
+from mtl_dist.model import compile_encoder_layers, enable_packed_attention
 from tests._models import samples, tiny_model
 from tests._runs import DEMO, assert_losses_close, run_cli
 
@@ -100,47 +100,6 @@ def test_compile_tuning_is_refused_without_compiled_layers_or_with_an_unknown_na
     with pytest.raises(ConfigError, match="'train.compile_tuning': expected one of none, "
                                           "coordinate_descent, got 'max_autotune'"):
         load_config(DEMO, ["train.compile=true", "train.compile_tuning=max_autotune"])
-
-
-def test_dropout_philox_rounds_reach_every_layer_and_inductors_random_calls_only_there():
-    model = tiny_model(head="cls", layers=3, vocab_size=100)
-    compile_encoder_layers(model, "none", 7)
-    for layer in model.encoder.encoder.layer:
-        key = layer._compiled_call_impl.get_compiler_config()["post_grad_custom_post_pass"]
-        assert key.uuid() == "mtl_dist.dropout_philox_rounds=7"  # in Inductor's cache keys
-    from torch._inductor import config
-    from torch._inductor.codegen.triton import TritonOverrides
-
-    inductors = TritonOverrides.rand("seed", "x0"), TritonOverrides.randn("seed", "x0")
-    assert all(call.startswith("tl.rand") and call.endswith("))") for call in inductors)
-    with config.patch(dropout_philox_options(8)):  # what a compile with the options generates
-        assert TritonOverrides.rand("seed", "x0") == inductors[0][:-1] + ", 8)"
-        assert TritonOverrides.randn("seed", "x0") == inductors[1][:-1] + ", 8)"
-    assert (TritonOverrides.rand("seed", "x0"), TritonOverrides.randn("seed", "x0")) == inductors
-    assert dropout_philox_options(None) == {}
-    assert dropout_philox_options(9)["post_grad_custom_post_pass"].uuid() != key.uuid()
-
-
-def test_a_compile_with_philox_rounds_keeps_forward_and_backward_masks_equal_on_cpu():
-    """CPU: Inductor's C++ code draws its own way (the rounds are for Triton); the options must
-    still compile, and the backward must scale exactly the elements the forward kept."""
-    torch.manual_seed(0)
-    x = (torch.rand(4096) + 1).requires_grad_()
-    dropped = torch.compile(lambda t: torch.nn.functional.dropout(t, 0.25, training=True),
-                            options=dropout_philox_options(7))(x)
-    dropped.sum().backward()
-    kept = dropped != 0
-    assert 0.70 < kept.float().mean() < 0.80
-    assert torch.equal(x.grad, kept.float() / 0.75)
-
-
-def test_dropout_philox_rounds_are_refused_without_compiled_layers_or_out_of_range():
-    with pytest.raises(ConfigError, match="'train.dropout_philox_rounds': expected null with "
-                                          "train.compile=false"):
-        load_config(DEMO, ["train.dropout_philox_rounds=7"])
-    with pytest.raises(ConfigError, match=r"'train.dropout_philox_rounds': expected in \[7, 10\] "
-                                          "or null, got 6"):
-        load_config(DEMO, ["train.compile=true", "train.dropout_philox_rounds=6"])
 
 
 def test_segment_attention_equals_attention_within_each_sequence():
