@@ -7,6 +7,12 @@ than their bytes need at the H100's bandwidth. This times, on the workload's pac
 Inductor against a copy of the same bytes, and dumps Inductor's code for them:
 
     python benchmarks/elementwise_probe.py --out benchmarks/results/elementwise_probe_h100.json
+
+`--timing events` (run V0) times each call from Python (`triton.testing.do_bench`): a kernel
+shorter than its call's host path is timed at the host's pace. `--timing graph` (the default
+since) replays the calls from a CUDA graph, on rotating inputs that do not fit in the L2 cache.
+`--gelu-launch` times the GELU forward as the step runs it (run S's trace: 2 bf16 per thread,
+~1.6 TB/s) under several compile settings, with the launch config each one got.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -28,6 +35,54 @@ def timed(fn, *args) -> float:
     """Median microseconds of fn(*args) (warm, compiled before)."""
     fn(*args)
     return do_bench(lambda: fn(*args), warmup=50, rep=300, return_mode="median") * 1000
+
+
+def graph_timed(fn, sets: list[tuple], calls_per_graph: int = 10, replays: int = 20) -> float:
+    """Microseconds per fn(*inputs), the inputs taken in turn from `sets`, replayed from a CUDA
+    graph: no host time in it."""
+    def call():
+        for inputs in sets:
+            fn(*inputs)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture (compiles, autotunes)
+        call()
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls_per_graph):
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / (replays * calls_per_graph * len(sets))
+
+
+def rotating(inputs: tuple, copies: int = 4) -> list[tuple]:
+    """`copies` sets of the inputs (fresh storage each), so that replayed calls read from HBM
+    as the step does, not from the last call's L2 lines."""
+    return [inputs] + [tuple(t.clone() for t in inputs) for _ in range(copies - 1)]
+
+
+def launches(fn, *inputs) -> list[dict]:
+    """Each Triton kernel of one call: name, grid, block (from the profiler's trace)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(*inputs)
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    return [{"name": e["name"], "grid": e["args"]["grid"], "block": e["args"]["block"]}
+            for e in events if e.get("cat") == "kernel" and e["name"].startswith("triton")]
 
 
 def ln_dropout(x, residual, weight, bias, p: float):
@@ -84,10 +139,49 @@ def cases():
     ]
 
 
+# The GELU forward as in the step: the token dimension varies by task (2,048-6,848 tokens in S3's
+# trace), so Dynamo compiles it dynamic; Inductor tunes at the size it first sees.
+GELU_TIMED_TOKENS = 3392
+GELU_SETTINGS = [  # (name, tokens first seen with the token dim dynamic (None: static), options)
+    ("static, coordinate descent", None, {"coordinate_descent_tuning": True}),
+    ("static, no tuning", None, {}),
+    ("dynamic from 2048 tokens, coordinate descent", 2048, {"coordinate_descent_tuning": True}),
+    ("dynamic from 2048 tokens, no tuning", 2048, {}),
+    ("dynamic from 6848 tokens, coordinate descent", 6848, {"coordinate_descent_tuning": True}),
+    ("dynamic from 2048 tokens, coordinate descent, all directions, radius 2", 2048,
+     {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True,
+      "coordinate_descent_search_radius": 2}),
+]
+
+
+def gelu_launch_rows() -> list[dict]:
+    rows = []
+    for name, first_seen, options in GELU_SETTINGS:
+        torch._dynamo.reset()
+        gelu = torch.compile(F.gelu, dynamic=None, options=options)
+        if first_seen:
+            first = torch.randn(1, first_seen, FFN, device="cuda", dtype=torch.bfloat16)
+            torch._dynamo.mark_dynamic(first, 1)
+            gelu(first)
+        sets = rotating((torch.randn(1, GELU_TIMED_TOKENS, FFN, device="cuda",
+                                     dtype=torch.bfloat16),))
+        us = graph_timed(gelu, sets)
+        kernel = launches(gelu, *sets[0])[-1]
+        threads = kernel["grid"][0] * kernel["grid"][1] * kernel["grid"][2] * kernel["block"][0]
+        megabytes = 2 * 2 * GELU_TIMED_TOKENS * FFN / 1e6
+        rows.append({"setting": name, "us": round(us, 2), "TB_per_s": round(megabytes / us, 3),
+                     "elements_per_thread": GELU_TIMED_TOKENS * FFN / threads, **kernel})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results/elementwise_probe.json")
     parser.add_argument("--code-dir", default=os.environ.get("OUT", "/tmp") + "/probe_code")
+    parser.add_argument("--timing", choices=("graph", "events"), default="graph")
+    parser.add_argument("--gelu-launch", action="store_true",
+                        help="also the GELU forward under GELU_SETTINGS, timed as in the step")
     args = parser.parse_args()
     torch._inductor.config.fx_graph_cache = False  # the rounds patch is not in its key
     code_dir = Path(args.code_dir)
@@ -100,13 +194,17 @@ def main() -> None:
         compiled = torch.compile(fn, dynamic=False, options=options)
         _, code = run_and_get_code(compiled, *inputs)
         (code_dir / f"{i:02d}.py").write_text(f"# {name}\n" + "\n\n".join(code))
-        us = timed(compiled, *inputs)
+        if args.timing == "events":
+            us = timed(compiled, *inputs)
+        else:
+            us = graph_timed(compiled, rotating(inputs))
         rows.append({"case": name, "us": round(us, 2), "MB": round(megabytes, 1),
                      "TB_per_s": round(megabytes / us, 3)})
         print(json.dumps(rows[-1]), flush=True)
     helpers = torch._inductor.runtime.triton_helpers
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "tokens": TOKENS, "rows": rows,
+              "tokens": TOKENS, "timing": args.timing, "rows": rows,
+              "gelu_launch": gelu_launch_rows() if args.gelu_launch else None,
               "inductor_has_rand4x": hasattr(helpers, "rand4x")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
