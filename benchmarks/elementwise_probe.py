@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from attention_kernels import time_us  # this folder's, first on sys.path when run as a script
 from torch._inductor.utils import run_and_get_code
 from triton.testing import do_bench
 
@@ -37,31 +38,10 @@ def timed(fn, *args) -> float:
     return do_bench(lambda: fn(*args), warmup=50, rep=300, return_mode="median") * 1000
 
 
-def graph_timed(fn, sets: list[tuple], calls_per_graph: int = 10, replays: int = 20) -> float:
-    """Microseconds per fn(*inputs), the inputs taken in turn from `sets`, replayed from a CUDA
-    graph: no host time in it."""
-    def call():
-        for inputs in sets:
-            fn(*inputs)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture (compiles, autotunes)
-        call()
-        call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls_per_graph):
-            call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / (replays * calls_per_graph * len(sets))
+def graph_timed(fn, sets: list[tuple], calls: int = 50) -> float:
+    """Microseconds per fn(*inputs), the inputs taken in turn from `sets`, replayed from one
+    CUDA graph (attention_kernels.time_us): no host time in it."""
+    return time_us(lambda: [fn(*inputs) for inputs in sets], calls) / len(sets)
 
 
 def rotating(inputs: tuple, copies: int = 4) -> list[tuple]:
