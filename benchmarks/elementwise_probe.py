@@ -11,8 +11,10 @@ Inductor against a copy of the same bytes, and dumps Inductor's code for them:
 `--timing events` (run V0) times each call from Python (`triton.testing.do_bench`): a kernel
 shorter than its call's host path is timed at the host's pace. `--timing graph` (the default
 since) replays the calls from a CUDA graph, on rotating inputs that do not fit in the L2 cache.
-`--gelu-launch` times the GELU forward as the step runs it (run S's trace: 2 bf16 per thread,
-~1.6 TB/s) under several compile settings, with the launch config each one got.
+`--launch` times the GELU forward (run S's trace: 2 bf16 per thread, ~1.6 TB/s) and the
+LayerNorm(dropout + residual) kernel (one warp per token, 156 registers per thread) as the step
+runs them (the token dimension dynamic, tuned at the first size seen) under several compile
+settings, with the launch config each one got; `--launch-only` runs just those.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def launches(fn, *inputs) -> list[dict]:
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text())["traceEvents"]
-    return [{"name": e["name"], "grid": e["args"]["grid"], "block": e["args"]["block"]}
+    return [{"name": e["name"], "grid": e["args"]["grid"], "block": e["args"]["block"],
+             "registers": e["args"].get("registers per thread")}
             for e in events if e.get("cat") == "kernel" and e["name"].startswith("triton")]
 
 
@@ -119,10 +122,10 @@ def cases():
     ]
 
 
-# The GELU forward as in the step: the token dimension varies by task (2,048-6,848 tokens in S3's
-# trace), so Dynamo compiles it dynamic; Inductor tunes at the size it first sees.
-GELU_TIMED_TOKENS = 3392
-GELU_SETTINGS = [  # (name, tokens first seen with the token dim dynamic (None: static), options)
+# The step's token dimension varies by task (2,048-6,848 tokens in S3's trace), so Dynamo compiles
+# the layers dynamic; Inductor tunes each kernel at the size it first sees.
+LAUNCH_TIMED_TOKENS = 3392
+LAUNCH_SETTINGS = [  # (name, tokens first seen with the token dim dynamic (None: static), options)
     ("static, coordinate descent", None, {"coordinate_descent_tuning": True}),
     ("static, no tuning", None, {}),
     ("dynamic from 2048 tokens, coordinate descent", 2048, {"coordinate_descent_tuning": True}),
@@ -134,24 +137,49 @@ GELU_SETTINGS = [  # (name, tokens first seen with the token dim dynamic (None: 
 ]
 
 
-def gelu_launch_rows() -> list[dict]:
+def gelu_inputs(tokens: int) -> tuple:
+    return (torch.randn(1, tokens, FFN, device="cuda", dtype=torch.bfloat16),)
+
+
+def ln_inputs(tokens: int) -> tuple:
+    x, r = (torch.randn(1, tokens, HIDDEN, device="cuda", dtype=torch.bfloat16) for _ in "xr")
+    w = torch.ones(HIDDEN, device="cuda", dtype=torch.bfloat16)
+    return x, r, w, torch.zeros_like(w)
+
+
+# (kernel family, function, inputs at a token count, inputs marked dynamic, MB moved per token)
+LAUNCH_KERNELS = [
+    ("gelu forward", F.gelu, gelu_inputs, 1, 2 * 2 * FFN / 1e6),
+    ("layernorm(dropout(x) + r), p=0.1", lambda *a: ln_dropout(*a, 0.1), ln_inputs, 2,
+     (3 * 2 * HIDDEN + HIDDEN) / 1e6),
+]
+
+
+def launch_rows() -> list[dict]:
+    """Each LAUNCH_KERNELS entry compiled under each LAUNCH_SETTINGS entry, timed at
+    LAUNCH_TIMED_TOKENS as the step runs it, with the launch config its kernel got."""
     rows = []
-    for name, first_seen, options in GELU_SETTINGS:
-        torch._dynamo.reset()
-        gelu = torch.compile(F.gelu, dynamic=None, options=options)
-        if first_seen:
-            first = torch.randn(1, first_seen, FFN, device="cuda", dtype=torch.bfloat16)
-            torch._dynamo.mark_dynamic(first, 1)
-            gelu(first)
-        sets = rotating((torch.randn(1, GELU_TIMED_TOKENS, FFN, device="cuda",
-                                     dtype=torch.bfloat16),))
-        us = graph_timed(gelu, sets)
-        kernel = launches(gelu, *sets[0])[-1]
-        threads = kernel["grid"][0] * kernel["grid"][1] * kernel["grid"][2] * kernel["block"][0]
-        megabytes = 2 * 2 * GELU_TIMED_TOKENS * FFN / 1e6
-        rows.append({"setting": name, "us": round(us, 2), "TB_per_s": round(megabytes / us, 3),
-                     "elements_per_thread": GELU_TIMED_TOKENS * FFN / threads, **kernel})
-        print(json.dumps(rows[-1]), flush=True)
+    for family, fn, make_inputs, dynamic_inputs, mb_per_token in LAUNCH_KERNELS:
+        for name, first_seen, options in LAUNCH_SETTINGS:
+            torch._dynamo.reset()
+            compiled = torch.compile(fn, dynamic=None, options=options)
+            if first_seen:
+                first = make_inputs(first_seen)
+                for t in first[:dynamic_inputs]:
+                    torch._dynamo.mark_dynamic(t, 1)
+                compiled(*first)
+            sets = rotating(make_inputs(LAUNCH_TIMED_TOKENS))
+            us = graph_timed(compiled, sets)
+            kernel = launches(compiled, *sets[0])[-1]
+            threads = kernel["grid"][0] * kernel["grid"][1] * kernel["grid"][2] * kernel["block"][0]
+            rows.append({"kernel": family, "setting": name, "us": round(us, 2),
+                         "TB_per_s": round(mb_per_token * LAUNCH_TIMED_TOKENS / us, 3),
+                         "programs": kernel["grid"][0], "threads_per_program": kernel["block"][0],
+                         "elements_per_program": LAUNCH_TIMED_TOKENS * sets[0][0].shape[-1]
+                         / kernel["grid"][0],
+                         "elements_per_thread": LAUNCH_TIMED_TOKENS * sets[0][0].shape[-1] / threads,
+                         **kernel})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -160,14 +188,15 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/elementwise_probe.json")
     parser.add_argument("--code-dir", default=os.environ.get("OUT", "/tmp") + "/probe_code")
     parser.add_argument("--timing", choices=("graph", "events"), default="graph")
-    parser.add_argument("--gelu-launch", action="store_true",
-                        help="also the GELU forward under GELU_SETTINGS, timed as in the step")
+    parser.add_argument("--launch", action="store_true",
+                        help="also LAUNCH_KERNELS under LAUNCH_SETTINGS, timed as in the step")
+    parser.add_argument("--launch-only", action="store_true", help="only --launch")
     args = parser.parse_args()
     torch._inductor.config.fx_graph_cache = False  # the rounds patch is not in its key
     code_dir = Path(args.code_dir)
     code_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i, (name, fn, inputs, megabytes, *extra) in enumerate(cases()):
+    for i, (name, fn, inputs, megabytes, *extra) in enumerate([] if args.launch_only else cases()):
         torch._dynamo.reset()
         philox_rounds(extra[0] if extra else None)
         options = {"coordinate_descent_tuning": True, **(extra[1] if len(extra) > 1 else {})}
@@ -184,7 +213,7 @@ def main() -> None:
     helpers = torch._inductor.runtime.triton_helpers
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
               "tokens": TOKENS, "timing": args.timing, "rows": rows,
-              "gelu_launch": gelu_launch_rows() if args.gelu_launch else None,
+              "launch": launch_rows() if args.launch or args.launch_only else None,
               "inductor_has_rand4x": hasattr(helpers, "rand4x")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
