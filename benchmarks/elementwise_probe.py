@@ -210,7 +210,7 @@ def main() -> None:
         rows.append({"case": name, "us": round(us, 2), "MB": round(megabytes, 1),
                      "TB_per_s": round(megabytes / us, 3)})
         print(json.dumps(rows[-1]), flush=True)
-    helpers = torch._inductor.runtime.triton_helpers
+    import torch._inductor.runtime.triton_helpers as helpers  # not imported by --launch-only
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
               "tokens": TOKENS, "timing": args.timing, "rows": rows,
               "launch": launch_rows() if args.launch or args.launch_only else None,

@@ -512,6 +512,10 @@ def variant_list() -> list[tuple[str, list[str]]]:
         # per 128-thread program, ~1.6 TB/s). Benchmark-only hook, not a trainer switch.
         ("... the same as 22, graphs precaptured widest shape first",
          [*RECOMMENDED_QKV, "bench.largest_first=true"]),
+        # Run W1's cache: coordinate descent gave the GELU forward kernel 64, 2048 and 4096
+        # elements per program in different compiles of the same layer (noise-driven choices)
+        ("... the same as 22, without coordinate descent (train.compile_tuning=none)",
+         _replaced(RECOMMENDED_QKV, "train.compile_tuning=none")),
     ]
 
 
