@@ -17,6 +17,7 @@ context, forward + backward). Peak: 989 TFLOP/s dense bf16 (H100 SXM; H200 the s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -229,11 +230,15 @@ def run_mtl(root: Path, name: str, overrides: list[str], warmup: int, steps: int
     # compiles and tunes the layers at the largest sizes (it tunes each kernel at the first
     # size it compiles it for); an experiment, not a trainer switch.
     largest_first = "bench.largest_first=true" in overrides
+    pointwise_heuristic = "bench.pointwise_heuristic=true" in overrides
     overrides = [o for o in overrides if not o.startswith("bench.")]
     torch._dynamo.reset()
-    with torch._inductor.config.patch(inductor):
-        return _run_mtl(root, out, name, overrides, warmup, steps, profile_dir, inductor,
-                        log_every or steps // 4, largest_first)
+    with torch._inductor.config.patch(inductor), _pointwise_heuristic(pointwise_heuristic):
+        row = _run_mtl(root, out, name, overrides, warmup, steps, profile_dir, inductor,
+                       log_every or steps // 4, largest_first)
+    if pointwise_heuristic:
+        row["bench"] = "pointwise_heuristic"
+    return row
 
 
 def _setting(value: str) -> bool | int:
@@ -305,6 +310,34 @@ def _run_mtl(root, out, name, overrides, warmup, steps, profile_dir, inductor, l
                      peak_memory(), extra)
     del trainer
     return row
+
+
+@contextlib.contextmanager
+def _pointwise_heuristic(on: bool):
+    """"bench.pointwise_heuristic=true": coordinate descent tunes reductions only; pointwise
+    kernels keep Inductor's heuristic configs (8 elements per thread). Run W1's cache had
+    coordinate descent give one layer's GELU forward 64, 1024, 2048 or 4096 elements per
+    program from one compile to the next. Patches Inductor's runtime (an experiment); a cache
+    tag of its own keeps its choices apart from coordinate descent's in Inductor's caches."""
+    if not on:
+        yield
+        return
+    from torch._inductor.runtime.hints import HeuristicType
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+
+    tune = CachingAutotuner.coordinate_descent_tuning
+
+    def reductions_only(self, launcher, *args, **kwargs):
+        if self.heuristic_type == HeuristicType.POINTWISE:
+            return launcher
+        return tune(self, launcher, *args, **kwargs)
+
+    CachingAutotuner.coordinate_descent_tuning = reductions_only
+    try:
+        with torch.compiler.config.patch(cache_key_tag="mtl_dist-pointwise-heuristic"):
+            yield
+    finally:
+        CachingAutotuner.coordinate_descent_tuning = tune
 
 
 def _precapture_largest_first(trainer) -> None:
@@ -516,6 +549,8 @@ def variant_list() -> list[tuple[str, list[str]]]:
         # elements per program in different compiles of the same layer (noise-driven choices)
         ("... the same as 22, without coordinate descent (train.compile_tuning=none)",
          _replaced(RECOMMENDED_QKV, "train.compile_tuning=none")),
+        ("... the same as 22, coordinate descent for reductions only (pointwise: heuristic)",
+         [*RECOMMENDED_QKV, "bench.pointwise_heuristic=true"]),
     ]
 
 
