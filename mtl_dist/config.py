@@ -177,6 +177,7 @@ class TrainConfig:
     fused_clipping: bool = False  # clipping folded into the fused AdamW pass (grad_scale)
     compile: bool = False
     compile_tuning: str = "none"  # "coordinate_descent": Inductor tunes its fused kernels
+    compile_mix_order_reduction: bool = True  # false: LayerNorm backward without that kernel
     cuda_graphs: bool = False
     precapture_graphs: bool = True  # cuda_graphs: every (task, shape) captured before step one
     bf16_weights: bool = False  # the model in bf16, fp32 master weights in the optimizer
@@ -1314,6 +1315,12 @@ def _validate_combinations(train: TrainConfig) -> None:
             "train.compile_tuning",
             f"config key 'train.compile_tuning': expected 'none' with train.compile=false "
             f"(it tunes the compiled layers), got {train.compile_tuning!r}",
+        )
+    if not train.compile_mix_order_reduction and not train.compile:
+        raise _Problem(
+            "train.compile_mix_order_reduction",
+            "config key 'train.compile_mix_order_reduction': expected true with "
+            "train.compile=false (it picks the compiled layers' kernels), got false",
         )
     if train.bf16_weights and (train.mixed_precision != "bf16" or train.zero_stage):
         why = "DeepSpeed's bf16 mode keeps fp32 masters itself" if train.zero_stage else \

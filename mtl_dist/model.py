@@ -519,7 +519,8 @@ def usable_positions(encoder: nn.Module) -> int:
     return encoder.config.max_position_embeddings - position_offset(encoder)
 
 
-def compile_encoder_layers(model: MultiTaskModel, tuning: str = "none") -> int:
+def compile_encoder_layers(model: MultiTaskModel, tuning: str = "none",
+                           mix_order_reduction: bool = True) -> int:
     """`torch.compile` each transformer layer in place (`train.compile`); returns how many.
 
     Why layers and not the whole model: the layers are identical, so one compiled graph serves
@@ -528,11 +529,29 @@ def compile_encoder_layers(model: MultiTaskModel, tuning: str = "none") -> int:
     tail (bias, GELU, dropout, residual, LayerNorm, autocast casts) into a few kernels.
     `tuning` (`train.compile_tuning`) picks Inductor options, COMPILE_TUNING; they change
     kernel launch configs only (Triton kernels: no effect on CPU), not the maths.
+    `mix_order_reduction=False` (`train.compile_mix_order_reduction`) turns off Inductor's
+    mix-order reduction: the LayerNorm backward's weight and bias gradients are summed by
+    reductions of their own instead of one kernel's row blocks plus a column sum (Triton only;
+    the same sums in another order).
     """
     layers = transformer_layers(model, "train.compile")
+    options = dict(COMPILE_TUNING[tuning])
+    if not mix_order_reduction:
+        options.update(_without_mix_order_reduction())
     for layer in layers:
-        layer.compile(dynamic=None, options=COMPILE_TUNING[tuning] or None)
+        layer.compile(dynamic=None, options=options or None)
     return len(layers)
+
+
+def _without_mix_order_reduction() -> dict[str, bool]:
+    """The Inductor option that turns mix-order reduction off, if this torch has it."""
+    import torch._inductor.config as inductor
+
+    if not hasattr(inductor.triton, "mix_order_reduction"):
+        raise ConfigError(f"config key 'train.compile_mix_order_reduction': torch "
+                          f"{torch.__version__}'s Inductor has no mix-order reduction to turn "
+                          "off (no triton.mix_order_reduction); set it to true")
+    return {"triton.mix_order_reduction": False}
 
 
 def transformer_layers(model: MultiTaskModel, switch: str) -> nn.ModuleList:

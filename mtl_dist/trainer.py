@@ -516,7 +516,8 @@ class Trainer:
         if cfg.train.fused_qkv:
             enable_fused_qkv(self.model)
         if cfg.train.compile:
-            compile_encoder_layers(self.model, cfg.train.compile_tuning)
+            compile_encoder_layers(self.model, cfg.train.compile_tuning,
+                                   cfg.train.compile_mix_order_reduction)
         self.state = TrainState()
         if for_training and cfg.train.early_stopping_patience and not cfg.train.eval_steps \
                 and not cfg.train.eval_at_epoch_end and any(t.dev for t in cfg.tasks) \
