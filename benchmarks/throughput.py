@@ -229,8 +229,12 @@ def run_mtl(root: Path, name: str, overrides: list[str], warmup: int, steps: int
     # "bench.largest_first=true": precapture the graphs widest shape first, so that Inductor
     # compiles and tunes the layers at the largest sizes (it tunes each kernel at the first
     # size it compiles it for); an experiment, not a trainer switch.
-    largest_first = "bench.largest_first=true" in overrides
-    pointwise_heuristic = "bench.pointwise_heuristic=true" in overrides
+    hooks = {o for o in overrides if o.startswith("bench.")}
+    if unknown := hooks - {"bench.largest_first=true", "bench.pointwise_heuristic=true"}:
+        raise SystemExit(f"{name}: unknown benchmark hook(s) {sorted(unknown)}; known: "
+                         "bench.largest_first=true, bench.pointwise_heuristic=true")
+    largest_first = "bench.largest_first=true" in hooks
+    pointwise_heuristic = "bench.pointwise_heuristic=true" in hooks
     overrides = [o for o in overrides if not o.startswith("bench.")]
     torch._dynamo.reset()
     with torch._inductor.config.patch(inductor), _pointwise_heuristic(pointwise_heuristic):

@@ -403,7 +403,7 @@ def _layer_code_and_grads(mix_order: bool) -> tuple[str, list[torch.Tensor]]:
     x = torch.randn(1, 6144, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 
     def step():
-        layer(x)[0].float().square().mean().backward()
+        layer(x)[0].float().square().sum().backward()  # sum: gradients of order one
 
     _, code = run_and_get_code(step)
     return "\n".join(code), [x.grad, *(p.grad for p in layer.parameters())]
@@ -415,4 +415,7 @@ def test_mix_order_reduction_switch_changes_the_layer_norm_backward_kernels_not_
     assert "RSPLIT_SIZE" in code_on  # Inductor's mix-order kernel in the LayerNorm backward
     assert "RSPLIT_SIZE" not in code_off
     for on, off in zip(grads_on, grads_off, strict=True):
-        torch.testing.assert_close(off.float(), on.float(), rtol=2e-2, atol=2e-2)
+        scale = on.float().abs().max().item()
+        assert scale > 0
+        # bf16 noise of sums taken in another order, relative to each gradient's own scale
+        torch.testing.assert_close(off.float(), on.float(), rtol=2e-2, atol=2e-2 * scale)
