@@ -31,3 +31,8 @@ def test_a_second_baseline_bounds_each_ratio(throughput):
     assert rows[1]["speedup_vs_baseline"] == 5.0  # still against the first
     assert rows[1]["speedup_range"] == [5.0, 6.0]  # against the faster, then the slower
     assert rows[2]["speedup_range"] == [250 / 300, 1.0]
+
+
+def test_an_unknown_benchmark_hook_is_refused_before_anything_runs(throughput, tmp_path):
+    with pytest.raises(SystemExit, match=r"unknown benchmark hook\(s\) \['bench.largest_frist=true'\]"):
+        throughput.run_mtl(tmp_path, "typo", ["bench.largest_frist=true"], warmup=1, steps=1)
