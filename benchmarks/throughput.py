@@ -226,23 +226,27 @@ def run_mtl(root: Path, name: str, overrides: list[str], warmup: int, steps: int
     inductor = {o.split("=")[0][len("inductor."):]: _setting(o.split("=")[1])
                 for o in overrides if o.startswith("inductor.")}
     overrides = [o for o in overrides if not o.startswith("inductor.")]
-    # "bench.largest_first=true": precapture the graphs widest shape first, so that Inductor
-    # compiles and tunes the layers at the largest sizes (it tunes each kernel at the first
-    # size it compiles it for); an experiment, not a trainer switch.
+    # "bench.NAME=true": a benchmark-only hook (BENCH_HOOKS), an experiment, not a trainer switch
     hooks = {o for o in overrides if o.startswith("bench.")}
-    if unknown := hooks - {"bench.largest_first=true", "bench.pointwise_heuristic=true"}:
+    if unknown := hooks - {f"bench.{h}=true" for h in BENCH_HOOKS}:
         raise SystemExit(f"{name}: unknown benchmark hook(s) {sorted(unknown)}; known: "
-                         "bench.largest_first=true, bench.pointwise_heuristic=true")
-    largest_first = "bench.largest_first=true" in hooks
-    pointwise_heuristic = "bench.pointwise_heuristic=true" in hooks
+                         + ", ".join(f"bench.{h}=true" for h in BENCH_HOOKS))
+    on = {h for h in BENCH_HOOKS if f"bench.{h}=true" in hooks}
     overrides = [o for o in overrides if not o.startswith("bench.")]
     torch._dynamo.reset()
-    with torch._inductor.config.patch(inductor), _pointwise_heuristic(pointwise_heuristic):
+    with torch._inductor.config.patch(inductor), _pointwise_heuristic("pointwise_heuristic" in on):
         row = _run_mtl(root, out, name, overrides, warmup, steps, profile_dir, inductor,
-                       log_every or steps // 4, largest_first)
-    if pointwise_heuristic:
-        row["bench"] = "pointwise_heuristic"
+                       log_every or steps // 4, "largest_first" in on)
+    if on:
+        row["bench"] = ",".join(sorted(on))
     return row
+
+
+# Benchmark-only hooks, each turned on by "bench.NAME=true" in a variant's overrides:
+# largest_first precaptures the graphs widest shape first, so that Inductor compiles and tunes
+# the layers at the largest sizes (it tunes each kernel at the first size it compiles it for);
+# pointwise_heuristic leaves pointwise kernels out of coordinate descent (_pointwise_heuristic).
+BENCH_HOOKS = ("largest_first", "pointwise_heuristic")
 
 
 def _setting(value: str) -> bool | int:
@@ -293,8 +297,7 @@ def _run_mtl(root, out, name, overrides, warmup, steps, profile_dir, inductor, l
     for step in range(first, last):
         task, idx = trainer.plan.batch(step // per_epoch, step % per_epoch)
         real.extend(int(trainer.train_data[task].lengths[i]) for i in idx)
-    extra = {"overrides": overrides, **({"inductor": inductor} if inductor else {}),
-             **({"bench": "largest_first"} if largest_first else {})}
+    extra = {"overrides": overrides, **({"inductor": inductor} if inductor else {})}
     in_window = [s for step, s in optimizer_host if first < step <= last]
     if in_window:  # host-bound? (train.overlap_optimizer launches 50 chunk updates a step)
         extra["optimizer_step_host_ms_median"] = 1000 * statistics.median(in_window)
