@@ -40,6 +40,7 @@ VOCAB = 21128
 TASKS = [("ocnli", "ocnli_like", 3, True), ("ocemotion", "ocemotion_like", 7, False),
          ("tnews", "tnews_like", 15, False)]
 BATCH, MAX_LEN, PEAK_TFLOPS = 32, 300, 989.0
+RECORDED_ENV = ("CUBLAS_WORKSPACE_CONFIG", "CUBLASLT_WORKSPACE_SIZE", "TORCHINDUCTOR_CACHE_DIR")
 PROFILE_WARMUP = 300
 
 
@@ -655,6 +656,8 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke)"
     result = {"gpu": gpu, "command": " ".join(sys.argv),
               "python": platform.python_version(), "torch": torch.__version__,
+              # settings read from the environment that change the step (cuBLAS's workspace)
+              "environment": {k: os.environ[k] for k in RECORDED_ENV if k in os.environ},
               "transformers": transformers.__version__, "accelerate": accelerate.__version__,
               "workload": {"arch": ARCH, "vocab": VOCAB, "batch": BATCH, "max_len": MAX_LEN,
                            "tasks": [t[0] for t in TASKS], "precision": "bf16"},

@@ -379,7 +379,7 @@ def test_overlap_waits_inside_a_cuda_graph_for_a_slow_side_stream():
     assert (out - old).abs().max() > 0.1
 
 
-def _layer_code_and_grads(mix_order: bool) -> tuple[str, list[torch.Tensor]]:
+def _layer_code_and_grads(mix_order: bool) -> tuple[str, dict[str, torch.Tensor]]:
     """One BERT-large layer compiled with or without Inductor's mix-order reduction: the
     generated code of its forward and backward on 6,144 tokens, and its gradients. (Inductor
     fuses the LayerNorm backward's reductions only from 5 * 2**20 elements and 4,096 rows on,
@@ -401,12 +401,20 @@ def _layer_code_and_grads(mix_order: bool) -> tuple[str, list[torch.Tensor]]:
     compile_encoder_layers(model, "none", mix_order_reduction=mix_order)
     layer = model.encoder.encoder.layer[0]
     x = torch.randn(1, 6144, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    # a fixed random projection of the output: gradients of order one in every parameter
+    # (the output's squares summed would be degenerate: a LayerNorm's output has a fixed norm,
+    # so every gradient through it is ~0 and only rounding noise is compared; run X1)
+    direction = torch.randn(1, 6144, 1024, device="cuda")
 
     def step():
-        layer(x)[0].float().square().sum().backward()  # sum: gradients of order one
+        (layer(x)[0].float() * direction).sum().backward()
 
     _, code = run_and_get_code(step)
-    return "\n".join(code), [x.grad, *(p.grad for p in layer.parameters())]
+    grads = {"input": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
+    # the key bias's true gradient is zero (a softmax ignores a shift shared by all keys):
+    # what comes out is rounding noise, different in any two kernels
+    del grads["attention.self.key.bias"]
+    return "\n".join(code), grads
 
 
 def test_mix_order_reduction_switch_changes_the_layer_norm_backward_kernels_not_the_gradients():
@@ -414,8 +422,10 @@ def test_mix_order_reduction_switch_changes_the_layer_norm_backward_kernels_not_
     code_off, grads_off = _layer_code_and_grads(False)
     assert "RSPLIT_SIZE" in code_on  # Inductor's mix-order kernel in the LayerNorm backward
     assert "RSPLIT_SIZE" not in code_off
-    for on, off in zip(grads_on, grads_off, strict=True):
-        scale = on.float().abs().max().item()
-        assert scale > 0
-        # bf16 noise of sums taken in another order, relative to each gradient's own scale
-        torch.testing.assert_close(off.float(), on.float(), rtol=2e-2, atol=2e-2 * scale)
+    assert grads_on.keys() == grads_off.keys()
+    # bf16 noise of sums taken in another order: small against each gradient's own norm
+    relative = {name: ((grads_off[name].float() - on.float()).norm() / on.float().norm()).item()
+                for name, on in grads_on.items()}
+    print("relative gradient differences, mix-order off against on:", relative)
+    assert all(grad.norm() > 0 for grad in grads_on.values())
+    assert max(relative.values()) < 2e-2, relative

@@ -1,0 +1,115 @@
+"""The 4-byte memsets before the step's cuBLAS GEMMs, and what they cost (one GPU).
+
+Run S's H100 trace (`results/throughput_h100_s3_trace.json.gz`) has ~72 four-byte
+`Memset (Device)` nodes per step inside the CUDA graphs, each right before an `nvjet` GEMM,
+each costing ~6-8 us of GPU time (the gap before it, the memset, the gap after it) where two
+kernels in a row cost ~0.4 us: ~0.45 ms of a ~23 ms step. This replays one BERT-large layer's
+GEMMs (the fused q/k/v, output, FFN up and down projections with their biases, forward and
+backward) from a CUDA graph on the step's packed shape and reports, per replay: the GPU time,
+the memsets and GEMM kernels in it, and which host call issued the memsets (an eager call
+profiled with the CUDA runtime's API calls). Run it once per setting to compare, e.g.:
+
+    python benchmarks/gemm_memsets.py --out benchmarks/results/gemm_memsets_h100.json
+    CUBLASLT_WORKSPACE_SIZE=0 python benchmarks/gemm_memsets.py --out ...   # appends a row
+    python benchmarks/gemm_memsets.py --blas cublaslt --out ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from attention_kernels import time_us  # this folder's, first on sys.path when run as a script
+from torch.profiler import ProfilerActivity, profile
+
+HIDDEN, FFN = 1024, 4096
+ENV_KEYS = ("CUBLASLT_WORKSPACE_SIZE", "CUBLAS_WORKSPACE_CONFIG", "TORCH_BLAS_PREFER_CUBLASLT")
+
+
+def layer_weights(device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight, bias) of the four projections, bf16, as the trainer's bf16 weights."""
+    shapes = [(3 * HIDDEN, HIDDEN), (HIDDEN, HIDDEN), (FFN, HIDDEN), (HIDDEN, FFN)]
+    return [(torch.randn(out, inp, device=device, dtype=torch.bfloat16, requires_grad=True),
+             torch.randn(out, device=device, dtype=torch.bfloat16, requires_grad=True))
+            for out, inp in shapes]
+
+
+def forward_backward(x: torch.Tensor, weights, grad_out: torch.Tensor) -> None:
+    """The layer's GEMMs in the order the step runs them (attention and norms left out)."""
+    (wqkv, bqkv), (wo, bo), (w1, b1), (w2, b2) = weights
+    qkv = F.linear(x, wqkv, bqkv)
+    attended = F.linear(qkv[:, :HIDDEN], wo, bo)  # stands for attention's output
+    up = F.linear(attended, w1, b1)
+    down = F.linear(up, w2, b2)
+    down.backward(grad_out)
+
+
+def memsets_in(trace_events) -> dict:
+    kernels = [e for e in trace_events if e.device_type == torch.autograd.DeviceType.CUDA]
+    names = [e.name for e in kernels]
+    return {"memsets": sum(n.startswith("Memset") for n in names),
+            "gemm_kernels": sum(("nvjet" in n or "gemm" in n.lower()) for n in names),
+            "kernels": len(names)}
+
+
+def memset_callers(x, weights, grad_out) -> dict[str, int]:
+    """Which aten ops issue cudaMemsetAsync, from one eager call's runtime API trace."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        forward_backward(x, weights, grad_out)
+        torch.cuda.synchronize()
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    ops = [e for e in events if e.name.startswith("aten::") and e.device_type
+           == torch.autograd.DeviceType.CPU]
+    callers: dict[str, int] = {}
+    for call in (e for e in events if e.name == "cudaMemsetAsync"):
+        enclosing = [op for op in ops if op.time_range.start <= call.time_range.start
+                     and call.time_range.end <= op.time_range.end]
+        name = enclosing[-1].name if enclosing else "(no aten op)"
+        callers[name] = callers.get(name, 0) + 1
+    return callers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="benchmarks/results/gemm_memsets.json")
+    parser.add_argument("--tokens", type=int, default=3584, help="packed rows (the step's M)")
+    parser.add_argument("--blas", choices=["default", "cublas", "cublaslt"], default="default")
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    if args.blas != "default":
+        torch.backends.cuda.preferred_blas_library(args.blas)
+    torch.manual_seed(0)
+    weights = layer_weights("cuda")
+    x = torch.randn(args.tokens, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad_out = torch.randn(args.tokens, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    step = lambda: forward_backward(x, weights, grad_out)  # noqa: E731
+    us = [time_us(step, args.iters) for _ in range(5)]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    row = {"tokens": args.tokens, "blas": args.blas,
+           "blas_library": str(torch.backends.cuda.preferred_blas_library()),
+           "env": {k: os.environ[k] for k in ENV_KEYS if k in os.environ},
+           "us_per_layer_fwd_bwd": sorted(us)[len(us) // 2], "us_all": us,
+           **memsets_in(prof.events()), "memset_callers_eager": memset_callers(x, weights,
+                                                                               grad_out),
+           "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    print(json.dumps(row), flush=True)
+    out = Path(args.out)
+    rows = json.loads(out.read_text()) if out.exists() else []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows + [row], indent=1))
+
+
+if __name__ == "__main__":
+    main()
