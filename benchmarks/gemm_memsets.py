@@ -6,8 +6,9 @@ each costing ~6-8 us of GPU time (the gap before it, the memset, the gap after i
 kernels in a row cost ~0.4 us: ~0.45 ms of a ~23 ms step. This replays one BERT-large layer's
 GEMMs (the fused q/k/v, output, FFN up and down projections with their biases, forward and
 backward) from a CUDA graph on the step's packed shape and reports, per replay: the GPU time,
-the memsets and GEMM kernels in it, and which host call issued the memsets (an eager call
-profiled with the CUDA runtime's API calls). Run it once per setting to compare, e.g.:
+the memsets and GEMM kernels in it, which host call issued the memsets (an eager call
+profiled with the CUDA runtime's API calls), and the same calls run eagerly (host time to
+issue one, wall time per call). Run it once per setting to compare, e.g.:
 
     python benchmarks/gemm_memsets.py --out benchmarks/results/gemm_memsets_h100.json
     CUBLASLT_WORKSPACE_SIZE=0 python benchmarks/gemm_memsets.py --out ...   # appends a row
@@ -73,6 +74,25 @@ def memset_callers(x, weights, grad_out) -> dict[str, int]:
     return callers
 
 
+def eager_us(step, iters: int = 50) -> dict[str, float]:
+    """Eager calls (no graph): host microseconds to issue one, and wall microseconds per call
+    once the GPU has finished them all (run X: the eager baseline ran ~20 % slower without
+    workspaces, though the GEMMs replayed from a graph got faster)."""
+    import time
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    issued = time.perf_counter()
+    torch.cuda.synchronize()
+    done = time.perf_counter()
+    return {"eager_host_us_per_call": (issued - start) * 1e6 / iters,
+            "eager_wall_us_per_call": (done - start) * 1e6 / iters}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/results/gemm_memsets.json")
@@ -89,6 +109,7 @@ def main() -> None:
     grad_out = torch.randn(args.tokens, HIDDEN, device="cuda", dtype=torch.bfloat16)
     step = lambda: forward_backward(x, weights, grad_out)  # noqa: E731
     us = [time_us(step, args.iters) for _ in range(5)]
+    eager = eager_us(step)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
@@ -101,7 +122,7 @@ def main() -> None:
            "blas_library": str(torch.backends.cuda.preferred_blas_library()),
            "env": {k: os.environ[k] for k in ENV_KEYS if k in os.environ},
            "us_per_layer_fwd_bwd": sorted(us)[len(us) // 2], "us_all": us,
-           **memsets_in(prof.events()), "memset_callers_eager": memset_callers(x, weights,
+           **eager, **memsets_in(prof.events()), "memset_callers_eager": memset_callers(x, weights,
                                                                                grad_out),
            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     print(json.dumps(row), flush=True)
