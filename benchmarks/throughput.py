@@ -562,7 +562,11 @@ def variant_list() -> list[tuple[str, list[str]]]:
         # Variant 25 through the trainer's own switch (the option reaches the compiled layers
         # only, not the whole process): the README's recommended set since run W
         ("... the same as 22, train.compile_mix_order_reduction=false (recommended since W)",
-         [*RECOMMENDED_QKV, "train.compile_mix_order_reduction=false"]),
+         RECOMMENDED_NOW),
+        # Run P1 (H200, one screening run in another window): combo kernels +0.9 % real
+        # tokens/s on 22; not yet paired with the set in one run
+        ("... the same as 32, Inductor combo kernels (independent kernels launched as one)",
+         [*RECOMMENDED_NOW, "inductor.combo_kernels=true"]),
     ]
 
 
@@ -581,8 +585,10 @@ def _replaced(overrides: list[str], override: str) -> list[str]:
 
 # Variant 18: the README's recommended set of run L (packed rows rounded to 64).
 RECOMMENDED_64 = _replaced(RECOMMENDED, "data.pack_multiple=64")
-# Variant 22: the README's recommended set now (run O).
+# Variant 22: the README's recommended set of runs O-V.
 RECOMMENDED_QKV = [*RECOMMENDED_64, "train.direct_weight_grads=true", "train.fused_qkv=true"]
+# Variant 32: the README's recommended set since run W (run X measured the switch itself).
+RECOMMENDED_NOW = [*RECOMMENDED_QKV, "train.compile_mix_order_reduction=false"]
 
 
 def add_speedups(rows: list[dict], baselines: list[dict]) -> None:
