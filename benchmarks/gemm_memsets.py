@@ -1,9 +1,9 @@
 """The 4-byte memsets before the step's cuBLAS GEMMs, and what they cost (one GPU).
 
-Run S's H100 trace (`results/throughput_h100_s3_trace.json.gz`) has ~72 four-byte
-`Memset (Device)` nodes per step inside the CUDA graphs, each right before an `nvjet` GEMM,
-each costing ~6-8 us of GPU time (the gap before it, the memset, the gap after it) where two
-kernels in a row cost ~0.4 us: ~0.45 ms of a ~23 ms step. This replays one BERT-large layer's
+Run S's H100 trace (`results/throughput_h100_s3_trace.json.gz`) has ~59 four-byte
+`Memset (Device)` nodes per step inside the CUDA graphs right before `nvjet` GEMMs, each
+costing ~5.6-8 us of GPU time (the gap before it, the memset, the gap after it) where two
+kernels in a row cost ~0.4 us: ~0.4 ms of a ~23 ms step. This replays one BERT-large layer's
 GEMMs (the fused q/k/v, output, FFN up and down projections with their biases, forward and
 backward) from a CUDA graph on the step's packed shape and reports, per replay: the GPU time,
 the memsets and GEMM kernels in it, which host call issued the memsets (an eager call

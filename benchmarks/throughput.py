@@ -563,8 +563,8 @@ def variant_list() -> list[tuple[str, list[str]]]:
         # only, not the whole process): the README's recommended set since run W
         ("... the same as 22, train.compile_mix_order_reduction=false (recommended since W)",
          RECOMMENDED_NOW),
-        # Run P1 (H200, one screening run in another window): combo kernels +0.9 % real
-        # tokens/s on 22; not yet paired with the set in one run
+        # Combo kernels on 22 (H200s): +0.9 % real tokens/s in a screening run (P1), +0.2 %
+        # paired in one run (R2); not yet run on an H100 or with mix-order reduction off
         ("... the same as 32, Inductor combo kernels (independent kernels launched as one)",
          [*RECOMMENDED_NOW, "inductor.combo_kernels=true"]),
     ]

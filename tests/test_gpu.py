@@ -402,8 +402,9 @@ def _layer_code_and_grads(mix_order: bool) -> tuple[str, dict[str, torch.Tensor]
     layer = model.encoder.encoder.layer[0]
     x = torch.randn(1, 6144, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     # a fixed random projection of the output: gradients of order one in every parameter
-    # (the output's squares summed would be degenerate: a LayerNorm's output has a fixed norm,
-    # so every gradient through it is ~0 and only rounding noise is compared; run X1)
+    # (the output's squares summed would be degenerate: a LayerNorm at its initial weight 1 and
+    # bias 0 puts out a fixed norm per token, so every gradient upstream of it is ~0 and only
+    # rounding noise is compared; run X1)
     direction = torch.randn(1, 6144, 1024, device="cuda")
 
     def step():
