@@ -184,6 +184,7 @@ class TrainConfig:
     flat_masters: bool = False  # bf16_weights: encoder masters/moments/grads flat, one-kernel AdamW
     direct_weight_grads: bool = False  # graphs + flat masters: Linear weight grads into the flat buffer
     fused_qkv: bool = False  # query, key and value projected by one GEMM (same parameters)
+    gemm_embedding_grads: bool = False  # small embedding tables' gradients by one GEMM
     overlap_optimizer: bool = False  # flat masters: AdamW per layer, overlapping the next forward
     attention_kernel: str = "flash"  # packed rows on CUDA: "flash" (FlashAttention 2) or "triton"
     stop_after_steps: int | None = None

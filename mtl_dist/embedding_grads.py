@@ -1,0 +1,79 @@
+"""`train.gemm_embedding_grads`: small embedding tables take their gradients from one GEMM.
+
+Why: aten's embedding backward on CUDA takes 270-500 us per step of the reference workload on
+an H100 (run S's trace, `benchmarks/README.md`, run X): up to 3,072 tokens a kernel per table
+that serialises the tokens of one row (the token-type table's 2 rows: ~140 us), above that a
+sort-based path of ~30 kernels per table (radix sorts, segment offsets). For a table with at
+most as many rows as the batch has tokens (positions: 512, token types: 2), the same sums come
+from one GEMM: a one-hot (rows x tokens) matrix times the output gradient (tokens x hidden),
+accumulated in fp32 by cuBLAS as aten's kernels accumulate in fp32 (CPU/GPU tests: equal to
+aten's gradients to fp32 rounding, bf16 noise in bf16). Larger tables (the vocabulary) keep
+aten's backward. The forward is aten's embedding, unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+
+def embedding_weight_grad(ids: torch.Tensor, grad: torch.Tensor, rows: int,
+                          padding_idx: int | None) -> torch.Tensor:
+    """d(loss)/d(weight) of `F.embedding(ids, weight, padding_idx)` given d(loss)/d(output)
+    `grad` (..., hidden): row r sums the output gradients of the tokens whose id is r; the
+    padding row gets zeros. By a GEMM where the table has at most as many rows as there are
+    tokens, else by aten's own backward."""
+    ids, grad = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
+    if rows > ids.numel():
+        return torch.ops.aten.embedding_dense_backward(
+            grad, ids, rows, -1 if padding_idx is None else padding_idx, False)
+    row = torch.arange(rows, device=ids.device).unsqueeze(1)
+    one_hot = row == ids.unsqueeze(0)  # (rows, tokens), built on the device: no host sync
+    if padding_idx is not None:
+        one_hot &= row != padding_idx
+    return one_hot.to(grad.dtype) @ grad
+
+
+class _EmbeddingWithGemmGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids, weight, padding_idx):
+        ctx.save_for_backward(ids)
+        ctx.rows, ctx.padding_idx = weight.shape[0], padding_idx
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        return None, embedding_weight_grad(ids, grad, ctx.rows, ctx.padding_idx), None
+
+
+class GemmGradEmbedding(nn.Embedding):
+    """An nn.Embedding whose weight gradient comes from `embedding_weight_grad` (same
+    parameters, state dict and forward)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and self.weight.requires_grad):
+            return super().forward(ids)
+        return _EmbeddingWithGemmGrad.apply(ids, self.weight, self.padding_idx)
+
+
+def enable_gemm_embedding_grads(encoder: nn.Module) -> int:
+    """`train.gemm_embedding_grads`: every nn.Embedding of the encoder becomes a
+    GemmGradEmbedding; returns how many. Before DDP/compile wrap the model."""
+    tables = [m for m in encoder.modules() if isinstance(m, nn.Embedding)]
+    for table in tables:  # all checked before any is changed
+        if type(table) not in (nn.Embedding, GemmGradEmbedding):
+            raise ConfigError(
+                f"config key 'train.gemm_embedding_grads': {type(table).__name__} is not a plain "
+                "nn.Embedding (its own forward would be lost); set train.gemm_embedding_grads=false")
+        if table.max_norm is not None or table.scale_grad_by_freq or table.sparse:
+            raise ConfigError(
+                "config key 'train.gemm_embedding_grads': an embedding table with max_norm, "
+                "scale_grad_by_freq or sparse gradients has aten's backward only; set "
+                "train.gemm_embedding_grads=false")
+    for table in tables:
+        table.__class__ = GemmGradEmbedding
+    return len(tables)

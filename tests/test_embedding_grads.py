@@ -1,0 +1,117 @@
+"""`train.gemm_embedding_grads`: small embedding tables take their gradients from one GEMM —
+the same gradients, parameters and training as aten's embedding backward (CPU; GPU:
+test_gpu.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtl_dist.embedding_grads import (
+    GemmGradEmbedding,
+    embedding_weight_grad,
+    enable_gemm_embedding_grads,
+)
+from mtl_dist.errors import ConfigError
+from mtl_dist.model import enable_packed_attention
+from tests._models import tiny_model
+from tests._runs import DEMO, run_cli, train_losses
+from tests.test_fused_qkv import loss_of
+
+
+def aten_grad(ids, grad, rows, padding_idx, dtype):
+    weight = torch.randn(rows, grad.shape[-1], dtype=dtype, requires_grad=True)
+    F.embedding(ids, weight, padding_idx).backward(grad)
+    return weight.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("padding_idx", [None, 1])
+@pytest.mark.parametrize("rows", [2, 40, 500], ids=["2 rows", "40 rows", "more rows than tokens"])
+def test_gradient_equals_atens(rows, padding_idx, dtype):
+    torch.manual_seed(0)
+    ids = torch.randint(0, rows, (6, 20))  # 120 tokens, most rows of the small tables repeated
+    ids[0, :5] = 1  # the padding row, if any, is used
+    grad = torch.randn(6, 20, 16, dtype=dtype)
+    ours = embedding_weight_grad(ids, grad, rows, padding_idx)
+    if rows > ids.numel():  # aten's own backward, as is
+        assert torch.equal(ours, aten_grad(ids, grad, rows, padding_idx, dtype))
+        return
+    # the exact sums: fp32 from the same inputs (aten's CPU kernel sums bf16 in bf16)
+    expected = aten_grad(ids, grad.float(), rows, padding_idx, torch.float32)
+    assert ours.shape == expected.shape and ours.dtype == dtype
+    if padding_idx is not None:
+        assert ours[padding_idx].abs().max() == 0
+    # bf16: summed in fp32 and rounded once (2**-9 relative), as aten's CUDA kernel does
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 \
+        else dict(rtol=4e-3, atol=1e-3)
+    torch.testing.assert_close(ours.float(), expected, **tolerance)
+    assert expected.abs().sum() > 0
+
+
+def test_the_model_keeps_its_outputs_state_and_gradients():
+    torch.manual_seed(0)
+    aten = tiny_model()
+    enable_packed_attention(aten, 16)
+    gemm = copy.deepcopy(aten)
+    assert enable_gemm_embedding_grads(gemm.encoder) == 3  # words, positions, token types
+    assert enable_gemm_embedding_grads(gemm.encoder) == 3  # a second call changes nothing
+    tables = [m for m in gemm.encoder.modules() if isinstance(m, nn.Embedding)]
+    assert all(type(m) is GemmGradEmbedding for m in tables)
+    assert gemm.state_dict().keys() == aten.state_dict().keys()
+    for packed in (False, True):
+        loss_aten, loss_gemm = loss_of(aten, packed), loss_of(gemm, packed)
+        assert loss_gemm.item() == loss_aten.item()
+        aten.zero_grad(), gemm.zero_grad()
+        loss_aten.backward(), loss_gemm.backward()
+        grads = dict(gemm.named_parameters())
+        for name, p in aten.named_parameters():
+            torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-5, atol=1e-6,
+                                       msg=name)
+    with torch.no_grad():  # evaluation: aten's forward as is
+        assert loss_of(gemm, False).item() == loss_of(aten, False).item()
+
+
+def test_the_trainer_installs_it(tmp_path):
+    from mtl_dist.config import load_config
+    from mtl_dist.trainer import Trainer
+
+    trainer = Trainer(load_config(DEMO, [f"train.output_dir={tmp_path}/out",
+                                         f"data.cache_dir={tmp_path}/c",
+                                         "train.gemm_embedding_grads=true"]))
+    tables = [m for m in trainer.module.encoder.modules() if isinstance(m, nn.Embedding)]
+    assert len(tables) == 3 and all(type(m) is GemmGradEmbedding for m in tables)
+    trainer.close()
+
+
+def test_trains_like_atens_embedding_backward(tmp_path):
+    common = [f"data.cache_dir={tmp_path}/c", "train.max_steps=6", "train.log_steps=1",
+              "checkpoint.save_best=false", "train.eval_at_epoch_end=false", "train.lr=1e-3"]
+    for name in ("aten", "gemm"):
+        run_cli(["train", str(DEMO), f"train.output_dir={tmp_path}/{name}", *common,
+                 f"train.gemm_embedding_grads={str(name == 'gemm').lower()}"])
+    aten, gemm = train_losses(tmp_path / "aten"), train_losses(tmp_path / "gemm")
+    assert [s for s, _ in aten] == [s for s, _ in gemm] == list(range(1, 7))
+    for (step, x), (_, y) in zip(aten, gemm, strict=True):  # dropout on: same random stream
+        assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (step, x, y)
+
+
+def test_refuses_tables_it_would_change():
+    model = tiny_model()
+    model.encoder.embeddings.position_embeddings.max_norm = 1.0
+    with pytest.raises(ConfigError, match="'train.gemm_embedding_grads': an embedding table "
+                                          "with max_norm"):
+        enable_gemm_embedding_grads(model.encoder)
+
+    class Scaled(nn.Embedding):
+        pass
+
+    model = tiny_model()
+    model.encoder.embeddings.token_type_embeddings.__class__ = Scaled
+    with pytest.raises(ConfigError, match="'train.gemm_embedding_grads': Scaled is not a plain"):
+        enable_gemm_embedding_grads(model.encoder)
+    assert type(model.encoder.embeddings.word_embeddings) is nn.Embedding  # nothing changed
