@@ -101,6 +101,40 @@ def forward_windows(events: list[dict]) -> list[Counter]:
     return windows
 
 
+# The embeddings' LayerNorm runs eagerly (aten's backward kernel); the layers' are compiled.
+# After the embedding tables' backward the optimizer's side starts: the gradients' hand-over,
+# the clip norm or AdamW itself.
+OPTIMIZER_SIDE = re.compile(r"multi_tensor_apply|NormTwoOps|lerp")
+
+
+def embedding_backward_windows(events: list[dict]) -> list[tuple[float, int]]:
+    """Each stretch from the end of the embeddings' LayerNorm backward to the next
+    optimizer-side kernel, i.e. the embedding tables' backward: (µs, kernels in it)."""
+    windows = []
+    for i, e in enumerate(events):
+        if "GammaBetaBackward" not in e["name"]:
+            continue
+        end = next((j for j in range(i + 1, len(events))
+                    if OPTIMIZER_SIDE.search(events[j]["name"])), None)
+        if end is not None:
+            windows.append((events[end]["ts"] - e["ts"] - e["dur"], end - i - 1))
+    return windows
+
+
+def memsets_before_gemms(events: list[dict]) -> tuple[int, float, float]:
+    """Memsets right before a GEMM (cuBLAS zeroing part of its workspace): how many, the
+    mean µs from the end of the kernel before each to the GEMM's start, and the median gap
+    between two kernels in a row (no memset between them) for comparison."""
+    costs, gaps = [], []
+    for before, e, after in zip(events, events[1:], events[2:], strict=False):
+        if e["name"].startswith("Memset") and group_of(after["name"]) == GEMMS:
+            costs.append(after["ts"] - before["ts"] - before["dur"])
+        elif e.get("cat") == "kernel" and after.get("cat") == "kernel":
+            gaps.append(after["ts"] - e["ts"] - e["dur"])
+    return len(costs), statistics.fmean(costs) if costs else 0.0, \
+        statistics.median(gaps) if gaps else 0.0
+
+
 def sm_resources(trace: dict) -> tuple[int, int | None]:
     """(registers per SM, SMs) of the traced GPU; 65,536 registers (sm_80/sm_90) and an
     unknown SM count where the trace does not say."""
@@ -187,6 +221,17 @@ def main() -> None:
     if adamw:
         print(f"flat AdamW: {adamw / steps / 1000:.2f} ms per step on {streams} stream(s), "
               f"{beside / steps / 1000:.2f} ms of it beside another stream's kernels")
+    embedding = embedding_backward_windows(events)
+    if embedding:
+        spans = sorted(us for us, _ in embedding)
+        print(f"embedding tables' backward (after the embeddings' LayerNorm backward, to the "
+              f"gradients' hand-over, clip norm or AdamW), {len(spans)} windows: median "
+              f"{statistics.median(spans):.0f} µs ({spans[0]:.0f}–{spans[-1]:.0f}), "
+              f"{statistics.median(n for _, n in embedding):.0f} kernels")
+    memsets, cost, gap = memsets_before_gemms(events)
+    if memsets:
+        print(f"memsets right before a GEMM: {memsets / steps:.1f} per step, {cost:.1f} µs each "
+              f"from the kernel before to the GEMM (two kernels in a row: {gap:.2f} µs apart)")
 
 
 if __name__ == "__main__":

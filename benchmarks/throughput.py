@@ -567,7 +567,7 @@ def variant_list() -> list[tuple[str, list[str]]]:
         # paired in one run (R2); not yet run on an H100 or with mix-order reduction off
         ("... the same as 32, Inductor combo kernels (independent kernels launched as one)",
          [*RECOMMENDED_NOW, "inductor.combo_kernels=true"]),
-        # Run S's trace: aten's embedding backward takes 270-500 us per step (the 2-row
+        # Runs S, T: aten's embedding backward takes 276-501 us per step (the 2-row
         # token-type table alone ~140 us); the position and token-type tables by one GEMM each
         ("... the same as 32, small embedding tables' gradients by GEMM (gemm_embedding_grads)",
          [*RECOMMENDED_NOW, "train.gemm_embedding_grads=true"]),

@@ -1,7 +1,7 @@
 """`train.gemm_embedding_grads`: small embedding tables take their gradients from one GEMM.
 
-Why: aten's embedding backward on CUDA takes 270-500 us per step of the reference workload on
-an H100 (run S's trace, `benchmarks/README.md`, run X): up to 3,072 tokens a kernel per table
+Why: aten's embedding backward on CUDA takes 276-501 us per step (median 386) of the reference
+workload on an H100 (runs S and T, `benchmarks/profile_groups.py`; `benchmarks/README.md`): up to 3,072 tokens a kernel per table
 that serialises the tokens of one row (the token-type table's 2 rows: ~140 us), above that a
 sort-based path of ~30 kernels per table (radix sorts, segment offsets). For a table with at
 most as many rows as the batch has tokens (positions: 512, token types: 2), the same sums come

@@ -97,3 +97,19 @@ def test_gemms_that_fill_an_sms_registers_are_counted(tmp_path):
     assert "GEMMs: 75 % of their time in kernels whose every block takes ≥ 90 % of an SM's " \
            "65536 registers (no other stream's block fits beside)" in out
     assert "GEMMs: 25 % of their time in launches of fewer blocks than the GPU's 132 SMs" in out
+
+
+def test_the_embedding_backward_and_the_memsets_before_gemms_are_timed(tmp_path):
+    events = [{"ph": "X", "cat": "cpu_op", "name": "ProfilerStep#1", "ts": 0, "dur": 1}]
+    events += [_kernel("nvjet_sm90_tst_128x256", 0, 100),
+               {"ph": "X", "cat": "gpu_memset", "name": "Memset (Device)", "ts": 103, "dur": 1},
+               _kernel("nvjet_sm90_tst_64x128", 107, 50),  # 7 µs after the GEMM before
+               _kernel("void at::native::GammaBetaBackwardCUDAKernelTemplate<float>", 158, 10),
+               _kernel("void at::native::embedding_backward_feature_kernel", 169, 140),
+               _kernel("void at::native::vectorized_elementwise_kernel<FillFunctor>", 310, 5),
+               _kernel("void at::native::multi_tensor_apply_kernel", 330, 20)]
+    out = _run(tmp_path, events)
+    assert "to the gradients' hand-over, clip norm or AdamW), 1 windows: median 162 µs " \
+           "(162–162), 2 kernels" in out
+    assert "memsets right before a GEMM: 1.0 per step, 7.0 µs each from the kernel before to " \
+           "the GEMM (two kernels in a row: 1.00 µs apart)" in out
