@@ -19,15 +19,20 @@ from torch import nn
 
 from .errors import ConfigError
 
+# Above this many rows a table keeps aten's backward whatever the batch: the one-hot GEMM's
+# cost grows with rows x tokens, aten's with tokens (a vocabulary under a batch of 32k padded
+# tokens would take a 2 GB one-hot matrix and ~2 TFLOP)
+MAX_GEMM_ROWS = 4096
+
 
 def embedding_weight_grad(ids: torch.Tensor, grad: torch.Tensor, rows: int,
                           padding_idx: int | None) -> torch.Tensor:
     """d(loss)/d(weight) of `F.embedding(ids, weight, padding_idx)` given d(loss)/d(output)
     `grad` (..., hidden): row r sums the output gradients of the tokens whose id is r; the
     padding row gets zeros. By a GEMM where the table has at most as many rows as there are
-    tokens, else by aten's own backward."""
+    tokens (and at most MAX_GEMM_ROWS), else by aten's own backward."""
     ids, grad = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
-    if rows > ids.numel():
+    if rows > min(ids.numel(), MAX_GEMM_ROWS):
         return torch.ops.aten.embedding_dense_backward(
             grad, ids, rows, -1 if padding_idx is None else padding_idx, False)
     row = torch.arange(rows, device=ids.device).unsqueeze(1)
@@ -47,7 +52,10 @@ class _EmbeddingWithGemmGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (ids,) = ctx.saved_tensors
-        return None, embedding_weight_grad(ids, grad, ctx.rows, ctx.padding_idx), None
+        # An eager step's backward runs inside the trainer's autocast: the GEMM would then
+        # round the fp32 gradient to bf16 (or overflow in fp16); the sums stay in its dtype
+        with torch.autocast(grad.device.type, enabled=False):
+            return None, embedding_weight_grad(ids, grad, ctx.rows, ctx.padding_idx), None
 
 
 class GemmGradEmbedding(nn.Embedding):

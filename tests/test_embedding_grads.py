@@ -53,6 +53,56 @@ def test_gradient_equals_atens(rows, padding_idx, dtype):
     assert expected.abs().sum() > 0
 
 
+@pytest.mark.parametrize("padding_idx", [None, 1], ids=["bert-like", "roberta-like positions"])
+def test_a_table_takes_the_gemm_path_and_atens_gradient(padding_idx):
+    torch.manual_seed(0)
+    aten = nn.Embedding(24, 8, padding_idx=padding_idx)
+    gemm = copy.deepcopy(aten)
+    enable_gemm_embedding_grads(gemm)
+    ids = torch.randint(0, 24, (2, 40))
+    ids[0, :6] = 1
+    out_aten, out_gemm = aten(ids), gemm(ids)
+    assert torch.equal(out_gemm, out_aten)
+    assert type(out_gemm.grad_fn).__name__ == "_EmbeddingWithGemmGradBackward"  # the new path
+    grad = torch.randn_like(out_aten)
+    out_aten.backward(grad)
+    out_gemm.backward(grad)
+    torch.testing.assert_close(gemm.weight.grad, aten.weight.grad, rtol=1e-5, atol=1e-6)
+    if padding_idx is not None:
+        assert gemm.weight.grad[padding_idx].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_sums_stay_fp32_when_backward_runs_under_autocast(dtype):
+    """An eager step runs backward inside the trainer's autocast: the fp32 gradient is not
+    rounded to bf16 by the GEMM, nor overflows in fp16 (sums of 3,000 gradients of 50)."""
+    aten = nn.Embedding(2, 8)
+    gemm = copy.deepcopy(aten)
+    enable_gemm_embedding_grads(gemm)
+    ids = torch.zeros(3000, dtype=torch.long)
+    grad = torch.full((3000, 8), 50.0) + torch.randn(3000, 8)
+    with torch.autocast("cpu", dtype=dtype):
+        out_aten, out_gemm = aten(ids), gemm(ids)
+        out_aten.backward(grad)
+        out_gemm.backward(grad)
+    assert gemm.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(gemm.weight.grad, aten.weight.grad, rtol=1e-5, atol=1e-3)
+
+
+def test_a_table_above_the_row_cap_keeps_atens_backward(monkeypatch):
+    import mtl_dist.embedding_grads as embedding_grads
+
+    monkeypatch.setattr(embedding_grads, "MAX_GEMM_ROWS", 16)
+    ids, grad = torch.randint(0, 20, (100,)), torch.randn(100, 8, dtype=torch.bfloat16)
+    calls = []
+    monkeypatch.setattr(torch.ops.aten, "embedding_dense_backward",
+                        lambda *a: calls.append(a) or torch.zeros(20, 8))
+    embedding_weight_grad(ids, grad, 20, None)  # 20 rows <= 100 tokens, but above the cap
+    assert len(calls) == 1
+    embedding_weight_grad(ids, grad, 16, None)
+    assert len(calls) == 1
+
+
 def test_the_model_keeps_its_outputs_state_and_gradients():
     torch.manual_seed(0)
     aten = tiny_model()
