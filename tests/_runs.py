@@ -66,6 +66,17 @@ def assert_losses_close(a_dir: Path, b_dir: Path, rel: float, steps: int | None 
         assert abs(x - y) <= rel * max(1.0, abs(x)), (step, x, y)
 
 
+def assert_switch_trains_alike(tmp_path: Path, key: str, steps: int = 6) -> None:
+    """The demo trained `steps` steps with the boolean config `key` off and on: the same
+    losses to 1e-5 (dropout on: the same random stream)."""
+    common = [f"data.cache_dir={tmp_path}/c", f"train.max_steps={steps}", "train.log_steps=1",
+              "checkpoint.save_best=false", "train.eval_at_epoch_end=false", "train.lr=1e-3"]
+    for value in ("false", "true"):
+        run_cli(["train", str(DEMO), f"train.output_dir={tmp_path}/{value}", *common,
+                 f"{key}={value}"])
+    assert_losses_close(tmp_path / "false", tmp_path / "true", rel=1e-5, steps=steps)
+
+
 def checkpoint_model(output_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(str(Path(output_dir) / "checkpoints" / f"checkpoint-{step}" /
                          "model.safetensors"))

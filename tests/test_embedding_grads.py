@@ -19,7 +19,7 @@ from mtl_dist.embedding_grads import (
 from mtl_dist.errors import ConfigError
 from mtl_dist.model import enable_packed_attention
 from tests._models import tiny_model
-from tests._runs import DEMO, run_cli, train_losses
+from tests._runs import DEMO, assert_switch_trains_alike
 from tests.test_fused_qkv import loss_of
 
 
@@ -139,15 +139,7 @@ def test_the_trainer_installs_it(tmp_path):
 
 
 def test_trains_like_atens_embedding_backward(tmp_path):
-    common = [f"data.cache_dir={tmp_path}/c", "train.max_steps=6", "train.log_steps=1",
-              "checkpoint.save_best=false", "train.eval_at_epoch_end=false", "train.lr=1e-3"]
-    for name in ("aten", "gemm"):
-        run_cli(["train", str(DEMO), f"train.output_dir={tmp_path}/{name}", *common,
-                 f"train.gemm_embedding_grads={str(name == 'gemm').lower()}"])
-    aten, gemm = train_losses(tmp_path / "aten"), train_losses(tmp_path / "gemm")
-    assert [s for s, _ in aten] == [s for s, _ in gemm] == list(range(1, 7))
-    for (step, x), (_, y) in zip(aten, gemm, strict=True):  # dropout on: same random stream
-        assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (step, x, y)
+    assert_switch_trains_alike(tmp_path, "train.gemm_embedding_grads")
 
 
 def test_refuses_tables_it_would_change():

@@ -26,7 +26,7 @@ from mtl_dist.model import (
 )
 from mtl_dist.trainer import flat_segments
 from tests._models import samples, tiny_model
-from tests._runs import DEMO, run_cli, train_losses
+from tests._runs import DEMO, assert_switch_trains_alike
 
 LENGTHS = [5, 9, 3, 12]
 
@@ -197,15 +197,7 @@ def test_fused_attention_without_flat_targets_keeps_autograd_gradients():
 
 
 def test_fused_qkv_trains_like_three_linears(tmp_path):
-    common = [f"data.cache_dir={tmp_path}/c", "train.max_steps=6", "train.log_steps=1",
-              "checkpoint.save_best=false", "train.eval_at_epoch_end=false", "train.lr=1e-3"]
-    for name in ("split", "fused"):
-        run_cli(["train", str(DEMO), f"train.output_dir={tmp_path}/{name}", *common,
-                 f"train.fused_qkv={str(name == 'fused').lower()}"])
-    split, fused = train_losses(tmp_path / "split"), train_losses(tmp_path / "fused")
-    assert [s for s, _ in split] == [s for s, _ in fused] == list(range(1, 7))
-    for (step, x), (_, y) in zip(split, fused, strict=True):  # dropout on: same random stream
-        assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (step, x, y)
+    assert_switch_trains_alike(tmp_path, "train.fused_qkv")
 
 
 def test_fused_qkv_refuses_zero_stage_3():
