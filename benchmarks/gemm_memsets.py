@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from attention_kernels import time_us  # this folder's, first on sys.path when run as a script
+from profile_groups import GEMMS, group_of
 from torch.profiler import ProfilerActivity, profile
 
 HIDDEN, FFN = 1024, 4096
@@ -53,7 +54,7 @@ def memsets_in(trace_events) -> dict:
     kernels = [e for e in trace_events if e.device_type == torch.autograd.DeviceType.CUDA]
     names = [e.name for e in kernels]
     return {"memsets": sum(n.startswith("Memset") for n in names),
-            "gemm_kernels": sum(("nvjet" in n or "gemm" in n.lower()) for n in names),
+            "gemm_kernels": sum(group_of(n) == GEMMS for n in names),
             "kernels": len(names)}
 
 
