@@ -1,14 +1,15 @@
 """`train.gemm_embedding_grads`: small embedding tables take their gradients from one GEMM.
 
 Why: aten's embedding backward on CUDA takes 276-501 us per step (median 386) of the reference
-workload on an H100 (runs S and T, `benchmarks/profile_groups.py`; `benchmarks/README.md`): up to 3,072 tokens a kernel per table
-that serialises the tokens of one row (the token-type table's 2 rows: ~140 us), above that a
-sort-based path of ~30 kernels per table (radix sorts, segment offsets). For a table with at
-most as many rows as the batch has tokens (positions: 512, token types: 2), the same sums come
-from one GEMM: a one-hot (rows x tokens) matrix times the output gradient (tokens x hidden),
-accumulated in fp32 by cuBLAS as aten's kernels accumulate in fp32 (CPU/GPU tests: equal to
-aten's gradients to fp32 rounding, bf16 noise in bf16). Larger tables (the vocabulary) keep
-aten's backward. The forward is aten's embedding, unchanged.
+workload on an H100 (runs S and T: `benchmarks/profile_groups.py`, `benchmarks/README.md`): up
+to 3,072 tokens a kernel per table that serialises the tokens of one row (the token-type
+table's 2 rows: ~140 us), above that a sort-based path of ~30 kernels per table (radix sorts,
+segment offsets). For a table with at most as many rows as the batch has tokens (positions
+with packed batches: 512, token types: 2), the same sums come from one GEMM: a one-hot
+(rows x tokens) matrix times the output gradient (tokens x hidden), accumulated in fp32 by
+cuBLAS as aten's CUDA kernels accumulate in fp32 (CPU tests: aten's gradients to fp32 rounding,
+the exact sums rounded to bf16 in bf16; a GPU test is written, not yet run). Larger tables (the
+vocabulary) keep aten's backward. The forward is aten's embedding, unchanged.
 """
 
 from __future__ import annotations
