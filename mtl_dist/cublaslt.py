@@ -1,0 +1,202 @@
+"""cuBLASLt GEMMs with GELU epilogues, called through ctypes (`train.gelu_epilogues`).
+
+Why by hand: torch calls cuBLASLt's GELU epilogue only without its auxiliary output
+(`torch._addmm_activation`), so a training step, whose backward needs the GELU's input, cannot
+use it; and torch has no call for the backward epilogue at all. Transformer Engine uses the
+same two epilogues; it is not installed here. cuBLASLt ships with torch's CUDA build.
+
+Two calls, each one GEMM whose epilogue does the elementwise work that would otherwise take a
+kernel of its own, reading and writing (tokens × intermediate) activations:
+- `gelu_linear`: pre = x·wᵀ + b and h = gelu(pre) (GELU_AUX_BIAS);
+- `gelu_grad_linear`: dpre = gelu'(pre) ∘ (g·w) and its column sums, the bias gradient
+  (DGELU_BGRAD).
+cuBLASLt's GELU is the tanh approximation. Row-major torch tensors are column-major
+transposes to cuBLAS, so each call computes Dᵀ = Bᵀ·Aᵀ with the operands swapped.
+Descriptors and the chosen algorithm are cached per shape; the bias and auxiliary pointers are
+set on each call. Nothing here synchronises or allocates on the device after the first call
+for a shape, so the calls can be captured in CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import threading
+
+import torch
+
+# cublasLt.h / cublas_api.h / library_types.h (CUDA 12 and 13)
+_DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_BIAS_POINTER = 3, 4, 7, 8
+_DESC_AUX_POINTER, _DESC_AUX_LD, _DESC_AUX_DATA_TYPE = 11, 12, 22
+_PREF_MAX_WORKSPACE_BYTES = 1
+_PREF_MIN_ALIGNMENT = (5, 6, 7, 8)  # A, B, C, D
+_EPILOGUE_GELU_AUX_BIAS = 32 | 128 | 4
+_EPILOGUE_DGELU_BGRAD = 64 | 128 | 16
+_COMPUTE_32F, _R_32F = 68, 0
+_DATA_TYPE = {torch.bfloat16: 14, torch.float16: 2}
+_OP_N, _OP_T = 0, 1
+ALIGNMENT = 16  # bytes every operand must be aligned to (asked of the algorithm, checked here)
+WORKSPACE_BYTES = 32 * 2**20
+HEURISTICS = 8  # algorithms asked of the heuristic per shape
+
+
+class _Algo(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_uint64 * 8)]
+
+
+class _Heuristic(ctypes.Structure):
+    _fields_ = [("algo", _Algo), ("workspace_size", ctypes.c_size_t), ("state", ctypes.c_int),
+                ("waves", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
+
+
+class CublasLtError(RuntimeError):
+    pass
+
+
+def _library() -> ctypes.CDLL:
+    """The libcublasLt that torch loaded (same soname), else one from the nvidia wheels."""
+    major = (torch.version.cuda or "").split(".")[0]
+    names = [f"libcublasLt.so.{major}", "libcublasLt.so"]
+    for name in names:
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            pass
+    import nvidia  # the pip wheels' namespace package, where torch's CUDA libraries live
+
+    for root in nvidia.__path__:
+        for path in sorted(glob.glob(os.path.join(root, "*", "lib", f"libcublasLt.so.{major}*"))):
+            return ctypes.CDLL(path)
+    raise CublasLtError(f"no libcublasLt for CUDA {torch.version.cuda} found (tried {names} "
+                        "and the nvidia wheels)")
+
+
+class _Lt:
+    """One cuBLASLt handle, workspace and shape cache per device."""
+
+    def __init__(self, device: torch.device):
+        self.lib = _library()
+        self.handle = ctypes.c_void_p()
+        self._check(self.lib.cublasLtCreate(ctypes.byref(self.handle)), "cublasLtCreate")
+        self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.plans: dict[tuple, tuple] = {}
+        self.candidates: dict[tuple, list[_Algo]] = {}  # the heuristic's, best first
+        self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
+
+    @staticmethod
+    def _check(status: int, call: str) -> None:
+        if status != 0:
+            raise CublasLtError(f"{call} failed with cublasStatus_t {status}")
+
+    def _set(self, setter, obj, attribute: int, value) -> None:
+        self._check(setter(obj, attribute, ctypes.byref(value), ctypes.sizeof(value)),
+                    setter.__name__)
+
+    def _layout(self, dtype: int, rows: int, cols: int, ld: int) -> ctypes.c_void_p:
+        layout = ctypes.c_void_p()
+        self._check(self.lib.cublasLtMatrixLayoutCreate(
+            ctypes.byref(layout), ctypes.c_int(dtype), ctypes.c_uint64(rows),
+            ctypes.c_uint64(cols), ctypes.c_int64(ld)), "cublasLtMatrixLayoutCreate")
+        return layout
+
+    def point(self, desc: ctypes.c_void_p, bias: torch.Tensor, aux: torch.Tensor) -> None:
+        set_desc = self.lib.cublasLtMatmulDescSetAttribute
+        self._set(set_desc, desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
+        self._set(set_desc, desc, _DESC_AUX_POINTER, ctypes.c_void_p(aux.data_ptr()))
+
+    def plan(self, key: tuple, bias: torch.Tensor, aux: torch.Tensor) -> tuple:
+        """(matmul desc, A, B, D layouts, algorithm) for column-major D (m × n) = op(A)·B with
+        A stored (k × m) if transposed else (m × k), B (k × n), all contiguous."""
+        if key in self.plans:
+            return self.plans[key]
+        m, n, k, transa, epilogue, dtype = key
+        desc = ctypes.c_void_p()
+        self._check(self.lib.cublasLtMatmulDescCreate(ctypes.byref(desc), _COMPUTE_32F, _R_32F),
+                    "cublasLtMatmulDescCreate")
+        set_desc = self.lib.cublasLtMatmulDescSetAttribute
+        self._set(set_desc, desc, _DESC_TRANSA, ctypes.c_int32(_OP_T if transa else _OP_N))
+        self._set(set_desc, desc, _DESC_TRANSB, ctypes.c_int32(_OP_N))
+        self._set(set_desc, desc, _DESC_EPILOGUE, ctypes.c_uint32(epilogue))
+        self._set(set_desc, desc, _DESC_AUX_LD, ctypes.c_int64(m))
+        self._set(set_desc, desc, _DESC_AUX_DATA_TYPE, ctypes.c_int32(dtype))
+        self.point(desc, bias, aux)  # the heuristic reads the pointers' alignment
+        a = self._layout(dtype, k, m, k) if transa else self._layout(dtype, m, k, m)
+        b, d = self._layout(dtype, k, n, k), self._layout(dtype, m, n, m)
+        pref = ctypes.c_void_p()
+        self._check(self.lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)),
+                    "cublasLtMatmulPreferenceCreate")
+        set_pref = self.lib.cublasLtMatmulPreferenceSetAttribute
+        self._set(set_pref, pref, _PREF_MAX_WORKSPACE_BYTES, ctypes.c_uint64(WORKSPACE_BYTES))
+        for attribute in _PREF_MIN_ALIGNMENT:
+            self._set(set_pref, pref, attribute, ctypes.c_uint32(ALIGNMENT))
+        results, found = (_Heuristic * HEURISTICS)(), ctypes.c_int(0)
+        self._check(self.lib.cublasLtMatmulAlgoGetHeuristic(
+            self.handle, desc, a, b, d, d, pref, HEURISTICS, results, ctypes.byref(found)),
+            "cublasLtMatmulAlgoGetHeuristic")
+        if found.value < 1:
+            raise CublasLtError(f"cuBLASLt has no algorithm for epilogue {epilogue} at "
+                                f"m={m} n={n} k={k}")
+        self.candidates[key] = [results[i].algo for i in range(found.value)]
+        self.plans[key] = (desc, a, b, d, self.candidates[key][0])
+        return self.plans[key]
+
+    def matmul(self, a: torch.Tensor, transa: bool, b: torch.Tensor, out: torch.Tensor,
+               m: int, n: int, k: int, epilogue: int, bias: torch.Tensor,
+               aux: torch.Tensor) -> None:
+        for tensor in (a, b, out, bias, aux):
+            if tensor.data_ptr() % ALIGNMENT:
+                raise CublasLtError(f"cuBLASLt operand not aligned to {ALIGNMENT} bytes")
+        desc, la, lb, ld, algo = self.plan((m, n, k, transa, epilogue, _DATA_TYPE[out.dtype]),
+                                           bias, aux)
+        self.point(desc, bias, aux)
+        stream = ctypes.c_void_p(torch.cuda.current_stream(out.device).cuda_stream)
+        self._check(self.lib.cublasLtMatmul(
+            self.handle, desc, ctypes.byref(self.alpha), ctypes.c_void_p(a.data_ptr()), la,
+            ctypes.c_void_p(b.data_ptr()), lb, ctypes.byref(self.beta),
+            ctypes.c_void_p(out.data_ptr()), ld, ctypes.c_void_p(out.data_ptr()), ld,
+            ctypes.byref(algo), ctypes.c_void_p(self.workspace.data_ptr()),
+            ctypes.c_size_t(WORKSPACE_BYTES), stream), "cublasLtMatmul")
+
+
+_instances: dict[int, _Lt] = {}
+_lock = threading.Lock()
+
+
+def _lt(device: torch.device) -> _Lt:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _lock:
+        if index not in _instances:
+            with torch.cuda.device(index):
+                _instances[index] = _Lt(torch.device("cuda", index))
+        return _instances[index]
+
+
+def supported(*tensors: torch.Tensor) -> bool:
+    """Whether cuBLASLt can take these operands: CUDA, bf16/fp16, contiguous, aligned."""
+    return all(t.is_cuda and t.dtype in _DATA_TYPE and t.dtype == tensors[0].dtype
+               and t.is_contiguous() and t.data_ptr() % ALIGNMENT == 0 for t in tensors)
+
+
+def gelu_linear(x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gelu_tanh(x·wᵀ + b), x·wᵀ + b) for x (tokens × in), w (out × in), b (out), from one GEMM."""
+    tokens, width = x.shape[0], weight.shape[0]
+    h = x.new_empty(tokens, width)
+    pre = x.new_empty(tokens, width)
+    _lt(x.device).matmul(weight, True, x, h, m=width, n=tokens, k=x.shape[1],
+                         epilogue=_EPILOGUE_GELU_AUX_BIAS, bias=bias, aux=pre)
+    return h, pre
+
+
+def gelu_grad_linear(grad: torch.Tensor, weight: torch.Tensor,
+                     pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dpre, dpre summed over tokens) where dpre = gelu_tanh'(pre) ∘ (grad·w), for grad
+    (tokens × out), w (out × in), pre (tokens × in): the input gradient of Linear(gelu(pre))
+    and the bias gradient of the Linear that made pre, from one GEMM."""
+    tokens, width = grad.shape[0], weight.shape[1]
+    dpre = grad.new_empty(tokens, width)
+    bias_grad = grad.new_empty(width)
+    _lt(grad.device).matmul(weight, False, grad, dpre, m=width, n=tokens, k=grad.shape[1],
+                            epilogue=_EPILOGUE_DGELU_BGRAD, bias=bias_grad, aux=pre)
+    return dpre, bias_grad
