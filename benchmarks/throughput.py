@@ -571,6 +571,10 @@ def variant_list() -> list[tuple[str, list[str]]]:
         # token-type table alone ~140 us); the position and token-type tables by one GEMM each
         ("... the same as 32, small embedding tables' gradients by GEMM (gemm_embedding_grads)",
          [*RECOMMENDED_NOW, "train.gemm_embedding_grads=true"]),
+        # Run Y: the GELU forward kernel ~0.52 ms per step (24 x ~22 us); one layer's GEMM +
+        # GELU 72 -> 60 us with cuBLASLt's epilogue (benchmarks/gelu_epilogue.py)
+        ("... the same as 34, GELU (tanh) in the intermediate GEMM's epilogue (gelu_epilogue)",
+         [*RECOMMENDED_NOW, "train.gemm_embedding_grads=true", "train.gelu_epilogue=true"]),
     ]
 
 

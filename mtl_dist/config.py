@@ -185,6 +185,7 @@ class TrainConfig:
     direct_weight_grads: bool = False  # graphs + flat masters: Linear weight grads into the flat buffer
     fused_qkv: bool = False  # query, key and value projected by one GEMM (same parameters)
     gemm_embedding_grads: bool = False  # small embedding tables' gradients by one GEMM
+    gelu_epilogue: bool = False  # intermediate GEMM + GELU (tanh) as one cuBLASLt GEMM
     overlap_optimizer: bool = False  # flat masters: AdamW per layer, overlapping the next forward
     attention_kernel: str = "flash"  # packed rows on CUDA: "flash" (FlashAttention 2) or "triton"
     stop_after_steps: int | None = None
@@ -1366,6 +1367,13 @@ def _validate_combinations(train: TrainConfig) -> None:
             "config key 'train.fused_qkv': expected false with train.zero_stage=3 (ZeRO-3 "
             "gathers a Linear's weight when that Linear runs; the fused GEMM runs none of the "
             "three), got true",
+        )
+    if train.gelu_epilogue and train.zero_stage == 3:
+        raise _Problem(
+            "train.gelu_epilogue",
+            "config key 'train.gelu_epilogue': expected false with train.zero_stage=3 (ZeRO-3 "
+            "gathers a Linear's weight when that Linear runs; the epilogue GEMM bypasses it), "
+            "got true",
         )
     if train.cuda_graphs and train.zero_stage:
         raise _Problem(

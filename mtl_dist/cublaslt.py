@@ -1,17 +1,15 @@
-"""cuBLASLt GEMMs with GELU epilogues, called through ctypes (`train.gelu_epilogues`).
+"""cuBLASLt GEMMs with epilogues, called through ctypes (`train.gelu_epilogue`).
 
 Why by hand: torch calls cuBLASLt's GELU epilogue only without its auxiliary output
 (`torch._addmm_activation`), so a training step, whose backward needs the GELU's input, cannot
-use it; and torch has no call for the backward epilogue at all. Transformer Engine uses the
-same two epilogues; it is not installed here. cuBLASLt ships with torch's CUDA build.
+use it. Transformer Engine uses the same epilogue; it is not installed here. cuBLASLt ships
+with torch's CUDA build.
 
-Two calls, each one GEMM whose epilogue does the elementwise work that would otherwise take a
-kernel of its own, reading and writing (tokens × intermediate) activations:
-- `gelu_linear`: pre = x·wᵀ + b and h = gelu(pre) (GELU_AUX_BIAS);
-- `gelu_grad_linear`: dpre = gelu'(pre) ∘ (g·w) and its column sums, the bias gradient
-  (DGELU_BGRAD).
-cuBLASLt's GELU is the tanh approximation. Row-major torch tensors are column-major
+`gelu_linear`: pre = x·wᵀ + b and h = gelu(pre) from one GEMM (epilogue GELU_AUX_BIAS), where
+torch runs a GEMM and a GELU kernel that reads and writes (tokens × intermediate) activations
+again. cuBLASLt's GELU is the tanh approximation. Row-major torch tensors are column-major
 transposes to cuBLAS, so each call computes Dᵀ = Bᵀ·Aᵀ with the operands swapped.
+`matmul` takes any epilogue; benchmarks/gelu_epilogue.py measures the backward one too.
 Descriptors and the chosen algorithm are cached per shape; the bias and auxiliary pointers are
 set on each call. Nothing here synchronises or allocates on the device after the first call
 for a shape, so the calls can be captured in CUDA graphs.
@@ -31,8 +29,8 @@ _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_BIAS_POINTER = 3, 4, 7, 8
 _DESC_AUX_POINTER, _DESC_AUX_LD, _DESC_AUX_DATA_TYPE = 11, 12, 22
 _PREF_MAX_WORKSPACE_BYTES = 1
 _PREF_MIN_ALIGNMENT = (5, 6, 7, 8)  # A, B, C, D
-_EPILOGUE_GELU_AUX_BIAS = 32 | 128 | 4
-_EPILOGUE_DGELU_BGRAD = 64 | 128 | 16
+EPILOGUE_GELU_AUX_BIAS = 32 | 128 | 4
+EPILOGUE_DGELU_BGRAD = 64 | 128 | 16  # measured only (benchmarks/gelu_epilogue.py)
 _COMPUTE_32F, _R_32F = 68, 0
 _DATA_TYPE = {torch.bfloat16: 14, torch.float16: 2}
 _OP_N, _OP_T = 0, 1
@@ -185,18 +183,6 @@ def gelu_linear(x: torch.Tensor, weight: torch.Tensor,
     h = x.new_empty(tokens, width)
     pre = x.new_empty(tokens, width)
     _lt(x.device).matmul(weight, True, x, h, m=width, n=tokens, k=x.shape[1],
-                         epilogue=_EPILOGUE_GELU_AUX_BIAS, bias=bias, aux=pre)
+                         epilogue=EPILOGUE_GELU_AUX_BIAS, bias=bias, aux=pre)
     return h, pre
 
-
-def gelu_grad_linear(grad: torch.Tensor, weight: torch.Tensor,
-                     pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dpre, dpre summed over tokens) where dpre = gelu_tanh'(pre) ∘ (grad·w), for grad
-    (tokens × out), w (out × in), pre (tokens × in): the input gradient of Linear(gelu(pre))
-    and the bias gradient of the Linear that made pre, from one GEMM."""
-    tokens, width = grad.shape[0], weight.shape[1]
-    dpre = grad.new_empty(tokens, width)
-    bias_grad = grad.new_empty(width)
-    _lt(grad.device).matmul(weight, False, grad, dpre, m=width, n=tokens, k=grad.shape[1],
-                            epilogue=_EPILOGUE_DGELU_BGRAD, bias=bias_grad, aux=pre)
-    return dpre, bias_grad

@@ -42,6 +42,7 @@ from mtl_dist.collectives import release_host_group, set_host_timeout
 from mtl_dist.config import SAVED_CONFIG_HEADER, RunConfig, config_hash, saved_config_yaml
 from mtl_dist.ema import EMA
 from mtl_dist.embedding_grads import enable_gemm_embedding_grads
+from mtl_dist.gelu_epilogue import enable_gelu_epilogue
 from mtl_dist.errors import CheckpointError, ConfigError, MtlDistWarning
 from mtl_dist.flat_adamw import FlatAdamW
 from mtl_dist.master import MasterWeights
@@ -518,6 +519,8 @@ class Trainer:
             enable_fused_qkv(self.model)
         if cfg.train.gemm_embedding_grads:
             enable_gemm_embedding_grads(self.model.encoder)
+        if cfg.train.gelu_epilogue:
+            enable_gelu_epilogue(self.model)
         if cfg.train.compile:
             compile_encoder_layers(self.model, cfg.train.compile_tuning,
                                    cfg.train.compile_mix_order_reduction)

@@ -461,3 +461,67 @@ def test_gemm_embedding_grads_replay_in_a_cuda_graph(rows, padding_idx):
     assert relative < 1e-2, relative  # bf16: ~1e-3 (one rounding, or a few with split-K)
     if padding_idx is not None:
         assert out[padding_idx].abs().max() == 0
+
+
+def test_gelu_epilogue_gemm_matches_fp32_maths_and_replays_in_a_cuda_graph():
+    """`train.gelu_epilogue` on the workload's shapes: cuBLASLt's GELU_AUX_BIAS GEMM (the
+    path taken: its plan is cached) is captured, a replay reads new inputs, and its output,
+    its saved GELU input and the gradients are fp32 tanh-GELU maths to bf16 rounding."""
+    import torch.nn.functional as F
+
+    from mtl_dist import cublaslt
+    from mtl_dist.gelu_epilogue import GeluLinear, gelu_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(3584, 1024, device="cuda").bfloat16()
+    weight = (torch.randn(4096, 1024, device="cuda") * 0.03).bfloat16()
+    bias = torch.randn(4096, device="cuda").bfloat16()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        gelu_linear(x, weight, bias)  # warm-up before the capture: the plan, the workspace
+    torch.cuda.current_stream().wait_stream(side)
+    plans = cublaslt._instances[torch.cuda.current_device()].plans
+    assert (4096, 3584, 1024, True, cublaslt.EPILOGUE_GELU_AUX_BIAS, 14) in plans
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        h, pre = gelu_linear(x, weight, bias)
+    x.copy_(torch.randn_like(x, dtype=torch.float32))
+    graph.replay()
+
+    def relative(got, want):
+        return ((got.float() - want).norm() / want.norm()).item()
+
+    exact_pre = F.linear(x.float(), weight.float(), bias.float())
+    assert relative(pre, exact_pre) < 1e-2
+    assert relative(h, F.gelu(exact_pre, approximate="tanh")) < 1e-2
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    fp32 = [t.float().detach().requires_grad_() for t in (x, weight, bias)]
+    grad = torch.randn(3584, 4096, device="cuda")
+    GeluLinear.apply(*leaves, None).backward(grad.bfloat16())
+    F.gelu(F.linear(*fp32), approximate="tanh").backward(grad)
+    for got, want in zip(leaves, fp32, strict=True):
+        assert relative(got.grad, want.grad) < 1e-2
+
+
+def test_gelu_epilogue_trains_like_exact_gelu_in_the_recommended_set(tmp_path):
+    """train.gelu_epilogue on the GPU path it is for (graphs, compiled packed layers, flat
+    masters, weight gradients written in place): cuBLASLt's GEMM runs in every layer, and the
+    losses are those of the exact GELU to bf16 noise."""
+    from mtl_dist import cublaslt
+    from mtl_dist.gelu_epilogue import GeluEpilogueIntermediate
+
+    common = ["train.bf16_weights=true", "train.cuda_graphs=true", "train.fused_clipping=true",
+              "train.flat_masters=true", "train.gradient_accumulation_steps=1",
+              "train.direct_weight_grads=true", "train.fused_qkv=true", *COMPILED_PACKED]
+    exact, _, _ = run(tmp_path, "exact", *common)
+    for lt in cublaslt._instances.values():
+        lt.plans.clear()
+    epilogue, trainer, _ = run(tmp_path, "epilogue", *common, "train.gelu_epilogue=true")
+    config = trainer.module.encoder.config
+    layers = trainer.module.encoder.encoder.layer
+    assert all(isinstance(layer.intermediate, GeluEpilogueIntermediate) for layer in layers)
+    assert all(layer.intermediate.dense.weight_grad_target is not None for layer in layers)
+    keys = [k for lt in cublaslt._instances.values() for k in lt.plans]
+    assert any(k[0] == config.intermediate_size and k[2] == config.hidden_size for k in keys)
+    assert_losses_close(exact, epilogue, 0.02, steps=30)

@@ -1,9 +1,12 @@
 """One transformer layer's feed-forward block (1024 → 4096 → 1024, bf16), forward + backward
-replayed from a CUDA graph: GELU in kernels of its own (torch.compile, exact and tanh GELU)
-against GELU in the GEMMs' cuBLASLt epilogues (`train.gelu_epilogues`, mtl_dist/gelu_mlp.py).
-Also checks the epilogues' outputs and gradients against fp32 maths on the same inputs.
+replayed from a CUDA graph: GELU in a kernel of its own (torch.compile, exact and tanh GELU)
+against GELU in the first GEMM's cuBLASLt epilogue (`train.gelu_epilogue`,
+mtl_dist/gelu_epilogue.py). Also checks its output and gradients against fp32 maths on the
+same inputs, and (`--algorithms`) times each GEMM alone: torch's, the epilogue GEMM with each
+algorithm cuBLASLt offers, and the backward epilogue (DGELU_BGRAD) in several forms.
 
-    python benchmarks/gelu_epilogues.py --out benchmarks/results/gelu_epilogues_h100.json
+    python benchmarks/gelu_epilogue.py --out benchmarks/results/gelu_epilogue_h100.json
+    python benchmarks/gelu_epilogue.py --algorithms --tokens 3584
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mtl_dist.gelu_mlp import GeluMLP  # noqa: E402
+from mtl_dist.gelu_epilogue import GeluLinear  # noqa: E402
 
 HIDDEN, INTERMEDIATE = 1024, 4096
 
@@ -30,7 +33,7 @@ def plain_mlp(approximate: str):
 
 
 def epilogue_mlp(x, w1, b1, w2, b2):
-    return GeluMLP.apply(x, w1, b1, w2, b2, None, None)
+    return F.linear(GeluLinear.apply(x, w1, b1, None), w2, b2)
 
 
 def operands(tokens: int, seed: int = 0) -> list[torch.Tensor]:
@@ -51,7 +54,7 @@ def accuracy(tokens: int) -> dict:
     reference = plain_mlp("tanh")(*exact)
     ref_grads = torch.autograd.grad(reference, exact, grad.float())
     out = {}
-    for name, fn in (("epilogues", epilogue_mlp), ("bf16 torch ops", plain_mlp("tanh"))):
+    for name, fn in (("epilogue", epilogue_mlp), ("bf16 torch ops", plain_mlp("tanh"))):
         leaves = [t.detach().clone().requires_grad_() for t in inputs]
         y = fn(*leaves)
         grads = torch.autograd.grad(y, leaves, grad)
@@ -112,18 +115,44 @@ def algorithms(tokens: int) -> dict:
     out = {"torch addmm x·w1ᵀ+b1": _elapsed_us(lambda: F.linear(x, w1, b1)),
            "torch mm grad·w2": _elapsed_us(lambda: grad @ w2)}
     lt = cublaslt._lt(x.device)
-    for label, call in (("GELU_AUX_BIAS", lambda: cublaslt.gelu_linear(x, w1, b1)),
-                        ("DGELU_BGRAD", lambda: cublaslt.gelu_grad_linear(grad, w2, pre))):
+    dpre = torch.empty(tokens, INTERMEDIATE, device="cuda", dtype=torch.bfloat16)
+    bias_grad = torch.empty(INTERMEDIATE, device="cuda", dtype=torch.bfloat16)
+
+    def dgelu_bgrad(weight=w2, transa=False, epilogue=cublaslt.EPILOGUE_DGELU_BGRAD):
+        """dpre = gelu'(pre) ∘ (grad·w2) and its sum over tokens, from one cuBLASLt call."""
+        lt.matmul(weight, transa, grad, dpre, m=INTERMEDIATE, n=tokens, k=HIDDEN,
+                  epilogue=epilogue, bias=bias_grad, aux=pre)
+
+    for label, call, epilogue in (
+            ("GELU_AUX_BIAS", lambda: cublaslt.gelu_linear(x, w1, b1),
+             cublaslt.EPILOGUE_GELU_AUX_BIAS),
+            ("DGELU_BGRAD", dgelu_bgrad, cublaslt.EPILOGUE_DGELU_BGRAD)):
         call()
-        key = next(k for k in reversed(list(lt.plans)) if k[1] == tokens
-                   and k[4] == (cublaslt._EPILOGUE_GELU_AUX_BIAS if label == "GELU_AUX_BIAS"
-                                else cublaslt._EPILOGUE_DGELU_BGRAD))
+        key = next(k for k in reversed(list(lt.plans)) if k[1] == tokens and k[4] == epilogue)
         times = []
         for algo in lt.candidates[key]:
             lt.plans[key] = (*lt.plans[key][:4], algo)
             times.append(round(_elapsed_us(call), 1))
         lt.plans[key] = (*lt.plans[key][:4], lt.candidates[key][0])
         out[label] = times
+    # the backward epilogue in other forms: w2 transposed (op T), without the bias gradient
+    w2t = w2.t().contiguous()
+    dgelu = 64 | 128
+    for label, weight, transa, epilogue in (
+            ("DGELU_BGRAD, w2 transposed", w2t, True, cublaslt.EPILOGUE_DGELU_BGRAD),
+            ("DGELU", w2, False, dgelu), ("DGELU, w2 transposed", w2t, True, dgelu)):
+        def call(weight=weight, transa=transa, epilogue=epilogue):
+            dgelu_bgrad(weight, transa, epilogue)
+        try:
+            out[label] = round(_elapsed_us(call), 1)
+        except cublaslt.CublasLtError as exc:
+            out[label] = str(exc)
+            continue
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            call()
+            torch.cuda.synchronize()
+        out[label + " kernels"] = [e.name[:80] for e in prof.events()
+                                   if e.device_type == torch.autograd.DeviceType.CUDA]
     return out
 
 
@@ -142,7 +171,7 @@ def kernel_table(graph, replays: int = 5) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="benchmarks/results/gelu_epilogues.json")
+    parser.add_argument("--out", default="benchmarks/results/gelu_epilogue.json")
     parser.add_argument("--tokens", default="2624,3584,5120")
     parser.add_argument("--variants", default="0,1,2,3", help="indices, in this order")
     parser.add_argument("--algorithms", action="store_true",
@@ -160,7 +189,7 @@ def main() -> None:
         return
     variants = {"compiled, exact GELU (the recommended set)": torch.compile(plain_mlp("none")),
                 "compiled, tanh GELU": torch.compile(plain_mlp("tanh")),
-                "cuBLASLt epilogues (train.gelu_epilogues)": epilogue_mlp,
+                "cuBLASLt GELU epilogue (train.gelu_epilogue)": epilogue_mlp,
                 "the same, compiled (as in the trainer's compiled layers)":
                     torch.compile(epilogue_mlp)}
     variants = {name: fn for i, (name, fn) in enumerate(variants.items())
