@@ -575,6 +575,9 @@ def variant_list() -> list[tuple[str, list[str]]]:
         # GELU 72 -> 60 us with cuBLASLt's epilogue (benchmarks/gelu_epilogue.py)
         ("... the same as 34, GELU (tanh) in the intermediate GEMM's epilogue (gelu_epilogue)",
          [*RECOMMENDED_NOW, "train.gemm_embedding_grads=true", "train.gelu_epilogue=true"]),
+        ("... the same as 35, Inductor combo kernels (independent kernels launched as one)",
+         [*RECOMMENDED_NOW, "train.gemm_embedding_grads=true", "train.gelu_epilogue=true",
+          "inductor.combo_kernels=true"]),
     ]
 
 
