@@ -42,9 +42,9 @@ from mtl_dist.collectives import release_host_group, set_host_timeout
 from mtl_dist.config import SAVED_CONFIG_HEADER, RunConfig, config_hash, saved_config_yaml
 from mtl_dist.ema import EMA
 from mtl_dist.embedding_grads import enable_gemm_embedding_grads
-from mtl_dist.gelu_epilogue import enable_gelu_epilogue
 from mtl_dist.errors import CheckpointError, ConfigError, MtlDistWarning
 from mtl_dist.flat_adamw import FlatAdamW
+from mtl_dist.gelu_epilogue import enable_gelu_epilogue
 from mtl_dist.master import MasterWeights
 from mtl_dist.metrics import run_score, task_metrics
 from mtl_dist.model import (
