@@ -560,24 +560,26 @@ def variant_list() -> list[tuple[str, list[str]]]:
         ("... the same as 22, coordinate descent for reductions only (pointwise: heuristic)",
          [*RECOMMENDED_QKV, "bench.pointwise_heuristic=true"]),
         # Variant 25 through the trainer's own switch (the option reaches the compiled layers
-        # only, not the whole process): the README's recommended set since run W
-        ("... the same as 22, train.compile_mix_order_reduction=false (recommended since W)",
-         RECOMMENDED_NOW),
+        # only, not the whole process): the README's recommended set in runs W and X
+        ("... the same as 22, train.compile_mix_order_reduction=false (recommended in W, X)",
+         RECOMMENDED_MIX),
         # Combo kernels on 22 (H200s): +0.9 % real tokens/s in a screening run (P1), +0.2 %
-        # paired in one run (R2); not yet run on an H100 or with mix-order reduction off
+        # paired in one run (R2); H100, run Y2: +0.4 % on 32 (one run)
         ("... the same as 32, Inductor combo kernels (independent kernels launched as one)",
-         [*RECOMMENDED_NOW, "inductor.combo_kernels=true"]),
+         [*RECOMMENDED_MIX, "inductor.combo_kernels=true"]),
         # Runs S, T: aten's embedding backward takes 276-501 us per step (the 2-row
-        # token-type table alone ~140 us); the position and token-type tables by one GEMM each
+        # token-type table alone ~140 us); the position and token-type tables by one GEMM each.
+        # Run Y: +0.6 and +1.0 % on 32 (Y1, Y2); the window's median 386 -> 189 us
         ("... the same as 32, small embedding tables' gradients by GEMM (gemm_embedding_grads)",
-         [*RECOMMENDED_NOW, "train.gemm_embedding_grads=true"]),
+         [*RECOMMENDED_MIX, "train.gemm_embedding_grads=true"]),
         # Run Y: the GELU forward kernel ~0.52 ms per step (24 x ~22 us); one layer's GEMM +
-        # GELU 72 -> 60 us with cuBLASLt's epilogue (benchmarks/gelu_epilogue.py)
+        # GELU 72 -> 59 us with cuBLASLt's epilogue (benchmarks/gelu_epilogue.py).
+        # Run Y: +1.3 and +1.5 % on 34 (Y8, Y9): the recommended set since
         ("... the same as 34, GELU (tanh) in the intermediate GEMM's epilogue (gelu_epilogue)",
-         [*RECOMMENDED_NOW, "train.gemm_embedding_grads=true", "train.gelu_epilogue=true"]),
+         RECOMMENDED_NOW),
+        # Run Y9: -1.1 % on 35 (one run)
         ("... the same as 35, Inductor combo kernels (independent kernels launched as one)",
-         [*RECOMMENDED_NOW, "train.gemm_embedding_grads=true", "train.gelu_epilogue=true",
-          "inductor.combo_kernels=true"]),
+         [*RECOMMENDED_NOW, "inductor.combo_kernels=true"]),
     ]
 
 
@@ -598,8 +600,11 @@ def _replaced(overrides: list[str], override: str) -> list[str]:
 RECOMMENDED_64 = _replaced(RECOMMENDED, "data.pack_multiple=64")
 # Variant 22: the README's recommended set of runs O-V.
 RECOMMENDED_QKV = [*RECOMMENDED_64, "train.direct_weight_grads=true", "train.fused_qkv=true"]
-# Variant 32: the README's recommended set since run W (run X measured the switch itself).
-RECOMMENDED_NOW = [*RECOMMENDED_QKV, "train.compile_mix_order_reduction=false"]
+# Variant 32: the README's recommended set of runs W-X (run X measured the switch itself).
+RECOMMENDED_MIX = [*RECOMMENDED_QKV, "train.compile_mix_order_reduction=false"]
+# Variant 35: the README's recommended set since run Y.
+RECOMMENDED_NOW = [*RECOMMENDED_MIX, "train.gemm_embedding_grads=true",
+                   "train.gelu_epilogue=true"]
 
 
 def add_speedups(rows: list[dict], baselines: list[dict]) -> None:
