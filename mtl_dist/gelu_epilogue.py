@@ -5,7 +5,7 @@ GEMM and a GELU kernel of its own.
 Why: in run Y's H100 profile the GELU forward kernel took 0.52 ms of the 22.7 ms step (24
 layers × ~22 µs: it reads the GEMM's (tokens × 4096) output and writes the activation). The
 epilogue GEMM writes the activation and its input (kept for the backward) as it goes: one
-layer's GEMM + GELU, 72 → 60 µs at 3,584 tokens (benchmarks/gelu_epilogue.py). The backward
+layer's GEMM + GELU, 72 → 59 µs at 3,584 tokens (benchmarks/gelu_epilogue.py). The backward
 stays torch's (cuBLASLt's backward epilogue, DGELU_BGRAD, runs as a separate unfused kernel on
 the H100: 2× slower than the GEMM plus Inductor's fused GELU backward, same benchmark).
 
