@@ -20,3 +20,13 @@ def tiny_model(model_type="bert", head="attention", layers=2, vocab_size=50, pad
                            attention_probs_dropout_prob=0.0)
     return build_model(SimpleNamespace(pretrained=None, arch=arch, head=head, dropout=0.0),
                        vocab_size=vocab_size, num_labels=[3], pad_token_id=pad_token_id)
+
+
+def assert_same_gradients(got, want, rtol=1e-5, atol=1e-6) -> None:
+    """Every parameter of model `got` has model `want`'s gradient (same parameter names)."""
+    import torch
+
+    grads = dict(got.named_parameters())
+    assert grads.keys() == dict(want.named_parameters()).keys()
+    for name, p in want.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, rtol=rtol, atol=atol, msg=name)

@@ -18,7 +18,7 @@ from mtl_dist.embedding_grads import (
 )
 from mtl_dist.errors import ConfigError
 from mtl_dist.model import enable_packed_attention
-from tests._models import tiny_model
+from tests._models import assert_same_gradients, tiny_model
 from tests._runs import DEMO, assert_switch_trains_alike
 from tests.test_fused_qkv import loss_of
 
@@ -118,10 +118,7 @@ def test_the_model_keeps_its_outputs_state_and_gradients():
         assert loss_gemm.item() == loss_aten.item()
         aten.zero_grad(), gemm.zero_grad()
         loss_aten.backward(), loss_gemm.backward()
-        grads = dict(gemm.named_parameters())
-        for name, p in aten.named_parameters():
-            torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-5, atol=1e-6,
-                                       msg=name)
+        assert_same_gradients(gemm, aten)
     with torch.no_grad():  # evaluation: aten's forward as is
         assert loss_of(gemm, False).item() == loss_of(aten, False).item()
 

@@ -24,7 +24,7 @@ from mtl_dist.gelu_epilogue import (
     gelu_of_linear,
 )
 from mtl_dist.model import compile_encoder_layers, enable_packed_attention, transformer_layers
-from tests._models import tiny_model
+from tests._models import assert_same_gradients, tiny_model
 from tests._runs import DEMO, FAST, run_cli, train_losses
 from tests.test_fused_qkv import loss_of
 
@@ -126,10 +126,7 @@ def test_the_model_computes_the_tanh_gelu_model_with_the_same_state(model_type):
         torch.testing.assert_close(loss_ours, loss_ref, rtol=1e-6, atol=1e-7)
         reference.zero_grad(), ours.zero_grad()
         loss_ref.backward(), loss_ours.backward()
-        grads = dict(ours.named_parameters())
-        for name, p in reference.named_parameters():
-            torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-5, atol=1e-6,
-                                       msg=name)
+        assert_same_gradients(ours, reference)
         # against the exact GELU: close (the approximation), not equal (the switch acts)
         loss_exact = loss_of(exact, packed)
         assert 0 < abs(loss_ours.item() - loss_exact.item()) < 1e-3 * abs(loss_exact.item())
@@ -168,9 +165,7 @@ def test_compiled_layers_take_it_without_graph_breaks():
     loss_eager.backward(), loss_compiled.backward()
     assert not counters["graph_break"], dict(counters["graph_break"])
     torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-5, atol=1e-6)
-    grads = dict(compiled.named_parameters())
-    for name, p in eager.named_parameters():
-        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_gradients(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
 def test_refuses_layers_it_would_change_and_leaves_the_model_as_it_was():
