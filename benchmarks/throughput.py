@@ -580,6 +580,11 @@ def variant_list() -> list[tuple[str, list[str]]]:
         # Run Y9: -1.1 % on 35 (one run)
         ("... the same as 35, Inductor combo kernels (independent kernels launched as one)",
          [*RECOMMENDED_NOW, "inductor.combo_kernels=true"]),
+        # Run Y's profile: the vocabulary table's gradient by aten, a fill (~14 us) and a kernel
+        # serialising each row's tokens (~92-101 us; a sort path of ~180 us above 3,072
+        # tokens); mtl_dist's Triton kernel (not yet measured on a GPU)
+        ("... the same as 35, the vocabulary's gradient by a Triton kernel (triton_embedding_grads)",
+         [*RECOMMENDED_NOW, "train.triton_embedding_grads=true"]),
     ]
 
 

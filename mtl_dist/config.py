@@ -185,6 +185,7 @@ class TrainConfig:
     direct_weight_grads: bool = False  # graphs + flat masters: Linear weight grads into the flat buffer
     fused_qkv: bool = False  # query, key and value projected by one GEMM (same parameters)
     gemm_embedding_grads: bool = False  # small embedding tables' gradients by one GEMM
+    triton_embedding_grads: bool = False  # gemm_embedding_grads: the vocabulary's by Triton
     gelu_epilogue: bool = False  # intermediate GEMM + GELU (tanh) as one cuBLASLt GEMM
     overlap_optimizer: bool = False  # flat masters: AdamW per layer, overlapping the next forward
     attention_kernel: str = "flash"  # packed rows on CUDA: "flash" (FlashAttention 2) or "triton"
@@ -1367,6 +1368,13 @@ def _validate_combinations(train: TrainConfig) -> None:
             "config key 'train.fused_qkv': expected false with train.zero_stage=3 (ZeRO-3 "
             "gathers a Linear's weight when that Linear runs; the fused GEMM runs none of the "
             "three), got true",
+        )
+    if train.triton_embedding_grads and not train.gemm_embedding_grads:
+        raise _Problem(
+            "train.triton_embedding_grads",
+            "config key 'train.triton_embedding_grads': expected false without "
+            "train.gemm_embedding_grads=true (it computes the tables too large for that "
+            "switch's GEMM), got true",
         )
     if train.gelu_epilogue and train.zero_stage == 3:
         raise _Problem(

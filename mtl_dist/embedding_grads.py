@@ -8,8 +8,9 @@ segment offsets). For a table with at most as many rows as the batch has tokens 
 with packed batches: 512, token types: 2), the same sums come from one GEMM: a one-hot
 (rows x tokens) matrix times the output gradient (tokens x hidden), accumulated in fp32 by
 cuBLAS as aten's CUDA kernels accumulate in fp32 (CPU tests: aten's gradients to fp32 rounding,
-the exact sums rounded to bf16 in bf16; a GPU test is written, not yet run). Larger tables (the
-vocabulary) keep aten's backward. The forward is aten's embedding, unchanged.
+the exact sums rounded to bf16 in bf16; GPU test: run Y1). Larger tables (the vocabulary)
+keep aten's backward, or with `train.triton_embedding_grads` on CUDA take mtl_dist's Triton
+kernel (`mtl_dist/triton_embedding.py`). The forward is aten's embedding, unchanged.
 """
 
 from __future__ import annotations
@@ -24,16 +25,22 @@ from .errors import ConfigError
 # cost grows with rows x tokens, aten's with tokens (a vocabulary under a batch of 32k padded
 # tokens would take a 2 GB one-hot matrix and ~2 TFLOP)
 MAX_GEMM_ROWS = 4096
+LARGE_TABLE_KERNELS = ("aten", "triton")  # what computes the tables above the GEMM's reach
 
 
 def embedding_weight_grad(ids: torch.Tensor, grad: torch.Tensor, rows: int,
-                          padding_idx: int | None) -> torch.Tensor:
+                          padding_idx: int | None, large_tables: str = "aten") -> torch.Tensor:
     """d(loss)/d(weight) of `F.embedding(ids, weight, padding_idx)` given d(loss)/d(output)
     `grad` (..., hidden): row r sums the output gradients of the tokens whose id is r; the
     padding row gets zeros. By a GEMM where the table has at most as many rows as there are
-    tokens (and at most MAX_GEMM_ROWS), else by aten's own backward."""
+    tokens (and at most MAX_GEMM_ROWS), else by aten's own backward, or by mtl_dist's Triton
+    kernel on CUDA with `large_tables="triton"`."""
     ids, grad = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
     if rows > min(ids.numel(), MAX_GEMM_ROWS):
+        if large_tables == "triton" and grad.is_cuda:
+            from .triton_embedding import embedding_grad_triton
+
+            return embedding_grad_triton(ids, grad, rows, padding_idx)
         return torch.ops.aten.embedding_dense_backward(
             grad, ids, rows, -1 if padding_idx is None else padding_idx, False)
     row = torch.arange(rows, device=ids.device).unsqueeze(1)
@@ -45,9 +52,9 @@ def embedding_weight_grad(ids: torch.Tensor, grad: torch.Tensor, rows: int,
 
 class _EmbeddingWithGemmGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ids, weight, padding_idx):
+    def forward(ctx, ids, weight, padding_idx, large_tables):
         ctx.save_for_backward(ids)
-        ctx.rows, ctx.padding_idx = weight.shape[0], padding_idx
+        ctx.rows, ctx.padding_idx, ctx.large_tables = weight.shape[0], padding_idx, large_tables
         return F.embedding(ids, weight, padding_idx)
 
     @staticmethod
@@ -56,22 +63,30 @@ class _EmbeddingWithGemmGrad(torch.autograd.Function):
         # An eager step's backward runs inside the trainer's autocast: the GEMM would then
         # round the fp32 gradient to bf16 (or overflow in fp16); the sums stay in its dtype
         with torch.autocast(grad.device.type, enabled=False):
-            return None, embedding_weight_grad(ids, grad, ctx.rows, ctx.padding_idx), None
+            return None, embedding_weight_grad(ids, grad, ctx.rows, ctx.padding_idx,
+                                               ctx.large_tables), None, None
 
 
 class GemmGradEmbedding(nn.Embedding):
     """An nn.Embedding whose weight gradient comes from `embedding_weight_grad` (same
-    parameters, state dict and forward)."""
+    parameters, state dict and forward); `large_tables`: see embedding_weight_grad."""
+
+    large_tables = "aten"
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() and self.weight.requires_grad):
             return super().forward(ids)
-        return _EmbeddingWithGemmGrad.apply(ids, self.weight, self.padding_idx)
+        return _EmbeddingWithGemmGrad.apply(ids, self.weight, self.padding_idx,
+                                            self.large_tables)
 
 
-def enable_gemm_embedding_grads(encoder: nn.Module) -> int:
+def enable_gemm_embedding_grads(encoder: nn.Module, large_tables: str = "aten") -> int:
     """`train.gemm_embedding_grads`: every nn.Embedding of the encoder becomes a
-    GemmGradEmbedding; returns how many. Before DDP/compile wrap the model."""
+    GemmGradEmbedding; returns how many. `large_tables="triton"`
+    (`train.triton_embedding_grads`): the tables too large for the GEMM take the Triton kernel
+    on CUDA. Before DDP/compile wrap the model."""
+    if large_tables not in LARGE_TABLE_KERNELS:
+        raise ValueError(f"large_tables={large_tables!r}: expected one of {LARGE_TABLE_KERNELS}")
     tables = [m for m in encoder.modules() if isinstance(m, nn.Embedding)]
     for table in tables:  # all checked before any is changed
         if type(table) not in (nn.Embedding, GemmGradEmbedding):
@@ -85,4 +100,5 @@ def enable_gemm_embedding_grads(encoder: nn.Module) -> int:
                 "train.gemm_embedding_grads=false")
     for table in tables:
         table.__class__ = GemmGradEmbedding
+        table.large_tables = large_tables
     return len(tables)

@@ -518,7 +518,8 @@ class Trainer:
         if cfg.train.fused_qkv:
             enable_fused_qkv(self.model)
         if cfg.train.gemm_embedding_grads:
-            enable_gemm_embedding_grads(self.model.encoder)
+            enable_gemm_embedding_grads(
+                self.model.encoder, "triton" if cfg.train.triton_embedding_grads else "aten")
         if cfg.train.gelu_epilogue:
             enable_gelu_epilogue(self.model)
         if cfg.train.compile:

@@ -154,3 +154,74 @@ def test_refuses_tables_it_would_change():
     with pytest.raises(ConfigError, match="'train.gemm_embedding_grads': Scaled is not a plain"):
         enable_gemm_embedding_grads(model.encoder)
     assert type(model.encoder.embeddings.word_embeddings) is nn.Embedding  # nothing changed
+
+
+# ------------------------------------------------- train.triton_embedding_grads (large tables)
+def triton_kernel_errors() -> dict:
+    """Run inside Triton's CPU interpreter (fp32: its bf16 matmul is not usable there): the
+    kernel's gradient against aten's for tables larger than the batch, with and without a
+    padding row, rows and hidden widths that are not multiples of the kernel's blocks, one id
+    repeated across token blocks, and a second call's bits."""
+    from mtl_dist.triton_embedding import embedding_grad_triton
+
+    torch.manual_seed(0)
+    errors = {}
+    for rows, tokens, hidden, padding_idx in [(300, 150, 40, None), (300, 150, 40, 1),
+                                              (1000, 700, 200, 0), (65, 64, 128, None)]:
+        ids = torch.randint(0, rows, (tokens,))
+        ids[:70:3] = 5  # one row's tokens in two token blocks
+        ids[100:110] = 1
+        grad = torch.randn(tokens, hidden)
+        ours = embedding_grad_triton(ids, grad, rows, padding_idx)
+        expected = aten_grad(ids, grad, rows, padding_idx, torch.float32)
+        key = f"{rows}x{hidden}, {tokens} tokens, padding {padding_idx}"
+        errors[key] = (ours - expected).abs().max().item()
+        errors[key + " again, bits differ"] = not torch.equal(
+            ours, embedding_grad_triton(ids, grad, rows, padding_idx))
+    return errors
+
+
+def test_triton_kernel_gives_atens_gradient_in_the_interpreter():
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    code = ("import json, tests.test_embedding_grads as t; "
+            "print(json.dumps(t.triton_kernel_errors()))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(errors) == 8
+    for key, error in errors.items():
+        assert error is False if "again" in key else error < 1e-5, (key, error)
+
+
+def test_large_tables_take_aten_on_cpu_and_the_switch_needs_the_gemm_one(tmp_path):
+    from mtl_dist.config import load_config
+
+    ids, grad = torch.randint(0, 30, (20,)), torch.randn(20, 8)
+    torch.testing.assert_close(embedding_weight_grad(ids, grad, 30, None, "triton"),
+                               aten_grad(ids, grad, 30, None, torch.float32))
+    with pytest.raises(ValueError, match="large_tables='cuda'"):
+        enable_gemm_embedding_grads(tiny_model().encoder, "cuda")
+    with pytest.raises(ConfigError, match="'train.triton_embedding_grads': expected false "
+                                          "without train.gemm_embedding_grads=true"):
+        load_config(DEMO, [f"train.output_dir={tmp_path}", "train.triton_embedding_grads=true"])
+
+
+def test_the_trainer_hands_the_large_tables_to_the_triton_kernel(tmp_path):
+    from mtl_dist.config import load_config
+    from mtl_dist.trainer import Trainer
+
+    trainer = Trainer(load_config(DEMO, [f"train.output_dir={tmp_path}/out",
+                                         f"data.cache_dir={tmp_path}/c",
+                                         "train.gemm_embedding_grads=true",
+                                         "train.triton_embedding_grads=true"]))
+    tables = [m for m in trainer.module.encoder.modules() if isinstance(m, nn.Embedding)]
+    assert len(tables) == 3 and all(m.large_tables == "triton" for m in tables)
+    trainer.close()

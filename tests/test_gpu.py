@@ -525,3 +525,47 @@ def test_gelu_epilogue_trains_like_exact_gelu_in_the_recommended_set(tmp_path):
     keys = [k for lt in cublaslt._instances.values() for k in lt.plans]
     assert any(k[0] == config.intermediate_size and k[2] == config.hidden_size for k in keys)
     assert_losses_close(exact, epilogue, 0.02, steps=30)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_triton_embedding_grads_of_the_vocabulary_replay_in_a_cuda_graph(padding_idx):
+    """`train.triton_embedding_grads` on the workload's vocabulary: the kernel is captured (no
+    host sync), a replay reads new ids, two replays give the same bits, and the sums are aten's
+    fp32 ones to bf16 rounding, the padding row zero."""
+    import torch.nn.functional as F
+
+    from mtl_dist.triton_embedding import embedding_grad_triton
+
+    torch.manual_seed(0)
+    rows, tokens = 21128, 3392
+
+    def new_ids():
+        ids = torch.randint(0, rows, (tokens,), device="cuda")
+        ids[::32] = 101  # a row every sequence has, like [CLS]
+        ids[5:400:7] = 0  # the padding row, if any
+        return ids
+
+    ids = new_ids()
+    grad = torch.randn(tokens, 1024, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        embedding_grad_triton(ids, grad, rows, padding_idx)  # compiles the kernel
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = embedding_grad_triton(ids, grad, rows, padding_idx)
+    ids.copy_(new_ids())
+    grad.normal_()
+    graph.replay()
+    first = out.clone()
+    graph.replay()
+    assert torch.equal(out, first)
+    weight = torch.zeros(rows, 1024, device="cuda", requires_grad=True)
+    F.embedding(ids, weight, padding_idx).backward(grad.float())
+    expected = weight.grad
+    relative = ((out.float() - expected).norm() / expected.norm()).item()
+    assert relative < 1e-2, relative
+    assert (out.float() - expected)[101].abs().max() <= 2e-2 * expected[101].abs().max()
+    if padding_idx is not None:
+        assert out[padding_idx].abs().max() == 0
