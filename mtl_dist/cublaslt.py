@@ -11,8 +11,10 @@ again. cuBLASLt's GELU is the tanh approximation. Row-major torch tensors are co
 transposes to cuBLAS, so each call computes Dᵀ = Bᵀ·Aᵀ with the operands swapped.
 `matmul` takes any epilogue; benchmarks/gelu_epilogue.py measures the backward one too.
 Descriptors and the chosen algorithm are cached per shape; the bias and auxiliary pointers are
-set on each call. Nothing here synchronises or allocates on the device after the first call
-for a shape, so the calls can be captured in CUDA graphs.
+set on each call, under a lock (ctypes releases the GIL inside the calls). A workspace per
+stream, as torch keeps cuBLAS's. Nothing here synchronises the device, and after the first call
+on a stream nothing allocates device memory, so the calls can be captured in CUDA graphs once
+they have run outside (the trainer's warm-up before each capture does that).
 """
 
 from __future__ import annotations
@@ -52,32 +54,56 @@ class CublasLtError(RuntimeError):
     pass
 
 
+_P, _SIZE = ctypes.c_void_p, ctypes.c_size_t
+_SIGNATURES = {  # cublasLt.h: every call takes its arguments at their C widths
+    "cublasLtCreate": [_P],
+    "cublasLtMatmulDescCreate": [_P, ctypes.c_int, ctypes.c_int],
+    "cublasLtMatmulDescSetAttribute": [_P, ctypes.c_int, _P, _SIZE],
+    "cublasLtMatrixLayoutCreate": [_P, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64,
+                                   ctypes.c_int64],
+    "cublasLtMatmulPreferenceCreate": [_P],
+    "cublasLtMatmulPreferenceSetAttribute": [_P, ctypes.c_int, _P, _SIZE],
+    "cublasLtMatmulPreferenceDestroy": [_P],
+    "cublasLtMatmulAlgoGetHeuristic": [_P, _P, _P, _P, _P, _P, _P, ctypes.c_int, _P, _P],
+    "cublasLtMatmul": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _SIZE, _P],
+}
+
+
+def _declared(lib: ctypes.CDLL) -> ctypes.CDLL:
+    for name, argtypes in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, ctypes.c_int
+    return lib
+
+
 def _library() -> ctypes.CDLL:
     """The libcublasLt that torch loaded (same soname), else one from the nvidia wheels."""
     major = (torch.version.cuda or "").split(".")[0]
     names = [f"libcublasLt.so.{major}", "libcublasLt.so"]
     for name in names:
         try:
-            return ctypes.CDLL(name)
+            return _declared(ctypes.CDLL(name))
         except OSError:
             pass
     import nvidia  # the pip wheels' namespace package, where torch's CUDA libraries live
 
     for root in nvidia.__path__:
         for path in sorted(glob.glob(os.path.join(root, "*", "lib", f"libcublasLt.so.{major}*"))):
-            return ctypes.CDLL(path)
+            return _declared(ctypes.CDLL(path))
     raise CublasLtError(f"no libcublasLt for CUDA {torch.version.cuda} found (tried {names} "
                         "and the nvidia wheels)")
 
 
 class _Lt:
-    """One cuBLASLt handle, workspace and shape cache per device."""
+    """One cuBLASLt handle and shape cache per device; a workspace per stream."""
 
     def __init__(self, device: torch.device):
         self.lib = _library()
+        self.device = device
         self.handle = ctypes.c_void_p()
         self._check(self.lib.cublasLtCreate(ctypes.byref(self.handle)), "cublasLtCreate")
-        self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.workspaces: dict[int, torch.Tensor] = {}
+        self.lock = threading.Lock()
         self.plans: dict[tuple, tuple] = {}
         self.candidates: dict[tuple, list[_Algo]] = {}  # the heuristic's, best first
         self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
@@ -93,9 +119,8 @@ class _Lt:
 
     def _layout(self, dtype: int, rows: int, cols: int, ld: int) -> ctypes.c_void_p:
         layout = ctypes.c_void_p()
-        self._check(self.lib.cublasLtMatrixLayoutCreate(
-            ctypes.byref(layout), ctypes.c_int(dtype), ctypes.c_uint64(rows),
-            ctypes.c_uint64(cols), ctypes.c_int64(ld)), "cublasLtMatrixLayoutCreate")
+        self._check(self.lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), dtype, rows, cols,
+                                                        ld), "cublasLtMatrixLayoutCreate")
         return layout
 
     def point(self, desc: ctypes.c_void_p, bias: torch.Tensor, aux: torch.Tensor) -> None:
@@ -129,9 +154,10 @@ class _Lt:
         for attribute in _PREF_MIN_ALIGNMENT:
             self._set(set_pref, pref, attribute, ctypes.c_uint32(ALIGNMENT))
         results, found = (_Heuristic * HEURISTICS)(), ctypes.c_int(0)
-        self._check(self.lib.cublasLtMatmulAlgoGetHeuristic(
-            self.handle, desc, a, b, d, d, pref, HEURISTICS, results, ctypes.byref(found)),
-            "cublasLtMatmulAlgoGetHeuristic")
+        status = self.lib.cublasLtMatmulAlgoGetHeuristic(
+            self.handle, desc, a, b, d, d, pref, HEURISTICS, results, ctypes.byref(found))
+        self.lib.cublasLtMatmulPreferenceDestroy(pref)
+        self._check(status, "cublasLtMatmulAlgoGetHeuristic")
         if found.value < 1:
             raise CublasLtError(f"cuBLASLt has no algorithm for epilogue {epilogue} at "
                                 f"m={m} n={n} k={k}")
@@ -145,16 +171,20 @@ class _Lt:
         for tensor in (a, b, out, bias, aux):
             if tensor.data_ptr() % ALIGNMENT:
                 raise CublasLtError(f"cuBLASLt operand not aligned to {ALIGNMENT} bytes")
-        desc, la, lb, ld, algo = self.plan((m, n, k, transa, epilogue, _DATA_TYPE[out.dtype]),
-                                           bias, aux)
-        self.point(desc, bias, aux)
-        stream = ctypes.c_void_p(torch.cuda.current_stream(out.device).cuda_stream)
-        self._check(self.lib.cublasLtMatmul(
-            self.handle, desc, ctypes.byref(self.alpha), ctypes.c_void_p(a.data_ptr()), la,
-            ctypes.c_void_p(b.data_ptr()), lb, ctypes.byref(self.beta),
-            ctypes.c_void_p(out.data_ptr()), ld, ctypes.c_void_p(out.data_ptr()), ld,
-            ctypes.byref(algo), ctypes.c_void_p(self.workspace.data_ptr()),
-            ctypes.c_size_t(WORKSPACE_BYTES), stream), "cublasLtMatmul")
+        stream = torch.cuda.current_stream(self.device)
+        with self.lock:  # the shared descriptor is re-pointed, then used
+            if stream.cuda_stream not in self.workspaces:
+                self.workspaces[stream.cuda_stream] = torch.empty(
+                    WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+            workspace = self.workspaces[stream.cuda_stream]
+            desc, la, lb, ld, algo = self.plan(
+                (m, n, k, transa, epilogue, _DATA_TYPE[out.dtype]), bias, aux)
+            self.point(desc, bias, aux)
+            self._check(self.lib.cublasLtMatmul(
+                self.handle, desc, ctypes.byref(self.alpha), a.data_ptr(), la, b.data_ptr(), lb,
+                ctypes.byref(self.beta), out.data_ptr(), ld, out.data_ptr(), ld,
+                ctypes.byref(algo), workspace.data_ptr(), WORKSPACE_BYTES, stream.cuda_stream),
+                "cublasLtMatmul")
 
 
 _instances: dict[int, _Lt] = {}
@@ -170,10 +200,15 @@ def _lt(device: torch.device) -> _Lt:
         return _instances[index]
 
 
-def supported(*tensors: torch.Tensor) -> bool:
-    """Whether cuBLASLt can take these operands: CUDA, bf16/fp16, contiguous, aligned."""
-    return all(t.is_cuda and t.dtype in _DATA_TYPE and t.dtype == tensors[0].dtype
-               and t.is_contiguous() and t.data_ptr() % ALIGNMENT == 0 for t in tensors)
+def supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> bool:
+    """Whether `gelu_linear` can take these operands: on one CUDA device, bf16 or fp16 alike,
+    contiguous, 16-byte aligned, tokens present, both widths multiples of 8 (16-byte rows; the
+    auxiliary output's leading dimension must be)."""
+    tensors = (x, weight, bias)
+    return all(t.is_cuda and t.device == x.device and t.dtype in _DATA_TYPE
+               and t.dtype == x.dtype and t.is_contiguous() and t.data_ptr() % ALIGNMENT == 0
+               for t in tensors) \
+        and x.shape[0] > 0 and x.shape[1] % 8 == 0 and weight.shape[0] % 8 == 0
 
 
 def gelu_linear(x: torch.Tensor, weight: torch.Tensor,
@@ -182,7 +217,8 @@ def gelu_linear(x: torch.Tensor, weight: torch.Tensor,
     tokens, width = x.shape[0], weight.shape[0]
     h = x.new_empty(tokens, width)
     pre = x.new_empty(tokens, width)
-    _lt(x.device).matmul(weight, True, x, h, m=width, n=tokens, k=x.shape[1],
-                         epilogue=EPILOGUE_GELU_AUX_BIAS, bias=bias, aux=pre)
+    with torch.cuda.device(x.device):  # custom ops get no device guard
+        _lt(x.device).matmul(weight, True, x, h, m=width, n=tokens, k=x.shape[1],
+                             epilogue=EPILOGUE_GELU_AUX_BIAS, bias=bias, aux=pre)
     return h, pre
 

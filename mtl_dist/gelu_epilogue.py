@@ -10,10 +10,12 @@ stays torch's (cuBLASLt's backward epilogue, DGELU_BGRAD, runs as a separate unf
 the H100: 2× slower than the GEMM plus Inductor's fused GELU backward, same benchmark).
 
 What changes: the activation becomes GELU's tanh approximation, the only one cuBLASLt has
-(`gelu_pytorch_tanh` in transformers; exact for `gelu_new`/`gelu_pytorch_tanh` models, and
-within 4.8e-4 of the exact GELU otherwise, under one bf16 rounding of activations of magnitude
-≥ 0.25). On CPU, or where cuBLASLt cannot take the operands (fp32, misaligned), the same maths
-runs as torch ops. Same parameters and state dict.
+(`gelu_pytorch_tanh` in transformers, which the encoder's config then names, so that exported
+checkpoints load with the activation they were trained with). Exact for `gelu_new` and
+`gelu_pytorch_tanh` models; within 4.8e-4 of the exact GELU otherwise (at inputs near ±2.7,
+where one bf16 step of the activation is 0.016). On CPU, or where cuBLASLt cannot take the
+operands (fp32, misaligned, widths not multiples of 8), the same maths runs as torch ops.
+Same parameters and state dict.
 """
 
 from __future__ import annotations
@@ -33,15 +35,30 @@ GELU_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_python", "gel
 @torch.library.custom_op("mtl_dist::gelu_linear", mutates_args=())
 def gelu_linear(x: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gelu_tanh(x·wᵀ + b), x·wᵀ + b) for x (tokens × in): one GEMM on CUDA."""
+    """(gelu_tanh(x·wᵀ + b), x·wᵀ + b) for x (tokens × in), w (out × in), b (out): one GEMM
+    on CUDA where cuBLASLt takes the operands, torch ops otherwise."""
+    _check_shapes(x, weight, bias)
     if cublaslt.supported(x, weight, bias):
         return cublaslt.gelu_linear(x, weight, bias)
+    return _gelu_linear_torch(x, weight, bias)
+
+
+def _gelu_linear_torch(x, weight, bias):
     pre = F.linear(x, weight, bias)
     return F.gelu(pre, approximate="tanh"), pre
 
 
+def _check_shapes(x, weight, bias) -> None:
+    torch._check(x.dim() == 2 and weight.dim() == 2 and bias.dim() == 1,
+                 lambda: "gelu_linear: x (tokens, in), weight (out, in), bias (out)")
+    torch._check(x.shape[1] == weight.shape[1] and bias.shape[0] == weight.shape[0],
+                 lambda: f"gelu_linear: shapes {tuple(x.shape)}, {tuple(weight.shape)}, "
+                         f"{tuple(bias.shape)} do not fit")
+
+
 @gelu_linear.register_fake
 def _(x, weight, bias):
+    _check_shapes(x, weight, bias)
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], weight.shape[0])
 
 
@@ -60,12 +77,14 @@ class GeluLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, pre = ctx.saved_tensors
         dpre = torch.ops.aten.gelu_backward(grad, pre, approximate="tanh")
-        if ctx.target is None:
-            weight_grad = dpre.t() @ x
-        else:
+        weight_grad = None
+        if ctx.target is not None:
             weight_grad_into(dpre, x, ctx.target)
-            weight_grad = None
-        return dpre @ weight, weight_grad, dpre.sum(0), None
+        elif ctx.needs_input_grad[1]:
+            weight_grad = dpre.t() @ x
+        x_grad = dpre @ weight if ctx.needs_input_grad[0] else None
+        bias_grad = dpre.sum(0) if ctx.needs_input_grad[2] else None
+        return x_grad, weight_grad, bias_grad, None
 
 
 def gelu_of_linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
@@ -122,4 +141,6 @@ def enable_gelu_epilogue(model) -> int:
     for layer in layers:
         if not isinstance(layer.intermediate, GeluEpilogueIntermediate):
             layer.intermediate = GeluEpilogueIntermediate(layer.intermediate.dense)
+    # what the layers now compute, for the config written beside checkpoints and exports
+    model.encoder.config.hidden_act = "gelu_pytorch_tanh"
     return len(layers)

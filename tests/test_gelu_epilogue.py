@@ -6,6 +6,7 @@ parameters and state, and training within bf16 noise of the exact GELU."""
 from __future__ import annotations
 
 import copy
+import json
 import pickle
 
 import pytest
@@ -41,6 +42,21 @@ def test_the_op_is_the_tanh_gelu_of_the_linear_and_keeps_its_input():
     assert torch.equal(pre, F.linear(x, weight, bias))
     assert torch.equal(h, F.gelu(pre, approximate="tanh"))
     assert not cublaslt.supported(x, weight, bias)  # CPU: torch ops, no cuBLASLt
+
+
+def test_the_op_refuses_operands_that_do_not_fit():
+    x, weight, bias = operands()
+    with pytest.raises(RuntimeError, match=r"x \(tokens, in\), weight \(out, in\)"):
+        gelu_linear(x.view(1, 37, 16), weight, bias)
+    with pytest.raises(RuntimeError, match=r"shapes \(37, 16\), \(64, 16\), \(63,\) do not fit"):
+        gelu_linear(x, weight, bias[:63])
+
+
+def test_only_the_gradients_asked_for_are_computed():
+    x, weight, bias = operands()
+    leaves = [x.clone(), weight.clone().requires_grad_(), bias.clone()]  # a frozen bias
+    GeluLinear.apply(*leaves, None).sum().backward()
+    assert leaves[1].grad is not None and leaves[0].grad is None and leaves[2].grad is None
 
 
 def test_gradients_are_the_tanh_gelus():
@@ -118,6 +134,7 @@ def test_the_model_computes_the_tanh_gelu_model_with_the_same_state(model_type):
     ours = copy.deepcopy(exact)
     assert enable_gelu_epilogue(ours) == 2
     assert enable_gelu_epilogue(ours) == 2  # a second call changes nothing
+    assert ours.encoder.config.hidden_act == "gelu_pytorch_tanh"  # what exports will load
     layers = transformer_layers(ours, "test")
     assert all(type(layer.intermediate) is GeluEpilogueIntermediate for layer in layers)
     assert ours.state_dict().keys() == exact.state_dict().keys()
@@ -215,3 +232,8 @@ def test_the_trainer_installs_it_and_trains_within_bf16_noise_of_the_exact_gelu(
     layers = transformer_layers(trainer.module, "test")
     assert all(type(layer.intermediate) is GeluEpilogueIntermediate for layer in layers)
     trainer.close()
+    # the config written beside the checkpoints (and copied by `ckpt export`) names the tanh GELU
+    saved = json.loads((tmp_path / "true" / "encoder_config.json").read_text())
+    assert saved["hidden_act"] == "gelu_pytorch_tanh"
+    assert json.loads((tmp_path / "false" / "encoder_config.json").read_text())["hidden_act"] \
+        == "gelu"

@@ -465,8 +465,9 @@ def test_gemm_embedding_grads_replay_in_a_cuda_graph(rows, padding_idx):
 
 def test_gelu_epilogue_gemm_matches_fp32_maths_and_replays_in_a_cuda_graph():
     """`train.gelu_epilogue` on the workload's shapes: cuBLASLt's GELU_AUX_BIAS GEMM (the
-    path taken: its plan is cached) is captured, a replay reads new inputs, and its output,
-    its saved GELU input and the gradients are fp32 tanh-GELU maths to bf16 rounding."""
+    path taken: its plan is cached) for two layers of one shape (one descriptor, re-pointed at
+    each layer's bias and output) is captured, a replay reads new inputs, and each layer's
+    output, saved GELU input and gradients are fp32 tanh-GELU maths to bf16 rounding."""
     import torch.nn.functional as F
 
     from mtl_dist import cublaslt
@@ -474,27 +475,29 @@ def test_gelu_epilogue_gemm_matches_fp32_maths_and_replays_in_a_cuda_graph():
 
     torch.manual_seed(0)
     x = torch.randn(3584, 1024, device="cuda").bfloat16()
-    weight = (torch.randn(4096, 1024, device="cuda") * 0.03).bfloat16()
-    bias = torch.randn(4096, device="cuda").bfloat16()
+    layers = [((torch.randn(4096, 1024, device="cuda") * 0.03).bfloat16(),
+               (torch.randn(4096, device="cuda") + shift).bfloat16()) for shift in (0.0, 1.0)]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        gelu_linear(x, weight, bias)  # warm-up before the capture: the plan, the workspace
+        gelu_linear(x, *layers[0])  # warm-up before the capture: the plan, the workspace
     torch.cuda.current_stream().wait_stream(side)
     plans = cublaslt._instances[torch.cuda.current_device()].plans
     assert (4096, 3584, 1024, True, cublaslt.EPILOGUE_GELU_AUX_BIAS, 14) in plans
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        h, pre = gelu_linear(x, weight, bias)
+    with torch.cuda.graph(graph, stream=side):
+        outputs = [gelu_linear(x, weight, bias) for weight, bias in layers]
     x.copy_(torch.randn_like(x, dtype=torch.float32))
     graph.replay()
 
     def relative(got, want):
         return ((got.float() - want).norm() / want.norm()).item()
 
-    exact_pre = F.linear(x.float(), weight.float(), bias.float())
-    assert relative(pre, exact_pre) < 1e-2
-    assert relative(h, F.gelu(exact_pre, approximate="tanh")) < 1e-2
+    for (weight, bias), (h, pre) in zip(layers, outputs, strict=True):
+        exact_pre = F.linear(x.float(), weight.float(), bias.float())
+        assert relative(pre, exact_pre) < 1e-2
+        assert relative(h, F.gelu(exact_pre, approximate="tanh")) < 1e-2
+    weight, bias = layers[0]
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
     fp32 = [t.float().detach().requires_grad_() for t in (x, weight, bias)]
     grad = torch.randn(3584, 4096, device="cuda")
@@ -504,26 +507,35 @@ def test_gelu_epilogue_gemm_matches_fp32_maths_and_replays_in_a_cuda_graph():
         assert relative(got.grad, want.grad) < 1e-2
 
 
-def test_gelu_epilogue_trains_like_exact_gelu_in_the_recommended_set(tmp_path):
+def test_gelu_epilogue_trains_like_exact_gelu_in_the_recommended_set(tmp_path, monkeypatch):
     """train.gelu_epilogue on the GPU path it is for (graphs, compiled packed layers, flat
     masters, weight gradients written in place): cuBLASLt's GEMM runs in every layer, and the
     losses are those of the exact GELU to bf16 noise."""
-    from mtl_dist import cublaslt
+    from mtl_dist import cublaslt, gelu_epilogue
     from mtl_dist.gelu_epilogue import GeluEpilogueIntermediate
 
     common = ["train.bf16_weights=true", "train.cuda_graphs=true", "train.fused_clipping=true",
               "train.flat_masters=true", "train.gradient_accumulation_steps=1",
               "train.direct_weight_grads=true", "train.fused_qkv=true", *COMPILED_PACKED]
     exact, _, _ = run(tmp_path, "exact", *common)
-    for lt in cublaslt._instances.values():
-        lt.plans.clear()
+    calls = {"cublaslt": 0, "torch": 0}
+
+    def counted(name, function):
+        def call(*args):
+            calls[name] += 1
+            return function(*args)
+        return call
+
+    monkeypatch.setattr(cublaslt, "gelu_linear", counted("cublaslt", cublaslt.gelu_linear))
+    monkeypatch.setattr(gelu_epilogue, "_gelu_linear_torch",
+                        counted("torch", gelu_epilogue._gelu_linear_torch))
     epilogue, trainer, _ = run(tmp_path, "epilogue", *common, "train.gelu_epilogue=true")
-    config = trainer.module.encoder.config
     layers = trainer.module.encoder.encoder.layer
     assert all(isinstance(layer.intermediate, GeluEpilogueIntermediate) for layer in layers)
     assert all(layer.intermediate.dense.weight_grad_target is not None for layer in layers)
-    keys = [k for lt in cublaslt._instances.values() for k in lt.plans]
-    assert any(k[0] == config.intermediate_size and k[2] == config.hidden_size for k in keys)
+    # every layer of every forward took cuBLASLt's GEMM (captures, their warm-ups, evaluations)
+    assert calls["torch"] == 0 and calls["cublaslt"] > 0, calls
+    assert calls["cublaslt"] % len(layers) == 0, calls
     assert_losses_close(exact, epilogue, 0.02, steps=30)
 
 
