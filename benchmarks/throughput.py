@@ -583,7 +583,7 @@ def variant_list() -> list[tuple[str, list[str]]]:
         # Run Y's profile: the vocabulary table's gradient by aten, a fill (~14 us) and a kernel
         # serialising each row's tokens (~92-101 us; a sort path of ~180 us above 3,072
         # tokens); mtl_dist's Triton kernel (not yet measured on a GPU)
-        ("... the same as 35, the vocabulary's gradient by a Triton kernel (triton_embedding_grads)",
+        ("... the same as 35, the vocabulary's gradient by sort + a Triton kernel (triton_embedding_grads)",
          [*RECOMMENDED_NOW, "train.triton_embedding_grads=true"]),
     ]
 
