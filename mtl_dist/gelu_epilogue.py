@@ -20,12 +20,14 @@ Same parameters and state dict.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mtl_dist import cublaslt
-from mtl_dist.errors import ConfigError
+from mtl_dist.errors import ConfigError, MtlDistWarning
 from mtl_dist.model import transformer_layers, weight_grad_into
 
 GELU_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_python", "gelu_fast",
@@ -40,7 +42,22 @@ def gelu_linear(x: torch.Tensor, weight: torch.Tensor,
     _check_shapes(x, weight, bias)
     if cublaslt.supported(x, weight, bias):
         return cublaslt.gelu_linear(x, weight, bias)
+    if x.is_cuda:
+        _warn_fallback_once(x, weight)
     return _gelu_linear_torch(x, weight, bias)
+
+
+_warned: list[bool] = []
+
+
+def _warn_fallback_once(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """On CUDA the switch is there for its speed: say once when it cannot have it."""
+    if not _warned:
+        _warned.append(True)
+        warnings.warn(f"train.gelu_epilogue: cuBLASLt cannot take these operands ({x.dtype}, "
+                      f"x {tuple(x.shape)}, weight {tuple(weight.shape)}: it needs bf16 or fp16, "
+                      "16-byte aligned, widths that are multiples of 8); the tanh GELU runs as "
+                      "torch ops, without the speed-up", MtlDistWarning, stacklevel=2)
 
 
 def _gelu_linear_torch(x, weight, bias):

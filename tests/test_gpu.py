@@ -607,3 +607,23 @@ def test_triton_embedding_grads_train_like_atens_in_the_recommended_set(tmp_path
     tables = [m for m in trainer.module.encoder.modules() if isinstance(m, nn.Embedding)]
     assert tables and all(m.large_tables == "triton" for m in tables)
     assert_losses_close(aten, triton, 0.02, steps=30)
+
+
+def test_gelu_epilogue_says_once_when_cublaslt_cannot_take_the_operands(monkeypatch):
+    """fp32 on CUDA: the torch path, the tanh GELU's maths, and one warning for the run."""
+    import torch.nn.functional as F
+
+    from mtl_dist import gelu_epilogue
+    from mtl_dist.errors import MtlDistWarning
+
+    monkeypatch.setattr(gelu_epilogue, "_warned", [])
+    x, weight, bias = (torch.randn(64, 32, device="cuda"), torch.randn(128, 32, device="cuda"),
+                       torch.randn(128, device="cuda"))
+    with pytest.warns(MtlDistWarning, match="cuBLASLt cannot take these operands"):
+        h, pre = gelu_epilogue.gelu_linear(x, weight, bias)
+    torch.testing.assert_close(h, F.gelu(F.linear(x, weight, bias), approximate="tanh"))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MtlDistWarning)
+        gelu_epilogue.gelu_linear(x, weight, bias)  # said once
