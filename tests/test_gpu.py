@@ -592,20 +592,30 @@ def test_triton_embedding_grads_of_the_vocabulary_replay_in_a_cuda_graph(padding
         assert out[padding_idx].abs().max() == 0
 
 
-def test_triton_embedding_grads_train_like_atens_in_the_recommended_set(tmp_path):
+def test_triton_embedding_grads_train_like_atens_in_the_recommended_set(tmp_path, monkeypatch):
     """train.triton_embedding_grads inside the training step it is for (graphs, compiled packed
-    layers, flat masters): the tables take the kernel, and the losses are aten's backward's to
-    bf16 noise."""
+    layers, flat masters): the vocabulary takes the kernel (the demo's 395 rows are put above
+    the one-hot GEMM's reach), and the losses are aten's backward's to bf16 noise."""
     from torch import nn
 
+    from mtl_dist import embedding_grads, triton_embedding
+
+    monkeypatch.setattr(embedding_grads, "MAX_GEMM_ROWS", 128)  # positions: 128 rows, GEMM
+    calls = []
+    kernel = triton_embedding.embedding_grad_triton
+    monkeypatch.setattr(triton_embedding, "embedding_grad_triton",
+                        lambda *args: calls.append(args[2]) or kernel(*args))
     common = ["train.bf16_weights=true", "train.cuda_graphs=true", "train.fused_clipping=true",
               "train.flat_masters=true", "train.gradient_accumulation_steps=1",
               "train.direct_weight_grads=true", "train.gemm_embedding_grads=true",
               *COMPILED_PACKED]
     aten, _, _ = run(tmp_path, "aten", *common)
+    assert not calls
     triton, trainer, _ = run(tmp_path, "triton", *common, "train.triton_embedding_grads=true")
     tables = [m for m in trainer.module.encoder.modules() if isinstance(m, nn.Embedding)]
     assert tables and all(m.large_tables == "triton" for m in tables)
+    vocabulary = trainer.module.encoder.get_input_embeddings().num_embeddings
+    assert calls and set(calls) == {vocabulary}, set(calls)
     assert_losses_close(aten, triton, 0.02, steps=30)
 
 
