@@ -27,6 +27,18 @@ def env() -> dict[str, str]:
             "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1"}
 
 
+def in_triton_interpreter(setup: str, call: str) -> object:
+    """`call` (an expression; `setup` is run first, e.g. its imports) evaluated in a
+    subprocess with Triton's CPU interpreter on (TRITON_INTERPRET is read when kernels are
+    defined, so not in this process); what it returns, through JSON."""
+    code = f"import json; {setup}; print(json.dumps({call}))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def run_cli(args: list[str], procs: int = 1, timeout: int = 300, check: bool = True,
             launcher: str = "accelerate") -> subprocess.CompletedProcess:
     """`mtl-dist ARGS` in a subprocess: plain python for 1 process, else a real launcher."""

@@ -19,7 +19,7 @@ from mtl_dist.embedding_grads import (
 from mtl_dist.errors import ConfigError
 from mtl_dist.model import enable_packed_attention
 from tests._models import assert_same_gradients, tiny_model
-from tests._runs import DEMO, assert_switch_trains_alike
+from tests._runs import DEMO, assert_switch_trains_alike, in_triton_interpreter
 from tests.test_fused_qkv import loss_of
 
 
@@ -191,20 +191,9 @@ def triton_kernel_errors() -> dict:
 
 
 def test_triton_kernel_gives_atens_gradient_in_the_interpreter():
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     pytest.importorskip("triton")
-    code = ("import json, tests.test_embedding_grads as t; "
-            "print(json.dumps(t.triton_kernel_errors()))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
-                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    errors = in_triton_interpreter("import tests.test_embedding_grads as t",
+                                   "t.triton_kernel_errors()")
     assert len(errors) == 7
     for key, error in errors.items():
         assert error < 1e-5, (key, error)

@@ -8,23 +8,16 @@ kernels draw. The GPU tests check bf16 against FlashAttention 2 and training end
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from mtl_dist.config import ConfigError, load_config
-from tests._runs import DEMO, FAST
+from tests._runs import DEMO, FAST, in_triton_interpreter
 
 triton = pytest.importorskip("triton")
 tl = triton.language
 from mtl_dist.triton_attention import _keep, _threshold, _width  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = [5, 70, 1, 130, 64, 17]  # one token, a full tile, over two tiles, a tile's edge
 
 
@@ -110,15 +103,10 @@ def kernel_errors(p: float, dtype=torch.float32, device="cpu", heads=2, dim=16,
 def _interpreted(call: str, dq_atomic: bool, bits: int = 16, rounds: int = 10) -> dict:
     """`call` (a function of this file, with its arguments) run with Triton's CPU interpreter
     and these module constants of triton_attention; what it returns, through JSON."""
-    code = ("import json; from mtl_dist import triton_attention; "
-            f"triton_attention.DQ_ATOMIC = {dq_atomic}; triton_attention.MASK_BITS = {bits}; "
-            f"triton_attention.PHILOX_ROUNDS = {rounds}; import tests.test_triton_attention as t; "
-            f"print(json.dumps(t.{call}))")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    setup = ("from mtl_dist import triton_attention; "
+             f"triton_attention.DQ_ATOMIC = {dq_atomic}; triton_attention.MASK_BITS = {bits}; "
+             f"triton_attention.PHILOX_ROUNDS = {rounds}; import tests.test_triton_attention as t")
+    return in_triton_interpreter(setup, f"t.{call}")
 
 
 @pytest.mark.parametrize(("p", "dq_atomic", "bits", "rounds"),
