@@ -40,14 +40,27 @@ def layer_weights(device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
             for out, inp in shapes]
 
 
-def forward_backward(x: torch.Tensor, weights, grad_out: torch.Tensor) -> None:
+def forward_backward(x: torch.Tensor, weights, grad_out: torch.Tensor,
+                     linear=F.linear) -> None:
     """The layer's GEMMs in the order the step runs them (attention and norms left out)."""
     (wqkv, bqkv), (wo, bo), (w1, b1), (w2, b2) = weights
-    qkv = F.linear(x, wqkv, bqkv)
-    attended = F.linear(qkv[:, :HIDDEN], wo, bo)  # stands for attention's output
-    up = F.linear(attended, w1, b1)
-    down = F.linear(up, w2, b2)
+    qkv = linear(x, wqkv, bqkv)
+    attended = qkv[:, :HIDDEN]  # stands for attention's output
+    if linear is not F.linear:  # mtl_dist's attention hands over a contiguous output
+        attended = attended.contiguous()
+    attended = linear(attended, wo, bo)
+    up = linear(attended, w1, b1)
+    down = linear(up, w2, b2)
     down.backward(grad_out)
+
+
+def mtl_linear(weights, cublaslt_gemms: bool):
+    """train.direct_weight_grads' Linear (weight gradients into targets), its GEMMs by torch
+    or, with train.cublaslt_gemms, by cuBLASLt without a workspace."""
+    from mtl_dist.model import LinearGradInto
+
+    targets = {id(w): torch.empty_like(w) for w, _ in weights}
+    return lambda x, w, b: LinearGradInto.apply(x, w, b, targets[id(w)], cublaslt_gemms)
 
 
 def memsets_in(trace_events) -> dict:
@@ -58,10 +71,10 @@ def memsets_in(trace_events) -> dict:
             "kernels": len(names)}
 
 
-def memset_callers(x, weights, grad_out) -> dict[str, int]:
+def memset_callers(x, weights, grad_out, linear=F.linear) -> dict[str, int]:
     """Which aten ops issue cudaMemsetAsync, from one eager call's runtime API trace."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        forward_backward(x, weights, grad_out)
+        forward_backward(x, weights, grad_out, linear)
         torch.cuda.synchronize()
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
     ops = [e for e in events if e.name.startswith("aten::") and e.device_type
@@ -98,17 +111,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/results/gemm_memsets.json")
     parser.add_argument("--tokens", type=int, default=3584, help="packed rows (the step's M)")
-    parser.add_argument("--blas", choices=["default", "cublas", "cublaslt"], default="default")
+    parser.add_argument("--blas", choices=["default", "cublas", "cublaslt", "mtl_torch",
+                                           "mtl_cublaslt"], default="default",
+                        help="mtl_*: mtl_dist's LinearGradInto with train.cublaslt_gemms off/on")
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
-    if args.blas != "default":
+    if args.blas in ("cublas", "cublaslt"):
         torch.backends.cuda.preferred_blas_library(args.blas)
     torch.manual_seed(0)
     weights = layer_weights("cuda")
     x = torch.randn(args.tokens, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad_out = torch.randn(args.tokens, HIDDEN, device="cuda", dtype=torch.bfloat16)
-    step = lambda: forward_backward(x, weights, grad_out)  # noqa: E731
+    linear = mtl_linear(weights, args.blas == "mtl_cublaslt") if args.blas.startswith("mtl") \
+        else F.linear
+    step = lambda: forward_backward(x, weights, grad_out, linear)  # noqa: E731
     us = [time_us(step, args.iters) for _ in range(5)]
     eager = eager_us(step)
     graph = torch.cuda.CUDAGraph()
@@ -124,7 +141,7 @@ def main() -> None:
            "env": {k: os.environ[k] for k in ENV_KEYS if k in os.environ},
            "us_per_layer_fwd_bwd": sorted(us)[len(us) // 2], "us_all": us,
            **eager, **memsets_in(prof.events()), "memset_callers_eager": memset_callers(x, weights,
-                                                                               grad_out),
+                                                                               grad_out, linear),
            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     print(json.dumps(row), flush=True)
     out = Path(args.out)

@@ -582,9 +582,13 @@ def variant_list() -> list[tuple[str, list[str]]]:
          [*RECOMMENDED_NOW, "inductor.combo_kernels=true"]),
         # Run Y's profile: the vocabulary table's gradient by aten, a fill (~14 us) and a kernel
         # serialising each row's tokens (~92-101 us; a sort path of ~180 us above 3,072
-        # tokens); mtl_dist's Triton kernel (not yet measured on a GPU)
+        # tokens); mtl_dist's Triton kernel. Run Z1: -0.4 and +0.2 % on 35 (noise): not adopted
         ("... the same as 35, the vocabulary's gradient by sort + a Triton kernel (triton_embedding_grads)",
          [*RECOMMENDED_NOW, "train.triton_embedding_grads=true"]),
+        # Run X: cuBLAS's 4-byte workspace memsets, ~59 per step at 3-5 us each in the graphs;
+        # the routed Linears' GEMMs by cuBLASLt without a workspace
+        ("... the same as 35, the layers' GEMMs by cuBLASLt without a workspace (cublaslt_gemms)",
+         [*RECOMMENDED_NOW, "train.cublaslt_gemms=true"]),
     ]
 
 

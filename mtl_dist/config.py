@@ -187,6 +187,7 @@ class TrainConfig:
     gemm_embedding_grads: bool = False  # small embedding tables' gradients by one GEMM
     triton_embedding_grads: bool = False  # gemm_embedding_grads: the vocabulary's by Triton
     gelu_epilogue: bool = False  # intermediate GEMM + GELU (tanh) as one cuBLASLt GEMM
+    cublaslt_gemms: bool = False  # direct_weight_grads' GEMMs by cuBLASLt, without a workspace
     overlap_optimizer: bool = False  # flat masters: AdamW per layer, overlapping the next forward
     attention_kernel: str = "flash"  # packed rows on CUDA: "flash" (FlashAttention 2) or "triton"
     stop_after_steps: int | None = None
@@ -1355,6 +1356,12 @@ def _validate_combinations(train: TrainConfig) -> None:
             f"{str(train.cuda_graphs).lower()}, train.gradient_accumulation_steps="
             f"{train.gradient_accumulation_steps} (it needs flat masters, CUDA graphs and one "
             "micro-step per accumulation group), got true",
+        )
+    if train.cublaslt_gemms and not train.direct_weight_grads:
+        raise _Problem(
+            "train.cublaslt_gemms",
+            "config key 'train.cublaslt_gemms': expected false with train.direct_weight_grads="
+            "false (it runs the GEMMs of the Linears that direct_weight_grads routes), got true",
         )
     if train.overwrite_output_dir and train.resume:
         raise _Problem(

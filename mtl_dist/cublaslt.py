@@ -15,6 +15,13 @@ set on each call, under a lock (ctypes releases the GIL inside the calls). A wor
 stream, as torch keeps cuBLAS's. Nothing here synchronises the device, and after the first call
 on a stream nothing allocates device memory, so the calls can be captured in CUDA graphs once
 they have run outside (the trainer's warm-up before each capture does that).
+
+`mm` (`train.cublaslt_gemms`): a plain GEMM, optionally with the bias epilogue, on row-major
+operands that are contiguous or transposes of contiguous tensors, run without a workspace.
+Why: given one, cuBLAS zeroes 4 bytes of it before some GEMMs, and inside a CUDA graph each such
+memset costs 3-5 us (run X: ~59 per step, ~0.3 ms); without one the heuristic offers
+algorithms that need no memset. torch reads its workspace sizes once per process, so only
+calls of our own can go without one while the rest of the process keeps its workspace.
 """
 
 from __future__ import annotations
@@ -23,14 +30,18 @@ import ctypes
 import glob
 import os
 import threading
+import warnings
 
 import torch
+
+from mtl_dist.errors import MtlDistWarning
 
 # cublasLt.h / cublas_api.h / library_types.h (CUDA 12 and 13)
 _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_BIAS_POINTER = 3, 4, 7, 8
 _DESC_AUX_POINTER, _DESC_AUX_LD, _DESC_AUX_DATA_TYPE = 11, 12, 22
 _PREF_MAX_WORKSPACE_BYTES = 1
 _PREF_MIN_ALIGNMENT = (5, 6, 7, 8)  # A, B, C, D
+EPILOGUE_DEFAULT, EPILOGUE_BIAS = 1, 4
 EPILOGUE_GELU_AUX_BIAS = 32 | 128 | 4
 EPILOGUE_DGELU_BGRAD = 64 | 128 | 16  # measured only (benchmarks/gelu_epilogue.py)
 _COMPUTE_32F, _R_32F = 68, 0
@@ -67,6 +78,8 @@ _SIGNATURES = {  # cublasLt.h: every call takes its arguments at their C widths
     "cublasLtMatmulAlgoGetHeuristic": [_P, _P, _P, _P, _P, _P, _P, ctypes.c_int, _P, _P],
     "cublasLtMatmul": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _SIZE, _P],
 }
+_AUX_EPILOGUES = (EPILOGUE_GELU_AUX_BIAS,)  # those that write an auxiliary output
+_BIAS_EPILOGUES = (EPILOGUE_BIAS, EPILOGUE_GELU_AUX_BIAS, EPILOGUE_DGELU_BGRAD)
 
 
 def _declared(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -92,6 +105,12 @@ def _library() -> ctypes.CDLL:
             return _declared(ctypes.CDLL(path))
     raise CublasLtError(f"no libcublasLt for CUDA {torch.version.cuda} found (tried {names} "
                         "and the nvidia wheels)")
+
+
+def stored_shapes(m: int, n: int, k: int, transa: bool, transb: bool) -> list[tuple[int, int]]:
+    """(rows, cols) of A, B and D as stored, column-major with leading dimension = rows, for
+    D (m × n) = op(A)·op(B)."""
+    return [(k, m) if transa else (m, k), (n, k) if transb else (k, n), (m, n)]
 
 
 class _Lt:
@@ -123,34 +142,38 @@ class _Lt:
                                                         ld), "cublasLtMatrixLayoutCreate")
         return layout
 
-    def point(self, desc: ctypes.c_void_p, bias: torch.Tensor, aux: torch.Tensor) -> None:
+    def point(self, desc: ctypes.c_void_p, bias: torch.Tensor | None,
+              aux: torch.Tensor | None) -> None:
         set_desc = self.lib.cublasLtMatmulDescSetAttribute
-        self._set(set_desc, desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
-        self._set(set_desc, desc, _DESC_AUX_POINTER, ctypes.c_void_p(aux.data_ptr()))
+        if bias is not None:
+            self._set(set_desc, desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
+        if aux is not None:
+            self._set(set_desc, desc, _DESC_AUX_POINTER, ctypes.c_void_p(aux.data_ptr()))
 
-    def plan(self, key: tuple, bias: torch.Tensor, aux: torch.Tensor) -> tuple:
-        """(matmul desc, A, B, D layouts, algorithm) for column-major D (m × n) = op(A)·B with
-        A stored (k × m) if transposed else (m × k), B (k × n), all contiguous."""
+    def plan(self, key: tuple, bias: torch.Tensor | None, aux: torch.Tensor | None) -> tuple:
+        """(matmul desc, A, B, D layouts, algorithm) for column-major D (m × n) = op(A)·op(B),
+        the operands stored as `stored_shapes` says."""
         if key in self.plans:
             return self.plans[key]
-        m, n, k, transa, epilogue, dtype = key
+        m, n, k, transa, transb, epilogue, dtype, workspace_bytes = key
         desc = ctypes.c_void_p()
         self._check(self.lib.cublasLtMatmulDescCreate(ctypes.byref(desc), _COMPUTE_32F, _R_32F),
                     "cublasLtMatmulDescCreate")
         set_desc = self.lib.cublasLtMatmulDescSetAttribute
         self._set(set_desc, desc, _DESC_TRANSA, ctypes.c_int32(_OP_T if transa else _OP_N))
-        self._set(set_desc, desc, _DESC_TRANSB, ctypes.c_int32(_OP_N))
+        self._set(set_desc, desc, _DESC_TRANSB, ctypes.c_int32(_OP_T if transb else _OP_N))
         self._set(set_desc, desc, _DESC_EPILOGUE, ctypes.c_uint32(epilogue))
-        self._set(set_desc, desc, _DESC_AUX_LD, ctypes.c_int64(m))
-        self._set(set_desc, desc, _DESC_AUX_DATA_TYPE, ctypes.c_int32(dtype))
+        if epilogue in _AUX_EPILOGUES:
+            self._set(set_desc, desc, _DESC_AUX_LD, ctypes.c_int64(m))
+            self._set(set_desc, desc, _DESC_AUX_DATA_TYPE, ctypes.c_int32(dtype))
         self.point(desc, bias, aux)  # the heuristic reads the pointers' alignment
-        a = self._layout(dtype, k, m, k) if transa else self._layout(dtype, m, k, m)
-        b, d = self._layout(dtype, k, n, k), self._layout(dtype, m, n, m)
+        a, b, d = (self._layout(dtype, rows, cols, rows)
+                   for rows, cols in stored_shapes(m, n, k, transa, transb))
         pref = ctypes.c_void_p()
         self._check(self.lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)),
                     "cublasLtMatmulPreferenceCreate")
         set_pref = self.lib.cublasLtMatmulPreferenceSetAttribute
-        self._set(set_pref, pref, _PREF_MAX_WORKSPACE_BYTES, ctypes.c_uint64(WORKSPACE_BYTES))
+        self._set(set_pref, pref, _PREF_MAX_WORKSPACE_BYTES, ctypes.c_uint64(workspace_bytes))
         for attribute in _PREF_MIN_ALIGNMENT:
             self._set(set_pref, pref, attribute, ctypes.c_uint32(ALIGNMENT))
         results, found = (_Heuristic * HEURISTICS)(), ctypes.c_int(0)
@@ -160,30 +183,43 @@ class _Lt:
         self._check(status, "cublasLtMatmulAlgoGetHeuristic")
         if found.value < 1:
             raise CublasLtError(f"cuBLASLt has no algorithm for epilogue {epilogue} at "
-                                f"m={m} n={n} k={k}")
+                                f"m={m} n={n} k={k} with a {workspace_bytes}-byte workspace")
         self.candidates[key] = [results[i].algo for i in range(found.value)]
         self.plans[key] = (desc, a, b, d, self.candidates[key][0])
         return self.plans[key]
 
+    def _workspace(self, stream: torch.cuda.Stream, workspace_bytes: int) -> int:
+        """The pointer to this stream's workspace (allocated on first use), or 0 for none."""
+        if workspace_bytes == 0:
+            return 0
+        if stream.cuda_stream not in self.workspaces:
+            self.workspaces[stream.cuda_stream] = torch.empty(
+                WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        return self.workspaces[stream.cuda_stream].data_ptr()
+
     def matmul(self, a: torch.Tensor, transa: bool, b: torch.Tensor, out: torch.Tensor,
-               m: int, n: int, k: int, epilogue: int, bias: torch.Tensor,
-               aux: torch.Tensor) -> None:
+               m: int, n: int, k: int, epilogue: int, bias: torch.Tensor | None = None,
+               aux: torch.Tensor | None = None, transb: bool = False,
+               workspace_bytes: int = WORKSPACE_BYTES) -> None:
+        """out = op(a)·op(b) (+ the epilogue), column-major, as `plan` lays them out;
+        `workspace_bytes` is WORKSPACE_BYTES or 0."""
+        if workspace_bytes not in (0, WORKSPACE_BYTES):
+            raise CublasLtError(f"workspace_bytes must be 0 or {WORKSPACE_BYTES}, got "
+                                f"{workspace_bytes}")
         for tensor in (a, b, out, bias, aux):
-            if tensor.data_ptr() % ALIGNMENT:
+            if tensor is not None and tensor.data_ptr() % ALIGNMENT:
                 raise CublasLtError(f"cuBLASLt operand not aligned to {ALIGNMENT} bytes")
         stream = torch.cuda.current_stream(self.device)
         with self.lock:  # the shared descriptor is re-pointed, then used
-            if stream.cuda_stream not in self.workspaces:
-                self.workspaces[stream.cuda_stream] = torch.empty(
-                    WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-            workspace = self.workspaces[stream.cuda_stream]
+            workspace = self._workspace(stream, workspace_bytes)
             desc, la, lb, ld, algo = self.plan(
-                (m, n, k, transa, epilogue, _DATA_TYPE[out.dtype]), bias, aux)
+                (m, n, k, transa, transb, epilogue, _DATA_TYPE[out.dtype], workspace_bytes),
+                bias, aux)
             self.point(desc, bias, aux)
             self._check(self.lib.cublasLtMatmul(
                 self.handle, desc, ctypes.byref(self.alpha), a.data_ptr(), la, b.data_ptr(), lb,
                 ctypes.byref(self.beta), out.data_ptr(), ld, out.data_ptr(), ld,
-                ctypes.byref(algo), workspace.data_ptr(), WORKSPACE_BYTES, stream.cuda_stream),
+                ctypes.byref(algo), workspace, workspace_bytes, stream.cuda_stream),
                 "cublasLtMatmul")
 
 
@@ -222,3 +258,75 @@ def gelu_linear(x: torch.Tensor, weight: torch.Tensor,
                              epilogue=EPILOGUE_GELU_AUX_BIAS, bias=bias, aux=pre)
     return h, pre
 
+
+
+def _row_major_operand(t: torch.Tensor) -> bool | None:
+    """Whether a 2-D row-major operand is a transpose of a contiguous tensor (True), contiguous
+    (False), or neither (None). cuBLAS reads it as column-major: contiguous (r × c) is (c × r)."""
+    if t.is_contiguous():
+        return False
+    if t.t().is_contiguous():
+        return True
+    return None
+
+
+def mm_supported(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None) -> bool:
+    """Whether `mm` can take these: 2-D a (M × K) and b (K × N), each contiguous or a transpose
+    of a contiguous tensor, out (M × N) contiguous, bias (N) contiguous; one CUDA device, bf16
+    or fp16 alike, 16-byte aligned, every stored row a multiple of 8 elements, no empty side."""
+    tensors = [t for t in (a, b, out, bias) if t is not None]
+    if not all(t.is_cuda and t.device == a.device and t.dtype in _DATA_TYPE
+               and t.dtype == a.dtype and t.data_ptr() % ALIGNMENT == 0 for t in tensors):
+        return False
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0] or min(*a.shape, b.shape[1]) == 0:
+        return False
+    if out is not None and (not out.is_contiguous() or out.shape != (a.shape[0], b.shape[1])):
+        return False
+    if bias is not None and (not bias.is_contiguous() or bias.shape != (b.shape[1],)):
+        return False
+    layouts = [_row_major_operand(a), _row_major_operand(b)]
+    if None in layouts:
+        return False
+    stored_rows = [t.shape[0] if transposed else t.shape[1]
+                   for t, transposed in ((a, layouts[0]), (b, layouts[1]))]
+    return all(width % 8 == 0 for width in (*stored_rows, b.shape[1]))
+
+
+def mm_problem(a_shape, a_transposed: bool, b_shape, b_transposed: bool) -> dict:
+    """The column-major problem `mm` hands cuBLASLt for row-major C (M × N) = A (M × K)·B (K × N):
+    Cᵀ = Bᵀ·Aᵀ, so cuBLAS's first operand is B and its second A; a row-major transpose of a
+    contiguous tensor is a cuBLAS operand stored the other way round (`_row_major_operand`)."""
+    (rows, inner), cols = a_shape, b_shape[1]
+    return {"m": cols, "n": rows, "k": inner, "transa": b_transposed, "transb": a_transposed}
+
+
+def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None,
+       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a·b (+ bias per output column) into `out` (new if None), by cuBLASLt without a workspace;
+    the operands as `mm_supported` says."""
+    if out is None:
+        out = a.new_empty(a.shape[0], b.shape[1])
+    problem = mm_problem(a.shape, _row_major_operand(a), b.shape, _row_major_operand(b))
+    with torch.cuda.device(a.device):  # custom ops get no device guard
+        _lt(a.device).matmul(b, problem["transa"], a, out, m=problem["m"], n=problem["n"],
+                             k=problem["k"], transb=problem["transb"],
+                             epilogue=EPILOGUE_DEFAULT if bias is None else EPILOGUE_BIAS,
+                             bias=bias, workspace_bytes=0)
+    return out
+
+
+_warned: set[str] = set()
+
+
+def warn_fallback_once(switch: str, *operands: torch.Tensor) -> None:
+    """On CUDA `switch` is there for its speed: say once per switch when cuBLASLt cannot take
+    its operands and torch's ops run instead (on CPU that is the plan: no warning)."""
+    if not operands[0].is_cuda or switch in _warned:
+        return
+    _warned.add(switch)
+    shapes = ", ".join(f"{tuple(t.shape)} strides {t.stride()}" for t in operands)
+    warnings.warn(f"{switch}: cuBLASLt cannot take these operands ({operands[0].dtype}, "
+                  f"{shapes}: it needs bf16 or fp16, 16-byte aligned, contiguous or transposed, "
+                  "widths that are multiples of 8); torch's ops run instead, without the "
+                  "speed-up", MtlDistWarning, stacklevel=3)

@@ -20,15 +20,14 @@ Same parameters and state dict.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mtl_dist import cublaslt
-from mtl_dist.errors import ConfigError, MtlDistWarning
-from mtl_dist.model import transformer_layers, weight_grad_into
+from mtl_dist.errors import ConfigError
+from mtl_dist.lt_gemms import linear_grads
+from mtl_dist.model import transformer_layers
 
 GELU_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_python", "gelu_fast",
                     "gelu_accurate")
@@ -42,22 +41,8 @@ def gelu_linear(x: torch.Tensor, weight: torch.Tensor,
     _check_shapes(x, weight, bias)
     if cublaslt.supported(x, weight, bias):
         return cublaslt.gelu_linear(x, weight, bias)
-    if x.is_cuda:
-        _warn_fallback_once(x, weight)
+    cublaslt.warn_fallback_once("train.gelu_epilogue", x, weight, bias)
     return _gelu_linear_torch(x, weight, bias)
-
-
-_warned: list[bool] = []
-
-
-def _warn_fallback_once(x: torch.Tensor, weight: torch.Tensor) -> None:
-    """On CUDA the switch is there for its speed: say once when it cannot have it."""
-    if not _warned:
-        _warned.append(True)
-        warnings.warn(f"train.gelu_epilogue: cuBLASLt cannot take these operands ({x.dtype}, "
-                      f"x {tuple(x.shape)}, weight {tuple(weight.shape)}: it needs bf16 or fp16, "
-                      "16-byte aligned, widths that are multiples of 8); the tanh GELU runs as "
-                      "torch ops, without the speed-up", MtlDistWarning, stacklevel=2)
 
 
 def _gelu_linear_torch(x, weight, bias):
@@ -84,24 +69,21 @@ class GeluLinear(torch.autograd.Function):
     gradient goes into `target` where given (LinearGradInto's way)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, target):
+    def forward(ctx, x, weight, bias, target, cublaslt_gemms=False):
         h, pre = gelu_linear(x, weight, bias)
         ctx.save_for_backward(x, weight, pre)
         ctx.target = target  # not saved: see LinearGradInto
+        ctx.cublaslt_gemms = cublaslt_gemms  # train.cublaslt_gemms: the backward's GEMMs
         return h
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, pre = ctx.saved_tensors
         dpre = torch.ops.aten.gelu_backward(grad, pre, approximate="tanh")
-        weight_grad = None
-        if ctx.target is not None:
-            weight_grad_into(dpre, x, ctx.target)
-        elif ctx.needs_input_grad[1]:
-            weight_grad = dpre.t() @ x
-        x_grad = dpre @ weight if ctx.needs_input_grad[0] else None
+        x_grad, weight_grad = linear_grads(dpre, x, weight, ctx.target, ctx.needs_input_grad[0],
+                                           ctx.needs_input_grad[1], ctx.cublaslt_gemms)
         bias_grad = dpre.sum(0) if ctx.needs_input_grad[2] else None
-        return x_grad, weight_grad, bias_grad, None
+        return x_grad, weight_grad, bias_grad, None, None
 
 
 def gelu_of_linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
@@ -112,7 +94,8 @@ def gelu_of_linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
     target = getattr(linear, "weight_grad_target", None) if torch.is_grad_enabled() else None
     with torch.autocast(device, enabled=False):
-        h = GeluLinear.apply(rows, linear.weight.to(dtype), linear.bias.to(dtype), target)
+        h = GeluLinear.apply(rows, linear.weight.to(dtype), linear.bias.to(dtype), target,
+                             getattr(linear, "cublaslt_gemms", False))
     return h.view(*x.shape[:-1], h.shape[-1])
 
 

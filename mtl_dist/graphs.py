@@ -35,17 +35,21 @@ class WeightGradIntoLinear(nn.Linear):
     into `weight_grad_target` (`train.direct_weight_grads`)."""
 
     weight_grad_target: torch.Tensor
+    cublaslt_gemms = False  # train.cublaslt_gemms: LinearGradInto's GEMMs without a workspace
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
-        return LinearGradInto.apply(x, self.weight, self.bias, self.weight_grad_target)
+        return LinearGradInto.apply(x, self.weight, self.bias, self.weight_grad_target,
+                                    self.cublaslt_gemms)
 
 
-def write_weight_grads_into(layers: nn.Module, targets: dict[int, torch.Tensor]) -> set[int]:
+def write_weight_grads_into(layers: nn.Module, targets: dict[int, torch.Tensor],
+                            cublaslt_gemms: bool = False) -> set[int]:
     """Every nn.Linear in `layers` whose weight has a target (id(weight) -> tensor of its
     shape) writes its weight gradient there from then on (again: a new target replaces an
-    old one); returns the ids of those weights. Only for Linears that run exactly once in
+    old one), its GEMMs by cuBLASLt without a workspace if `cublaslt_gemms`
+    (train.cublaslt_gemms); returns the ids of those weights. Only for Linears that run exactly once in
     every forward (BERT/RoBERTa layers): one that did not run would leave its target as it
     was, one that ran twice (shared weights) would keep only its last gradient.
     A fused q/k/v attention (`train.fused_qkv`) whose three weights and three targets each lie
@@ -55,12 +59,14 @@ def write_weight_grads_into(layers: nn.Module, targets: dict[int, torch.Tensor])
     for module in layers.modules():
         if isinstance(module, FusedQKVAttention):
             direct |= _write_qkv_weight_grads_into(module, targets)
+            module.cublaslt_gemms = cublaslt_gemms
             fused_linears |= {id(m) for m in module.projections}
     for module in layers.modules():
         if type(module) in (nn.Linear, WeightGradIntoLinear) and id(module.weight) in targets \
                 and id(module) not in fused_linears:
             module.__class__ = WeightGradIntoLinear
             module.weight_grad_target = targets[id(module.weight)]
+            module.cublaslt_gemms = cublaslt_gemms
             direct.add(id(module.weight))
     return direct
 
@@ -106,7 +112,8 @@ class StepGraphs:
     (or ahead of time: `prepare`)."""
 
     def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None, masters=None,
-                 single_micro_step: bool = False, direct_weight_grads: bool = False):
+                 single_micro_step: bool = False, direct_weight_grads: bool = False,
+                 cublaslt_gemms: bool = False):
         """`masters` (a MasterWeights, train.bf16_weights): the bf16 gradients are handed over
         into the fp32 masters' `.grad`, and the model's own `.grad` stays None. With flat
         segments (train.flat_masters) and `single_micro_step` (every accumulation group is
@@ -114,7 +121,9 @@ class StepGraphs:
         buffers (MasterWeights.bf16_grad_views), which the flat AdamW kernel reads.
         `direct_weight_grads` (train.direct_weight_grads, needs that bf16 path): the Linear
         layers of the encoder's transformer layers write their weight gradients into those
-        buffers from the backward GEMM itself, and are left out of the copy."""
+        buffers from the backward GEMM itself, and are left out of the copy; with
+        `cublaslt_gemms` (train.cublaslt_gemms) those Linears' GEMMs run by cuBLASLt without a
+        workspace (mtl_dist/lt_gemms.py)."""
         self.model = model
         self.dtype = autocast_dtype
         self.pool = torch.cuda.graph_pool_handle()
@@ -139,7 +148,7 @@ class StepGraphs:
                              "micro-step per accumulation group")
         # Written by their GEMMs: never handed over (their .grad stays None).
         direct = write_weight_grads_into(
-            transformer_layers(model, "train.direct_weight_grads"), bf16) \
+            transformer_layers(model, "train.direct_weight_grads"), bf16, cublaslt_gemms) \
             if direct_weight_grads else set()
         self._handed_over = [(bf16[id(p)], p) for p in self.encoder_params
                              if id(p) not in direct] if self.grads_stay_bf16 else None

@@ -11,6 +11,7 @@ from torch import nn
 
 from mtl_dist.config import ATTENTION_KERNELS, COMPILE_TUNING
 from mtl_dist.errors import ConfigError
+from mtl_dist.lt_gemms import linear_grads, lt_linear, weight_grad_into  # noqa: F401
 
 if TYPE_CHECKING:
     from mtl_dist.config import ModelConfig
@@ -49,37 +50,35 @@ class ClsHead(nn.Module):
 HEADS = {"attention": AttentionPoolingHead, "cls": ClsHead}
 
 # ----------------------------------------------------------------- weight gradients written in place
-@torch.library.custom_op("mtl_dist::weight_grad_into", mutates_args=("out",))
-def weight_grad_into(grad_output: torch.Tensor, inputs: torch.Tensor, out: torch.Tensor) -> None:
-    """A Linear's weight gradient, gradᵀ · input over all rows, written into `out` by the GEMM
-    itself. A custom op: torch.compile keeps it (and its write) inside the compiled backward."""
-    torch.mm(grad_output.reshape(-1, grad_output.shape[-1]).t(),
-             inputs.reshape(-1, inputs.shape[-1]), out=out)
-
-
 class LinearGradInto(torch.autograd.Function):
     """F.linear whose backward writes the weight gradient into a given tensor and hands
-    autograd none for it (the weight's `.grad` stays None)."""
+    autograd none for it (the weight's `.grad` stays None). With `cublaslt_gemms`
+    (`train.cublaslt_gemms`) its three GEMMs run by cuBLASLt without a workspace."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, target):
+    def forward(ctx, x, weight, bias, target, cublaslt_gemms=False):
         ctx.save_for_backward(x, weight)
         # Not saved for backward: the targets are views of one flat buffer, so each layer's
         # write bumps the version counter every other target shares, and autograd's check
         # of saved tensors would refuse the next layer's backward.
         ctx.target = target
         ctx.has_bias = bias is not None
+        ctx.cublaslt_gemms = cublaslt_gemms
+        if cublaslt_gemms:
+            rows = lt_linear(x.reshape(-1, x.shape[-1]), weight, bias)
+            return rows.view(*x.shape[:-1], weight.shape[0])
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         rows = grad.reshape(-1, grad.shape[-1])
-        weight_grad_into(rows, x.reshape(-1, x.shape[-1]), ctx.target)
-        grad_x = (rows @ weight).view(*grad.shape[:-1], weight.shape[1]) \
-            if ctx.needs_input_grad[0] else None
+        grad_x, _ = linear_grads(rows, x.reshape(-1, x.shape[-1]), weight, ctx.target,
+                                 ctx.needs_input_grad[0], False, ctx.cublaslt_gemms)
+        if grad_x is not None:
+            grad_x = grad_x.view(*grad.shape[:-1], weight.shape[1])
         grad_bias = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_bias, None
+        return grad_x, None, grad_bias, None, None
 
 
 # ----------------------------------------------------------------- packed (unpadded) attention
@@ -235,6 +234,7 @@ class FusedQKVAttention:
 
     qkv_weight: torch.Tensor | None = None
     qkv_weight_grad_target: torch.Tensor | None = None
+    cublaslt_gemms = False  # train.cublaslt_gemms, with the target (write_weight_grads_into)
 
     def __reduce_ex__(self, protocol):
         """Pickled as its base class plus state: the fused class is made at run time, so
@@ -279,7 +279,8 @@ class FusedQKVAttention:
         bias = None if self.query.bias is None else \
             torch.cat([m.bias for m in self.projections])
         if self.qkv_weight_grad_target is not None and torch.is_grad_enabled():
-            return LinearGradInto.apply(x, self.qkv_weight, bias, self.qkv_weight_grad_target)
+            return LinearGradInto.apply(x, self.qkv_weight, bias, self.qkv_weight_grad_target,
+                                        self.cublaslt_gemms)
         return F.linear(x, torch.cat([m.weight for m in self.projections]), bias)
 
 

@@ -659,7 +659,8 @@ class Trainer:
         autocast = cfg.mixed_precision == "bf16" and self.masters is None
         return StepGraphs(module, torch.bfloat16 if autocast else None, self.masters,
                           single_micro_step=cfg.gradient_accumulation_steps == 1,
-                          direct_weight_grads=cfg.direct_weight_grads)
+                          direct_weight_grads=cfg.direct_weight_grads,
+                          cublaslt_gemms=cfg.cublaslt_gemms)
 
     def _overlap_optimizer(self) -> OverlappedStep | None:
         """`train.overlap_optimizer`: the flat AdamW step runs chunk by chunk on a side

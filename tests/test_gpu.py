@@ -483,7 +483,8 @@ def test_gelu_epilogue_gemm_matches_fp32_maths_and_replays_in_a_cuda_graph():
         gelu_linear(x, *layers[0])  # warm-up before the capture: the plan, the workspace
     torch.cuda.current_stream().wait_stream(side)
     plans = cublaslt._instances[torch.cuda.current_device()].plans
-    assert (4096, 3584, 1024, True, cublaslt.EPILOGUE_GELU_AUX_BIAS, 14) in plans
+    assert (4096, 3584, 1024, True, False, cublaslt.EPILOGUE_GELU_AUX_BIAS, 14,
+            cublaslt.WORKSPACE_BYTES) in plans
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=side):
         outputs = [gelu_linear(x, weight, bias) for weight, bias in layers]
@@ -623,10 +624,10 @@ def test_gelu_epilogue_says_once_when_cublaslt_cannot_take_the_operands(monkeypa
     """fp32 on CUDA: the torch path, the tanh GELU's maths, and one warning for the run."""
     import torch.nn.functional as F
 
-    from mtl_dist import gelu_epilogue
+    from mtl_dist import cublaslt, gelu_epilogue
     from mtl_dist.errors import MtlDistWarning
 
-    monkeypatch.setattr(gelu_epilogue, "_warned", [])
+    monkeypatch.setattr(cublaslt, "_warned", set())
     x, weight, bias = (torch.randn(64, 32, device="cuda"), torch.randn(128, 32, device="cuda"),
                        torch.randn(128, device="cuda"))
     with pytest.warns(MtlDistWarning, match="cuBLASLt cannot take these operands"):
@@ -637,3 +638,81 @@ def test_gelu_epilogue_says_once_when_cublaslt_cannot_take_the_operands(monkeypa
     with warnings.catch_warnings():
         warnings.simplefilter("error", MtlDistWarning)
         gelu_epilogue.gelu_linear(x, weight, bias)  # said once
+
+
+def test_cublaslt_gemms_match_fp32_maths_and_replay_without_memsets():
+    """`train.cublaslt_gemms` on one layer's four projections at the workload's 3,584 packed
+    tokens: the forward, input and weight gradients are fp32 maths to bf16 rounding, every
+    GEMM took cuBLASLt without a workspace (its plans are cached), and a CUDA graph of them
+    replays without one memset (cuBLAS's workspace memsets are what the switch removes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mtl_dist import cublaslt
+    from mtl_dist.model import LinearGradInto
+
+    torch.manual_seed(0)
+    tokens, shapes = 3584, [(3072, 1024), (1024, 1024), (4096, 1024), (1024, 4096)]
+    layers = [((torch.randn(out, inp, device="cuda") * inp ** -0.5).bfloat16(),
+               torch.randn(out, device="cuda").bfloat16()) for out, inp in shapes]
+    inputs = [torch.randn(tokens, inp, device="cuda").bfloat16().requires_grad_()
+              for _, inp in shapes]
+    grads = [torch.randn(tokens, out, device="cuda").bfloat16() for out, _ in shapes]
+    targets = [torch.empty_like(weight) for weight, _ in layers]
+
+    def step():
+        for x, (weight, bias), target, grad in zip(inputs, layers, targets, grads, strict=True):
+            x.grad = None
+            LinearGradInto.apply(x, weight, bias, target, True).backward(grad)
+
+    def relative(got, want):
+        return ((got.float() - want).norm() / want.norm()).item()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up before the capture: the plans
+    torch.cuda.current_stream().wait_stream(side)
+    plans = cublaslt._instances[torch.cuda.current_device()].plans
+    assert len(plans) >= 3 * len(shapes) and all(key[-1] == 0 for key in plans
+                                                   if key[5] != cublaslt.EPILOGUE_GELU_AUX_BIAS)
+    for x, (weight, bias), target, grad in zip(inputs, layers, targets, grads, strict=True):
+        x32, w32, g32 = x.detach().float(), weight.float(), grad.float()
+        out = LinearGradInto.apply(x.detach(), weight, bias, target, True)
+        assert relative(out, x32 @ w32.t() + bias.float()) < 1e-2
+        assert relative(x.grad, g32 @ w32) < 1e-2
+        assert relative(target, g32.t() @ x32) < 1e-2
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert names and not [n for n in names if n.startswith("Memset")], names
+
+
+def test_cublaslt_gemms_train_like_torchs_gemms_in_the_recommended_set(tmp_path, monkeypatch):
+    """train.cublaslt_gemms in the step it is for (graphs, compiled packed layers, flat
+    masters, weight gradients written in place, fused q/k/v, the GELU epilogue): cuBLASLt takes
+    every routed GEMM (no fallback), and the losses are torch's GEMMs' to bf16 noise."""
+    from mtl_dist import cublaslt
+
+    fallbacks, calls = [], []
+    monkeypatch.setattr(cublaslt, "warn_fallback_once", lambda *args: fallbacks.append(args))
+    mm = cublaslt.mm
+    monkeypatch.setattr(cublaslt, "mm", lambda *args, **kw: calls.append(1) or mm(*args, **kw))
+    common = ["train.bf16_weights=true", "train.cuda_graphs=true", "train.fused_clipping=true",
+              "train.flat_masters=true", "train.gradient_accumulation_steps=1",
+              "train.direct_weight_grads=true", "train.fused_qkv=true",
+              "train.gelu_epilogue=true", *COMPILED_PACKED]
+    torch_gemms, _, _ = run(tmp_path, "torch", *common)
+    assert not calls
+    lt_gemms, trainer, _ = run(tmp_path, "cublaslt", *common, "train.cublaslt_gemms=true")
+    layers = trainer.module.encoder.encoder.layer
+    # per layer and step: 3 forwards (q/k/v, output, FFN down), 3 + 1 input gradients (the
+    # FFN up's GELU backward), 4 weight gradients
+    assert len(calls) >= 10 * len(layers), len(calls)
+    assert not fallbacks, fallbacks
+    assert_losses_close(torch_gemms, lt_gemms, 0.02, steps=30)
