@@ -247,15 +247,17 @@ def supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> bool
         and x.shape[0] > 0 and x.shape[1] % 8 == 0 and weight.shape[0] % 8 == 0
 
 
-def gelu_linear(x: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gelu_tanh(x·wᵀ + b), x·wᵀ + b) for x (tokens × in), w (out × in), b (out), from one GEMM."""
+def gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                workspace_bytes: int = WORKSPACE_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gelu_tanh(x·wᵀ + b), x·wᵀ + b) for x (tokens × in), w (out × in), b (out), from one GEMM
+    (without a workspace if `workspace_bytes` is 0: train.cublaslt_gemms)."""
     tokens, width = x.shape[0], weight.shape[0]
     h = x.new_empty(tokens, width)
     pre = x.new_empty(tokens, width)
     with torch.cuda.device(x.device):  # custom ops get no device guard
         _lt(x.device).matmul(weight, True, x, h, m=width, n=tokens, k=x.shape[1],
-                             epilogue=EPILOGUE_GELU_AUX_BIAS, bias=bias, aux=pre)
+                             epilogue=EPILOGUE_GELU_AUX_BIAS, bias=bias, aux=pre,
+                             workspace_bytes=workspace_bytes)
     return h, pre
 
 

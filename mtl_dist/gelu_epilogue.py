@@ -34,13 +34,15 @@ GELU_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_python", "gel
 
 
 @torch.library.custom_op("mtl_dist::gelu_linear", mutates_args=())
-def gelu_linear(x: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                workspace: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(gelu_tanh(x·wᵀ + b), x·wᵀ + b) for x (tokens × in), w (out × in), b (out): one GEMM
-    on CUDA where cuBLASLt takes the operands, torch ops otherwise."""
+    on CUDA where cuBLASLt takes the operands (without a workspace if not `workspace`:
+    train.cublaslt_gemms), torch ops otherwise."""
     _check_shapes(x, weight, bias)
     if cublaslt.supported(x, weight, bias):
-        return cublaslt.gelu_linear(x, weight, bias)
+        return cublaslt.gelu_linear(x, weight, bias,
+                                    cublaslt.WORKSPACE_BYTES if workspace else 0)
     cublaslt.warn_fallback_once("train.gelu_epilogue", x, weight, bias)
     return _gelu_linear_torch(x, weight, bias)
 
@@ -59,7 +61,7 @@ def _check_shapes(x, weight, bias) -> None:
 
 
 @gelu_linear.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias, workspace=True):
     _check_shapes(x, weight, bias)
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], weight.shape[0])
 
@@ -70,7 +72,7 @@ class GeluLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, cublaslt_gemms=False):
-        h, pre = gelu_linear(x, weight, bias)
+        h, pre = gelu_linear(x, weight, bias, not cublaslt_gemms)
         ctx.save_for_backward(x, weight, pre)
         ctx.target = target  # not saved: see LinearGradInto
         ctx.cublaslt_gemms = cublaslt_gemms  # train.cublaslt_gemms: the backward's GEMMs

@@ -715,4 +715,6 @@ def test_cublaslt_gemms_train_like_torchs_gemms_in_the_recommended_set(tmp_path,
     # FFN up's GELU backward), 4 weight gradients
     assert len(calls) >= 10 * len(layers), len(calls)
     assert not fallbacks, fallbacks
+    plans = cublaslt._instances[torch.cuda.current_device()].plans
+    assert any(key[5] == cublaslt.EPILOGUE_GELU_AUX_BIAS and key[-1] == 0 for key in plans)
     assert_losses_close(torch_gemms, lt_gemms, 0.02, steps=30)
