@@ -128,7 +128,7 @@ def algorithms(tokens: int) -> dict:
              cublaslt.EPILOGUE_GELU_AUX_BIAS),
             ("DGELU_BGRAD", dgelu_bgrad, cublaslt.EPILOGUE_DGELU_BGRAD)):
         call()
-        key = next(k for k in reversed(list(lt.plans)) if k[1] == tokens and k[4] == epilogue)
+        key = next(k for k in reversed(list(lt.plans)) if k[1] == tokens and k[5] == epilogue)
         times = []
         for algo in lt.candidates[key]:
             lt.plans[key] = (*lt.plans[key][:4], algo)

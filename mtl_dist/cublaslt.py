@@ -78,8 +78,8 @@ _SIGNATURES = {  # cublasLt.h: every call takes its arguments at their C widths
     "cublasLtMatmulAlgoGetHeuristic": [_P, _P, _P, _P, _P, _P, _P, ctypes.c_int, _P, _P],
     "cublasLtMatmul": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _SIZE, _P],
 }
-_AUX_EPILOGUES = (EPILOGUE_GELU_AUX_BIAS,)  # those that write an auxiliary output
-_BIAS_EPILOGUES = (EPILOGUE_BIAS, EPILOGUE_GELU_AUX_BIAS, EPILOGUE_DGELU_BGRAD)
+_AUX_FLAG, _BIAS_FLAG, _BGRAD_FLAG = 128, 4, 16  # epilogues that read or write aux, read bias,
+# or write the bias gradient (at the bias pointer)
 
 
 def _declared(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -163,7 +163,7 @@ class _Lt:
         self._set(set_desc, desc, _DESC_TRANSA, ctypes.c_int32(_OP_T if transa else _OP_N))
         self._set(set_desc, desc, _DESC_TRANSB, ctypes.c_int32(_OP_T if transb else _OP_N))
         self._set(set_desc, desc, _DESC_EPILOGUE, ctypes.c_uint32(epilogue))
-        if epilogue in _AUX_EPILOGUES:
+        if epilogue & _AUX_FLAG:
             self._set(set_desc, desc, _DESC_AUX_LD, ctypes.c_int64(m))
             self._set(set_desc, desc, _DESC_AUX_DATA_TYPE, ctypes.c_int32(dtype))
         self.point(desc, bias, aux)  # the heuristic reads the pointers' alignment
@@ -206,6 +206,9 @@ class _Lt:
         if workspace_bytes not in (0, WORKSPACE_BYTES):
             raise CublasLtError(f"workspace_bytes must be 0 or {WORKSPACE_BYTES}, got "
                                 f"{workspace_bytes}")
+        if (epilogue & (_BIAS_FLAG | _BGRAD_FLAG)) and bias is None \
+                or (epilogue & _AUX_FLAG) and aux is None:
+            raise CublasLtError(f"epilogue {epilogue} needs its bias and auxiliary tensors")
         for tensor in (a, b, out, bias, aux):
             if tensor is not None and tensor.data_ptr() % ALIGNMENT:
                 raise CublasLtError(f"cuBLASLt operand not aligned to {ALIGNMENT} bytes")
@@ -300,7 +303,8 @@ def mm_problem(a_shape, a_transposed: bool, b_shape, b_transposed: bool) -> dict
     Cᵀ = Bᵀ·Aᵀ, so cuBLAS's first operand is B and its second A; a row-major transpose of a
     contiguous tensor is a cuBLAS operand stored the other way round (`_row_major_operand`)."""
     (rows, inner), cols = a_shape, b_shape[1]
-    return {"m": cols, "n": rows, "k": inner, "transa": b_transposed, "transb": a_transposed}
+    return {"m": cols, "n": rows, "k": inner, "transa": b_transposed, "transb": a_transposed,
+            "operands": ("b", "a")}
 
 
 def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None,
@@ -310,8 +314,10 @@ def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None,
     if out is None:
         out = a.new_empty(a.shape[0], b.shape[1])
     problem = mm_problem(a.shape, _row_major_operand(a), b.shape, _row_major_operand(b))
+    first, second = ({"a": a, "b": b}[name] for name in problem["operands"])
     with torch.cuda.device(a.device):  # custom ops get no device guard
-        _lt(a.device).matmul(b, problem["transa"], a, out, m=problem["m"], n=problem["n"],
+        _lt(a.device).matmul(first, problem["transa"], second, out, m=problem["m"],
+                             n=problem["n"],
                              k=problem["k"], transb=problem["transb"],
                              epilogue=EPILOGUE_DEFAULT if bias is None else EPILOGUE_BIAS,
                              bias=bias, workspace_bytes=0)
@@ -321,14 +327,16 @@ def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None,
 _warned: set[str] = set()
 
 
-def warn_fallback_once(switch: str, *operands: torch.Tensor) -> None:
+def warn_fallback_once(switch: str, *operands: torch.Tensor, reason: str | None = None) -> None:
     """On CUDA `switch` is there for its speed: say once per switch when cuBLASLt cannot take
-    its operands and torch's ops run instead (on CPU that is the plan: no warning)."""
+    its operands (or failed on them: `reason`) and torch's ops run instead (on CPU that is the
+    plan: no warning)."""
     if not operands[0].is_cuda or switch in _warned:
         return
     _warned.add(switch)
     shapes = ", ".join(f"{tuple(t.shape)} strides {t.stride()}" for t in operands)
+    why = reason or ("it needs bf16 or fp16, 16-byte aligned, contiguous or transposed, "
+                     "widths that are multiples of 8")
     warnings.warn(f"{switch}: cuBLASLt cannot take these operands ({operands[0].dtype}, "
-                  f"{shapes}: it needs bf16 or fp16, 16-byte aligned, contiguous or transposed, "
-                  "widths that are multiples of 8); torch's ops run instead, without the "
-                  "speed-up", MtlDistWarning, stacklevel=3)
+                  f"{shapes}: {why}); torch's ops run instead, without the speed-up",
+                  MtlDistWarning, stacklevel=4)

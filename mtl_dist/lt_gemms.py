@@ -34,14 +34,26 @@ def weight_grad_into(grad_output: torch.Tensor, inputs: torch.Tensor, out: torch
              inputs.reshape(-1, inputs.shape[-1]), out=out)
 
 
+def _cublaslt_else_torch(supported: bool, by_cublaslt, by_torch, operands):
+    """`by_cublaslt()` where cuBLASLt takes the operands and finds an algorithm without a
+    workspace, else `by_torch()` (on CUDA with a warning, once)."""
+    reason = None
+    if supported:
+        try:
+            return by_cublaslt()
+        except cublaslt.CublasLtError as error:
+            reason = str(error)
+    cublaslt.warn_fallback_once(SWITCH, *operands, reason=reason)
+    return by_torch()
+
+
 @torch.library.custom_op("mtl_dist::lt_linear", mutates_args=())
 def lt_linear(x: torch.Tensor, weight: torch.Tensor,
               bias: torch.Tensor | None) -> torch.Tensor:
     """x·wᵀ + b for rows x (tokens × in), w (out × in), b (out) or None."""
-    if cublaslt.mm_supported(x, weight.t(), bias=bias):
-        return cublaslt.mm(x, weight.t(), bias=bias)
-    cublaslt.warn_fallback_once(SWITCH, x, weight)
-    return F.linear(x, weight, bias)
+    return _cublaslt_else_torch(cublaslt.mm_supported(x, weight.t(), bias=bias),
+                                lambda: cublaslt.mm(x, weight.t(), bias=bias),
+                                lambda: F.linear(x, weight, bias), (x, weight))
 
 
 @lt_linear.register_fake
@@ -52,10 +64,8 @@ def _(x, weight, bias):
 @torch.library.custom_op("mtl_dist::lt_mm", mutates_args=())
 def lt_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a·b for a (M × K), b (K × N)."""
-    if cublaslt.mm_supported(a, b):
-        return cublaslt.mm(a, b)
-    cublaslt.warn_fallback_once(SWITCH, a, b)
-    return a @ b
+    return _cublaslt_else_torch(cublaslt.mm_supported(a, b), lambda: cublaslt.mm(a, b),
+                                lambda: a @ b, (a, b))
 
 
 @lt_mm.register_fake
@@ -67,11 +77,10 @@ def _(a, b):
 def lt_weight_grad_into(grad_rows: torch.Tensor, input_rows: torch.Tensor,
                         out: torch.Tensor) -> None:
     """A Linear's weight gradient, grad_rowsᵀ·input_rows, written into `out` by the GEMM."""
-    if cublaslt.mm_supported(grad_rows.t(), input_rows, out=out):
-        cublaslt.mm(grad_rows.t(), input_rows, out=out)
-        return
-    cublaslt.warn_fallback_once(SWITCH, grad_rows, input_rows)
-    torch.mm(grad_rows.t(), input_rows, out=out)
+    _cublaslt_else_torch(cublaslt.mm_supported(grad_rows.t(), input_rows, out=out),
+                         lambda: cublaslt.mm(grad_rows.t(), input_rows, out=out),
+                         lambda: torch.mm(grad_rows.t(), input_rows, out=out),
+                         (grad_rows, input_rows))
 
 
 def linear_grads(grad_rows: torch.Tensor, input_rows: torch.Tensor, weight: torch.Tensor,

@@ -34,8 +34,9 @@ def cublas_reads(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a_t, b_t = cublaslt._row_major_operand(a), cublaslt._row_major_operand(b)
     p = cublaslt.mm_problem(a.shape, a_t, b.shape, b_t)
     shapes = cublaslt.stored_shapes(p["m"], p["n"], p["k"], p["transa"], p["transb"])
+    tensors = {"a": (a, a_t), "b": (b, b_t)}
     memory = [t.t().contiguous() if transposed else t.contiguous()  # as the bytes lie
-              for t, transposed in ((b, b_t), (a, a_t))]
+              for t, transposed in (tensors[name] for name in p["operands"])]
     first, second = (column_major(m, *shape) for m, shape in zip(memory, shapes[:2],
                                                                      strict=True))
     first = first.t() if p["transa"] else first

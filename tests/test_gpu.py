@@ -673,8 +673,11 @@ def test_cublaslt_gemms_match_fp32_maths_and_replay_without_memsets():
         step()  # warm-up before the capture: the plans
     torch.cuda.current_stream().wait_stream(side)
     plans = cublaslt._instances[torch.cuda.current_device()].plans
-    assert len(plans) >= 3 * len(shapes) and all(key[-1] == 0 for key in plans
-                                                   if key[5] != cublaslt.EPILOGUE_GELU_AUX_BIAS)
+    bias, plain = cublaslt.EPILOGUE_BIAS, cublaslt.EPILOGUE_DEFAULT
+    for out, inp in shapes:  # (m, n, k, transa, transb, epilogue, bf16, workspace bytes)
+        assert (out, tokens, inp, True, False, bias, 14, 0) in plans  # x·wᵀ + b
+        assert (inp, tokens, out, False, False, plain, 14, 0) in plans  # grad·w
+        assert (inp, out, tokens, False, True, plain, 14, 0) in plans  # gradᵀ·x
     for x, (weight, bias), target, grad in zip(inputs, layers, targets, grads, strict=True):
         x32, w32, g32 = x.detach().float(), weight.float(), grad.float()
         out = LinearGradInto.apply(x.detach(), weight, bias, target, True)
