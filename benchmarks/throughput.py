@@ -586,7 +586,7 @@ def variant_list() -> list[tuple[str, list[str]]]:
         ("... the same as 35, the vocabulary's gradient by sort + a Triton kernel (triton_embedding_grads)",
          [*RECOMMENDED_NOW, "train.triton_embedding_grads=true"]),
         # Run X: cuBLAS's 4-byte workspace memsets, ~59 per step at 3-5 us each in the graphs;
-        # the routed Linears' GEMMs by cuBLASLt without a workspace
+        # the routed Linears' GEMMs by cuBLASLt without a workspace (not yet measured)
         ("... the same as 35, the layers' GEMMs by cuBLASLt without a workspace (cublaslt_gemms)",
          [*RECOMMENDED_NOW, "train.cublaslt_gemms=true"]),
     ]
