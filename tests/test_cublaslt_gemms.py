@@ -165,3 +165,18 @@ def test_the_switch_needs_direct_weight_grads(tmp_path):
     with pytest.raises(ConfigError, match=r"config key 'train.cublaslt_gemms': expected false "
                                           r"with train.direct_weight_grads=false"):
         load_config(DEMO, [f"train.output_dir={tmp_path}", "train.cublaslt_gemms=true"])
+
+
+def test_an_op_falls_back_to_torch_when_cublaslt_fails(monkeypatch):
+    """E.g. no algorithm without a workspace: the op gives torch's result instead of failing
+    the step."""
+    from mtl_dist import lt_gemms
+
+    def fails(*args, **kwargs):
+        raise cublaslt.CublasLtError("cuBLASLt has no algorithm")
+
+    monkeypatch.setattr(cublaslt, "mm_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(cublaslt, "mm", fails)
+    x, weight, bias = operands()
+    torch.testing.assert_close(lt_gemms.lt_linear(x, weight, bias), x @ weight.t() + bias)
+    torch.testing.assert_close(lt_gemms.lt_mm(x, weight.t()), x @ weight.t())
