@@ -589,6 +589,12 @@ def variant_list() -> list[tuple[str, list[str]]]:
         # the routed Linears' GEMMs by cuBLASLt without a workspace (not yet measured)
         ("... the same as 35, the layers' GEMMs by cuBLASLt without a workspace (cublaslt_gemms)",
          [*RECOMMENDED_NOW, "train.cublaslt_gemms=true"]),
+        # Run Y9's profile: the heads' gather's backward, a fill and a bf16 index_add over
+        # 32 x 300 slots, ~80 us per step; a gather from each token's valid slot (not yet measured)
+        ("... the same as 35, the heads' gather's backward as a gather (gather_unpack_backward)",
+         [*RECOMMENDED_NOW, "train.gather_unpack_backward=true"]),
+        ("... the same as 35, with both cublaslt_gemms and gather_unpack_backward",
+         [*RECOMMENDED_NOW, "train.cublaslt_gemms=true", "train.gather_unpack_backward=true"]),
     ]
 
 

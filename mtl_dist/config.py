@@ -188,6 +188,7 @@ class TrainConfig:
     triton_embedding_grads: bool = False  # gemm_embedding_grads: the vocabulary's by Triton
     gelu_epilogue: bool = False  # intermediate GEMM + GELU (tanh) as one cuBLASLt GEMM
     cublaslt_gemms: bool = False  # direct_weight_grads' GEMMs by cuBLASLt, without a workspace
+    gather_unpack_backward: bool = False  # packing: the heads' gather's backward as a gather
     overlap_optimizer: bool = False  # flat masters: AdamW per layer, overlapping the next forward
     attention_kernel: str = "flash"  # packed rows on CUDA: "flash" (FlashAttention 2) or "triton"
     stop_after_steps: int | None = None
@@ -1185,7 +1186,7 @@ def _validate(run: RunConfig, sources: _Sources) -> None:
         _validate_tasks(run.tasks)
         _validate_tracking(run.tracking)
         _validate_combinations(run.train)
-        _validate_packing(run.data)
+        _validate_packing(run.data, run.train)
         _validate_attention_kernel(run)
         _validate_evaluation(run)
     except _Problem as problem:
@@ -1398,8 +1399,15 @@ def _validate_combinations(train: TrainConfig) -> None:
         )
 
 
-def _validate_packing(data: DataConfig) -> None:
-    """A packed row's pad tail is a sequence of its own: it must fit in max_length."""
+def _validate_packing(data: DataConfig, train: TrainConfig) -> None:
+    """A packed row's pad tail is a sequence of its own: it must fit in max_length. The
+    gather of packed rows for the heads exists only with packing."""
+    if train.gather_unpack_backward and not data.packing:
+        raise _Problem(
+            "train.gather_unpack_backward",
+            "config key 'train.gather_unpack_backward': expected false with data.packing=false "
+            "(it changes how packed rows reach the heads), got true",
+        )
     if data.packing and data.pack_multiple > data.max_length:
         raise _Problem(
             "data.pack_multiple",

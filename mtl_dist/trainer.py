@@ -515,6 +515,7 @@ class Trainer:
                 self.model.encoder.get_input_embeddings().num_embeddings,
                 self.tokenizer.pad_token_id, cfg.data.max_length,
                 cfg.data.pack_multiple))
+        self.model.gather_unpack_backward = cfg.train.gather_unpack_backward
         if cfg.train.fused_qkv:
             enable_fused_qkv(self.model)
         if cfg.train.gemm_embedding_grads:

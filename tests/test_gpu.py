@@ -721,3 +721,44 @@ def test_cublaslt_gemms_train_like_torchs_gemms_in_the_recommended_set(tmp_path,
     plans = cublaslt._instances[torch.cuda.current_device()].plans
     assert any(key[5] == cublaslt.EPILOGUE_GELU_AUX_BIAS and key[-1] == 0 for key in plans)
     assert_losses_close(torch_gemms, lt_gemms, 0.02, steps=30)
+
+
+def test_gather_unpack_backward_matches_index_select_in_a_cuda_graph():
+    """`train.gather_unpack_backward` at the workload's shape (32 samples × 300 slots, 3,584
+    packed tokens, bf16): captured in a CUDA graph (no host sync), its forward and backward
+    equal index_select's bit for bit when pad slots carry no gradient, as mtl_dist's heads'."""
+    from mtl_dist.model import UnpackRows
+
+    torch.manual_seed(0)
+    tokens, samples_, width = 3584, 32, 300
+    lengths = torch.randint(40, 180, (samples_,))
+    lengths = (lengths * (tokens - 64) / lengths.sum()).long().clamp(min=1)
+    starts = torch.cumsum(lengths, 0) - lengths
+    slots = torch.arange(width)
+    valid = (slots[None, :] < lengths[:, None]).reshape(-1).cuda()
+    index = torch.where(slots[None, :] < lengths[:, None], starts[:, None] + slots[None, :],
+                        torch.arange(samples_ * width).view(samples_, width) % tokens)
+    index = index.reshape(-1).cuda()
+    rows = torch.randn(tokens, 1024, device="cuda").bfloat16().requires_grad_()
+    grad = torch.randn(samples_ * width, 1024, device="cuda").bfloat16() \
+        .masked_fill(~valid[:, None], 0)
+
+    def step():
+        rows.grad = None
+        UnpackRows.apply(rows, index, valid).backward(grad)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        step()
+    rows.data.copy_(torch.randn_like(rows, dtype=torch.float32))
+    grad.copy_(torch.randn_like(grad, dtype=torch.float32).masked_fill(~valid[:, None], 0))
+    graph.replay()
+    torch.cuda.synchronize()
+    got = rows.grad.clone()
+    (want,) = torch.autograd.grad(rows.index_select(0, index), rows, grad)
+    assert torch.equal(got, want)
