@@ -334,6 +334,8 @@ def enable_fused_qkv(model: MultiTaskModel) -> int:
 class MultiTaskModel(nn.Module):
     """One encoder shared by all tasks; `task_id` picks the head (all ranks pick the same one)."""
 
+    gather_unpack_backward = False  # train.gather_unpack_backward (set by the trainer)
+
     def __init__(self, encoder: nn.Module, num_labels: Sequence[int], head: str = "attention",
                  dropout: float = 0.1):
         super().__init__()
@@ -348,7 +350,6 @@ class MultiTaskModel(nn.Module):
         # building, which syncs with the GPU every step (`padding_mask.all()`).
         self.mask_4d = getattr(encoder.config, "_attn_implementation", None) == "sdpa"
         self.packed_max_seqlen: int | None = None  # set by enable_packed_attention
-        self.gather_unpack_backward = False  # train.gather_unpack_backward
         self.position_offset = position_offset(encoder)
         # An encoder with one token type (RoBERTa-family) or none (DistilBERT) gets all zeros
         # (not None: a packed row may outrun RoBERTa's zeros buffer): a WordPiece tokenizer
@@ -386,8 +387,9 @@ class MultiTaskModel(nn.Module):
         # index_select, not hidden[0][unpack_index]: its backward is an index_add, while
         # advanced indexing's (a sort) cost 4 ms per step on an H200 (BERT-large, batch 32).
         if self.gather_unpack_backward and torch.is_grad_enabled():
-            rows = UnpackRows.apply(hidden[0], unpack_index.reshape(-1),
-                                    attention_mask.reshape(-1) != 0)
+            # reshape, not hidden[0]: select's backward zero-fills a (1, T, H) tensor and copies
+            rows = UnpackRows.apply(hidden.reshape(-1, hidden.shape[-1]),
+                                    unpack_index.reshape(-1), attention_mask.reshape(-1) != 0)
         else:
             rows = hidden[0].index_select(0, unpack_index.reshape(-1))
         return rows.view(*unpack_index.shape, hidden.shape[-1])
@@ -406,8 +408,9 @@ class UnpackRows(torch.autograd.Function):
     (9,600 rows of 1,024 at batch 32 and length 300) by bf16 atomics: ~75 µs per step on the
     H100 (run Y9's profile), for ~3,500 tokens. Exact for mtl_dist's heads: they mask the pad
     slots (attention pooling's weights there are exactly 0, the CLS head reads slot 0), so a
-    pad slot's gradient is exactly zero and each token's is its valid slot's; tokens in no
-    valid slot (the pack's pad tail) get zero, as before. No host sync: the inverse map is
+    pad slot's gradient is exactly zero and each token's is its valid slot's (the same values;
+    a -0.0 stays -0.0 where the index_add gave +0.0); tokens in no valid slot (the pack's pad
+    tail) get zero, as before. No host sync: the inverse map is
     built on the device by one scatter.
     """
 

@@ -725,27 +725,35 @@ def test_cublaslt_gemms_train_like_torchs_gemms_in_the_recommended_set(tmp_path,
 
 def test_gather_unpack_backward_matches_index_select_in_a_cuda_graph():
     """`train.gather_unpack_backward` at the workload's shape (32 samples × 300 slots, 3,584
-    packed tokens, bf16): captured in a CUDA graph (no host sync), its forward and backward
-    equal index_select's bit for bit when pad slots carry no gradient, as mtl_dist's heads'."""
+    packed tokens, bf16): captured in a CUDA graph (no host sync) and replayed on another
+    packing layout, its forward and backward equal index_select's when pad slots carry no
+    gradient, as mtl_dist's heads'."""
     from mtl_dist.model import UnpackRows
 
-    torch.manual_seed(0)
     tokens, samples_, width = 3584, 32, 300
-    lengths = torch.randint(40, 180, (samples_,))
-    lengths = (lengths * (tokens - 64) / lengths.sum()).long().clamp(min=1)
-    starts = torch.cumsum(lengths, 0) - lengths
-    slots = torch.arange(width)
-    valid = (slots[None, :] < lengths[:, None]).reshape(-1).cuda()
-    index = torch.where(slots[None, :] < lengths[:, None], starts[:, None] + slots[None, :],
-                        torch.arange(samples_ * width).view(samples_, width) % tokens)
-    index = index.reshape(-1).cuda()
+
+    def layout(seed):
+        generator = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(40, 180, (samples_,), generator=generator)
+        lengths = (lengths * (tokens - 64) / lengths.sum()).long().clamp(1, width)
+        starts = torch.cumsum(lengths, 0) - lengths
+        slots = torch.arange(width)
+        valid = slots[None, :] < lengths[:, None]
+        index = torch.where(valid, starts[:, None] + slots[None, :],
+                            torch.arange(samples_ * width).view(samples_, width) % tokens)
+        return index.reshape(-1).cuda(), valid.reshape(-1).cuda()
+
+    torch.manual_seed(0)
+    index, valid = layout(0)
     rows = torch.randn(tokens, 1024, device="cuda").bfloat16().requires_grad_()
-    grad = torch.randn(samples_ * width, 1024, device="cuda").bfloat16() \
-        .masked_fill(~valid[:, None], 0)
+    grad = torch.randn(samples_ * width, 1024, device="cuda").bfloat16()
+    outputs = []
 
     def step():
         rows.grad = None
-        UnpackRows.apply(rows, index, valid).backward(grad)
+        out = UnpackRows.apply(rows, index, valid)
+        out.backward(grad.masked_fill(~valid[:, None], 0))
+        outputs.append(out)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -755,10 +763,15 @@ def test_gather_unpack_backward_matches_index_select_in_a_cuda_graph():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=side):
         step()
+    new_index, new_valid = layout(1)
+    assert not torch.equal(new_valid, valid)
+    index.copy_(new_index), valid.copy_(new_valid)
     rows.data.copy_(torch.randn_like(rows, dtype=torch.float32))
-    grad.copy_(torch.randn_like(grad, dtype=torch.float32).masked_fill(~valid[:, None], 0))
+    grad.copy_(torch.randn_like(grad, dtype=torch.float32))
     graph.replay()
     torch.cuda.synchronize()
-    got = rows.grad.clone()
-    (want,) = torch.autograd.grad(rows.index_select(0, index), rows, grad)
-    assert torch.equal(got, want)
+    got_out, got_grad = outputs[-1].clone(), rows.grad.clone()
+    want_out = rows.index_select(0, index)
+    (want_grad,) = torch.autograd.grad(want_out, rows, grad.masked_fill(~valid[:, None], 0))
+    assert torch.equal(got_out, want_out.detach())
+    assert torch.equal(got_grad, want_grad)
