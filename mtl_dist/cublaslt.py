@@ -240,29 +240,22 @@ def _lt(device: torch.device) -> _Lt:
 
 
 def supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> bool:
-    """Whether `gelu_linear` can take these operands: on one CUDA device, bf16 or fp16 alike,
-    contiguous, 16-byte aligned, tokens present, both widths multiples of 8 (16-byte rows; the
-    auxiliary output's leading dimension must be)."""
-    tensors = (x, weight, bias)
-    return all(t.is_cuda and t.device == x.device and t.dtype in _DATA_TYPE
-               and t.dtype == x.dtype and t.is_contiguous() and t.data_ptr() % ALIGNMENT == 0
-               for t in tensors) \
-        and x.shape[0] > 0 and x.shape[1] % 8 == 0 and weight.shape[0] % 8 == 0
+    """Whether `gelu_linear` can take these operands: x, weight and bias contiguous, and x·wᵀ
+    as `mm_supported` says (one CUDA device, bf16 or fp16 alike, 16-byte aligned, tokens
+    present, both widths multiples of 8: 16-byte rows, which the auxiliary output's leading
+    dimension needs too)."""
+    return x.is_contiguous() and weight.is_contiguous() \
+        and mm_supported(x, weight.t(), bias=bias)
 
 
 def gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                 workspace_bytes: int = WORKSPACE_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
     """(gelu_tanh(x·wᵀ + b), x·wᵀ + b) for x (tokens × in), w (out × in), b (out), from one GEMM
     (without a workspace if `workspace_bytes` is 0: train.cublaslt_gemms)."""
-    tokens, width = x.shape[0], weight.shape[0]
-    h = x.new_empty(tokens, width)
-    pre = x.new_empty(tokens, width)
-    with torch.cuda.device(x.device):  # custom ops get no device guard
-        _lt(x.device).matmul(weight, True, x, h, m=width, n=tokens, k=x.shape[1],
-                             epilogue=EPILOGUE_GELU_AUX_BIAS, bias=bias, aux=pre,
-                             workspace_bytes=workspace_bytes)
+    pre = x.new_empty(x.shape[0], weight.shape[0])
+    h = mm(x, weight.t(), bias=bias, epilogue=EPILOGUE_GELU_AUX_BIAS, aux=pre,
+           workspace_bytes=workspace_bytes)
     return h, pre
-
 
 
 def _row_major_operand(t: torch.Tensor) -> bool | None:
@@ -308,19 +301,23 @@ def mm_problem(a_shape, a_transposed: bool, b_shape, b_transposed: bool) -> dict
 
 
 def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None,
-       bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a·b (+ bias per output column) into `out` (new if None), by cuBLASLt without a workspace;
-    the operands as `mm_supported` says."""
+       bias: torch.Tensor | None = None, epilogue: int | None = None,
+       aux: torch.Tensor | None = None, workspace_bytes: int = 0) -> torch.Tensor:
+    """a·b (+ bias per output column) into `out` (new if None), by cuBLASLt, without a
+    workspace unless asked; the operands as `mm_supported` says. `epilogue` defaults to the
+    bias one with a bias, none without; an auxiliary output (`aux`, M × N) is written with the
+    same layout as `out`."""
     if out is None:
         out = a.new_empty(a.shape[0], b.shape[1])
+    if epilogue is None:
+        epilogue = EPILOGUE_DEFAULT if bias is None else EPILOGUE_BIAS
     problem = mm_problem(a.shape, _row_major_operand(a), b.shape, _row_major_operand(b))
     first, second = ({"a": a, "b": b}[name] for name in problem["operands"])
     with torch.cuda.device(a.device):  # custom ops get no device guard
         _lt(a.device).matmul(first, problem["transa"], second, out, m=problem["m"],
-                             n=problem["n"],
-                             k=problem["k"], transb=problem["transb"],
-                             epilogue=EPILOGUE_DEFAULT if bias is None else EPILOGUE_BIAS,
-                             bias=bias, workspace_bytes=0)
+                             n=problem["n"], k=problem["k"], transb=problem["transb"],
+                             epilogue=epilogue, bias=bias, aux=aux,
+                             workspace_bytes=workspace_bytes)
     return out
 
 

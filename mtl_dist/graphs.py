@@ -49,8 +49,8 @@ def write_weight_grads_into(layers: nn.Module, targets: dict[int, torch.Tensor],
     """Every nn.Linear in `layers` whose weight has a target (id(weight) -> tensor of its
     shape) writes its weight gradient there from then on (again: a new target replaces an
     old one), its GEMMs by cuBLASLt without a workspace if `cublaslt_gemms`
-    (train.cublaslt_gemms); returns the ids of those weights. Only for Linears that run exactly once in
-    every forward (BERT/RoBERTa layers): one that did not run would leave its target as it
+    (train.cublaslt_gemms); returns the ids of those weights. Only for Linears that run exactly
+    once in every forward (BERT/RoBERTa layers): one that did not run would leave its target as it
     was, one that ran twice (shared weights) would keep only its last gradient.
     A fused q/k/v attention (`train.fused_qkv`) whose three weights and three targets each lie
     end to end (flat masters) writes all three from its one GEMM; otherwise its weights keep

@@ -11,7 +11,7 @@ from torch import nn
 
 from mtl_dist.config import ATTENTION_KERNELS, COMPILE_TUNING
 from mtl_dist.errors import ConfigError
-from mtl_dist.lt_gemms import linear_grads, lt_linear, weight_grad_into  # noqa: F401
+from mtl_dist.lt_gemms import linear_grads, lt_linear
 
 if TYPE_CHECKING:
     from mtl_dist.config import ModelConfig
@@ -410,8 +410,8 @@ class UnpackRows(torch.autograd.Function):
     slots (attention pooling's weights there are exactly 0, the CLS head reads slot 0), so a
     pad slot's gradient is exactly zero and each token's is its valid slot's (the same values;
     a -0.0 stays -0.0 where the index_add gave +0.0); tokens in no valid slot (the pack's pad
-    tail) get zero, as before. No host sync: the inverse map is
-    built on the device by one scatter.
+    tail) get zero, as before. No host sync: the inverse map is built on the device by one
+    scatter.
     """
 
     @staticmethod
