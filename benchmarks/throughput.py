@@ -595,6 +595,15 @@ def variant_list() -> list[tuple[str, list[str]]]:
          [*RECOMMENDED_NOW, "train.gather_unpack_backward=true"]),
         ("... the same as 35, with both cublaslt_gemms and gather_unpack_backward",
          [*RECOMMENDED_NOW, "train.cublaslt_gemms=true", "train.gather_unpack_backward=true"]),
+        # Run Y9's trace: a bf16 multi-tensor copy of the tables' gradients into the flat
+        # buffer inside the graphs, ~36 of its ~56 us per step for the vocabulary; the tables
+        # write theirs there (the vocabulary's needs the Triton kernel; not yet measured)
+        ("... the same as 37, the tables' gradients written into the flat buffer (direct_embedding_grads)",
+         [*RECOMMENDED_NOW, "train.triton_embedding_grads=true",
+          "train.direct_embedding_grads=true"]),
+        ("... the same as 40, with triton_embedding_grads and direct_embedding_grads",
+         [*RECOMMENDED_NOW, "train.cublaslt_gemms=true", "train.gather_unpack_backward=true",
+          "train.triton_embedding_grads=true", "train.direct_embedding_grads=true"]),
     ]
 
 

@@ -186,6 +186,7 @@ class TrainConfig:
     fused_qkv: bool = False  # query, key and value projected by one GEMM (same parameters)
     gemm_embedding_grads: bool = False  # small embedding tables' gradients by one GEMM
     triton_embedding_grads: bool = False  # gemm_embedding_grads: the vocabulary's by Triton
+    direct_embedding_grads: bool = False  # gemm_embedding_grads + direct_weight_grads: tables too
     gelu_epilogue: bool = False  # intermediate GEMM + GELU (tanh) as one cuBLASLt GEMM
     cublaslt_gemms: bool = False  # direct_weight_grads' GEMMs by cuBLASLt, without a workspace
     gather_unpack_backward: bool = False  # packing: the heads' gather's backward as a gather
@@ -1383,6 +1384,16 @@ def _validate_combinations(train: TrainConfig) -> None:
             "config key 'train.triton_embedding_grads': expected false without "
             "train.gemm_embedding_grads=true (it computes the tables too large for that "
             "switch's GEMM), got true",
+        )
+    if train.direct_embedding_grads and not (train.gemm_embedding_grads
+                                             and train.direct_weight_grads):
+        raise _Problem(
+            "train.direct_embedding_grads",
+            f"config key 'train.direct_embedding_grads': expected false with "
+            f"train.gemm_embedding_grads={str(train.gemm_embedding_grads).lower()}, "
+            f"train.direct_weight_grads={str(train.direct_weight_grads).lower()} (it has the "
+            "tables of gemm_embedding_grads write their gradients into the flat buffer, as "
+            "direct_weight_grads does for the Linears), got true",
         )
     if train.gelu_epilogue and train.zero_stage == 3:
         raise _Problem(

@@ -29,32 +29,52 @@ LARGE_TABLE_KERNELS = ("aten", "triton")  # what computes the tables above the G
 
 
 def embedding_weight_grad(ids: torch.Tensor, grad: torch.Tensor, rows: int,
-                          padding_idx: int | None, large_tables: str = "aten") -> torch.Tensor:
+                          padding_idx: int | None, large_tables: str = "aten",
+                          out: torch.Tensor | None = None) -> torch.Tensor:
     """d(loss)/d(weight) of `F.embedding(ids, weight, padding_idx)` given d(loss)/d(output)
     `grad` (..., hidden): row r sums the output gradients of the tokens whose id is r; the
     padding row gets zeros. By a GEMM where the table has at most as many rows as there are
     tokens (and at most MAX_GEMM_ROWS), else by aten's own backward, or by mtl_dist's Triton
-    kernel on CUDA with `large_tables="triton"`."""
+    kernel on CUDA with `large_tables="triton"`. `out` (rows, hidden): written there and
+    returned (`train.direct_embedding_grads`); the GEMM and the Triton kernel write it
+    themselves when it has `grad`'s dtype, other cases copy."""
     ids, grad = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
+    writes_out = out is not None and out.dtype == grad.dtype and out.is_contiguous()
     if rows > min(ids.numel(), MAX_GEMM_ROWS):
         if large_tables == "triton" and grad.is_cuda:
             from .triton_embedding import embedding_grad_triton
 
-            return embedding_grad_triton(ids, grad, rows, padding_idx)
-        return torch.ops.aten.embedding_dense_backward(
-            grad, ids, rows, -1 if padding_idx is None else padding_idx, False)
+            if writes_out:
+                return embedding_grad_triton(ids, grad, rows, padding_idx, out)
+            return _into(out, embedding_grad_triton(ids, grad, rows, padding_idx))
+        return _into(out, torch.ops.aten.embedding_dense_backward(
+            grad, ids, rows, -1 if padding_idx is None else padding_idx, False))
     row = torch.arange(rows, device=ids.device).unsqueeze(1)
     one_hot = row == ids.unsqueeze(0)  # (rows, tokens), built on the device: no host sync
     if padding_idx is not None:
         one_hot &= row != padding_idx
-    return one_hot.to(grad.dtype) @ grad
+    if writes_out:
+        return torch.mm(one_hot.to(grad.dtype), grad, out=out)
+    return _into(out, one_hot.to(grad.dtype) @ grad)
+
+
+def _into(out: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return grad
+    if out.shape != grad.shape:
+        raise ValueError(f"embedding_weight_grad: out has shape {tuple(out.shape)}, the "
+                         f"gradient {tuple(grad.shape)}")
+    return out.copy_(grad)
 
 
 class _EmbeddingWithGemmGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ids, weight, padding_idx, large_tables):
+    def forward(ctx, ids, weight, padding_idx, large_tables, target):
         ctx.save_for_backward(ids)
         ctx.rows, ctx.padding_idx, ctx.large_tables = weight.shape[0], padding_idx, large_tables
+        # Not saved for backward, as LinearGradInto's: a view of the flat buffer that every
+        # other target's write bumps the version counter of
+        ctx.target = target
         return F.embedding(ids, weight, padding_idx)
 
     @staticmethod
@@ -63,8 +83,10 @@ class _EmbeddingWithGemmGrad(torch.autograd.Function):
         # An eager step's backward runs inside the trainer's autocast: the GEMM would then
         # round the fp32 gradient to bf16 (or overflow in fp16); the sums stay in its dtype
         with torch.autocast(grad.device.type, enabled=False):
-            return None, embedding_weight_grad(ids, grad, ctx.rows, ctx.padding_idx,
-                                               ctx.large_tables), None, None
+            weight_grad = embedding_weight_grad(ids, grad, ctx.rows, ctx.padding_idx,
+                                                ctx.large_tables, ctx.target)
+        # Written into the target: autograd gets none (the weight's .grad stays None)
+        return None, None if ctx.target is not None else weight_grad, None, None, None
 
 
 class GemmGradEmbedding(nn.Embedding):
@@ -72,12 +94,15 @@ class GemmGradEmbedding(nn.Embedding):
     parameters, state dict and forward); `large_tables`: see embedding_weight_grad."""
 
     large_tables = "aten"
+    # train.direct_embedding_grads: the weight gradient is written here (a tensor of the
+    # weight's shape), not handed to autograd (see write_embedding_grads_into)
+    weight_grad_target: torch.Tensor | None = None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() and self.weight.requires_grad):
             return super().forward(ids)
         return _EmbeddingWithGemmGrad.apply(ids, self.weight, self.padding_idx,
-                                            self.large_tables)
+                                            self.large_tables, self.weight_grad_target)
 
 
 def enable_gemm_embedding_grads(encoder: nn.Module, large_tables: str = "aten") -> int:
@@ -102,3 +127,24 @@ def enable_gemm_embedding_grads(encoder: nn.Module, large_tables: str = "aten") 
         table.__class__ = GemmGradEmbedding
         table.large_tables = large_tables
     return len(tables)
+
+
+def write_embedding_grads_into(encoder: nn.Module, targets: dict[int, torch.Tensor]) -> set[int]:
+    """`train.direct_embedding_grads`: every GemmGradEmbedding of `encoder` whose weight has a
+    target (id(weight) -> tensor of its shape) writes its weight gradient there from then on
+    (its `.grad` stays None); returns the ids of those weights. As for
+    graphs.write_weight_grads_into, only for tables that run exactly once in every forward
+    (BERT/RoBERTa's word, position and token-type tables): one that did not run would leave
+    its target as it was, one that ran twice would keep only its last gradient."""
+    direct = set()
+    for table in encoder.modules():
+        if isinstance(table, GemmGradEmbedding):
+            target = targets.get(id(table.weight))
+            if target is not None and target.shape != table.weight.shape:
+                raise ValueError(f"write_embedding_grads_into: the target of a "
+                                 f"{tuple(table.weight.shape)} table has shape "
+                                 f"{tuple(target.shape)}")
+            table.weight_grad_target = target  # None: back to autograd's gradient
+            if target is not None:
+                direct.add(id(table.weight))
+    return direct

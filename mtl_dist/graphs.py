@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtl_dist.embedding_grads import write_embedding_grads_into
 from mtl_dist.model import FusedQKVAttention, LinearGradInto, stacked_view, transformer_layers
 
 WARMUP_ITERS = 3  # eager runs on a side stream before capture (cuBLAS/cuDNN plans, allocator)
@@ -113,7 +114,7 @@ class StepGraphs:
 
     def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None, masters=None,
                  single_micro_step: bool = False, direct_weight_grads: bool = False,
-                 cublaslt_gemms: bool = False):
+                 cublaslt_gemms: bool = False, direct_embedding_grads: bool = False):
         """`masters` (a MasterWeights, train.bf16_weights): the bf16 gradients are handed over
         into the fp32 masters' `.grad`, and the model's own `.grad` stays None. With flat
         segments (train.flat_masters) and `single_micro_step` (every accumulation group is
@@ -123,7 +124,9 @@ class StepGraphs:
         layers of the encoder's transformer layers write their weight gradients into those
         buffers from the backward GEMM itself, and are left out of the copy; with
         `cublaslt_gemms` (train.cublaslt_gemms) those Linears' GEMMs run by cuBLASLt without a
-        workspace (mtl_dist/lt_gemms.py)."""
+        workspace (mtl_dist/lt_gemms.py). `direct_embedding_grads`
+        (train.direct_embedding_grads, needs direct_weight_grads): the encoder's
+        GemmGradEmbedding tables write theirs into those buffers too."""
         self.model = model
         self.dtype = autocast_dtype
         self.pool = torch.cuda.graph_pool_handle()
@@ -146,10 +149,14 @@ class StepGraphs:
         if direct_weight_grads and not self.grads_stay_bf16:
             raise ValueError("StepGraphs: direct_weight_grads needs flat masters and one "
                              "micro-step per accumulation group")
+        if direct_embedding_grads and not direct_weight_grads:
+            raise ValueError("StepGraphs: direct_embedding_grads needs direct_weight_grads")
         # Written by their GEMMs: never handed over (their .grad stays None).
         direct = write_weight_grads_into(
             transformer_layers(model, "train.direct_weight_grads"), bf16, cublaslt_gemms) \
             if direct_weight_grads else set()
+        if direct_embedding_grads:
+            direct |= write_embedding_grads_into(model.encoder, bf16)
         self._handed_over = [(bf16[id(p)], p) for p in self.encoder_params
                              if id(p) not in direct] if self.grads_stay_bf16 else None
         for p in self.params:

@@ -661,7 +661,8 @@ class Trainer:
         return StepGraphs(module, torch.bfloat16 if autocast else None, self.masters,
                           single_micro_step=cfg.gradient_accumulation_steps == 1,
                           direct_weight_grads=cfg.direct_weight_grads,
-                          cublaslt_gemms=cfg.cublaslt_gemms)
+                          cublaslt_gemms=cfg.cublaslt_gemms,
+                          direct_embedding_grads=cfg.direct_embedding_grads)
 
     def _overlap_optimizer(self) -> OverlappedStep | None:
         """`train.overlap_optimizer`: the flat AdamW step runs chunk by chunk on a side

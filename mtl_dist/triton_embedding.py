@@ -52,14 +52,21 @@ def _row_sums_kernel(sorted_ids_ptr, order_ptr, grad_ptr, out_ptr, tokens, rows,
 
 
 def embedding_grad_triton(ids: torch.Tensor, grad: torch.Tensor, rows: int,
-                          padding_idx: int | None) -> torch.Tensor:
+                          padding_idx: int | None, out: torch.Tensor | None = None
+                          ) -> torch.Tensor:
     """d(loss)/d(weight) of `F.embedding(ids, weight, padding_idx)` given d(loss)/d(output)
-    `grad` (..., hidden), in `grad`'s dtype (fp32 sums). Ids must lie in [0, rows), as
-    `F.embedding`'s forward checks; others are left out."""
+    `grad` (..., hidden), in `grad`'s dtype (fp32 sums), written into `out` (rows, hidden)
+    if given (`train.direct_embedding_grads`: a view of the flat gradient buffer), else into a
+    new tensor. Ids must lie in [0, rows), as `F.embedding`'s forward checks; others are left
+    out."""
     ids = ids.reshape(-1)
     grad = grad.reshape(-1, grad.shape[-1]).contiguous()
     hidden = grad.shape[1]
-    out = grad.new_zeros(rows, hidden)
+    if out is None:
+        out = grad.new_zeros(rows, hidden)
+    else:
+        _check_out(out, rows, hidden, grad.dtype)
+        out.zero_()
     if ids.numel() == 0:
         return out
     if padding_idx is not None and padding_idx < 0:  # as nn.Embedding reads it
@@ -70,3 +77,10 @@ def embedding_grad_triton(ids: torch.Tensor, grad: torch.Tensor, rows: int,
                            -1 if padding_idx is None else padding_idx, grad.stride(0),
                            out.stride(0), BLOCK_S=BLOCK_S, BLOCK_H=BLOCK_H, num_warps=WARPS)
     return out
+
+
+def _check_out(out: torch.Tensor, rows: int, hidden: int, dtype: torch.dtype) -> None:
+    if out.shape != (rows, hidden) or out.dtype != dtype or out.stride(1) != 1:
+        raise ValueError(f"embedding_grad_triton: out must be a ({rows}, {hidden}) {dtype} "
+                         f"tensor with unit column stride, got {tuple(out.shape)} {out.dtype} "
+                         f"strides {out.stride()}")

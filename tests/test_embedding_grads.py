@@ -15,6 +15,7 @@ from mtl_dist.embedding_grads import (
     GemmGradEmbedding,
     embedding_weight_grad,
     enable_gemm_embedding_grads,
+    write_embedding_grads_into,
 )
 from mtl_dist.errors import ConfigError
 from mtl_dist.model import enable_packed_attention
@@ -179,6 +180,13 @@ def triton_kernel_errors() -> dict:
         expected = aten_grad(ids, grad, rows, padding_idx, torch.float32)
         errors[f"{rows}x{hidden}, {tokens} tokens, padding {padding_idx}"] = \
             (ours - expected).abs().max().item()
+    ids, grad = torch.randint(0, 300, (150,)), torch.randn(150, 40)
+    flat = torch.full((3 + 300 * 40 + 5,), float("nan"))  # a view inside a NaN buffer
+    ours = embedding_grad_triton(ids, grad, 300, 2, flat[3:-5].view(300, 40))
+    errors["written into a view of a flat buffer"] = max(
+        (ours - aten_grad(ids, grad, 300, 2, torch.float32)).abs().max().item(),
+        float(flat[:3].isnan().sum() + flat[-5:].isnan().sum() != 8),  # neighbours untouched
+        float(ours.data_ptr() != flat[3:].data_ptr()))
     ids, grad = torch.tensor([0, 3, 0, 9, 3]), torch.randn(5, 16)
     grad[0] = float("nan")
     ours = embedding_grad_triton(ids, grad, 10, 0)
@@ -194,7 +202,7 @@ def test_triton_kernel_gives_atens_gradient_in_the_interpreter():
     pytest.importorskip("triton")
     errors = in_triton_interpreter("import tests.test_embedding_grads as t",
                                    "t.triton_kernel_errors()")
-    assert len(errors) == 7
+    assert len(errors) == 8
     for key, error in errors.items():
         assert error < 1e-5, (key, error)
 
@@ -223,3 +231,54 @@ def test_the_trainer_hands_the_large_tables_to_the_triton_kernel(tmp_path):
     tables = [m for m in trainer.module.encoder.modules() if isinstance(m, nn.Embedding)]
     assert len(tables) == 3 and all(m.large_tables == "triton" for m in tables)
     trainer.close()
+
+
+# --------------------------------------- train.direct_embedding_grads (into the flat buffer)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [12, 500], ids=["gemm table", "aten table"])
+def test_a_table_with_a_target_writes_autograds_gradient_there(rows, dtype):
+    """With a target (a view of a NaN-filled flat buffer, as the graphs give it), the weight's
+    `.grad` stays None and the target holds the gradient autograd would have put there, every
+    element written (also the padding row and rows no token reached), its neighbours untouched."""
+    torch.manual_seed(0)
+    plain = GemmGradEmbedding(rows, 16, padding_idx=1).to(dtype)
+    direct = copy.deepcopy(plain)
+    flat = torch.full((7 + rows * 16 + 9,), float("nan"), dtype=dtype)
+    target = flat[7:-9].view(rows, 16)
+    assert write_embedding_grads_into(direct, {id(direct.weight): target}) == {id(direct.weight)}
+    ids = torch.randint(0, min(rows, 40), (3, 30))
+    ids[0, :4] = 1
+    grad = torch.randn(3, 30, 16, dtype=dtype)
+    plain(ids).backward(grad)
+    direct(ids).backward(grad)
+    assert direct.weight.grad is None
+    assert torch.equal(target, plain.weight.grad)
+    assert flat[:7].isnan().all() and flat[-9:].isnan().all()
+    assert target[1].abs().max() == 0  # the padding row
+    direct(ids).backward(grad)  # a second step overwrites, as the graphs' copy does
+    assert torch.equal(target, plain.weight.grad)
+
+
+def test_tables_are_routed_to_their_targets_and_back():
+    model = tiny_model()
+    enable_gemm_embedding_grads(model.encoder)
+    tables = [m for m in model.encoder.modules() if isinstance(m, GemmGradEmbedding)]
+    targets = {id(t.weight): torch.zeros_like(t.weight) for t in tables[1:]}
+    assert write_embedding_grads_into(model.encoder, targets) == set(targets)
+    assert tables[0].weight_grad_target is None
+    assert all(t.weight_grad_target is targets[id(t.weight)] for t in tables[1:])
+    assert write_embedding_grads_into(model.encoder, {}) == set()  # back to autograd's
+    assert all(t.weight_grad_target is None for t in tables)
+    wrong = {id(tables[0].weight): torch.zeros(3, 3)}
+    with pytest.raises(ValueError, match=r"the target of a \(50, 32\) table has shape \(3, 3\)"):
+        write_embedding_grads_into(model.encoder, wrong)
+
+
+def test_direct_embedding_grads_needs_both_switches_it_builds_on(tmp_path):
+    from mtl_dist.config import load_config
+
+    for given in (["train.gemm_embedding_grads=true"], []):
+        with pytest.raises(ConfigError, match="'train.direct_embedding_grads': expected false "
+                                              "with train.gemm_embedding_grads="):
+            load_config(DEMO, [f"train.output_dir={tmp_path}", *given,
+                               "train.direct_embedding_grads=true"])

@@ -775,3 +775,49 @@ def test_gather_unpack_backward_matches_index_select_in_a_cuda_graph():
     (want_grad,) = torch.autograd.grad(want_out, rows, grad.masked_fill(~valid[:, None], 0))
     assert torch.equal(got_out, want_out.detach())
     assert torch.equal(got_grad, want_grad)
+
+
+def test_direct_embedding_grads_fill_the_flat_buffer_like_the_copy(tmp_path):
+    """`train.direct_embedding_grads` in the recommended set's graphs (compiled packed layers,
+    flat masters, Linear gradients written in place, the vocabulary by the Triton kernel):
+    after one replay the flat bf16 gradient buffer (NaN before it) holds what the graph's copy
+    of the tables' gradients puts there, every element written; the tables are left out of
+    that copy and their `.grad` stays None."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from mtl_dist.embedding_grads import GemmGradEmbedding
+
+    buffers = {}
+    for name in ("copied", "direct"):
+        for cls in (AcceleratorState, GradientState, PartialState):
+            cls._reset_state()
+        cfg = load_config(DEMO, [
+            f"train.output_dir={tmp_path / name}", f"data.cache_dir={tmp_path}/c", *FAST,
+            "train.mixed_precision=bf16", "train.device=cuda", *NO_DROPOUT,
+            "train.bf16_weights=true", "train.cuda_graphs=true", "train.flat_masters=true",
+            "train.direct_weight_grads=true", "train.gemm_embedding_grads=true",
+            "train.triton_embedding_grads=true", *COMPILED_PACKED,
+            f"train.direct_embedding_grads={str(name == 'direct').lower()}"])
+        trainer = Trainer(cfg)
+        tables = [m for m in trainer.module.encoder.modules()
+                  if isinstance(m, GemmGradEmbedding)]
+        assert len(tables) == 3
+        handed = {id(p) for _, p in trainer.graphs._handed_over}
+        if name == "direct":
+            assert all(t.weight_grad_target is not None for t in tables)
+            assert not handed & {id(t.weight) for t in tables}
+        else:
+            assert {id(t.weight) for t in tables} <= handed
+        trainer.batch_sampler.set_epoch(0)
+        inputs = _model_inputs(next(iter(trainer.loader)), trainer.accelerator.device)
+        task_id = inputs.pop("task_id")
+        for seg in trainer.masters.segments:
+            seg.grad_bf16.fill_(float("nan"))
+        trainer.graphs.run(inputs, task_id, group=1, first=True)
+        torch.cuda.synchronize()
+        assert all(t.weight.grad is None for t in tables)
+        buffers[name] = [seg.grad_bf16.float().clone() for seg in trainer.masters.segments]
+        del trainer
+    for copied, direct in zip(buffers["copied"], buffers["direct"], strict=True):
+        assert torch.isfinite(copied).all() and torch.isfinite(direct).all()
+        torch.testing.assert_close(direct, copied, rtol=2e-2, atol=1e-3)
