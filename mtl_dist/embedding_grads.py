@@ -39,6 +39,9 @@ def embedding_weight_grad(ids: torch.Tensor, grad: torch.Tensor, rows: int,
     returned (`train.direct_embedding_grads`); the GEMM and the Triton kernel write it
     themselves when it has `grad`'s dtype, other cases copy."""
     ids, grad = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
+    if out is not None and out.shape != (rows, grad.shape[1]):
+        raise ValueError(f"embedding_weight_grad: out has shape {tuple(out.shape)}, the "
+                         f"gradient {(rows, grad.shape[1])}")
     writes_out = out is not None and out.dtype == grad.dtype and out.is_contiguous()
     if rows > min(ids.numel(), MAX_GEMM_ROWS):
         if large_tables == "triton" and grad.is_cuda:
@@ -59,12 +62,7 @@ def embedding_weight_grad(ids: torch.Tensor, grad: torch.Tensor, rows: int,
 
 
 def _into(out: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor:
-    if out is None:
-        return grad
-    if out.shape != grad.shape:
-        raise ValueError(f"embedding_weight_grad: out has shape {tuple(out.shape)}, the "
-                         f"gradient {tuple(grad.shape)}")
-    return out.copy_(grad)
+    return grad if out is None else out.copy_(grad)
 
 
 class _EmbeddingWithGemmGrad(torch.autograd.Function):
@@ -129,22 +127,22 @@ def enable_gemm_embedding_grads(encoder: nn.Module, large_tables: str = "aten") 
     return len(tables)
 
 
-def write_embedding_grads_into(encoder: nn.Module, targets: dict[int, torch.Tensor]) -> set[int]:
-    """`train.direct_embedding_grads`: every GemmGradEmbedding of `encoder` whose weight has a
-    target (id(weight) -> tensor of its shape) writes its weight gradient there from then on
-    (its `.grad` stays None); returns the ids of those weights. As for
-    graphs.write_weight_grads_into, only for tables that run exactly once in every forward
-    (BERT/RoBERTa's word, position and token-type tables): one that did not run would leave
-    its target as it was, one that ran twice would keep only its last gradient."""
-    direct = set()
-    for table in encoder.modules():
-        if isinstance(table, GemmGradEmbedding):
-            target = targets.get(id(table.weight))
-            if target is not None and target.shape != table.weight.shape:
-                raise ValueError(f"write_embedding_grads_into: the target of a "
-                                 f"{tuple(table.weight.shape)} table has shape "
-                                 f"{tuple(target.shape)}")
-            table.weight_grad_target = target  # None: back to autograd's gradient
-            if target is not None:
-                direct.add(id(table.weight))
-    return direct
+def write_embedding_grads_into(embeddings: nn.Module,
+                               targets: dict[int, torch.Tensor]) -> set[int]:
+    """`train.direct_embedding_grads`: every GemmGradEmbedding in `embeddings` (BERT/RoBERTa:
+    `encoder.embeddings`) whose weight has a target (id(weight) -> tensor of its shape) writes
+    its weight gradient there from then on (its `.grad` stays None); returns the ids of those
+    weights. As for graphs.write_weight_grads_into, only for tables that run exactly once in
+    every forward (BERT/RoBERTa's word, position and token-type tables): one that did not run
+    would leave its target as it was, one that ran twice would keep only its last gradient
+    (StepGraphs refuses a routed weight that autograd hands a gradient, e.g. one read outside
+    its table's forward)."""
+    tables = [m for m in embeddings.modules() if isinstance(m, GemmGradEmbedding)]
+    for table in tables:  # all checked before any is changed
+        target = targets.get(id(table.weight))
+        if target is not None and target.shape != table.weight.shape:
+            raise ValueError(f"write_embedding_grads_into: the target of a "
+                             f"{tuple(table.weight.shape)} table has shape {tuple(target.shape)}")
+    for table in tables:
+        table.weight_grad_target = targets.get(id(table.weight))  # None: autograd's gradient
+    return {id(t.weight) for t in tables if t.weight_grad_target is not None}

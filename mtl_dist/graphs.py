@@ -26,7 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl_dist.embedding_grads import write_embedding_grads_into
-from mtl_dist.model import FusedQKVAttention, LinearGradInto, stacked_view, transformer_layers
+from mtl_dist.model import (
+    FusedQKVAttention,
+    LinearGradInto,
+    embedding_tables,
+    stacked_view,
+    transformer_layers,
+)
 
 WARMUP_ITERS = 3  # eager runs on a side stream before capture (cuBLAS/cuDNN plans, allocator)
 
@@ -156,7 +162,10 @@ class StepGraphs:
             transformer_layers(model, "train.direct_weight_grads"), bf16, cublaslt_gemms) \
             if direct_weight_grads else set()
         if direct_embedding_grads:
-            direct |= write_embedding_grads_into(model.encoder, bf16)
+            direct |= write_embedding_grads_into(embedding_tables(model), bf16)
+        # Their gradients are written in place: one that autograd hands over too was read
+        # outside the routed forward (see _hand_over)
+        self._direct = {id(p): name for name, p in model.named_parameters() if id(p) in direct}
         self._handed_over = [(bf16[id(p)], p) for p in self.encoder_params
                              if id(p) not in direct] if self.grads_stay_bf16 else None
         for p in self.params:
@@ -177,6 +186,12 @@ class StepGraphs:
         warm-up passes before a capture drop it instead: the static gradients may hold a
         group's earlier micro-steps, and keeping them untouched needs no saved copy of them
         (a copy of every gradient, 1.3 GB for BERT-large, on top of the peak)."""
+        if id(p) in self._direct:
+            raise RuntimeError(
+                f"StepGraphs: autograd gave {self._direct[id(p)]} a gradient, but its gradient "
+                "is written in place (train.direct_weight_grads / train.direct_embedding_grads): "
+                "the weight is also read outside its module's forward, and that gradient would "
+                "be lost; set those switches to false for this model")
         if self._mode == "off":
             return
         static, is_head = self._static[id(p)]

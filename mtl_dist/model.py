@@ -605,6 +605,18 @@ def transformer_layers(model: MultiTaskModel, switch: str) -> nn.ModuleList:
     return layers
 
 
+def embedding_tables(model: MultiTaskModel) -> nn.Module:
+    """The encoder's input embeddings (BERT/RoBERTa: `encoder.embeddings`: word, position and
+    token-type tables), which `train.direct_embedding_grads` works on."""
+    embeddings = getattr(model.encoder, "embeddings", None)
+    if not isinstance(embeddings, nn.Module):
+        raise ConfigError(f"config key 'train.direct_embedding_grads': "
+                          f"{type(model.encoder).__name__} has no embeddings module "
+                          "(BERT/RoBERTa-style encoders have one); set "
+                          "train.direct_embedding_grads=false")
+    return embeddings
+
+
 def model_shape(model: nn.Module) -> dict[str, list[int]]:
     """Parameter name -> shape: what a checkpoint must match to be loadable into this model."""
     return {name: list(p.shape) for name, p in model.named_parameters()}

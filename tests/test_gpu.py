@@ -777,16 +777,21 @@ def test_gather_unpack_backward_matches_index_select_in_a_cuda_graph():
     assert torch.equal(got_grad, want_grad)
 
 
-def test_direct_embedding_grads_fill_the_flat_buffer_like_the_copy(tmp_path):
+def test_direct_embedding_grads_fill_the_flat_buffer_like_the_copy(tmp_path, monkeypatch):
     """`train.direct_embedding_grads` in the recommended set's graphs (compiled packed layers,
     flat masters, Linear gradients written in place, the vocabulary by the Triton kernel):
-    after one replay the flat bf16 gradient buffer (NaN before it) holds what the graph's copy
-    of the tables' gradients puts there, every element written; the tables are left out of
-    that copy and their `.grad` stays None."""
+    a replay of the captured graph fills the flat bf16 gradient buffer (NaN after the capture)
+    as the graph's copy of the tables' gradients does, every element written; the tables are
+    left out of that copy, autograd hands them no gradient, the vocabulary's kernel writes
+    into its view; a table weight also read outside its forward is refused, named."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
+    from mtl_dist import triton_embedding
     from mtl_dist.embedding_grads import GemmGradEmbedding
 
+    kernel, into_views = triton_embedding.embedding_grad_triton, []
+    monkeypatch.setattr(triton_embedding, "embedding_grad_triton",
+                        lambda *args: into_views.append(len(args) == 5) or kernel(*args))
     buffers = {}
     for name in ("copied", "direct"):
         for cls in (AcceleratorState, GradientState, PartialState):
@@ -808,15 +813,29 @@ def test_direct_embedding_grads_fill_the_flat_buffer_like_the_copy(tmp_path):
             assert not handed & {id(t.weight) for t in tables}
         else:
             assert {id(t.weight) for t in tables} <= handed
+        handed_grads = []
+        for t in tables:
+            t.weight.register_post_accumulate_grad_hook(handed_grads.append)
         trainer.batch_sampler.set_epoch(0)
         inputs = _model_inputs(next(iter(trainer.loader)), trainer.accelerator.device)
         task_id = inputs.pop("task_id")
+        into_views.clear()
+        trainer.graphs.prepare(inputs, task_id, first=True)  # warm-ups and capture
+        assert into_views and all(into_views) == (name == "direct"), into_views
+        assert bool(handed_grads) == (name == "copied")
         for seg in trainer.masters.segments:
             seg.grad_bf16.fill_(float("nan"))
         trainer.graphs.run(inputs, task_id, group=1, first=True)
         torch.cuda.synchronize()
-        assert all(t.weight.grad is None for t in tables)
         buffers[name] = [seg.grad_bf16.float().clone() for seg in trainer.masters.segments]
+        if name == "direct":  # a weight read outside its table's forward is refused
+            words = tables[0]
+            monkeypatch.setattr(words, "forward", lambda ids, words=words: (
+                GemmGradEmbedding.forward(words, ids) + words.weight[0] * 0))
+            trainer.graphs.graphs.clear()
+            with pytest.raises(RuntimeError, match=r"autograd gave encoder\.embeddings\."
+                                                   r"word_embeddings\.weight a gradient"):
+                trainer.graphs.prepare(inputs, task_id, first=True)
         del trainer
     for copied, direct in zip(buffers["copied"], buffers["direct"], strict=True):
         assert torch.isfinite(copied).all() and torch.isfinite(direct).all()
