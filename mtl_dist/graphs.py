@@ -186,7 +186,8 @@ class StepGraphs:
         warm-up passes before a capture drop it instead: the static gradients may hold a
         group's earlier micro-steps, and keeping them untouched needs no saved copy of them
         (a copy of every gradient, 1.3 GB for BERT-large, on top of the peak)."""
-        if id(p) in self._direct:
+        # (autograd runs this hook for a routed weight too, with no gradient: fine)
+        if id(p) in self._direct and p.grad is not None:
             raise RuntimeError(
                 f"StepGraphs: autograd gave {self._direct[id(p)]} a gradient, but its gradient "
                 "is written in place (train.direct_weight_grads / train.direct_embedding_grads): "

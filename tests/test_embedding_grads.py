@@ -297,6 +297,9 @@ def test_the_graphs_refuse_a_routed_weight_that_autograd_hands_a_gradient():
     graphs = object.__new__(StepGraphs)
     table = nn.Embedding(4, 2)
     graphs._direct = {id(table.weight): "encoder.embeddings.word_embeddings.weight"}
+    graphs._mode = "off"
+    graphs._hand_over(table.weight)  # autograd calls it with no gradient for routed weights
+    table.weight.grad = torch.ones_like(table.weight)
     with pytest.raises(RuntimeError, match="autograd gave encoder.embeddings.word_embeddings."
                                            "weight a gradient, but its gradient is written"):
         graphs._hand_over(table.weight)

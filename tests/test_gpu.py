@@ -815,14 +815,16 @@ def test_direct_embedding_grads_fill_the_flat_buffer_like_the_copy(tmp_path, mon
             assert {id(t.weight) for t in tables} <= handed
         handed_grads = []
         for t in tables:
-            t.weight.register_post_accumulate_grad_hook(handed_grads.append)
+            # after StepGraphs' hook (which drops a warm-up's gradients, keeps a capture's)
+            t.weight.register_post_accumulate_grad_hook(
+                lambda p, seen=handed_grads: seen.append(p.grad is not None))
         trainer.batch_sampler.set_epoch(0)
         inputs = _model_inputs(next(iter(trainer.loader)), trainer.accelerator.device)
         task_id = inputs.pop("task_id")
         into_views.clear()
         trainer.graphs.prepare(inputs, task_id, first=True)  # warm-ups and capture
         assert into_views and all(into_views) == (name == "direct"), into_views
-        assert bool(handed_grads) == (name == "copied")
+        assert handed_grads and any(handed_grads) == (name == "copied"), handed_grads
         for seg in trainer.masters.segments:
             seg.grad_bf16.fill_(float("nan"))
         trainer.graphs.run(inputs, task_id, group=1, first=True)
