@@ -586,21 +586,24 @@ def variant_list() -> list[tuple[str, list[str]]]:
         ("... the same as 35, the vocabulary's gradient by sort + a Triton kernel (triton_embedding_grads)",
          [*RECOMMENDED_NOW, "train.triton_embedding_grads=true"]),
         # Run X: cuBLAS's 4-byte workspace memsets, ~59 per step at 3-5 us each in the graphs;
-        # the routed Linears' GEMMs by cuBLASLt without a workspace (not yet measured)
+        # the routed Linears' GEMMs by cuBLASLt without a workspace (measured with 39 as 40)
         ("... the same as 35, the layers' GEMMs by cuBLASLt without a workspace (cublaslt_gemms)",
          [*RECOMMENDED_NOW, "train.cublaslt_gemms=true"]),
         # Run Y9's profile: the heads' gather's backward, a fill and a bf16 index_add over
-        # 32 x 300 slots, ~80 us per step; a gather from each token's valid slot (not yet measured)
+        # 32 x 300 slots, ~80 us per step; a gather from each token's valid slot (measured as 40)
         ("... the same as 35, the heads' gather's backward as a gather (gather_unpack_backward)",
          [*RECOMMENDED_NOW, "train.gather_unpack_backward=true"]),
+        # Run AA4: 1438.0 samples/s, 29.8 % MFU (35 ran at 1431.3-1431.6 in AA2-AA3)
         ("... the same as 35, with both cublaslt_gemms and gather_unpack_backward",
          [*RECOMMENDED_NOW, "train.cublaslt_gemms=true", "train.gather_unpack_backward=true"]),
         # Run Y9's trace: a bf16 multi-tensor copy of the tables' gradients into the flat
         # buffer inside the graphs, ~36 of its ~56 us per step for the vocabulary; the tables
-        # write theirs there (the vocabulary's needs the Triton kernel; not yet measured)
+        # write theirs there (the vocabulary's needs the Triton kernel). Run AA4: 1435.6
+        # against 40's 1438.0 in one run
         ("... the same as 37, the tables' gradients written into the flat buffer (direct_embedding_grads)",
          [*RECOMMENDED_NOW, "train.triton_embedding_grads=true",
           "train.direct_embedding_grads=true"]),
+        # Run AA: +1.1 and +1.0 % on 35 (AA2, AA3), 29.9-30.0 % MFU: the recommended set since
         ("... the same as 40, with triton_embedding_grads and direct_embedding_grads",
          [*RECOMMENDED_NOW, "train.cublaslt_gemms=true", "train.gather_unpack_backward=true",
           "train.triton_embedding_grads=true", "train.direct_embedding_grads=true"]),
@@ -626,7 +629,7 @@ RECOMMENDED_64 = _replaced(RECOMMENDED, "data.pack_multiple=64")
 RECOMMENDED_QKV = [*RECOMMENDED_64, "train.direct_weight_grads=true", "train.fused_qkv=true"]
 # Variant 32: the README's recommended set of runs W-X (run X measured the switch itself).
 RECOMMENDED_MIX = [*RECOMMENDED_QKV, "train.compile_mix_order_reduction=false"]
-# Variant 35: the README's recommended set since run Y.
+# Variant 35: the README's recommended set of runs Y-Z; variant 42 is the set since run AA.
 RECOMMENDED_NOW = [*RECOMMENDED_MIX, "train.gemm_embedding_grads=true",
                    "train.gelu_epilogue=true"]
 
