@@ -605,8 +605,11 @@ def variant_list() -> list[tuple[str, list[str]]]:
           "train.direct_embedding_grads=true"]),
         # Run AA: +1.1 and +1.0 % on 35 (AA2, AA3), 29.9-30.0 % MFU: the recommended set since
         ("... the same as 40, with triton_embedding_grads and direct_embedding_grads",
-         [*RECOMMENDED_NOW, "train.cublaslt_gemms=true", "train.gather_unpack_backward=true",
-          "train.triton_embedding_grads=true", "train.direct_embedding_grads=true"]),
+         RECOMMENDED_AA),
+        # Run Y9's trace: the eager heads' dropout, masking, score GEMV and pooling, ~20 small
+        # kernels forward and ~25 backward over 32 x 300 slots; compiled (not yet measured)
+        ("... the same as 42, each task's dropout + head + loss compiled (compile_heads)",
+         [*RECOMMENDED_AA, "train.compile_heads=true"]),
     ]
 
 
@@ -629,9 +632,13 @@ RECOMMENDED_64 = _replaced(RECOMMENDED, "data.pack_multiple=64")
 RECOMMENDED_QKV = [*RECOMMENDED_64, "train.direct_weight_grads=true", "train.fused_qkv=true"]
 # Variant 32: the README's recommended set of runs W-X (run X measured the switch itself).
 RECOMMENDED_MIX = [*RECOMMENDED_QKV, "train.compile_mix_order_reduction=false"]
-# Variant 35: the README's recommended set of runs Y-Z; variant 42 is the set since run AA.
+# Variant 35: the README's recommended set of runs Y-Z.
 RECOMMENDED_NOW = [*RECOMMENDED_MIX, "train.gemm_embedding_grads=true",
                    "train.gelu_epilogue=true"]
+# Variant 42: the README's recommended set since run AA.
+RECOMMENDED_AA = [*RECOMMENDED_NOW, "train.cublaslt_gemms=true",
+                  "train.gather_unpack_backward=true", "train.triton_embedding_grads=true",
+                  "train.direct_embedding_grads=true"]
 
 
 def add_speedups(rows: list[dict], baselines: list[dict]) -> None:

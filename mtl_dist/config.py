@@ -178,6 +178,7 @@ class TrainConfig:
     compile: bool = False
     compile_tuning: str = "none"  # "coordinate_descent": Inductor tunes its fused kernels
     compile_mix_order_reduction: bool = True  # false: LayerNorm backward without that kernel
+    compile_heads: bool = False  # each task's dropout + head + loss compiled as one graph
     cuda_graphs: bool = False
     precapture_graphs: bool = True  # cuda_graphs: every (task, shape) captured before step one
     bf16_weights: bool = False  # the model in bf16, fp32 master weights in the optimizer

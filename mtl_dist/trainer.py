@@ -51,6 +51,7 @@ from mtl_dist.model import (
     MultiTaskModel,
     build_model,
     compile_encoder_layers,
+    compile_heads,
     enable_fused_qkv,
     enable_packed_attention,
     transformer_layers,
@@ -526,6 +527,8 @@ class Trainer:
         if cfg.train.compile:
             compile_encoder_layers(self.model, cfg.train.compile_tuning,
                                    cfg.train.compile_mix_order_reduction)
+        if cfg.train.compile_heads:
+            compile_heads(self.model)
         self.state = TrainState()
         if for_training and cfg.train.early_stopping_patience and not cfg.train.eval_steps \
                 and not cfg.train.eval_at_epoch_end and any(t.dev for t in cfg.tasks) \

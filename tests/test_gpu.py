@@ -844,3 +844,24 @@ def test_direct_embedding_grads_fill_the_flat_buffer_like_the_copy(tmp_path, mon
     for copied, direct in zip(buffers["copied"], buffers["direct"], strict=True):
         assert torch.isfinite(copied).all() and torch.isfinite(direct).all()
         torch.testing.assert_close(direct, copied, rtol=2e-2, atol=1e-3)
+
+
+def test_compile_heads_trains_like_eager_heads_in_the_recommended_set(tmp_path):
+    """train.compile_heads on the GPU path it is for (graphs, compiled packed layers, flat
+    masters, gradients written in place): the heads' graphs are captured with the rest, and
+    the losses are the eager heads' to bf16 noise; with dropout on, a stop and resume is bit
+    exact (the compiled dropout's seeds come from the generator the graphs restore)."""
+    common = ["train.bf16_weights=true", "train.cuda_graphs=true", "train.fused_clipping=true",
+              "train.flat_masters=true", "train.gradient_accumulation_steps=1",
+              "train.direct_weight_grads=true", "train.fused_qkv=true", *COMPILED_PACKED]
+    eager, _, _ = run(tmp_path, "eager", *common)
+    compiled, trainer, _ = run(tmp_path, "compiled", *common, "train.compile_heads=true")
+    assert all(step._compiled_call_impl is not None
+               for step in trainer.module.head_steps.values())
+    assert_losses_close(eager, compiled, 0.02, steps=30)
+    with_dropout = [*common, "train.compile_heads=true", "train.max_steps=16", *DROPOUT]
+    straight, _, _ = run(tmp_path, "straight", *with_dropout)
+    split, _, _ = run(tmp_path, "split", *with_dropout, "train.stop_after_steps=7")
+    run(tmp_path, "split", *with_dropout, "train.resume=auto")
+    assert train_losses(split) == train_losses(straight)
+    assert_same_tensors(checkpoint_model(split, 16), checkpoint_model(straight, 16))
