@@ -114,33 +114,41 @@ def test_direct_weight_grads_train_like_the_copied_ones(tmp_path, extra):
     assert_losses_close(copied, direct, 0.02, steps=30)
 
 
+def _graphs_trainer_and_batch(tmp_path, name, *extra):
+    """A trainer with CUDA graphs over flat bf16 masters (dropout off), and its first batch's
+    model inputs and task id."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    for cls in (AcceleratorState, GradientState, PartialState):
+        cls._reset_state()
+    trainer = Trainer(load_config(DEMO, [
+        f"train.output_dir={tmp_path / name}", f"data.cache_dir={tmp_path}/c", *FAST,
+        "train.mixed_precision=bf16", "train.device=cuda", *NO_DROPOUT,
+        "train.bf16_weights=true", "train.cuda_graphs=true", "train.flat_masters=true",
+        *extra]))
+    trainer.batch_sampler.set_epoch(0)
+    inputs = _model_inputs(next(iter(trainer.loader)), trainer.accelerator.device)
+    return trainer, inputs, inputs.pop("task_id")
+
+
 @pytest.mark.parametrize("extra", [[], COMPILED_PACKED, [*COMPILED_PACKED, "train.fused_qkv=true"]],
                          ids=["graphs", "compiled_packed", "compiled_packed_fused_qkv"])
 def test_direct_weight_grads_fill_the_flat_buffer_with_the_copied_gradients(tmp_path, extra):
     """One replay of the same batch from the same weights: the flat bf16 gradient buffer
     (NaN before it) holds, with train.direct_weight_grads, the gradients the graph's copy
     puts there — every element written, equal to bf16 noise (compiled: another graph)."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     buffers = {}
     for name in ("copied", "direct"):
-        for cls in (AcceleratorState, GradientState, PartialState):
-            cls._reset_state()
-        cfg = load_config(DEMO, [
-            f"train.output_dir={tmp_path / name}", f"data.cache_dir={tmp_path}/c", *FAST,
-            "train.mixed_precision=bf16", "train.device=cuda", *NO_DROPOUT,
-            "train.bf16_weights=true", "train.cuda_graphs=true", "train.flat_masters=true",
-            f"train.direct_weight_grads={str(name == 'direct').lower()}", *extra])
-        trainer = Trainer(cfg)
+        trainer, inputs, task_id = _graphs_trainer_and_batch(
+            tmp_path, name, f"train.direct_weight_grads={str(name == 'direct').lower()}",
+            *extra)
         if name == "direct" and "train.fused_qkv=true" in extra:  # one GEMM writes q, k, v's
             assert all(layer.attention.self.qkv_weight_grad_target is not None
                        for layer in trainer.module.encoder.encoder.layer)
-        trainer.batch_sampler.set_epoch(0)
-        inputs = _model_inputs(next(iter(trainer.loader)), trainer.accelerator.device)
-        task_id = inputs.pop("task_id")
         for seg in trainer.masters.segments:
             seg.grad_bf16.fill_(float("nan"))
         trainer.graphs.run(inputs, task_id, group=1, first=True)
@@ -786,7 +794,6 @@ def test_direct_embedding_grads_fill_the_flat_buffer_like_the_copy(tmp_path, mon
     as the graph's copy of the tables' gradients does, every element written; the tables are
     left out of that copy, autograd hands them no gradient, the vocabulary's kernel writes
     into its view; a table weight also read outside its forward is refused, named."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
 
     from mtl_dist import triton_embedding
     from mtl_dist.embedding_grads import GemmGradEmbedding
@@ -796,16 +803,10 @@ def test_direct_embedding_grads_fill_the_flat_buffer_like_the_copy(tmp_path, mon
                         lambda *args: into_views.append(len(args) == 5) or kernel(*args))
     buffers = {}
     for name in ("copied", "direct"):
-        for cls in (AcceleratorState, GradientState, PartialState):
-            cls._reset_state()
-        cfg = load_config(DEMO, [
-            f"train.output_dir={tmp_path / name}", f"data.cache_dir={tmp_path}/c", *FAST,
-            "train.mixed_precision=bf16", "train.device=cuda", *NO_DROPOUT,
-            "train.bf16_weights=true", "train.cuda_graphs=true", "train.flat_masters=true",
-            "train.direct_weight_grads=true", "train.gemm_embedding_grads=true",
+        trainer, inputs, task_id = _graphs_trainer_and_batch(
+            tmp_path, name, "train.direct_weight_grads=true", "train.gemm_embedding_grads=true",
             "train.triton_embedding_grads=true", *COMPILED_PACKED,
-            f"train.direct_embedding_grads={str(name == 'direct').lower()}"])
-        trainer = Trainer(cfg)
+            f"train.direct_embedding_grads={str(name == 'direct').lower()}")
         tables = [m for m in trainer.module.encoder.modules()
                   if isinstance(m, GemmGradEmbedding)]
         assert len(tables) == 3
@@ -820,9 +821,6 @@ def test_direct_embedding_grads_fill_the_flat_buffer_like_the_copy(tmp_path, mon
             # after StepGraphs' hook (which drops a warm-up's gradients, keeps a capture's)
             t.weight.register_post_accumulate_grad_hook(
                 lambda p, seen=handed_grads: seen.append(p.grad is not None))
-        trainer.batch_sampler.set_epoch(0)
-        inputs = _model_inputs(next(iter(trainer.loader)), trainer.accelerator.device)
-        task_id = inputs.pop("task_id")
         into_views.clear()
         trainer.graphs.prepare(inputs, task_id, first=True)  # warm-ups and capture
         assert into_views and all(into_views) == (name == "direct"), into_views
