@@ -1396,6 +1396,13 @@ def _validate_combinations(train: TrainConfig) -> None:
             "tables of gemm_embedding_grads write their gradients into the flat buffer, as "
             "direct_weight_grads does for the Linears), got true",
         )
+    if train.compile_heads and train.zero_stage == 3:
+        raise _Problem(
+            "train.compile_heads",
+            "config key 'train.compile_heads': expected false with train.zero_stage=3 (ZeRO-3 "
+            "gathers each module's parameters in hooks that Dynamo cannot trace: the compiled "
+            "heads break into ~40 graphs and run slower than eager), got true",
+        )
     if train.gelu_epilogue and train.zero_stage == 3:
         raise _Problem(
             "train.gelu_epilogue",

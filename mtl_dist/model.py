@@ -390,7 +390,21 @@ class MultiTaskModel(nn.Module):
                 else attention_mask
             hidden = self.encoder(input_ids=input_ids, attention_mask=encoder_mask,
                                   token_type_ids=token_type_ids).last_hidden_state
-        return self.head_steps[str(int(task_id))](hidden, attention_mask, labels)
+        step = self._head_step(str(int(task_id)))
+        if not torch.is_grad_enabled():  # evaluation: eager (train.compile_heads compiles
+            return step.forward(hidden, attention_mask, labels)  # the training step only)
+        return step(hidden, attention_mask, labels)
+
+    def _head_step(self, task: str) -> HeadStep:
+        """The task's HeadStep, made again (compiled again, if it was) for a head replaced
+        since the model was built."""
+        step, head = self.head_steps[task], self.heads[task]
+        if step.head is not head or step.dropout is not self.dropout:
+            compiled = step._compiled_call_impl is not None
+            step = self.head_steps[task] = HeadStep(self.dropout, head)
+            if compiled:
+                _compile_head_step(step)
+        return step
 
     def _packed_hidden(self, input_ids, token_type_ids, position_ids, cu_seqlens,
                        unpack_index, attention_mask) -> torch.Tensor:
@@ -602,14 +616,28 @@ def compile_encoder_layers(model: MultiTaskModel, tuning: str = "none",
 
 def compile_heads(model: MultiTaskModel) -> int:
     """`torch.compile` each task's HeadStep in place (`train.compile_heads`): the dropout before
-    the head, the head and the loss as one graph; returns how many. Why: eager, they are ~20
-    small kernels forward and ~25 backward, several of them passes over every (sample, slot)
-    hidden state (dropout, the score GEMV, masking, the pooling's gradients: 32 x 300 x 1,024
-    in the reference workload); Inductor fuses them. Heads of one kind share the graph (their
-    parameters are inputs), as the layers do (compile_encoder_layers)."""
-    for step in model.head_steps.values():
-        step.compile(dynamic=None)
-    return len(model.head_steps)
+    the head, the head and the loss as one graph, for training (evaluation runs them eager);
+    returns how many. Why: eager, they are ~20 small kernels forward and ~25 backward, several
+    of them passes over every (sample, slot) hidden state (dropout, the score GEMV, masking,
+    the pooling's gradients: 32 x 300 x 1,024 in the reference workload); Inductor fuses them.
+
+    The steps share one code object, so one cache of Dynamo's `recompile_limit` graphs: one
+    graph per distinct label count (the classifier's shape is guarded; the parameters are
+    inputs, as for the layers), with dynamic batch shapes from the start (no static graph
+    first). A run with more distinct label counts than the limit allows would run some heads
+    eager without a word: the limit is raised to fit them."""
+    steps = list(model.head_steps.values())
+    label_counts = len({n for n in model.num_labels})
+    needed = label_counts + 2  # headroom: a grad-mode or dtype change
+    if torch._dynamo.config.recompile_limit < needed:
+        torch._dynamo.config.recompile_limit = needed
+    for step in steps:
+        _compile_head_step(step)
+    return len(steps)
+
+
+def _compile_head_step(step: HeadStep) -> None:
+    step.compile(dynamic=True)
 
 
 def _without_mix_order_reduction() -> dict[str, bool]:

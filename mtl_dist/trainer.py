@@ -527,7 +527,7 @@ class Trainer:
         if cfg.train.compile:
             compile_encoder_layers(self.model, cfg.train.compile_tuning,
                                    cfg.train.compile_mix_order_reduction)
-        if cfg.train.compile_heads:
+        if cfg.train.compile_heads and for_training:  # evaluation runs the heads eager
             compile_heads(self.model)
         self.state = TrainState()
         if for_training and cfg.train.early_stopping_patience and not cfg.train.eval_steps \

@@ -11,8 +11,10 @@ import torch
 from torch._dynamo.utils import counters
 
 from mtl_dist.config import load_config
+from mtl_dist.data import collate, collate_packed
+from mtl_dist.errors import ConfigError
 from mtl_dist.model import HEADS, compile_heads, enable_packed_attention
-from tests._models import tiny_model
+from tests._models import samples, tiny_model
 from tests._runs import (
     DEMO,
     FAST,
@@ -22,46 +24,98 @@ from tests._runs import (
     run_cli,
     train_losses,
 )
-from tests.test_fused_qkv import loss_of
+from tests.test_fused_qkv import LENGTHS
 from tests.test_packing import NO_DROPOUT
 
 
+@pytest.fixture
+def no_eager_fallback():
+    """A compiled head that Dynamo would run eager (its recompile limit reached: one warning,
+    nothing else) raises instead; Dynamo's config (and compile_heads' change to its limit) is
+    restored after."""
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True,
+                                    recompile_limit=torch._dynamo.config.recompile_limit):
+        yield
+
+
+def task_loss(model, task: int, packed: bool) -> torch.Tensor:
+    """The loss of task `task` on a small batch (labels below 3: valid for every head)."""
+    batch = samples(LENGTHS, task_id=task)
+    if packed:
+        b = collate_packed(batch, pad_token_id=0, max_length=16, pack_multiple=8)
+        return model(b["input_ids"], b["attention_mask"], task,
+                     token_type_ids=b["token_type_ids"], labels=b["labels"],
+                     position_ids=b["position_ids"], cu_seqlens=b["cu_seqlens"],
+                     unpack_index=b["unpack_index"])[0]
+    b = collate(batch, pad_token_id=0, max_length=16)
+    return model(b["input_ids"], b["attention_mask"], task, token_type_ids=b["token_type_ids"],
+                 labels=b["labels"])[0]
+
+
 @pytest.mark.parametrize("head", sorted(HEADS))
-def test_compiled_heads_give_eager_losses_and_gradients(head):
+def test_compiled_heads_give_eager_losses_and_gradients(head, no_eager_fallback):
+    """Three tasks of 3, 7 and 15 labels, padded and packed batches of other shapes: every
+    training call compiled (Dynamo's recompile limit never reached: it would fall back to
+    eager without a word), eager's losses and gradients; evaluation runs eager."""
+    torch._dynamo.config.recompile_limit = 2  # low enough that compile_heads must raise it
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    eager = tiny_model(head=head)
-    eager.heads["1"] = copy.deepcopy(eager.heads["0"])  # a second task: a second head
-    eager.head_steps["1"] = type(eager.head_steps["0"])(eager.dropout, eager.heads["1"])
+    eager = tiny_model(head=head, num_labels=(3, 7, 15))
     enable_packed_attention(eager, 16)
     compiled = copy.deepcopy(eager)
-    assert compile_heads(compiled) == 2
+    assert compile_heads(compiled) == 3
+    assert torch._dynamo.config.recompile_limit == 5  # 3 label counts + 2
     # the compiled steps hold the copy's own head and dropout, not the original's
     assert compiled.head_steps["0"].head is compiled.heads["0"]
     assert compiled.head_steps["1"].dropout is compiled.dropout
     assert compiled.state_dict().keys() == eager.state_dict().keys()
-    for packed in (False, True):
-        want, got = loss_of(eager, packed), loss_of(compiled, packed)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-        eager.zero_grad(), compiled.zero_grad()
-        want.backward(), got.backward()
-        grads = dict(compiled.named_parameters())
-        for name, p in eager.named_parameters():
-            if p.grad is None:  # the idle head
-                assert grads[name].grad is None, name
-            else:
-                torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-4, atol=1e-6,
-                                           msg=name)
-    with torch.no_grad():  # evaluation, and prediction without labels
+    for task in (0, 1, 2):
+        for packed in (False, True):
+            want, got = task_loss(eager, task, packed), task_loss(compiled, task, packed)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            eager.zero_grad(), compiled.zero_grad()
+            want.backward(), got.backward()
+            grads = dict(compiled.named_parameters())
+            for name, p in eager.named_parameters():
+                if p.grad is None:  # the idle heads
+                    assert grads[name].grad is None, name
+                else:
+                    torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-4,
+                                               atol=1e-6, msg=name)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 3  # at least one per label count
+    with torch.no_grad():  # evaluation and prediction: eager, the same logits
         ids = torch.randint(1, 50, (3, 9))
         mask = torch.ones_like(ids)
-        for task in (0, 1):
+        for task in (0, 1, 2):
             want, got = eager(ids, mask, task)[1], compiled(ids, mask, task)[1]
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled for evaluation
     assert not counters["graph_break"], dict(counters["graph_break"])
-    # the compiled function ran: Dynamo made frames for it
-    assert counters["stats"]["unique_graphs"] > 0
+    assert not counters["unimplemented"], dict(counters["unimplemented"])
+
+
+def test_a_replaced_head_gets_a_compiled_step_of_its_own():
+    model = tiny_model(num_labels=(3, 3))
+    compile_heads(model)
+    old = model.head_steps["1"]
+    model.heads["1"] = copy.deepcopy(model.heads["0"])
+    with torch.no_grad():
+        model.heads["1"].classifier.bias.add_(1.0)
+    loss = task_loss(model, 1, packed=False)
+    step = model.head_steps["1"]
+    assert step is not old and step.head is model.heads["1"]
+    assert step._compiled_call_impl is not None
+    loss.backward()
+    assert model.heads["1"].classifier.bias.grad is not None
+
+
+def test_compile_heads_is_refused_with_zero3(tmp_path):
+    with pytest.raises(ConfigError, match="'train.compile_heads': expected false with "
+                                          "train.zero_stage=3"):
+        load_config(DEMO, [f"train.output_dir={tmp_path}", "train.zero_stage=3",
+                           "train.compile_heads=true"])
 
 
 def test_the_trainer_compiles_every_tasks_head(tmp_path):
@@ -74,10 +128,13 @@ def test_the_trainer_compiles_every_tasks_head(tmp_path):
     assert len(steps) == len(cfg.tasks) >= 2
     assert all(step._compiled_call_impl is not None for step in steps.values())
     trainer.close()
-    cfg = load_config(DEMO, [f"train.output_dir={tmp_path}/out2", f"data.cache_dir={tmp_path}/c"])
-    trainer = Trainer(cfg)
-    assert all(step._compiled_call_impl is None for step in trainer.module.head_steps.values())
-    trainer.close()
+    for overrides, for_training in (([], True), (["train.compile_heads=true"], False)):
+        cfg = load_config(DEMO, [f"train.output_dir={tmp_path}/out2",
+                                 f"data.cache_dir={tmp_path}/c", *overrides])
+        trainer = Trainer(cfg, for_training=for_training)  # off; evaluation only: eager
+        assert all(step._compiled_call_impl is None
+                   for step in trainer.module.head_steps.values())
+        trainer.close()
 
 
 @pytest.mark.slow
@@ -91,13 +148,18 @@ def test_compiled_heads_train_like_eager_heads(tmp_path):
 
 
 @pytest.mark.slow
-def test_stop_and_resume_with_compiled_heads_and_dropout_is_bit_exact(tmp_path):
+def test_stop_and_resume_with_compiled_heads_and_dropout_is_bit_exact(tmp_path,
+                                                                   no_eager_fallback):
     """The compiled dropout draws its own random stream (Inductor's, seeded from the
-    generator): a resumed run must still draw the run's masks, step for step."""
+    generator; other masks than eager dropout's, checked here): a resumed run must still draw
+    the run's masks, step for step. No head falls back to eager on the way (training,
+    evaluation at step 8, the resume)."""
     from mtl_dist.trainer import Trainer
 
-    common = [f"data.cache_dir={tmp_path}/c", *FAST, "train.max_steps=8",
-              "train.compile_heads=true", "model.dropout=0.3"]
+    common = [f"data.cache_dir={tmp_path}/c", *FAST, "train.max_steps=8", "model.dropout=0.3"]
+    eager = tmp_path / "eager"
+    Trainer(load_config(DEMO, [f"train.output_dir={eager}", *common])).fit()
+    common.append("train.compile_heads=true")
     straight = tmp_path / "straight"
     Trainer(load_config(DEMO, [f"train.output_dir={straight}", *common])).fit()
     split = tmp_path / "split"
@@ -108,3 +170,4 @@ def test_stop_and_resume_with_compiled_heads_and_dropout_is_bit_exact(tmp_path):
     assert len(train_losses(split)) == 8
     assert train_losses(split) == train_losses(straight)
     assert_same_tensors(checkpoint_model(split, 8), checkpoint_model(straight, 8))
+    assert train_losses(straight)[1:] != train_losses(eager)[1:]  # the compiled masks
