@@ -84,7 +84,7 @@ class _EmbeddingWithGemmGrad(torch.autograd.Function):
             weight_grad = embedding_weight_grad(ids, grad, ctx.rows, ctx.padding_idx,
                                                 ctx.large_tables, ctx.target)
         # Written into the target: autograd gets none (the weight's .grad stays None)
-        return None, None if ctx.target is not None else weight_grad, None, None, None
+        return None, (None if ctx.target is not None else weight_grad), None, None, None
 
 
 class GemmGradEmbedding(nn.Embedding):

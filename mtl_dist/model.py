@@ -627,7 +627,7 @@ def compile_heads(model: MultiTaskModel) -> int:
     first). A run with more distinct label counts than the limit allows would run some heads
     eager without a word: the limit is raised to fit them."""
     steps = list(model.head_steps.values())
-    label_counts = len({n for n in model.num_labels})
+    label_counts = len(set(model.num_labels))
     needed = label_counts + 2  # headroom: a grad-mode or dtype change
     if torch._dynamo.config.recompile_limit < needed:
         torch._dynamo.config.recompile_limit = needed

@@ -11,10 +11,9 @@ import torch
 from torch._dynamo.utils import counters
 
 from mtl_dist.config import load_config
-from mtl_dist.data import collate, collate_packed
 from mtl_dist.errors import ConfigError
 from mtl_dist.model import HEADS, compile_heads, enable_packed_attention
-from tests._models import samples, tiny_model
+from tests._models import tiny_model
 from tests._runs import (
     DEMO,
     FAST,
@@ -24,7 +23,7 @@ from tests._runs import (
     run_cli,
     train_losses,
 )
-from tests.test_fused_qkv import LENGTHS
+from tests.test_fused_qkv import loss_of
 from tests.test_packing import NO_DROPOUT
 
 
@@ -36,20 +35,6 @@ def no_eager_fallback():
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True,
                                     recompile_limit=torch._dynamo.config.recompile_limit):
         yield
-
-
-def task_loss(model, task: int, packed: bool) -> torch.Tensor:
-    """The loss of task `task` on a small batch (labels below 3: valid for every head)."""
-    batch = samples(LENGTHS, task_id=task)
-    if packed:
-        b = collate_packed(batch, pad_token_id=0, max_length=16, pack_multiple=8)
-        return model(b["input_ids"], b["attention_mask"], task,
-                     token_type_ids=b["token_type_ids"], labels=b["labels"],
-                     position_ids=b["position_ids"], cu_seqlens=b["cu_seqlens"],
-                     unpack_index=b["unpack_index"])[0]
-    b = collate(batch, pad_token_id=0, max_length=16)
-    return model(b["input_ids"], b["attention_mask"], task, token_type_ids=b["token_type_ids"],
-                 labels=b["labels"])[0]
 
 
 @pytest.mark.parametrize("head", sorted(HEADS))
@@ -72,7 +57,7 @@ def test_compiled_heads_give_eager_losses_and_gradients(head, no_eager_fallback)
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     for task in (0, 1, 2):
         for packed in (False, True):
-            want, got = task_loss(eager, task, packed), task_loss(compiled, task, packed)
+            want, got = loss_of(eager, packed, task), loss_of(compiled, packed, task)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
             eager.zero_grad(), compiled.zero_grad()
             want.backward(), got.backward()
@@ -103,7 +88,7 @@ def test_a_replaced_head_gets_a_compiled_step_of_its_own():
     model.heads["1"] = copy.deepcopy(model.heads["0"])
     with torch.no_grad():
         model.heads["1"].classifier.bias.add_(1.0)
-    loss = task_loss(model, 1, packed=False)
+    loss = loss_of(model, False, task=1)
     step = model.head_steps["1"]
     assert step is not old and step.head is model.heads["1"]
     assert step._compiled_call_impl is not None

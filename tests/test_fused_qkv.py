@@ -31,14 +31,17 @@ from tests._runs import DEMO, assert_switch_trains_alike
 LENGTHS = [5, 9, 3, 12]
 
 
-def loss_of(model, packed: bool) -> torch.Tensor:
+def loss_of(model, packed: bool, task: int = 0) -> torch.Tensor:
+    """Task `task`'s loss on a small batch (labels below 3: valid for every head)."""
+    batch = samples(LENGTHS, task_id=task)
     if packed:
-        b = collate_packed(samples(LENGTHS), pad_token_id=0, max_length=16, pack_multiple=8)
-        return model(b["input_ids"], b["attention_mask"], 0, token_type_ids=b["token_type_ids"],
-                     labels=b["labels"], position_ids=b["position_ids"],
-                     cu_seqlens=b["cu_seqlens"], unpack_index=b["unpack_index"])[0]
-    b = collate(samples(LENGTHS), pad_token_id=0, max_length=16)
-    return model(b["input_ids"], b["attention_mask"], 0, token_type_ids=b["token_type_ids"],
+        b = collate_packed(batch, pad_token_id=0, max_length=16, pack_multiple=8)
+        return model(b["input_ids"], b["attention_mask"], task,
+                     token_type_ids=b["token_type_ids"], labels=b["labels"],
+                     position_ids=b["position_ids"], cu_seqlens=b["cu_seqlens"],
+                     unpack_index=b["unpack_index"])[0]
+    b = collate(batch, pad_token_id=0, max_length=16)
+    return model(b["input_ids"], b["attention_mask"], task, token_type_ids=b["token_type_ids"],
                  labels=b["labels"])[0]
 
 
