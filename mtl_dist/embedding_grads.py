@@ -25,6 +25,8 @@ from .errors import ConfigError
 # cost grows with rows x tokens, aten's with tokens (a vocabulary under a batch of 32k padded
 # tokens would take a 2 GB one-hot matrix and ~2 TFLOP)
 MAX_GEMM_ROWS = 4096
+# the Triton kernel's gradient dtypes (tl.dot's); others, e.g. fp64, keep aten's backward
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LARGE_TABLE_KERNELS = ("aten", "triton")  # what computes the tables above the GEMM's reach
 
 
@@ -44,7 +46,7 @@ def embedding_weight_grad(ids: torch.Tensor, grad: torch.Tensor, rows: int,
                          f"gradient {(rows, grad.shape[1])}")
     writes_out = out is not None and out.dtype == grad.dtype and out.is_contiguous()
     if rows > min(ids.numel(), MAX_GEMM_ROWS):
-        if large_tables == "triton" and grad.is_cuda:
+        if large_tables == "triton" and grad.is_cuda and grad.dtype in TRITON_DTYPES:
             from .triton_embedding import embedding_grad_triton
 
             if writes_out:

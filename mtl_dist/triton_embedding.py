@@ -7,13 +7,20 @@ a fill of the whole (rows × hidden) gradient (~14 µs) plus, up to 3,072 tokens
 serialises each row's tokens (~92–101 µs), above that a sort-based path of ~30 kernels
 (~180 µs) — 129–288 µs per step for the three tables in run Y's H100 profile.
 
-How: the gradient is zeroed, the ids are sorted (stable: a row's tokens stay in token order),
-and a program per (sorted token, BLOCK_H columns) that starts its row's run sums that row's
-output gradients, BLOCK_S tokens at a time, in fp32, and writes the row; the other programs
-end at once. Each row's tokens are summed in the same order by the same reduction tree: the
-same bits on every run (no atomics). Padding tokens are skipped (their row stays zero, and a
-non-finite gradient there reaches no other row, as with aten). No host sync: it runs inside
-CUDA graphs. Tile sizes untuned: no GPU has measured this kernel yet.
+How: the gradient is zeroed and the ids sorted (stable: a row's tokens stay in token order).
+A program per (BLOCK_T sorted tokens, BLOCK_H columns) gathers those tokens' output gradients
+and sums each row's tokens within the block by one small matrix product, (same row? 0/1) ×
+gradients, with fp32 accumulation (exact products: the 0/1 factors), then writes every row
+whose run of sorted tokens starts in the block. The block's last run may go on into the next
+blocks: its program then adds the following tokens' gradients, BLOCK_S at a time, before
+writing the row; the programs after it skip that row. Every row's sum is taken in the same
+order on every run: the same bits each time (no atomics). Padding tokens are skipped (their
+row stays zero, and a non-finite gradient there reaches no other row, as with aten). No host
+sync: it runs inside CUDA graphs.
+
+The tiles: the first design, a program per sorted token (run AB's H100 profile: 122 µs per
+step at ~3,600 tokens), spent its time in ~16,000 small programs' memory round trips;
+`benchmarks/embedding_grads.py` measures the tiles below against it and aten.
 """
 
 from __future__ import annotations
@@ -22,46 +29,73 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_S, BLOCK_H, WARPS = 32, 256, 4  # tokens summed per step, columns per program
+from .embedding_grads import TRITON_DTYPES
+
+# sorted tokens per program, columns per program, warps; tokens per step of a run's tail
+TILES = (64, 128, 4)
+BLOCK_S = 32
 
 
 @triton.jit
-def _row_sums_kernel(sorted_ids_ptr, order_ptr, grad_ptr, out_ptr, tokens, rows, hidden,
-                     padding_idx, grad_stride, out_stride, BLOCK_S: tl.constexpr,
-                     BLOCK_H: tl.constexpr):
-    first = tl.program_id(0)
+def _block_sums_kernel(sorted_ids_ptr, order_ptr, grad_ptr, out_ptr, tokens, rows, hidden,
+                       padding_idx, grad_stride, out_stride, BLOCK_T: tl.constexpr,
+                       BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr):
+    first = tl.program_id(0) * BLOCK_T
     col = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    row = tl.load(sorted_ids_ptr + first)
-    before = tl.load(sorted_ids_ptr + first - 1, mask=first > 0, other=-1)
-    starts = (row != before) & (row != padding_idx) & (row >= 0) & (row < rows)
-    if starts:  # this token starts its row's run
-        acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
-        start = first
+    cols_in = col < hidden
+    at = first + tl.arange(0, BLOCK_T)
+    inside = at < tokens
+    row = tl.load(sorted_ids_ptr + at, mask=inside, other=-1)
+    before = tl.load(sorted_ids_ptr + at - 1, mask=inside & (at > 0), other=-1)
+    real = inside & (row != padding_idx) & (row >= 0) & (row < rows)
+    starts = real & (row != before)  # a row's run of sorted tokens starts here
+    token = tl.load(order_ptr + at, mask=real, other=0).to(tl.int64)
+    grads = tl.load(grad_ptr + token[:, None] * grad_stride + col[None, :],
+                    mask=real[:, None] & cols_in[None, :], other=0.0)
+    same_row = (row[:, None] == row[None, :]).to(grads.dtype)
+    # each position's row summed over the block: (BLOCK_T × BLOCK_T) 0/1 × gradients
+    sums = tl.dot(same_row, grads, input_precision="ieee")
+    last = tl.load(sorted_ids_ptr + first + BLOCK_T - 1, mask=first + BLOCK_T - 1 < tokens,
+                   other=-1)
+    after = tl.load(sorted_ids_ptr + first + BLOCK_T, mask=first + BLOCK_T < tokens, other=-2)
+    tail_starts_here = starts & (row == last)
+    goes_on = (last == after) & (tl.sum(tail_starts_here.to(tl.int32), axis=0) > 0)
+    done = starts & ~(goes_on & (row == last))
+    out_type = out_ptr.dtype.element_ty
+    tl.store(out_ptr + row.to(tl.int64)[:, None] * out_stride + col[None, :],
+             sums.to(out_type), mask=done[:, None] & cols_in[None, :])
+    if goes_on:  # the last run goes on past the block: sum its tail, then write the row
+        acc = tl.sum(tl.where(tail_starts_here[:, None], sums, 0.0), axis=0)
+        start = first + BLOCK_T
         more = True
         while more:
             at = start + tl.arange(0, BLOCK_S)
-            same = tl.load(sorted_ids_ptr + at, mask=at < tokens, other=-1) == row
+            same = tl.load(sorted_ids_ptr + at, mask=at < tokens, other=-1) == last
             token = tl.load(order_ptr + at, mask=same, other=0).to(tl.int64)
             block = tl.load(grad_ptr + token[:, None] * grad_stride + col[None, :],
-                            mask=same[:, None] & (col[None, :] < hidden), other=0.0)
+                            mask=same[:, None] & cols_in[None, :], other=0.0)
             acc += tl.sum(block.to(tl.float32), axis=0)
             start += BLOCK_S
-            more = tl.min(same.to(tl.int32), axis=0) > 0  # the run may go on past this block
-        tl.store(out_ptr + row.to(tl.int64) * out_stride + col, acc.to(out_ptr.dtype.element_ty),
-                 mask=col < hidden)
+            more = tl.min(same.to(tl.int32), axis=0) > 0  # the run may go on past this step
+        tl.store(out_ptr + last.to(tl.int64) * out_stride + col, acc.to(out_type), mask=cols_in)
 
 
 def embedding_grad_triton(ids: torch.Tensor, grad: torch.Tensor, rows: int,
-                          padding_idx: int | None, out: torch.Tensor | None = None
-                          ) -> torch.Tensor:
+                          padding_idx: int | None, out: torch.Tensor | None = None,
+                          tiles: tuple[int, int, int] = TILES) -> torch.Tensor:
     """d(loss)/d(weight) of `F.embedding(ids, weight, padding_idx)` given d(loss)/d(output)
     `grad` (..., hidden), in `grad`'s dtype (fp32 sums), written into `out` (rows, hidden)
     if given (`train.direct_embedding_grads`: a view of the flat gradient buffer), else into a
     new tensor. Ids must lie in [0, rows), as `F.embedding`'s forward checks; others are left
-    out."""
+    out. `tiles`: (sorted tokens, columns, warps) per program, powers of two, tokens ≥ 16
+    (`benchmarks/embedding_grads.py` compares them)."""
     ids = ids.reshape(-1)
     grad = grad.reshape(-1, grad.shape[-1]).contiguous()
     hidden = grad.shape[1]
+    if grad.dtype not in TRITON_DTYPES:
+        raise ValueError(f"embedding_grad_triton: gradients in "
+                         f"{', '.join(map(str, TRITON_DTYPES))} "
+                         f"only, got {grad.dtype}")
     if out is None:
         out = grad.new_zeros(rows, hidden)
     else:
@@ -72,10 +106,12 @@ def embedding_grad_triton(ids: torch.Tensor, grad: torch.Tensor, rows: int,
     if padding_idx is not None and padding_idx < 0:  # as nn.Embedding reads it
         padding_idx += rows
     sorted_ids, order = torch.sort(ids, stable=True)
-    grid = (ids.numel(), triton.cdiv(hidden, BLOCK_H))
-    _row_sums_kernel[grid](sorted_ids, order, grad, out, ids.numel(), rows, hidden,
-                           -1 if padding_idx is None else padding_idx, grad.stride(0),
-                           out.stride(0), BLOCK_S=BLOCK_S, BLOCK_H=BLOCK_H, num_warps=WARPS)
+    block_t, block_h, warps = tiles
+    grid = (triton.cdiv(ids.numel(), block_t), triton.cdiv(hidden, block_h))
+    _block_sums_kernel[grid](sorted_ids, order, grad, out, ids.numel(), rows, hidden,
+                             -1 if padding_idx is None else padding_idx, grad.stride(0),
+                             out.stride(0), BLOCK_T=block_t, BLOCK_H=block_h,
+                             BLOCK_S=BLOCK_S, num_warps=warps)
     return out
 
 

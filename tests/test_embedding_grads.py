@@ -162,7 +162,8 @@ def triton_kernel_errors() -> dict:
     """Run inside Triton's CPU interpreter (fp32): the kernel's gradient against aten's for
     tables larger than the batch, with and without a padding row (also given as a negative
     index), rows and widths that are not multiples of the blocks, one row's tokens spread over
-    the batch and another's 90 in a run (several summing steps); a non-finite gradient on a
+    the batch and another's 90 in a run (several blocks), runs that meet the blocks' edges in
+    every way, at two tile sizes; a non-finite gradient on a
     padding token reaches no row; ids outside the table are left out."""
     from mtl_dist.triton_embedding import embedding_grad_triton
 
@@ -188,6 +189,16 @@ def triton_kernel_errors() -> dict:
     errors["the view's neighbours written"] = int((~flat[:3].isnan()).sum()
                                                   + (~flat[-5:].isnan()).sum())
     errors["not the view returned"] = int(ours.data_ptr() != flat[3:].data_ptr())
+    # runs that fill a block, start at a block's start and go on, end at a block's end, span
+    # two blocks, padding tokens inside a block, at the default tiles and at 16-token blocks
+    counts = {1: 16, 2: 20, 3: 12, 4: 40, 5: 1, 6: 55, 7: 10, 8: 3}
+    ids = torch.cat([torch.full((n,), r) for r, n in counts.items()])
+    ids = ids[torch.randperm(len(ids))]
+    grad = torch.randn(len(ids), 40)
+    for tiles in [(16, 32, 4), (64, 128, 4)]:
+        ours = embedding_grad_triton(ids, grad, 12, 7, tiles=tiles)
+        errors[f"block edges at {tiles[0]}-token blocks"] = \
+            (ours - aten_grad(ids, grad, 12, 7, torch.float32)).abs().max().item()
     ids, grad = torch.tensor([0, 3, 0, 9, 3]), torch.randn(5, 16)
     grad[0] = float("nan")
     ours = embedding_grad_triton(ids, grad, 10, 0)
@@ -203,7 +214,7 @@ def test_triton_kernel_gives_atens_gradient_in_the_interpreter():
     pytest.importorskip("triton")
     errors = in_triton_interpreter("import tests.test_embedding_grads as t",
                                    "t.triton_kernel_errors()")
-    assert len(errors) == 10
+    assert len(errors) == 12
     for key, error in errors.items():
         assert error < 1e-5, (key, error)
 
