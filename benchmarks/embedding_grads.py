@@ -90,8 +90,8 @@ def main() -> None:
         for name, fn in methods(args.before).items():
             fn(ids, grad, out)
             error = relative_error(out, ids, grad)
-            times = sorted(time_us(lambda: fn(ids, grad, out), args.iters)
-                           for _ in range(args.repeats))
+            call = lambda fn=fn, ids=ids: fn(ids, grad, out)  # noqa: E731
+            times = sorted(time_us(call, args.iters) for _ in range(args.repeats))
             rows.append({"ids": kind, "longest_run": longest, "method": name,
                          "us_per_call": times[len(times) // 2], "relative_error": error})
             print(json.dumps(rows[-1]), flush=True)
