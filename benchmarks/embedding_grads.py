@@ -51,7 +51,8 @@ def relative_error(ours: torch.Tensor, ids, grad) -> float:
 
 
 def load_before(path: str):
-    spec = importlib.util.spec_from_file_location("embedding_grads_before", path)
+    # named inside mtl_dist, so that a version's relative imports resolve against the package
+    spec = importlib.util.spec_from_file_location("mtl_dist._triton_embedding_before", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.embedding_grad_triton
