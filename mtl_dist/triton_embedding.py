@@ -66,7 +66,8 @@ def _block_sums_kernel(sorted_ids_ptr, order_ptr, grad_ptr, out_ptr, tokens, row
     after = tl.load(sorted_ids_ptr + first + BLOCK_T, mask=first + BLOCK_T < tokens, other=-2)
     tail_starts_here = starts & (row == last)
     goes_on = (last == after) & (tl.sum(tail_starts_here.to(tl.int32), axis=0) > 0)
-    done = starts & ~(goes_on & (row == last))
+    # (a where, not `goes_on & (row == last)`: Triton 3.9's interpreter refuses that mask)
+    done = starts & (tl.where(row == last, goes_on.to(tl.int32), 0) == 0)
     out_type = out_ptr.dtype.element_ty
     tl.store(out_ptr + row.to(tl.int64)[:, None] * out_stride + col[None, :],
              sums.to(out_type), mask=done[:, None] & cols_in[None, :])
