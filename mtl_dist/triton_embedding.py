@@ -96,13 +96,16 @@ def embedding_grad_triton(ids: torch.Tensor, grad: torch.Tensor, rows: int,
     new tensor. Ids must lie in [0, rows), as `F.embedding`'s forward checks; others are left
     out. `tiles`: (sorted tokens, columns, warps) per program, powers of two, tokens ≥ 16
     (`benchmarks/embedding_grads.py` compares them)."""
+    block_t, block_h, warps = tiles
+    if min(tiles) < 1 or any(t & (t - 1) for t in tiles) or block_t < 16:
+        raise ValueError(f"embedding_grad_triton: tiles must be powers of two, at least 16 "
+                         f"sorted tokens (tl.dot's smallest size), got {tiles}")
+    if grad.dtype not in TRITON_DTYPES:
+        names = ", ".join(map(str, TRITON_DTYPES))
+        raise ValueError(f"embedding_grad_triton: gradients in {names} only, got {grad.dtype}")
     ids = ids.reshape(-1)
     grad = grad.reshape(-1, grad.shape[-1]).contiguous()
     hidden = grad.shape[1]
-    if grad.dtype not in TRITON_DTYPES:
-        raise ValueError(f"embedding_grad_triton: gradients in "
-                         f"{', '.join(map(str, TRITON_DTYPES))} "
-                         f"only, got {grad.dtype}")
     if out is None:
         out = grad.new_zeros(rows, hidden)
     else:
@@ -110,10 +113,6 @@ def embedding_grad_triton(ids: torch.Tensor, grad: torch.Tensor, rows: int,
         out.zero_()
     if ids.numel() == 0:
         return out
-    block_t, block_h, warps = tiles
-    if min(tiles) < 1 or any(t & (t - 1) for t in tiles) or block_t < 16:
-        raise ValueError(f"embedding_grad_triton: tiles must be powers of two, at least 16 "
-                         f"sorted tokens (tl.dot's smallest size), got {tiles}")
     if padding_idx is not None and padding_idx < 0:  # as nn.Embedding reads it
         padding_idx += rows
     sorted_ids, order = torch.sort(ids, stable=True)

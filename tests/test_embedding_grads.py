@@ -223,6 +223,19 @@ def test_triton_kernel_gives_atens_gradient_in_the_interpreter():
         assert error < 1e-5, (key, error)
 
 
+@pytest.mark.parametrize("tiles", [(8, 128, 4), (48, 128, 4), (64, 0, 4)])
+def test_the_triton_kernel_refuses_tiles_and_dtypes_before_touching_out(tiles):
+    pytest.importorskip("triton")
+    from mtl_dist.triton_embedding import embedding_grad_triton
+
+    ids, grad, out = torch.tensor([1, 2]), torch.randn(2, 16), torch.full((5, 16), 7.0)
+    with pytest.raises(ValueError, match=r"tiles must be powers of two.*got \("):
+        embedding_grad_triton(ids, grad, 5, None, out, tiles=tiles)
+    with pytest.raises(ValueError, match="gradients in .* only, got torch.float64"):
+        embedding_grad_triton(ids, grad.double(), 5, None, out.double())
+    assert (out == 7).all()
+
+
 def test_large_tables_take_aten_on_cpu_and_the_switch_needs_the_gemm_one(tmp_path):
     from mtl_dist.config import load_config
 
