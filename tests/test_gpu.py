@@ -22,13 +22,25 @@ pytestmark = [pytest.mark.gpu,
 NO_DROPOUT = ["model.dropout=0.0", "model.arch.hidden_dropout_prob=0.0",
               "model.arch.attention_probs_dropout_prob=0.0"]
 COMPILED_PACKED = ["train.compile=true", "data.packing=true", "data.pack_multiple=64"]
+# CUDA graphs over flat fp32 masters of bf16 weights, clipping folded into AdamW
+GRAPHED_FLAT_MASTERS = ["train.bf16_weights=true", "train.cuda_graphs=true",
+                        "train.fused_clipping=true", "train.flat_masters=true",
+                        "train.gradient_accumulation_steps=1"]
+# ... with the layers compiled over packed rows, q/k/v in one GEMM, weight gradients in place
+ROUTED_COMPILED = [*GRAPHED_FLAT_MASTERS, "train.direct_weight_grads=true", "train.fused_qkv=true",
+                   *COMPILED_PACKED]
 
 
-def run(tmp_path, name, *extra):
+def _reset_accelerate_state() -> None:
+    """A new Trainer in this process needs accelerate's singletons fresh."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     for cls in (AcceleratorState, GradientState, PartialState):
         cls._reset_state()
+
+
+def run(tmp_path, name, *extra):
+    _reset_accelerate_state()
     out = tmp_path / name
     cfg = load_config(DEMO, [f"train.output_dir={out}", f"data.cache_dir={tmp_path}/c", *FAST,
                              "train.max_steps=30", "train.mixed_precision=bf16",
@@ -103,8 +115,7 @@ def test_direct_weight_grads_train_like_the_copied_ones(tmp_path, extra):
     gradients."""
     from mtl_dist.graphs import WeightGradIntoLinear
 
-    common = ["train.bf16_weights=true", "train.cuda_graphs=true", "train.fused_clipping=true",
-              "train.flat_masters=true", "train.gradient_accumulation_steps=1", *extra]
+    common = [*GRAPHED_FLAT_MASTERS, *extra]
     copied, _, _ = run(tmp_path, "copied", *common)
     direct, trainer, _ = run(tmp_path, "direct", *common, "train.direct_weight_grads=true")
     linears = [m for m in trainer.module.modules() if isinstance(m, WeightGradIntoLinear)]
@@ -117,10 +128,7 @@ def test_direct_weight_grads_train_like_the_copied_ones(tmp_path, extra):
 def _graphs_trainer_and_batch(tmp_path, name, *extra):
     """A trainer with CUDA graphs over flat bf16 masters (dropout off), and its first batch's
     model inputs and task id."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    for cls in (AcceleratorState, GradientState, PartialState):
-        cls._reset_state()
+    _reset_accelerate_state()
     trainer = Trainer(load_config(DEMO, [
         f"train.output_dir={tmp_path / name}", f"data.cache_dir={tmp_path}/c", *FAST,
         "train.mixed_precision=bf16", "train.device=cuda", *NO_DROPOUT,
@@ -168,9 +176,7 @@ def test_fused_qkv_trains_like_three_linears_in_the_recommended_set(tmp_path):
     """train.fused_qkv on the GPU path it is for (graphs, compiled packed layers, flat masters,
     weight gradients written in place, FlashAttention taking q/k/v as strided views of the one
     GEMM's output): the losses of three Linears, to bf16 noise."""
-    common = ["train.bf16_weights=true", "train.cuda_graphs=true", "train.fused_clipping=true",
-              "train.flat_masters=true", "train.gradient_accumulation_steps=1",
-              "train.direct_weight_grads=true", *COMPILED_PACKED]
+    common = [*GRAPHED_FLAT_MASTERS, "train.direct_weight_grads=true", *COMPILED_PACKED]
     split, _, _ = run(tmp_path, "split", *common)
     fused, trainer, _ = run(tmp_path, "fused", *common, "train.fused_qkv=true")
     assert all(layer.attention.self.qkv_weight is not None
@@ -317,9 +323,8 @@ def test_overlap_optimizer_on_a_side_stream_trains_bit_exact(tmp_path, extra):
     stream and the graphs wait per layer (external events: captured before the first step,
     or mid-run with a step pending); every loss and saved tensor as without the switch
     (dropout on; compiled: the same kernels, the shapes come in the same order)."""
-    common = ["train.bf16_weights=true", "train.cuda_graphs=true", "train.fused_clipping=true",
-              "train.flat_masters=true", "train.gradient_accumulation_steps=1",
-              "train.ema_decay=null", "train.max_steps=24", *DROPOUT, *extra]
+    common = [*GRAPHED_FLAT_MASTERS, "train.ema_decay=null", "train.max_steps=24", *DROPOUT,
+              *extra]
     plain, _, _ = run(tmp_path, "plain", *common)
     over, trainer, _ = run(tmp_path, "overlap", *common, "train.overlap_optimizer=true")
     assert trainer.overlap.side_stream is not None
@@ -523,9 +528,7 @@ def test_gelu_epilogue_trains_like_exact_gelu_in_the_recommended_set(tmp_path, m
     from mtl_dist import cublaslt, gelu_epilogue
     from mtl_dist.gelu_epilogue import GeluEpilogueIntermediate
 
-    common = ["train.bf16_weights=true", "train.cuda_graphs=true", "train.fused_clipping=true",
-              "train.flat_masters=true", "train.gradient_accumulation_steps=1",
-              "train.direct_weight_grads=true", "train.fused_qkv=true", *COMPILED_PACKED]
+    common = ROUTED_COMPILED
     exact, _, _ = run(tmp_path, "exact", *common)
     calls = {"cublaslt": 0, "torch": 0}
 
@@ -614,10 +617,8 @@ def test_triton_embedding_grads_train_like_atens_in_the_recommended_set(tmp_path
     kernel = triton_embedding.embedding_grad_triton
     monkeypatch.setattr(triton_embedding, "embedding_grad_triton",
                         lambda *args: calls.append(args[2]) or kernel(*args))
-    common = ["train.bf16_weights=true", "train.cuda_graphs=true", "train.fused_clipping=true",
-              "train.flat_masters=true", "train.gradient_accumulation_steps=1",
-              "train.direct_weight_grads=true", "train.gemm_embedding_grads=true",
-              *COMPILED_PACKED]
+    common = [*GRAPHED_FLAT_MASTERS, "train.direct_weight_grads=true",
+              "train.gemm_embedding_grads=true", *COMPILED_PACKED]
     aten, _, _ = run(tmp_path, "aten", *common)
     assert not calls
     triton, trainer, _ = run(tmp_path, "triton", *common, "train.triton_embedding_grads=true")
@@ -716,10 +717,7 @@ def test_cublaslt_gemms_train_like_torchs_gemms_in_the_recommended_set(tmp_path,
     # the GELU epilogue's GEMM goes through cublaslt.mm with either switch: not counted
     monkeypatch.setattr(cublaslt, "mm", lambda *args, **kw: calls.append(kw.get("epilogue")
                                                                         is None) or mm(*args, **kw))
-    common = ["train.bf16_weights=true", "train.cuda_graphs=true", "train.fused_clipping=true",
-              "train.flat_masters=true", "train.gradient_accumulation_steps=1",
-              "train.direct_weight_grads=true", "train.fused_qkv=true",
-              "train.gelu_epilogue=true", *COMPILED_PACKED]
+    common = [*ROUTED_COMPILED, "train.gelu_epilogue=true"]
     torch_gemms, _, _ = run(tmp_path, "torch", *common)
     assert not any(calls)
     lt_gemms, trainer, _ = run(tmp_path, "cublaslt", *common, "train.cublaslt_gemms=true")
@@ -849,9 +847,7 @@ def test_compile_heads_trains_like_eager_heads_in_the_recommended_set(tmp_path):
     masters, gradients written in place): the heads' graphs are captured with the rest, and
     the losses are the eager heads' to bf16 noise; with dropout on, a stop and resume is bit
     exact (the compiled dropout's seeds come from the generator the graphs restore)."""
-    common = ["train.bf16_weights=true", "train.cuda_graphs=true", "train.fused_clipping=true",
-              "train.flat_masters=true", "train.gradient_accumulation_steps=1",
-              "train.direct_weight_grads=true", "train.fused_qkv=true", *COMPILED_PACKED]
+    common = ROUTED_COMPILED
     eager, _, _ = run(tmp_path, "eager", *common)
     compiled, trainer, _ = run(tmp_path, "compiled", *common, "train.compile_heads=true")
     assert all(step._compiled_call_impl is not None
