@@ -610,6 +610,11 @@ def variant_list() -> list[tuple[str, list[str]]]:
         # kernels forward and ~25 backward over 32 x 300 slots; compiled (not yet measured)
         ("... the same as 42, each task's dropout + head + loss compiled (compile_heads)",
          [*RECOMMENDED_AA, "train.compile_heads=true"]),
+        # Run AB3's trace: ~0.5 ms of a 22.5 ms step is idle GPU in gaps under 5 us between
+        # ~1,080 kernels, ~530 of them Inductor's; Programmatic Dependent Launch lets a
+        # kernel start while the one before finishes (Hopper+), not yet measured
+        ("... the same as 42, the compiled layers' kernels launched with PDL (compile_pdl)",
+         [*RECOMMENDED_AA, "train.compile_pdl=true"]),
     ]
 
 

@@ -178,6 +178,7 @@ class TrainConfig:
     compile: bool = False
     compile_tuning: str = "none"  # "coordinate_descent": Inductor tunes its fused kernels
     compile_mix_order_reduction: bool = True  # false: LayerNorm backward without that kernel
+    compile_pdl: bool = False  # compiled layers' kernels: Programmatic Dependent Launch (Hopper+)
     compile_heads: bool = False  # each task's dropout + head + loss compiled as one graph
     cuda_graphs: bool = False
     precapture_graphs: bool = True  # cuda_graphs: every (task, shape) captured before step one
@@ -1328,6 +1329,12 @@ def _validate_combinations(train: TrainConfig) -> None:
             "train.compile_mix_order_reduction",
             "config key 'train.compile_mix_order_reduction': expected true with "
             "train.compile=false (it picks the compiled layers' kernels), got false",
+        )
+    if train.compile_pdl and not train.compile:
+        raise _Problem(
+            "train.compile_pdl",
+            "config key 'train.compile_pdl': expected false with train.compile=false (it "
+            "picks how the compiled layers' kernels are launched), got true",
         )
     if train.bf16_weights and (train.mixed_precision != "bf16" or train.zero_stage):
         why = "DeepSpeed's bf16 mode keeps fp32 masters itself" if train.zero_stage else \

@@ -591,7 +591,7 @@ def usable_positions(encoder: nn.Module) -> int:
 
 
 def compile_encoder_layers(model: MultiTaskModel, tuning: str = "none",
-                           mix_order_reduction: bool = True) -> int:
+                           mix_order_reduction: bool = True, pdl: bool = False) -> int:
     """`torch.compile` each transformer layer in place (`train.compile`); returns how many.
 
     Why layers and not the whole model: the layers are identical, so one compiled graph serves
@@ -604,11 +604,20 @@ def compile_encoder_layers(model: MultiTaskModel, tuning: str = "none",
     mix-order reduction: the LayerNorm backward's weight and bias gradients are summed by
     reductions of their own instead of one kernel's row blocks plus a column sum (Triton only;
     the same sums in another order).
+    `pdl=True` (`train.compile_pdl`): the layers' Triton kernels are launched with Programmatic
+    Dependent Launch (Hopper and later; elsewhere Inductor leaves it out): each may start while
+    the kernel before it finishes, and waits inside, before its first read of that kernel's
+    output, so ~1 us of launch latency per kernel overlaps the one before (the same maths).
     """
     layers = transformer_layers(model, "train.compile")
     options = dict(COMPILE_TUNING[tuning])
     if not mix_order_reduction:
-        options.update(_without_mix_order_reduction())
+        options.update(_inductor_option("train.compile_mix_order_reduction",
+                                        "triton.mix_order_reduction", False,
+                                        "no mix-order reduction to turn off"))
+    if pdl:
+        options.update(_inductor_option("train.compile_pdl", "triton.enable_pdl", True,
+                                        "no Programmatic Dependent Launch"))
     for layer in layers:
         layer.compile(dynamic=None, options=options or None)
     return len(layers)
@@ -640,15 +649,16 @@ def _compile_head_step(step: HeadStep) -> None:
     step.compile(dynamic=True)
 
 
-def _without_mix_order_reduction() -> dict[str, bool]:
-    """The Inductor option that turns mix-order reduction off, if this torch has it."""
+def _inductor_option(key: str, option: str, value: bool, lacks: str) -> dict[str, bool]:
+    """{option: value} for the compiled layers, if this torch's Inductor has `option` (a dotted
+    name such as triton.enable_pdl); else a one-line error naming the config `key`."""
     import torch._inductor.config as inductor
 
-    if not hasattr(inductor.triton, "mix_order_reduction"):
-        raise ConfigError(f"config key 'train.compile_mix_order_reduction': torch "
-                          f"{torch.__version__}'s Inductor has no mix-order reduction to turn "
-                          "off (no triton.mix_order_reduction); set it to true")
-    return {"triton.mix_order_reduction": False}
+    group, name = option.split(".")
+    if not hasattr(getattr(inductor, group), name):
+        raise ConfigError(f"config key '{key}': torch {torch.__version__}'s Inductor has "
+                          f"{lacks} (no {option}); set it to {str(not value).lower()}")
+    return {option: value}
 
 
 def transformer_layers(model: MultiTaskModel, switch: str) -> nn.ModuleList:

@@ -526,7 +526,7 @@ class Trainer:
             enable_gelu_epilogue(self.model)
         if cfg.train.compile:
             compile_encoder_layers(self.model, cfg.train.compile_tuning,
-                                   cfg.train.compile_mix_order_reduction)
+                                   cfg.train.compile_mix_order_reduction, cfg.train.compile_pdl)
         if cfg.train.compile_heads and for_training:  # evaluation runs the heads eager
             compile_heads(self.model)
         self.state = TrainState()

@@ -392,8 +392,9 @@ def test_overlap_waits_inside_a_cuda_graph_for_a_slow_side_stream():
     assert (out - old).abs().max() > 0.1
 
 
-def _layer_code_and_grads(mix_order: bool) -> tuple[str, dict[str, torch.Tensor]]:
-    """One BERT-large layer compiled with or without Inductor's mix-order reduction: the
+def _layer_code_and_grads(**switches: bool) -> tuple[str, dict[str, torch.Tensor]]:
+    """One BERT-large layer compiled with `switches` (compile_encoder_layers'), such as
+    without Inductor's mix-order reduction: the
     generated code of its forward and backward on 6,144 tokens, and its gradients. (Inductor
     fuses the LayerNorm backward's reductions only from 5 * 2**20 elements and 4,096 rows on,
     when the sizes are static: 4,096 x 1,024 is below; run W4's first try used it.)"""
@@ -411,7 +412,7 @@ def _layer_code_and_grads(mix_order: bool) -> tuple[str, dict[str, torch.Tensor]
                            attention_probs_dropout_prob=0.0)
     model = build_model(SimpleNamespace(pretrained=None, arch=arch, head="cls", dropout=0.0),
                         vocab_size=100, num_labels=[3]).cuda().to(torch.bfloat16)
-    compile_encoder_layers(model, "none", mix_order_reduction=mix_order)
+    compile_encoder_layers(model, "none", **switches)
     layer = model.encoder.encoder.layer[0]
     x = torch.randn(1, 6144, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     # a fixed random projection of the output: gradients of order one in every parameter
@@ -431,17 +432,37 @@ def _layer_code_and_grads(mix_order: bool) -> tuple[str, dict[str, torch.Tensor]
     return "\n".join(code), grads
 
 
+def _relative_differences(grads: dict[str, torch.Tensor],
+                          reference: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each gradient's difference from the reference's, against the reference's own norm."""
+    return {name: ((grads[name].float() - ref.float()).norm() / ref.float().norm()).item()
+            for name, ref in reference.items()}
+
+
 def test_mix_order_reduction_switch_changes_the_layer_norm_backward_kernels_not_the_gradients():
-    code_on, grads_on = _layer_code_and_grads(True)
-    code_off, grads_off = _layer_code_and_grads(False)
+    code_on, grads_on = _layer_code_and_grads(mix_order_reduction=True)
+    code_off, grads_off = _layer_code_and_grads(mix_order_reduction=False)
     assert "RSPLIT_SIZE" in code_on  # Inductor's mix-order kernel in the LayerNorm backward
     assert "RSPLIT_SIZE" not in code_off
     assert grads_on.keys() == grads_off.keys()
     # bf16 noise of sums taken in another order: small against each gradient's own norm
-    relative = {name: ((grads_off[name].float() - on.float()).norm() / on.float().norm()).item()
-                for name, on in grads_on.items()}
+    relative = _relative_differences(grads_off, grads_on)
     print("relative gradient differences, mix-order off against on:", relative)
     assert all(grad.norm() > 0 for grad in grads_on.values())
+    assert max(relative.values()) < 2e-2, relative
+
+
+def test_pdl_switch_changes_the_launches_not_the_gradients():
+    """`train.compile_pdl`: the layer's Triton kernels wait for the kernel before them inside
+    (gdc_wait) and let the next one launch early; the maths is the same kernels' (reductions
+    that Inductor autotunes may pick another block size in each compile: bf16 noise)."""
+    code_on, grads_on = _layer_code_and_grads(pdl=True)
+    code_off, grads_off = _layer_code_and_grads(pdl=False)
+    assert "gdc_wait" in code_on and "gdc_launch_dependents" in code_on
+    assert "gdc_wait" not in code_off
+    assert grads_on.keys() == grads_off.keys()
+    relative = _relative_differences(grads_off, grads_on)
+    print("relative gradient differences, PDL off against on:", relative)
     assert max(relative.values()) < 2e-2, relative
 
 

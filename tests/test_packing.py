@@ -93,39 +93,48 @@ def test_compile_tuning_reaches_inductor_in_every_layer(tuning, tuned):
         assert options["coordinate_descent_tuning"] is tuned
 
 
-@pytest.mark.parametrize("mix_order", [True, False])
-def test_mix_order_reduction_switch_reaches_inductor_in_every_layer(mix_order):
+@pytest.mark.parametrize("mix_order, pdl", [(True, False), (False, True)])
+def test_compile_switches_reach_inductor_in_every_layer(mix_order, pdl):
     model = tiny_model(head="cls", layers=3, vocab_size=100)
-    assert compile_encoder_layers(model, "coordinate_descent", mix_order_reduction=mix_order) == 3
+    assert compile_encoder_layers(model, "coordinate_descent", mix_order_reduction=mix_order,
+                                  pdl=pdl) == 3
     for layer in model.encoder.encoder.layer:
         options = layer._compiled_call_impl.get_compiler_config()
         assert options["coordinate_descent_tuning"] is True  # the tuning's options kept
         assert options.get("triton.mix_order_reduction", True) is mix_order
+        assert options.get("triton.enable_pdl", False) is pdl
 
 
-def test_mix_order_reduction_switch_reaches_the_trainer(monkeypatch, tmp_path):
+def test_compile_switches_reach_the_trainer(monkeypatch, tmp_path):
     import mtl_dist.trainer as trainer_module
 
     seen = []
     monkeypatch.setattr(trainer_module, "compile_encoder_layers",
-                        lambda model, tuning, mix_order: seen.append((tuning, mix_order)))
+                        lambda model, *switches: seen.append(switches))
     cfg = load_config(DEMO, [f"train.output_dir={tmp_path}", f"data.cache_dir={tmp_path}/c",
-                             "train.compile=true", "train.compile_mix_order_reduction=false"])
+                             "train.compile=true", "train.compile_mix_order_reduction=false",
+                             "train.compile_pdl=true"])
     trainer_module.Trainer(cfg)
-    assert seen == [("none", False)]
+    assert seen == [("none", False, True)]
 
 
-def test_mix_order_reduction_switch_is_refused_without_compiled_layers_or_inductor_support(
-        monkeypatch):
+@pytest.mark.parametrize("key, on, option, switch, lacks", [
+    ("train.compile_mix_order_reduction", "false", "mix_order_reduction",
+     {"mix_order_reduction": False}, "no mix-order reduction to turn off"),
+    ("train.compile_pdl", "true", "enable_pdl", {"pdl": True},
+     "no Programmatic Dependent Launch"),
+])
+def test_compile_switches_are_refused_without_compiled_layers_or_inductor_support(
+        monkeypatch, key, on, option, switch, lacks):
     import torch._inductor.config as inductor
 
-    with pytest.raises(ConfigError, match="'train.compile_mix_order_reduction': expected true "
-                                          "with train.compile=false"):
-        load_config(DEMO, ["train.compile_mix_order_reduction=false"])
-    monkeypatch.delattr(inductor.triton, "mix_order_reduction")  # an older torch's Inductor
-    with pytest.raises(ConfigError, match="Inductor has no mix-order reduction to turn off"):
-        compile_encoder_layers(tiny_model(head="cls", layers=1, vocab_size=100),
-                               mix_order_reduction=False)
+    default = "true" if on == "false" else "false"
+    with pytest.raises(ConfigError, match=f"'{key}': expected {default} with train.compile=false"):
+        load_config(DEMO, [f"{key}={on}"])
+    monkeypatch.delattr(inductor.triton, option, raising=False)  # an older torch's Inductor
+    with pytest.raises(ConfigError, match=f"'{key}': torch .*Inductor has {lacks} "
+                                          rf"\(no triton.{option}\); set it to {default}$"):
+        compile_encoder_layers(tiny_model(head="cls", layers=1, vocab_size=100), **switch)
 
 
 def test_compile_tuning_is_refused_without_compiled_layers_or_with_an_unknown_name():
