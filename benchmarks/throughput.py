@@ -615,6 +615,10 @@ def variant_list() -> list[tuple[str, list[str]]]:
         # kernel start while the one before finishes (Hopper+), not yet measured
         ("... the same as 42, the compiled layers' kernels launched with PDL (compile_pdl)",
          [*RECOMMENDED_AA, "train.compile_pdl=true"]),
+        # Run AB3's trace: the clip norm's aten reduction over the flat bf16 buffer, 231 us
+        # (~2.8 TB/s); at the H100's bandwidth ~195 us (not yet measured)
+        ("... the same as 42, the flat buffers' clip norm by Triton (triton_clip_norm)",
+         [*RECOMMENDED_AA, "train.triton_clip_norm=true"]),
     ]
 
 

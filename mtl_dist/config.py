@@ -175,6 +175,7 @@ class TrainConfig:
     deepspeed_config: str | None = None
     fused_optimizer: bool = True
     fused_clipping: bool = False  # clipping folded into the fused AdamW pass (grad_scale)
+    triton_clip_norm: bool = False  # fused_clipping: the flat buffers' norm by a Triton kernel
     compile: bool = False
     compile_tuning: str = "none"  # "coordinate_descent": Inductor tunes its fused kernels
     compile_mix_order_reduction: bool = True  # false: LayerNorm backward without that kernel
@@ -1317,6 +1318,12 @@ def _validate_combinations(train: TrainConfig) -> None:
             f"config key 'train.fused_clipping': expected false with train.zero_stage="
             f"{train.zero_stage}, train.mixed_precision={train.mixed_precision}, "
             f"train.fused_optimizer={str(train.fused_optimizer).lower()} ({why}), got true",
+        )
+    if train.triton_clip_norm and not train.fused_clipping:
+        raise _Problem(
+            "train.triton_clip_norm",
+            "config key 'train.triton_clip_norm': expected false with train.fused_clipping="
+            "false (it computes the fused clipping's norm), got true",
         )
     if train.compile_tuning != "none" and not train.compile:
         raise _Problem(

@@ -437,16 +437,27 @@ def flat_segments(model: torch.nn.Module, cfg) -> list[list[torch.nn.Parameter]]
     return [g["params"] for g in param_groups(model, cfg) if g["head"] is None]
 
 
-def clip_divisor(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_divisor(grads: list[torch.Tensor], max_norm: float,
+                 triton_large: bool = False) -> torch.Tensor:
     """What fused AdamW divides every gradient by (its `grad_scale`) to clip them to `max_norm`.
 
     torch's clip_grad_norm_ multiplies by min(max_norm / (norm + 1e-6), 1) in a pass of its
-    own; handing the fused step the reciprocal saves that read+write of every gradient."""
+    own; handing the fused step the reciprocal saves that read+write of every gradient.
+    `triton_large` (`train.triton_clip_norm`): the CUDA tensors of a million elements or more
+    (the flat buffers) are read by mtl_dist's Triton kernel (mtl_dist/triton_norm.py)."""
     # fp32 norms also of bf16 gradients (MasterWeights.grads_in_bf16): get_total_norm would
     # round a bf16 tensor's norm to bf16
     if not grads:  # nothing to clip (as get_total_norm: a norm of 0)
         return torch.ones(())
-    norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+    norms, rest = [], grads
+    if triton_large:
+        from .triton_norm import sum_of_squares, takes_triton
+
+        large = [g.numel() >= 2**20 and takes_triton(g) for g in grads]
+        norms = [sum_of_squares(g).sqrt() for g, big in zip(grads, large, strict=True) if big]
+        rest = [g for g, big in zip(grads, large, strict=True) if not big]
+    if rest:
+        norms += torch._foreach_norm(rest, 2.0, dtype=torch.float32)
     norm = torch.linalg.vector_norm(torch.stack(norms), 2.0)
     return torch.clamp((norm + 1e-6) / max_norm, min=1.0)
 
@@ -1109,7 +1120,7 @@ class Trainer:
         inner = self.optimizer.optimizer  # accelerate's wrapper holds the torch optimizer
         grads = self.masters.grads_for_norm() if self.masters is not None else \
             [p.grad for p in self._trainable() if p.grad is not None]
-        inner.grad_scale = clip_divisor(grads, max_norm)
+        inner.grad_scale = clip_divisor(grads, max_norm, self.cfg.train.triton_clip_norm)
         try:
             self.optimizer.step()
         finally:

@@ -83,3 +83,85 @@ def test_fused_clipping_trains_like_separate_clipping(tmp_path):
 def test_fused_clipping_refuses_settings_it_cannot_serve(override, named):
     with pytest.raises(ConfigError, match=f"train.fused_clipping.*{named}"):
         load_config(DEMO, ["train.fused_clipping=true", override])
+
+
+def test_triton_clip_norm_is_refused_without_fused_clipping():
+    with pytest.raises(ConfigError, match="'train.triton_clip_norm': expected false with "
+                                          "train.fused_clipping=false"):
+        load_config(DEMO, ["train.triton_clip_norm=true"])
+
+
+def triton_norm_errors() -> dict:
+    """Relative errors of the Triton sum of squares against fp64 (run in the interpreter)."""
+    from mtl_dist.triton_norm import TILES, sum_of_squares
+
+    errors, gen = {}, torch.Generator().manual_seed(0)
+    for size in (0, 1, 4097, 70_001):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for tiles in (TILES, (256, 4, 4), (64, 3, 1)):
+                x = torch.randn(size, generator=gen).to(dtype)
+                exact = x.double().square().sum().item()
+                ours = sum_of_squares(x, tiles)
+                assert ours.dtype == torch.float32 and ours.dim() == 0
+                errors[f"{size} {dtype} {tiles}"] = abs(ours.item() - exact) / max(exact, 1e-30)
+    x = torch.randn(5000, generator=gen).to(torch.bfloat16)
+    x[4321] = float("inf")
+    errors["an inf: an inf sum"] = 0.0 if sum_of_squares(x).item() == float("inf") else 1.0
+    x[17] = float("nan")
+    errors["a nan: a nan sum"] = 0.0 if sum_of_squares(x).isnan().item() else 1.0
+    return errors
+
+
+def test_triton_sum_of_squares_gives_the_fp64_sum_in_the_interpreter():
+    pytest.importorskip("triton")
+    from tests._runs import in_triton_interpreter
+
+    errors = in_triton_interpreter("import tests.test_fused_clipping as t", "t.triton_norm_errors()")
+    assert len(errors) == 4 * 3 * 3 + 2
+    for key, error in errors.items():
+        assert error < 1e-5, (key, error)
+
+
+def test_triton_sum_of_squares_refuses_what_it_cannot_read():
+    pytest.importorskip("triton")
+    from mtl_dist.triton_norm import sum_of_squares, takes_triton
+
+    with pytest.raises(ValueError, match="contiguous tensor of .* got a non-contiguous "
+                                         "torch.float32"):
+        sum_of_squares(torch.randn(8, 8).t())
+    with pytest.raises(ValueError, match="got torch.int64"):
+        sum_of_squares(torch.arange(10))
+    with pytest.raises(ValueError, match=r"powers of two, all at least 1, got \(100, 4, 4\)"):
+        sum_of_squares(torch.randn(10), (100, 4, 4))
+    assert not takes_triton(torch.randn(10))  # a CPU tensor: the trainer keeps torch's norm
+
+
+def test_clip_divisor_with_triton_norm_leaves_cpu_tensors_to_torch():
+    grads = [torch.randn(2**20 + 1), torch.randn(30)]
+    assert torch.equal(clip_divisor(grads, 1.0, triton_large=True), clip_divisor(grads, 1.0))
+
+
+def test_triton_clip_norm_reaches_the_clip_divisor(monkeypatch, tmp_path):
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    import mtl_dist.trainer as trainer_module
+
+    seen = []
+
+    def recording(grads, max_norm, triton_large=False):
+        seen.append(triton_large)
+        return clip_divisor(grads, max_norm, triton_large)
+
+    monkeypatch.setattr(trainer_module, "clip_divisor", recording)
+    for cls in (AcceleratorState, GradientState, PartialState):
+        cls._reset_state()
+    cfg = load_config(DEMO, [f"train.output_dir={tmp_path}", f"data.cache_dir={tmp_path}/c",
+                             "train.max_steps=2", "train.eval_at_epoch_end=false",
+                             "checkpoint.save_best=false", "train.fused_clipping=true",
+                             "train.triton_clip_norm=true"])
+    trainer = trainer_module.Trainer(cfg)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    assert seen == [True, True]

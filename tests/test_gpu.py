@@ -880,3 +880,24 @@ def test_compile_heads_trains_like_eager_heads_in_the_recommended_set(tmp_path):
     run(tmp_path, "split", *with_dropout, "train.resume=auto")
     assert train_losses(split) == train_losses(straight)
     assert_same_tensors(checkpoint_model(split, 16), checkpoint_model(straight, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_clip_norm_gives_the_norm_of_torch(dtype):
+    """`train.triton_clip_norm`: the Triton sum of squares of flat buffers (sizes off the
+    tiles, one of BERT-large's flat segment's size) against fp64, and the clip divisor of a
+    flat buffer plus small tensors with it against the one without."""
+    from mtl_dist.trainer import clip_divisor
+    from mtl_dist.triton_norm import sum_of_squares
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for size in (1, 2**20 + 3, 324_000_000):
+        x = torch.randn(size, generator=gen, device="cuda", dtype=dtype)
+        exact = x.double().square().sum()
+        assert abs(sum_of_squares(x).double() / exact - 1) < 1e-5, size
+    grads = [torch.randn(2**22 + 5, generator=gen, device="cuda", dtype=dtype) * 1e-3,
+             torch.randn(1000, generator=gen, device="cuda", dtype=dtype),
+             torch.randn(3, 7, generator=gen, device="cuda")]
+    with_triton = clip_divisor(grads, 0.5, triton_large=True)
+    assert with_triton > 1  # clipping: the norm is above 0.5
+    torch.testing.assert_close(with_triton, clip_divisor(grads, 0.5), rtol=1e-6, atol=0)
