@@ -1319,11 +1319,13 @@ def _validate_combinations(train: TrainConfig) -> None:
             f"{train.zero_stage}, train.mixed_precision={train.mixed_precision}, "
             f"train.fused_optimizer={str(train.fused_optimizer).lower()} ({why}), got true",
         )
-    if train.triton_clip_norm and not train.fused_clipping:
+    if train.triton_clip_norm and not (train.fused_clipping and train.flat_masters):
         raise _Problem(
             "train.triton_clip_norm",
-            "config key 'train.triton_clip_norm': expected false with train.fused_clipping="
-            "false (it computes the fused clipping's norm), got true",
+            f"config key 'train.triton_clip_norm': expected false with train.fused_clipping="
+            f"{str(train.fused_clipping).lower()}, train.flat_masters="
+            f"{str(train.flat_masters).lower()} (it reads the flat buffers for the fused "
+            "clipping's norm), got true",
         )
     if train.compile_tuning != "none" and not train.compile:
         raise _Problem(

@@ -140,9 +140,16 @@ class MasterWeights:
 
     def grads_for_norm(self) -> list[torch.Tensor]:
         """The masters' gradients for clipping: a flat segment's as one tensor."""
-        loose = [m.grad for m in self.masters
-                 if id(m) not in self._flat_ids and m.grad is not None]
-        return [self.flat_grad(s) for s in self.segments] + loose
+        return self.flat_grads() + self.loose_grads()
+
+    def flat_grads(self) -> list[torch.Tensor]:
+        """This step's gradient of each flat segment, one tensor each."""
+        return [self.flat_grad(s) for s in self.segments]
+
+    def loose_grads(self) -> list[torch.Tensor]:
+        """The gradients of the masters outside the flat segments (the heads'), where set."""
+        return [m.grad for m in self.masters
+                if id(m) not in self._flat_ids and m.grad is not None]
 
     def master(self, param: nn.Parameter) -> torch.Tensor:
         return self._by_param[id(param)]

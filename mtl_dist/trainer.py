@@ -438,26 +438,27 @@ def flat_segments(model: torch.nn.Module, cfg) -> list[list[torch.nn.Parameter]]
 
 
 def clip_divisor(grads: list[torch.Tensor], max_norm: float,
-                 triton_large: bool = False) -> torch.Tensor:
-    """What fused AdamW divides every gradient by (its `grad_scale`) to clip them to `max_norm`.
+                 flat: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """What fused AdamW divides every gradient by (its `grad_scale`) to clip them to `max_norm`:
+    the norm over `grads` and `flat` together.
 
     torch's clip_grad_norm_ multiplies by min(max_norm / (norm + 1e-6), 1) in a pass of its
     own; handing the fused step the reciprocal saves that read+write of every gradient.
-    `triton_large` (`train.triton_clip_norm`): the CUDA tensors of a million elements or more
-    (the flat buffers) are read by mtl_dist's Triton kernel (mtl_dist/triton_norm.py)."""
+    `flat` (`train.triton_clip_norm`: the flat segments' gradient buffers): read by
+    mtl_dist's Triton kernel (mtl_dist/triton_norm.py) where it can (contiguous CUDA
+    tensors), else with `grads` by torch's foreach norm."""
     # fp32 norms also of bf16 gradients (MasterWeights.grads_in_bf16): get_total_norm would
     # round a bf16 tensor's norm to bf16
-    if not grads:  # nothing to clip (as get_total_norm: a norm of 0)
-        return torch.ones(())
-    norms, rest = [], grads
-    if triton_large:
+    norms = []
+    if flat:
         from .triton_norm import sum_of_squares, takes_triton
 
-        large = [g.numel() >= 2**20 and takes_triton(g) for g in grads]
-        norms = [sum_of_squares(g).sqrt() for g, big in zip(grads, large, strict=True) if big]
-        rest = [g for g, big in zip(grads, large, strict=True) if not big]
-    if rest:
-        norms += torch._foreach_norm(rest, 2.0, dtype=torch.float32)
+        norms = [sum_of_squares(g).sqrt() for g in flat if takes_triton(g)]
+        grads = [*(g for g in flat if not takes_triton(g)), *grads]
+    if grads:
+        norms += torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+    if not norms:  # nothing to clip (as get_total_norm: a norm of 0)
+        return torch.ones(())
     norm = torch.linalg.vector_norm(torch.stack(norms), 2.0)
     return torch.clamp((norm + 1e-6) / max_norm, min=1.0)
 
@@ -1118,9 +1119,14 @@ class Trainer:
             self.optimizer.step()
             return
         inner = self.optimizer.optimizer  # accelerate's wrapper holds the torch optimizer
-        grads = self.masters.grads_for_norm() if self.masters is not None else \
-            [p.grad for p in self._trainable() if p.grad is not None]
-        inner.grad_scale = clip_divisor(grads, max_norm, self.cfg.train.triton_clip_norm)
+        if self.masters is None:
+            inner.grad_scale = clip_divisor(
+                [p.grad for p in self._trainable() if p.grad is not None], max_norm)
+        elif self.cfg.train.triton_clip_norm:  # the flat buffers by mtl_dist's Triton kernel
+            inner.grad_scale = clip_divisor(self.masters.loose_grads(), max_norm,
+                                            flat=self.masters.flat_grads())
+        else:
+            inner.grad_scale = clip_divisor(self.masters.grads_for_norm(), max_norm)
         try:
             self.optimizer.step()
         finally:

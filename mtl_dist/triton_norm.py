@@ -14,6 +14,8 @@ trainer leaves others to torch's foreach norm.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -54,6 +56,8 @@ def sum_of_squares(x: torch.Tensor, tiles: tuple[int, int, int] = TILES) -> torc
                          f"{'' if x.is_contiguous() else 'a non-contiguous '}{x.dtype}")
     programs = max(1, triton.cdiv(x.numel(), block * iters))
     partials = torch.empty(programs, device=x.device, dtype=torch.float32)
-    _sum_of_squares_kernel[(programs,)](x.view(-1), partials, x.numel(), BLOCK=block,
-                                        ITERS=iters, num_warps=warps)
+    # Triton launches on the current device, whatever x's
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _sum_of_squares_kernel[(programs,)](x.view(-1), partials, x.numel(), BLOCK=block,
+                                            ITERS=iters, num_warps=warps)
     return partials.sum()

@@ -85,10 +85,15 @@ def test_fused_clipping_refuses_settings_it_cannot_serve(override, named):
         load_config(DEMO, ["train.fused_clipping=true", override])
 
 
-def test_triton_clip_norm_is_refused_without_fused_clipping():
-    with pytest.raises(ConfigError, match="'train.triton_clip_norm': expected false with "
-                                          "train.fused_clipping=false"):
-        load_config(DEMO, ["train.triton_clip_norm=true"])
+@pytest.mark.parametrize("overrides, named", [
+    (["train.triton_clip_norm=true"], "train.fused_clipping=false, train.flat_masters=false"),
+    (["train.triton_clip_norm=true", "train.fused_clipping=true"],
+     "train.fused_clipping=true, train.flat_masters=false"),
+])
+def test_triton_clip_norm_is_refused_without_fused_clipping_and_flat_masters(overrides, named):
+    with pytest.raises(ConfigError, match=f"'train.triton_clip_norm': expected false with "
+                                          f"{named} .it reads the flat buffers"):
+        load_config(DEMO, overrides)
 
 
 def triton_norm_errors() -> dict:
@@ -136,32 +141,35 @@ def test_triton_sum_of_squares_refuses_what_it_cannot_read():
     assert not takes_triton(torch.randn(10))  # a CPU tensor: the trainer keeps torch's norm
 
 
-def test_clip_divisor_with_triton_norm_leaves_cpu_tensors_to_torch():
-    grads = [torch.randn(2**20 + 1), torch.randn(30)]
-    assert torch.equal(clip_divisor(grads, 1.0, triton_large=True), clip_divisor(grads, 1.0))
+def test_clip_divisor_leaves_flat_cpu_tensors_to_torch():
+    pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(0)
+    flat = [torch.randn(5000, generator=gen).to(torch.bfloat16)]
+    loose = [torch.randn(30, generator=gen), torch.randn(4, 4, generator=gen)]
+    assert torch.equal(clip_divisor(loose, 1.0, flat=flat), clip_divisor(flat + loose, 1.0))
+    assert float(clip_divisor([], 1.0, flat=[])) == 1.0
 
 
-def test_triton_clip_norm_reaches_the_clip_divisor(monkeypatch, tmp_path):
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
+@pytest.mark.parametrize("switch", [True, False])
+def test_triton_clip_norm_hands_the_flat_buffers_apart(monkeypatch, tmp_path, switch):
+    pytest.importorskip("triton")
     import mtl_dist.trainer as trainer_module
+    from tests.test_bf16_weights import _trainer
 
     seen = []
 
-    def recording(grads, max_norm, triton_large=False):
-        seen.append(triton_large)
-        return clip_divisor(grads, max_norm, triton_large)
+    def recording(grads, max_norm, flat=()):
+        seen.append((len(flat), [g.numel() for g in flat]))
+        return clip_divisor(grads, max_norm, flat)
 
     monkeypatch.setattr(trainer_module, "clip_divisor", recording)
-    for cls in (AcceleratorState, GradientState, PartialState):
-        cls._reset_state()
-    cfg = load_config(DEMO, [f"train.output_dir={tmp_path}", f"data.cache_dir={tmp_path}/c",
-                             "train.max_steps=2", "train.eval_at_epoch_end=false",
-                             "checkpoint.save_best=false", "train.fused_clipping=true",
-                             "train.triton_clip_norm=true"])
-    trainer = trainer_module.Trainer(cfg)
+    trainer = _trainer(tmp_path, "run", "train.max_steps=2", "train.bf16_weights=true",
+                       "train.flat_masters=true", "train.fused_clipping=true",
+                       f"train.triton_clip_norm={str(switch).lower()}")
     try:
         trainer.fit()
     finally:
         trainer.close()
-    assert seen == [True, True]
+    segments = [seg.grad.numel() for seg in trainer.masters.segments]
+    assert len(segments) == 2
+    assert seen == [(2, segments)] * 2 if switch else [(0, [])] * 2
