@@ -69,6 +69,19 @@ def time_us(fn, iters: int, warmup: int = 3) -> float:
     return start.elapsed_time(end) * 1000 / iters
 
 
+def save_kernel_rows(out: str, fields: dict, rows: list[dict]) -> None:
+    """A kernel benchmark's results file: the GPU, torch, Triton, the command, `fields`, rows."""
+    import sys
+
+    import triton
+
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": triton.__version__, "command": " ".join(sys.argv), **fields,
+              "rows": rows}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
+
+
 def flash(q, k, v, cu, max_len, p):
     return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, p, False,
                                                    False)[0]

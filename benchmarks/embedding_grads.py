@@ -23,7 +23,10 @@ import sys
 from pathlib import Path
 
 import torch
-from attention_kernels import time_us  # this folder's, first on sys.path when run as a script
+from attention_kernels import (  # this folder's, first on sys.path when run as a script
+    save_kernel_rows,
+    time_us,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mtl_dist.triton_embedding import TILES, embedding_grad_triton  # noqa: E402
@@ -104,14 +107,8 @@ def main() -> None:
         for r in rows:
             if r["ids"] == kind:
                 r["x_aten"] = base / r["us_per_call"]
-    import triton
-
-    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "triton": triton.__version__, "command": " ".join(sys.argv),
-              "shape": {"rows": ROWS, "hidden": HIDDEN, "tokens": args.tokens,
-                        "dtype": "bf16"}, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    save_kernel_rows(args.out, {"shape": {"rows": ROWS, "hidden": HIDDEN, "tokens": args.tokens,
+                                          "dtype": "bf16"}}, rows)
     print(f"\n{'ids':8s} {'method':45s} {'us':>8s} {'x aten':>7s} {'rel err':>9s}")
     for r in rows:
         print(f"{r['ids']:8s} {r['method'][:45]:45s} {r['us_per_call']:8.1f} "
