@@ -612,11 +612,12 @@ def variant_list() -> list[tuple[str, list[str]]]:
          [*RECOMMENDED_AA, "train.compile_heads=true"]),
         # Run AB3's trace: ~0.5 ms of a 22.5 ms step is idle GPU in gaps under 5 us between
         # ~1,080 kernels, ~530 of them Inductor's; Programmatic Dependent Launch lets a
-        # kernel start while the one before finishes (Hopper+), not yet measured
+        # kernel start while the one before finishes (Hopper+). Run AC: +0.50 and +0.62 % on
+        # 42 in both orders: the recommended set since
         ("... the same as 42, the compiled layers' kernels launched with PDL (compile_pdl)",
-         [*RECOMMENDED_AA, "train.compile_pdl=true"]),
+         RECOMMENDED_AC),
         # Run AB3's trace: the clip norm's aten reduction over the flat bf16 buffer, 231 us
-        # (~2.8 TB/s); at the H100's bandwidth ~195 us (not yet measured)
+        # (~2.8 TB/s); at the H100's bandwidth ~195 us. Run AC1: -0.25 % on 42 (not adopted)
         ("... the same as 42, the flat buffers' clip norm by Triton (triton_clip_norm)",
          [*RECOMMENDED_AA, "train.triton_clip_norm=true"]),
     ]
@@ -644,10 +645,12 @@ RECOMMENDED_MIX = [*RECOMMENDED_QKV, "train.compile_mix_order_reduction=false"]
 # Variant 35: the README's recommended set of runs Y-Z.
 RECOMMENDED_NOW = [*RECOMMENDED_MIX, "train.gemm_embedding_grads=true",
                    "train.gelu_epilogue=true"]
-# Variant 42: the README's recommended set since run AA.
+# Variant 42: the README's recommended set from run AA to run AC.
 RECOMMENDED_AA = [*RECOMMENDED_NOW, "train.cublaslt_gemms=true",
                   "train.gather_unpack_backward=true", "train.triton_embedding_grads=true",
                   "train.direct_embedding_grads=true"]
+# Variant 44: the README's recommended set since run AC.
+RECOMMENDED_AC = [*RECOMMENDED_AA, "train.compile_pdl=true"]
 
 
 def add_speedups(rows: list[dict], baselines: list[dict]) -> None:

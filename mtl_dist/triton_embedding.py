@@ -16,17 +16,18 @@ blocks: its program then adds the following tokens' gradients, BLOCK_S at a time
 writing the row; the programs after it skip that row. Every row's sum is taken in the same
 order on every run: the same bits each time (no atomics). Padding tokens are skipped (their
 row stays zero, and a non-finite gradient there reaches no other row, as with aten). A
-non-finite gradient on a real token, though, makes every row whose run starts in its block
-non-finite (the product multiplies it by the 0s too; aten keeps it to its own row); the step's
-gradient norm is non-finite either way, and clipping then spreads it to every parameter. No
-host sync: it runs inside CUDA graphs.
+non-finite gradient on a real token would reach every row of its block through the product
+(0 × inf is NaN): a block holding one sums its rows by selection instead, token by token
+(the rare case: slower, and aten's values); so, as with aten, it reaches its own row only.
+That check costs ~3–5 µs per call (run AC, below). No host sync: it runs inside CUDA graphs.
 
 The tiles: the first design, a program per sorted token (run AB's H100 profile: 122 µs per
 step at ~3,600 tokens), spent its time in ~16,000 small programs' memory round trips.
 `benchmarks/embedding_grads.py` (run AB5, H100, 3,584 tokens, bf16, zero fill and sort
 included): 64.0 µs against its 175.7 and aten's 181.0 with uniform ids, 79.7 against 135.0 and
 167.6 with Zipf-distributed ids (a run of ~530 tokens); (64, 128, 4) was the fastest of six
-tiles with Zipf's ids and within 2.3 µs of the fastest with uniform ones.
+tiles with Zipf's ids and within 2.3 µs of the fastest with uniform ones. Run AC (H100, with
+the non-finite check): 67.2 and 84.6 µs, against 177.0/135.4 and aten's 181.8/168.0.
 """
 
 from __future__ import annotations
@@ -61,6 +62,17 @@ def _block_sums_kernel(sorted_ids_ptr, order_ptr, grad_ptr, out_ptr, tokens, row
     same_row = (row[:, None] == row[None, :]).to(grads.dtype)
     # each position's row summed over the block: (BLOCK_T × BLOCK_T) 0/1 × gradients
     sums = tl.dot(same_row, grads, input_precision="ieee")
+    finite = tl.abs(grads.to(tl.float32)) <= 3.4028234663852886e38  # false for inf and NaN
+    if tl.sum((~finite).to(tl.int32)) > 0:  # 0 × inf is NaN: here each row's tokens by selection
+        sums = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+        for k in range(BLOCK_T):
+            k_at = first + k
+            k_row = tl.load(sorted_ids_ptr + k_at, mask=k_at < tokens, other=-1)
+            k_real = (k_at < tokens) & (k_row != padding_idx) & (k_row >= 0) & (k_row < rows)
+            k_token = tl.load(order_ptr + k_at, mask=k_real, other=0).to(tl.int64)
+            k_grad = tl.load(grad_ptr + k_token * grad_stride + col,
+                             mask=tl.where(cols_in, k_real.to(tl.int32), 0) != 0, other=0.0)
+            sums += tl.where((row == k_row)[:, None], k_grad.to(tl.float32)[None, :], 0.0)
     last = tl.load(sorted_ids_ptr + first + BLOCK_T - 1, mask=first + BLOCK_T - 1 < tokens,
                    other=-1)
     after = tl.load(sorted_ids_ptr + first + BLOCK_T, mask=first + BLOCK_T < tokens, other=-2)

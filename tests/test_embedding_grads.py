@@ -209,6 +209,16 @@ def triton_kernel_errors() -> dict:
     grad[0] = float("nan")
     ours = embedding_grad_triton(ids, grad, 10, 0)
     errors["nan on a padding token: rows not finite"] = int((~torch.isfinite(ours)).sum())
+    ids, grad = torch.tensor([3, 5, 3, 9, 4, 4, 8, 5]), torch.randn(8, 16)
+    grad[1, 2], grad[7, 4], grad[2, 6] = float("inf"), float("nan"), float("-inf")
+    ours, expected = (embedding_grad_triton(ids, grad, 10, 0),
+                      aten_grad(ids, grad, 10, 0, torch.float32))
+    errors["non-finite gradients on real tokens: elsewhere than aten's"] = \
+        int((torch.isfinite(ours) != torch.isfinite(expected)).sum()
+            + (ours.isnan() != expected.isnan()).sum())
+    finite = torch.isfinite(expected)
+    errors["non-finite gradients on real tokens: the finite values"] = \
+        (ours[finite] - expected[finite]).abs().max().item()
     ids, grad = torch.tensor([2, 12, 2, -1, -2]), torch.randn(5, 16)
     flat = torch.full((64 + 10 * 16 + 5,), float("nan"))  # rows -1 and -2 would land in NaNs
     ours = embedding_grad_triton(ids, grad, 10, 3, flat[64:-5].view(10, 16))
@@ -222,7 +232,7 @@ def test_triton_kernel_gives_atens_gradient_in_the_interpreter():
     pytest.importorskip("triton")
     errors = in_triton_interpreter("import tests.test_embedding_grads as t",
                                    "t.triton_kernel_errors()")
-    assert len(errors) == 13
+    assert len(errors) == 15
     for key, error in errors.items():
         assert error < 1e-5, (key, error)
 
