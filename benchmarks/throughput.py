@@ -612,7 +612,7 @@ def variant_list() -> list[tuple[str, list[str]]]:
          [*RECOMMENDED_AA, "train.compile_heads=true"]),
         # Run AB3's trace: ~0.5 ms of a 22.5 ms step is idle GPU in gaps under 5 us between
         # ~1,080 kernels, ~530 of them Inductor's; Programmatic Dependent Launch lets a
-        # kernel start while the one before finishes (Hopper+). Run AC: +0.50 and +0.62 % on
+        # kernel start while the one before finishes (Hopper+). Run AC: +0.51 and +0.62 % on
         # 42 in both orders: the recommended set since
         ("... the same as 42, the compiled layers' kernels launched with PDL (compile_pdl)",
          RECOMMENDED_AC),

@@ -446,7 +446,7 @@ def clip_divisor(grads: list[torch.Tensor], max_norm: float,
     own; handing the fused step the reciprocal saves that read+write of every gradient.
     `flat` (`train.triton_clip_norm`: the flat segments' gradient buffers): read by
     mtl_dist's Triton kernel (mtl_dist/triton_norm.py) where it can (contiguous CUDA
-    tensors), else with `grads` by torch's foreach norm."""
+    tensors of its dtypes), else with `grads` by torch's foreach norm."""
     # fp32 norms also of bf16 gradients (MasterWeights.grads_in_bf16): get_total_norm would
     # round a bf16 tensor's norm to bf16
     norms = []

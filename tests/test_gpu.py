@@ -627,6 +627,48 @@ def test_triton_embedding_grads_of_the_vocabulary_replay_in_a_cuda_graph(padding
         assert out[padding_idx].abs().max() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_embedding_grads_keep_non_finite_values_to_their_rows(dtype):
+    """An inf, a -inf and a NaN on real tokens, one in a block that carries on a run from the
+    block before (a row's 200 tokens span four 64-token blocks): inside a CUDA graph, the
+    non-finite values land in exactly aten's rows, and every other row holds aten's sums."""
+    import torch.nn.functional as F
+
+    from mtl_dist.triton_embedding import embedding_grad_triton
+
+    torch.manual_seed(0)
+    rows, tokens = 21128, 3392
+    ids = torch.randint(0, rows, (tokens,), device="cuda")
+    ids[1000:1200] = 7  # sorted, row 7's run spans blocks; its later blocks carry it on
+    ids[5:400:7] = 0  # the padding row
+    grad = torch.randn(tokens, 1024, device="cuda", dtype=dtype)
+    grad[1150, 3] = float("inf")  # inside row 7's run, in a block that carries it on
+    grad[2000, 10] = float("-inf")
+    grad[2500, 700] = float("nan")
+    grad[12, 5] = float("nan")  # on a padding token: reaches no row
+    embedding_grad_triton(ids, grad, rows, 0)  # compiles the kernel
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        embedding_grad_triton(ids, grad, rows, 0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = embedding_grad_triton(ids, grad, rows, 0)
+    graph.replay()
+    weight = torch.zeros(rows, 1024, device="cuda", requires_grad=True)
+    F.embedding(ids, weight, 0).backward(grad.float())
+    expected = weight.grad
+    assert (~torch.isfinite(expected)).sum() == 3
+    assert torch.equal(torch.isfinite(out), torch.isfinite(expected))
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(out.isinf() & (out > 0), expected.isinf() & (expected > 0))
+    finite = torch.isfinite(expected)
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    error = (out.float()[finite] - expected[finite]).norm() / expected[finite].norm()
+    assert error < tolerance, error.item()
+
+
 def test_triton_embedding_grads_train_like_atens_in_the_recommended_set(tmp_path, monkeypatch):
     """train.triton_embedding_grads inside the training step it is for (graphs, compiled packed
     layers, flat masters): the vocabulary takes the kernel (the demo's 395 rows are put above
