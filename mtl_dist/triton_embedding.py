@@ -19,8 +19,8 @@ row stays zero, and a non-finite gradient there reaches no other row, as with at
 non-finite gradient on a real token would reach every row of its block through the product
 (0 × inf is NaN): a block holding one sums its rows by selection instead, token by token
 (the rare case: slower; aten's sums to fp32 rounding); so, as with aten, it reaches its own
-row only.
-That check costs ~3–5 µs per call (run AC, below). No host sync: it runs inside CUDA graphs.
+row only. That check costs ~3–5 µs per call (run AC, below). No host sync: it runs inside
+CUDA graphs.
 
 The tiles: the first design, a program per sorted token (run AB's H100 profile: 122 µs per
 step at ~3,600 tokens), spent its time in ~16,000 small programs' memory round trips.

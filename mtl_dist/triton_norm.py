@@ -10,6 +10,10 @@ How: a program per BLOCK × ITERS elements squares them in fp32 and sums them in
 then writes one partial sum; torch sums the partials. No atomics: the same bits every run.
 No host sync. Only flat 1-D CUDA tensors of the Triton dtypes take it (`takes_triton`); the
 trainer leaves others to torch's foreach norm.
+
+Measured (run AC, H100): alone it reads 324 M bf16 values in 210.7 µs (3.08 TB/s) against
+torch's vector norm's 233.3, but in the recommended step it gained nothing (−0.25 %, one run),
+so the switch is off by default and not in the recommended set.
 """
 
 from __future__ import annotations
