@@ -20,6 +20,9 @@ CPU_LAUNCH = REPO / "launch" / "cpu_multi.yaml"
 # Small, fast demo settings: every step logged, frequent eval and checkpoints.
 FAST = ["train.log_steps=1", "train.eval_steps=8", "checkpoint.save_steps=8",
         "checkpoint.save_total_limit=10", "train.early_stopping_patience=null"]
+# dropout off everywhere: runs that must give the same losses
+NO_DROPOUT = ["model.dropout=0.0", "model.arch.hidden_dropout_prob=0.0",
+              "model.arch.attention_probs_dropout_prob=0.0"]
 
 
 def env() -> dict[str, str]:

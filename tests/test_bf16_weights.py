@@ -14,15 +14,13 @@ from mtl_dist.trainer import Trainer
 from tests._runs import (
     DEMO,
     FAST,
+    NO_DROPOUT,
     assert_losses_close,
     assert_same_tensors,
     checkpoint_model,
     run_cli,
     train_losses,
 )
-
-NO_DROPOUT = ["model.dropout=0.0", "model.arch.hidden_dropout_prob=0.0",
-              "model.arch.attention_probs_dropout_prob=0.0"]
 
 
 def _trainer(tmp_path, name, *extra, for_training: bool = True) -> Trainer:

@@ -17,6 +17,7 @@ from tests._models import tiny_model
 from tests._runs import (
     DEMO,
     FAST,
+    NO_DROPOUT,
     assert_losses_close,
     assert_same_tensors,
     checkpoint_model,
@@ -24,7 +25,6 @@ from tests._runs import (
     train_losses,
 )
 from tests.test_fused_qkv import loss_of
-from tests.test_packing import NO_DROPOUT
 
 
 @pytest.fixture

@@ -16,13 +16,14 @@ from mtl_dist.flat_adamw import FlatAdamW, adamw_update
 from mtl_dist.master import MasterWeights
 from tests._runs import (
     DEMO,
+    NO_DROPOUT,
     assert_losses_close,
     assert_same_tensors,
     checkpoint_model,
     run_cli,
     train_losses,
 )
-from tests.test_bf16_weights import NO_DROPOUT, _trainer
+from tests.test_bf16_weights import _trainer
 
 SETTINGS = {"lr": 1e-2, "betas": (0.9, 0.98), "eps": 1e-6}
 

@@ -8,10 +8,7 @@ import torch
 from mtl_dist.config import load_config
 from mtl_dist.errors import ConfigError
 from mtl_dist.trainer import clip_divisor
-from tests._runs import DEMO, run_cli, train_losses
-
-NO_DROPOUT = ["model.dropout=0.0", "model.arch.hidden_dropout_prob=0.0",
-              "model.arch.attention_probs_dropout_prob=0.0"]
+from tests._runs import DEMO, NO_DROPOUT, run_cli, train_losses
 
 
 def _params(scale: float) -> list[torch.nn.Parameter]:

@@ -10,6 +10,7 @@ from mtl_dist.trainer import Trainer, _model_inputs
 from tests._runs import (
     DEMO,
     FAST,
+    NO_DROPOUT,
     assert_losses_close,
     assert_same_tensors,
     checkpoint_model,
@@ -19,8 +20,6 @@ from tests._runs import (
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-NO_DROPOUT = ["model.dropout=0.0", "model.arch.hidden_dropout_prob=0.0",
-              "model.arch.attention_probs_dropout_prob=0.0"]
 COMPILED_PACKED = ["train.compile=true", "data.packing=true", "data.pack_multiple=64"]
 # CUDA graphs over flat fp32 masters of bf16 weights, clipping folded into AdamW
 GRAPHED_FLAT_MASTERS = ["train.bf16_weights=true", "train.cuda_graphs=true",

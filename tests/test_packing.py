@@ -11,10 +11,7 @@ from mtl_dist.data import collate, collate_packed
 from mtl_dist.errors import ConfigError
 from mtl_dist.model import compile_encoder_layers, enable_packed_attention
 from tests._models import samples, tiny_model
-from tests._runs import DEMO, assert_losses_close, run_cli
-
-NO_DROPOUT = ["model.dropout=0.0", "model.arch.hidden_dropout_prob=0.0",
-              "model.arch.attention_probs_dropout_prob=0.0"]
+from tests._runs import DEMO, NO_DROPOUT, assert_losses_close, run_cli
 
 
 def test_packed_batch_layout():

@@ -8,11 +8,9 @@ import json
 import pytest
 import torch
 
-from tests._runs import DEMO, FAST, checkpoint_model, run_cli
+from tests._runs import DEMO, FAST, NO_DROPOUT, checkpoint_model, run_cli
 
 pytestmark = pytest.mark.slow
-NO_DROPOUT = ["model.dropout=0.0", "model.arch.hidden_dropout_prob=0.0",
-              "model.arch.attention_probs_dropout_prob=0.0"]
 
 
 def test_eight_ranks_match_one_rank_and_resume_on_four(tmp_path):
