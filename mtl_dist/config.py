@@ -1305,6 +1305,15 @@ def _validate_labels(labels: list[str], key: str) -> None:
         seen.add(label)
 
 
+# Options of the compiled layers (train.compile): their defaults and what they do, for the
+# one-line error when one is changed without compiled layers.
+COMPILED_LAYER_OPTIONS = (
+    ("compile_tuning", "none", "it tunes the compiled layers"),
+    ("compile_mix_order_reduction", True, "it picks the compiled layers' kernels"),
+    ("compile_pdl", False, "it picks how the compiled layers' kernels are launched"),
+)
+
+
 def _validate_combinations(train: TrainConfig) -> None:
     """Settings that contradict each other on any machine (the trainer would only notice on a
     GPU, after loading data and building the model, or silently ignore one on a CPU)."""
@@ -1327,24 +1336,14 @@ def _validate_combinations(train: TrainConfig) -> None:
             f"{str(train.flat_masters).lower()} (it reads the flat buffers for the fused "
             "clipping's norm), got true",
         )
-    if train.compile_tuning != "none" and not train.compile:
-        raise _Problem(
-            "train.compile_tuning",
-            f"config key 'train.compile_tuning': expected 'none' with train.compile=false "
-            f"(it tunes the compiled layers), got {train.compile_tuning!r}",
-        )
-    if not train.compile_mix_order_reduction and not train.compile:
-        raise _Problem(
-            "train.compile_mix_order_reduction",
-            "config key 'train.compile_mix_order_reduction': expected true with "
-            "train.compile=false (it picks the compiled layers' kernels), got false",
-        )
-    if train.compile_pdl and not train.compile:
-        raise _Problem(
-            "train.compile_pdl",
-            "config key 'train.compile_pdl': expected false with train.compile=false (it "
-            "picks how the compiled layers' kernels are launched), got true",
-        )
+    for key, default, why in COMPILED_LAYER_OPTIONS:
+        value = getattr(train, key)
+        if value != default and not train.compile:
+            raise _Problem(
+                f"train.{key}",
+                f"config key 'train.{key}': expected {_show(default)} with "
+                f"train.compile=false ({why}), got {_show(value)}",
+            )
     if train.bf16_weights and (train.mixed_precision != "bf16" or train.zero_stage):
         why = "DeepSpeed's bf16 mode keeps fp32 masters itself" if train.zero_stage else \
             "it replaces bf16 autocast"
