@@ -38,6 +38,20 @@ def _reset_accelerate_state() -> None:
         cls._reset_state()
 
 
+def _captured(call) -> tuple[torch.cuda.CUDAGraph, object]:
+    """`call` warmed up on a side stream, off the capture (as graphs.py does), then captured in
+    a CUDA graph: the graph and what the captured call returned."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    return graph, out
+
+
 def run(tmp_path, name, *extra):
     _reset_accelerate_state()
     out = tmp_path / name
@@ -352,15 +366,7 @@ def test_overlap_waits_inside_a_cuda_graph_for_a_slow_side_stream():
 
     @torch.no_grad()
     def captured():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture, as graphs.py does
-            encoder(x)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = encoder(x)
-        return graph, out
+        return _captured(lambda: encoder(x))
 
     with torch.no_grad():  # before the overlap's hooks (deepcopy cannot copy its stream)
         old = encoder(x).clone()
@@ -478,14 +484,7 @@ def test_gemm_embedding_grads_replay_in_a_cuda_graph(rows, padding_idx):
     torch.manual_seed(0)
     ids = torch.randint(0, rows, (3392,), device="cuda")
     grad = torch.randn(3392, 1024, device="cuda", dtype=torch.bfloat16)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        embedding_weight_grad(ids, grad, rows, padding_idx)  # warm-up before the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = embedding_weight_grad(ids, grad, rows, padding_idx)
+    graph, out = _captured(lambda: embedding_weight_grad(ids, grad, rows, padding_idx))
     ids.copy_(torch.randint(0, rows, (3392,), device="cuda"))
     grad.normal_()
     graph.replay()
@@ -600,14 +599,7 @@ def test_triton_embedding_grads_of_the_vocabulary_replay_in_a_cuda_graph(padding
     untouched = torch.ones(rows, dtype=torch.bool, device="cuda")
     untouched[ids] = False
     assert eager[untouched].abs().max() == 0
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        embedding_grad_triton(ids, grad, rows, padding_idx)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = embedding_grad_triton(ids, grad, rows, padding_idx)
+    graph, out = _captured(lambda: embedding_grad_triton(ids, grad, rows, padding_idx))
     ids.copy_(new_ids())
     grad.normal_()
     graph.replay()
@@ -646,14 +638,7 @@ def test_triton_embedding_grads_keep_non_finite_values_to_their_rows(dtype):
     grad[2500, 700] = float("nan")
     grad[12, 5] = float("nan")  # on a padding token: reaches no row
     embedding_grad_triton(ids, grad, rows, 0)  # compiles the kernel
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        embedding_grad_triton(ids, grad, rows, 0)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = embedding_grad_triton(ids, grad, rows, 0)
+    graph, out = _captured(lambda: embedding_grad_triton(ids, grad, rows, 0))
     graph.replay()
     weight = torch.zeros(rows, 1024, device="cuda", requires_grad=True)
     F.embedding(ids, weight, 0).backward(grad.float())
