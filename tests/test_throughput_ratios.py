@@ -36,3 +36,10 @@ def test_a_second_baseline_bounds_each_ratio(throughput):
 def test_an_unknown_benchmark_hook_is_refused_before_anything_runs(throughput, tmp_path):
     with pytest.raises(SystemExit, match=r"unknown benchmark hook\(s\) \['bench.largest_frist=true'\]"):
         throughput.run_mtl(tmp_path, "typo", ["bench.largest_frist=true"], warmup=1, steps=1)
+
+
+def test_the_results_file_states_how_flops_are_counted(throughput):
+    # the results files before 2026-12-07 held the docstring's command line here instead
+    note = throughput.flops_note()
+    assert note.startswith("FLOPs (for MFU) are counted on REAL tokens only")
+    assert "6 * P * L + 12 * layers * hidden * L^2" in note
