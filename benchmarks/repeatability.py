@@ -1,22 +1,33 @@
-"""Does a config train the same bits twice? Runs `mtl-dist train` on it several times, each into a
-fresh output dir, and compares every logged step's training loss with the first run's.
+"""Does a config train the same bits twice? Runs `mtl-dist train` on it several times, each in
+its own process and output dir, and compares every logged step's training loss with the first
+run's.
 
     python benchmarks/repeatability.py configs/demo.yaml train.device=cuda \
         train.mixed_precision=bf16 data.packing=true --runs 2 --steps 24 --out results/x.json
 
 Prints, per run after the first, `repeatable` or the first step whose loss differs (both
-values), and writes them as JSON. Run AD (H100) found FlashAttention 2's backward does not
-repeat itself over packed rows; `train.attention_kernel=triton` does (benchmarks/README.md).
+values), writes them as JSON with --out, and exits with status 1 if any run differs. What it
+compares: the training loss of every step (`train.log_steps=1`), so the last step's update
+shows in none of them. What the runs share: the compile caches (Inductor's, Triton's: the first
+run may compile what the later ones load) and any `data.cache_dir` the config names. Run AD
+(benchmarks/README.md) found a process's first compiled run differing from later runs in the
+same process; separate processes avoid that.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def train_losses(output_dir: Path) -> list[tuple[int, float]]:
@@ -26,11 +37,15 @@ def train_losses(output_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["train/loss"]) for r in records if r["kind"] == "train"]
 
 
+def _same(x: float, y: float) -> bool:
+    return x == y or (math.isnan(x) and math.isnan(y))  # a NaN loss repeated is repeated
+
+
 def first_difference(first: list[tuple[int, float]],
                      other: list[tuple[int, float]]) -> dict | None:
     """The first logged step where the runs' losses (or the steps logged) differ; None if none."""
-    for (step, loss), (other_step, other_loss) in zip(first, other):
-        if (step, loss) != (other_step, other_loss):
+    for (step, loss), (other_step, other_loss) in zip(first, other, strict=False):  # lengths: below
+        if step != other_step or not _same(loss, other_loss):
             return {"step": step, "loss": loss, "other_step": other_step,
                     "other_loss": other_loss}
     if len(first) != len(other):
@@ -40,13 +55,38 @@ def first_difference(first: list[tuple[int, float]],
     return None
 
 
+def _error_line(stderr: str) -> str:
+    """The line that says what went wrong: the last 'error' line, else the last line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or ["(no output)"])[-1]
+
+
 def train(config: str, overrides: list[str], output_dir: Path, steps: int) -> None:
+    """One `mtl-dist train` in its own process; its stderr kept beside its output dir."""
     cmd = [sys.executable, "-m", "mtl_dist.cli", "train", config, *overrides,
            f"train.output_dir={output_dir}", f"train.max_steps={steps}", "train.log_steps=1"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    log = output_dir.with_name(output_dir.name + ".stderr.log")
+    log.write_text(done.stderr)
     if done.returncode != 0:
-        sys.exit(f"run {output_dir.name} failed ({done.returncode}): "
-                 f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}")
+        sys.exit(f"run {output_dir.name} failed (exit {done.returncode}; {log}): "
+                 f"{_error_line(done.stderr)}")
+    if not train_losses(output_dir):
+        sys.exit(f"run {output_dir.name} logged no training loss ({output_dir / 'metrics.jsonl'})")
+
+
+def _remove_runs(root: Path, runs: int, logs: bool, created: bool) -> None:
+    """The runs' output dirs (checkpoints: model-sized), their logs if asked, and the
+    working dir itself if this script made it and it is left empty."""
+    for i in range(runs):
+        shutil.rmtree(root / f"run-{i + 1}", ignore_errors=True)
+        if logs:
+            (root / f"run-{i + 1}.stderr.log").unlink(missing_ok=True)
+    if created and not any(root.iterdir()):
+        root.rmdir()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -56,21 +96,33 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--out", default=None, help="JSON results file")
-    args = parser.parse_args(argv)
+    parser.add_argument("--workdir", default=None,
+                        help="where the runs' output dirs go (default: a new temporary dir)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the runs' output dirs (default: removed at the end)")
+    args = parser.parse_intermixed_args(argv)
     if args.runs < 2:
         parser.error(f"--runs: expected at least 2 (runs to compare), got {args.runs}")
-    root = Path(tempfile.mkdtemp(prefix="mtl_repeat_"))
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="mtl_repeat_"))
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"runs in {root}", flush=True)
     losses = []
-    for i in range(args.runs):
-        train(args.config, args.overrides, root / f"run-{i + 1}", args.steps)
-        losses.append(train_losses(root / f"run-{i + 1}"))
+    try:
+        for i in range(args.runs):
+            train(args.config, args.overrides, root / f"run-{i + 1}", args.steps)
+            losses.append(train_losses(root / f"run-{i + 1}"))
+    finally:
+        if not args.keep:  # a failed run's stderr log stays: its error names it
+            _remove_runs(root, args.runs, logs=len(losses) == args.runs,
+                         created=args.workdir is None)
     diffs = [first_difference(losses[0], other) for other in losses[1:]]
     for i, diff in enumerate(diffs, start=2):
         print(f"run {i} against run 1: " + ("repeatable" if diff is None else
                                             f"differs: {json.dumps(diff)}"))
-    result = {"command": " ".join(sys.argv), "config": args.config,
-              "overrides": args.overrides, "steps": args.steps,
-              "logged_steps": [len(x) for x in losses],
+    command = shlex.join(["benchmarks/repeatability.py", *argv] if argv is not None
+                         else sys.argv)
+    result = {"command": command, "config": args.config, "overrides": args.overrides,
+              "steps": args.steps, "logged_steps": [len(x) for x in losses],
               "repeatable": all(d is None for d in diffs), "differences": diffs}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -79,4 +131,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if main()["repeatable"] else 1)

@@ -275,11 +275,6 @@ def test_a_finished_trainer_with_cuda_graphs_frees_its_model(tmp_path):
 
 DROPOUT = ["model.dropout=0.1", "model.arch.hidden_dropout_prob=0.1",
            "model.arch.attention_probs_dropout_prob=0.1"]
-# Packed rows whose runs repeat bit for bit: FlashAttention 2's backward adds each query's
-# gradient over key blocks with fp32 atomics (sequences over 128 tokens), in an order that
-# changes run to run (run AD, H100: the same 24 steps twice parted at step 4 by 2e-6);
-# mtl_dist's Triton kernel computes dq without atomics.
-PACKED_REPEATABLE = ["data.packing=true", "data.pack_multiple=64", "train.attention_kernel=triton"]
 
 
 @pytest.mark.parametrize("extra", [["train.precapture_graphs=false"], [],
@@ -301,7 +296,7 @@ def test_stop_and_resume_with_cuda_graphs_and_dropout_is_bit_exact(tmp_path, ext
 
 
 @pytest.mark.parametrize("extra", [["data.pad_to_multiple_of=16"],
-                                   [*PACKED_REPEATABLE],
+                                   ["data.packing=true", "data.pack_multiple=64"],
                                    ["data.packing=true", "data.pack_multiple=64",
                                     "train.compile=true", "train.bf16_weights=true",
                                     "train.flat_masters=true", "train.fused_clipping=true",
@@ -333,18 +328,24 @@ def test_precaptured_graphs_are_those_the_run_meets_and_train_bit_exact(tmp_path
 
 
 @pytest.mark.parametrize("extra", [[], ["train.precapture_graphs=false"],
-                                   ["train.compile=true", *PACKED_REPEATABLE,
-                                    "train.direct_weight_grads=true", "train.fused_qkv=true"]],
+                                   [*COMPILED_PACKED, "train.direct_weight_grads=true",
+                                    "train.fused_qkv=true"]],
                          ids=["graphs", "captured_on_first_sight", "recommended"])
 def test_overlap_optimizer_on_a_side_stream_trains_bit_exact(tmp_path, extra):
     """train.overlap_optimizer on CUDA: the chunks of the flat AdamW step run on a side
     stream and the graphs wait per layer (external events: captured before the first step,
     or mid-run with a step pending); every loss and saved tensor as without the switch
-    (dropout on; compiled: the same kernels, the shapes come in the same order; packed rows'
-    attention by mtl_dist's Triton kernel, see PACKED_REPEATABLE)."""
+    (dropout on; compiled: the same kernels, the shapes come in the same order, each run
+    compiling as in a fresh process)."""
     common = [*GRAPHED_FLAT_MASTERS, "train.ema_decay=null", "train.max_steps=24", *DROPOUT,
               *extra]
+    # Run AD (H100): a process's first compiled run parted from the runs after it at step 4
+    # (1.8827499 against 1.8827522, the same values in two processes), with the switch off in
+    # both; the later runs agreed, with or without it. Most likely Dynamo's state left by the
+    # run before (shapes it saw), not verified: so both runs start from a reset one.
+    torch._dynamo.reset()
     plain, _, _ = run(tmp_path, "plain", *common)
+    torch._dynamo.reset()
     over, trainer, _ = run(tmp_path, "overlap", *common, "train.overlap_optimizer=true")
     assert trainer.overlap.side_stream is not None
     assert len(trainer.overlap.chunks) == trainer.module.encoder.config.num_hidden_layers + 1
@@ -901,16 +902,14 @@ def test_compile_heads_trains_like_eager_heads_in_the_recommended_set(tmp_path):
     """train.compile_heads on the GPU path it is for (graphs, compiled packed layers, flat
     masters, gradients written in place): the heads' graphs are captured with the rest, and
     the losses are the eager heads' to bf16 noise; with dropout on, a stop and resume is bit
-    exact (the compiled dropout's seeds come from the generator the graphs restore; packed
-    rows' attention by mtl_dist's Triton kernel, whose backward repeats bit for bit)."""
+    exact (the compiled dropout's seeds come from the generator the graphs restore)."""
     common = ROUTED_COMPILED
     eager, _, _ = run(tmp_path, "eager", *common)
     compiled, trainer, _ = run(tmp_path, "compiled", *common, "train.compile_heads=true")
     assert all(step._compiled_call_impl is not None
                for step in trainer.module.head_steps.values())
     assert_losses_close(eager, compiled, 0.02, steps=30)
-    with_dropout = [*common, "train.compile_heads=true", "train.max_steps=16", *DROPOUT,
-                    "train.attention_kernel=triton"]  # repeatable (PACKED_REPEATABLE)
+    with_dropout = [*common, "train.compile_heads=true", "train.max_steps=16", *DROPOUT]
     straight, _, _ = run(tmp_path, "straight", *with_dropout)
     split, _, _ = run(tmp_path, "split", *with_dropout, "train.stop_after_steps=7")
     run(tmp_path, "split", *with_dropout, "train.resume=auto")

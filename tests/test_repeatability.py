@@ -1,12 +1,14 @@
-"""benchmarks/repeatability.py: the first differing step of two runs, and a real CPU check."""
+"""benchmarks/repeatability.py: the first differing step of two runs, and real CPU runs."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 
 import pytest
 
-from tests._runs import DEMO, NO_DROPOUT, REPO
+from tests._runs import DEMO, REPO
 
 
 @pytest.fixture(scope="module")
@@ -21,21 +23,49 @@ def repeat():
 def test_first_difference_names_the_first_step_that_parts(repeat):
     a = [(1, 2.0), (2, 1.5), (3, 1.25)]
     assert repeat.first_difference(a, list(a)) is None
+    assert repeat.first_difference([], []) is None
     assert repeat.first_difference(a, [(1, 2.0), (2, 1.5000001), (3, 1.0)]) == \
         {"step": 2, "loss": 1.5, "other_step": 2, "other_loss": 1.5000001}
+    assert repeat.first_difference(a, [(1, 2.0), (3, 1.5)])["step"] == 2  # another step logged
     assert repeat.first_difference(a, a[:2]) == {"step": None, "logged_steps": [3, 2],
                                                  "after_step": 2}
+    nan = [(1, math.nan)]
+    assert repeat.first_difference(nan, [(1, float("nan"))]) is None  # NaN again is the same
+    assert repeat.first_difference(nan, [(1, 2.0)])["step"] == 1
 
 
+@pytest.mark.slow
 def test_the_demo_on_cpu_repeats_itself_bit_for_bit(repeat, tmp_path):
     out = tmp_path / "r.json"
-    result = repeat.main([str(DEMO), "train.device=cpu", f"data.cache_dir={tmp_path}/c",
-                          *NO_DROPOUT[:1], "--runs", "2", "--steps", "3", "--out", str(out)])
+    work = tmp_path / "work"
+    result = repeat.main([str(DEMO), "train.device=cpu", "--runs", "2", "--steps", "3",
+                          "--out", str(out), "--workdir", str(work)])
     assert result["repeatable"] and result["differences"] == [None]
     assert result["logged_steps"] == [3, 3]
-    assert out.exists()
+    assert json.loads(out.read_text())["command"].startswith("benchmarks/repeatability.py ")
+    assert list(work.iterdir()) == []  # the runs' checkpoints and logs removed
 
 
-def test_a_run_that_fails_stops_with_one_line(repeat, tmp_path):
-    with pytest.raises(SystemExit, match=r"^run run-1 failed \(\d+\): .*train\.no_such_key"):
-        repeat.main([str(DEMO), "train.no_such_key=1", "--steps", "1"])
+@pytest.mark.slow
+def test_runs_that_part_are_reported_with_their_first_step(repeat, tmp_path, monkeypatch):
+    """Two real runs whose second trains another seed: the script must say they differ."""
+    train = repeat.train
+    seeds = iter(["train.seed=1", "train.seed=2"])
+
+    def another_seed_each(config, overrides, output_dir, steps):
+        train(config, [*overrides, next(seeds)], output_dir, steps)
+
+    monkeypatch.setattr(repeat, "train", another_seed_each)
+    result = repeat.main([str(DEMO), "train.device=cpu", "--runs", "2", "--steps", "2",
+                          "--workdir", str(tmp_path / "w"), "--keep"])
+    assert not result["repeatable"]
+    assert result["differences"][0]["step"] == 1
+    assert (tmp_path / "w" / "run-2" / "metrics.jsonl").exists()  # --keep
+
+
+def test_a_run_that_fails_stops_with_one_line_naming_its_log(repeat, tmp_path):
+    with pytest.raises(SystemExit, match=r"^run run-1 failed \(exit \d+; .*run-1\.stderr\.log\): "
+                                         r".*train\.no_such_key"):
+        repeat.main([str(DEMO), "train.no_such_key=1", "--steps", "1",
+                     "--workdir", str(tmp_path)])
+    assert (tmp_path / "run-1.stderr.log").exists()
