@@ -6,10 +6,11 @@ run's.
         train.mixed_precision=bf16 data.packing=true --runs 2 --steps 24 --out results/x.json
 
 Prints, per run after the first, `repeatable` or the first step whose loss differs (both
-values), writes them as JSON with --out, and exits with status 1 if any run differs. What it
-compares: the training loss of every step (`train.log_steps=1`), so the last step's update
-shows in none of them. What the runs share: the compile caches (Inductor's, Triton's: the first
-run may compile what the later ones load) and any `data.cache_dir` the config names. Run AD
+values), writes them as JSON with --out; exit status 0 if every run repeats the first, 1 if one
+differs, 2 if a run failed (one line naming its stderr log). What it compares: the training
+loss of every step (`train.log_steps=1`), so the last step's update shows in none of them.
+What the runs share: the compile caches (Inductor's, Triton's: the first run may compile what
+the later ones load) and the data cache (`data.cache_dir`, by default ~/.cache/mtl_dist). Run AD
 (benchmarks/README.md) found a process's first compiled run differing from later runs in the
 same process; separate processes avoid that.
 """
@@ -55,10 +56,15 @@ def first_difference(first: list[tuple[int, float]],
     return None
 
 
+class RunFailed(Exception):
+    """A training run that did not give a loss log to compare (exit status 2)."""
+
+
 def _error_line(stderr: str) -> str:
-    """The line that says what went wrong: the last 'error' line, else the last line."""
+    """The line that says what went wrong: mtl-dist's last 'error:' line, else the last line
+    (a traceback's exception)."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if "error" in line.lower()]
+    errors = [line for line in lines if line.lower().startswith("error:")]
     return (errors or lines or ["(no output)"])[-1]
 
 
@@ -72,10 +78,10 @@ def train(config: str, overrides: list[str], output_dir: Path, steps: int) -> No
     log = output_dir.with_name(output_dir.name + ".stderr.log")
     log.write_text(done.stderr)
     if done.returncode != 0:
-        sys.exit(f"run {output_dir.name} failed (exit {done.returncode}; {log}): "
-                 f"{_error_line(done.stderr)}")
-    if not train_losses(output_dir):
-        sys.exit(f"run {output_dir.name} logged no training loss ({output_dir / 'metrics.jsonl'})")
+        raise RunFailed(f"run {output_dir.name} failed (exit {done.returncode}; {log}): "
+                        f"{_error_line(done.stderr)}")
+    if not (output_dir / "metrics.jsonl").exists() or not train_losses(output_dir):
+        raise RunFailed(f"run {output_dir.name} logged no training loss (its stderr: {log})")
 
 
 def _remove_runs(root: Path, runs: int, logs: bool, created: bool) -> None:
@@ -104,7 +110,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.runs < 2:
         parser.error(f"--runs: expected at least 2 (runs to compare), got {args.runs}")
     root = Path(args.workdir or tempfile.mkdtemp(prefix="mtl_repeat_"))
+    created = args.workdir is None or not root.exists()
     root.mkdir(parents=True, exist_ok=True)
+    used = sorted(p.name for p in root.glob("run-*"))
+    if used:  # an earlier invocation's runs: never train into or remove them
+        raise RunFailed(f"--workdir {root}: holds {', '.join(used)} already; give an empty one")
     print(f"runs in {root}", flush=True)
     losses = []
     try:
@@ -113,8 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
             losses.append(train_losses(root / f"run-{i + 1}"))
     finally:
         if not args.keep:  # a failed run's stderr log stays: its error names it
-            _remove_runs(root, args.runs, logs=len(losses) == args.runs,
-                         created=args.workdir is None)
+            _remove_runs(root, args.runs, logs=len(losses) == args.runs, created=created)
     diffs = [first_difference(losses[0], other) for other in losses[1:]]
     for i, diff in enumerate(diffs, start=2):
         print(f"run {i} against run 1: " + ("repeatable" if diff is None else
@@ -130,5 +139,14 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The exit status: 0 every run repeats the first, 1 one differs, 2 a run failed."""
+    try:
+        return 0 if main(argv)["repeatable"] else 1
+    except RunFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(0 if main()["repeatable"] else 1)
+    sys.exit(cli())

@@ -339,10 +339,10 @@ def test_overlap_optimizer_on_a_side_stream_trains_bit_exact(tmp_path, extra):
     compiling as in a fresh process)."""
     common = [*GRAPHED_FLAT_MASTERS, "train.ema_decay=null", "train.max_steps=24", *DROPOUT,
               *extra]
-    # Run AD (H100): a process's first compiled run parted from the runs after it at step 4
-    # (1.8827499 against 1.8827522, the same values in two processes), with the switch off in
-    # both; the later runs agreed, with or without it. Most likely Dynamo's state left by the
-    # run before (shapes it saw), not verified: so both runs start from a reset one.
+    # Run AD (H100): this failed at step 4 (1.8827499 against 1.8827522); without the switch,
+    # run twice in one process, the runs parted there too (the first at 1.8827499 again), and
+    # two later runs with it agreed. Most likely Dynamo's state left by the run before, not
+    # the switch (not verified): so both runs start from a reset one.
     torch._dynamo.reset()
     plain, _, _ = run(tmp_path, "plain", *common)
     torch._dynamo.reset()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 
 import pytest
 
@@ -38,12 +39,13 @@ def test_first_difference_names_the_first_step_that_parts(repeat):
 def test_the_demo_on_cpu_repeats_itself_bit_for_bit(repeat, tmp_path):
     out = tmp_path / "r.json"
     work = tmp_path / "work"
-    result = repeat.main([str(DEMO), "train.device=cpu", "--runs", "2", "--steps", "3",
-                          "--out", str(out), "--workdir", str(work)])
+    result = repeat.main([str(DEMO), "train.device=cpu", f"data.cache_dir={tmp_path}/c",
+                          "--runs", "2", "--steps", "3", "--out", str(out),
+                          "--workdir", str(work)])
     assert result["repeatable"] and result["differences"] == [None]
     assert result["logged_steps"] == [3, 3]
     assert json.loads(out.read_text())["command"].startswith("benchmarks/repeatability.py ")
-    assert list(work.iterdir()) == []  # the runs' checkpoints and logs removed
+    assert not work.exists()  # made by the script, emptied of checkpoints and logs, removed
 
 
 @pytest.mark.slow
@@ -56,16 +58,30 @@ def test_runs_that_part_are_reported_with_their_first_step(repeat, tmp_path, mon
         train(config, [*overrides, next(seeds)], output_dir, steps)
 
     monkeypatch.setattr(repeat, "train", another_seed_each)
-    result = repeat.main([str(DEMO), "train.device=cpu", "--runs", "2", "--steps", "2",
-                          "--workdir", str(tmp_path / "w"), "--keep"])
+    argv = [str(DEMO), "train.device=cpu", f"data.cache_dir={tmp_path}/c", "--runs", "2",
+            "--steps", "2", "--keep"]
+    assert repeat.cli([*argv, "--workdir", str(tmp_path / "w")]) == 1
+    assert (tmp_path / "w" / "run-2" / "metrics.jsonl").exists()  # --keep
+    seeds = iter(["train.seed=1", "train.seed=2"])
+    result = repeat.main([*argv, "--workdir", str(tmp_path / "w2")])
     assert not result["repeatable"]
     assert result["differences"][0]["step"] == 1
-    assert (tmp_path / "w" / "run-2" / "metrics.jsonl").exists()  # --keep
+    assert repeat.cli([*argv, "--workdir", str(tmp_path / "w")]) == 2  # runs there already
+    assert (tmp_path / "w" / "run-1" / "metrics.jsonl").exists()  # and left alone
 
 
-def test_a_run_that_fails_stops_with_one_line_naming_its_log(repeat, tmp_path):
-    with pytest.raises(SystemExit, match=r"^run run-1 failed \(exit \d+; .*run-1\.stderr\.log\): "
-                                         r".*train\.no_such_key"):
-        repeat.main([str(DEMO), "train.no_such_key=1", "--steps", "1",
-                     "--workdir", str(tmp_path)])
+def test_a_run_that_fails_stops_with_one_line_naming_its_log(repeat, tmp_path, capsys):
+    assert repeat.cli([str(DEMO), "train.no_such_key=1", "--steps", "1",
+                       "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert re.match(r"^error: run run-1 failed \(exit \d+; .*run-1\.stderr\.log\): "
+                    r"error: override 'train\.no_such_key=1'", err), err
     assert (tmp_path / "run-1.stderr.log").exists()
+
+
+def test_the_error_line_is_mtl_dists_or_the_traceback_end(repeat):
+    assert repeat._error_line("warning: x\nerror: bad key\nshutdown note\n") == "error: bad key"
+    assert repeat._error_line("Traceback ...\n  File x\nBackendCompilerFailed: boom\n") == \
+        "BackendCompilerFailed: boom"
+    assert repeat._error_line("") == "(no output)"
