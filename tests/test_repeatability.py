@@ -40,10 +40,10 @@ def test_the_demo_on_cpu_repeats_itself_bit_for_bit(repeat, tmp_path):
     out = tmp_path / "r.json"
     work = tmp_path / "work"
     result = repeat.main([str(DEMO), "train.device=cpu", f"data.cache_dir={tmp_path}/c",
-                          "--runs", "2", "--steps", "3", "--out", str(out),
+                          "--runs", "2", "--steps", "2", "--out", str(out),
                           "--workdir", str(work)])
     assert result["repeatable"] and result["differences"] == [None]
-    assert result["logged_steps"] == [3, 3]
+    assert result["logged_steps"] == [2, 2]
     assert json.loads(out.read_text())["command"].startswith("benchmarks/repeatability.py ")
     assert not work.exists()  # made by the script, emptied of checkpoints and logs, removed
 
@@ -58,16 +58,16 @@ def test_runs_that_part_are_reported_with_their_first_step(repeat, tmp_path, mon
         train(config, [*overrides, next(seeds)], output_dir, steps)
 
     monkeypatch.setattr(repeat, "train", another_seed_each)
+    out = tmp_path / "r.json"
     argv = [str(DEMO), "train.device=cpu", f"data.cache_dir={tmp_path}/c", "--runs", "2",
-            "--steps", "2", "--keep"]
-    assert repeat.cli([*argv, "--workdir", str(tmp_path / "w")]) == 1
-    assert (tmp_path / "w" / "run-2" / "metrics.jsonl").exists()  # --keep
-    seeds = iter(["train.seed=1", "train.seed=2"])
-    result = repeat.main([*argv, "--workdir", str(tmp_path / "w2")])
+            "--steps", "1", "--keep", "--workdir", str(tmp_path / "w")]
+    assert repeat.cli([*argv, "--out", str(out)]) == 1
+    result = json.loads(out.read_text())
     assert not result["repeatable"]
     assert result["differences"][0]["step"] == 1
-    assert repeat.cli([*argv, "--workdir", str(tmp_path / "w")]) == 2  # runs there already
-    assert (tmp_path / "w" / "run-1" / "metrics.jsonl").exists()  # and left alone
+    assert (tmp_path / "w" / "run-2" / "metrics.jsonl").exists()  # --keep
+    assert repeat.cli(argv) == 2  # the workdir holds runs already: refused before training
+    assert (tmp_path / "w" / "run-1" / "metrics.jsonl").exists()  # and they are left alone
 
 
 def test_a_run_that_fails_stops_with_one_line_naming_its_log(repeat, tmp_path, capsys):
