@@ -28,14 +28,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mtl_dist.tracking import read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def train_losses(output_dir: Path) -> list[tuple[int, float]]:
-    """(step, loss) of every training record in a run's metrics log."""
-    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
-    return [(r["step"], r["train/loss"]) for r in records if r["kind"] == "train"]
+    """(step, loss) of every training record in a run's metrics log (none without one)."""
+    return [(r["step"], r["train/loss"]) for r in read_metrics(output_dir)
+            if r["kind"] == "train"]
 
 
 def _same(x: float, y: float) -> bool:
@@ -68,8 +69,10 @@ def _error_line(stderr: str) -> str:
     return (errors or lines or ["(no output)"])[-1]
 
 
-def train(config: str, overrides: list[str], output_dir: Path, steps: int) -> None:
-    """One `mtl-dist train` in its own process; its stderr kept beside its output dir."""
+def train(config: str, overrides: list[str], output_dir: Path,
+          steps: int) -> list[tuple[int, float]]:
+    """One `mtl-dist train` in its own process (its stderr kept beside its output dir): the
+    run's logged (step, loss)."""
     cmd = [sys.executable, "-m", "mtl_dist.cli", "train", config, *overrides,
            f"train.output_dir={output_dir}", f"train.max_steps={steps}", "train.log_steps=1"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -80,8 +83,10 @@ def train(config: str, overrides: list[str], output_dir: Path, steps: int) -> No
     if done.returncode != 0:
         raise RunFailed(f"run {output_dir.name} failed (exit {done.returncode}; {log}): "
                         f"{_error_line(done.stderr)}")
-    if not (output_dir / "metrics.jsonl").exists() or not train_losses(output_dir):
+    losses = train_losses(output_dir)
+    if not losses:
         raise RunFailed(f"run {output_dir.name} logged no training loss (its stderr: {log})")
+    return losses
 
 
 def _remove_runs(root: Path, runs: int, logs: bool, created: bool) -> None:
@@ -119,8 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     losses = []
     try:
         for i in range(args.runs):
-            train(args.config, args.overrides, root / f"run-{i + 1}", args.steps)
-            losses.append(train_losses(root / f"run-{i + 1}"))
+            losses.append(train(args.config, args.overrides, root / f"run-{i + 1}", args.steps))
     finally:
         if not args.keep:  # a failed run's stderr log stays: its error names it
             _remove_runs(root, args.runs, logs=len(losses) == args.runs, created=created)

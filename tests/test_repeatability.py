@@ -55,7 +55,7 @@ def test_runs_that_part_are_reported_with_their_first_step(repeat, tmp_path, mon
     seeds = iter(["train.seed=1", "train.seed=2"])
 
     def another_seed_each(config, overrides, output_dir, steps):
-        train(config, [*overrides, next(seeds)], output_dir, steps)
+        return train(config, [*overrides, next(seeds)], output_dir, steps)
 
     monkeypatch.setattr(repeat, "train", another_seed_each)
     out = tmp_path / "r.json"
