@@ -87,7 +87,7 @@ def tracked(tmp_path_factory, cache):
     out = root / "out"
     with pytest.MonkeyPatch.context() as mp:
         for key in ("WANDB_MODE", "WANDB_API_KEY", "NETRC", "WANDB_BASE_URL", "WANDB_RUN_ID",
-                    "WANDB_RESUME"):
+                    "WANDB_RESUME", "WANDB_SERVICE"):  # a service of our own, so teardown waits
             mp.delenv(key, raising=False)
         for key, sub in (("HOME", "home"), ("WANDB_DIR", "wb"), ("WANDB_CONFIG_DIR", "wb_config"),
                          ("WANDB_CACHE_DIR", "wb_cache"), ("WANDB_DATA_DIR", "wb_data")):
