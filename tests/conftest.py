@@ -64,9 +64,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
     from packaging.version import Version
 
-    if Version(pytest.__version__).release >= (9, 2) and \
-            Version(version("pytest-xdist")) <= Version("3.8.0"):
-        raise pytest.UsageError(f"pytest {pytest.__version__} with pytest-xdist "
-                                f"{version('pytest-xdist')} does not group tests under --dist "
-                                "loadgroup (pytest-dev/pytest-xdist#1386): install "
-                                "'pytest<9.2' or run with -n 0")
+    xdist = version("pytest-xdist")
+    if Version(pytest.__version__).release >= (9, 2) and Version(xdist) <= Version("3.8.0"):
+        raise pytest.UsageError(f"pytest {pytest.__version__} with pytest-xdist {xdist} does "
+                                "not group tests under --dist loadgroup "
+                                "(pytest-dev/pytest-xdist#1386): install 'pytest<9.2' or run "
+                                "with -n 0")

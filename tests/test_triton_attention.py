@@ -257,9 +257,8 @@ def test_stop_and_resume_with_the_triton_kernel_and_dropout_is_bit_exact(tmp_pat
     # Run alone on an H100 (2026-12-07) this failed; its straight run was then the process's
     # first compiled run and the split run reused that run's graphs, the case of the overlap
     # test in tests/test_gpu.py (the cause is not verified). Both now start from a reset
-    # Dynamo, as a fresh process would; the
-    # resume stays in the split run's process (the README promises bit-exact resumes of
-    # compiled runs only there).
+    # Dynamo, as a fresh process would; the resume stays in the split run's process (the
+    # README promises bit-exact resumes of compiled runs only there).
     torch._dynamo.reset()
     straight, _, _ = run(tmp_path, "straight", *common)
     torch._dynamo.reset()
