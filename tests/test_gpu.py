@@ -52,7 +52,13 @@ def _captured(call) -> tuple[torch.cuda.CUDAGraph, object]:
     return graph, out
 
 
-def run(tmp_path, name, *extra):
+def run(tmp_path, name, *extra, fresh_dynamo=False):
+    """Train the demo config on CUDA for 30 steps (or as `extra` says): its output folder, the
+    trainer and the weights before training. `fresh_dynamo`: start from a reset Dynamo, as a
+    new process would, for tests that compare compiled runs bit for bit (run AD, H100: a
+    process's first compiled run and a later one parted at step 4, cause not verified)."""
+    if fresh_dynamo:
+        torch._dynamo.reset()
     _reset_accelerate_state()
     out = tmp_path / name
     cfg = load_config(DEMO, [f"train.output_dir={out}", f"data.cache_dir={tmp_path}/c", *FAST,
@@ -343,10 +349,9 @@ def test_overlap_optimizer_on_a_side_stream_trains_bit_exact(tmp_path, extra):
     # run twice in one process, the runs parted there too (the first at 1.8827499 again), and
     # two later runs with it agreed. Most likely Dynamo's state left by the run before, not
     # the switch (not verified): so both runs start from a reset one.
-    torch._dynamo.reset()
-    plain, _, _ = run(tmp_path, "plain", *common)
-    torch._dynamo.reset()
-    over, trainer, _ = run(tmp_path, "overlap", *common, "train.overlap_optimizer=true")
+    plain, _, _ = run(tmp_path, "plain", *common, fresh_dynamo=True)
+    over, trainer, _ = run(tmp_path, "overlap", *common, "train.overlap_optimizer=true",
+                           fresh_dynamo=True)
     assert trainer.overlap.side_stream is not None
     assert len(trainer.overlap.chunks) == trainer.module.encoder.config.num_hidden_layers + 1
     assert [s for s, _ in train_losses(over)] == list(range(1, 25))

@@ -259,10 +259,9 @@ def test_stop_and_resume_with_the_triton_kernel_and_dropout_is_bit_exact(tmp_pat
     # test in tests/test_gpu.py (the cause is not verified). Both now start from a reset
     # Dynamo, as a fresh process would; the resume stays in the split run's process (the
     # README promises bit-exact resumes of compiled runs only there).
-    torch._dynamo.reset()
-    straight, _, _ = run(tmp_path, "straight", *common)
-    torch._dynamo.reset()
-    split, first, _ = run(tmp_path, "split", *common, "train.stop_after_steps=7")
+    straight, _, _ = run(tmp_path, "straight", *common, fresh_dynamo=True)
+    split, first, _ = run(tmp_path, "split", *common, "train.stop_after_steps=7",
+                          fresh_dynamo=True)
     assert first.state.global_step == 7
     run(tmp_path, "split", *common, "train.resume=auto")
     assert train_losses(split) == train_losses(straight)
