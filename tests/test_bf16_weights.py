@@ -106,6 +106,7 @@ def test_ema_tracks_the_masters_and_best_exports_its_fp32_shadow(tmp_path):
         assert best[n].dtype == torch.float32 and torch.equal(best[n], t.cpu()), n
 
 
+@pytest.mark.slow  # two gloo ranks under accelerate launch
 def test_two_ranks_under_ddp_train_like_autocast(tmp_path):
     """gloo DDP, 2 ranks, 2 micro-steps per group: the bf16 gradients are all-reduced (and
     summed over the group) in bf16, then moved into the masters: bf16 noise, no more."""

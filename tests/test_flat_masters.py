@@ -258,6 +258,7 @@ def test_stop_and_resume_is_bit_exact_and_resumes_across_the_switch(tmp_path):
     assert_losses_close(straight, tmp_path / "across", 1e-3)
 
 
+@pytest.mark.slow  # two gloo ranks under accelerate launch
 def test_two_ranks_under_ddp_train_like_per_tensor_masters(tmp_path):
     common = [f"data.cache_dir={tmp_path}/c", "train.max_steps=6", "train.log_steps=1",
               "train.mixed_precision=bf16", "train.bf16_weights=true",

@@ -237,6 +237,7 @@ def test_with_ema_the_step_settles_before_each_update_and_trains_bit_exact(tmp_p
                         checkpoint_model(tmp_path / "plain", 6))
 
 
+@pytest.mark.slow  # two gloo ranks under accelerate launch
 def test_two_ranks_under_ddp_train_bit_exact(tmp_path):
     common = [f"data.cache_dir={tmp_path}/c", "train.max_steps=6", "train.log_steps=1",
               "train.mixed_precision=bf16", *FLAT, *NO_EMA,
