@@ -203,20 +203,29 @@ def verify_packed_attention(model: MultiTaskModel, padded: dict, packed: dict,
 
     was_training, mask_4d = model.training, model.mask_4d
     model.eval()
+    name = type(model.encoder).__name__
     try:
         with torch.no_grad():
             model.mask_4d = getattr(model.encoder.config, "_attn_implementation", None) == "sdpa"
             reference = logits(padded)
             model.mask_4d = mask_4d
-            worst = max((logits(batch) - reference).abs().max().item() for batch in (padded, packed))
+            try:
+                worst = max((logits(b) - reference).abs().max().item() for b in (padded, packed))
+            except Exception as error:  # Longformer's own mask code, under the packed attention
+                first_line = (str(error).splitlines() or [""])[0]
+                raise _packing_refused(name, "its forward failed with packing enabled: "
+                                       f"{type(error).__name__}: {first_line}") from error
     finally:
         model.train(was_training)
         model.mask_4d = mask_4d
     if not worst <= tolerance * max(1.0, reference.abs().max().item()):
-        raise ConfigError(f"config key 'data.packing': {type(model.encoder).__name__} does not "
-                          "keep packed samples apart (its attention is not transformers' "
-                          f"attention interface): logits differ from padded ones by {worst:.2g}; "
-                          "set data.packing=false")
+        raise _packing_refused(name, f"logits differ from padded ones by {worst:.2g}")
+
+
+def _packing_refused(encoder: str, why: str) -> ConfigError:
+    return ConfigError(f"config key 'data.packing': {encoder} does not keep packed samples apart "
+                       f"(its attention is not transformers' attention interface): {why}; "
+                       "set data.packing=false")
 
 
 # ----------------------------------------------------------------- q, k and v in one GEMM

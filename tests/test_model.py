@@ -240,12 +240,15 @@ def test_a_bf16_checkpoint_loads_in_fp32(tmp_path):
 
 @pytest.mark.parametrize(("model_type", "supported"), [
     ("bert", True), ("roberta", True), ("albert", True), ("electra", True),
-    ("mpnet", False), ("deberta-v2", False), ("megatron-bert", False), ("mobilebert", False)])
+    ("mpnet", False), ("deberta-v2", False), ("megatron-bert", False), ("mobilebert", False),
+    ("ibert", False), ("luke", False), ("convbert", False), ("longformer", False)])
 def test_packing_is_refused_where_the_encoder_does_not_keep_samples_apart(model_type,
                                                                            supported):
     """MPNet, DeBERTa, MegatronBERT... compute attention themselves: in a packed row every
     sample attended to its neighbours, and padded eval batches got the bool mask added to
-    the scores; MobileBERT's trigram embeddings read the next sample's first token."""
+    the scores; MobileBERT's trigram embeddings read the next sample's first token.
+    Longformer's own mask code fails once the packed attention is registered (a RuntimeError
+    traceback at build, before this was caught): the same one-line error."""
     from mtl_dist.data import packing_probe
     from mtl_dist.errors import ConfigError
     from mtl_dist.model import enable_packed_attention, verify_packed_attention
