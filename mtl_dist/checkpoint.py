@@ -577,6 +577,14 @@ def _clean_stale(directory: Path, patterns: Iterable[re.Pattern[str]], output_di
 # --------------------------------------------------------------------------- reading
 
 
+def was_committed(path: Path | str) -> bool:
+    """True when `path` holds a COMMITTED marker, intact or damaged since: the marker is
+    written last, inside the temporary dir, before the rename into place, so a checkpoint
+    with one was committed. Not something to clean up or write over (its files may be fine;
+    `damage` says what is wrong); `is_committed` also checks the manifest's hash."""
+    return (Path(path) / COMMITTED).is_file()
+
+
 def is_committed(path: Path | str) -> bool:
     """True when `path` holds a COMMITTED marker whose manifest hash matches."""
     try:
@@ -622,7 +630,10 @@ def _verify_files(path: Path, manifest: Mapping[str, Any], names: Iterable[str])
     files = manifest["files"]
     names = list(names)
     _check_sizes(path, manifest, names)
-    found = _digests(path, names, fsync=False)
+    try:
+        found = _digests(path, names, fsync=False)
+    except OSError as exc:  # e.g. permissions: one line naming the file, not a traceback
+        raise CheckpointError(f"checkpoint {path}: unreadable file: {_error_text(exc)}") from exc
     for name in names:
         if found[name]["sha256"] != files[name]["sha256"]:
             raise CheckpointError(
@@ -1556,10 +1567,13 @@ class CheckpointManager:
     # ------------------------------------------------------------------ finding
 
     def latest(self) -> Path | None:
-        """Newest committed periodic checkpoint; warns naming the incomplete ones it skipped."""
+        """Newest committed periodic checkpoint; warns naming the incomplete ones it skipped.
+        One whose marker or manifest was damaged after its commit counts as committed: the
+        resume then refuses it in one line (naming the newest intact one), where skipping it
+        would resume an older one and write over it."""
         good, skipped = [], []
         for path in self._periodic():
-            (good if is_committed(path) else skipped).append(path)
+            (good if was_committed(path) else skipped).append(path)
         if self.checkpoints_dir.is_dir():
             skipped += [p for p in self.checkpoints_dir.iterdir() if _TMP_RE.match(p.name)]
         if skipped:
@@ -1584,8 +1598,8 @@ class CheckpointManager:
         """What an earlier run committed here (its checkpoints, oldest first, then best/):
         what a fresh run in this output dir would replace or mix with its own."""
         saved = [p.name for p in sorted(self._periodic(), key=lambda p: _step_of(p) or 0)
-                 if is_committed(p)]
-        return saved + ([f"{BEST_DIR}/"] if is_committed(self.best_dir) else [])
+                 if was_committed(p)]
+        return saved + ([f"{BEST_DIR}/"] if was_committed(self.best_dir) else [])
 
     def clear_run(self) -> None:
         """Collective. `train.overwrite_output_dir`: rank 0 deletes an earlier run's
@@ -1704,7 +1718,7 @@ class CheckpointManager:
         if rank == 0 and self._branch_step is not None:
             step = self._branch_step
             newer = sorted((p for p in self._periodic()  # incomplete ones: auto skips them too
-                            if (_step_of(p) or 0) > step and is_committed(p)), key=_step_of)
+                            if (_step_of(p) or 0) > step and was_committed(p)), key=_step_of)
             if newer:
                 target = self.output_dir / ABANDONED_DIR / \
                     f"after-checkpoint-{step}-{secrets.token_hex(2)}"
@@ -1961,9 +1975,10 @@ def list_checkpoints(output_dir: str | Path) -> list[CheckpointInfo]:
     best = out / BEST_DIR
     if best.is_dir():
         try:  # the manifest (vouched for by COMMITTED) has step and score; best.json may not be
-            info, committed = read_manifest(best), True
+            info = read_manifest(best)
         except CheckpointError:
-            info, committed = {}, False
+            info = {}
+        committed = was_committed(best)
         best_step = info.get("step")
         rows.append(
             CheckpointInfo(
@@ -1978,7 +1993,7 @@ def list_checkpoints(output_dir: str | Path) -> list[CheckpointInfo]:
     for p in entries:
         m = _PERIODIC_RE.match(p.name)
         if m and p.is_dir():
-            complete = is_committed(p)
+            complete = was_committed(p)
             step = int(m.group(1))
             periodic.append(
                 CheckpointInfo(
@@ -2054,7 +2069,7 @@ def inspect(path: str | Path) -> dict[str, Any]:
     result["rng"] = rng
     trainer_state = {}
     if (path / TRAINER_STATE).is_file():
-        trainer_state = json.loads((path / TRAINER_STATE).read_text())
+        trainer_state = _read_json_file(path, TRAINER_STATE)
     result["trainer_state"] = trainer_state
     sampler = None
     if (path / "sampler.pt").is_file():
@@ -2063,8 +2078,17 @@ def inspect(path: str | Path) -> dict[str, Any]:
         sampler = trainer_state.get("sampler")
     result["sampler"] = sampler
     if (path / BEST_JSON).is_file():
-        result["best"] = json.loads((path / BEST_JSON).read_text())
+        result["best"] = _read_json_file(path, BEST_JSON)
     return result
+
+
+def _read_json_file(path: Path, name: str) -> Any:
+    """A checkpoint's JSON file; a damaged one is one line naming it."""
+    try:
+        return json.loads((path / name).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: file '{name}' is unreadable or not JSON: "
+                              f"{_error_text(exc)}") from exc
 
 
 def check_label_maps_of(path: str | Path, label_maps: Mapping[str, list[str]]) -> None:
@@ -2202,6 +2226,7 @@ def export_checkpoint(
     """
     src = Path(path).absolute()
     dst = Path(out_dir).absolute()
+    _refuse_inside_checkpoints(dst, src, "export")
     if dst.exists() and not dst.is_dir():
         raise CheckpointError(f"export: {dst} exists and is not a directory")
     if dst.exists() and any(dst.iterdir()):
@@ -2229,6 +2254,22 @@ def export_checkpoint(
     return dst
 
 
+def _refuse_inside_checkpoints(dst: Path, src: Path, what: str) -> None:
+    """`dst` inside a checkpoint or a run's checkpoints/ or best/: the run's next save,
+    rotation or resume would take it for a damaged checkpoint, or write over it."""
+    real = dst.resolve()
+    for folder in (real, *real.parents):
+        if was_committed(folder) or (folder.name in (CHECKPOINTS_DIR, BEST_DIR)
+                                     and folder.parent == _run_root(src.resolve())):
+            raise CheckpointError(f"{what}: {dst} is inside {folder}, which the run's saves, "
+                                  "rotation and resumes manage: pick a folder outside it")
+
+
+def _run_root(checkpoint: Path) -> Path:
+    """The output dir of a periodic checkpoint (OUTPUT/checkpoints/checkpoint-N) or best/."""
+    return checkpoint.parent.parent if _step_of(checkpoint) is not None else checkpoint.parent
+
+
 def _copy_run_files(src: Path, tmp: Path, encoder_config: Mapping[str, Any] | None) -> None:
     """config.json, config.yaml, labels.json and tokenizer files for an exported model dir."""
     roots = [src] if _step_of(src) is None else [src, src.parent.parent]
@@ -2242,6 +2283,14 @@ def _copy_run_files(src: Path, tmp: Path, encoder_config: Mapping[str, Any] | No
                 shutil.copyfile(root / name, tmp / name)
         if (root / "tokenizer").is_dir():
             shutil.copytree(root / "tokenizer", tmp, dirs_exist_ok=True)
+    for copied in [tmp / "config.json", *tmp.glob("*.json")]:  # copied unchecked so far
+        if copied.is_file():
+            try:
+                json.loads(copied.read_text())
+            except ValueError as exc:
+                raise CheckpointError(f"export: {copied.name} copied from {src} or its run is "
+                                      f"not valid JSON ({_error_text(exc)}): the export would "
+                                      "not load with from_pretrained") from exc
     if not (tmp / "config.json").exists():  # the export would not load with from_pretrained
         raise CheckpointError(
             f"export: no encoder_config.json in {src} or in its run's output dir (a run of an "

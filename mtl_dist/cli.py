@@ -49,8 +49,10 @@ def _check_output_dir_for(out_dir: Path, cfg, checkpoint: Path, what: str, defau
     """Before predicting: `out_dir` can be made, is not a run's own folder (the config's or
     the checkpoint's: a task named `metrics` wrote over metrics.jsonl), and none of the files
     to write (`targets`) is one of the run's data files
-    (`--output` at the data dir replaced a dev file with predictions)."""
+    (`--output` at the data dir replaced a dev file with predictions) or cannot be written (a
+    directory there: a traceback after all the predicting, with other tasks' files replaced)."""
     from mtl_dist.data import SPLITS, split_files
+    from mtl_dist.outputs import why_not_writable
 
     _not_a_file(out_dir, what)
     target = out_dir.resolve()
@@ -68,6 +70,9 @@ def _check_output_dir_for(out_dir: Path, cfg, checkpoint: Path, what: str, defau
             key = "train/extra_train" if split == "train" else split
             raise MtlDistError(f"{what} {out_dir}: {path.resolve()} is tasks.{i}.{key}; "
                                "writing there would replace it: pick another --output")
+        why = why_not_writable(path)
+        if why is not None:
+            raise MtlDistError(f"{what} {out_dir}: {path} {why}: pick another --output")
 
 
 _LOADED: list = []  # the config this command loaded: an error about a key names its line

@@ -776,6 +776,14 @@ def _parse_yaml(text: str, where: str) -> dict[str, Any]:
         mark = exc.problem_mark or exc.context_mark
         at = f"{where}:{mark.line + 1}" if mark is not None else where
         raise _Problem("", f"{at}: invalid YAML: {exc.problem or exc.context}") from None
+    except oc_errors.OmegaConfBaseException as exc:  # a null key, a broken '${'
+        # the text already parsed, so composing it cannot fail
+        found = _refused_by_omegaconf(yaml.compose(text, Loader=yaml.SafeLoader), "")
+        if found is None:
+            problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise _Problem("", f"{where}: {problem}") from None
+        key, line, problem = found
+        raise _Problem(key, f"{where}:{line}: config key '{key}': {problem}") from None
     except (yaml.YAMLError, OSError):
         loaded = None
     if not isinstance(loaded, DictConfig):
@@ -784,6 +792,34 @@ def _parse_yaml(text: str, where: str) -> dict[str, Any]:
             "", f"{where}: expected a mapping of config sections at top level, got {kind}"
         )
     return typing.cast(dict[str, Any], OmegaConf.to_container(loaded, resolve=False))
+
+
+def _refused_by_omegaconf(node: yaml.Node | None, key: str) -> tuple[str, int, str] | None:
+    """(display key, 1-based line, problem) of the first thing OmegaConf cannot hold in the
+    composed YAML `node` at display key `key`: a null key (`~: 42`), or a string that opens
+    an interpolation and is no valid one (`"${x"`); None when neither is there."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value in node.value:
+            child = _join(key, str(key_node.value))
+            if key_node.tag == "tag:yaml.org,2002:null":
+                return child, key_node.start_mark.line + 1, "expected a key name, got null"
+            found = _refused_by_omegaconf(value, child)
+            if found is not None:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            found = _refused_by_omegaconf(item, _join(key, index))
+            if found is not None:
+                return found
+    elif isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str" \
+            and "${" in node.value:
+        try:
+            OmegaConf.create({"value": node.value})
+        except oc_errors.GrammarParseError as exc:
+            return key, node.start_mark.line + 1, (
+                f"invalid interpolation in {_show(node.value)}: {str(exc).splitlines()[0]} "
+                "(write \\${ for a literal '${')")
+    return None
 
 
 def _merge_file(cfg: DictConfig, raw: dict[str, Any]) -> None:
@@ -811,6 +847,11 @@ def _parse_override(text: str) -> tuple[str, Any]:
     try:
         parsed = OmegaConf.create({"value": _load_yaml(raw)})
     except (yaml.YAMLError, oc_errors.OmegaConfBaseException) as exc:
+        # OmegaConf refused YAML that parsed (a null key, a broken '${'): composing it cannot fail
+        found = None if isinstance(exc, yaml.YAMLError) else _refused_by_omegaconf(
+            yaml.compose(raw, Loader=yaml.SafeLoader), _display(_split_key(key)))
+        if found is not None:
+            raise _Problem(found[0], f"config key '{found[0]}': {found[2]}") from None
         problem = str(exc).splitlines()[0]
         raise _Problem(key, f"cannot parse value {raw!r} as YAML: {problem}") from None
     container = typing.cast(dict[str, Any], OmegaConf.to_container(parsed, resolve=False))
@@ -1042,9 +1083,28 @@ def _check_path(value: str | None, key: str, kind: str, sources: _Sources) -> No
         message = f"{key}: file is empty: {path}"
     elif key == "model.pretrained" and not os.path.isfile(os.path.join(path, "config.json")):
         message = f"{key}: {path} has no config.json (expected a from_pretrained model dir)"
+    elif key == "model.pretrained" and (problem := pretrained_weights_problem(path)):
+        message = f"{key}: cannot load an encoder from {path}: {problem}"
     else:
         return
     raise sources.error(_Problem(key, message))
+
+
+def pretrained_weights_problem(directory: str) -> str | None:
+    """What makes a safetensors weight file of the from_pretrained dir `directory` unloadable
+    (cut short by a copy: training's traceback came after tokenizing), read from each file's
+    header alone; None when every one is whole."""
+    from safetensors import SafetensorError, safe_open
+
+    for name in sorted(os.listdir(directory)):
+        if name.startswith("model") and name.endswith(".safetensors"):
+            path = os.path.join(directory, name)
+            try:
+                with safe_open(path, framework="numpy"):
+                    pass
+            except (SafetensorError, OSError) as exc:
+                return f"{path}: {exc}"
+    return None
 
 
 def _demo_name_problem(value: str, key: str) -> str | None:

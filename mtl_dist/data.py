@@ -170,7 +170,10 @@ def detect_format(path: str | Path, task: Any, first_line: str = "") -> str:
     if suffix in (".jsonl", ".json", ".ndjson"):
         return "jsonl"
     if suffix == ".csv":
-        header = next(csv.reader([first_line]), [])
+        try:
+            header = next(csv.reader([first_line]), [])
+        except csv.Error:  # not a CSV header (e.g. a bare CR): the reader says why, by line
+            header = []
         looks_tsv = "\t" in first_line and _field(task, "text_field", "text") not in header
         return "tsv" if looks_tsv else "csv"
     raise DataError(
@@ -285,7 +288,7 @@ def _read_csv(lines: list[tuple[int, str]], task: Any, require_label: bool, rows
     except StopIteration:
         return
     except csv.Error as e:
-        raise DataError(f"{rows.path}:{consumed[-1]}: bad CSV header ({e})") from None
+        raise DataError(f"{rows.path}:{consumed[-1]}: bad CSV header ({_csv_problem(e)})") from None
     header_line = consumed[-1]
     index = _csv_columns(header, fields, require_label, rows.path, header_line)
     names = (f"field {fields['text']!r}", f"field {fields['text_b']!r}")
@@ -301,7 +304,7 @@ def _read_csv(lines: list[tuple[int, str]], task: Any, require_label: bool, rows
                 raise DataError(f"{rows.path}:{consumed[start]}: a quoted field in the row "
                                 "starting on this line is never closed (it runs to the end of "
                                 "the file)") from None
-            rows.bad(consumed[-1], f"bad CSV ({e})")
+            rows.bad(consumed[-1], f"bad CSV ({_csv_problem(e)})")
             continue
         lineno = consumed[start] if start < len(consumed) else consumed[-1]
         if not row:
@@ -310,6 +313,15 @@ def _read_csv(lines: list[tuple[int, str]], task: Any, require_label: bool, rows
             rows.bad(lineno, f"expected {len(header)} {separated} columns (as in the header), got {len(row)}")
             continue
         _add_named(rows, lineno, {k: row[i] for k, i in index.items()}, task, require_label, names)
+
+
+def _csv_problem(e: csv.Error) -> str:
+    """csv's message, but a bare CR said plainly: lines are split on LF only, so the CR of
+    CR-only (old Mac) line endings stays inside the line, where csv calls it a new-line."""
+    if str(e).startswith("new-line character seen in unquoted field"):
+        return ("a bare carriage return (\\r) in an unquoted field: CR-only line endings? "
+                "save the file with LF or CRLF line endings")
+    return str(e)
 
 
 def _fields(task: Any) -> dict[str, str | None]:
@@ -363,6 +375,12 @@ def _read_jsonl(lines: list[tuple[int, str]], task: Any, require_label: bool, ro
         except json.JSONDecodeError as e:
             rows.bad(lineno, f"bad JSON ({e.msg} at column {e.colno})")
             continue
+        except RecursionError:  # e.g. a line of 200k '['
+            rows.bad(lineno, "bad JSON (nested too deeply)")
+            continue
+        except ValueError as e:  # an integer over sys.get_int_max_str_digits() digits
+            rows.bad(lineno, f"bad JSON ({str(e).split(';')[0]})")
+            continue
         if not isinstance(obj, dict):
             rows.bad(lineno, f"expected a JSON object, got {type(obj).__name__}")
             continue
@@ -371,6 +389,9 @@ def _read_jsonl(lines: list[tuple[int, str]], task: Any, require_label: bool, ro
             rows.bad(lineno, problem)
             continue
         _add_named(rows, lineno, values, task, require_label, names)
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def _json_values(obj: Mapping[str, Any], fields: Mapping[str, str | None],
@@ -388,6 +409,12 @@ def _json_values(obj: Mapping[str, Any], fields: Mapping[str, str | None],
             return values, f"JSON field {name!r} must be a string, got {type(value).__name__}"
         if role in ("id", "label") and (isinstance(value, bool) or not isinstance(value, str | int)):
             return values, f"JSON field {name!r} must be a string or an integer, got {type(value).__name__}"
+        # "\ud800" decodes to a lone surrogate, which cannot be encoded (cache key, tokenizer)
+        bad = _SURROGATE.search(value) if isinstance(value, str) else None
+        if bad:
+            return values, (f"JSON field {name!r} holds an unpaired surrogate "
+                            f"{ascii(bad.group())[1:-1]} at character {bad.start() + 1}, "
+                            "which is not valid Unicode text")
         values[role] = value
     return values, None
 
@@ -460,7 +487,9 @@ def infer_labels(examples: Sequence[Example]) -> list[str]:
     """Sorted unique labels (numerically when every label is an integer, so '2' < '10')."""
     labels = {e.label for e in examples if e.label is not None}
     if labels and all(re.fullmatch(r"-?\d+", lab) for lab in labels):
-        return sorted(labels, key=int)
+        # ties ('1', '01', full-width '１') broken by the text: a set's order differs between
+        # processes, and every rank must build the same label map
+        return sorted(labels, key=lambda lab: (int(lab), lab))
     return sorted(labels)
 
 
@@ -777,7 +806,8 @@ def _read_label_maps(path: Path) -> dict[str, list[str]]:
     """OUTPUT/labels.json: {task: [label, ...]}; damaged (empty, cut, edited): one line."""
     try:
         maps = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # ValueError: bad UTF-8 or JSON, or an integer over 4300 digits; RecursionError: deep nesting
+    except (OSError, ValueError, RecursionError) as exc:
         raise DataError(f"{path}: cannot read the run's frozen labels: {exc}") from None
     if not (isinstance(maps, dict) and maps and all(
             isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)

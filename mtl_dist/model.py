@@ -477,7 +477,10 @@ def build_encoder(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int = 0
     Weights load in fp32 whatever dtype the checkpoint was saved in (transformers' default
     keeps a bf16 checkpoint bf16): mixed precision is `train.mixed_precision`'s job, and
     AdamW on bf16 weights would lose most small updates."""
+    from safetensors import SafetensorError
     from transformers import AutoModel
+
+    from mtl_dist.config import pretrained_weights_problem
 
     config, kwargs = encoder_config(model_cfg, vocab_size, pad_token_id)
     if not model_cfg.pretrained:
@@ -491,6 +494,9 @@ def build_encoder(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int = 0
                                          dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as exc:  # a dir without (readable) weights
         raise _unloadable(model_cfg.pretrained, exc) from None
+    except SafetensorError as exc:  # a weight file cut short (its message names no file)
+        problem = pretrained_weights_problem(model_cfg.pretrained)
+        raise _unloadable(model_cfg.pretrained, problem or exc) from None
 
 
 def encoder_config(model_cfg: ModelConfig, vocab_size: int, pad_token_id: int = 0):
@@ -536,7 +542,7 @@ def _unbuildable(model_type: str, exc: Exception) -> ConfigError:
                        f"it: {detail}")
 
 
-def _unloadable(directory: str, exc: Exception) -> ConfigError:
+def _unloadable(directory: str, exc: Exception | str) -> ConfigError:
     detail = " ".join(str(exc).split())[:300]
     return ConfigError(f"model.pretrained: cannot load an encoder from {directory}: {detail}")
 

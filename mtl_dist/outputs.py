@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from mtl_dist.errors import DataError
+from mtl_dist.errors import DataError, MtlDistError
 
 EXTENSIONS = {"tsv": "tsv", "csv": "csv", "jsonl": "jsonl"}
 # Left in a directory `write_pseudo_labels` wrote into: a later round's hint knows its files.
@@ -19,18 +20,78 @@ PSEUDO_LABEL_MARKER = ".mtl_dist_pseudo_labels"
 
 def write_predictions(out_dir: str | Path, records: Mapping[str, list[dict]],
                       suffix: str = "") -> Iterator[tuple[Path, int]]:
-    """`<out_dir>/<task><suffix>.jsonl`, one {"id", "label", "probs"} line per row; atomic
-    per file."""
+    """`<out_dir>/<task><suffix>.jsonl`, one {"id", "label", "probs"} line per row; every
+    file written before any earlier one is replaced."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _make_dir(out_dir)
+    paths = {task: out_dir / f"{task}{suffix}.jsonl" for task in records}
+    try:
+        for task, rows in records.items():  # every file first: a failure replaces none
+            _write_tmp(paths[task], lambda f, rows=rows: f.writelines(
+                json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        for path in paths.values():  # none replaced where one cannot be
+            _check_writable(path)
+        for path in paths.values():
+            _replace(path)
+    finally:  # a failed write leaves no .tmp file
+        for path in paths.values():
+            _remove_tmp(_tmp_of(path))
     for task, rows in records.items():
-        path = out_dir / f"{task}{suffix}.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        with tmp.open("w") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-        yield path, len(rows)
+        yield paths[task], len(rows)
+
+
+def why_not_writable(path: Path) -> str | None:
+    """Why an output file cannot be written at `path` (said after it), checked before any
+    predicting: something there that is no file (a directory), or a folder that cannot be
+    written; None when it can be."""
+    if path.exists() and not path.is_file():
+        return "is a directory" if path.is_dir() else "exists and is not a regular file"
+    folder = next((p for p in path.parents if p.exists()), None)
+    if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot be written: no write permission in {folder}"
+    return None
+
+
+def _check_writable(path: Path) -> None:
+    why = why_not_writable(path)
+    if why is not None:
+        raise MtlDistError(f"{path} {why}")
+
+
+def _tmp_of(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def _make_dir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MtlDistError(f"{folder}: cannot create the output directory: "
+                           f"{exc.strerror or exc}") from None
+
+
+def _write_tmp(path: Path, write: Callable[[IO[str]], object]) -> None:
+    """`path`'s .tmp file, written by `write`; an OSError (a folder that cannot be written, a
+    full disk) is one line naming `path` (the caller removes the .tmp file)."""
+    try:
+        with _tmp_of(path).open("w", encoding="utf-8") as f:
+            write(f)
+    except OSError as exc:
+        raise MtlDistError(f"{path}: cannot write: {exc.strerror or exc}") from None
+
+
+def _replace(path: Path) -> None:
+    """Move `path`'s written .tmp file onto it; an OSError is one line naming `path`."""
+    try:
+        os.replace(_tmp_of(path), path)
+    except OSError as exc:
+        raise MtlDistError(f"{path}: cannot write: {exc.strerror or exc}") from None
+
+
+def _remove_tmp(tmp: Path) -> None:
+    if tmp.is_file():  # not a directory of the user's that has the name
+        with contextlib.suppress(OSError):  # the error that stopped the write is the one
+            tmp.unlink()
 
 
 # ------------------------------------------------------------------------------ pseudo-labels
@@ -125,10 +186,17 @@ def write_pseudo_labels(out_dir: str | Path, task: Any, predictions: Sequence[Ma
     path = pseudo_label_path(out_dir, task)
     if not kept:  # an earlier round's file, if any, is the user's: left as it is
         return None, 0, len(examples)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    (path.parent / PSEUDO_LABEL_MARKER).touch()
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(format_rows(task, kept, fmt=input_layout(task, task.test)),
-                   encoding="utf-8")
-    os.replace(tmp, path)
+    text = format_rows(task, kept, fmt=input_layout(task, task.test))
+    _make_dir(path.parent)
+    try:
+        _write_tmp(path, lambda f: f.write(text))
+        _check_writable(path)
+        _replace(path)
+    finally:  # a failed write leaves no .tmp file
+        _remove_tmp(_tmp_of(path))
+    marker = path.parent / PSEUDO_LABEL_MARKER
+    try:
+        marker.touch()
+    except OSError as exc:
+        raise MtlDistError(f"{marker}: cannot write: {exc.strerror or exc}") from None
     return path, len(kept), len(examples)

@@ -828,3 +828,91 @@ def test_a_head_lr_saved_as_null_means_the_saved_lr() -> None:
     with pytest.raises(CheckpointError, match="'optimizer_settings.head_lr' differs"):
         ck.check_manifest(Path("ck"), saved, {"optimizer_settings": {**settings,
                                                                       "head_lr": 5e-3}})
+
+
+@pytest.mark.parametrize("damage", ["manifest", "marker"])
+def test_a_committed_checkpoint_damaged_later_is_refused_not_skipped_and_kept(
+        tmp_path: Path, damage: str) -> None:
+    """A checkpoint whose manifest or COMMITTED marker was damaged after its commit was taken
+    for an incomplete save: resume=auto went back to the one before, and the run's next save
+    at that step wrote over it. Now it is the newest committed one, refused in one line, kept
+    (and set aside, whole, if an older one is resumed by hand), and `ckpt ls` says DAMAGED."""
+    objs = make_objects()
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    older = save(mgr, 4, objs)
+    newest = save(mgr, 6, objs)
+    victim = newest / ("manifest.json" if damage == "manifest" else "COMMITTED")
+    victim.write_text('{"files": ' if damage == "manifest" else "")
+    files = {p.name: p.read_bytes() for p in newest.iterdir()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "skipping incomplete" warning
+        assert mgr.latest() == newest
+    with pytest.raises(CheckpointError, match=rf"checkpoint {re.escape(str(newest))}: "
+                                              r"(unreadable|file 'manifest.json' does not match)"):
+        mgr.load(newest, make_objects())
+    assert mgr.newest_intact(before=newest) == older
+    assert mgr.saved_run() == ["checkpoint-4", "checkpoint-6"]  # a fresh run here is refused
+    row = next(r for r in ck.list_checkpoints(tmp_path) if r.step == 6)
+    assert row.complete and row.damage
+    resumed = CheckpointManager(tmp_path, save_total_limit=1)
+    resumed.load(older, make_objects())
+    moved, target = resumed.set_aside_newer()
+    assert moved == ["checkpoint-6"]
+    assert {p.name: p.read_bytes() for p in (target / "checkpoint-6").iterdir()} == files
+
+
+def test_an_unreadable_file_in_hashing_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    """A file the process may not read (permissions; injected at `open`, as root reads
+    anything) was a PermissionError traceback from the verification's hashing; now one line
+    naming the checkpoint and the file."""
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    path = save(mgr, 1, make_objects())
+    real_open = open
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file).endswith("optimizer.pt"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refusing_open)
+    with pytest.raises(CheckpointError, match=r"unreadable file: .*Permission denied.*optimizer\.pt"):
+        mgr.load(path, make_objects())
+
+
+def test_inspect_names_a_damaged_json_file(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    path = save(mgr, 1, make_objects())
+    (path / "trainer_state.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"file 'trainer_state.json' is unreadable or not JSON"):
+        ck.inspect(path)
+
+
+def test_export_refuses_a_target_the_runs_saves_manage(tmp_path: Path) -> None:
+    """An export into the run's checkpoints/ (as checkpoint-8) or best/ was taken for a
+    damaged or incomplete checkpoint and written over by the run's next save."""
+    objs = make_objects()
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    path = save(mgr, 6, objs)
+    mgr.save_best(6, 0.5, objs["model"].state_dict(), extra_files={}, metadata={})
+    for target in (tmp_path / "checkpoints" / "checkpoint-8", tmp_path / "best" / "hf",
+                   path / "hf", tmp_path / "best"):
+        with pytest.raises(CheckpointError, match=r"export: .* is inside .*pick a folder outside"):
+            ck.export_checkpoint(path, target, encoder_prefix="mid.",
+                                 encoder_config={"model_type": "x"})
+        assert not target.exists() or target == tmp_path / "best"
+    out = ck.export_checkpoint(path, tmp_path / "hf", encoder_prefix="mid.",
+                               encoder_config={"model_type": "x"})
+    assert (out / "model.safetensors").is_file()
+
+
+def test_export_refuses_damaged_run_json_files(tmp_path: Path) -> None:
+    """A damaged encoder_config.json or tokenizer file was copied as is: the export 'worked'
+    and from_pretrained failed on it later."""
+    objs = make_objects()
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    path = save(mgr, 6, objs)
+    mgr.write_run_file("encoder_config.json", '{"model_type": ')
+    with pytest.raises(CheckpointError, match=r"export: config.json .* not valid JSON"):
+        ck.export_checkpoint(path, tmp_path / "hf", encoder_prefix="mid.")
+    assert not (tmp_path / "hf").exists()
+    assert not list(tmp_path.glob(".tmp-export-*"))

@@ -483,3 +483,80 @@ def test_check_refuses_an_output_dir_holding_the_config_file_or_a_cache_dir_file
         assert code == 2 and err.strip() == (
             "error: data.cache_dir (null: the default, from $MTL_DIST_CACHE_DIR, "
             f"$XDG_CACHE_HOME or ~/.cache): {env_dir} {why}"), err
+
+
+def test_a_target_file_that_cannot_be_written_is_refused_before_predicting(run, capsys, tmp_path):
+    """`--output DIR` with DIR/emotion.jsonl a directory: an IsADirectoryError traceback after
+    all the predicting, other tasks' files already replaced and a *.tmp file left."""
+    root, overrides = run
+    for command, name, other in (("predict", "emotion.jsonl", "nli.jsonl"),
+                                 ("pseudo-label", "emotion.tsv", "nli.tsv")):
+        out = tmp_path / command
+        (out / name).mkdir(parents=True)
+        (out / other).write_text("mine")
+        code, _, err = cli(capsys, command, DEMO, *overrides, "--checkpoint",
+                           root / "out" / "best", "--output", out)
+        assert code == 2 and err.strip() == (
+            f"error: {command} --output {out}: {out / name} is a directory: pick another --output")
+        assert sorted(p.name for p in out.iterdir()) == sorted([name, other])
+        assert (out / other).read_text() == "mine"
+
+
+def test_a_failed_write_is_one_line_replaces_no_earlier_file_and_leaves_no_tmp(tmp_path):
+    from mtl_dist.config import TaskConfig
+    from mtl_dist.errors import MtlDistError
+    from mtl_dist.outputs import write_predictions, write_pseudo_labels
+    from tests._runs import REPO
+
+    (tmp_path / "b.jsonl").mkdir()
+    (tmp_path / "a.jsonl").write_text("mine")
+    with pytest.raises(MtlDistError) as info:
+        list(write_predictions(tmp_path, {"a": [{"id": 1}], "b": [{"id": 2}]}))
+    assert str(info.value) == f"{tmp_path / 'b.jsonl'} is a directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl"]
+    assert (tmp_path / "a.jsonl").read_text() == "mine"
+    task = TaskConfig(name="b", pair=True, test=str(REPO / "tests" / "data" / "nli_test.tsv"))
+    (tmp_path / "b.tsv").mkdir()
+    rows = [{"id": line.split("\t")[0], "label": "0", "probs": [1.0]}
+            for line in open(task.test, encoding="utf-8").read().splitlines()]
+    with pytest.raises(MtlDistError) as info:
+        write_pseudo_labels(tmp_path, task, rows, 0.5)
+    assert str(info.value) == f"{tmp_path / 'b.tsv'} is a directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl", "b.tsv"]
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_predicting(run, tmp_path,
+                                                                           cpu_env):
+    """The same for a read-only --output (root writes anywhere: run without DAC override)."""
+    import os
+    import subprocess
+    import sys
+
+    drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] \
+        if os.geteuid() == 0 else []
+    if drop and subprocess.run([*drop, "true"], capture_output=True).returncode != 0:
+        pytest.skip("setpriv cannot drop root's DAC override here")
+    root, overrides = run
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "nli.jsonl").write_text("mine")
+    out.chmod(0o555)
+    try:
+        done = subprocess.run(
+            [*drop, sys.executable, "-c", "import sys; from mtl_dist.cli import main; "
+             "sys.exit(main(sys.argv[1:]))", "predict", str(DEMO), *overrides, "--checkpoint",
+             str(root / "out" / "best"), "--output", str(out)],
+            capture_output=True, text=True, env=cpu_env, timeout=300)
+        assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
+            f"error: predict --output {out}: {out / 'nli.jsonl'} cannot be written: "
+            f"no write permission in {out}: pick another --output"), done.stderr
+        done = subprocess.run(
+            [*drop, sys.executable, "-c", "import sys; from mtl_dist.outputs import "
+             "write_predictions; list(write_predictions(sys.argv[1], {'x': [{'id': 1}]}))",
+             str(out)], capture_output=True, text=True, env=cpu_env, timeout=120)
+        assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == (
+            f"mtl_dist.errors.MtlDistError: {out / 'x.jsonl'}: cannot write: Permission denied")
+    finally:
+        out.chmod(0o755)
+    assert sorted(p.name for p in out.iterdir()) == ["nli.jsonl"]
+    assert (out / "nli.jsonl").read_text() == "mine"

@@ -599,3 +599,21 @@ def test_a_number_other_than_0_or_1_is_no_boolean():
         load_config(None, [*DEMO, "sampler.check_task_agreement=2"])
     assert load_config(None, [*DEMO, "sampler.check_task_agreement=0"]).sampler \
         .check_task_agreement is False
+
+
+def test_a_null_key_or_a_broken_interpolation_is_one_line_naming_key_and_line(project: Path):
+    """OmegaConf refused them with a KeyValidationError / GrammarParseError traceback."""
+    assert error_of(write(project, BASE + "  ~: 42\n")) == (
+        "configs/bad.yaml:16: config key 'train.~': expected a key name, got null")
+    assert error_of(write(project, BASE + '  output_dir: "${x"\n')) == (
+        "configs/bad.yaml:16: config key 'train.output_dir': invalid interpolation in '${x': "
+        "no viable alternative at input '${x' (write \\${ for a literal '${')")
+    message = error_of(write(project, BASE.replace("[sad, happy]", '["${a", b]')))
+    assert message.startswith(
+        "configs/bad.yaml:11: config key 'tasks[1].labels[0]': invalid interpolation in '${a'")
+    assert error_of(None, [*DEMO, "train.output_dir='${x'"]).startswith(
+        "override 'train.output_dir='${x'': config key 'train.output_dir': "
+        "invalid interpolation in '${x'")
+    assert error_of(None, ["train={~: 1}"]) == (
+        "override 'train={~: 1}': config key 'train.~': expected a key name, got null")
+    assert load_config(None, [*DEMO, "train.output_dir=\\${x"]).train.output_dir == "${x"

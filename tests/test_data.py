@@ -159,6 +159,10 @@ def test_a_saved_label_map_comes_back_in_the_configs_task_order(tmp_path):
                    r"\{\"a\": \"p\"\}"),
     ("[]", r"expected a JSON object of task name -> list of label strings"),
     ('{"a": [1, 2]}', r"expected a JSON object"),
+    pytest.param("[" * 200_000, r"cannot read the run's frozen labels: maximum recursion depth",
+                 id="deep-nesting"),
+    pytest.param('{"a": [' + "1" * 5000 + "]}", r"cannot read the run's frozen labels: Exceeds "
+                 r"the limit \(4300 digits\)", id="5000-digit-int"),
 ])
 def test_a_damaged_labels_json_is_one_line(tmp_path, text, message):
     """An empty, cut or hand-edited OUTPUT/labels.json gave a JSONDecodeError, TypeError or
@@ -271,6 +275,18 @@ def test_an_unclosed_quote_is_an_error_even_when_skipping_bad_rows(tmp_path):
     assert [e.id for e in ex] == ["2"] and skipped == 1
 
 
+def test_a_csv_with_cr_only_line_endings_is_one_line(tmp_path):
+    """Old Mac line endings: csv.Error 'new-line character seen in unquoted field' came out of
+    detect_format as a traceback; now the reader names the file and line."""
+    p = write(tmp_path, "mac.csv", "id,text,label\r1,a,x\r2,b,y\r")
+    assert D.detect_format(p, Task(), "id,text,label\r1,a,x\r2,b,y") == "csv"
+    with pytest.raises(DataError) as err:
+        read(p)
+    assert str(err.value) == (f"{p}:1: bad CSV header (a bare carriage return (\\r) in an "
+                              "unquoted field: CR-only line endings? save the file with LF or "
+                              "CRLF line endings)")
+
+
 def test_tianchi_tab_separated_csv_is_read_as_tsv(tmp_path):
     p = write(tmp_path, "OCEMOTION_train1128.csv", "0\t你好，世界\tlike\n1\t太难过了\tsadness\n")
     ex, _ = read(p)
@@ -317,6 +333,51 @@ def test_jsonl_malformed(tmp_path, content, message):
     with pytest.raises(DataError) as err:
         read(p)
     assert str(err.value) == message.format(p=p)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        pytest.param("[" * 200_000 + "\n", "{p}:1: bad JSON (nested too deeply)",
+                     id="deep-nesting"),
+        pytest.param('{"id": 1, "text": "a", "label": "x"}\n{"id": ' + "7" * 5000 + ', "text": '
+                     '"b", "label": "x"}\n', "{p}:2: bad JSON (Exceeds the limit (4300 digits) for "
+                     "integer string conversion: value has 5000 digits)", id="5000-digit-int"),
+    ],
+)
+def test_jsonl_deep_nesting_and_huge_integers_are_one_line(tmp_path, content, message):
+    """json.loads raises RecursionError / ValueError here, not JSONDecodeError."""
+    p = write(tmp_path, "bad.jsonl", content)
+    with pytest.raises(DataError) as err:
+        read(p)
+    assert str(err.value) == message.format(p=p)
+
+
+@pytest.mark.parametrize("field", ["text", "id", "label"])
+def test_jsonl_lone_surrogate_is_refused_at_read_time(tmp_path, field):
+    """'\\ud800' read fine but crashed training with UnicodeEncodeError (_examples_digest)."""
+    rows = [{"id": "0", "text": "b", "label": "x"}, {"id": "1", "text": "a", "label": "x"}]
+    rows[1][field] = "ok\ud800"  # json.dumps writes it as the escape \\ud800
+    p = write(tmp_path, "s.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError) as err:
+        read(p)
+    assert str(err.value) == (f"{p}:2: JSON field {field!r} holds an unpaired surrogate \\ud800 "
+                              "at character 3, which is not valid Unicode text")
+    p = write(tmp_path, "pair.jsonl", '{"id": "1", "text": "\\ud83d\\ude00", "label": "x"}\n')
+    assert read(p)[0][0].text_a == "\U0001f600"  # an escaped surrogate pair is one character
+
+
+def test_infer_labels_breaks_integer_ties_the_same_in_every_process():
+    """'1', '01', '001' and full-width '１' all equal 1: sorted by int alone they kept the set's
+    order, which hash randomisation changes between processes (DDP ranks)."""
+    labels = ["2", "1", "01", "001", "\uff11", "-1", "10"]
+    want = ["-1", "001", "01", "1", "\uff11", "2", "10"]
+    code = ("import json; from mtl_dist import data as D; print(json.dumps(D.infer_labels("
+            f"[D.Example(str(i), 't', None, lab, i) for i, lab in enumerate({labels!r})])))")
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        assert json.loads(out) == want
 
 
 def test_infer_labels_numeric_aware():

@@ -1051,6 +1051,17 @@ def test_corrupt_checkpoints_are_named_by_file(copied_run, reference, cache, cap
     for name in ("manifest.json", "COMMITTED"):
         shutil.copy(copied_run / "checkpoints" / "checkpoint-35" / name, ckpt / name)
     assert _resume(capsys, copied_run, cache).startswith(f"{prefix} '")
+    # Damaged after the commit: refused with the hint (it was skipped as incomplete, the run
+    # resumed checkpoint-35 and its next save at this step wrote over it).
+    for name in ("manifest.json", "COMMITTED"):
+        shutil.copy(reference / "checkpoints" / f"checkpoint-{STEPS}" / name, ckpt / name)
+    (ckpt / "manifest.json").write_text('{"files": ')
+    assert _resume(capsys, copied_run, cache) == \
+        f"{prefix} 'manifest.json' does not match its hash in COMMITTED{hint}"
+    (ckpt / "COMMITTED").write_text("")
+    said = _resume(capsys, copied_run, cache)
+    assert said.startswith(f"error: checkpoint {ckpt}: unreadable COMMITTED/manifest.json")
+    assert said.endswith(hint) and "\n" not in said
 
 
 @slow

@@ -275,3 +275,30 @@ def test_a_random_init_encoder_padding_with_another_id_than_the_tokenizer_is_one
                        r"1, the tokenizer with 0: use a tokenizer whose pad id is 1"):
         _tiny("mpnet", pad_token_id=0)
     assert _tiny("mpnet", pad_token_id=1) is not None
+
+
+def test_a_truncated_pretrained_safetensors_is_one_line_naming_key_and_file(tmp_path):
+    """A weight file cut short passed `check` and gave training a SafetensorError traceback
+    after tokenizing; now `check`/load and build_encoder both name model.pretrained and it."""
+    import shutil
+    import struct
+
+    from mtl_dist.config import load_config
+    from mtl_dist.errors import ConfigError
+    from mtl_dist.model import build_encoder
+
+    model = tmp_path / "model"
+    shutil.copytree(minilm_dir(), model)
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    (header,) = struct.unpack("<Q", data[:8])
+    weights.write_bytes(data[:8 + header + 1000])  # the header whole, the tensors cut short
+    expected = (f"model.pretrained: cannot load an encoder from {model}: {weights}: Error while "
+                "deserializing header: incomplete metadata, file not fully covered")
+    with pytest.raises(ConfigError) as info:
+        build_encoder(SimpleNamespace(pretrained=str(model)), vocab_size=0)
+    assert str(info.value) == expected
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["tasks=[{name: a, train: 'demo:nli/train'}]",
+                           f"model.pretrained={model}"])
+    assert str(info.value) == f"override 'model.pretrained={model}': {expected}"
