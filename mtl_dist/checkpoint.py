@@ -618,6 +618,8 @@ def read_manifest(path: Path | str) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {path}: unreadable {COMMITTED}/{MANIFEST}: {exc}"
         ) from exc
+    if not isinstance(mark, dict):
+        raise CheckpointError(f"checkpoint {path}: unreadable {COMMITTED}: not a JSON object")
     if hashlib.sha256(raw).hexdigest() != mark.get("manifest_sha256"):
         raise CheckpointError(
             f"checkpoint {path}: file '{MANIFEST}' does not match its hash in {COMMITTED}"
@@ -2255,12 +2257,13 @@ def export_checkpoint(
 
 
 def _refuse_inside_checkpoints(dst: Path, src: Path, what: str) -> None:
-    """`dst` inside a checkpoint or a run's checkpoints/ or best/: the run's next save,
-    rotation or resume would take it for a damaged checkpoint, or write over it."""
-    real = dst.resolve()
+    """`dst` inside a checkpoint or a run's checkpoints/ or best/ (the source's run or any
+    other): that run's next save, rotation or resume would take it for a damaged checkpoint,
+    or write over it."""
+    real, run = dst.resolve(), _run_root(src.resolve())
     for folder in (real, *real.parents):
-        if was_committed(folder) or (folder.name in (CHECKPOINTS_DIR, BEST_DIR)
-                                     and folder.parent == _run_root(src.resolve())):
+        if was_committed(folder) or (folder.name in (CHECKPOINTS_DIR, BEST_DIR) and (
+                folder.parent == run or _holds_a_run(folder.parent))):
             raise CheckpointError(f"{what}: {dst} is inside {folder}, which the run's saves, "
                                   "rotation and resumes manage: pick a folder outside it")
 
@@ -2268,6 +2271,11 @@ def _refuse_inside_checkpoints(dst: Path, src: Path, what: str) -> None:
 def _run_root(checkpoint: Path) -> Path:
     """The output dir of a periodic checkpoint (OUTPUT/checkpoints/checkpoint-N) or best/."""
     return checkpoint.parent.parent if _step_of(checkpoint) is not None else checkpoint.parent
+
+
+def _holds_a_run(folder: Path) -> bool:
+    """Whether `folder` is a run's output dir (what every run writes at its start)."""
+    return (folder / "labels.json").is_file() or (folder / "config.yaml").is_file()
 
 
 def _copy_run_files(src: Path, tmp: Path, encoder_config: Mapping[str, Any] | None) -> None:

@@ -965,7 +965,8 @@ class Trainer:
     def _intact_hint(self, path: Path, exc: CheckpointError) -> str:
         """Where resume=auto met a damaged newest checkpoint (every requeue would fail on it
         alike): the newest intact one before it, to resume by hand."""
-        if self.cfg.train.resume != "auto" or f"checkpoint {path}: " not in str(exc):
+        damaged = (f"checkpoint {path}: file '", f"checkpoint {path}: unreadable ")
+        if self.cfg.train.resume != "auto" or not any(d in str(exc) for d in damaged):
             return ""
         older = self.ckpt.newest_intact(before=path)
         if older is None:

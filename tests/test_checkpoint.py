@@ -830,7 +830,7 @@ def test_a_head_lr_saved_as_null_means_the_saved_lr() -> None:
                                                                       "head_lr": 5e-3}})
 
 
-@pytest.mark.parametrize("damage", ["manifest", "marker"])
+@pytest.mark.parametrize("damage", ["manifest", "marker", "marker_not_an_object"])
 def test_a_committed_checkpoint_damaged_later_is_refused_not_skipped_and_kept(
         tmp_path: Path, damage: str) -> None:
     """A checkpoint whose manifest or COMMITTED marker was damaged after its commit was taken
@@ -842,7 +842,7 @@ def test_a_committed_checkpoint_damaged_later_is_refused_not_skipped_and_kept(
     older = save(mgr, 4, objs)
     newest = save(mgr, 6, objs)
     victim = newest / ("manifest.json" if damage == "manifest" else "COMMITTED")
-    victim.write_text('{"files": ' if damage == "manifest" else "")
+    victim.write_text({"manifest": '{"files": ', "marker": "", "marker_not_an_object": "[]"}[damage])
     files = {p.name: p.read_bytes() for p in newest.iterdir()}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "skipping incomplete" warning
@@ -903,6 +903,14 @@ def test_export_refuses_a_target_the_runs_saves_manage(tmp_path: Path) -> None:
     out = ck.export_checkpoint(path, tmp_path / "hf", encoder_prefix="mid.",
                                encoder_config={"model_type": "x"})
     assert (out / "model.safetensors").is_file()
+    # from a checkpoint of another place (another run, abandoned/) into this run's folders
+    (tmp_path / "labels.json").write_text("{}")  # what every run writes at its start
+    other = CheckpointManager(tmp_path / "other", save_total_limit=None)
+    foreign = save(other, 3, objs)
+    with pytest.raises(CheckpointError, match=r"export: .* is inside .*checkpoints"):
+        ck.export_checkpoint(foreign, tmp_path / "checkpoints" / "checkpoint-9",
+                             encoder_prefix="mid.", encoder_config={"model_type": "x"})
+    assert not (tmp_path / "checkpoints" / "checkpoint-9").exists()
 
 
 def test_export_refuses_damaged_run_json_files(tmp_path: Path) -> None:

@@ -269,7 +269,7 @@ def test_stop_and_resume_with_the_triton_kernel_and_dropout_follows_the_straight
                           fresh_dynamo=True)
     assert first.state.global_step == 7
     run(tmp_path, "split", *common, "train.resume=auto")
-    assert_losses_close(split, straight, 1e-3, steps=16)
+    assert_losses_close(split, straight, 5e-4, steps=16)  # run AF: at most 1e-4 apart
     # The weights as a whole, not tensor by tensor: a key bias gets no gradient but rounding
     # noise (softmax ignores a per-row constant), which AdamW scales up to full steps (run AF:
     # 3e-4 apart in a tensor of norm 0.012).
