@@ -1516,11 +1516,26 @@ class CheckpointManager:
             _remove_quietly(tmp, self.output_dir)
             raise
         try:
+            self._set_aside_damaged_best()
             _install(tmp, self.best_dir, self.output_dir, "best", best=True)
         except Exception:
             if is_committed(self.best_dir):  # the old best/ stayed: its would-be successor goes
                 _remove_quietly(tmp, self.output_dir)
             raise  # else best/ is mid-swap: the newest committed copy is reinstalled at start
+
+    def _set_aside_damaged_best(self) -> None:
+        """A best/ whose marker or manifest was damaged after its commit has no score to beat,
+        so the first evaluation replaces it: it moves whole to OUTPUT/abandoned/ (a warning
+        says where) instead of being deleted by the swap; its model file may be fine."""
+        if not was_committed(self.best_dir) or is_committed(self.best_dir):
+            return
+        why = damage(self.best_dir)
+        target = self.output_dir / ABANDONED_DIR / f"damaged-best-{secrets.token_hex(2)}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(self.best_dir, target)
+        _fsync_path(self.output_dir)
+        warnings.warn(f"{self.best_dir}: {why}; moved to {target}, not replaced", MtlDistWarning,
+                      stacklevel=4)
 
     def best_score(self) -> float | None:
         """Score of the committed OUTPUT/best (from its manifest, which COMMITTED vouches for),

@@ -924,3 +924,22 @@ def test_export_refuses_damaged_run_json_files(tmp_path: Path) -> None:
         ck.export_checkpoint(path, tmp_path / "hf", encoder_prefix="mid.")
     assert not (tmp_path / "hf").exists()
     assert not list(tmp_path.glob(".tmp-export-*"))
+
+
+def test_a_best_damaged_after_its_commit_is_set_aside_not_deleted(tmp_path: Path) -> None:
+    """A best/ with a damaged COMMITTED has no readable score: the next best replaced it and
+    the swap deleted it. Now it moves whole to abandoned/, with a warning naming where."""
+    objs = make_objects()
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    mgr.save_best(4, 0.5, objs["model"].state_dict(), extra_files={}, metadata={})
+    (tmp_path / "best" / "COMMITTED").write_text("")
+    files = {p.name: p.read_bytes() for p in (tmp_path / "best").iterdir()}
+    assert mgr.best_score() is None and mgr.improves(0.1)
+    with pytest.warns(UserWarning, match=r"best: .*unreadable COMMITTED.*moved to .*abandoned"):
+        mgr.save_best(6, 0.1, objs["model"].state_dict(), extra_files={}, metadata={})
+    assert mgr.best_score() == 0.1
+    (aside,) = (tmp_path / "abandoned").iterdir()
+    assert aside.name.startswith("damaged-best-")
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == files
+    mgr.save_best(8, 0.9, objs["model"].state_dict(), extra_files={}, metadata={})  # intact: no move
+    assert [p.name for p in (tmp_path / "abandoned").iterdir()] == [aside.name]
