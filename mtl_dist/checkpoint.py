@@ -2275,7 +2275,7 @@ def _refuse_inside_checkpoints(dst: Path, src: Path, what: str) -> None:
     """`dst` inside a checkpoint or a run's checkpoints/ or best/ (the source's run or any
     other): that run's next save, rotation or resume would take it for a damaged checkpoint,
     or write over it."""
-    real, run = dst.resolve(), _run_root(src.resolve())
+    real, run = dst.resolve(), run_holding(src.resolve())
     for folder in (real, *real.parents):
         if was_committed(folder) or (folder.name in (CHECKPOINTS_DIR, BEST_DIR) and (
                 folder.parent == run or _holds_a_run(folder.parent))):
@@ -2283,9 +2283,14 @@ def _refuse_inside_checkpoints(dst: Path, src: Path, what: str) -> None:
                                   "rotation and resumes manage: pick a folder outside it")
 
 
-def _run_root(checkpoint: Path) -> Path:
-    """The output dir of a periodic checkpoint (OUTPUT/checkpoints/checkpoint-N) or best/."""
-    return checkpoint.parent.parent if _step_of(checkpoint) is not None else checkpoint.parent
+def run_holding(checkpoint: Path) -> Path | None:
+    """The run a checkpoint belongs to: OUTPUT of OUTPUT/best or OUTPUT/checkpoints/
+    checkpoint-N; None for one elsewhere (an exported copy, say)."""
+    if checkpoint.name == BEST_DIR:
+        return checkpoint.parent
+    if checkpoint.parent.name == CHECKPOINTS_DIR:
+        return checkpoint.parent.parent
+    return None
 
 
 def _holds_a_run(folder: Path) -> bool:
@@ -2306,7 +2311,7 @@ def _copy_run_files(src: Path, tmp: Path, encoder_config: Mapping[str, Any] | No
                 shutil.copyfile(root / name, tmp / name)
         if (root / "tokenizer").is_dir():
             shutil.copytree(root / "tokenizer", tmp, dirs_exist_ok=True)
-    for copied in [tmp / "config.json", *tmp.glob("*.json")]:  # copied unchecked so far
+    for copied in sorted(tmp.glob("*.json")):  # config.json and the tokenizer's, copied unchecked
         if copied.is_file():
             try:
                 json.loads(copied.read_text())

@@ -29,19 +29,11 @@ def _not_a_file(path: Path, what: str) -> None:
         raise MtlDistError(f"{what} {path}: {why}")
 
 
-def _run_holding(checkpoint: Path) -> Path | None:
-    """The run a checkpoint belongs to: OUTPUT of OUTPUT/best or OUTPUT/checkpoints/
-    checkpoint-N; None for one elsewhere (an exported copy, say)."""
-    if checkpoint.name == "best":
-        return checkpoint.parent
-    if checkpoint.parent.name == "checkpoints":
-        return checkpoint.parent.parent
-    return None
-
-
 def _run_of(checkpoint: Path, cfg) -> Path:
     """The checkpoint's run, else the config's output dir."""
-    return _run_holding(checkpoint.resolve()) or Path(cfg.train.output_dir).resolve()
+    from mtl_dist.checkpoint import run_holding
+
+    return run_holding(checkpoint.resolve()) or Path(cfg.train.output_dir).resolve()
 
 
 def _check_output_dir_for(out_dir: Path, cfg, checkpoint: Path, what: str, default: str,
@@ -297,7 +289,7 @@ def cmd_ckpt(args) -> int:
         if out.name == ck.CHECKPOINTS_DIR and not (out / ck.CHECKPOINTS_DIR).is_dir():
             out = out.parent  # OUTPUT/checkpoints: list its run
         elif not (out / ck.CHECKPOINTS_DIR).is_dir():
-            out = _run_holding(out) or out  # best/ or one checkpoint: list its run
+            out = ck.run_holding(out) or out  # best/ or one checkpoint: list its run
         rows = ck.list_checkpoints(out)
         if not rows:
             print(f"no checkpoints under {args.output_dir}")

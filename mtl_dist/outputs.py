@@ -70,22 +70,26 @@ def _make_dir(folder: Path) -> None:
                            f"{exc.strerror or exc}") from None
 
 
-def _write_tmp(path: Path, write: Callable[[IO[str]], object]) -> None:
-    """`path`'s .tmp file, written by `write`; an OSError (a folder that cannot be written, a
-    full disk) is one line naming `path` (the caller removes the .tmp file)."""
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """An OSError inside (a folder that cannot be written, a full disk) as one line naming
+    `path`."""
     try:
-        with _tmp_of(path).open("w", encoding="utf-8") as f:
-            write(f)
+        yield
     except OSError as exc:
         raise MtlDistError(f"{path}: cannot write: {exc.strerror or exc}") from None
+
+
+def _write_tmp(path: Path, write: Callable[[IO[str]], object]) -> None:
+    """`path`'s .tmp file, written by `write` (the caller removes it after a failure)."""
+    with _writing(path), _tmp_of(path).open("w", encoding="utf-8") as f:
+        write(f)
 
 
 def _replace(path: Path) -> None:
-    """Move `path`'s written .tmp file onto it; an OSError is one line naming `path`."""
-    try:
+    """Move `path`'s written .tmp file onto it."""
+    with _writing(path):
         os.replace(_tmp_of(path), path)
-    except OSError as exc:
-        raise MtlDistError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
 def _remove_tmp(tmp: Path) -> None:
@@ -195,8 +199,6 @@ def write_pseudo_labels(out_dir: str | Path, task: Any, predictions: Sequence[Ma
     finally:  # a failed write leaves no .tmp file
         _remove_tmp(_tmp_of(path))
     marker = path.parent / PSEUDO_LABEL_MARKER
-    try:
+    with _writing(marker):
         marker.touch()
-    except OSError as exc:
-        raise MtlDistError(f"{marker}: cannot write: {exc.strerror or exc}") from None
     return path, len(kept), len(examples)
