@@ -181,14 +181,21 @@ def _error_text(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- files
 
 
-def why_not_a_directory(path: str | Path) -> str | None:
-    """Why a directory cannot be at `path` (a file there, or above it), said after the path;
-    None when it is one or can be made. For every output dir a command is given."""
+def why_not_a_directory(path: str | Path, writable: bool = True) -> str | None:
+    """Why a directory cannot be at `path` (a file there, or above it) or, when `writable`,
+    be written in (it, or the nearest folder above that exists, read-only), said after the
+    path; None when it is one or can be made. For every output dir a command is given."""
     path = Path(path).absolute()
     if path.exists() and not path.is_dir():
         return "exists and is not a directory"
     blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-    return None if blocking is None else f"cannot be created: {blocking} is a file"
+    if blocking is not None:
+        return f"cannot be created: {blocking} is a file"
+    nearest = next(p for p in (path, *path.parents) if p.exists())
+    if writable and not os.access(nearest, os.W_OK | os.X_OK):
+        where = "" if nearest == path else f"cannot be created: {nearest} "
+        return where + "is not writable (permissions or a read-only mount)"
+    return None
 
 
 def _pause() -> None:

@@ -7,6 +7,7 @@ key, the bad value and what was expected. `load_config` returns plain dataclasse
 
 import dataclasses
 import difflib
+import errno
 import hashlib
 import json
 import math
@@ -1073,12 +1074,11 @@ def _check_path(value: str | None, key: str, kind: str, sources: _Sources) -> No
         return
     path = os.path.abspath(value)
     if not os.path.exists(path):
-        noun = "directory" if kind == "directory" else "file"
-        message = f"{key}: {noun} not found: {path}"
+        message = _missing_path_message(path, key, kind)
     elif kind == "file" and not os.path.isfile(path):
-        message = f"{key}: expected a file, got a directory: {path}"
+        message = f"{key}: expected a file, got {_kind_of(path)}: {path}"
     elif kind == "directory" and not os.path.isdir(path):
-        message = f"{key}: expected a directory (for from_pretrained), got a file: {path}"
+        message = f"{key}: expected a directory (for from_pretrained), got {_kind_of(path)}: {path}"
     elif key.startswith("tasks") and os.path.getsize(path) == 0:  # as training would refuse it
         message = f"{key}: file is empty: {path}"
     elif key == "model.pretrained" and not os.path.isfile(os.path.join(path, "config.json")):
@@ -1088,6 +1088,27 @@ def _check_path(value: str | None, key: str, kind: str, sources: _Sources) -> No
     else:
         return
     raise sources.error(_Problem(key, message))
+
+
+def _kind_of(path: str) -> str:
+    """'a directory', 'a file', or what else `path` is (a FIFO would block the read)."""
+    if os.path.isdir(path):
+        return "a directory"
+    return "a file" if os.path.isfile(path) else "a FIFO, socket or device (not a regular file)"
+
+
+def _missing_path_message(path: str, key: str, kind: str) -> str:
+    """Not found, or a symbolic link that leads nowhere (dangling, or a loop)."""
+    noun = "directory" if kind == "directory" else "file"
+    if not os.path.islink(path):
+        return f"{key}: {noun} not found: {path}"
+    try:
+        os.stat(path)
+        why = "its target cannot be reached"
+    except OSError as e:
+        why = "a loop of links" if e.errno == errno.ELOOP else \
+            f"its target {os.path.realpath(path)} {'does not exist' if e.errno == errno.ENOENT else e.strerror}"
+    return f"{key}: {path} is a symbolic link that leads to no {noun} ({why})"
 
 
 def pretrained_weights_problem(directory: str) -> str | None:

@@ -16,6 +16,7 @@ import re
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -184,6 +185,9 @@ def detect_format(path: str | Path, task: Any, first_line: str = "") -> str:
 
 def _read_bytes(path: str) -> bytes:
     try:
+        if not (Path(path).is_file() or Path(path).is_dir()):  # a FIFO would block the read
+            Path(path).stat()  # not there: the errors below
+            raise DataError(f"{path}: a FIFO, socket or device, expected a data file")
         return Path(path).read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
@@ -228,7 +232,8 @@ def _read_tsv(lines: list[tuple[int, str]], task: Any, require_label: bool, rows
             label = None
         else:
             want = f"{full}" if require_label else f"{full - 1} or {full}"
-            rows.bad(lineno, f"expected {want} tab-separated columns ({', '.join(names)}), got {len(parts)}")
+            rows.bad(lineno, f"expected {want} tab-separated columns ({', '.join(names)}), "
+                             f"got {len(parts)}{_bare_cr_hint(text)}")
             continue
         if label == "":
             if require_label:
@@ -315,12 +320,19 @@ def _read_csv(lines: list[tuple[int, str]], task: Any, require_label: bool, rows
         _add_named(rows, lineno, {k: row[i] for k, i in index.items()}, task, require_label, names)
 
 
+CR_ONLY_HINT = "CR-only line endings? save the file with LF or CRLF line endings"
+
+
+def _bare_cr_hint(line: str) -> str:
+    """Lines are split on LF only: CR-only (old Mac) line endings leave one long line."""
+    return f" (it holds a bare carriage return (\\r): {CR_ONLY_HINT})" if "\r" in line else ""
+
+
 def _csv_problem(e: csv.Error) -> str:
     """csv's message, but a bare CR said plainly: lines are split on LF only, so the CR of
     CR-only (old Mac) line endings stays inside the line, where csv calls it a new-line."""
     if str(e).startswith("new-line character seen in unquoted field"):
-        return ("a bare carriage return (\\r) in an unquoted field: CR-only line endings? "
-                "save the file with LF or CRLF line endings")
+        return f"a bare carriage return (\\r) in an unquoted field: {CR_ONLY_HINT}"
     return str(e)
 
 
@@ -489,7 +501,8 @@ def infer_labels(examples: Sequence[Example]) -> list[str]:
     if labels and all(re.fullmatch(r"-?\d+", lab) for lab in labels):
         # ties ('1', '01', full-width '１') broken by the text: a set's order differs between
         # processes, and every rank must build the same label map
-        return sorted(labels, key=lambda lab: (int(lab), lab))
+        # (Decimal: int() refuses more than 4,300 digits)
+        return sorted(labels, key=lambda lab: (Decimal(lab), lab))
     return sorted(labels)
 
 

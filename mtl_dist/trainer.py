@@ -282,29 +282,36 @@ def _refuse_a_cache_dir_file(cfg: RunConfig) -> None:
         else mdata.default_cache_dir()
     where = "config key 'data.cache_dir'" if cfg.data.cache_dir else \
         "data.cache_dir (null: the default, from $MTL_DIST_CACHE_DIR, $XDG_CACHE_HOME or ~/.cache)"
-    why = why_not_a_directory(cache)
+    why = why_not_a_directory(cache, writable=False)  # a shared cache may be read-only
     if why is not None:  # the default is set by no line
         raise ConfigError(f"{where}: {cache} {why}", located=not cfg.data.cache_dir)
 
 
 def _refuse_replacing_the_config_file(cfg: RunConfig, out: Path) -> None:
-    """`train.output_dir: .` beside a hand-written config.yaml: the run's resolved config
-    replaced it (comments, layout, interpolations lost). A run's own saved config.yaml, given
-    back as the config to resume with, is fine."""
+    """A hand-written config.yaml in the output dir (`train.output_dir: .` beside the config
+    itself, or any other): the run's resolved config replaced it (comments, layout,
+    interpolations lost). A run's own saved config.yaml, given back as the config to resume
+    with, is fine."""
     loaded = getattr(getattr(cfg, "_sources", None), "path", None)
     target = out / "config.yaml"
     try:
-        same = loaded is not None and target.is_file() and target.samefile(loaded)
+        if not target.exists() and not target.is_symlink():
+            return
         # a run's own: its header, or (saved before the header, or the header edited away)
         # beside the run's other files
-        if not same or target.read_text().startswith(SAVED_CONFIG_HEADER) or any(
-                (out / name).exists() for name in RUN_FILES):
+        if any((out / name).exists() for name in RUN_FILES) or (
+                target.is_file() and target.read_text().startswith(SAVED_CONFIG_HEADER)):
             return
-    except OSError:
-        return
-    raise ConfigError(f"config key 'train.output_dir': {out} holds the config file itself "
-                      f"({loaded}), which the run's resolved config.yaml would replace: pick "
-                      "another train.output_dir (or rename the config)")
+        same = loaded is not None and target.samefile(loaded)
+    except (OSError, UnicodeDecodeError):
+        same = False  # unreadable or not text: not a run's own either
+    if same:
+        raise ConfigError(f"config key 'train.output_dir': {out} holds the config file itself "
+                          f"({loaded}), which the run's resolved config.yaml would replace: "
+                          "pick another train.output_dir (or rename the config)")
+    raise ConfigError(f"config key 'train.output_dir': {out} holds a config.yaml that no run "
+                      f"saved ({target}), which the run's resolved config.yaml would replace: "
+                      "pick another train.output_dir (or move that file)")
 
 
 def check_output_dir(cfg: RunConfig, ckpt: CheckpointManager, say=print) -> None:

@@ -5,7 +5,9 @@ without labels, an output path that is a file, a wrong `ckpt ls` path. Each is o
 from __future__ import annotations
 
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -352,6 +354,20 @@ def test_predict_never_writes_over_a_data_file_or_under_a_file(run, capsys, tmp_
         code, _, err = cli(capsys, *args, tmp_path / "afile" / "sub")
         assert code == 2 and err.strip().endswith(
             f"{tmp_path / 'afile' / 'sub'}: cannot be created: {tmp_path / 'afile'} is a file"), err
+    # a folder that cannot be written in (/proc/1: not even by root): refused before any work,
+    # as `train` itself would fail at its first write (`check` passed it)
+    unwritable = Path("/proc/1")
+    if unwritable.is_dir() and not os.access(unwritable, os.W_OK):
+        for args in (["predict", DEMO, *overrides, "--checkpoint", root / "out" / "best", "--output"],
+                     ["ckpt", "export", root / "out" / "best"], ["demo", "--output"]):
+            code, _, err = cli(capsys, *args, unwritable / "sub")
+            assert code == 2 and err.strip().endswith(
+                f"{unwritable / 'sub'}: cannot be created: {unwritable} is not writable "
+                "(permissions or a read-only mount)"), err
+        code, _, err = cli(capsys, "check", DEMO, *overrides, f"train.output_dir={unwritable}")
+        assert code == 2 and err.strip().endswith(
+            f"config key 'train.output_dir': {unwritable} is not writable (permissions or a "
+            "read-only mount)"), err
 
 
 def test_predictions_go_beside_the_checkpoints_run_not_the_configs(run, capsys, tmp_path):
@@ -455,6 +471,16 @@ def test_check_refuses_an_output_dir_holding_the_config_file_or_a_cache_dir_file
         f"{tmp_path} holds the config file itself ({config}), which the run's resolved "
         "config.yaml would replace: pick another train.output_dir (or rename the config)")
     assert config.read_text() == DEMO.read_text()
+    # ...also a hand-written config.yaml that is not the one given (an unused output dir)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.yaml").write_text("# mine\n")
+    code, _, err = cli(capsys, "check", config, f"train.output_dir={other}")
+    assert code == 2 and err.strip() == (
+        f"error: override 'train.output_dir={other}': config key 'train.output_dir': {other} "
+        f"holds a config.yaml that no run saved ({other / 'config.yaml'}), which the run's "
+        "resolved config.yaml would replace: pick another train.output_dir (or move that file)")
+    assert (other / "config.yaml").read_text() == "# mine\n"
     from mtl_dist.config import saved_config_yaml
 
     config.write_text(saved_config_yaml(load_config(DEMO, [f"train.output_dir={tmp_path}"])))
@@ -548,8 +574,8 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_predicting(run, 
              str(root / "out" / "best"), "--output", str(out)],
             capture_output=True, text=True, env=cpu_env, timeout=300)
         assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
-            f"error: predict --output {out}: {out / 'nli.jsonl'} cannot be written: "
-            f"no write permission in {out}: pick another --output"), done.stderr
+            f"error: predict --output {out}: is not writable (permissions or a read-only "
+            "mount)"), done.stderr
         done = subprocess.run(
             [*drop, sys.executable, "-c", "import sys; from mtl_dist.outputs import "
              "write_predictions; list(write_predictions(sys.argv[1], {'x': [{'id': 1}]}))",

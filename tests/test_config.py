@@ -335,6 +335,37 @@ def test_missing_file(project: Path) -> None:
     )
 
 
+def test_a_fifo_or_a_link_that_leads_nowhere_is_named_for_what_it_is(project: Path) -> None:
+    """A FIFO was called a directory (and reading it would block); a link loop or a dangling
+    link was 'file not found', though `ls` shows the name."""
+    import os
+
+    data = project / "configs" / "data"
+    fifo, loop, dangling = data / "fifo.tsv", data / "loop.tsv", data / "dangling.tsv"
+    os.mkfifo(fifo)
+    loop.symlink_to(loop)
+    dangling.symlink_to(data / "gone.tsv")
+    assert error_of(write(project, BASE.replace("nli_dev.tsv", "fifo.tsv"))) == (
+        "configs/bad.yaml:7: tasks[0].dev: expected a file, got a FIFO, socket or device "
+        f"(not a regular file): {fifo}")
+    assert error_of(write(project, BASE.replace("nli_dev.tsv", "loop.tsv"))) == (
+        f"configs/bad.yaml:7: tasks[0].dev: {loop} is a symbolic link that leads to no file "
+        "(a loop of links)")
+    assert error_of(write(project, BASE.replace("nli_dev.tsv", "dangling.tsv"))) == (
+        f"configs/bad.yaml:7: tasks[0].dev: {dangling} is a symbolic link that leads to no "
+        f"file (its target {data / 'gone.tsv'} does not exist)")
+
+
+def test_reading_a_fifo_as_data_is_refused_without_blocking(tmp_path: Path) -> None:
+    import os
+
+    from mtl_dist.data import DataError, _read_bytes
+
+    os.mkfifo(tmp_path / "f.tsv")
+    with pytest.raises(DataError, match="f.tsv: a FIFO, socket or device, expected a data file"):
+        _read_bytes(str(tmp_path / "f.tsv"))
+
+
 # --- paths -------------------------------------------------------------------------------------
 
 

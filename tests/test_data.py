@@ -287,6 +287,16 @@ def test_a_csv_with_cr_only_line_endings_is_one_line(tmp_path):
                               "CRLF line endings)")
 
 
+def test_a_tsv_with_cr_only_line_endings_says_so(tmp_path):
+    """The whole file was one line with a wrong column count, and nothing said why."""
+    p = write(tmp_path, "mac.tsv", "1\ta\tx\r2\tb\ty\r")
+    with pytest.raises(DataError) as err:
+        read(p)
+    assert str(err.value).endswith(
+        "expected 3 tab-separated columns (id, text, label), got 5 (it holds a bare carriage "
+        "return (\\r): CR-only line endings? save the file with LF or CRLF line endings)")
+
+
 def test_tianchi_tab_separated_csv_is_read_as_tsv(tmp_path):
     p = write(tmp_path, "OCEMOTION_train1128.csv", "0\t你好，世界\tlike\n1\t太难过了\tsadness\n")
     ex, _ = read(p)
@@ -385,6 +395,9 @@ def test_infer_labels_numeric_aware():
     assert D.infer_labels(ex) == ["2", "10", "116"]
     ex = [D.Example(str(i), "t", None, lab, i) for i, lab in enumerate(["b", "a", "10"])]
     assert D.infer_labels(ex) == ["10", "a", "b"]
+    huge = "9" * 5000  # int() refuses more than 4,300 digits: this raised ValueError
+    ex = [D.Example(str(i), "t", None, lab, i) for i, lab in enumerate([huge, "3", "-" + huge])]
+    assert D.infer_labels(ex) == ["-" + huge, "3", huge]
 
 
 # ----------------------------------------------------------------------------- demo data
