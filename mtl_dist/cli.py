@@ -241,7 +241,12 @@ def _check_pseudo_label_targets(cfg, out_dir: Path, checkpoint: Path) -> None:
 def cmd_pseudo_label(args) -> int:
     """Confident test predictions as new train files, one per task, in the task's own layout."""
     from mtl_dist.errors import ConfigError
-    from mtl_dist.outputs import is_pseudo_label_file, pseudo_label_path, write_pseudo_labels
+    from mtl_dist.outputs import (
+        confident_rows,
+        is_pseudo_label_file,
+        pseudo_label_path,
+        write_pseudo_labels,
+    )
 
     if not 0.0 < args.threshold <= 1.0:
         raise ConfigError(f"--threshold: expected a probability in (0, 1], got {args.threshold}")
@@ -253,15 +258,19 @@ def cmd_pseudo_label(args) -> int:
         label_maps = trainer.label_maps
         if not trainer.accelerator.is_main_process:
             return 0
+    chosen = {task.name: confident_rows(task, records[task.name], args.threshold,
+                                        on_bad_row=cfg.data.on_bad_row,
+                                        labels=label_maps[task.name])
+              for task in cfg.tasks if task.test}
+    written = write_pseudo_labels(out_dir, [(task, chosen[task.name][0]) for task in cfg.tasks
+                                            if task.test and chosen[task.name][0]])
     hints, replaced = [], []
     for i, task in enumerate(cfg.tasks):
         if not task.test:
             print(f"{task.name}: no test file configured; skipped")
             continue
-        path, kept, total = write_pseudo_labels(
-            out_dir, task, records[task.name], args.threshold, on_bad_row=cfg.data.on_bad_row,
-            labels=label_maps[task.name])
-        earlier = pseudo_label_path(out_dir, task)
+        _, kept, total = chosen[task.name]
+        path, earlier = written.get(task.name), pseudo_label_path(out_dir, task)
         where = f"-> {path}" if path else "(no file written" + (
             f"; the earlier {earlier} is left as it was)" if earlier.exists() else ")")
         print(f"{task.name}: kept {kept} of {total} test rows with top probability >= "

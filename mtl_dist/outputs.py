@@ -25,19 +25,26 @@ def write_predictions(out_dir: str | Path, records: Mapping[str, list[dict]],
     out_dir = Path(out_dir)
     _make_dir(out_dir)
     paths = {task: out_dir / f"{task}{suffix}.jsonl" for task in records}
-    try:
-        for task, rows in records.items():  # every file first: a failure replaces none
-            _write_tmp(paths[task], lambda f, rows=rows: f.writelines(
-                json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-        for path in paths.values():  # none replaced where one cannot be
-            _check_writable(path)
-        for path in paths.values():
-            _replace(path)
-    finally:  # a failed write leaves no .tmp file
-        for path in paths.values():
-            _remove_tmp(_tmp_of(path))
+    _write_all({paths[task]: lambda f, rows=rows: f.writelines(
+        json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        for task, rows in records.items()})
     for task, rows in records.items():
         yield paths[task], len(rows)
+
+
+def _write_all(files: Mapping[Path, Callable[[IO[str]], object]]) -> None:
+    """Each file's .tmp written by its writer, then every file replaced: a failed write
+    replaces no earlier file and leaves no .tmp."""
+    try:
+        for path, write in files.items():
+            _write_tmp(path, write)
+        for path in files:  # none replaced where one cannot be
+            _check_writable(path)
+        for path in files:
+            _replace(path)
+    finally:
+        for path in files:
+            _remove_tmp(_tmp_of(path))
 
 
 def why_not_writable(path: Path) -> str | None:
@@ -173,32 +180,33 @@ def is_pseudo_label_file(path: str | Path, task: Any) -> bool:
         (path.parent / PSEUDO_LABEL_MARKER).is_file()
 
 
-def write_pseudo_labels(out_dir: str | Path, task: Any, predictions: Sequence[Mapping[str, Any]],
-                        threshold: float, *, on_bad_row: str = "error",
-                        labels: Sequence[str] | None = None) -> tuple[Path | None, int, int]:
-    """`<out_dir>/<task>.<ext>`: the task's test rows whose top probability reaches `threshold`,
-    labelled with the prediction, in the task's input layout (usable as `extra_train`).
+def confident_rows(task: Any, predictions: Sequence[Mapping[str, Any]], threshold: float, *,
+                   on_bad_row: str = "error", labels: Sequence[str] | None = None
+                   ) -> tuple[str | None, int, int]:
+    """The task's test rows whose top probability reaches `threshold`, labelled with the
+    prediction, as the text of a train file in the task's input layout (usable as
+    `extra_train`); None when no row is kept (an empty train file is an error for the
+    reader). Returns (text, rows kept, test rows).
 
-    The test file is read again as the predictor read it, so rows pair up by position.
-    Returns (path, rows kept, test rows); no file (path None) when no row is kept, since an
-    empty train file is an error for the reader (an earlier file there is not touched)."""
+    The test file is read again as the predictor read it, so rows pair up by position."""
     from mtl_dist.data import read_examples
 
     examples, _ = read_examples(task.test, task, require_label=False, on_bad_row=on_bad_row,
                                 labels=labels)
     kept = select_confident(examples, predictions, threshold)
-    path = pseudo_label_path(out_dir, task)
-    if not kept:  # an earlier round's file, if any, is the user's: left as it is
-        return None, 0, len(examples)
-    text = format_rows(task, kept, fmt=input_layout(task, task.test))
-    _make_dir(path.parent)
-    try:
-        _write_tmp(path, lambda f: f.write(text))
-        _check_writable(path)
-        _replace(path)
-    finally:  # a failed write leaves no .tmp file
-        _remove_tmp(_tmp_of(path))
-    marker = path.parent / PSEUDO_LABEL_MARKER
+    text = format_rows(task, kept, fmt=input_layout(task, task.test)) if kept else None
+    return text, len(kept), len(examples)
+
+
+def write_pseudo_labels(out_dir: str | Path, texts: Sequence[tuple[Any, str]]) -> dict[str, Path]:
+    """Each (task, `confident_rows` text) to `<out_dir>/<task>.<ext>` (each task's file
+    returned by task name), all or none: a failed write replaces no earlier round's file."""
+    paths = {task.name: pseudo_label_path(out_dir, task) for task, _ in texts}
+    if not texts:
+        return paths
+    _make_dir(Path(out_dir))
+    _write_all({paths[task.name]: lambda f, text=text: f.write(text) for task, text in texts})
+    marker = Path(out_dir) / PSEUDO_LABEL_MARKER
     with _writing(marker):
         marker.touch()
-    return path, len(kept), len(examples)
+    return paths

@@ -531,7 +531,7 @@ def test_a_target_file_that_cannot_be_written_is_refused_before_predicting(run, 
 def test_a_failed_write_is_one_line_replaces_no_earlier_file_and_leaves_no_tmp(tmp_path):
     from mtl_dist.config import TaskConfig
     from mtl_dist.errors import MtlDistError
-    from mtl_dist.outputs import write_predictions, write_pseudo_labels
+    from mtl_dist.outputs import confident_rows, write_predictions, write_pseudo_labels
     from tests._runs import REPO
 
     (tmp_path / "b.jsonl").mkdir()
@@ -541,14 +541,19 @@ def test_a_failed_write_is_one_line_replaces_no_earlier_file_and_leaves_no_tmp(t
     assert str(info.value) == f"{tmp_path / 'b.jsonl'} is a directory"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl"]
     assert (tmp_path / "a.jsonl").read_text() == "mine"
-    task = TaskConfig(name="b", pair=True, test=str(REPO / "tests" / "data" / "nli_test.tsv"))
+    # pseudo-labels likewise across tasks: task a's earlier round is kept when b's fails
+    tasks = [TaskConfig(name=name, pair=True, test=str(REPO / "tests" / "data" / "nli_test.tsv"))
+             for name in "ab"]
+    (tmp_path / "a.tsv").write_text("earlier round")
     (tmp_path / "b.tsv").mkdir()
     rows = [{"id": line.split("\t")[0], "label": "0", "probs": [1.0]}
-            for line in open(task.test, encoding="utf-8").read().splitlines()]
+            for line in open(tasks[0].test, encoding="utf-8").read().splitlines()]
+    texts = [(task, confident_rows(task, rows, 0.5)[0]) for task in tasks]
     with pytest.raises(MtlDistError) as info:
-        write_pseudo_labels(tmp_path, task, rows, 0.5)
+        write_pseudo_labels(tmp_path, texts)
     assert str(info.value) == f"{tmp_path / 'b.tsv'} is a directory"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl", "b.tsv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "a.tsv", "b.jsonl", "b.tsv"]
+    assert (tmp_path / "a.tsv").read_text() == "earlier round"
 
 
 def test_an_output_dir_that_cannot_be_written_is_refused_before_predicting(run, tmp_path,

@@ -20,7 +20,7 @@ from mtl_dist import cli
 from mtl_dist import data as mdata
 from mtl_dist.config import TaskConfig, load_config
 from mtl_dist.errors import DataError
-from mtl_dist.outputs import format_rows, input_layout, write_pseudo_labels
+from mtl_dist.outputs import confident_rows, format_rows, input_layout, write_pseudo_labels
 from mtl_dist.report import build_report, load_run
 from mtl_dist.trainer import Trainer
 from tests._runs import DEMO, REPO, records
@@ -270,15 +270,17 @@ def test_pseudo_labels_from_a_tianchi_test_file(tmp_path):
     preds = [{"id": e.id, "label": "012"[i % 3], "probs": [0.995, 0.004, 0.001] if i % 2 else
               [0.5, 0.3, 0.2]} for i, e in enumerate(examples)]
     assert input_layout(task, str(source)) == "tsv"
-    path, kept, total = write_pseudo_labels(tmp_path, task, preds, 0.99, labels=["0", "1", "2"])
-    assert (path.name, kept, total) == ("nli.tsv", len(examples) // 2, len(examples))
+    text, kept, total = confident_rows(task, preds, 0.99, labels=["0", "1", "2"])
+    assert (kept, total) == (len(examples) // 2, len(examples))
+    path = write_pseudo_labels(tmp_path, [(task, text)])["nli"]
+    assert path.name == "nli.tsv"
     back, _ = mdata.read_examples(path, task, require_label=True)
     assert [(e.id, e.text_a, e.text_b, e.label) for e in back] == \
         [(e.id, e.text_a, e.text_b, p["label"]) for e, p in zip(examples, preds, strict=True)
          if max(p["probs"]) >= 0.99]
     earlier = path.read_bytes()
-    assert write_pseudo_labels(tmp_path, task, preds, 0.999) == (None, 0, len(examples))
+    assert confident_rows(task, preds, 0.999) == (None, 0, len(examples))
     assert path.read_bytes() == earlier  # the earlier round's file is the user's: not deleted
     preds[3]["id"] = "someone-else"
     with pytest.raises(DataError, match="out of step"):
-        write_pseudo_labels(tmp_path, task, preds, 0.5)
+        confident_rows(task, preds, 0.5)
