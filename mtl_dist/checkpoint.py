@@ -26,7 +26,7 @@ import shutil
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -120,7 +120,7 @@ class CheckpointInfo:
     """One row of `mtl-dist ckpt ls`."""
 
     path: Path
-    kind: str  # "periodic" | "best" | "incomplete"
+    kind: str  # "periodic" | "best" | "incomplete" | "abandoned" (in OUTPUT/abandoned/)
     step: int | None
     complete: bool
     size_bytes: int
@@ -188,6 +188,8 @@ def why_not_a_directory(path: str | Path, writable: bool = True) -> str | None:
     path = Path(path).absolute()
     if path.exists() and not path.is_dir():
         return "exists and is not a directory"
+    if path.is_symlink() and not path.exists():
+        return f"is a symbolic link that leads nowhere ({os.readlink(path)})"
     blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         return f"cannot be created: {blocking} is a file"
@@ -321,8 +323,9 @@ def _dir_size(root: Path) -> int:
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             p = Path(dirpath) / name
-            if not p.is_symlink():
-                total += p.stat().st_size
+            with contextlib.suppress(FileNotFoundError):  # rotated away meanwhile (a live run)
+                if not p.is_symlink():
+                    total += p.stat().st_size
     return total
 
 
@@ -615,6 +618,13 @@ def read_manifest(path: Path | str) -> dict[str, Any]:
                 f"checkpoint {path}: is a run's output dir, not a checkpoint: give "
                 f"{path / BEST_DIR} or {path / CHECKPOINTS_DIR}/checkpoint-<step>"
             )
+        if path.name == CHECKPOINTS_DIR or any(_step_of(p) is not None for p in path.iterdir()):
+            raise CheckpointError(f"checkpoint {path}: is a folder of checkpoints, not one: "
+                                  f"give one of them ({path}/checkpoint-<step>)")
+        if (path / MODEL_FILE).is_file() and (path / "config.json").is_file():
+            raise CheckpointError(
+                f"checkpoint {path}: is a model dir written by `ckpt export` (load it with "
+                "from_pretrained), not a checkpoint: give the checkpoint it was exported from")
         raise CheckpointError(
             f"checkpoint {path}: not committed (no {COMMITTED} marker); it is incomplete"
         )
@@ -670,13 +680,26 @@ def _check_sizes(path: Path, manifest: Mapping[str, Any], names: Iterable[str]) 
 
 def training_manifest(path: Path) -> dict:
     """The manifest of a checkpoint to resume from: a periodic one (best/ holds no optimizer,
-    sampler or RNG state)."""
+    sampler or RNG state) whose step is the one its name says."""
     manifest = read_manifest(path)
     if manifest.get("kind") != "periodic":
         raise CheckpointError(
             f"checkpoint {path}: is a '{manifest.get('kind')}' checkpoint, not a training checkpoint"
         )
+    _check_named_step(path, manifest)
     return manifest
+
+
+def _check_named_step(path: Path, manifest: Mapping[str, Any]) -> None:
+    """A checkpoint-N whose manifest says another step (copied, linked or converted into place
+    by hand) was taken for step N: resume=auto went back to the older step, and the next
+    save at the steps in between wrote over the run's own checkpoints."""
+    named = _step_of(path)
+    if named is not None and manifest.get("step") != named:
+        raise CheckpointError(
+            f"checkpoint {path}: named step {named} but its {MANIFEST} says step "
+            f"{manifest.get('step')} (copied, linked or converted into place by hand?): "
+            "move it out of checkpoints/")
 
 
 def damage(path: Path) -> str | None:
@@ -685,6 +708,7 @@ def damage(path: Path) -> str | None:
     try:
         manifest = read_manifest(path)
         _check_sizes(path, manifest, manifest["files"])
+        _check_named_step(path, manifest)
     except CheckpointError as exc:
         return str(exc)
     return None
@@ -2035,7 +2059,19 @@ def list_checkpoints(output_dir: str | Path) -> list[CheckpointInfo]:
             step = int(p.name.split("-")[2])
             periodic.append(CheckpointInfo(p, "incomplete", step, False, _dir_size(p), False, None))
     periodic.sort(key=lambda r: (r.step or 0, r.kind))
-    return periodic + rows
+    return periodic + _abandoned_rows(out) + rows
+
+
+def _abandoned_rows(out: Path) -> list[CheckpointInfo]:
+    """Committed checkpoints a resume set aside in OUTPUT/abandoned/<branch>/ (resumable by
+    path): listed so that they are not forgotten, or taken for lost."""
+    abandoned = out / ABANDONED_DIR
+    branches = sorted(p for p in abandoned.iterdir() if p.is_dir()) if abandoned.is_dir() else []
+    rows = [CheckpointInfo(p, "abandoned", _step_of(p), True, _dir_size(p), False, _score_of(p),
+                           damage(p))
+            for branch in branches for p in sorted(branch.iterdir(), key=lambda p: _step_of(p) or 0)
+            if _step_of(p) is not None and p.is_dir() and was_committed(p)]
+    return rows
 
 
 def _read_best_json(best: Path) -> dict:
@@ -2085,25 +2121,34 @@ def inspect(path: str | Path) -> dict[str, Any]:
     manifest = read_manifest(path)
     result: dict[str, Any] = {"path": str(path), "committed": True, "damage": damage(path),
                               "manifest": manifest}
+    # a damaged checkpoint is what inspect is for: what cannot be read is said in its place
     rng = {}
     for name in sorted(manifest["files"]):
         m = _RNG_RE.match(name)
         if m:
-            rng[int(m.group(1))] = rng_summary(_torch_load(path / name))
+            rng[int(m.group(1))] = _readable(lambda n=name: rng_summary(_torch_load(path / n)))
     result["rng"] = rng
     trainer_state = {}
     if (path / TRAINER_STATE).is_file():
-        trainer_state = _read_json_file(path, TRAINER_STATE)
+        trainer_state = _readable(lambda: _read_json_file(path, TRAINER_STATE))
     result["trainer_state"] = trainer_state
     sampler = None
     if (path / "sampler.pt").is_file():
-        sampler = _torch_load(path / "sampler.pt")
+        sampler = _readable(lambda: _torch_load(path / "sampler.pt"))
     elif isinstance(trainer_state, dict):
         sampler = trainer_state.get("sampler")
     result["sampler"] = sampler
     if (path / BEST_JSON).is_file():
-        result["best"] = _read_json_file(path, BEST_JSON)
+        result["best"] = _readable(lambda: _read_json_file(path, BEST_JSON))
     return result
+
+
+def _readable(read: Callable[[], Any]) -> Any:
+    """`read()`, or {"unreadable": why} when a file is missing or damaged."""
+    try:
+        return read()
+    except CheckpointError as exc:
+        return {"unreadable": str(exc)}
 
 
 def _read_json_file(path: Path, name: str) -> Any:
@@ -2196,6 +2241,11 @@ def convert_zero_to_universal(path: str | Path, out: str | Path) -> Path:
         raise CheckpointError(
             f"checkpoint {src}: has no DeepSpeed ZeRO state; it loads at any world size as is"
         )
+    if manifest["engine"].get("universal"):
+        raise CheckpointError(f"checkpoint {src}: is already a universal checkpoint (converted "
+                              f"from {manifest.get('converted_from')}); it loads at any world "
+                              "size as is")
+    _refuse_inside_checkpoints(dst, src, "convert")
     if dst.exists():
         raise CheckpointError(f"convert: {dst} already exists")
     _verify_files(src, manifest, manifest["files"])
@@ -2228,7 +2278,7 @@ def convert_zero_to_universal(path: str | Path, out: str | Path) -> Path:
         new = dict(manifest, files=files, converted_from=str(src))
         new["engine"] = dict(manifest["engine"], universal=True)
         _commit(tmp, new)
-        os.rename(tmp, dst)
+        _rename_into_place(tmp, dst, "convert")
         _fsync_path(dst.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -2269,45 +2319,70 @@ def export_checkpoint(
         if heads:
             _save_safetensors(heads, tmp / "heads.safetensors", "heads")
         _copy_run_files(src, tmp, encoder_config)
-        if dst.exists():
-            dst.rmdir()
-        os.rename(tmp, dst)
+        _rename_into_place(tmp, dst, "export")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
 
 
+def _rename_into_place(tmp: Path, dst: Path, what: str) -> None:
+    """The finished `tmp` dir becomes `dst`, which was absent or empty when the command began:
+    something else (a second command) may have filled it since."""
+    try:
+        if dst.is_dir() and not dst.is_symlink():
+            dst.rmdir()  # empty, as checked at the start (else: OSError)
+        os.rename(tmp, dst)
+    except OSError as exc:
+        raise CheckpointError(f"{what}: {dst} was written by something else meanwhile "
+                              f"({_error_text(exc)}): nothing of it was replaced") from None
+
+
 def _refuse_inside_checkpoints(dst: Path, src: Path, what: str) -> None:
-    """`dst` inside a checkpoint or a run's checkpoints/ or best/ (the source's run or any
-    other): that run's next save, rotation or resume would take it for a damaged checkpoint,
-    or write over it."""
-    real, run = dst.resolve(), run_holding(src.resolve())
+    folder = managing_folder(dst, src)
+    if folder is not None:
+        raise CheckpointError(f"{what}: {dst} is inside {folder}, {MANAGED}")
+
+
+MANAGED = "which the run's saves, rotation and resumes manage: pick a folder outside it"
+
+
+def managing_folder(dst: Path, src: Path | None = None) -> Path | None:
+    """The checkpoint, or a run's checkpoints/ or best/ (the run of checkpoint `src`, or any
+    other), that `dst` is or lies inside: that run's next save, rotation or resume would take
+    what is written there for a damaged checkpoint, or write over it; None when none."""
+    real = dst.resolve()
+    run = run_holding(src.resolve()) if src is not None else None
     for folder in (real, *real.parents):
         if was_committed(folder) or (folder.name in (CHECKPOINTS_DIR, BEST_DIR) and (
-                folder.parent == run or _holds_a_run(folder.parent))):
-            raise CheckpointError(f"{what}: {dst} is inside {folder}, which the run's saves, "
-                                  "rotation and resumes manage: pick a folder outside it")
+                folder.parent == run or holds_a_run(folder.parent))):
+            return folder
+    return None
 
 
 def run_holding(checkpoint: Path) -> Path | None:
-    """The run a checkpoint belongs to: OUTPUT of OUTPUT/best or OUTPUT/checkpoints/
-    checkpoint-N; None for one elsewhere (an exported copy, say)."""
+    """The run a checkpoint belongs to: OUTPUT of OUTPUT/best, OUTPUT/checkpoints/
+    checkpoint-N or OUTPUT/abandoned/<branch>/<checkpoint> (set aside by a resume or a best/
+    swap); None for one elsewhere (an exported copy, say)."""
     if checkpoint.name == BEST_DIR:
         return checkpoint.parent
     if checkpoint.parent.name == CHECKPOINTS_DIR:
         return checkpoint.parent.parent
+    run = checkpoint.parent.parent.parent
+    if checkpoint.parent.parent.name == ABANDONED_DIR and holds_a_run(run):
+        return run
     return None
 
 
-def _holds_a_run(folder: Path) -> bool:
+def holds_a_run(folder: Path) -> bool:
     """Whether `folder` is a run's output dir (what every run writes at its start)."""
     return (folder / "labels.json").is_file() or (folder / "config.yaml").is_file()
 
 
 def _copy_run_files(src: Path, tmp: Path, encoder_config: Mapping[str, Any] | None) -> None:
     """config.json, config.yaml, labels.json and tokenizer files for an exported model dir."""
-    roots = [src] if _step_of(src) is None else [src, src.parent.parent]
+    run = run_holding(src)
+    roots = [src] if run is None or src.name == BEST_DIR else [src, run]
     if encoder_config is not None:
         (tmp / "config.json").write_text(_to_json(dict(encoder_config), "encoder_config"))
     for root in roots:

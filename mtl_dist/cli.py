@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -43,17 +44,26 @@ def _check_output_dir_for(out_dir: Path, cfg, checkpoint: Path, what: str, defau
     to write (`targets`) is one of the run's data files
     (`--output` at the data dir replaced a dev file with predictions) or cannot be written (a
     directory there: a traceback after all the predicting, with other tasks' files replaced)."""
+    from mtl_dist.checkpoint import MANAGED, holds_a_run, managing_folder
     from mtl_dist.data import SPLITS, split_files
     from mtl_dist.outputs import why_not_writable
 
     _not_a_file(out_dir, what)
     target = out_dir.resolve()
-    for run in {Path(cfg.train.output_dir).resolve(), _run_of(checkpoint, cfg)}:
-        if target == run or (target.parent == run and target.name in ("checkpoints", "best")) \
-                or any(p in (run / "checkpoints", run / "best") for p in target.parents):
+    run = _run_of(checkpoint, cfg)
+    for own in {Path(cfg.train.output_dir).resolve(), run}:
+        if target == own or (target.parent == own and target.name in ("checkpoints", "best")) \
+                or any(p in (own / "checkpoints", own / "best") for p in target.parents):
             raise MtlDistError(f"{what} {out_dir}: is the run's output dir (or a folder of its "
                                "checkpoints), whose files predictions could replace: pick "
-                               f"another, e.g. {run / default} (the default)")
+                               f"another, e.g. {own / default} (the default)")
+    if holds_a_run(target):  # another run's: a task named `metrics` replaced its log
+        raise MtlDistError(f"{what} {out_dir}: is a run's output dir (it holds labels.json or "
+                           "config.yaml), whose files predictions could replace: pick another, "
+                           f"e.g. {run / default} (the default)")
+    inside = managing_folder(target, checkpoint)
+    if inside is not None:
+        raise MtlDistError(f"{what} {out_dir}: is inside {inside}, {MANAGED}")
     data = {Path(f).resolve(): (i, split) for i, task in enumerate(cfg.tasks)
             for split in SPLITS for f in split_files(task, split)}
     for path in targets:
@@ -292,11 +302,15 @@ def cmd_ckpt(args) -> int:
     from mtl_dist import checkpoint as ck
 
     if args.ckpt_cmd == "ls":
-        out = Path(args.output_dir)
+        if not args.output_dir:
+            raise MtlDistError("ckpt ls: give a run's output dir (got an empty path)")
+        out = Path(args.output_dir).resolve()  # `.` inside checkpoints/ names no folder
         if not out.is_dir():
             raise MtlDistError(f"ckpt ls: {out} is not a directory (give a run's output dir)")
         if out.name == ck.CHECKPOINTS_DIR and not (out / ck.CHECKPOINTS_DIR).is_dir():
             out = out.parent  # OUTPUT/checkpoints: list its run
+        elif out.parent.name == ck.ABANDONED_DIR and ck.holds_a_run(out.parent.parent):
+            out = out.parent.parent  # a branch a resume set aside: list its run
         elif not (out / ck.CHECKPOINTS_DIR).is_dir():
             out = ck.run_holding(out) or out  # best/ or one checkpoint: list its run
         rows = ck.list_checkpoints(out)
@@ -328,6 +342,7 @@ def _format_ckpt_row(row) -> str:
     if score is not None:
         text += f"  {info.get('metric', 'score')}={score:.4f}"
     text += "  [best]" if info.get("is_best") else ""
+    text += "  (set aside by a resume)" if info.get("kind") == "abandoned" else ""
     return text + (f"  ({info['damage']})" if info.get("damage") else "")
 
 
@@ -350,7 +365,7 @@ def _demo_fresh_start(out: Path, overrides: list[str], args) -> list[str]:
     """Checks the demo's arguments here, once, before any process is launched; returns the
     overrides that let phase 1 start over in an output dir an earlier demo wrote (and only
     then: a run the demo did not write is never deleted)."""
-    from mtl_dist.checkpoint import CheckpointManager
+    from mtl_dist import checkpoint as ck
 
     if args.processes < 1:
         raise MtlDistError(f"demo: --processes must be >= 1, got {args.processes}")
@@ -364,8 +379,13 @@ def _demo_fresh_start(out: Path, overrides: list[str], args) -> list[str]:
     taken = [key for key, changed in owned.items() if changed]
     if taken:  # phase 1 starts its output dir over: it must be the one the marker guards
         raise MtlDistError(f"demo: {taken[0]} is the demo's to set, not an override's")
+    if not args.output:  # Path('') is the working dir: a later demo there clears it
+        raise MtlDistError("demo: --output is empty; give a directory")
     _not_a_file(out, "demo: --output")
-    saved = CheckpointManager(out, save_total_limit=None, recover_best=False).saved_run() \
+    inside = ck.managing_folder(out)
+    if inside is not None:
+        raise MtlDistError(f"demo: --output {out} is inside {inside}, {ck.MANAGED}")
+    saved = ck.CheckpointManager(out, save_total_limit=None, recover_best=False).saved_run() \
         if out.is_dir() else []
     if saved and not (out / DEMO_MARKER).exists():
         raise MtlDistError(f"demo: --output {out} holds a run the demo did not write "
@@ -441,6 +461,9 @@ def cmd_bench(args) -> int:
     if args.warmup < 1 or args.steps < 1:
         raise MtlDistError(f"bench: --warmup and --steps must be >= 1 (the first step compiles "
                            f"and allocates), got --warmup {args.warmup} --steps {args.steps}")
+    if not math.isfinite(args.peak_tflops) or args.peak_tflops <= 0:
+        raise MtlDistError(f"bench: --peak-tflops must be a finite number > 0 (the GPU's dense "
+                           f"bf16 peak), got {args.peak_tflops}")
     every, untimed, total = bench_schedule(args.warmup, args.steps)
     with tempfile.TemporaryDirectory(prefix="mtl_bench_") as out:
         cfg = _load(args.config, [*args.overrides, f"train.output_dir={out}",

@@ -53,6 +53,9 @@ def why_not_writable(path: Path) -> str | None:
     written; None when it can be."""
     if path.exists() and not path.is_file():
         return "is a directory" if path.is_dir() else "exists and is not a regular file"
+    tmp = _tmp_of(path)  # written first, then renamed onto `path`
+    if tmp.exists() and not tmp.is_file():
+        return f"cannot be written: its temporary file {tmp} is a directory"
     folder = next((p for p in path.parents if p.exists()), None)
     if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
         return f"cannot be written: no write permission in {folder}"

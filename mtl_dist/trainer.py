@@ -28,12 +28,14 @@ from tqdm.auto import tqdm
 from mtl_dist import data as mdata
 from mtl_dist import zero
 from mtl_dist.checkpoint import (
+    MANAGED,
     CheckpointManager,
     check_label_maps_of,
     check_manifest,
     improves_on,
     is_committed,
     load_state_checked,
+    managing_folder,
     read_manifest,
     training_manifest,
     why_not_a_directory,
@@ -325,6 +327,9 @@ def check_output_dir(cfg: RunConfig, ckpt: CheckpointManager, say=print) -> None
     why = why_not_a_directory(out)
     if why is not None:  # found on every rank alike, before any of them waits
         raise ConfigError(f"config key 'train.output_dir': {out} {why}")
+    inside = managing_folder(out)  # a run's best/ (say): its next save swapped best/ away
+    if inside is not None:
+        raise ConfigError(f"config key 'train.output_dir': {out} is inside {inside}, {MANAGED}")
     _refuse_replacing_the_config_file(cfg, out)
     _refuse_a_cache_dir_file(cfg)
     if train.resume and train.resume != "auto":

@@ -879,12 +879,78 @@ def test_an_unreadable_file_in_hashing_is_one_line(tmp_path: Path, monkeypatch) 
         mgr.load(path, make_objects())
 
 
-def test_inspect_names_a_damaged_json_file(tmp_path: Path) -> None:
+def test_inspect_shows_a_damaged_checkpoint_naming_what_cannot_be_read(tmp_path: Path) -> None:
+    """Inspecting a damaged checkpoint is what inspect is for: a damaged JSON file, a deleted
+    RNG file or a cut sampler state stopped it with an error, the damage found unshown."""
     mgr = CheckpointManager(tmp_path, save_total_limit=None)
     path = save(mgr, 1, make_objects())
     (path / "trainer_state.json").write_text("{")
-    with pytest.raises(CheckpointError, match=r"file 'trainer_state.json' is unreadable or not JSON"):
-        ck.inspect(path)
+    (path / "rng_state_0.pth").unlink()
+    found = ck.inspect(path)
+    assert found["trainer_state"]["unreadable"].startswith(
+        f"checkpoint {path}: file 'trainer_state.json' is unreadable or not JSON")
+    assert found["rng"][0]["unreadable"].startswith(f"cannot load {path / 'rng_state_0.pth'}")
+    assert found["damage"] is not None and found["manifest"]["step"] == 1
+
+
+def test_a_checkpoint_named_for_another_step_is_refused_and_listed_damaged(tmp_path: Path) -> None:
+    """A checkpoint copied (or converted) into checkpoints/ as checkpoint-99 was taken for step
+    99: resume=auto went back to its real step, and the next saves wrote over the run's own."""
+    import shutil
+
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    path = save(mgr, 4, make_objects())
+    copy = tmp_path / "checkpoints" / "checkpoint-99"
+    shutil.copytree(path, copy)
+    why = (f"checkpoint {copy}: named step 99 but its manifest.json says step 4 (copied, linked "
+           "or converted into place by hand?): move it out of checkpoints/")
+    with pytest.raises(CheckpointError) as info:
+        ck.training_manifest(copy)
+    assert str(info.value) == why
+    rows = {r.path.name: r for r in ck.list_checkpoints(tmp_path)}
+    assert rows["checkpoint-99"].damage == why and rows["checkpoint-4"].damage is None
+    (tmp_path / "checkpoints" / "checkpoint-50").symlink_to(path)  # a link: the same
+    assert "named step 50 but" in ck.damage(tmp_path / "checkpoints" / "checkpoint-50")
+
+
+def test_ckpt_ls_lists_the_checkpoints_a_resume_set_aside(tmp_path: Path) -> None:
+    objs = make_objects()
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    older = save(mgr, 2, objs)
+    save(mgr, 4, objs)
+    (tmp_path / "labels.json").write_text("{}")  # a run's output dir
+    resumed = CheckpointManager(tmp_path, save_total_limit=None)
+    resumed.load(older, make_objects())
+    _, target = resumed.set_aside_newer()
+    rows = ck.list_checkpoints(tmp_path)
+    assert [(r.path, r.kind, r.step, r.complete, r.damage) for r in rows] == [
+        (older, "periodic", 2, True, None), (target / "checkpoint-4", "abandoned", 4, True, None)]
+    assert ck.run_holding(target / "checkpoint-4") == tmp_path
+
+
+def test_a_folder_of_checkpoints_or_an_export_given_as_a_checkpoint_says_so(tmp_path: Path) -> None:
+    """Both were 'not committed (no COMMITTED marker); it is incomplete'."""
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    path = save(mgr, 2, make_objects())
+    with pytest.raises(CheckpointError, match=r"is a folder of checkpoints, not one: give one of"):
+        ck.read_manifest(tmp_path / "checkpoints")
+    out = ck.export_checkpoint(path, tmp_path / "hf", encoder_prefix="mid.",
+                               encoder_config={"model_type": "x"})
+    with pytest.raises(CheckpointError, match=r"is a model dir written by `ckpt export`"):
+        ck.read_manifest(out)
+
+
+def test_a_target_filled_while_exporting_is_one_line_and_keeps_what_is_there(
+        tmp_path: Path) -> None:
+    """Two exports or conversions to one DIR: the loser's rename failed with a traceback."""
+    tmp, dst = tmp_path / ".tmp-export-x", tmp_path / "dst"
+    tmp.mkdir()
+    dst.mkdir()
+    (dst / "theirs").write_text("kept")
+    with pytest.raises(CheckpointError, match=rf"^export: {dst} was written by something else "
+                       r"meanwhile \(.*\): nothing of it was replaced$"):
+        ck._rename_into_place(tmp, dst, "export")
+    assert (dst / "theirs").read_text() == "kept"
 
 
 def test_export_refuses_a_target_the_runs_saves_manage(tmp_path: Path) -> None:

@@ -314,3 +314,17 @@ def test_a_universal_checkpoint_is_refused_for_weights_in_one_line(two_rank_run:
                        r"is for resuming at another world size; evaluate, predict or export "
                        r"the checkpoint it was converted from"):
         ck.load_model_state(universal)
+    # converting it again died in DeepSpeed (no *_optim_states.pt) with a traceback
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {universal}: is already a universal "
+                       r"checkpoint \(converted from .*checkpoint-2\); it loads at any world"):
+        ck.convert_zero_to_universal(universal, two_rank_run / "again")
+
+
+def test_convert_refuses_a_target_the_runs_saves_manage(two_rank_run: Path) -> None:
+    """`ckpt convert ... checkpoints/checkpoint-99` made a 'newest' checkpoint of step 2's
+    state: resume=auto went back to it and the next saves replaced the run's own."""
+    zero = two_rank_run / "zero"
+    for target in (zero / "checkpoints" / "checkpoint-99", zero / "best" / "universal"):
+        with pytest.raises(CheckpointError, match=r"^convert: .* is inside .*pick a folder "):
+            ck.convert_zero_to_universal(zero / "checkpoints" / "checkpoint-2", target)
+        assert not target.exists()

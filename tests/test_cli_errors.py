@@ -591,3 +591,88 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_predicting(run, 
         out.chmod(0o755)
     assert sorted(p.name for p in out.iterdir()) == ["nli.jsonl"]
     assert (out / "nli.jsonl").read_text() == "mine"
+
+
+def test_no_command_writes_into_a_folder_a_runs_saves_manage(run, capsys, tmp_path, monkeypatch):
+    """A fuzzing review: `train`/`check`/`demo` with the output dir at a run's best/ (its
+    next save swapped best/ away, or damaged it), `predict --output` at another run's output
+    dir (a task named `metrics` replaced its log) or inside a committed checkpoint: all
+    accepted. Now one line each, before any work, nothing written."""
+    import shutil
+
+    root, overrides = run
+    best, ckpt8 = root / "out" / "best", root / "out" / "checkpoints" / "checkpoint-8"
+    before = {p: p.read_bytes() for p in (root / "out").rglob("*") if p.is_file()}
+    for target in (best, best / "sub", ckpt8):
+        code, _, err = cli(capsys, "check", DEMO, *overrides, f"train.output_dir={target}")
+        assert code == 2 and err.strip().endswith(
+            f"config key 'train.output_dir': {target} is inside {target if target != best / 'sub' else best}"
+            ", which the run's saves, rotation and resumes manage: pick a folder outside it"), err
+    code, _, err = cli(capsys, "demo", "--output", best)
+    assert code == 2 and err.strip() == (f"error: demo: --output {best} is inside {best}, which "
+                                         "the run's saves, rotation and resumes manage: pick a "
+                                         "folder outside it")
+    assert cli(capsys, "demo", "--output", "")[2].strip() == \
+        "error: demo: --output is empty; give a directory"
+    other = tmp_path / "other"
+    shutil.copytree(root / "out", other)
+    for target, why in ((other, "is a run's output dir (it holds labels.json or config.yaml)"),
+                        (other / "checkpoints" / "checkpoint-8",
+                         f"is inside {other / 'checkpoints' / 'checkpoint-8'}")):
+        code, _, err = cli(capsys, "predict", DEMO, *overrides, "--checkpoint", best,
+                           "--output", target)
+        assert code == 2 and f"error: predict --output {target}: {why}" in err, err
+    assert {p: p.read_bytes() for p in (root / "out").rglob("*") if p.is_file()} == before
+    # `ckpt ls .` inside checkpoints/ ("no checkpoints under ."), and an empty path
+    monkeypatch.chdir(root / "out" / "checkpoints")
+    code, out, _ = cli(capsys, "ckpt", "ls", ".")
+    assert code == 0 and "checkpoint-8" in out and "best" in out, out
+    assert cli(capsys, "ckpt", "ls", "")[2].strip() == \
+        "error: ckpt ls: give a run's output dir (got an empty path)"
+
+
+def test_a_checkpoint_a_resume_set_aside_exports_and_predicts_into_its_run(run, capsys, tmp_path):
+    """Checkpoints in OUTPUT/abandoned/<branch>/: export looked for the run's files two levels
+    up (and failed), predict wrote into the config's run, `ckpt ls` listed nothing."""
+    import shutil
+
+    root, overrides = run
+    other = tmp_path / "other"
+    shutil.copytree(root / "out", other)
+    aside = other / "abandoned" / "after-checkpoint-4-abcd" / "checkpoint-8"
+    aside.parent.mkdir(parents=True)
+    (other / "checkpoints" / "checkpoint-8").rename(aside)
+    code, out, err = cli(capsys, "ckpt", "export", aside, tmp_path / "hf")
+    assert code == 0 and (tmp_path / "hf" / "config.json").is_file(), err
+    code, out, _ = cli(capsys, "predict", DEMO, *overrides, "--checkpoint", aside)
+    assert code == 0 and f"to {other / 'predictions' / 'nli.jsonl'}" in out, out
+    for listed in (other, aside.parent):
+        code, out, _ = cli(capsys, "ckpt", "ls", listed)
+        assert code == 0 and f"{aside} " in out and "(set aside by a resume)" in out, out
+
+
+def test_an_output_that_cannot_be_written_is_named_before_predicting(run, capsys, tmp_path):
+    """A directory at a file's .tmp name was named as the file, after all the predicting; an
+    --output that is a dangling link was 'File exists', after all the predicting."""
+    root, overrides = run
+    (tmp_path / "p2" / "nli.jsonl.tmp").mkdir(parents=True)
+    code, _, err = cli(capsys, "predict", DEMO, *overrides, "--checkpoint", root / "out" / "best",
+                       "--output", tmp_path / "p2")
+    assert code == 2 and err.strip() == (
+        f"error: predict --output {tmp_path / 'p2'}: {tmp_path / 'p2' / 'nli.jsonl'} cannot be "
+        f"written: its temporary file {tmp_path / 'p2' / 'nli.jsonl.tmp'} is a directory: pick "
+        "another --output"), err
+    (tmp_path / "p4").symlink_to(tmp_path / "gone")
+    code, _, err = cli(capsys, "predict", DEMO, *overrides, "--checkpoint", root / "out" / "best",
+                       "--output", tmp_path / "p4")
+    assert code == 2 and err.strip() == (
+        f"error: predict --output {tmp_path / 'p4'}: is a symbolic link that leads nowhere "
+        f"({tmp_path / 'gone'})"), err
+
+
+@pytest.mark.parametrize("peak", ["0", "-1", "nan", "inf"])
+def test_bench_refuses_a_peak_that_is_no_positive_number(capsys, peak):
+    code, _, err = cli(capsys, "bench", DEMO, "--peak-tflops", peak)
+    assert code == 2 and err.strip() == (
+        "error: bench: --peak-tflops must be a finite number > 0 (the GPU's dense bf16 peak), "
+        f"got {float(peak)}")
