@@ -8,16 +8,20 @@ embedded as base64 data URIs (the page can be mailed or archived alone).
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import html
+import io
 import json
 import math
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -104,16 +108,17 @@ def _label_lists(path: Path) -> dict[str, list[str]]:
 
 
 def _counts_table(matrix: Any) -> bool:
-    """A confusion matrix as written: a square list of lists of non-negative integers."""
+    """A confusion matrix as written: a square list of lists of non-negative integers (that
+    fit the int64 it is drawn from)."""
     return isinstance(matrix, list) and bool(matrix) and all(
         isinstance(row, list) and len(row) == len(matrix)
-        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in row)
+        and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63 for x in row)
         for row in matrix)
 
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
         return None
 
@@ -151,9 +156,15 @@ def _read_yaml(path: Path) -> Any:
     import yaml
 
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(_read_text(path))
     except (OSError, yaml.YAMLError):
         return None
+
+
+def _read_text(path: Path) -> str:
+    """A text file the user may have edited: bytes that are not UTF-8 (a Latin-1 comment)
+    become U+FFFD instead of failing the report."""
+    return path.read_text(encoding="utf-8-sig", errors="replace")
 
 
 def _is_best_record(run: RunLog, record: Mapping[str, Any]) -> bool:
@@ -193,21 +204,33 @@ def _best_metrics(run: RunLog) -> dict | None:
 
 
 def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+    """A number a plot can take: an int past float's range (a hand edit) is not one."""
+    if not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 # ------------------------------------------------------------------------------------ plots
 
 
 def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    points = [(r["step"], r[key]) for r in records if _finite(r.get(key))]
+    points = [(r["step"], r[key]) for r in records if _finite(r.get(key)) and _finite(r["step"])]
     return [p[0] for p in points], [p[1] for p in points]
 
 
 def _mark_best(ax: Any, best_step: int | None) -> None:
-    if best_step is not None and best_step >= 0:
+    if _finite(best_step) and best_step >= 0:
         ax.axvline(best_step, color="tab:red", linestyle="--", linewidth=1,
                    label=f"best (step {best_step})")
+
+
+def _legend(ax: Any) -> None:
+    """A legend where something is labelled: an empty one is a multi-line UserWarning."""
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize="small")
 
 
 def train_loss_figure(run: RunLog) -> Figure:
@@ -222,7 +245,7 @@ def train_loss_figure(run: RunLog) -> Figure:
     _mark_best(ax, run.best_step)
     ax.set(title="Training loss", xlabel="optimizer step", ylabel="loss")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    _legend(ax)
     return fig
 
 
@@ -246,7 +269,7 @@ def eval_score_figure(run: RunLog) -> Figure:
     for ax in (ax_score, ax_loss):
         _mark_best(ax, run.best_step)
         ax.grid(alpha=0.3)
-    ax_score.legend(fontsize="small")
+    _legend(ax_score)
     return fig
 
 
@@ -262,7 +285,7 @@ def eval_task_figure(run: RunLog, task: str) -> Figure:
     for ax in (ax_m, ax_loss):
         _mark_best(ax, run.best_step)
         ax.grid(alpha=0.3)
-    ax_m.legend(fontsize="small")
+    _legend(ax_m)
     return fig
 
 
@@ -289,35 +312,82 @@ def confusion_figure(matrix: Sequence[Sequence[int]], labels: Sequence[str], tit
     return fig
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=DPI)
-    os.replace(tmp, path)
-    return path
+class Plot(NamedTuple):
+    caption: str
+    path: Path
+    png: bytes  # what was written: the page embeds these, whatever another report did since
 
 
-def render_plots(run: RunLog, report_dir: Path) -> list[tuple[str, Path]]:
-    """Every PNG of the report as (caption, path), in page order."""
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write through a temp file of this process's own, then rename it into place: a reader
+    never sees half a file, and concurrent reports don't rename each other's temp files (the
+    last to finish wins). A failure is one line, and leaves no temp file behind."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise DataError(f"report: cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _save(caption: str, fig: Figure, path: Path) -> Plot:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    _write_atomically(path, buffer.getvalue())
+    return Plot(caption, path, buffer.getvalue())
+
+
+def _report_dir(report_dir: Path) -> None:
+    """Create OUTPUT/report, or say in one line why it cannot hold the report."""
     if report_dir.exists() and not report_dir.is_dir():
         raise DataError(f"report: {report_dir} exists and is not a directory")
-    report_dir.mkdir(parents=True, exist_ok=True)
+    if report_dir.is_symlink() and not report_dir.exists():  # mkdir would say "File exists"
+        raise DataError(f"report: {report_dir} is a link to {os.readlink(report_dir)}, "
+                        "which does not exist")
+    try:
+        report_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"report: cannot create {report_dir}: {exc.strerror or exc}") from exc
+    # before drawing anything (a read-only copy of a run)
+    if not os.access(report_dir, os.W_OK | os.X_OK):
+        raise DataError(f"report: cannot write in {report_dir} (no write permission)")
+
+
+def _remove_stale(report_dir: Path, keep: Iterable[Path]) -> None:
+    """Plots of an earlier report this one has not rewritten (a task gone, a renamed file);
+    only once the new ones are saved, and only files (a directory there is the user's)."""
+    keep = set(keep)
     for stale in report_dir.glob("*.png"):
-        stale.unlink()
-    plots: list[tuple[str, Path]] = []
+        if stale not in keep and stale.is_file() and not stale.is_symlink():
+            try:
+                stale.unlink()
+            except FileNotFoundError:  # a concurrent report removed it first
+                pass
+            except OSError as exc:
+                raise DataError(f"report: cannot remove {stale}: {exc.strerror or exc}") from exc
+
+
+def render_plots(run: RunLog, report_dir: Path) -> list[Plot]:
+    """Every PNG of the report, in page order."""
+    _report_dir(report_dir)
+    best_tasks = (run.best or {}).get("tasks") or {}
+    stem = _file_stems([*run.tasks, *best_tasks])
+    plots: list[Plot] = []
     if run.train:
-        plots.append(("Training loss, overall and per task",
-                      _save(train_loss_figure(run), report_dir / "train_loss.png")))
+        plots.append(_save("Training loss, overall and per task", train_loss_figure(run),
+                           report_dir / "train_loss.png"))
         if any(_finite(r.get("lr")) for r in run.train):
-            plots.append(("Learning rate", _save(lr_figure(run), report_dir / "lr.png")))
+            plots.append(_save("Learning rate", lr_figure(run), report_dir / "lr.png"))
     if run.evals:
-        plots.append(("Dev score and loss (dashed line: best step)",
-                      _save(eval_score_figure(run), report_dir / "eval_score.png")))
+        plots.append(_save("Dev score and loss (dashed line: best step)", eval_score_figure(run),
+                           report_dir / "eval_score.png"))
         for task in run.tasks:
             if any(f"eval/{task}/accuracy" in r for r in run.evals):
-                plots.append((f"{task}: dev metrics over steps",
-                              _save(eval_task_figure(run, task),
-                                    report_dir / f"eval_{_safe(task)}.png")))
-    for task, m in ((run.best or {}).get("tasks") or {}).items():
+                plots.append(_save(f"{task}: dev metrics over steps", eval_task_figure(run, task),
+                                   report_dir / f"eval_{stem[task]}.png"))
+    for task, m in best_tasks.items():
         matrix = m.get("confusion_matrix")
         if not matrix:
             continue
@@ -328,13 +398,29 @@ def render_plots(run: RunLog, report_dir: Path) -> list[tuple[str, Path]]:
         labels = run.labels.get(task) or []
         labels = labels if len(labels) == len(matrix) else [str(i) for i in range(len(matrix))]
         fig = confusion_figure(matrix, labels, f"{task}: best checkpoint (step {run.best_step})")
-        plots.append((f"{task}: confusion matrix of the best checkpoint",
-                      _save(fig, report_dir / f"confusion_{_safe(task)}.png")))
+        plots.append(_save(f"{task}: confusion matrix of the best checkpoint", fig,
+                           report_dir / f"confusion_{stem[task]}.png"))
+    _remove_stale(report_dir, (p.path for p in plots))
     return plots
 
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _file_stems(tasks: Iterable[str]) -> dict[str, str]:
+    """Task -> the part of its plot file names: the name itself where it is a safe file name
+    shared with no other task, else the sanitised name plus a short hash of the raw one
+    (`news:a` and `news_a` both sanitise to news_a: one task's plot showed under the other's
+    caption). Compared case-blind: some file systems are."""
+    tasks = list(dict.fromkeys(tasks))
+    stems = {t: t if _safe(t) == t else _hashed(t) for t in tasks}
+    taken = Counter(s.casefold() for s in stems.values())
+    return {t: _hashed(t) if taken[s.casefold()] > 1 else s for t, s in stems.items()}
+
+
+def _hashed(task: str) -> str:
+    return f"{_safe(task)}-{hashlib.sha1(task.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
 
 
 # ------------------------------------------------------------------------------------- HTML
@@ -379,10 +465,11 @@ def _summary_rows(run: RunLog) -> str:
     return "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in rows)
 
 
-def _image_html(caption: str, path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(caption)}' "
-            f"data-file='{html.escape(path.name)}'><figcaption>{html.escape(caption)}"
+def _image_html(plot: Plot) -> str:
+    data = base64.b64encode(plot.png).decode("ascii")
+    caption = html.escape(plot.caption)
+    return (f"<figure><img src='data:image/png;base64,{data}' alt='{caption}' "
+            f"data-file='{html.escape(plot.path.name)}'><figcaption>{caption}"
             f"</figcaption></figure>")
 
 
@@ -393,7 +480,7 @@ figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}figcaption{color:#5
 pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:0.85em}"""
 
 
-def render_html(run: RunLog, plots: Sequence[tuple[str, Path]]) -> str:
+def render_html(run: RunLog, plots: Sequence[Plot]) -> str:
     name = html.escape(run.output_dir.resolve().name)
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>mtl_dist report: {name}"
              f"</title><style>{STYLE}</style></head><body><h1>mtl_dist report: {name}</h1>",
@@ -406,14 +493,22 @@ def render_html(run: RunLog, plots: Sequence[tuple[str, Path]]) -> str:
         parts.append(_metrics_table(f"Last evaluation (step {last['step']}), dev set",
                                     _eval_as_metrics(last)))
     parts.append("<h2>Plots</h2>")
-    parts.extend(_image_html(caption, path) for caption, path in plots)
-    config = run.output_dir / "config.yaml"
-    if config.is_file():
+    parts.extend(_image_html(plot) for plot in plots)
+    config = _config_text(run.output_dir / "config.yaml")
+    if config is not None:
         parts.append(f"<details><summary>Resolved config</summary><pre>"
-                     f"{html.escape(config.read_text())}</pre></details>")
+                     f"{html.escape(config)}</pre></details>")
     parts.append(f"<p><small>Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from "
                  f"{html.escape(str(run.output_dir / METRICS_FILE))}.</small></p></body></html>")
     return "\n".join(parts)
+
+
+def _config_text(path: Path) -> str | None:
+    """The run's config.yaml for the page; None when there is none to read."""
+    try:
+        return _read_text(path) if path.is_file() else None
+    except OSError:
+        return None
 
 
 def build_report(output_dir: str | Path) -> Path:
@@ -422,7 +517,5 @@ def build_report(output_dir: str | Path) -> Path:
     report_dir = Path(output_dir) / REPORT_DIR
     plots = render_plots(run, report_dir)
     page = report_dir / "index.html"
-    tmp = page.with_name(page.name + ".tmp")
-    tmp.write_text(render_html(run, plots), encoding="utf-8")
-    os.replace(tmp, page)
+    _write_atomically(page, render_html(run, plots).encode("utf-8"))
     return page

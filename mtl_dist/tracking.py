@@ -113,7 +113,10 @@ def _parsed_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """(line, record) of each readable line; a torn line (a write cut short by a full disk or
     a kill) is skipped with a warning instead of making the log unreadable for good."""
     out = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+    # utf-8-sig: an editor's "UTF-8 with BOM" save glued the BOM to line 1, whose record was
+    # then skipped as torn (and dropped by the next resume's rewrite)
+    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

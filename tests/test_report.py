@@ -9,6 +9,7 @@ import io
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -174,6 +175,173 @@ def test_report_reads_a_run_that_went_on_after_a_preemption_and_metric_loss(run,
     assert loaded.best_step == max(evals, key=lambda r: r["eval/score"])["step"]
     (bare / "config.yaml").write_text("train:\n  metric_for_best: loss\n")
     assert load_run(bare).best_step == min(evals, key=lambda r: r["eval/loss"])["step"]
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _bare(run, tmp_path: Path, recs: list[dict] | None = None) -> Path:
+    """A copy of the run without best/ (the matrices come from the log), its log `recs`."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("labels.json", "config.yaml"):
+        shutil.copy(run.out / name, bare / name)
+    recs = _log(run.out) if recs is None else recs
+    (bare / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return bare
+
+
+def _one_line_error(argv: list[str], capsys) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: report: ") and "\n" not in err, err
+    return err
+
+
+@pytest.mark.skipif(not Path("/proc/1").is_dir(), reason="needs Linux /proc")
+@pytest.mark.parametrize(("where", "said"), [
+    ("unwritable", "cannot write in {report} (no write permission)"),  # even by root
+    ("broken link", "{report} is a link to /proc/1/nope, which does not exist"),
+    ("index.html", "cannot write {report}/index.html: Is a directory"),
+    ("train_loss.png", "cannot write {report}/train_loss.png: Is a directory"),
+])
+def test_a_report_that_cannot_be_written_is_one_line(run, tmp_path, capsys, where, said):
+    """Each was a traceback (PermissionError/FileNotFoundError, FileExistsError,
+    IsADirectoryError), the last two leaving a stray .tmp file behind."""
+    out = tmp_path / "out"
+    shutil.copytree(run.out, out, ignore=shutil.ignore_patterns("report", "checkpoints"))
+    report = out / "report"
+    if where == "unwritable":
+        report.symlink_to("/proc/1")
+    elif where == "broken link":
+        report.symlink_to("/proc/1/nope")
+    else:
+        (report / where).mkdir(parents=True)
+    assert _one_line_error(["report", str(out)], capsys) == \
+        f"error: report: {said.format(report=report)}"
+    if where not in ("unwritable", "broken link"):
+        assert not list(report.glob("*tmp")), "a temp file was left behind"
+
+
+def test_directories_with_a_plot_or_temp_file_name_are_left_alone(run, tmp_path):
+    """A directory named like a stale plot or like the page's temp file was an
+    IsADirectoryError; stale plot files are removed, the directories are the user's."""
+    out = tmp_path / "out"
+    shutil.copytree(run.out, out, ignore=shutil.ignore_patterns("report", "checkpoints"))
+    for name in ("old.png", "index.html.tmp", "train_loss.png.tmp"):
+        (out / "report" / name).mkdir(parents=True)
+    (out / "report" / "gone.png").write_bytes(b"an earlier report's plot")
+    assert "Training loss" in build_report(out).read_text()
+    left = {p.name for p in (out / "report").iterdir()}
+    assert {"old.png", "index.html.tmp", "train_loss.png.tmp", "index.html"} <= left
+    assert "gone.png" not in left and not [n for n in left if n.endswith(".tmp") and
+                                            not (out / "report" / n).is_dir()]
+
+
+def test_concurrent_reports_of_one_run_all_succeed(run, tmp_path):
+    """Two or more `mtl-dist report OUTPUT` at once shared one temp file name per file: one
+    renamed the other's away, and the other died with FileNotFoundError (1 try in 3)."""
+    import subprocess
+    import sys
+
+    from tests._runs import env
+
+    out = tmp_path / "out"
+    shutil.copytree(run.out, out, ignore=shutil.ignore_patterns("report", "checkpoints"))
+    for _ in range(2):
+        procs = [subprocess.Popen([sys.executable, "-m", "mtl_dist.cli", "report", str(out)],
+                                  cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+        for p in procs:
+            p.stdout.close()
+            p.stderr.close()
+        assert all(code == 0 for code, _ in results), [err[-500:] for _, err in results]
+    page = (out / "report" / "index.html").read_text()
+    assert page.endswith("</html>") and not list((out / "report").glob("*.tmp"))
+
+
+def test_non_utf8_config_yaml_is_read_with_replacement(run, tmp_path):
+    """A Latin-1 byte in config.yaml was a UnicodeDecodeError, when the page shows the
+    config and (without best/) when metric_for_best is read from it."""
+    bare = _bare(run, tmp_path, [r for r in _log(run.out) if r["kind"] != "summary"])
+    (bare / "config.yaml").write_bytes(b"train:\n  metric_for_best: loss\n# caf\xe9\n")
+    evals = records(run.out, "eval")
+    assert load_run(bare).best_step == min(evals, key=lambda r: r["eval/loss"])["step"]
+    assert "# caf\ufffd" in build_report(bare).read_text()
+    with_best = tmp_path / "with_best"
+    shutil.copytree(run.out, with_best, ignore=shutil.ignore_patterns("report", "checkpoints"))
+    with (with_best / "config.yaml").open("ab") as f:
+        f.write(b"# caf\xe9\n")
+    assert "# caf\ufffd" in build_report(with_best).read_text()
+
+
+def test_integers_past_float_range_are_left_out_of_the_plots(run, tmp_path):
+    """A 400-digit score or step was an OverflowError (math.isfinite), a count past int64
+    one from numpy; the report is drawn without them."""
+    recs = [r for r in _log(run.out) if r["kind"] != "summary"]
+    huge = 10 ** 400
+    best = max((r for r in recs if r["kind"] == "eval"), key=lambda r: r["eval/score"])
+    best["confusion_matrices"]["news"][0][0] = 10 ** 30
+    recs += [{"kind": "eval", "step": recs[-1]["step"] + 1, "eval/score": huge},
+             {"kind": "train", "step": huge, "train/loss": 1.0, "lr": 1e-5}]
+    bare = _bare(run, tmp_path, recs)
+    with pytest.warns(UserWarning, match="news: the best checkpoint's confusion matrix"):
+        page = build_report(bare).read_text()
+    assert "Dev score and loss" in page and str(huge) in page  # the table shows it as is
+
+
+def test_tasks_whose_names_sanitise_alike_get_their_own_plots(run, tmp_path):
+    """`news:a` and `news_a` both wrote eval_news_a.png (and confusion_news_a.png): the page
+    showed one task's plot under the other's caption."""
+    def renamed(record: dict) -> dict:
+        text = json.dumps(record).replace('/news/', '/news:a/').replace('"news"', '"news:a"')
+        return json.loads(text.replace('/emotion/', '/news_a/').replace('"emotion"', '"news_a"'))
+
+    recs = [renamed(r) for r in _log(run.out)]
+    bare = _bare(run, tmp_path, recs)
+    labels = run.labels
+    (bare / "labels.json").write_text(json.dumps(
+        {"nli": labels["nli"], "news:a": labels["news"], "news_a": labels["emotion"]}))
+    page = build_report(bare).read_text()
+    shown = re.findall(r"data-file='([^']*)'><figcaption>([^<]*)</figcaption>", page)
+    assert len({f for f, _ in shown}) == len(shown), "two captions, one file"
+    file_of = {c: f for f, c in shown}
+    for kind, caption in (("eval", "dev metrics over steps"),
+                          ("confusion", "confusion matrix of the best checkpoint")):
+        files = {task: file_of[f"{task}: {caption}"] for task in ("news:a", "news_a", "nli")}
+        assert files["news_a"] == f"{kind}_news_a.png" and files["nli"] == f"{kind}_nli.png"
+        assert re.fullmatch(rf"{kind}_news_a-[0-9a-f]{{8}}\.png", files["news:a"])
+        # each caption's image is its own task's: the pixels of news:a are news's plot
+        pngs = {task: (bare / "report" / f).read_bytes() for task, f in files.items()}
+        assert len(set(pngs.values())) == 3
+        assert base64.b64encode(pngs["news:a"]).decode() in page
+
+
+def test_a_utf8_bom_before_the_first_record_is_accepted(run, tmp_path, recwarn):
+    """An editor's "UTF-8 with BOM" save made line 1 unreadable: its record was skipped with
+    a "write cut short?" warning."""
+    bare = _bare(run, tmp_path)
+    text = (bare / "metrics.jsonl").read_text(encoding="utf-8")
+    (bare / "metrics.jsonl").write_text(text, encoding="utf-8-sig")
+    loaded = load_run(bare)
+    assert [r["step"] for r in loaded.train] == [r["step"] for r in records(run.out, "train")]
+    assert not [w for w in recwarn if "metrics.jsonl" in str(w.message)]
+
+
+@pytest.mark.parametrize("evaluation", [
+    {"step": -3, "eval/score": 0.5, "eval/loss": 1.0},  # best step -3: no line to mark it
+    {"step": 4, "eval/score": float("nan"), "eval/loss": float("nan")},  # no best step
+])
+def test_an_eval_figure_with_nothing_labelled_draws_no_legend(run, tmp_path, evaluation):
+    """matplotlib's multi-line "No artists with labels found to put in legend" warning."""
+    recs = [{"kind": "train", "step": 2, "train/loss": 1.0, "lr": 1e-5},
+            {"kind": "eval", **evaluation}]
+    bare = _bare(run, tmp_path, recs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "Dev score and loss" in build_report(bare).read_text()
 
 
 def test_predict_writes_one_line_per_test_row_with_the_right_ids(run):

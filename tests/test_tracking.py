@@ -347,3 +347,14 @@ def test_a_tracker_that_cannot_start_is_one_line(tmp_path, cache):
     assert "\n" not in str(err.value)
     trainer.close()  # what `mtl-dist train` does next: it raised AttributeError here
     assert not (out / "checkpoints").exists()
+
+
+def test_a_metrics_log_saved_with_a_utf8_bom_keeps_its_first_record(tmp_path, recwarn):
+    """An editor's "UTF-8 with BOM" save: line 1's record was skipped as a torn write, and a
+    resume's rewrite of the log then dropped it for good."""
+    from mtl_dist.tracking import read_metrics
+
+    lines = [{"kind": "train", "step": 1, "loss": 2.0}, {"kind": "train", "step": 2, "loss": 1.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines),
+                                            encoding="utf-8-sig")
+    assert read_metrics(tmp_path) == lines and not recwarn.list
