@@ -2067,10 +2067,16 @@ def _abandoned_rows(out: Path) -> list[CheckpointInfo]:
     path): listed so that they are not forgotten, or taken for lost."""
     abandoned = out / ABANDONED_DIR
     branches = sorted(p for p in abandoned.iterdir() if p.is_dir()) if abandoned.is_dir() else []
-    rows = [CheckpointInfo(p, "abandoned", _step_of(p), True, _dir_size(p), False, _score_of(p),
-                           damage(p))
-            for branch in branches for p in sorted(branch.iterdir(), key=lambda p: _step_of(p) or 0)
-            if _step_of(p) is not None and p.is_dir() and was_committed(p)]
+    rows = []
+    for branch in branches:
+        if was_committed(branch):  # a damaged best/ the next best replaced
+            rows.append(CheckpointInfo(branch, "abandoned", None, True, _dir_size(branch), False,
+                                       None, damage(branch)))
+            continue
+        rows += [CheckpointInfo(p, "abandoned", _step_of(p), True, _dir_size(p), False,
+                                _score_of(p), damage(p))
+                 for p in sorted(branch.iterdir(), key=lambda p: _step_of(p) or 0)
+                 if _step_of(p) is not None and p.is_dir() and was_committed(p)]
     return rows
 
 
@@ -2149,6 +2155,8 @@ def _readable(read: Callable[[], Any]) -> Any:
         return read()
     except CheckpointError as exc:
         return {"unreadable": str(exc)}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # loads, but not the kind
+        return {"unreadable": f"not what it should hold ({_error_text(exc)})"}
 
 
 def _read_json_file(path: Path, name: str) -> Any:
@@ -2300,6 +2308,8 @@ def export_checkpoint(
     """
     src = Path(path).absolute()
     dst = Path(out_dir).absolute()
+    if dst.is_symlink() and dst.is_dir():  # a link to an (empty) folder: fill that folder
+        dst = dst.resolve()
     _refuse_inside_checkpoints(dst, src, "export")
     if dst.exists() and not dst.is_dir():
         raise CheckpointError(f"export: {dst} exists and is not a directory")
@@ -2334,17 +2344,23 @@ def _rename_into_place(tmp: Path, dst: Path, what: str) -> None:
             dst.rmdir()  # empty, as checked at the start (else: OSError)
         os.rename(tmp, dst)
     except OSError as exc:
-        raise CheckpointError(f"{what}: {dst} was written by something else meanwhile "
-                              f"({_error_text(exc)}): nothing of it was replaced") from None
+        raise CheckpointError(f"{what}: cannot put the result in place at {dst} "
+                              f"({_error_text(exc)}; written by another command meanwhile?): "
+                              "nothing there was replaced") from None
 
 
 def _refuse_inside_checkpoints(dst: Path, src: Path, what: str) -> None:
     folder = managing_folder(dst, src)
     if folder is not None:
-        raise CheckpointError(f"{what}: {dst} is inside {folder}, {MANAGED}")
+        raise CheckpointError(f"{what}: {dst} {inside_text(dst, folder)}, {MANAGED}")
 
 
 MANAGED = "which the run's saves, rotation and resumes manage: pick a folder outside it"
+
+
+def inside_text(dst: Path, folder: Path) -> str:
+    """'is inside FOLDER', or 'is FOLDER' when `dst` is that folder."""
+    return f"is {folder}" if dst.resolve() == folder else f"is inside {folder}"
 
 
 def managing_folder(dst: Path, src: Path | None = None) -> Path | None:
@@ -2375,13 +2391,24 @@ def run_holding(checkpoint: Path) -> Path | None:
 
 
 def holds_a_run(folder: Path) -> bool:
-    """Whether `folder` is a run's output dir (what every run writes at its start)."""
-    return (folder / "labels.json").is_file() or (folder / "config.yaml").is_file()
+    """Whether `folder` is a run's output dir: its config.yaml with the header every run
+    writes first, or (a run of an earlier version) labels.json beside the run's log. A
+    hand-written config.yaml or a label list of one's own is no run."""
+    from mtl_dist.config import SAVED_CONFIG_HEADER
+
+    try:
+        with open(folder / "config.yaml", encoding="utf-8", errors="replace") as f:
+            if f.read(len(SAVED_CONFIG_HEADER)) == SAVED_CONFIG_HEADER:
+                return True
+    except OSError:
+        pass
+    return (folder / "labels.json").is_file() and (folder / "metrics.jsonl").is_file()
 
 
 def _copy_run_files(src: Path, tmp: Path, encoder_config: Mapping[str, Any] | None) -> None:
     """config.json, config.yaml, labels.json and tokenizer files for an exported model dir."""
-    run = run_holding(src)
+    # a checkpoint-N kept elsewhere in its run (out of rotation's way): its grandparent
+    run = run_holding(src) or (src.parent.parent if _step_of(src) is not None else None)
     roots = [src] if run is None or src.name == BEST_DIR else [src, run]
     if encoder_config is not None:
         (tmp / "config.json").write_text(_to_json(dict(encoder_config), "encoder_config"))

@@ -44,7 +44,7 @@ def _check_output_dir_for(out_dir: Path, cfg, checkpoint: Path, what: str, defau
     to write (`targets`) is one of the run's data files
     (`--output` at the data dir replaced a dev file with predictions) or cannot be written (a
     directory there: a traceback after all the predicting, with other tasks' files replaced)."""
-    from mtl_dist.checkpoint import MANAGED, holds_a_run, managing_folder
+    from mtl_dist.checkpoint import MANAGED, holds_a_run, inside_text, managing_folder
     from mtl_dist.data import SPLITS, split_files
     from mtl_dist.outputs import why_not_writable
 
@@ -58,12 +58,12 @@ def _check_output_dir_for(out_dir: Path, cfg, checkpoint: Path, what: str, defau
                                "checkpoints), whose files predictions could replace: pick "
                                f"another, e.g. {own / default} (the default)")
     if holds_a_run(target):  # another run's: a task named `metrics` replaced its log
-        raise MtlDistError(f"{what} {out_dir}: is a run's output dir (it holds labels.json or "
-                           "config.yaml), whose files predictions could replace: pick another, "
+        raise MtlDistError(f"{what} {out_dir}: is a run's output dir, whose files predictions "
+                           "could replace: pick another, "
                            f"e.g. {run / default} (the default)")
     inside = managing_folder(target, checkpoint)
     if inside is not None:
-        raise MtlDistError(f"{what} {out_dir}: is inside {inside}, {MANAGED}")
+        raise MtlDistError(f"{what} {out_dir}: {inside_text(target, inside)}, {MANAGED}")
     data = {Path(f).resolve(): (i, split) for i, task in enumerate(cfg.tasks)
             for split in SPLITS for f in split_files(task, split)}
     for path in targets:
@@ -384,7 +384,7 @@ def _demo_fresh_start(out: Path, overrides: list[str], args) -> list[str]:
     _not_a_file(out, "demo: --output")
     inside = ck.managing_folder(out)
     if inside is not None:
-        raise MtlDistError(f"demo: --output {out} is inside {inside}, {ck.MANAGED}")
+        raise MtlDistError(f"demo: --output {out} {ck.inside_text(out, inside)}, {ck.MANAGED}")
     saved = ck.CheckpointManager(out, save_total_limit=None, recover_best=False).saved_run() \
         if out.is_dir() else []
     if saved and not (out / DEMO_MARKER).exists():
@@ -576,10 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="samples/s, tokens/s and MFU of a config, no checkpoints")
     with_config(p)
-    p.add_argument("--steps", type=int, default=100, help="timed optimizer steps")
-    p.add_argument("--warmup", type=int, default=20, help="untimed optimizer steps first")
+    p.add_argument("--steps", type=int, default=100, help="timed optimizer steps (default 100)")
+    p.add_argument("--warmup", type=int, default=20,
+                   help="untimed optimizer steps first (default 20)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
-                   help="per-GPU dense bf16 peak for MFU (H100/H200 SXM: 989)")
+                   help="per-GPU dense bf16 peak for MFU (default 989: H100/H200 SXM)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="PNG plots + one HTML page from a run's metrics log")
@@ -588,9 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the embedded demo on CPU processes")
     p.add_argument("--output", default="demo_output", help="output directory (default demo_output)")
-    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--processes", type=int, default=2,
+                   help="CPU processes of each training phase (default 2)")
     p.add_argument("--stop-after", type=int, default=60,
-                   help="optimizer steps of phase 1 before the stop/resume")
+                   help="optimizer steps of phase 1 before the stop/resume (default 60)")
     p.add_argument("overrides", nargs="*", default=[], help="dotted overrides for configs/demo.yaml")
     p.set_defaults(func=cmd_demo)
     return parser

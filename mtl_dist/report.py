@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 import warnings
 from collections import Counter
@@ -355,10 +356,26 @@ def _report_dir(report_dir: Path) -> None:
         raise DataError(f"report: cannot write in {report_dir} (no write permission)")
 
 
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (its temp files may be in use)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process (or no pid at all: keep the file)
+    return True
+
+
 def _remove_stale(report_dir: Path, keep: Iterable[Path]) -> None:
     """Plots of an earlier report this one has not rewritten (a task gone, a renamed file);
     only once the new ones are saved, and only files (a directory there is the user's)."""
     keep = set(keep)
+    for stale in report_dir.glob("*.tmp"):  # a killed report's temp files (NAME.<pid>.tmp)
+        pid = re.fullmatch(r".+\.(\d+)\.tmp", stale.name)
+        if pid and stale.is_file() and not stale.is_symlink() and not _alive(int(pid[1])):
+            with contextlib.suppress(OSError):
+                stale.unlink()
     for stale in report_dir.glob("*.png"):
         if stale not in keep and stale.is_file() and not stale.is_symlink():
             try:

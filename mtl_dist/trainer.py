@@ -32,7 +32,9 @@ from mtl_dist.checkpoint import (
     CheckpointManager,
     check_label_maps_of,
     check_manifest,
+    damage,
     improves_on,
+    inside_text,
     is_committed,
     load_state_checked,
     managing_folder,
@@ -311,9 +313,11 @@ def _refuse_replacing_the_config_file(cfg: RunConfig, out: Path) -> None:
         raise ConfigError(f"config key 'train.output_dir': {out} holds the config file itself "
                           f"({loaded}), which the run's resolved config.yaml would replace: "
                           "pick another train.output_dir (or rename the config)")
-    raise ConfigError(f"config key 'train.output_dir': {out} holds a config.yaml that no run "
-                      f"saved ({target}), which the run's resolved config.yaml would replace: "
-                      "pick another train.output_dir (or move that file)")
+    what = "a config.yaml that no run saved" if target.is_file() else \
+        "a config.yaml that is not a file"
+    raise ConfigError(f"config key 'train.output_dir': {out} holds {what} ({target}), which "
+                      "the run's resolved config.yaml would replace: pick another "
+                      "train.output_dir (or move that file)")
 
 
 def check_output_dir(cfg: RunConfig, ckpt: CheckpointManager, say=print) -> None:
@@ -323,13 +327,17 @@ def check_output_dir(cfg: RunConfig, ckpt: CheckpointManager, say=print) -> None
     it would replace best/ with its own first evaluation, cut the metrics log, and leave its
     checkpoints beside the old run's (resume=auto would then pick the old newest)."""
     out, train = ckpt.output_dir, cfg.train
-    ckpt.refuse_if_in_use()  # a run going on there: refused before any set-up
+    try:
+        ckpt.refuse_if_in_use()  # a run going on there: refused before any set-up
+    except CheckpointError as exc:  # named where train.output_dir was set
+        raise CheckpointError(str(exc), key="train.output_dir") from None
     why = why_not_a_directory(out)
     if why is not None:  # found on every rank alike, before any of them waits
         raise ConfigError(f"config key 'train.output_dir': {out} {why}")
     inside = managing_folder(out)  # a run's best/ (say): its next save swapped best/ away
     if inside is not None:
-        raise ConfigError(f"config key 'train.output_dir': {out} is inside {inside}, {MANAGED}")
+        raise ConfigError(f"config key 'train.output_dir': {out} {inside_text(out, inside)}, "
+                          f"{MANAGED}")
     _refuse_replacing_the_config_file(cfg, out)
     _refuse_a_cache_dir_file(cfg)
     if train.resume and train.resume != "auto":
@@ -347,12 +355,34 @@ def check_output_dir(cfg: RunConfig, ckpt: CheckpointManager, say=print) -> None
                 "train.output_dir (or move that run away)")
     if train.resume == "auto":
         _check_nothing_to_resume(cfg, ckpt, say)
+        _refuse_a_damaged_newest(ckpt)
     saved = [] if train.resume or train.overwrite_output_dir else ckpt.saved_run()
     if saved:
         raise CheckpointError(
             f"train.output_dir={out} already holds a run ({_shown(saved)}): resume it with "
             "train.resume=auto, start over with train.overwrite_output_dir=true (deletes "
-            "it), or pick a new train.output_dir")
+            "it), or pick a new train.output_dir", key="train.output_dir")
+
+
+def _refuse_a_damaged_newest(ckpt: CheckpointManager) -> None:
+    """resume=auto's checkpoint with a file missing or of another size (sizes only, no
+    reading): `check` passed it, and every rank refused it after its set-up."""
+    with warnings.catch_warnings():  # the resume itself names the incomplete ones skipped
+        warnings.simplefilter("ignore", MtlDistWarning)
+        newest = ckpt.latest()
+    why = None if newest is None else damage(newest)
+    if why is not None:
+        raise CheckpointError(f"{why}{intact_hint(ckpt, newest)}")  # as the resume says it
+
+
+def intact_hint(ckpt: CheckpointManager, damaged: Path) -> str:
+    """The newest intact checkpoint before a damaged one resume=auto met (every requeue
+    would fail on it alike), to resume by hand; '' when there is none."""
+    older = ckpt.newest_intact(before=damaged)
+    if older is None:
+        return ""
+    return (f"; the newest intact checkpoint is {older}: resume it with "
+            f"train.resume={older} (newer ones then move to abandoned/)")
 
 
 def _check_nothing_to_resume(cfg: RunConfig, ckpt: CheckpointManager, say) -> None:
@@ -980,11 +1010,7 @@ class Trainer:
         damaged = (f"checkpoint {path}: file '", f"checkpoint {path}: unreadable ")
         if self.cfg.train.resume != "auto" or not any(d in str(exc) for d in damaged):
             return ""
-        older = self.ckpt.newest_intact(before=path)
-        if older is None:
-            return ""
-        return (f"; the newest intact checkpoint is {older}: resume it with "
-                f"train.resume={older} (newer ones then move to abandoned/)")
+        return intact_hint(self.ckpt, path)
 
     def _follow_replanned_sampler(self) -> None:
         """`sampler.on_global_batch_change=replan`: the sampler skipped to the start of the

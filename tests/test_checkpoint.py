@@ -918,7 +918,8 @@ def test_ckpt_ls_lists_the_checkpoints_a_resume_set_aside(tmp_path: Path) -> Non
     mgr = CheckpointManager(tmp_path, save_total_limit=None)
     older = save(mgr, 2, objs)
     save(mgr, 4, objs)
-    (tmp_path / "labels.json").write_text("{}")  # a run's output dir
+    (tmp_path / "labels.json").write_text("{}")  # a run's output dir (of an earlier version)
+    (tmp_path / "metrics.jsonl").write_text("")
     resumed = CheckpointManager(tmp_path, save_total_limit=None)
     resumed.load(older, make_objects())
     _, target = resumed.set_aside_newer()
@@ -940,6 +941,38 @@ def test_a_folder_of_checkpoints_or_an_export_given_as_a_checkpoint_says_so(tmp_
         ck.read_manifest(out)
 
 
+def test_export_finds_the_run_files_of_a_checkpoint_kept_out_of_rotation_and_fills_a_linked_dir(
+        tmp_path: Path) -> None:
+    """RUN/keep/checkpoint-N (kept away from rotation) exports with RUN's files; a DIR that is a
+    link to an empty folder is filled (the rename onto the link failed after all the work)."""
+    import shutil
+
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    path = save(mgr, 2, make_objects())
+    (tmp_path / "encoder_config.json").write_text('{"model_type": "x"}')
+    (tmp_path / "keep").mkdir()
+    kept = Path(shutil.copytree(path, tmp_path / "keep" / "checkpoint-2"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    ck.export_checkpoint(kept, tmp_path / "link", encoder_prefix="mid.")
+    assert json.loads((tmp_path / "empty" / "config.json").read_text()) == {"model_type": "x"}
+
+
+def test_inspect_and_ckpt_ls_show_what_is_wrong_rather_than_fail(tmp_path: Path) -> None:
+    """An RNG file that loads but holds no RNG state was a KeyError traceback; a damaged best/
+    set aside in abandoned/ was not listed."""
+    mgr = CheckpointManager(tmp_path, save_total_limit=None)
+    path = save(mgr, 2, make_objects())
+    torch.save({"x": 1}, path / "rng_state_0.pth")
+    assert ck.inspect(path)["rng"][0]["unreadable"].startswith("not what it should hold (")
+    aside = tmp_path / "abandoned" / "damaged-best-ab12"
+    aside.parent.mkdir()
+    shutil_copy = __import__("shutil").copytree
+    shutil_copy(path, aside)
+    rows = [r for r in ck.list_checkpoints(tmp_path) if r.kind == "abandoned"]
+    assert [(r.path, r.step) for r in rows] == [(aside, None)] and rows[0].damage is not None
+
+
 def test_a_target_filled_while_exporting_is_one_line_and_keeps_what_is_there(
         tmp_path: Path) -> None:
     """Two exports or conversions to one DIR: the loser's rename failed with a traceback."""
@@ -947,8 +980,9 @@ def test_a_target_filled_while_exporting_is_one_line_and_keeps_what_is_there(
     tmp.mkdir()
     dst.mkdir()
     (dst / "theirs").write_text("kept")
-    with pytest.raises(CheckpointError, match=rf"^export: {dst} was written by something else "
-                       r"meanwhile \(.*\): nothing of it was replaced$"):
+    with pytest.raises(CheckpointError, match=rf"^export: cannot put the result in place at "
+                       rf"{dst} \(.*; written by another command meanwhile\?\): nothing there "
+                       r"was replaced$"):
         ck._rename_into_place(tmp, dst, "export")
     assert (dst / "theirs").read_text() == "kept"
 
@@ -962,7 +996,7 @@ def test_export_refuses_a_target_the_runs_saves_manage(tmp_path: Path) -> None:
     mgr.save_best(6, 0.5, objs["model"].state_dict(), extra_files={}, metadata={})
     for target in (tmp_path / "checkpoints" / "checkpoint-8", tmp_path / "best" / "hf",
                    path / "hf", tmp_path / "best"):
-        with pytest.raises(CheckpointError, match=r"export: .* is inside .*pick a folder outside"):
+        with pytest.raises(CheckpointError, match=r"export: .* is (inside )?.*pick a folder outside"):
             ck.export_checkpoint(path, target, encoder_prefix="mid.",
                                  encoder_config={"model_type": "x"})
         assert not target.exists() or target == tmp_path / "best"
@@ -971,6 +1005,7 @@ def test_export_refuses_a_target_the_runs_saves_manage(tmp_path: Path) -> None:
     assert (out / "model.safetensors").is_file()
     # from a checkpoint of another place (another run, abandoned/) into this run's folders
     (tmp_path / "labels.json").write_text("{}")  # what every run writes at its start
+    (tmp_path / "metrics.jsonl").write_text("")
     other = CheckpointManager(tmp_path / "other", save_total_limit=None)
     foreign = save(other, 3, objs)
     with pytest.raises(CheckpointError, match=r"export: .* is inside .*checkpoints"):

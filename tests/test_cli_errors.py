@@ -603,26 +603,39 @@ def test_no_command_writes_into_a_folder_a_runs_saves_manage(run, capsys, tmp_pa
     root, overrides = run
     best, ckpt8 = root / "out" / "best", root / "out" / "checkpoints" / "checkpoint-8"
     before = {p: p.read_bytes() for p in (root / "out").rglob("*") if p.is_file()}
-    for target in (best, best / "sub", ckpt8):
+    for target, where in ((best, f"is {best}"), (best / "sub", f"is inside {best}"),
+                          (ckpt8, f"is {ckpt8}")):
         code, _, err = cli(capsys, "check", DEMO, *overrides, f"train.output_dir={target}")
         assert code == 2 and err.strip().endswith(
-            f"config key 'train.output_dir': {target} is inside {target if target != best / 'sub' else best}"
-            ", which the run's saves, rotation and resumes manage: pick a folder outside it"), err
+            f"config key 'train.output_dir': {target} {where}, which the run's saves, rotation "
+            "and resumes manage: pick a folder outside it"), err
     code, _, err = cli(capsys, "demo", "--output", best)
-    assert code == 2 and err.strip() == (f"error: demo: --output {best} is inside {best}, which "
+    assert code == 2 and err.strip() == (f"error: demo: --output {best} is {best}, which "
                                          "the run's saves, rotation and resumes manage: pick a "
                                          "folder outside it")
     assert cli(capsys, "demo", "--output", "")[2].strip() == \
         "error: demo: --output is empty; give a directory"
     other = tmp_path / "other"
     shutil.copytree(root / "out", other)
-    for target, why in ((other, "is a run's output dir (it holds labels.json or config.yaml)"),
+    for target, why in ((other, "is a run's output dir"),
                         (other / "checkpoints" / "checkpoint-8",
-                         f"is inside {other / 'checkpoints' / 'checkpoint-8'}")):
+                         f"is {other / 'checkpoints' / 'checkpoint-8'}")):
         code, _, err = cli(capsys, "predict", DEMO, *overrides, "--checkpoint", best,
                            "--output", target)
         assert code == 2 and f"error: predict --output {target}: {why}" in err, err
     assert {p: p.read_bytes() for p in (root / "out").rglob("*") if p.is_file()} == before
+    # a project folder with a hand-written config.yaml (or a label list) is no run: runs under
+    # its checkpoints/ or best/, and predictions into it, are fine
+    project = tmp_path / "project"
+    (project / "checkpoints").mkdir(parents=True)
+    (project / "config.yaml").write_text(DEMO.read_text())
+    (project / "labels.json").write_text('{"nli": ["a"]}')
+    for target in (project / "checkpoints" / "exp1", project / "best" / "run1"):
+        code, _, err = cli(capsys, "check", DEMO, *overrides, f"train.output_dir={target}")
+        assert code == 0, err
+    code, _, err = cli(capsys, "predict", DEMO, *overrides, "--checkpoint", best, "--output",
+                       project)
+    assert code == 0 and (project / "nli.jsonl").is_file(), err
     # `ckpt ls .` inside checkpoints/ ("no checkpoints under ."), and an empty path
     monkeypatch.chdir(root / "out" / "checkpoints")
     code, out, _ = cli(capsys, "ckpt", "ls", ".")
@@ -676,3 +689,22 @@ def test_bench_refuses_a_peak_that_is_no_positive_number(capsys, peak):
     assert code == 2 and err.strip() == (
         "error: bench: --peak-tflops must be a finite number > 0 (the GPU's dense bf16 peak), "
         f"got {float(peak)}")
+
+
+def test_check_refuses_a_damaged_newest_checkpoint_for_resume_auto(run, capsys, tmp_path):
+    """`check` (launch/train.sh's pre-check) said "config OK"; every rank then refused the cut
+    file after its set-up, under the launcher's traceback."""
+    import shutil
+
+    root, overrides = run
+    other = tmp_path / "other"
+    shutil.copytree(root / "out", other)
+    optimizer = other / "checkpoints" / "checkpoint-8" / "optimizer.pt"
+    size = optimizer.stat().st_size
+    with open(optimizer, "r+b") as f:
+        f.truncate(size - 10)
+    code, _, err = cli(capsys, "check", DEMO, *overrides, f"train.output_dir={other}",
+                       "train.resume=auto")
+    assert code == 2 and err.strip() == (
+        f"error: checkpoint {optimizer.parent}: file 'optimizer.pt' has {size - 10} bytes, "
+        f"manifest.json says {size} (truncated or changed)"), err

@@ -7,6 +7,7 @@ import base64
 import contextlib
 import io
 import json
+import os
 import re
 import shutil
 import warnings
@@ -232,11 +233,17 @@ def test_directories_with_a_plot_or_temp_file_name_are_left_alone(run, tmp_path)
     for name in ("old.png", "index.html.tmp", "train_loss.png.tmp"):
         (out / "report" / name).mkdir(parents=True)
     (out / "report" / "gone.png").write_bytes(b"an earlier report's plot")
+    # a killed report's temp file (its pid gone) is removed; a live process's is kept
+    dead = 2**22 + 12345  # above Linux's highest pid_max: no such process
+    (out / "report" / f"train_loss.png.{dead}.tmp").write_bytes(b"cut")
+    live = out / "report" / f"eval_nli.png.{os.getppid()}.tmp"
+    live.write_bytes(b"in use")
     assert "Training loss" in build_report(out).read_text()
+    assert live.is_file() and not (out / "report" / f"train_loss.png.{dead}.tmp").exists()
     left = {p.name for p in (out / "report").iterdir()}
     assert {"old.png", "index.html.tmp", "train_loss.png.tmp", "index.html"} <= left
-    assert "gone.png" not in left and not [n for n in left if n.endswith(".tmp") and
-                                            not (out / "report" / n).is_dir()]
+    assert "gone.png" not in left and [n for n in left if n.endswith(".tmp") and
+                                        not (out / "report" / n).is_dir()] == [live.name]
 
 
 def test_concurrent_reports_of_one_run_all_succeed(run, tmp_path):
