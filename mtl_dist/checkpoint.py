@@ -678,19 +678,21 @@ def _check_sizes(path: Path, manifest: Mapping[str, Any], names: Iterable[str]) 
             )
 
 
-def training_manifest(path: Path) -> dict:
+def training_manifest(path: Path, *, named_step: bool = True) -> dict:
     """The manifest of a checkpoint to resume from: a periodic one (best/ holds no optimizer,
-    sampler or RNG state) whose step is the one its name says."""
+    sampler or RNG state) whose step is the one its name says (`named_step=False`: checked by
+    the caller, after the run's settings, whose mismatch says more)."""
     manifest = read_manifest(path)
     if manifest.get("kind") != "periodic":
         raise CheckpointError(
             f"checkpoint {path}: is a '{manifest.get('kind')}' checkpoint, not a training checkpoint"
         )
-    _check_named_step(path, manifest)
+    if named_step:
+        check_named_step(path, manifest)
     return manifest
 
 
-def _check_named_step(path: Path, manifest: Mapping[str, Any]) -> None:
+def check_named_step(path: Path, manifest: Mapping[str, Any]) -> None:
     """A checkpoint-N whose manifest says another step (copied, linked or converted into place
     by hand) was taken for step N: resume=auto went back to the older step, and the next
     save at the steps in between wrote over the run's own checkpoints."""
@@ -708,7 +710,7 @@ def damage(path: Path) -> str | None:
     try:
         manifest = read_manifest(path)
         _check_sizes(path, manifest, manifest["files"])
-        _check_named_step(path, manifest)
+        check_named_step(path, manifest)
     except CheckpointError as exc:
         return str(exc)
     return None
@@ -1712,9 +1714,10 @@ class CheckpointManager:
     ) -> dict:
         """Collective: verify and restore every object from a committed checkpoint; returns trainer_state."""
         path = Path(path).absolute()
-        manifest = training_manifest(path)
+        manifest = training_manifest(path, named_step=False)
         if expected_manifest is not None:
             check_manifest(path, manifest, expected_manifest)
+        check_named_step(path, manifest)
         _verify_collective(path, manifest)
         names = self._entry_names(app_state, engine)
         _check_entries(path, manifest, names, engine)

@@ -32,6 +32,7 @@ from mtl_dist.checkpoint import (
     CheckpointManager,
     check_label_maps_of,
     check_manifest,
+    check_named_step,
     damage,
     improves_on,
     inside_text,
@@ -262,7 +263,7 @@ def check_resume_settings(cfg: RunConfig, ckpt: CheckpointManager,
     if world_size is not None:
         decided["world_size"] = world_size
         decided["global_batch_size"] = cfg.train.per_device_batch_size * world_size
-    manifest = training_manifest(path)
+    manifest = training_manifest(path, named_step=False)
     if model_shape is not None:
         decided["model_shape"] = dict(model_shape)
     else:  # without the model: the head kind alone
@@ -273,6 +274,12 @@ def check_resume_settings(cfg: RunConfig, ckpt: CheckpointManager,
     # --deepspeed_config_file` (train.sh --launch zero2) may set it at the run's start
     check_manifest(path, manifest, {k: decided[k] for k in resume_must_match(cfg)
                                     if k in decided and (world_size or k != "zero_stage")})
+    # then, as the resume does, its files (sizes only: no reading): `check` passed a cut
+    # file, and every rank refused it after its set-up
+    check_named_step(path, manifest)
+    why = damage(path)
+    if why is not None:
+        raise CheckpointError(why + (intact_hint(ckpt, path) if resume == "auto" else ""))
 
 
 RUN_FILES = ("labels.json", "metrics.jsonl", "checkpoints", "best")  # beside a run's config
@@ -355,24 +362,12 @@ def check_output_dir(cfg: RunConfig, ckpt: CheckpointManager, say=print) -> None
                 "train.output_dir (or move that run away)")
     if train.resume == "auto":
         _check_nothing_to_resume(cfg, ckpt, say)
-        _refuse_a_damaged_newest(ckpt)
     saved = [] if train.resume or train.overwrite_output_dir else ckpt.saved_run()
     if saved:
         raise CheckpointError(
             f"train.output_dir={out} already holds a run ({_shown(saved)}): resume it with "
             "train.resume=auto, start over with train.overwrite_output_dir=true (deletes "
             "it), or pick a new train.output_dir", key="train.output_dir")
-
-
-def _refuse_a_damaged_newest(ckpt: CheckpointManager) -> None:
-    """resume=auto's checkpoint with a file missing or of another size (sizes only, no
-    reading): `check` passed it, and every rank refused it after its set-up."""
-    with warnings.catch_warnings():  # the resume itself names the incomplete ones skipped
-        warnings.simplefilter("ignore", MtlDistWarning)
-        newest = ckpt.latest()
-    why = None if newest is None else damage(newest)
-    if why is not None:
-        raise CheckpointError(f"{why}{intact_hint(ckpt, newest)}")  # as the resume says it
 
 
 def intact_hint(ckpt: CheckpointManager, damaged: Path) -> str:

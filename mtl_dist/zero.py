@@ -160,9 +160,12 @@ def _ensure_process_group(device: torch.device) -> None:
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set
     if dist.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    dist.init_process_group("gloo" if device.type == "cpu" else "nccl", rank=0, world_size=1)
+    # an address of its own, not MASTER_ADDR/MASTER_PORT set in os.environ: child processes
+    # inherited them and took themselves for ranks of this group (EADDRINUSE on its port)
+    address = f"tcp://{os.environ.get('MASTER_ADDR', '127.0.0.1')}:" \
+        f"{os.environ.get('MASTER_PORT') or free_port()}"
+    dist.init_process_group("gloo" if device.type == "cpu" else "nccl", init_method=address,
+                            rank=0, world_size=1)
 
 
 def free_port() -> int:

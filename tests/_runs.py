@@ -25,8 +25,15 @@ NO_DROPOUT = ["model.dropout=0.0", "model.arch.hidden_dropout_prob=0.0",
               "model.arch.attention_probs_dropout_prob=0.0"]
 
 
+# Set in this (pytest) process by an in-process ZeRO run (mtl_dist.zero._ensure_process_group,
+# whose store keeps MASTER_PORT bound): a child given them took itself for a rank of that
+# group and failed with EADDRINUSE on the port.
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+
+
 def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+    inherited = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    return {**inherited, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
             "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1"}
 
 
