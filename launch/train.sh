@@ -25,6 +25,15 @@ accel_opts=()
 
 usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 die() { echo "launch/train.sh: $*" >&2; exit 2; }
+# A count as a plain decimal of at most 6 digits: bash arithmetic would read 010 as octal,
+# evaluate a name or $(...) inside, and wrap a huge one round.
+is_count() { [[ $1 =~ ^[1-9][0-9]{0,5}$ ]]; }
+is_port() { [[ $1 =~ ^[1-9][0-9]{0,4}$ ]] && [ "$1" -le 65535 ]; }
+case $dry_run in
+  1|true|yes) dry_run=1 ;;
+  0|false|no|"") dry_run=0 ;;
+  *) die "MTL_DRY_RUN: expected 1/true/yes or 0/false/no, got '$dry_run'" ;;
+esac
 
 while [ $# -gt 0 ]; do
   case $1 in
@@ -62,6 +71,9 @@ free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
 }
 
+if [ -n "${MTL_NUM_GPUS:-}" ] && ! [[ $MTL_NUM_GPUS =~ ^(0|[1-9][0-9]{0,5})$ ]]; then
+  die "MTL_NUM_GPUS: expected a number of GPUs, got '$MTL_NUM_GPUS'"
+fi
 ngpu=$(count_gpus)
 if [ "$launch" = auto ]; then
   if [ "$ngpu" -eq 0 ]; then launch=cpu; elif [ "$ngpu" -eq 1 ]; then launch=gpu; else launch=ddp; fi
@@ -85,15 +97,17 @@ fi
 if [ -z "$procs" ]; then
   if [ "$on_cpu" -eq 1 ]; then procs=2; elif [ "$launch" = gpu ]; then procs=1; else procs=$ngpu; fi
 fi
-[[ $procs =~ ^[1-9][0-9]*$ ]] || die "--procs: expected a positive integer, got '$procs'"
+is_count "$procs" || die "--procs (or MTL_NUM_PROCS, MTL_NUM_GPUS): expected a positive integer of at most 6 digits, got '$procs'"
 [ "$launch" != gpu ] || [ "$procs" -eq 1 ] || die "--launch gpu runs 1 process; use --launch ddp for $procs"
 
 machines=1
 have_port=0
 for opt in "${accel_opts[@]+"${accel_opts[@]}"}"; do
   case $opt in
-    --num_machines=*) machines=${opt#*=} ;;
-    --main_process_port=*) have_port=1 ;;
+    --num_machines=*) machines=${opt#*=}
+      is_count "$machines" || die "--num_machines: expected a positive integer of at most 6 digits, got '$machines'" ;;
+    --main_process_port=*) have_port=1
+      is_port "${opt#*=}" || die "--main_process_port: expected a port number 1-65535, got '${opt#*=}'" ;;
     --num_processes*) die "use --procs (per machine), not --num_processes" ;;
   esac
 done
@@ -101,6 +115,12 @@ done
 if [ "$on_cpu" -eq 1 ]; then
   export CUDA_VISIBLE_DEVICES=""   # CPU processes even where GPUs exist (gloo, MULTI_CPU)
   if [ "$launch" != cpu ]; then export DS_ACCELERATOR=cpu; fi
+fi
+if [ -n "${OMP_NUM_THREADS:-}" ] && ! is_count "$OMP_NUM_THREADS"; then
+  die "OMP_NUM_THREADS: expected a positive integer, got '$OMP_NUM_THREADS' (unset it for cores / procs)"
+fi
+if [ -n "${MTL_MAIN_PORT:-}" ] && ! is_port "$MTL_MAIN_PORT"; then
+  die "MTL_MAIN_PORT: expected a port number 1-65535, got '$MTL_MAIN_PORT'"
 fi
 if [ -z "${OMP_NUM_THREADS:-}" ]; then
   cores=$(nproc 2>/dev/null || echo 1)

@@ -471,3 +471,61 @@ def test_train_sh_zero2_on_cpu_trains_and_checkpoints(tmp_path, cache_dir, cpu_e
     parts = {p.name for p in ckpt.rglob("*_optim_states.pt")}
     assert parts == {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)}, parts
     assert (ckpt / "rng_state_0.pth").exists() and (ckpt / "rng_state_1.pth").exists()
+
+
+@pytest.mark.parametrize(("args", "environ", "message"), [
+    # bash arithmetic read these: a name, an octal, a $(...) it ran, a number wrapped round
+    (["--num_machines=2x"], {}, "--num_machines: expected a positive integer of at most 6 "
+                                "digits, got '2x'"),
+    (["--num_machines=010"], {}, "--num_machines: expected a positive integer of at most 6 "
+                                 "digits, got '010'"),
+    (["--num_machines=HOME[$(touch PWNED)]"], {}, "--num_machines: expected a positive integer "
+                                                  "of at most 6 digits, got 'HOME[$(touch PWNED)]'"),
+    (["--procs", "99999999999999999999"], {}, "--procs (or MTL_NUM_PROCS, MTL_NUM_GPUS): "
+     "expected a positive integer of at most 6 digits, got '99999999999999999999'"),
+    (["--main_process_port=abc"], {}, "--main_process_port: expected a port number 1-65535, "
+                                      "got 'abc'"),
+    ([], {"MTL_DRY_RUN": "maybe"}, "MTL_DRY_RUN: expected 1/true/yes or 0/false/no, got 'maybe'"),
+    ([], {"OMP_NUM_THREADS": "abc"}, "OMP_NUM_THREADS: expected a positive integer, got 'abc' "
+                                     "(unset it for cores / procs)"),
+    ([], {"MTL_NUM_GPUS": "abc"}, "MTL_NUM_GPUS: expected a number of GPUs, got 'abc'"),
+    ([], {"MTL_MAIN_PORT": "99999"}, "MTL_MAIN_PORT: expected a port number 1-65535, got '99999'"),
+])
+def test_train_sh_refuses_bad_counts_ports_and_flags_in_one_line(tmp_path, args, environ, message):
+    """A fuzzing review: `--num_machines=2x` skipped the check and printed a broken command with
+    exit 0; `HOME[$(...)]` ran the command inside; MTL_DRY_RUN=true trained for real."""
+    done = subprocess.run(["bash", str(TRAIN_SH), "--dry-run", *args, str(DEMO),
+                           f"train.output_dir={tmp_path / 'out'}"], cwd=tmp_path,
+                          env={**os.environ, **environ}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == f"launch/train.sh: {message}", \
+        done.stderr
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "out").exists()
+
+
+def test_multi_node_sbatch_puts_only_checked_values_into_the_nodes_command(tmp_path):
+    """MTL_HEAD_ADDR, MTL_MAIN_PORT and SLURM_NNODES went unquoted into `srun bash -c "..."`
+    (a $(...) there ran on every node); a failed `scontrol` launched with an empty head."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for tool, text in (("srun", 'echo "srun $*"'), ("scontrol", "exit 1")):
+        (fake / tool).write_text(f"#!/bin/bash\n{text}\n")
+        (fake / tool).chmod(0o755)
+    base = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "MTL_ROOT": str(REPO_ROOT),
+            "SLURM_JOB_ID": "9", "MTL_ACCELERATE": "echo", "MTL_DEVICE": "cpu"}
+    for environ, message in (
+            ({"SLURM_NNODES": "2x"}, "error: SLURM_NNODES: expected a number of nodes, got '2x' "
+                                     "(run under sbatch, or set it)"),
+            ({"SLURM_NNODES": "2", "MTL_HEAD_ADDR": "$(touch PWNED)n"},
+             "error: MTL_HEAD_ADDR: expected one host name or address, got '$(touch PWNED)n'"),
+            ({"SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[1-2]"},
+             "error: cannot tell the head node (scontrol show hostnames 'node[1-2]' gave ''): "
+             "set MTL_HEAD_ADDR to one host name"),
+            ({"SLURM_NNODES": "2", "MTL_HEAD_ADDR": "node1", "MTL_MAIN_PORT": "1;id"},
+             "error: MTL_MAIN_PORT: expected a port number 1-65535, got '1;id'")):
+        done = subprocess.run(["bash", str(REPO_ROOT / "slurm" / "multi_node.sbatch"), str(DEMO)],
+                              cwd=tmp_path, env={**base, **environ}, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2 and done.stdout.strip().splitlines()[-1].endswith(
+            "] " + message), done.stdout + done.stderr
+        assert "srun " not in done.stdout and not (tmp_path / "PWNED").exists()
