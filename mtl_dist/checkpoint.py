@@ -2397,15 +2397,10 @@ def holds_a_run(folder: Path) -> bool:
     """Whether `folder` is a run's output dir: its config.yaml with the header every run
     writes first, or (a run of an earlier version) labels.json beside the run's log. A
     hand-written config.yaml or a label list of one's own is no run."""
-    from mtl_dist.config import SAVED_CONFIG_HEADER
+    from mtl_dist.config import is_saved_config
 
-    try:
-        with open(folder / "config.yaml", encoding="utf-8", errors="replace") as f:
-            if f.read(len(SAVED_CONFIG_HEADER)) == SAVED_CONFIG_HEADER:
-                return True
-    except OSError:
-        pass
-    return (folder / "labels.json").is_file() and (folder / "metrics.jsonl").is_file()
+    return is_saved_config(folder / "config.yaml") or (
+        (folder / "labels.json").is_file() and (folder / "metrics.jsonl").is_file())
 
 
 def _copy_run_files(src: Path, tmp: Path, encoder_config: Mapping[str, Any] | None) -> None:

@@ -370,6 +370,15 @@ def saved_config_yaml(cfg: RunConfig) -> str:
 SAVED_CONFIG_HEADER = "# The resolved config of this run. "  # how a run's own config.yaml starts
 
 
+def is_saved_config(path: Path) -> bool:
+    """Whether the file `path` starts with SAVED_CONFIG_HEADER (a run wrote it)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read(len(SAVED_CONFIG_HEADER)) == SAVED_CONFIG_HEADER
+    except OSError:
+        return False
+
+
 def config_hash(cfg: RunConfig) -> str:
     """sha256 of the canonical YAML, leaving out keys that do not change results."""
     data = save_dict(cfg)

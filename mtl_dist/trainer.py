@@ -44,7 +44,7 @@ from mtl_dist.checkpoint import (
     why_not_a_directory,
 )
 from mtl_dist.collectives import release_host_group, set_host_timeout
-from mtl_dist.config import SAVED_CONFIG_HEADER, RunConfig, config_hash, saved_config_yaml
+from mtl_dist.config import RunConfig, config_hash, is_saved_config, saved_config_yaml
 from mtl_dist.ema import EMA
 from mtl_dist.embedding_grads import enable_gemm_embedding_grads
 from mtl_dist.errors import CheckpointError, ConfigError, MtlDistWarning
@@ -310,11 +310,10 @@ def _refuse_replacing_the_config_file(cfg: RunConfig, out: Path) -> None:
             return
         # a run's own: its header, or (saved before the header, or the header edited away)
         # beside the run's other files
-        if any((out / name).exists() for name in RUN_FILES) or (
-                target.is_file() and target.read_text().startswith(SAVED_CONFIG_HEADER)):
+        if any((out / name).exists() for name in RUN_FILES) or is_saved_config(target):
             return
         same = loaded is not None and target.samefile(loaded)
-    except (OSError, UnicodeDecodeError):
+    except OSError:
         same = False  # unreadable or not text: not a run's own either
     if same:
         raise ConfigError(f"config key 'train.output_dir': {out} holds the config file itself "
