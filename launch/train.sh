@@ -9,7 +9,8 @@
 #   --procs N       processes on this machine                            (env MTL_NUM_PROCS)
 #                   default: 2 for cpu, 1 for gpu, every visible GPU for ddp/zero2/zero3
 #                   (zero2/zero3 without a GPU: 2 CPU processes, DeepSpeed on gloo)
-#   --dry-run       print the command instead of running it               (env MTL_DRY_RUN=1)
+#   --dry-run       print the command, with the variables it sets, on stdout instead of
+#                   running it                                            (env MTL_DRY_RUN=1)
 #   --ACCEL_OPT=V   any other `--option=value` (or flag) before CONFIG goes to `accelerate launch`,
 #                   e.g. --num_machines=2 --machine_rank=1 --main_process_ip=node1 (multi-node)
 # Other env: MTL_NUM_GPUS (skip detection), MTL_MAIN_PORT (default: a free port),
@@ -23,7 +24,7 @@ procs=${MTL_NUM_PROCS:-}
 dry_run=${MTL_DRY_RUN:-0}
 accel_opts=()
 
-usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 die() { echo "launch/train.sh: $*" >&2; exit 2; }
 # A count as a plain decimal of at most 6 digits: bash arithmetic would read 010 as octal,
 # evaluate a name or $(...) inside, and wrap a huge one round.
@@ -50,6 +51,21 @@ while [ $# -gt 0 ]; do
 done
 [ $# -ge 1 ] || { usage >&2; die "missing CONFIG (a run config YAML, e.g. configs/demo.yaml)"; }
 config=$1; shift
+# `--num_machines 2 CONFIG` made "2" the config: accelerate's options need the = form here.
+last_opt=
+[ ${#accel_opts[@]} -eq 0 ] || last_opt=${accel_opts[${#accel_opts[@]}-1]}
+if [ ! -e "$config" ] && [ -n "$last_opt" ] && [[ $last_opt != *=* ]]; then
+  die "'$config' is not a config file: write accelerate's options as --option=value (got '$last_opt $config')"
+fi
+for arg in "$@"; do
+  case $arg in
+    -*) die "'$arg' comes after CONFIG '$config': options go before it, overrides (key=value) after" ;;
+  esac
+done
+python=${MTL_PYTHON:-python3}
+accelerate=${MTL_ACCELERATE:-accelerate}
+command -v "$python" >/dev/null 2>&1 || die "MTL_PYTHON: '$python' is not a command"
+command -v "$accelerate" >/dev/null 2>&1 || die "MTL_ACCELERATE: '$accelerate' is not a command (is accelerate installed?)"
 
 count_gpus() {
   # Respect CUDA_VISIBLE_DEVICES (Slurm sets it from --gres); else ask the driver.
@@ -112,9 +128,11 @@ for opt in "${accel_opts[@]+"${accel_opts[@]}"}"; do
   esac
 done
 
+exported=()   # what --dry-run shows before the command
+set_env() { export "$1=$2"; exported+=("$1=$2"); }
 if [ "$on_cpu" -eq 1 ]; then
-  export CUDA_VISIBLE_DEVICES=""   # CPU processes even where GPUs exist (gloo, MULTI_CPU)
-  if [ "$launch" != cpu ]; then export DS_ACCELERATOR=cpu; fi
+  set_env CUDA_VISIBLE_DEVICES ""   # CPU processes even where GPUs exist (gloo, MULTI_CPU)
+  if [ "$launch" != cpu ]; then set_env DS_ACCELERATOR cpu; fi
 fi
 if [ -n "${OMP_NUM_THREADS:-}" ] && ! is_count "$OMP_NUM_THREADS"; then
   die "OMP_NUM_THREADS: expected a positive integer, got '$OMP_NUM_THREADS' (unset it for cores / procs)"
@@ -124,10 +142,10 @@ if [ -n "${MTL_MAIN_PORT:-}" ] && ! is_port "$MTL_MAIN_PORT"; then
 fi
 if [ -z "${OMP_NUM_THREADS:-}" ]; then
   cores=$(nproc 2>/dev/null || echo 1)
-  export OMP_NUM_THREADS=$(( cores / procs > 0 ? cores / procs : 1 ))
+  set_env OMP_NUM_THREADS "$(( cores / procs > 0 ? cores / procs : 1 ))"
 fi
 
-cmd=("${MTL_ACCELERATE:-accelerate}" launch --config_file "$ROOT/launch/$file"
+cmd=("$accelerate" launch --config_file "$ROOT/launch/$file"
      --num_processes "$(( procs * machines ))")
 [ -z "$ds_file" ] || cmd+=(--deepspeed_config_file "$ds_file")
 [ "$have_port" -eq 1 ] || cmd+=(--main_process_port "${MTL_MAIN_PORT:-$(free_port)}")
@@ -138,11 +156,15 @@ cmd+=("${accel_opts[@]+"${accel_opts[@]}"}" -m mtl_dist.cli train "$config" "$@"
 # a resume's global batch, world size and ZeRO stage are checked too.
 check_env=()
 [ -z "$ds_file" ] || check_env=(ACCELERATE_USE_DEEPSPEED=true "ACCELERATE_DEEPSPEED_CONFIG_FILE=$ds_file")
-env "${check_env[@]+"${check_env[@]}"}" "${MTL_PYTHON:-python3}" -m mtl_dist.cli check \
+env "${check_env[@]+"${check_env[@]}"}" "$python" -m mtl_dist.cli check \
   --world-size "$(( procs * machines ))" "$config" "$@" >/dev/null || exit $?
 
 echo "[train.sh] launch=$launch gpus=$ngpu procs_per_machine=$procs machines=$machines" \
      "OMP_NUM_THREADS=$OMP_NUM_THREADS" >&2
 echo "[train.sh] $(printf '%q ' "${cmd[@]}")" >&2
-if [ "$dry_run" = 1 ]; then exit 0; fi
+if [ "$dry_run" = 1 ]; then
+  # one line that runs as it is in a shell: the variables set here, then the command
+  printf '%q ' env "${exported[@]+"${exported[@]}"}" "${cmd[@]}" | sed 's/ $//'; echo
+  exit 0
+fi
 exec "${cmd[@]}"

@@ -44,6 +44,11 @@ mtl_export_launch_env() {
   #   gpu: MTL_LAUNCH ddp (default; 1 GPU is fine), gpu, zero2 or zero3; fails without GPUs
   #   auto: launch/train.sh decides from the GPUs it sees (none -> cpu, 1 -> gpu, more -> ddp)
   local launch=${MTL_LAUNCH:-auto}
+  case ${MTL_REQUEUE:-1} in   # read as 0 / not 0 below: "no" kept requeueing
+    1|true|yes) export MTL_REQUEUE=1 ;;
+    0|false|no) export MTL_REQUEUE=0 ;;
+    *) mtl_log "error: MTL_REQUEUE='$MTL_REQUEUE'; expected 1/true/yes or 0/false/no"; exit 2 ;;
+  esac
   case ${MTL_DEVICE:-auto} in
     cpu)
       export CUDA_VISIBLE_DEVICES=""
@@ -178,7 +183,7 @@ mtl_finish() {
     mtl_log "the run had ended ($stopped) before the signal took effect; not requeued"
     exit 0
   fi
-  if [ "${MTL_REQUEUE:-1}" != 0 ]; then
+  if [ "${MTL_REQUEUE:-1}" != 0 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
     # Normally rank 0 already requeued the job and Slurm is ending this shell; when it did not,
     # do it here. A second request is refused by Slurm ("Job is pending execution").
     if scontrol requeue "$SLURM_JOB_ID" 2>/dev/null; then

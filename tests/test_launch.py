@@ -326,6 +326,9 @@ def test_train_sh_picks_the_config(args, extra, config, procs, cpu_env):
     (["--launch", "gpu", "--procs", "2", "c.yaml"], {"MTL_NUM_GPUS": "2"}, "use --launch ddp"),
     (["--num_processes=4", "c.yaml"], {"MTL_NUM_GPUS": "0"}, "use --procs"),
     (["--launch", "cpu"], {}, "missing CONFIG"),
+    (["c.yaml", "--procs", "2"], {"MTL_NUM_GPUS": "0"},  # went to `mtl-dist check` as an override
+     "launch/train.sh: '--procs' comes after CONFIG 'c.yaml': options go before it, overrides "
+     "(key=value) after"),
 ])
 def test_train_sh_refuses_bad_requests(args, extra, message, cpu_env):
     result = dry_run(args, cpu_env, **extra)
@@ -490,6 +493,13 @@ def test_train_sh_zero2_on_cpu_trains_and_checkpoints(tmp_path, cache_dir, cpu_e
                                      "(unset it for cores / procs)"),
     ([], {"MTL_NUM_GPUS": "abc"}, "MTL_NUM_GPUS: expected a number of GPUs, got 'abc'"),
     ([], {"MTL_MAIN_PORT": "99999"}, "MTL_MAIN_PORT: expected a port number 1-65535, got '99999'"),
+    # accelerate takes `--num_machines 2`; here "2" became the config and the config an override
+    (["--num_machines", "2"], {}, "'2' is not a config file: write accelerate's options as "
+                                  "--option=value (got '--num_machines 2')"),
+    ([], {"MTL_PYTHON": "/nonexistent/python3"}, "MTL_PYTHON: '/nonexistent/python3' is not a "
+                                                 "command"),  # was env's own message, exit 127
+    ([], {"MTL_ACCELERATE": "no-such-accelerate"}, "MTL_ACCELERATE: 'no-such-accelerate' is not "
+                                                   "a command (is accelerate installed?)"),
 ])
 def test_train_sh_refuses_bad_counts_ports_and_flags_in_one_line(tmp_path, args, environ, message):
     """A fuzzing review: `--num_machines=2x` skipped the check and printed a broken command with
@@ -529,3 +539,80 @@ def test_multi_node_sbatch_puts_only_checked_values_into_the_nodes_command(tmp_p
         assert done.returncode == 2 and done.stdout.strip().splitlines()[-1].endswith(
             "] " + message), done.stdout + done.stderr
         assert "srun " not in done.stdout and not (tmp_path / "PWNED").exists()
+
+
+def fake_tool(folder: Path, name: str, text: str) -> Path:
+    folder.mkdir(exist_ok=True)
+    path = folder / name
+    path.write_text(f"#!/bin/bash\n{text}\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_dry_run_prints_one_line_that_launches_as_train_sh_would(tmp_path, cpu_env):
+    """--dry-run printed the command on stderr without the variables train.sh sets
+    (CUDA_VISIBLE_DEVICES=, DS_ACCELERATOR=cpu, OMP_NUM_THREADS): run as printed, it was
+    another launch (GPUs visible, DeepSpeed looking for CUDA)."""
+    accelerate = fake_tool(tmp_path / "bin", "accelerate", 'echo "CUDA_VISIBLE_DEVICES='
+                           '${CUDA_VISIBLE_DEVICES-unset} DS_ACCELERATOR=${DS_ACCELERATOR-unset} '
+                           'OMP_NUM_THREADS=${OMP_NUM_THREADS-unset} $*"')
+    env = {k: v for k, v in cpu_env.items()
+           if k not in ("CUDA_VISIBLE_DEVICES", "DS_ACCELERATOR", "OMP_NUM_THREADS")}
+    env.update(MTL_ACCELERATE=str(accelerate), MTL_MAIN_PORT="29555", MTL_NUM_GPUS="0",
+               MTL_PYTHON=sys.executable)
+    args = ["--launch", "zero2", "configs/demo.yaml", f"train.output_dir={tmp_path / 'out dir'}"]
+
+    def run(*command: str) -> subprocess.CompletedProcess:
+        done = subprocess.run(list(command), env=env, cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    launched = run("bash", str(TRAIN_SH), *args)
+    printed = run("bash", str(TRAIN_SH), "--dry-run", *args)
+    assert len(printed.stdout.splitlines()) == 1 and printed.stdout.startswith("env ")
+    replayed = run("bash", "-c", printed.stdout)
+    assert replayed.stdout == launched.stdout
+    assert launched.stdout.startswith("CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu OMP_NUM_THREADS=")
+    assert f"train.output_dir={tmp_path / 'out dir'}" in launched.stdout
+
+
+def test_sbatch_scripts_find_the_repository_and_read_mtl_requeue(tmp_path, cpu_env):
+    """The repository is found from scontrol's `Command=PATH ARGS`, cut at the first space (a
+    path with a space gave "repository not found"); by hand (no job) from the script itself,
+    where `set -u` stopped at SLURM_JOB_ID; MTL_REQUEUE=no kept requeueing (only 0 counted)."""
+    spaced = tmp_path / "my projects" / "mtl dist"
+    spaced.parent.mkdir()
+    spaced.symlink_to(REPO_ROOT)
+    script = spaced / "slurm" / "single_node.sbatch"
+    fake_tool(tmp_path / "bin", "scontrol", f"echo '   Command={script} {DEMO} train.lr=1'")
+    env = {k: v for k, v in cpu_env.items() if k != "MTL_ROOT"}
+    env.update(PATH=f"{tmp_path / 'bin'}:{env['PATH']}", MTL_DEVICE="cpu", MTL_DRY_RUN="1",
+               MTL_PYTHON=sys.executable)
+    spool_copy = tmp_path / "slurm_script"  # where slurmd runs it from
+    spool_copy.write_text(script.read_text())
+
+    def banner_and_command(script_file: Path, **environ: str) -> tuple[str, str]:
+        done = subprocess.run(["bash", str(script_file), str(DEMO),
+                               f"train.output_dir={tmp_path / 'out'}"], env={**env, **environ},
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        lines = done.stdout.splitlines()
+        return next(s for s in lines if " repo=" in s), next(s for s in lines if s.startswith("env "))
+
+    banner, command = banner_and_command(spool_copy, SLURM_JOB_ID="7")
+    assert f"repo={spaced} " in banner and "requeue=1" in banner
+    assert "train.resume=auto" in command and "requeue_on_preempt" not in command
+    banner, command = banner_and_command(script, MTL_REQUEUE="no")  # by hand
+    assert f"repo={spaced} " in banner and "requeue=0" in banner
+    assert "train.requeue_on_preempt=false" in command
+    refused = subprocess.run(["bash", str(script), str(DEMO)], env={**env, "MTL_REQUEUE": "2"},
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and refused.stdout.strip().endswith(
+        "] error: MTL_REQUEUE='2'; expected 1/true/yes or 0/false/no"), refused.stdout
+    by_hand = subprocess.run(["bash", str(REPO_ROOT / "slurm" / "multi_node.sbatch"), str(DEMO)],
+                             env={**env, "SLURM_NNODES": "2"}, capture_output=True, text=True,
+                             timeout=60)
+    assert by_hand.returncode == 2 and by_hand.stdout.strip().endswith(
+        "] error: SLURM_JOB_ID is not set: submit this script with sbatch (it signals the job's "
+        "steps)"), by_hand.stdout + by_hand.stderr
