@@ -963,6 +963,8 @@ class Trainer:
         if getattr(self, "preemption", None) is not None:
             self.preemption.restore()
         release_host_group()
+        if getattr(self, "engine", None) is not None:
+            zero.end_process_group()  # before accelerate's end_training finds it destroyed
         self.accelerator.end_training()
 
     def _maybe_resume(self) -> bool:

@@ -132,7 +132,7 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_conf
                device: torch.device):
     """A DeepSpeed engine over our model and our torch AdamW, on the existing process group."""
     if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        _set_env_default("DS_ACCELERATOR", "cpu")
         skip_cpu_shm_build()
     _ensure_process_group(device)
     import deepspeed
@@ -153,11 +153,20 @@ def skip_cpu_shm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+_ENV_SET_HERE: set[str] = set()  # undone by end_process_group
+
+
+def _set_env_default(name: str, value: str) -> None:
+    if name not in os.environ:
+        os.environ[name] = value
+        _ENV_SET_HERE.add(name)
+
+
 def _ensure_process_group(device: torch.device) -> None:
     """DeepSpeed needs a process group even for one process (plain `python`)."""
     import torch.distributed as dist
 
-    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set
+    _set_env_default("LOCAL_RANK", "0")  # DeepSpeed asserts it is set, and reads it while stepping
     if dist.is_initialized():
         return
     # an address of its own, not MASTER_ADDR/MASTER_PORT set in os.environ: child processes
@@ -166,6 +175,24 @@ def _ensure_process_group(device: torch.device) -> None:
         f"{os.environ.get('MASTER_PORT') or free_port()}"
     dist.init_process_group("gloo" if device.type == "cpu" else "nccl", init_method=address,
                             rank=0, world_size=1)
+
+
+def end_process_group() -> None:
+    """At a ZeRO trainer's close: destroy the process group through DeepSpeed, which then
+    forgets the groups it cached from it (torch's own destroy, as accelerate's end_training
+    does it, left them: the next engine in this process failed on a group "not registered"),
+    and undo the variables set for DeepSpeed here (with LOCAL_RANK, a `mtl-dist train` started
+    later from this process took itself for rank 0 of a launch; with DS_ACCELERATOR=cpu, one
+    on a GPU ran DeepSpeed on the CPU). DeepSpeed read both already."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
+    for name in _ENV_SET_HERE:
+        os.environ.pop(name, None)
+    _ENV_SET_HERE.clear()
 
 
 def free_port() -> int:

@@ -25,9 +25,9 @@ NO_DROPOUT = ["model.dropout=0.0", "model.arch.hidden_dropout_prob=0.0",
               "model.arch.attention_probs_dropout_prob=0.0"]
 
 
-# Set in this (pytest) process by an in-process ZeRO run (mtl_dist.zero._ensure_process_group,
-# whose store keeps MASTER_PORT bound): a child given them took itself for a rank of that
-# group and failed with EADDRINUSE on the port.
+# What a launch puts in the environment, and an in-process ZeRO run leaves until its trainer's
+# close() (LOCAL_RANK): a child given them takes itself for a rank of a launch (MASTER_PORT once
+# failed here with EADDRINUSE on a port this process's store held).
 _DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
 
 
