@@ -952,3 +952,24 @@ def test_triton_clip_norm_reads_past_two_to_the_31():
     x = torch.ones(2**31 + 5, device="cuda", dtype=torch.bfloat16)
     x[-5:] = 2.0**14  # past 2**31: missed or read elsewhere, the sum is off by a third
     assert sum_of_squares(x).item() == 2**31 + 5 * 2**28  # (exact in fp32: 13 * 2**28)
+
+
+def test_in_process_zero_runs_one_after_another_on_cuda(tmp_path, monkeypatch):
+    """test_trainer's CPU test of Trainer.close() under ZeRO, on NCCL: ZeRO-2, closed, then
+    ZeRO-3 in the same process; each resumes from its own checkpoint after a close too.
+    (Skipped without DeepSpeed: the GPU machines carry it as wheels.)"""
+    pytest.importorskip("deepspeed")
+    import os
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for stage in (2, 3):
+        common = [f"train.zero_stage={stage}", "train.eval_steps=null",
+                  "checkpoint.save_steps=2", "checkpoint.save_best=false"]
+        out, trainer, _ = run(tmp_path, f"zero{stage}", *common, "train.max_steps=2")
+        assert trainer.state.global_step == 2 and os.environ.get("LOCAL_RANK") == "0"
+        trainer.close()
+        assert "LOCAL_RANK" not in os.environ
+        _, resumed, _ = run(tmp_path, f"zero{stage}", *common, "train.max_steps=4",
+                            "train.resume=auto")
+        assert resumed.state.global_step == 4 and (out / "checkpoints" / "checkpoint-4").is_dir()
+        resumed.close()
