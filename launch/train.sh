@@ -9,8 +9,8 @@
 #   --procs N       processes on this machine                            (env MTL_NUM_PROCS)
 #                   default: 2 for cpu, 1 for gpu, every visible GPU for ddp/zero2/zero3
 #                   (zero2/zero3 without a GPU: 2 CPU processes, DeepSpeed on gloo)
-#   --dry-run       print the command, with the variables it sets, on stdout instead of
-#                   running it                                            (env MTL_DRY_RUN=1)
+#   --dry-run       print the launch as one bash line on stdout instead of running it:
+#                   env VARS... accelerate launch ...                     (env MTL_DRY_RUN=1)
 #   --ACCEL_OPT=V   any other `--option=value` (or flag) before CONFIG goes to `accelerate launch`,
 #                   e.g. --num_machines=2 --machine_rank=1 --main_process_ip=node1 (multi-node)
 # Other env: MTL_NUM_GPUS (skip detection), MTL_MAIN_PORT (default: a free port),
@@ -30,7 +30,7 @@ die() { echo "launch/train.sh: $*" >&2; exit 2; }
 # evaluate a name or $(...) inside, and wrap a huge one round.
 is_count() { [[ $1 =~ ^[1-9][0-9]{0,5}$ ]]; }
 is_port() { [[ $1 =~ ^[1-9][0-9]{0,4}$ ]] && [ "$1" -le 65535 ]; }
-case $dry_run in
+case ${dry_run,,} in
   1|true|yes) dry_run=1 ;;
   0|false|no|"") dry_run=0 ;;
   *) die "MTL_DRY_RUN: expected 1/true/yes or 0/false/no, got '$dry_run'" ;;
@@ -54,11 +54,12 @@ config=$1; shift
 # `--num_machines 2 CONFIG` made "2" the config: accelerate's options need the = form here.
 last_opt=
 [ ${#accel_opts[@]} -eq 0 ] || last_opt=${accel_opts[${#accel_opts[@]}-1]}
-if [ ! -e "$config" ] && [ -n "$last_opt" ] && [[ $last_opt != *=* ]]; then
-  die "'$config' is not a config file: write accelerate's options as --option=value (got '$last_opt $config')"
+if [ -n "$last_opt" ] && [[ $last_opt != *=* ]] && [[ $config != *.yaml && $config != *.yml ]]; then
+  die "'$config' after '$last_opt' would be the config (a .yaml file): if it is the option's value, write $last_opt=$config"
 fi
 for arg in "$@"; do
   case $arg in
+    --) ;;  # mtl-dist train's own end of options
     -*) die "'$arg' comes after CONFIG '$config': options go before it, overrides (key=value) after" ;;
   esac
 done
@@ -128,11 +129,9 @@ for opt in "${accel_opts[@]+"${accel_opts[@]}"}"; do
   esac
 done
 
-exported=()   # what --dry-run shows before the command
-set_env() { export "$1=$2"; exported+=("$1=$2"); }
 if [ "$on_cpu" -eq 1 ]; then
-  set_env CUDA_VISIBLE_DEVICES ""   # CPU processes even where GPUs exist (gloo, MULTI_CPU)
-  if [ "$launch" != cpu ]; then set_env DS_ACCELERATOR cpu; fi
+  export CUDA_VISIBLE_DEVICES=""   # CPU processes even where GPUs exist (gloo, MULTI_CPU)
+  if [ "$launch" != cpu ]; then export DS_ACCELERATOR=cpu; fi
 fi
 if [ -n "${OMP_NUM_THREADS:-}" ] && ! is_count "$OMP_NUM_THREADS"; then
   die "OMP_NUM_THREADS: expected a positive integer, got '$OMP_NUM_THREADS' (unset it for cores / procs)"
@@ -142,7 +141,7 @@ if [ -n "${MTL_MAIN_PORT:-}" ] && ! is_port "$MTL_MAIN_PORT"; then
 fi
 if [ -z "${OMP_NUM_THREADS:-}" ]; then
   cores=$(nproc 2>/dev/null || echo 1)
-  set_env OMP_NUM_THREADS "$(( cores / procs > 0 ? cores / procs : 1 ))"
+  export OMP_NUM_THREADS=$(( cores / procs > 0 ? cores / procs : 1 ))
 fi
 
 cmd=("$accelerate" launch --config_file "$ROOT/launch/$file"
@@ -163,8 +162,13 @@ echo "[train.sh] launch=$launch gpus=$ngpu procs_per_machine=$procs machines=$ma
      "OMP_NUM_THREADS=$OMP_NUM_THREADS" >&2
 echo "[train.sh] $(printf '%q ' "${cmd[@]}")" >&2
 if [ "$dry_run" = 1 ]; then
-  # one line that runs as it is in a shell: the variables set here, then the command
-  printf '%q ' env "${exported[@]+"${exported[@]}"}" "${cmd[@]}" | sed 's/ $//'; echo
+  # one bash line that launches the same from this folder: the variables that decided or set
+  # the launch (as they are now, set here or before), then the command
+  assignments=()
+  for name in CUDA_VISIBLE_DEVICES DS_ACCELERATOR OMP_NUM_THREADS; do
+    [ "${!name+set}" != set ] || assignments+=("$name=${!name}")
+  done
+  printf '%q ' env "${assignments[@]+"${assignments[@]}"}" "${cmd[@]}" | sed 's/ $//'; echo
   exit 0
 fi
 exec "${cmd[@]}"

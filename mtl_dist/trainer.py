@@ -963,9 +963,10 @@ class Trainer:
         if getattr(self, "preemption", None) is not None:
             self.preemption.restore()
         release_host_group()
-        if getattr(self, "engine", None) is not None:
-            zero.end_process_group()  # before accelerate's end_training finds it destroyed
-        self.accelerator.end_training()
+        try:  # before accelerate's end_training, which then finds the group gone
+            zero.end_process_group(keep_group=self.accelerator.state.fork_launched)
+        finally:
+            self.accelerator.end_training()
 
     def _maybe_resume(self) -> bool:
         if not self.cfg.train.resume:

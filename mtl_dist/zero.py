@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -177,22 +178,25 @@ def _ensure_process_group(device: torch.device) -> None:
                             rank=0, world_size=1)
 
 
-def end_process_group() -> None:
-    """At a ZeRO trainer's close: destroy the process group through DeepSpeed, which then
-    forgets the groups it cached from it (torch's own destroy, as accelerate's end_training
-    does it, left them: the next engine in this process failed on a group "not registered"),
-    and undo the variables set for DeepSpeed here (with LOCAL_RANK, a `mtl-dist train` started
-    later from this process took itself for rank 0 of a launch; with DS_ACCELERATOR=cpu, one
-    on a GPU ran DeepSpeed on the CPU). DeepSpeed read both already."""
+def end_process_group(keep_group: bool = False) -> None:
+    """At a trainer's close (a ZeRO set-up that failed part way too): destroy the process
+    group through DeepSpeed, where DeepSpeed's comm is up, so that it forgets the groups it
+    cached from it (torch's own destroy, as accelerate's end_training does it, left them: the
+    next engine in this process failed on a group "not registered"); `keep_group` where
+    accelerate keeps it (a fork launch). And undo the variables set for DeepSpeed here (with
+    LOCAL_RANK, a `mtl-dist train` started later from this process took itself for rank 0 of
+    a launch; with DS_ACCELERATOR=cpu, one on a GPU ran DeepSpeed on the CPU). DeepSpeed read
+    both already."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        import deepspeed.comm
-
-        deepspeed.comm.destroy_process_group()
-    for name in _ENV_SET_HERE:
-        os.environ.pop(name, None)
-    _ENV_SET_HERE.clear()
+    try:
+        comm = sys.modules.get("deepspeed.comm.comm")  # its `cdb`: the package's copy stays None
+        if not keep_group and dist.is_initialized() and getattr(comm, "cdb", None) is not None:
+            comm.destroy_process_group()
+    finally:
+        for name in _ENV_SET_HERE:
+            os.environ.pop(name, None)
+        _ENV_SET_HERE.clear()
 
 
 def free_port() -> int:

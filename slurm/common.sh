@@ -44,7 +44,8 @@ mtl_export_launch_env() {
   #   gpu: MTL_LAUNCH ddp (default; 1 GPU is fine), gpu, zero2 or zero3; fails without GPUs
   #   auto: launch/train.sh decides from the GPUs it sees (none -> cpu, 1 -> gpu, more -> ddp)
   local launch=${MTL_LAUNCH:-auto}
-  case ${MTL_REQUEUE:-1} in   # read as 0 / not 0 below: "no" kept requeueing
+  local requeue=${MTL_REQUEUE:-1}
+  case ${requeue,,} in   # read as 0 / not 0 below: "no" kept requeueing
     1|true|yes) export MTL_REQUEUE=1 ;;
     0|false|no) export MTL_REQUEUE=0 ;;
     *) mtl_log "error: MTL_REQUEUE='$MTL_REQUEUE'; expected 1/true/yes or 0/false/no"; exit 2 ;;

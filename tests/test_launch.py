@@ -326,6 +326,7 @@ def test_train_sh_picks_the_config(args, extra, config, procs, cpu_env):
     (["--launch", "gpu", "--procs", "2", "c.yaml"], {"MTL_NUM_GPUS": "2"}, "use --launch ddp"),
     (["--num_processes=4", "c.yaml"], {"MTL_NUM_GPUS": "0"}, "use --procs"),
     (["--launch", "cpu"], {}, "missing CONFIG"),
+    (["--multi_gpu", "nope.yaml"], {"MTL_NUM_GPUS": "0"}, "nope.yaml: config file not found"),
     (["c.yaml", "--procs", "2"], {"MTL_NUM_GPUS": "0"},  # went to `mtl-dist check` as an override
      "launch/train.sh: '--procs' comes after CONFIG 'c.yaml': options go before it, overrides "
      "(key=value) after"),
@@ -494,8 +495,11 @@ def test_train_sh_zero2_on_cpu_trains_and_checkpoints(tmp_path, cache_dir, cpu_e
     ([], {"MTL_NUM_GPUS": "abc"}, "MTL_NUM_GPUS: expected a number of GPUs, got 'abc'"),
     ([], {"MTL_MAIN_PORT": "99999"}, "MTL_MAIN_PORT: expected a port number 1-65535, got '99999'"),
     # accelerate takes `--num_machines 2`; here "2" became the config and the config an override
-    (["--num_machines", "2"], {}, "'2' is not a config file: write accelerate's options as "
-                                  "--option=value (got '--num_machines 2')"),
+    (["--num_machines", "2"], {}, "'2' after '--num_machines' would be the config (a .yaml "
+                                  "file): if it is the option's value, write --num_machines=2"),
+    (["--deepspeed_config_file", "launch/ds_zero2.json"], {},  # a file, but no config
+     "'launch/ds_zero2.json' after '--deepspeed_config_file' would be the config (a .yaml "
+     "file): if it is the option's value, write --deepspeed_config_file=launch/ds_zero2.json"),
     ([], {"MTL_PYTHON": "/nonexistent/python3"}, "MTL_PYTHON: '/nonexistent/python3' is not a "
                                                  "command"),  # was env's own message, exit 127
     ([], {"MTL_ACCELERATE": "no-such-accelerate"}, "MTL_ACCELERATE: 'no-such-accelerate' is not "
@@ -560,7 +564,7 @@ def test_dry_run_prints_one_line_that_launches_as_train_sh_would(tmp_path, cpu_e
            if k not in ("CUDA_VISIBLE_DEVICES", "DS_ACCELERATOR", "OMP_NUM_THREADS")}
     env.update(MTL_ACCELERATE=str(accelerate), MTL_MAIN_PORT="29555", MTL_NUM_GPUS="0",
                MTL_PYTHON=sys.executable)
-    args = ["--launch", "zero2", "configs/demo.yaml", f"train.output_dir={tmp_path / 'out dir'}"]
+    args = ["--launch", "zero2", "configs/demo.yaml", "--", f"train.output_dir={tmp_path / 'out dir'}"]
 
     def run(*command: str) -> subprocess.CompletedProcess:
         done = subprocess.run(list(command), env=env, cwd=REPO_ROOT, capture_output=True,
@@ -574,18 +578,27 @@ def test_dry_run_prints_one_line_that_launches_as_train_sh_would(tmp_path, cpu_e
     replayed = run("bash", "-c", printed.stdout)
     assert replayed.stdout == launched.stdout
     assert launched.stdout.startswith("CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu OMP_NUM_THREADS=")
-    assert f"train.output_dir={tmp_path / 'out dir'}" in launched.stdout
+    assert f"-- train.output_dir={tmp_path / 'out dir'}" in launched.stdout
+    # GPUs the user chose decide the launch: the line names them, and the threads set before
+    env.update(CUDA_VISIBLE_DEVICES="2,3", OMP_NUM_THREADS="3", MTL_NUM_GPUS="")
+    ddp = run("bash", str(TRAIN_SH), "--dry-run", "--launch", "ddp", *args[2:])
+    assert ddp.stdout.startswith("env CUDA_VISIBLE_DEVICES=2\\,3 OMP_NUM_THREADS=3 ")
+    assert "--num_processes 2 " in ddp.stdout and "DS_ACCELERATOR" not in ddp.stdout
 
 
 def test_sbatch_scripts_find_the_repository_and_read_mtl_requeue(tmp_path, cpu_env):
     """The repository is found from scontrol's `Command=PATH ARGS`, cut at the first space (a
-    path with a space gave "repository not found"); by hand (no job) from the script itself,
-    where `set -u` stopped at SLURM_JOB_ID; MTL_REQUEUE=no kept requeueing (only 0 counted)."""
+    path with a space gave "repository not found"), a relative PATH from where sbatch ran (not
+    the job's --chdir); by hand (no job) from the script itself, where `set -u` stopped at
+    SLURM_JOB_ID, and inside an allocation (Command=/bin/bash); MTL_REQUEUE=no kept requeueing
+    (only 0 counted)."""
     spaced = tmp_path / "my projects" / "mtl dist"
     spaced.parent.mkdir()
     spaced.symlink_to(REPO_ROOT)
     script = spaced / "slurm" / "single_node.sbatch"
-    fake_tool(tmp_path / "bin", "scontrol", f"echo '   Command={script} {DEMO} train.lr=1'")
+    command = tmp_path / "command"  # what the stand-in scontrol says the job ran
+    fake_tool(tmp_path / "bin", "scontrol", f"echo \"   Command=$(cat '{command}')\"")
+    command.write_text(f"{script} {DEMO} train.lr=1")
     env = {k: v for k, v in cpu_env.items() if k != "MTL_ROOT"}
     env.update(PATH=f"{tmp_path / 'bin'}:{env['PATH']}", MTL_DEVICE="cpu", MTL_DRY_RUN="1",
                MTL_PYTHON=sys.executable)
@@ -600,12 +613,19 @@ def test_sbatch_scripts_find_the_repository_and_read_mtl_requeue(tmp_path, cpu_e
         lines = done.stdout.splitlines()
         return next(s for s in lines if " repo=" in s), next(s for s in lines if s.startswith("env "))
 
-    banner, command = banner_and_command(spool_copy, SLURM_JOB_ID="7")
+    banner, launch = banner_and_command(spool_copy, SLURM_JOB_ID="7")
     assert f"repo={spaced} " in banner and "requeue=1" in banner
-    assert "train.resume=auto" in command and "requeue_on_preempt" not in command
-    banner, command = banner_and_command(script, MTL_REQUEUE="no")  # by hand
+    assert "train.resume=auto" in launch and "requeue_on_preempt" not in launch
+    command.write_text(f"mtl dist/slurm/single_node.sbatch {DEMO}")  # sbatch --chdir elsewhere
+    banner, _ = banner_and_command(spool_copy, SLURM_JOB_ID="7",
+                                   SLURM_SUBMIT_DIR=str(spaced.parent))
+    assert f"repo={spaced} " in banner
+    command.write_text("/bin/bash")  # by hand inside an allocation (salloc, srun --pty bash)
+    banner, launch = banner_and_command(script, SLURM_JOB_ID="7", MTL_REQUEUE="No")
     assert f"repo={spaced} " in banner and "requeue=0" in banner
-    assert "train.requeue_on_preempt=false" in command
+    assert "train.requeue_on_preempt=false" in launch
+    banner, launch = banner_and_command(script, MTL_REQUEUE="no")  # by hand, no job
+    assert f"repo={spaced} " in banner and "requeue=0" in banner
     refused = subprocess.run(["bash", str(script), str(DEMO)], env={**env, "MTL_REQUEUE": "2"},
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and refused.stdout.strip().endswith(

@@ -821,21 +821,41 @@ def test_ckpt_convert_of_a_checkpoint_with_an_untrained_head_is_one_line(tmp_pat
     assert not (tmp_path / "universal").exists() and not list(tmp_path.glob(".tmp-convert-*"))
 
 
-def test_in_process_zero_runs_one_after_another(tmp_path, monkeypatch):
-    """A plain-python ZeRO run, closed, then another: close() destroyed the process group
-    behind DeepSpeed's back (the second engine failed on a group "not registered"), and the
-    LOCAL_RANK and DS_ACCELERATOR set for DeepSpeed stayed (a `mtl-dist train` started from
-    this process then took itself for a rank, and ran DeepSpeed on the CPU)."""
+@pytest.mark.parametrize("first_fails", [False, True], ids=["closed", "failed_in_deepspeed"])
+def test_in_process_zero_runs_one_after_another(tmp_path, monkeypatch, first_fails):
+    """A plain-python ZeRO run, closed (or failed inside deepspeed.initialize, which closes
+    too), then another: close() destroyed the process group behind DeepSpeed's back (the
+    second engine failed on a group "not registered"), and the LOCAL_RANK and DS_ACCELERATOR
+    set for DeepSpeed stayed (a `mtl-dist train` started from this process then took itself
+    for a rank, and ran DeepSpeed on the CPU)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
-    for name in ("first", "second"):
-        trainer = Trainer(demo_cfg(tmp_path, "train.zero_stage=2", "train.max_steps=1",
-                                   "train.eval_steps=null", "checkpoint.save_best=false",
-                                   f"train.output_dir={tmp_path / name}"))
+
+    def cfg(name):
+        return demo_cfg(tmp_path, "train.zero_stage=2", "train.max_steps=1",
+                        "train.eval_steps=null", "checkpoint.save_best=false",
+                        f"train.output_dir={tmp_path / name}")
+
+    if first_fails:
+        with monkeypatch.context() as patch:
+            def fail(*args, **kwargs):
+                raise RuntimeError("injected: DeepSpeed failed while building the engine")
+
+            patch.setattr(DeepSpeedEngine, "_configure_optimizer", fail)
+            with pytest.raises(RuntimeError, match="injected"):
+                Trainer(cfg("first"))
+    else:
+        trainer = Trainer(cfg("first"))
         assert os.environ.get("LOCAL_RANK") == "0"
         assert trainer.fit()["global_step"] == 1
         trainer.close()
-        assert "LOCAL_RANK" not in os.environ and "DS_ACCELERATOR" not in os.environ
+    assert "LOCAL_RANK" not in os.environ and "DS_ACCELERATOR" not in os.environ
+    second = Trainer(cfg("second"))
+    assert second.fit()["global_step"] == 1
+    second.close()
+    assert "LOCAL_RANK" not in os.environ and "DS_ACCELERATOR" not in os.environ
 
 
 def test_check_leaves_the_zero_stage_of_a_resume_to_the_launch(tmp_path, capsys):
