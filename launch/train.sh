@@ -30,7 +30,7 @@ die() { echo "launch/train.sh: $*" >&2; exit 2; }
 # evaluate a name or $(...) inside, and wrap a huge one round.
 is_count() { [[ $1 =~ ^[1-9][0-9]{0,5}$ ]]; }
 is_port() { [[ $1 =~ ^[1-9][0-9]{0,4}$ ]] && [ "$1" -le 65535 ]; }
-case ${dry_run,,} in
+case $(printf %s "$dry_run" | tr '[:upper:]' '[:lower:]') in  # (bash 3 has no ${x,,})
   1|true|yes) dry_run=1 ;;
   0|false|no|"") dry_run=0 ;;
   *) die "MTL_DRY_RUN: expected 1/true/yes or 0/false/no, got '$dry_run'" ;;
@@ -51,12 +51,6 @@ while [ $# -gt 0 ]; do
 done
 [ $# -ge 1 ] || { usage >&2; die "missing CONFIG (a run config YAML, e.g. configs/demo.yaml)"; }
 config=$1; shift
-# `--num_machines 2 CONFIG` made "2" the config: accelerate's options need the = form here.
-last_opt=
-[ ${#accel_opts[@]} -eq 0 ] || last_opt=${accel_opts[${#accel_opts[@]}-1]}
-if [ -n "$last_opt" ] && [[ $last_opt != *=* ]] && [[ $config != *.yaml && $config != *.yml ]]; then
-  die "'$config' after '$last_opt' would be the config (a .yaml file): if it is the option's value, write $last_opt=$config"
-fi
 for arg in "$@"; do
   case $arg in
     --) ;;  # mtl-dist train's own end of options
@@ -67,6 +61,21 @@ python=${MTL_PYTHON:-python3}
 accelerate=${MTL_ACCELERATE:-accelerate}
 command -v "$python" >/dev/null 2>&1 || die "MTL_PYTHON: '$python' is not a command"
 command -v "$accelerate" >/dev/null 2>&1 || die "MTL_ACCELERATE: '$accelerate' is not a command (is accelerate installed?)"
+
+takes_a_value() {  # whether `accelerate launch` option $1 takes a value, by its own parser
+  "$python" - "$1" 2>/dev/null <<'PY'
+import sys
+from accelerate.commands.launch import launch_command_parser
+action = launch_command_parser()._option_string_actions.get(sys.argv[1])
+sys.exit(0 if action is not None and action.nargs != 0 else 1)
+PY
+}
+# `--num_machines 2 CONFIG` made "2" the config (the first argument that is no option here)
+last_opt=
+[ ${#accel_opts[@]} -eq 0 ] || last_opt=${accel_opts[${#accel_opts[@]}-1]}
+if [ -n "$last_opt" ] && [[ $last_opt != *=* ]] && takes_a_value "$last_opt"; then
+  die "'$last_opt' takes a value: write $last_opt=$config (the first argument that is no option is CONFIG)"
+fi
 
 count_gpus() {
   # Respect CUDA_VISIBLE_DEVICES (Slurm sets it from --gres); else ask the driver.

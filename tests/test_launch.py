@@ -490,16 +490,18 @@ def test_train_sh_zero2_on_cpu_trains_and_checkpoints(tmp_path, cache_dir, cpu_e
     (["--main_process_port=abc"], {}, "--main_process_port: expected a port number 1-65535, "
                                       "got 'abc'"),
     ([], {"MTL_DRY_RUN": "maybe"}, "MTL_DRY_RUN: expected 1/true/yes or 0/false/no, got 'maybe'"),
+    (["--num_machines=0"], {"MTL_DRY_RUN": "TRUE"},  # in any case: refused as a dry run would be
+     "--num_machines: expected a positive integer of at most 6 digits, got '0'"),
     ([], {"OMP_NUM_THREADS": "abc"}, "OMP_NUM_THREADS: expected a positive integer, got 'abc' "
                                      "(unset it for cores / procs)"),
     ([], {"MTL_NUM_GPUS": "abc"}, "MTL_NUM_GPUS: expected a number of GPUs, got 'abc'"),
     ([], {"MTL_MAIN_PORT": "99999"}, "MTL_MAIN_PORT: expected a port number 1-65535, got '99999'"),
     # accelerate takes `--num_machines 2`; here "2" became the config and the config an override
-    (["--num_machines", "2"], {}, "'2' after '--num_machines' would be the config (a .yaml "
-                                  "file): if it is the option's value, write --num_machines=2"),
-    (["--deepspeed_config_file", "launch/ds_zero2.json"], {},  # a file, but no config
-     "'launch/ds_zero2.json' after '--deepspeed_config_file' would be the config (a .yaml "
-     "file): if it is the option's value, write --deepspeed_config_file=launch/ds_zero2.json"),
+    (["--num_machines", "2"], {}, "'--num_machines' takes a value: write --num_machines=2 (the "
+                                  "first argument that is no option is CONFIG)"),
+    (["--deepspeed_config_file", str(LAUNCH / "ds_zero2.json")], {},  # an existing file
+     f"'--deepspeed_config_file' takes a value: write --deepspeed_config_file="
+     f"{LAUNCH / 'ds_zero2.json'} (the first argument that is no option is CONFIG)"),
     ([], {"MTL_PYTHON": "/nonexistent/python3"}, "MTL_PYTHON: '/nonexistent/python3' is not a "
                                                  "command"),  # was env's own message, exit 127
     ([], {"MTL_ACCELERATE": "no-such-accelerate"}, "MTL_ACCELERATE: 'no-such-accelerate' is not "
@@ -636,3 +638,12 @@ def test_sbatch_scripts_find_the_repository_and_read_mtl_requeue(tmp_path, cpu_e
     assert by_hand.returncode == 2 and by_hand.stdout.strip().endswith(
         "] error: SLURM_JOB_ID is not set: submit this script with sbatch (it signals the job's "
         "steps)"), by_hand.stdout + by_hand.stderr
+    # multi_node.sbatch inside an allocation finds the repository beside itself too: it gets as
+    # far as its own checks (Command= is the shell there)
+    in_allocation = subprocess.run(
+        ["bash", str(spaced / "slurm" / "multi_node.sbatch"), str(DEMO)], cwd=tmp_path,
+        env={**env, "SLURM_JOB_ID": "7", "SLURM_NNODES": "2x"}, capture_output=True, text=True,
+        timeout=60)
+    assert in_allocation.returncode == 2 and f"repo={spaced} " in in_allocation.stdout
+    assert in_allocation.stdout.strip().endswith("] error: SLURM_NNODES: expected a number of "
+                                                 "nodes, got '2x' (run under sbatch, or set it)")
