@@ -51,6 +51,32 @@ def release_host_group() -> None:
         dist.destroy_process_group(group)
 
 
+def import_before_the_process_group() -> None:
+    """torch.distributed.nn.functional (which DDP's constructor imports) takes the default
+    process group as its functions' default argument when first imported with one up: it held
+    the group past `destroy_process_group()` to interpreter exit (see release_ddp_group).
+    Imported before the group exists, it holds None."""
+    import torch.distributed.nn.functional  # noqa: F401
+
+
+def release_ddp_group(ddp) -> None:
+    """Let go of the process group a DistributedDataParallel wrapper holds, after
+    `destroy_process_group()`, which for gloo only unregisters it (gloo's shutdown does
+    nothing: the group's destructor joins its threads). Where the group stays registered (a
+    fork launch keeps it), only the wrapper's reference goes. Why: the wrapper kept the group,
+    its gloo threads and sockets, to interpreter exit; a gloo worker that freed a finished
+    collective's tensors there needed the GIL, and the exiting interpreter ended that thread
+    inside a destructor: "terminate called without an active exception", SIGABRT, after a
+    refused resume's one-line error. The reducer and logger go first: their C++ destructors
+    hold the GIL, and with the group's last reference one joined a gloo worker that waited for
+    it (a hang); the last reference goes here, through torch's holder, which lets go of the
+    GIL while the group's threads end. That join waits for a collective still in flight (one
+    a live peer has not joined yet: up to the group's timeout), as interpreter exit did."""
+    group = ddp.process_group
+    ddp.reducer = ddp.logger = ddp.process_group = None
+    del group
+
+
 def _registered(group) -> bool:
     """Still one of torch's live groups (`destroy_process_group()` unregisters them all;
     `get_backend` refuses a group it no longer knows)."""

@@ -43,7 +43,12 @@ from mtl_dist.checkpoint import (
     training_manifest,
     why_not_a_directory,
 )
-from mtl_dist.collectives import release_host_group, set_host_timeout
+from mtl_dist.collectives import (
+    import_before_the_process_group,
+    release_ddp_group,
+    release_host_group,
+    set_host_timeout,
+)
 from mtl_dist.config import RunConfig, config_hash, is_saved_config, saved_config_yaml
 from mtl_dist.ema import EMA
 from mtl_dist.embedding_grads import enable_gemm_embedding_grads
@@ -405,6 +410,8 @@ def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+    import_before_the_process_group()
+    _refuse_accelerates_compile()
     use_cpu = check_device(cfg)
     set_host_timeout(cfg.train.collective_timeout_s)  # the per-step checks' gloo group too
     handlers = [
@@ -422,6 +429,17 @@ def make_accelerator(cfg: RunConfig):
                               project_dir=cfg.train.output_dir)
     _check_world_size(accelerator)
     return accelerator
+
+
+def _refuse_accelerates_compile() -> None:
+    """`accelerate launch --dynamo_backend X` would have accelerate compile the DDP-wrapped
+    model: a wrapper over the wrapper, which the trainer's own compilation (train.compile),
+    CUDA graphs and close() (it lets go of DDP's process group) do not expect."""
+    backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "NO")
+    if backend.upper() not in ("NO", ""):
+        raise ConfigError(f"ACCELERATE_DYNAMO_BACKEND={backend} (accelerate launch "
+                          "--dynamo_backend): not supported; compile with train.compile=true "
+                          "and launch with --dynamo_backend no")
 
 
 def _check_world_size(accelerator) -> None:
@@ -599,8 +617,9 @@ class Trainer:
         else:
             if cfg.train.bf16_weights:
                 self.model.to(torch.bfloat16)
+            plain = self.model
             self.model = acc.prepare_model(self.model, evaluation_mode=True)
-            self._set_module()
+            self._set_module(plain)
 
     # ----------------------------------------------------------------- set-up
     def _check_output_dir(self) -> None:
@@ -648,6 +667,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: linear_warmup_decay(step, self.warmup_steps,
                                                         self.total_steps))
+        plain = self.model
         if cfg.train.zero_stage:
             ds_config = zero.build_ds_config(cfg, self.world_size)
             self.engine, self.optimizer = zero.initialize(self.model, optimizer, ds_config,
@@ -657,7 +677,7 @@ class Trainer:
             self.model, self.optimizer = acc.prepare(self.model, optimizer)
         if self.masters is not None:
             self.masters.relink_model()
-        self._set_module()
+        self._set_module(plain)
         # Under ZeRO-3 the EMA shadows this rank's parameter partitions only.
         zero3 = self.optimizer if self.engine is not None and cfg.train.zero_stage == 3 else None
         self.ema = EMA(self._fp32_weights(), cfg.train.ema_decay, zero3_optimizer=zero3) \
@@ -667,10 +687,13 @@ class Trainer:
         self.group_tasks: set[int] = set()  # tasks seen in the current accumulation group
         self._queued_log: QueuedTrainLog | None = None  # written by _emit_train_log
 
-    def _set_module(self) -> None:
-        """The plain module under DDP / DeepSpeed wrappers: eval, EMA and best saves use it."""
-        self.module: MultiTaskModel = self.engine.module if self.engine is not None \
-            else self.accelerator.unwrap_model(self.model)
+    def _set_module(self, plain: MultiTaskModel) -> None:
+        """The plain module under DDP / DeepSpeed wrappers: eval, EMA and best saves use it.
+        `plain`: the module handed to accelerate, which wraps it without replacing it (its
+        own compilation, which would, is refused: _refuse_accelerates_compile). Not
+        accelerate's unwrap_model: it imports DeepSpeed, whose comm functions then hold the
+        process group (a default argument) past close() to interpreter exit."""
+        self.module: MultiTaskModel = self.engine.module if self.engine is not None else plain
 
     def _fp32_weights(self):
         """What EMA tracks (by the model's parameter names): the masters with bf16_weights."""
@@ -963,10 +986,16 @@ class Trainer:
         if getattr(self, "preemption", None) is not None:
             self.preemption.restore()
         release_host_group()
-        try:  # before accelerate's end_training, which then finds the group gone
-            zero.end_process_group(keep_group=self.accelerator.state.fork_launched)
-        finally:
-            self.accelerator.end_training()
+        try:
+            try:  # before accelerate's end_training, which then finds the group gone
+                zero.end_process_group(keep_group=self.accelerator.state.fork_launched)
+            finally:
+                self.accelerator.end_training()
+        finally:  # also when a tracker's finish() raised
+            model = getattr(self, "model", None)
+            if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+                release_ddp_group(model)  # its gloo threads end here, not at interpreter exit
+                self.model = model.module  # (self.module: unset after an early set-up failure)
 
     def _maybe_resume(self) -> bool:
         if not self.cfg.train.resume:

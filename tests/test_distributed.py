@@ -6,6 +6,7 @@ Each launch costs ~10-20 s of start-up, so one straight run serves several check
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -270,6 +271,27 @@ def test_two_ranks_refused_by_a_run_in_progress_leave_no_process_group(tmp_path)
     finally:
         holder.let_go_of_output_dir()
     assert list((tmp_path / "out").iterdir()) == []  # nothing written under a live run
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads in /proc")
+@pytest.mark.parametrize("mode", ["finished", "refused"])
+def test_two_ranks_closed_leave_no_gloo_thread(straight, tmp_path, mode):
+    """Resumed to the end, or refused at the resume (the newest checkpoint cut short, after
+    the set-up: DDP built): close() ends the process group's gloo threads, not interpreter
+    exit (where a gloo worker aborted a rank now and then)."""
+    shutil.copytree(straight, tmp_path / "out")
+    if mode == "refused":
+        cut = tmp_path / "out" / "checkpoints" / "checkpoint-24" / "model.safetensors"
+        os.truncate(cut, cut.stat().st_size // 2)
+    out = run_script("close_ends_gloo_threads.py", tmp_path, 2, mode)
+    assert out.count(f"{mode} and torn down") == 2
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads in /proc")
+def test_ddp_group_released_while_a_gloo_worker_holds_a_tensor(tmp_path):
+    """A rank late to a collective: the other's gloo worker frees that collective's tensor
+    (which takes the GIL) while the group is let go of; no hang, no gloo thread left."""
+    assert run_script("ddp_group_release.py", tmp_path).count("group released") == 2
 
 
 def test_two_ranks_refuse_a_used_output_dir_and_overwrite_it_together(straight, tmp_path):

@@ -908,6 +908,24 @@ def test_check_with_the_launchs_world_size_checks_what_the_launch_decides(tmp_pa
         "convert")
 
 
+def test_accelerates_own_compile_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    """`accelerate launch --dynamo_backend inductor` would have accelerate compile the DDP
+    wrapper (the trainer compiles with train.compile, and close() lets go of DDP's group):
+    refused before anything is written; accelerate's own "NO" is fine."""
+    from mtl_dist.cli import main
+
+    args = ["train", str(DEMO), f"train.output_dir={tmp_path / 'out'}",
+            f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=1", "train.eval_steps=null"]
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: ACCELERATE_DYNAMO_BACKEND=INDUCTOR (accelerate launch --dynamo_backend): not "
+        "supported; compile with train.compile=true and launch with --dynamo_backend no")
+    assert not (tmp_path / "out" / "checkpoints").exists()
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+    assert main(args) == 0, capsys.readouterr().err
+
+
 def test_patience_without_any_scheduled_evaluation_warns(tmp_path):
     """Patience with eval_steps null and no epoch-end evaluation can never act (only the
     final evaluation runs): said once at the start. Not where no task has a dev file any more
