@@ -2209,6 +2209,17 @@ def load_model_state(path: str | Path, *, with_ema: bool = True) -> dict[str, to
     return state
 
 
+def weights_read_through_deepspeed(path: str | Path) -> bool:
+    """Whether load_model_state reads `path`'s weights from ZeRO partitions, through DeepSpeed
+    (False where its manifest cannot be read: loading then refuses it in its own words)."""
+    try:
+        manifest = read_manifest(path)
+    except (CheckpointError, OSError, ValueError):
+        return False
+    engine = manifest.get("engine") or {}
+    return bool(engine) and not engine.get("universal") and MODEL_FILE not in manifest["files"]
+
+
 def _trained_weights(path: Path, manifest: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The weights the optimizer trained (model.safetensors, or the ZeRO partitions)."""
     if MODEL_FILE in manifest["files"]:

@@ -158,10 +158,15 @@ def _trainer_for_inference(args, cfg=None):
     """A trainer with the checkpoint's weights, closed after use (or a failed load): its
     process group torn down before the interpreter exits, where gloo's teardown could abort
     a rank of a multi-process run."""
+    from mtl_dist.checkpoint import weights_read_through_deepspeed
+    from mtl_dist.collectives import import_before_the_process_group
     from mtl_dist.trainer import Trainer
 
     _one_checkpoint(Path(args.checkpoint))
     cfg = cfg or _load(args.config, args.overrides)
+    # ZeRO partitions are read through DeepSpeed: imported after the process group is up, it
+    # would hold the group to interpreter exit (see collectives.import_before_the_process_group)
+    import_before_the_process_group(with_deepspeed=weights_read_through_deepspeed(args.checkpoint))
     trainer = Trainer(cfg, for_training=False)
     try:
         trainer.load_weights(args.checkpoint)

@@ -9,6 +9,7 @@ host memory and the GPU queue is left alone.
 from __future__ import annotations
 
 import atexit
+from contextlib import suppress
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -51,12 +52,19 @@ def release_host_group() -> None:
         dist.destroy_process_group(group)
 
 
-def import_before_the_process_group() -> None:
-    """torch.distributed.nn.functional (which DDP's constructor imports) takes the default
-    process group as its functions' default argument when first imported with one up: it held
-    the group past `destroy_process_group()` to interpreter exit (see release_ddp_group).
-    Imported before the group exists, it holds None."""
+def import_before_the_process_group(with_deepspeed: bool = False) -> None:
+    """torch.distributed.nn.functional (which DDP's constructor imports), and DeepSpeed's
+    `deepspeed.comm.torch` (any DeepSpeed import), take the default process group as their
+    functions' default argument when first imported with one up: they held the group past
+    `destroy_process_group()` to interpreter exit (see release_ddp_group). Imported before the
+    group exists, they hold None. DeepSpeed only where asked (`with_deepspeed`: to read ZeRO
+    partitions): a heavy import, and DeepSpeed picks its accelerator on import (for training,
+    zero.initialize sets DS_ACCELERATOR before it imports DeepSpeed)."""
     import torch.distributed.nn.functional  # noqa: F401
+
+    if with_deepspeed:
+        with suppress(ImportError):  # loading the weights then says DeepSpeed is missing
+            import deepspeed.comm.torch  # noqa: F401
 
 
 def release_ddp_group(ddp) -> None:

@@ -108,3 +108,15 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def gloo_threads() -> list[str]:
+    """This process's gloo threads by name (pt_gloo_runloop, gloo_tcp_loop), from /proc."""
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as handle:
+                names.append(handle.read().strip())
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return sorted(name for name in names if "gloo" in name)

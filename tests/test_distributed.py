@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mtl_dist.checkpoint import weights_read_through_deepspeed
 from tests._runs import (
     DEMO,
     FAST,
@@ -292,6 +293,21 @@ def test_ddp_group_released_while_a_gloo_worker_holds_a_tensor(tmp_path):
     """A rank late to a collective: the other's gloo worker frees that collective's tensor
     (which takes the GIL) while the group is let go of; no hang, no gloo thread left."""
     assert run_script("ddp_group_release.py", tmp_path).count("group released") == 2
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads in /proc")
+def test_evaluate_of_zero_partitions_on_two_ranks_leaves_no_gloo_thread(tmp_path, zero_runs):
+    """The partitions are read through DeepSpeed, imported before the process group now:
+    imported after it, its comm functions held the group (and gloo's threads) to exit."""
+    run = zero_runs.get((2, "straight")) or _zero_run(tmp_path, "zero2", 2)
+    ckpt = run / "checkpoints" / f"checkpoint-{ZERO_STEPS}"
+    assert not (ckpt / "model.safetensors").exists()  # partitions only
+    assert weights_read_through_deepspeed(ckpt)
+    assert not weights_read_through_deepspeed(tmp_path / "none")  # loading says why
+    out = run_script("cli_leaves_no_gloo_thread.py", tmp_path, 2, "evaluate", str(DEMO),
+                     f"train.output_dir={run}", f"data.cache_dir={tmp_path}/c",
+                     "--checkpoint", str(ckpt))
+    assert out.count("cli done, no gloo thread") == 2 and '"score"' in out
 
 
 def test_two_ranks_refuse_a_used_output_dir_and_overwrite_it_together(straight, tmp_path):

@@ -11,7 +11,6 @@ ended inside a destructor: a rank aborted now and then (SIGABRT, "terminate call
 active exception") after its one-line refusal.
 """
 
-import os
 import sys
 
 import torch.distributed as dist
@@ -19,20 +18,7 @@ import torch.distributed as dist
 from mtl_dist.config import load_config
 from mtl_dist.errors import CheckpointError
 from mtl_dist.trainer import Trainer
-from tests._runs import DEMO, FAST
-
-
-def gloo_threads() -> list[str]:
-    """gloo's threads by name (pt_gloo_runloop, gloo_tcp_loop) in /proc."""
-    names = []
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as handle:
-                names.append(handle.read().strip())
-        except OSError:  # a thread that ended meanwhile
-            pass
-    return sorted(name for name in names if "gloo" in name)
-
+from tests._runs import DEMO, FAST, gloo_threads
 
 out, cache, mode, *overrides = sys.argv[1:]
 cfg = load_config(DEMO, [f"train.output_dir={out}", f"data.cache_dir={cache}", *FAST,

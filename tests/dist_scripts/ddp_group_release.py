@@ -8,25 +8,13 @@ destructor, which holds the GIL, and joined a gloo worker that waited for it.
 """
 
 import faulthandler
-import os
 import time
 
 import torch
 import torch.distributed as dist
 
 from mtl_dist.collectives import import_before_the_process_group, release_ddp_group
-
-
-def gloo_threads() -> list[str]:
-    names = []
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as handle:
-                names.append(handle.read().strip())
-        except OSError:  # a thread that ended meanwhile
-            pass
-    return sorted(name for name in names if "gloo" in name)
-
+from tests._runs import gloo_threads
 
 faulthandler.dump_traceback_later(120, exit=True)  # a hang: a traceback and exit 1
 import_before_the_process_group()  # as make_accelerator does
