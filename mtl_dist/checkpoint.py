@@ -2211,26 +2211,38 @@ def load_model_state(path: str | Path, *, with_ema: bool = True) -> dict[str, to
 
 def weights_read_through_deepspeed(path: str | Path) -> bool:
     """Whether load_model_state reads `path`'s weights from ZeRO partitions, through DeepSpeed
-    (False where its manifest cannot be read: loading then refuses it in its own words)."""
+    (False where its manifest cannot be read or makes no sense: loading then refuses it in its
+    own words)."""
     try:
-        manifest = read_manifest(path)
-    except (CheckpointError, OSError, ValueError):
+        return _weights_source(read_manifest(path)) == "zero"
+    except (CheckpointError, OSError, ValueError, LookupError, TypeError, AttributeError):
         return False
-    engine = manifest.get("engine") or {}
-    return bool(engine) and not engine.get("universal") and MODEL_FILE not in manifest["files"]
+
+
+def _weights_source(manifest: Mapping[str, Any]) -> str:
+    """Where _trained_weights takes the weights from: "model" (model.safetensors), "zero" (the
+    partitions, through DeepSpeed), "universal" or "none" (both refused). One decision, which
+    the CLI also asks before the process group exists (weights_read_through_deepspeed)."""
+    if MODEL_FILE in manifest["files"]:
+        return "model"
+    engine = manifest.get("engine")
+    if engine and engine.get("universal"):
+        return "universal"
+    return "zero" if engine else "none"
 
 
 def _trained_weights(path: Path, manifest: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The weights the optimizer trained (model.safetensors, or the ZeRO partitions)."""
-    if MODEL_FILE in manifest["files"]:
+    source = _weights_source(manifest)
+    if source == "model":
         _verify_files(path, manifest, [MODEL_FILE])
         return _load_safetensors(path / MODEL_FILE)
-    if (manifest.get("engine") or {}).get("universal"):
+    if source == "universal":
         raise CheckpointError(
             f"checkpoint {path}: a universal checkpoint (from `ckpt convert`) is for resuming "
             "at another world size; evaluate, predict or export the checkpoint it was "
             "converted from, or the run's best/")
-    if manifest.get("engine"):
+    if source == "zero":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         _verify_files(path, manifest, [n for n in manifest["files"] if n.startswith(f"{DS_TAG}/")])

@@ -58,12 +58,13 @@ def import_before_the_process_group(with_deepspeed: bool = False) -> None:
     functions' default argument when first imported with one up: they held the group past
     `destroy_process_group()` to interpreter exit (see release_ddp_group). Imported before the
     group exists, they hold None. DeepSpeed only where asked (`with_deepspeed`: to read ZeRO
-    partitions): a heavy import, and DeepSpeed picks its accelerator on import (for training,
-    zero.initialize sets DS_ACCELERATOR before it imports DeepSpeed)."""
+    partitions, on the CPU whichever accelerator it picks): a heavy import, which also fixes
+    DeepSpeed's accelerator for the process (DS_ACCELERATOR, else auto-detected) and sets
+    PYTORCH_NVML_BASED_CUDA_CHECK=1 unless set."""
     import torch.distributed.nn.functional  # noqa: F401
 
     if with_deepspeed:
-        with suppress(ImportError):  # loading the weights then says DeepSpeed is missing
+        with suppress(ImportError):  # loading the weights then fails on the same import
             import deepspeed.comm.torch  # noqa: F401
 
 

@@ -669,6 +669,7 @@ class Trainer:
                                                         self.total_steps))
         plain = self.model
         if cfg.train.zero_stage:
+            zero.choose_accelerator(acc.device)  # first: build_ds_config imports DeepSpeed
             ds_config = zero.build_ds_config(cfg, self.world_size)
             self.engine, self.optimizer = zero.initialize(self.model, optimizer, ds_config,
                                                           acc.device)

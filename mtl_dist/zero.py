@@ -129,11 +129,19 @@ def _fill(section: dict, key: str, value: Any, dotted: str) -> None:
                           f"config implies {value!r}; set it to \"auto\"")
 
 
+def choose_accelerator(device: torch.device) -> None:
+    """DS_ACCELERATOR=cpu for a run on the CPU, before anything imports DeepSpeed (its first
+    import fixes the accelerator for the process: build_ds_config's check imports it). Else,
+    on a GPU machine, a `train.device=cpu` run got DeepSpeed's CUDA accelerator."""
+    if device.type == "cpu":
+        _set_env_default("DS_ACCELERATOR", "cpu")
+
+
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict,
                device: torch.device):
     """A DeepSpeed engine over our model and our torch AdamW, on the existing process group."""
+    choose_accelerator(device)  # (a no-op where the trainer did it, before build_ds_config)
     if device.type == "cpu":
-        _set_env_default("DS_ACCELERATOR", "cpu")
         skip_cpu_shm_build()
     _ensure_process_group(device)
     import deepspeed

@@ -1044,3 +1044,40 @@ def test_a_best_damaged_after_its_commit_is_set_aside_not_deleted(tmp_path: Path
     assert {p.name: p.read_bytes() for p in aside.iterdir()} == files
     mgr.save_best(8, 0.9, objs["model"].state_dict(), extra_files={}, metadata={})  # intact: no move
     assert [p.name for p in (tmp_path / "abandoned").iterdir()] == [aside.name]
+
+
+def _committed_dir(path: Path, manifest: object) -> Path:
+    """A directory holding `manifest` as a committed checkpoint's manifest.json."""
+    import hashlib
+
+    path.mkdir()
+    raw = json.dumps(manifest).encode()
+    (path / "manifest.json").write_bytes(raw)
+    (path / "COMMITTED").write_text(json.dumps(
+        {"step": 1, "manifest_sha256": hashlib.sha256(raw).hexdigest()}))
+    return path
+
+
+_ENGINE = {"type": "deepspeed", "tag": "ds", "zero_stage": 2, "universal": False}
+
+
+@pytest.mark.parametrize("manifest, through_deepspeed", [
+    ({"engine": None, "files": {"model.safetensors": {}}}, False),
+    ({"engine": _ENGINE, "files": {"model.safetensors": {}, "ds/a.pt": {}}}, False),
+    ({"engine": _ENGINE, "files": {"ds/a.pt": {}}}, True),
+    ({"engine": {**_ENGINE, "universal": True}, "files": {"ds/a.pt": {}}}, False),
+    ({"engine": None, "files": {}}, False),
+    ({"engine": _ENGINE}, False),  # no "files": loading refuses it
+    ([1, 2], False),
+], ids=["model", "model_and_partitions", "partitions", "universal", "nothing", "no_files",
+        "not_a_mapping"])
+def test_the_cli_asks_the_loaders_own_question_before_the_process_group(
+        tmp_path, manifest, through_deepspeed):
+    """`evaluate`/`predict` import DeepSpeed before the process group exactly where loading
+    reads ZeRO partitions through it (one decision, ck._weights_source); a checkpoint it
+    cannot judge is left to loading, which refuses it in its own words."""
+    path = _committed_dir(tmp_path / "ckpt", manifest)
+    assert ck.weights_read_through_deepspeed(path) is through_deepspeed
+    assert ck.weights_read_through_deepspeed(tmp_path / "missing") is False
+    (tmp_path / "a_file").write_text("x")
+    assert ck.weights_read_through_deepspeed(tmp_path / "a_file") is False

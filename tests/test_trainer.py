@@ -858,6 +858,42 @@ def test_in_process_zero_runs_one_after_another(tmp_path, monkeypatch, first_fai
     assert "LOCAL_RANK" not in os.environ and "DS_ACCELERATOR" not in os.environ
 
 
+def test_zero_on_cpu_sets_ds_accelerator_before_deepspeed_is_first_imported(tmp_path):
+    """DeepSpeed fixes its accelerator when first imported: build_ds_config's check imported
+    it before DS_ACCELERATOR=cpu was set, so on a GPU machine a plain-python ZeRO run with
+    train.device=cpu got the CUDA accelerator. A fresh interpreter records the variable at
+    DeepSpeed's first import."""
+    import subprocess
+    import sys
+
+    from tests._runs import REPO, env
+
+    script = f"""
+import importlib.abc, os, sys
+seen = []
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "deepspeed.accelerator" and not seen:  # (find_spec("deepspeed") alone
+            # is accelerate asking whether it is installed)
+            seen.append(os.environ.get("DS_ACCELERATOR", "unset"))
+        return None
+sys.meta_path.insert(0, Watch())
+from mtl_dist.config import load_config
+from mtl_dist.trainer import Trainer
+cfg = load_config({str(DEMO)!r}, ["train.zero_stage=2", "train.max_steps=1",
+    "train.eval_steps=null", "checkpoint.save_best=false", "train.device=cpu",
+    "train.output_dir={tmp_path / 'out'}", "data.cache_dir={tmp_path / 'cache'}"])
+trainer = Trainer(cfg)
+trainer.close()
+print("DS_ACCELERATOR at DeepSpeed's first import:", seen)
+"""
+    child_env = {k: v for k, v in env().items() if k != "DS_ACCELERATOR"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=child_env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DS_ACCELERATOR at DeepSpeed's first import: ['cpu']" in proc.stdout, proc.stdout
+
+
 def test_check_leaves_the_zero_stage_of_a_resume_to_the_launch(tmp_path, capsys):
     """`train.sh --launch zero2 CONFIG train.resume=auto` runs `check` on the config alone
     (stage 0); the launch's DeepSpeed file sets the stage after it: no refusal there."""
