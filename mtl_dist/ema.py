@@ -33,7 +33,11 @@ class EMA:
                 if not hasattr(p, "ds_tensor") or p.ds_tensor.numel() != p.partition_numel():
                     raise RuntimeError(f"EMA under ZeRO-3: parameter {name} has no resident "
                                        "partition (NVMe parameter offload is not supported)")
-            self._layout = {n: (p.ds_process_group, tuple(p.ds_shape))
+            import torch.distributed as dist
+
+            # this rank's place in each partition group, not the group: a group held here
+            # outlived close() (its gloo threads then ended at interpreter exit)
+            self._layout = {n: (dist.get_rank(group=p.ds_process_group), tuple(p.ds_shape))
                             for n, p in zip(self.names, params, strict=True)}
         self.shadow = [t.detach().float().clone() for t in self._current(params)]
 
@@ -155,18 +159,15 @@ class EMA:
             self.shadow = [state["shadow"][n].to(s.device, torch.float32).clone()
                            for n, s in zip(self.names, self.shadow, strict=True)]
             return
-        import torch.distributed as dist
-
         shadow = []
         for name, s in zip(self.names, self.shadow, strict=True):
-            group, shape = self._layout[name]
+            rank, shape = self._layout[name]
             full = state["shadow"][name]
             if tuple(full.shape) != shape:
                 raise ValueError(f"EMA state: '{name}' has shape {tuple(full.shape)}, the model "
                                  f"has {shape}")
             full = full.to(torch.float32).reshape(-1)
             pn = s.numel()
-            rank = dist.get_rank(group=group)
             part = torch.zeros(pn, dtype=torch.float32)
             piece = full[rank * pn:(rank + 1) * pn]
             part[:piece.numel()] = piece

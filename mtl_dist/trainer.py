@@ -410,9 +410,12 @@ def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    import_before_the_process_group()
     _refuse_accelerates_compile()
     use_cpu = check_device(cfg)
+    if cfg.train.zero_stage and use_cpu:  # before DeepSpeed's first import, just below
+        zero.choose_accelerator(torch.device("cpu"))
+    # DeepSpeed too under ZeRO: imported later (build_ds_config), it held the group to exit
+    import_before_the_process_group(with_deepspeed=bool(cfg.train.zero_stage))
     set_host_timeout(cfg.train.collective_timeout_s)  # the per-step checks' gloo group too
     handlers = [
         # Only one head runs per step: the others are unused parameters for DDP.

@@ -201,10 +201,47 @@ def end_process_group(keep_group: bool = False) -> None:
         comm = sys.modules.get("deepspeed.comm.comm")  # its `cdb`: the package's copy stays None
         if not keep_group and dist.is_initialized() and getattr(comm, "cdb", None) is not None:
             comm.destroy_process_group()
+            let_go_of_destroyed_groups()
     finally:
         for name in _ENV_SET_HERE:
             os.environ.pop(name, None)
         _ENV_SET_HERE.clear()
+
+
+def let_go_of_destroyed_groups() -> None:
+    """Drop what DeepSpeed's objects, and the parameters it converted, still hold of the
+    process groups just destroyed (engine, ZeRO optimizer and its list of groups, each
+    parameter's `_dp_group` / `ds_process_group`, ZeRO-3's `Init`, which closures on the
+    parameters keep). Why: `destroy_process_group()` only unregisters a gloo group; its threads
+    end when its last reference goes, and these held it to interpreter exit, where a gloo
+    worker needing the GIL could abort the rank (see collectives.release_ddp_group). A sweep
+    of the live objects, not a list of attributes: DeepSpeed keeps groups in many places,
+    differently per stage and version. Every group of the process is destroyed here, so no
+    live one is touched. The last reference goes through torch's holder, which lets go of
+    the GIL while the group's threads end."""
+    import gc
+
+    from torch.distributed import ProcessGroup
+
+    def is_groups(value) -> bool:
+        if isinstance(value, (list, tuple)):
+            return bool(value) and all(isinstance(v, ProcessGroup) for v in value)
+        return isinstance(value, ProcessGroup)
+
+    def may_hold_groups(kind: type) -> bool:
+        module = kind.__module__  # (a descriptor, for some extension types)
+        return issubclass(kind, torch.Tensor) or (isinstance(module, str)
+                                                   and module.startswith("deepspeed."))
+
+    for obj in gc.get_objects():
+        # by type alone: isinstance() reads `__class__` of an object whose type does not
+        # match, and some objects warn when read (torch.distributed.reduce_op)
+        if not may_hold_groups(type(obj)):
+            continue
+        attrs = getattr(obj, "__dict__", None)
+        if isinstance(attrs, dict):
+            for name in [name for name, value in attrs.items() if is_groups(value)]:
+                attrs[name] = None  # the instance's own dict: no property setter runs
 
 
 def free_port() -> int:

@@ -296,6 +296,25 @@ def test_ddp_group_released_while_a_gloo_worker_holds_a_tensor(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads in /proc")
+@pytest.mark.parametrize(("stage", "mode"), [(2, "refused"), (3, "finished")])
+def test_zero_ranks_closed_leave_no_gloo_thread(tmp_path, zero_runs, stage, mode):
+    """Under ZeRO the groups outlived close() in DeepSpeed's objects (engine, optimizer, each
+    parameter; ZeRO-3's Init, which closures on the parameters keep), in deepspeed.comm.torch's
+    default arguments (DeepSpeed imported with the group up) and in the EMA's ZeRO-3 layout:
+    refused at the resume (stage 2), or resumed two steps further to the end (stage 3; EMA on,
+    the demo config's)."""
+    run = zero_runs.get((stage, "straight")) or _zero_run(tmp_path, "straight", stage)
+    shutil.copytree(run, tmp_path / "out")
+    if mode == "refused":
+        cut = tmp_path / "out" / "checkpoints" / f"checkpoint-{ZERO_STEPS}" / "trainer_state.json"
+        os.truncate(cut, cut.stat().st_size // 2)
+    slow = [] if stage == 2 else ["train.eval_steps=100", "checkpoint.save_best=false"]
+    out = run_script("close_ends_gloo_threads.py", tmp_path, 2, mode, f"train.zero_stage={stage}",
+                     f"train.max_steps={ZERO_STEPS + 2}", *slow)
+    assert out.count(f"{mode} and torn down") == 2
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads in /proc")
 def test_evaluate_of_zero_partitions_on_two_ranks_leaves_no_gloo_thread(tmp_path, zero_runs):
     """The partitions are read through DeepSpeed, imported before the process group now:
     imported after it, its comm functions held the group (and gloo's threads) to exit."""

@@ -894,6 +894,48 @@ print("DS_ACCELERATOR at DeepSpeed's first import:", seen)
     assert "DS_ACCELERATOR at DeepSpeed's first import: ['cpu']" in proc.stdout, proc.stdout
 
 
+def test_end_process_group_keeps_a_kept_group_and_lets_go_of_a_destroyed_one():
+    """`keep_group` (a fork launch, where accelerate keeps the group): the group stays up and
+    the engine usable, only the variables set for DeepSpeed go. Without it every group is
+    destroyed and its gloo threads end at once, though the engine is still referenced (its
+    groups were dropped from DeepSpeed's objects and the parameters), with no warning (a
+    sweep that read every live object warned of torch.distributed.reduce_op)."""
+    import subprocess
+    import sys
+
+    from tests._runs import REPO, env
+
+    script = """
+import os, torch, torch.distributed as dist
+from mtl_dist import zero
+from tests._runs import gloo_threads
+model = torch.nn.Linear(4, 2)
+engine, optimizer = zero.initialize(
+    model, torch.optim.AdamW(model.parameters()), {"train_micro_batch_size_per_gpu": 1,
+    "zero_optimization": {"stage": 2}}, torch.device("cpu"))
+assert gloo_threads() and os.environ.get("DS_ACCELERATOR") == "cpu"
+zero.end_process_group(keep_group=True)
+assert dist.is_initialized() and gloo_threads(), "a kept group was destroyed"
+assert "LOCAL_RANK" not in os.environ and "DS_ACCELERATOR" not in os.environ
+engine.backward(engine(torch.ones(1, 4)).sum())
+engine.step()  # still usable
+import warnings
+with warnings.catch_warnings(record=True) as caught:  # the sweep reads no deprecated object
+    warnings.simplefilter("always")
+    zero.end_process_group()
+assert not caught, [str(w.message) for w in caught]
+assert not dist.is_initialized(), "the group is still registered"
+assert not gloo_threads(), f"gloo threads left with the engine referenced: {gloo_threads()}"
+assert engine.module is model
+print("kept, then let go of")
+"""
+    child_env = {k: v for k, v in env().items() if k not in ("DS_ACCELERATOR", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=child_env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "kept, then let go of" in proc.stdout
+
+
 def test_check_leaves_the_zero_stage_of_a_resume_to_the_launch(tmp_path, capsys):
     """`train.sh --launch zero2 CONFIG train.resume=auto` runs `check` on the config alone
     (stage 0); the launch's DeepSpeed file sets the stage after it: no refusal there."""

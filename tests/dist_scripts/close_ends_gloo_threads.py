@@ -1,11 +1,13 @@
-"""Run under a 2-process launcher on a copy of a finished 24-step run: resume it to step 32
-(`finished`), or with its newest checkpoint cut short (`refused`: both ranks are refused at the
-resume, after the set-up, DDP built). Either way each rank's Trainer.close() leaves no gloo
-thread behind.
+"""Run under a 2-process launcher on a copy of a finished run (24 steps, or a ZeRO run with
+`train.zero_stage=N` among the overrides): resume it to step 32 or the overrides'
+train.max_steps (`finished`), or with its newest checkpoint cut short (`refused`: both ranks
+are refused at the resume, after the set-up, DDP or the DeepSpeed engine built). Either way
+each rank's Trainer.close() leaves no gloo thread behind.
 
 argv: OUTPUT_DIR CACHE_DIR MODE [OVERRIDE...]. Exits non-zero (assertion) on any violation.
 Why: the process group outlived close() (held by the DDP wrapper, and by the default arguments
-of torch.distributed.nn.functional and deepspeed.comm.torch, imported after it was up); at
+of torch.distributed.nn.functional and deepspeed.comm.torch, imported after it was up; under
+ZeRO by DeepSpeed's engine, optimizer and parameters, and by the EMA's ZeRO-3 layout); at
 interpreter exit a gloo worker freeing a finished all_gather's tensors needed the GIL and was
 ended inside a destructor: a rank aborted now and then (SIGABRT, "terminate called without an
 active exception") after its one-line refusal.
@@ -31,7 +33,7 @@ except CheckpointError as exc:
     assert mode == "refused" and "truncated or changed" in str(exc), exc
 else:
     assert mode == "finished", "a resume from a damaged checkpoint was not refused"
-    assert trainer.state.global_step == 32, trainer.state.global_step
+    assert trainer.state.global_step == cfg.train.max_steps, trainer.state.global_step
 finally:
     trainer.close()
 assert not dist.is_initialized(), "close() left the process group registered"
