@@ -59,6 +59,9 @@ for arg in "$@"; do
 done
 python=${MTL_PYTHON:-python3}
 accelerate=${MTL_ACCELERATE:-accelerate}
+for name in MTL_PYTHON MTL_ACCELERATE; do  # both run through `env`, which takes A=B for a variable
+  case ${!name:-} in *=*) die "$name: '${!name}' holds a '=', which env (it runs the command) would take for a variable to set: use a path without '='" ;; esac
+done
 command -v "$python" >/dev/null 2>&1 || die "MTL_PYTHON: '$python' is not a command"
 command -v "$accelerate" >/dev/null 2>&1 || die "MTL_ACCELERATE: '$accelerate' is not a command (is accelerate installed?)"
 

@@ -506,6 +506,12 @@ def test_train_sh_zero2_on_cpu_trains_and_checkpoints(tmp_path, cache_dir, cpu_e
                                                  "command"),  # was env's own message, exit 127
     ([], {"MTL_ACCELERATE": "no-such-accelerate"}, "MTL_ACCELERATE: 'no-such-accelerate' is not "
                                                    "a command (is accelerate installed?)"),
+    # run through `env`, which took it for an assignment and ran the next argument instead
+    ([], {"MTL_ACCELERATE": "/opt/a=b/accelerate"}, "MTL_ACCELERATE: '/opt/a=b/accelerate' holds "
+     "a '=', which env (it runs the command) would take for a variable to set: use a path "
+     "without '='"),
+    ([], {"MTL_PYTHON": "py=3"}, "MTL_PYTHON: 'py=3' holds a '=', which env (it runs the "
+     "command) would take for a variable to set: use a path without '='"),
 ])
 def test_train_sh_refuses_bad_counts_ports_and_flags_in_one_line(tmp_path, args, environ, message):
     """A fuzzing review: `--num_machines=2x` skipped the check and printed a broken command with
