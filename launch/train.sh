@@ -59,9 +59,8 @@ for arg in "$@"; do
 done
 python=${MTL_PYTHON:-python3}
 accelerate=${MTL_ACCELERATE:-accelerate}
-for name in MTL_PYTHON MTL_ACCELERATE; do  # both run through `env`, which takes A=B for a variable
-  case ${!name:-} in *=*) die "$name: '${!name}' holds a '=', which env (it runs the command) would take for a variable to set: use a path without '='" ;; esac
-done
+# the dry run's line runs it through `env`, which would take a word with '=' for a variable
+case $dry_run:$accelerate in 1:*=*) die "MTL_ACCELERATE: '$accelerate' holds a '=', which env (the printed line runs the command through it) would take for a variable to set: use a path without '='" ;; esac
 command -v "$python" >/dev/null 2>&1 || die "MTL_PYTHON: '$python' is not a command"
 command -v "$accelerate" >/dev/null 2>&1 || die "MTL_ACCELERATE: '$accelerate' is not a command (is accelerate installed?)"
 
@@ -165,10 +164,10 @@ cmd+=("${accel_opts[@]+"${accel_opts[@]}"}" -m mtl_dist.cli train "$config" "$@"
 # The config first, in one process: a mistake is one line and exit 2, not one line per rank
 # followed by the launcher's traceback. It sees the launch's world size and DeepSpeed JSON, so
 # a resume's global batch, world size and ZeRO stage are checked too.
-check_env=()
-[ -z "$ds_file" ] || check_env=(ACCELERATE_USE_DEEPSPEED=true "ACCELERATE_DEEPSPEED_CONFIG_FILE=$ds_file")
-env "${check_env[@]+"${check_env[@]}"}" "$python" -m mtl_dist.cli check \
-  --world-size "$(( procs * machines ))" "$config" "$@" >/dev/null || exit $?
+( # a subshell, not `env`: env would take an MTL_PYTHON holding a '=' for a variable to set
+  [ -z "$ds_file" ] || export ACCELERATE_USE_DEEPSPEED=true "ACCELERATE_DEEPSPEED_CONFIG_FILE=$ds_file"
+  exec "$python" -m mtl_dist.cli check --world-size "$(( procs * machines ))" "$config" "$@" >/dev/null
+) || exit $?
 
 echo "[train.sh] launch=$launch gpus=$ngpu procs_per_machine=$procs machines=$machines" \
      "OMP_NUM_THREADS=$OMP_NUM_THREADS" >&2

@@ -405,18 +405,32 @@ def _check_nothing_to_resume(cfg: RunConfig, ckpt: CheckpointManager, say) -> No
         "better score replaces")
 
 
-def make_accelerator(cfg: RunConfig):
-    """An Accelerator that sees every rank, whichever launcher started us."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+def make_accelerator(cfg: RunConfig, with_deepspeed: bool = False):
+    """An Accelerator that sees every rank, whichever launcher started us. `with_deepspeed`
+    (a ZeRO training run): DeepSpeed imported before the process group is made (imported
+    after it, it held the group to interpreter exit: see
+    collectives.import_before_the_process_group), its accelerator chosen for the device
+    accelerate will pick."""
+    from accelerate.utils import parse_flag_from_env
 
     _refuse_accelerates_compile()
     use_cpu = check_device(cfg)
-    if cfg.train.zero_stage and use_cpu:  # before DeepSpeed's first import, just below
-        zero.choose_accelerator(torch.device("cpu"))
-    # DeepSpeed too under ZeRO: imported later (build_ds_config), it held the group to exit
-    import_before_the_process_group(with_deepspeed=bool(cfg.train.zero_stage))
-    set_host_timeout(cfg.train.collective_timeout_s)  # the per-step checks' gloo group too
+    if with_deepspeed:  # accelerate's own rule too: ACCELERATE_USE_CPU puts it on the CPU
+        cpu = use_cpu or parse_flag_from_env("ACCELERATE_USE_CPU")
+        zero.choose_accelerator(torch.device("cpu" if cpu else "cuda"))
+    try:
+        import_before_the_process_group(with_deepspeed=with_deepspeed)
+        set_host_timeout(cfg.train.collective_timeout_s)  # the per-step checks' gloo group too
+        return _accelerator(cfg, use_cpu)
+    except BaseException:
+        zero.undo_env()  # no Trainer to close() yet: DS_ACCELERATOR set above goes here
+        raise
+
+
+def _accelerator(cfg: RunConfig, use_cpu: bool):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
     handlers = [
         # Only one head runs per step: the others are unused parameters for DDP.
         DistributedDataParallelKwargs(find_unused_parameters=True),
@@ -537,7 +551,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *, for_training: bool = True):
         self.cfg = cfg
         zero.adopt_accelerate_launch(cfg)
-        self.accelerator = make_accelerator(cfg)
+        self.accelerator = make_accelerator(cfg, with_deepspeed=for_training
+                                            and bool(cfg.train.zero_stage))
         try:
             self._set_up(cfg, for_training)
         except BaseException:
@@ -672,7 +687,7 @@ class Trainer:
                                                         self.total_steps))
         plain = self.model
         if cfg.train.zero_stage:
-            zero.choose_accelerator(acc.device)  # first: build_ds_config imports DeepSpeed
+            zero.choose_accelerator(acc.device)  # (DeepSpeed's, as make_accelerator chose it)
             ds_config = zero.build_ds_config(cfg, self.world_size)
             self.engine, self.optimizer = zero.initialize(self.model, optimizer, ds_config,
                                                           acc.device)

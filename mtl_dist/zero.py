@@ -131,16 +131,27 @@ def _fill(section: dict, key: str, value: Any, dotted: str) -> None:
 
 def choose_accelerator(device: torch.device) -> None:
     """DS_ACCELERATOR=cpu for a run on the CPU, before anything imports DeepSpeed (its first
-    import fixes the accelerator for the process: build_ds_config's check imports it). Else,
-    on a GPU machine, a `train.device=cpu` run got DeepSpeed's CUDA accelerator."""
+    import fixes the accelerator for the process: the trainer imports it before the process
+    group, see make_accelerator). Else, on a GPU machine, a `train.device=cpu` run got
+    DeepSpeed's CUDA accelerator. Where DeepSpeed has fixed one already (imported earlier in
+    this process), it must be the run's: one line otherwise, not a model on the GPU fed from
+    the CPU."""
+    asked = os.environ.get("DS_ACCELERATOR", "unset")
     if device.type == "cpu":
         _set_env_default("DS_ACCELERATOR", "cpu")
+    real = sys.modules.get("deepspeed.accelerator.real_accelerator")
+    picked = getattr(real, "ds_accelerator", None)
+    if picked is not None and picked.device_name() != device.type:
+        raise ConfigError(
+            f"DeepSpeed runs on '{picked.device_name()}' (fixed when this process first imported "
+            f"it; DS_ACCELERATOR={asked}), this run on '{device.type}': set "
+            f"DS_ACCELERATOR={device.type} before anything imports DeepSpeed")
 
 
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict,
                device: torch.device):
     """A DeepSpeed engine over our model and our torch AdamW, on the existing process group."""
-    choose_accelerator(device)  # (a no-op where the trainer did it, before build_ds_config)
+    choose_accelerator(device)  # (a check where the trainer chose it, in make_accelerator)
     if device.type == "cpu":
         skip_cpu_shm_build()
     _ensure_process_group(device)
@@ -203,9 +214,14 @@ def end_process_group(keep_group: bool = False) -> None:
             comm.destroy_process_group()
             let_go_of_destroyed_groups()
     finally:
-        for name in _ENV_SET_HERE:
-            os.environ.pop(name, None)
-        _ENV_SET_HERE.clear()
+        undo_env()
+
+
+def undo_env() -> None:
+    """Remove the variables set here for DeepSpeed (see end_process_group)."""
+    for name in _ENV_SET_HERE:
+        os.environ.pop(name, None)
+    _ENV_SET_HERE.clear()
 
 
 def let_go_of_destroyed_groups() -> None:

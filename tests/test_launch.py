@@ -506,12 +506,10 @@ def test_train_sh_zero2_on_cpu_trains_and_checkpoints(tmp_path, cache_dir, cpu_e
                                                  "command"),  # was env's own message, exit 127
     ([], {"MTL_ACCELERATE": "no-such-accelerate"}, "MTL_ACCELERATE: 'no-such-accelerate' is not "
                                                    "a command (is accelerate installed?)"),
-    # run through `env`, which took it for an assignment and ran the next argument instead
+    # the printed line runs it through `env`, which would take it for an assignment
     ([], {"MTL_ACCELERATE": "/opt/a=b/accelerate"}, "MTL_ACCELERATE: '/opt/a=b/accelerate' holds "
-     "a '=', which env (it runs the command) would take for a variable to set: use a path "
-     "without '='"),
-    ([], {"MTL_PYTHON": "py=3"}, "MTL_PYTHON: 'py=3' holds a '=', which env (it runs the "
-     "command) would take for a variable to set: use a path without '='"),
+     "a '=', which env (the printed line runs the command through it) would take for a "
+     "variable to set: use a path without '='"),
 ])
 def test_train_sh_refuses_bad_counts_ports_and_flags_in_one_line(tmp_path, args, environ, message):
     """A fuzzing review: `--num_machines=2x` skipped the check and printed a broken command with
@@ -592,6 +590,26 @@ def test_dry_run_prints_one_line_that_launches_as_train_sh_would(tmp_path, cpu_e
     ddp = run("bash", str(TRAIN_SH), "--dry-run", "--launch", "ddp", *args[2:])
     assert ddp.stdout.startswith("env CUDA_VISIBLE_DEVICES=2\\,3 OMP_NUM_THREADS=3 ")
     assert "--num_processes 2 " in ddp.stdout and "DS_ACCELERATOR" not in ddp.stdout
+
+
+def test_tools_on_a_path_holding_an_equals_sign_check_and_launch(tmp_path, cpu_env):
+    """The config check ran `env ... $MTL_PYTHON`: env took `/x/a=b/python` for a variable to
+    set and ran the next argument (`-m`) as the command. A real launch (exec) takes any path;
+    only the dry run's printed `env` line cannot, and is refused (above)."""
+    folder = tmp_path / "a=b"
+    accelerate = fake_tool(folder, "accelerate", 'echo "launched: $*"')
+    python = fake_tool(folder, "python", f'exec {sys.executable} "$@"')
+    env = {**cpu_env, "MTL_ACCELERATE": str(accelerate), "MTL_PYTHON": str(python),
+           "MTL_NUM_GPUS": "0", "MTL_MAIN_PORT": "29556"}
+    done = subprocess.run(["bash", str(TRAIN_SH), "--launch", "zero2", "configs/demo.yaml",
+                           f"train.output_dir={tmp_path / 'out'}"], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("launched: launch --config_file "), done.stdout
+    bad = subprocess.run(["bash", str(TRAIN_SH), "--launch", "zero2", "configs/demo.yaml",
+                          f"train.output_dir={tmp_path / 'out'}", "train.zero_stage=7"],
+                         env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "train.zero_stage" in bad.stderr, bad.stderr  # checked
 
 
 def test_sbatch_scripts_find_the_repository_and_read_mtl_requeue(tmp_path, cpu_env):

@@ -894,6 +894,70 @@ print("DS_ACCELERATOR at DeepSpeed's first import:", seen)
     assert "DS_ACCELERATOR at DeepSpeed's first import: ['cpu']" in proc.stdout, proc.stdout
 
 
+def test_zero_under_accelerate_use_cpu_on_a_gpu_machine_gets_deepspeeds_cpu_accelerator(tmp_path):
+    """DeepSpeed is imported before the process group (make_accelerator); accelerate runs on
+    the CPU with ACCELERATE_USE_CPU=true (`mtl-dist demo`, `ACCELERATE_USE_CPU=true accelerate
+    launch`) even where a GPU is visible: DS_ACCELERATOR=cpu must be set by then (it was
+    left to auto-detection: CUDA). A GPU machine as far as the device choice goes (torch.cuda
+    answers yes); make_accelerator failing after the choice leaves no DS_ACCELERATOR behind."""
+    import subprocess
+    import sys
+
+    from tests._runs import REPO, env
+
+    script = f"""
+import importlib.abc, os, sys, torch
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: 1
+seen = []
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "deepspeed.accelerator" and not seen:
+            seen.append(os.environ.get("DS_ACCELERATOR", "unset"))
+        return None
+sys.meta_path.insert(0, Watch())
+from mtl_dist import trainer, zero
+from mtl_dist.config import load_config
+cfg = load_config({str(DEMO)!r}, ["train.zero_stage=2", "train.output_dir={tmp_path / 'out'}",
+                                  "data.cache_dir={tmp_path / 'cache'}"])
+def fails(*args):
+    raise RuntimeError("the Accelerator could not be made")
+trainer._accelerator = fails
+try:
+    trainer.make_accelerator(cfg, with_deepspeed=True)
+except RuntimeError:
+    pass
+assert "DS_ACCELERATOR" not in os.environ, "left set by a make_accelerator that failed"
+print("DS_ACCELERATOR at DeepSpeed's first import:", seen)
+zero.choose_accelerator(torch.device("cpu"))  # the trainer's check, once accelerate chose
+zero.undo_env()
+"""
+    child_env = {**env(), "ACCELERATE_USE_CPU": "true"}
+    child_env.pop("DS_ACCELERATOR", None)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=child_env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DS_ACCELERATOR at DeepSpeed's first import: ['cpu']" in proc.stdout, proc.stdout
+
+
+def test_a_deepspeed_accelerator_fixed_for_another_device_is_one_line(monkeypatch):
+    """DeepSpeed fixes its accelerator at its first import in the process: one on 'cuda' for
+    a run on the CPU would put the engine's model on the GPU and feed it from the CPU."""
+    import sys
+    from types import SimpleNamespace
+
+    from mtl_dist import zero
+
+    picked = SimpleNamespace(ds_accelerator=SimpleNamespace(device_name=lambda: "cuda"))
+    monkeypatch.setitem(sys.modules, "deepspeed.accelerator.real_accelerator", picked)
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    with pytest.raises(ConfigError, match=r"^DeepSpeed runs on 'cuda' \(fixed when this process "
+                       r"first imported it; DS_ACCELERATOR=cuda\), this run on 'cpu': set "
+                       r"DS_ACCELERATOR=cpu before anything imports DeepSpeed$"):
+        zero.choose_accelerator(torch.device("cpu"))
+    zero.choose_accelerator(torch.device("cuda"))  # the same device: no complaint
+
+
 def test_end_process_group_keeps_a_kept_group_and_lets_go_of_a_destroyed_one():
     """`keep_group` (a fork launch, where accelerate keeps the group): the group stays up and
     the engine usable, only the variables set for DeepSpeed go. Without it every group is
