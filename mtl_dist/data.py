@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
@@ -296,6 +296,8 @@ def _read_csv(lines: list[tuple[int, str]], task: Any, require_label: bool, rows
         raise DataError(f"{rows.path}:{consumed[-1]}: bad CSV header ({_csv_problem(e)})") from None
     header_line = consumed[-1]
     index = _csv_columns(header, fields, require_label, rows.path, header_line)
+    _note_an_unread_second_text(task, [h.strip() for h in header], f"{rows.path}:{header_line}",
+                                "column")
     names = (f"field {fields['text']!r}", f"field {fields['text_b']!r}")
     while True:
         start = len(consumed)
@@ -346,6 +348,22 @@ def _fields(task: Any) -> dict[str, str | None]:
     }
 
 
+_UNREAD_SAID: set[tuple[str, str]] = set()
+
+
+def _note_an_unread_second_text(task: Any, names: Iterable[str], where: str, kind: str) -> None:
+    """A column (field) named as the task's second text while the task is no pair task: a
+    forgotten `pair: true` trained on the first text alone, silently (the demo's data sets
+    refuse it: their kind is known). A warning: leaving that text out may be meant."""
+    if _field(task, "pair", False):
+        return
+    name = _field(task, "text_b_field", "text_b")
+    if name in names and (where, name) not in _UNREAD_SAID:
+        _UNREAD_SAID.add((where, name))  # once: a run reads a file more than once
+        log.warning("%s: a %s %r (the task's text_b_field) is not read: tasks.%s.pair is false; "
+                    "set it true to train on sentence pairs", where, kind, name, task.name)
+
+
 def _csv_columns(header: list[str], fields: Mapping[str, str | None], require_label: bool,
                  path: str, line: int) -> dict[str, int]:
     header = [h.strip() for h in header]
@@ -379,6 +397,7 @@ def _read_jsonl(lines: list[tuple[int, str]], task: Any, require_label: bool, ro
     """One JSON object per line with named fields (task.*_field)."""
     fields = _fields(task)
     names = (f"field {fields['text']!r}", f"field {fields['text_b']!r}")
+    first = True
     for lineno, text in lines:
         if not text.strip():
             continue
@@ -396,6 +415,9 @@ def _read_jsonl(lines: list[tuple[int, str]], task: Any, require_label: bool, ro
         if not isinstance(obj, dict):
             rows.bad(lineno, f"expected a JSON object, got {type(obj).__name__}")
             continue
+        if first:  # (a field of the first object: not looked for in every row)
+            _note_an_unread_second_text(task, obj, f"{rows.path}:{lineno}", "field")
+            first = False
         values, problem = _json_values(obj, fields, require_label)
         if problem:
             rows.bad(lineno, problem)

@@ -134,17 +134,20 @@ class TrainState:
     # to, which the config alone no longer gives.
     schedule: list | None = None
     last_eval_step: int | None = None
+    # [warm-up steps, total steps] the LR schedule ran on: a resume that re-counts it says so
+    lr_schedule: list | None = None
 
     def state_dict(self) -> dict:
         return {"global_step": self.global_step, "epoch": self.epoch,
                 "samples_seen": self.samples_seen, "tracker_run_id": self.tracker_run_id,
                 "score": self.score, "log_history": self.log_history[-50:],
                 "pending_eval": self.pending_eval, "schedule": self.schedule,
-                "last_eval_step": self.last_eval_step}
+                "last_eval_step": self.last_eval_step, "lr_schedule": self.lr_schedule}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("global_step", "epoch", "samples_seen", "tracker_run_id", "score",
-                    "log_history", "pending_eval", "schedule", "last_eval_step"):
+                    "log_history", "pending_eval", "schedule", "last_eval_step",
+                    "lr_schedule"):
             setattr(self, key, state.get(key, getattr(self, key)))
 
 
@@ -679,6 +682,7 @@ class Trainer:
                 self.masters.broadcast_from_first_rank()
         optimizer = make_optimizer(self.model, cfg, acc.device, self.masters)
         self.warmup_steps = self._warmup_steps_for(self.total_steps)
+        self.state.lr_schedule = [self.warmup_steps, self.total_steps]  # (a resume: the saved)
         # Linear warm-up, then linear decay to zero at total_steps (transformers' schedule),
         # read at each step: a replan re-aims it by changing total_steps. Not prepared by
         # accelerate: its wrapper would step the schedule once per process.
@@ -1030,10 +1034,14 @@ class Trainer:
         except CheckpointError as exc:
             raise CheckpointError(f"{exc}{self._intact_hint(path, exc)}") from None
         self.state.load_state_dict(trainer_state)
+        ran_on = self.state.lr_schedule
         if self.state.schedule and not self.cfg.train.max_steps:  # re-counted by a replan
             self.warmup_steps, self.total_steps = self.state.schedule
         if self.batch_sampler.replanned_from is not None:
             self._follow_replanned_sampler()
+        elif ran_on is not None and list(ran_on) != [self.warmup_steps, self.total_steps]:
+            self._follow_recounted_schedule(*ran_on)
+        self.state.lr_schedule = [self.warmup_steps, self.total_steps]
         self.ckpt.restore_rng(path)  # last: after the sampler jumped to its cursor
         if self.accelerator.is_main_process:
             print(f"resumed from {path} at step {self.state.global_step} "
@@ -1067,6 +1075,27 @@ class Trainer:
         self._say(f"global batch {self.batch_sampler.replanned_from} -> {self.global_batch}: "
                   f"continuing at epoch {self.state.epoch} step 0{left}")
 
+    def _follow_recounted_schedule(self, warmup_before: int, total_before: int) -> None:
+        """A resume whose train.max_steps, num_epochs or warm-up differ from the checkpoint's
+        run: the linear schedule is the new settings' (as transformers' Trainer does, silently
+        there), from the next step on; said in one line, with the LR that step gets."""
+        before = self.scheduler.get_last_lr()[0]
+        self._reaim_lr()
+        changed = [f"{what} {old} -> {new} steps" for what, old, new in
+                   (("warm-up", warmup_before, self.warmup_steps),
+                    ("total", total_before, self.total_steps)) if old != new]
+        self._say(f"LR schedule re-counted from the checkpoint's ({', '.join(changed)}: "
+                  "train.max_steps, num_epochs or the warm-up changed): the next step's lr "
+                  f"{before:.3g} -> {self.scheduler.optimizer.param_groups[0]['lr']:.3g}")
+
+    def _reaim_lr(self) -> None:
+        """The optimizer's LRs for the next step under the current (re-counted) schedule:
+        those restored from the checkpoint were the old schedule's."""
+        sched = self.scheduler
+        for group, base in zip(sched.optimizer.param_groups, sched.base_lrs, strict=True):
+            group["lr"] = base * linear_warmup_decay(sched.last_epoch, self.warmup_steps,
+                                                     self.total_steps)
+
     def _warmup_steps_for(self, total_steps: int) -> int:
         """`train.warmup_steps`, else `warmup_ratio` of a run of `total_steps`."""
         train = self.cfg.train
@@ -1083,10 +1112,7 @@ class Trainer:
             self._optimizer_steps_in_epoch(e) for e in range(self.state.epoch, cfg.num_epochs))
         self.warmup_steps = self._warmup_steps_for(self.total_steps)  # not the unreplanned run's
         self.state.schedule = [self.warmup_steps, self.total_steps]
-        sched = self.scheduler
-        for group, base in zip(sched.optimizer.param_groups, sched.base_lrs, strict=True):
-            group["lr"] = base * linear_warmup_decay(sched.last_epoch, self.warmup_steps,
-                                                     self.total_steps)
+        self._reaim_lr()
         if self.state.epoch >= cfg.num_epochs:  # no epoch left: the finish-time evaluation
             self.state.pending_eval = self._has_dev_labels() and \
                 self.state.last_eval_step != self.state.global_step

@@ -243,6 +243,30 @@ def test_csv_pair_and_optional_label(tmp_path):
     assert (e.text_a, e.text_b, e.label) == ("a", "b", None)
 
 
+@pytest.mark.parametrize(("name", "content", "task", "said"), [
+    ("p.csv", "id,text,text_b,label\n1,a,b,x\n", {}, "{p}:1: a column 'text_b'"),
+    ("p.tsv", "id\ttext\ttext_b\tlabel\n1\ta\tb\tx\n", {}, "{p}:1: a column 'text_b'"),
+    ("p.csv", "id,text,hyp,label\n1,a,b,x\n", {"text_b_field": "hyp"}, "{p}:1: a column 'hyp'"),
+    ("p.jsonl", '\n{"id": "1", "text": "a", "text_b": "b", "label": "x"}\n', {},
+     "{p}:2: a field 'text_b'"),
+])
+def test_a_second_text_left_unread_by_a_task_without_pair_is_said(tmp_path, caplog, name,
+                                                                    content, task, said):
+    """A forgotten `pair: true` trained on the first text alone, silently (a walkthrough
+    finding; the demo's pair data sets refuse it). A warning, as leaving it out may be meant;
+    nothing with pair: true, or without such a column."""
+    p = write(tmp_path, name, content)
+    (e,), _ = read(p, Task(name="nli", **task))
+    assert e.text_b is None
+    assert said.format(p=p) + " (the task's text_b_field) is not read: tasks.nli.pair is " \
+        "false; set it true to train on sentence pairs" in caplog.text
+    caplog.clear()
+    (e,), _ = read(p, Task(name="nli", pair=True, **task))
+    assert e.text_b == "b" and "not read" not in caplog.text
+    read(write(tmp_path, "single.csv", "id,text,label\n1,a,x\n"), Task(name="nli"))
+    assert "not read" not in caplog.text
+
+
 @pytest.mark.parametrize(
     "content, message",
     [

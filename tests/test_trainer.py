@@ -266,6 +266,31 @@ def test_the_saved_config_resumes_from_another_directory_and_auto_says_when_it_s
     assert list((tmp_path / "elsewhere").iterdir()) == []
 
 
+def test_a_resume_with_more_steps_recounts_the_lr_schedule_and_says_so(tmp_path, capsys):
+    """Extending a finished run (train.max_steps 6 -> 10) re-counts the linear schedule, as
+    transformers' Trainer does, silently there: one line says so, and the first resumed step
+    runs at the new schedule's LR (it ran at the restored one: 0, the old schedule's end, so
+    it changed no weight). A resume with the same settings says nothing."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    common = ["train.eval_steps=null", "checkpoint.save_steps=3", "checkpoint.save_best=false",
+              "train.warmup_steps=2"]
+    Trainer(demo_cfg(tmp_path, *common, "train.max_steps=6", "train.stop_after_steps=3")).fit()
+    Trainer(demo_cfg(tmp_path, *common, "train.max_steps=6", "train.resume=auto")).fit()
+    assert "LR schedule" not in capsys.readouterr().out
+    Trainer(demo_cfg(tmp_path, *common, "train.max_steps=10", "train.resume=auto",
+                     "train.stop_after_steps=1")).fit()
+    lr = 1e-3 * (10 - 6) / (10 - 2)  # linear decay from step 2 to zero at step 10
+    assert f"LR schedule re-counted from the checkpoint's (total 6 -> 10 steps: train.max_steps, " \
+        f"num_epochs or the warm-up changed): the next step's lr 0 -> {lr:.3g}" in \
+        capsys.readouterr().out
+    six, seven = (load_file(str(out / "checkpoints" / f"checkpoint-{n}" / "model.safetensors"))
+                  for n in (6, 7))
+    assert any(not torch.equal(six[k], seven[k]) for k in six if k.startswith("encoder."))
+    assert records(out, "train")[-1]["lr"] == pytest.approx(1e-3 * (10 - 7) / (10 - 2))
+
+
 def test_resuming_an_older_checkpoint_branches_and_auto_resume_follows_the_branch(tmp_path,
                                                                                    capsys):
     """train.resume=<older checkpoint>: the newer ones (the branch left) move to
