@@ -140,6 +140,25 @@ for opt in "${accel_opts[@]+"${accel_opts[@]}"}"; do
   esac
 done
 
+check_accelerate_options() {  # by accelerate's own parser: its problem in one line, if any
+  "$python" - "$@" 2>/dev/null <<'PY'
+import sys
+from accelerate.commands.launch import launch_command_parser
+parser = launch_command_parser()
+def refuse(message):
+    print(message)
+    sys.exit(1)
+parser.error = refuse
+parser.parse_args([*sys.argv[1:], "-m", "mtl_dist.cli"])
+PY
+}
+# before the config check and any launch: a dry run passed `--num_proceses=2`, which the real
+# launch then refused with accelerate's usage
+if [ ${#accel_opts[@]} -gt 0 ]; then
+  problem=$(check_accelerate_options "${accel_opts[@]}") \
+    || die "accelerate launch options: ${problem:-cannot be checked (the accelerate parser did not load in $python)}"
+fi
+
 if [ "$on_cpu" -eq 1 ]; then
   export CUDA_VISIBLE_DEVICES=""   # CPU processes even where GPUs exist (gloo, MULTI_CPU)
   if [ "$launch" != cpu ]; then export DS_ACCELERATOR=cpu; fi

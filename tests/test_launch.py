@@ -506,6 +506,12 @@ def test_train_sh_zero2_on_cpu_trains_and_checkpoints(tmp_path, cache_dir, cpu_e
                                                  "command"),  # was env's own message, exit 127
     ([], {"MTL_ACCELERATE": "no-such-accelerate"}, "MTL_ACCELERATE: 'no-such-accelerate' is not "
                                                    "a command (is accelerate installed?)"),
+    # accelerate's own options, by its parser: a dry run passed them, the launch refused them
+    (["--foo"], {}, "accelerate launch options: unrecognized arguments: --foo"),
+    (["--num_proceses=2"], {}, "accelerate launch options: unrecognized arguments: "
+                               "--num_proceses=2"),
+    (["--mixed_precision=fp32"], {}, "accelerate launch options: argument --mixed_precision/"
+     "--mixed-precision: invalid choice: 'fp32' (choose from 'no', 'fp16', 'bf16', 'fp8')"),
     # the printed line runs it through `env`, which would take it for an assignment
     ([], {"MTL_ACCELERATE": "/opt/a=b/accelerate"}, "MTL_ACCELERATE: '/opt/a=b/accelerate' holds "
      "a '=', which env (the printed line runs the command through it) would take for a "
