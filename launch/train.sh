@@ -131,12 +131,14 @@ is_count "$procs" || die "--procs (or MTL_NUM_PROCS, MTL_NUM_GPUS): expected a p
 machines=1
 have_port=0
 for opt in "${accel_opts[@]+"${accel_opts[@]}"}"; do
-  case $opt in
-    --num_machines=*) machines=${opt#*=}
-      is_count "$machines" || die "--num_machines: expected a positive integer of at most 6 digits, got '$machines'" ;;
-    --main_process_port=*) have_port=1
-      is_port "${opt#*=}" || die "--main_process_port: expected a port number 1-65535, got '${opt#*=}'" ;;
-    --num_processes*) die "use --procs (per machine), not --num_processes" ;;
+  name=${opt%%=*}; name=${name#--}; name=${name//-/_}  # accelerate's --num-machines too
+  [[ $opt == *=* ]] || name="$name (no value)"
+  case $name in
+    num_machines) machines=${opt#*=}
+      is_count "$machines" || die "${opt%%=*}: expected a positive integer of at most 6 digits, got '$machines'" ;;
+    main_process_port) have_port=1
+      is_port "${opt#*=}" || die "${opt%%=*}: expected a port number 1-65535, got '${opt#*=}'" ;;
+    num_processes*) die "use --procs (per machine), not ${opt%%=*}" ;;
   esac
 done
 

@@ -133,6 +133,7 @@ class TrainState:
     # After a replan of an epoch-counted run: [warm-up steps, total steps] it was re-counted
     # to, which the config alone no longer gives.
     schedule: list | None = None
+    schedule_epochs: int | None = None  # the num_epochs `schedule` was counted for
     last_eval_step: int | None = None
     # [warm-up steps, total steps] the LR schedule ran on: a resume that re-counts it says so
     lr_schedule: list | None = None
@@ -142,12 +143,13 @@ class TrainState:
                 "samples_seen": self.samples_seen, "tracker_run_id": self.tracker_run_id,
                 "score": self.score, "log_history": self.log_history[-50:],
                 "pending_eval": self.pending_eval, "schedule": self.schedule,
-                "last_eval_step": self.last_eval_step, "lr_schedule": self.lr_schedule}
+                "schedule_epochs": self.schedule_epochs, "last_eval_step": self.last_eval_step,
+                "lr_schedule": self.lr_schedule}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("global_step", "epoch", "samples_seen", "tracker_run_id", "score",
-                    "log_history", "pending_eval", "schedule", "last_eval_step",
-                    "lr_schedule"):
+                    "log_history", "pending_eval", "schedule", "schedule_epochs",
+                    "last_eval_step", "lr_schedule"):
             setattr(self, key, state.get(key, getattr(self, key)))
 
 
@@ -418,10 +420,10 @@ def make_accelerator(cfg: RunConfig, with_deepspeed: bool = False):
 
     _refuse_accelerates_compile()
     use_cpu = check_device(cfg)
-    if with_deepspeed:  # accelerate's own rule too: ACCELERATE_USE_CPU puts it on the CPU
-        cpu = use_cpu or parse_flag_from_env("ACCELERATE_USE_CPU")
-        zero.choose_accelerator(torch.device("cpu" if cpu else "cuda"))
     try:
+        if with_deepspeed:  # accelerate's own rule too: ACCELERATE_USE_CPU puts it on the CPU
+            cpu = use_cpu or parse_flag_from_env("ACCELERATE_USE_CPU")
+            zero.choose_accelerator(torch.device("cpu" if cpu else "cuda"))
         import_before_the_process_group(with_deepspeed=with_deepspeed)
         set_host_timeout(cfg.train.collective_timeout_s)  # the per-step checks' gloo group too
         return _accelerator(cfg, use_cpu)
@@ -1034,12 +1036,15 @@ class Trainer:
         except CheckpointError as exc:
             raise CheckpointError(f"{exc}{self._intact_hint(path, exc)}") from None
         self.state.load_state_dict(trainer_state)
-        ran_on = self.state.lr_schedule
-        if self.state.schedule and not self.cfg.train.max_steps:  # re-counted by a replan
-            self.warmup_steps, self.total_steps = self.state.schedule
-        if self.batch_sampler.replanned_from is not None:
-            self._follow_replanned_sampler()
-        elif ran_on is not None and list(ran_on) != [self.warmup_steps, self.total_steps]:
+        ran_on = trainer_state.get("lr_schedule")  # (None: saved before it was recorded)
+        epoch_counted = not self.cfg.train.max_steps
+        if self.state.schedule and epoch_counted:  # re-counted by a replan
+            self._keep_the_replans_count(trainer_state.get("schedule_epochs"))
+        replanned = self.batch_sampler.replanned_from is not None
+        if replanned:
+            self._follow_replanned_sampler()  # an epoch-counted run: re-counted, said there
+        if ran_on is not None and list(ran_on) != [self.warmup_steps, self.total_steps] \
+                and not (replanned and epoch_counted):
             self._follow_recounted_schedule(*ran_on)
         self.state.lr_schedule = [self.warmup_steps, self.total_steps]
         self.ckpt.restore_rng(path)  # last: after the sampler jumped to its cursor
@@ -1075,6 +1080,22 @@ class Trainer:
         self._say(f"global batch {self.batch_sampler.replanned_from} -> {self.global_batch}: "
                   f"continuing at epoch {self.state.epoch} step 0{left}")
 
+    def _keep_the_replans_count(self, counted_for: int | None) -> None:
+        """An epoch-counted run replanned earlier: its total is the replan's count (steps done
+        then, plus its epochs at the new batch), which the config alone no longer gives;
+        epochs added or removed since (num_epochs; `schedule_epochs`: what it was counted for,
+        unknown in checkpoints saved before it was recorded) move it by their steps, and the
+        warm-up follows the total as at the replan."""
+        warmup, total = self.state.schedule
+        epochs = self.cfg.train.num_epochs
+        if counted_for is not None and counted_for != epochs:
+            steps = self._optimizer_steps_in_epoch
+            total += sum(steps(e) for e in range(counted_for, epochs)) \
+                - sum(steps(e) for e in range(epochs, counted_for))
+            warmup = self._warmup_steps_for(total)
+        self.warmup_steps, self.total_steps = warmup, total
+        self.state.schedule, self.state.schedule_epochs = [warmup, total], epochs
+
     def _follow_recounted_schedule(self, warmup_before: int, total_before: int) -> None:
         """A resume whose train.max_steps, num_epochs or warm-up differ from the checkpoint's
         run: the linear schedule is the new settings' (as transformers' Trainer does, silently
@@ -1084,9 +1105,12 @@ class Trainer:
         changed = [f"{what} {old} -> {new} steps" for what, old, new in
                    (("warm-up", warmup_before, self.warmup_steps),
                     ("total", total_before, self.total_steps)) if old != new]
+        step = self.state.global_step
+        then = f"the next step's lr {before:.3g} -> " \
+            f"{self.scheduler.optimizer.param_groups[0]['lr']:.3g}" \
+            if self.total_steps > step else f"no step is left after step {step}"
         self._say(f"LR schedule re-counted from the checkpoint's ({', '.join(changed)}: "
-                  "train.max_steps, num_epochs or the warm-up changed): the next step's lr "
-                  f"{before:.3g} -> {self.scheduler.optimizer.param_groups[0]['lr']:.3g}")
+                  f"train.max_steps, num_epochs or the warm-up changed): {then}")
 
     def _reaim_lr(self) -> None:
         """The optimizer's LRs for the next step under the current (re-counted) schedule:
@@ -1112,6 +1136,7 @@ class Trainer:
             self._optimizer_steps_in_epoch(e) for e in range(self.state.epoch, cfg.num_epochs))
         self.warmup_steps = self._warmup_steps_for(self.total_steps)  # not the unreplanned run's
         self.state.schedule = [self.warmup_steps, self.total_steps]
+        self.state.schedule_epochs = cfg.num_epochs
         self._reaim_lr()
         if self.state.epoch >= cfg.num_epochs:  # no epoch left: the finish-time evaluation
             self.state.pending_eval = self._has_dev_labels() and \

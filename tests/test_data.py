@@ -264,6 +264,9 @@ def test_a_second_text_left_unread_by_a_task_without_pair_is_said(tmp_path, capl
     (e,), _ = read(p, Task(name="nli", pair=True, **task))
     assert e.text_b == "b" and "not read" not in caplog.text
     read(write(tmp_path, "single.csv", "id,text,label\n1,a,x\n"), Task(name="nli"))
+    # a column named text_b that is read, as another field's
+    read(write(tmp_path, "named.csv", "id,text_b,label\n1,a,x\n"), Task(name="nli",
+                                                                      text_field="text_b"))
     assert "not read" not in caplog.text
 
 

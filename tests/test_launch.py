@@ -300,6 +300,9 @@ def test_an_offloaded_optimizer_keeps_the_trainers_adamw(tmp_path):
     ([], {"MTL_NUM_GPUS": "2", "MTL_LAUNCH": "zero2"}, "zero2.yaml", 2),
     (["--launch=zero3", "--num_machines=2", "--machine_rank=1"], {"MTL_NUM_GPUS": "4"},
      "zero3.yaml", 8),
+    # accelerate's hyphenated spelling counts too (it launched 4 of the 8 processes)
+    (["--launch=zero3", "--num-machines=2", "--machine-rank=1"], {"MTL_NUM_GPUS": "4"},
+     "zero3.yaml", 8),
     (["--launch", "cpu"], {"MTL_NUM_GPUS": "4", "MTL_NUM_PROCS": "2"}, "cpu_multi.yaml", 2),
     (["--launch", "zero3"], {"MTL_NUM_GPUS": "0"}, "zero3.yaml", 2),  # ZeRO on CPU processes
 ])
@@ -315,7 +318,7 @@ def test_train_sh_picks_the_config(args, extra, config, procs, cpu_env):
     if config.startswith("zero"):
         assert Path(option(cmd, "--deepspeed_config_file")) == LAUNCH / f"ds_{config[:5]}.json"
     for opt in args:
-        if opt.startswith("--num_machines") or opt.startswith("--machine_rank"):
+        if opt.startswith(("--num_machines", "--machine_rank", "--num-machines", "--machine-rank")):
             assert opt in cmd  # passed through to accelerate launch
 
 
@@ -506,6 +509,12 @@ def test_train_sh_zero2_on_cpu_trains_and_checkpoints(tmp_path, cache_dir, cpu_e
                                                  "command"),  # was env's own message, exit 127
     ([], {"MTL_ACCELERATE": "no-such-accelerate"}, "MTL_ACCELERATE: 'no-such-accelerate' is not "
                                                    "a command (is accelerate installed?)"),
+    # accelerate's hyphenated spelling: skipped these checks (and the world size counted 1)
+    (["--num-machines=2x"], {}, "--num-machines: expected a positive integer of at most 6 "
+                                "digits, got '2x'"),
+    (["--main-process-port=abc"], {}, "--main-process-port: expected a port number 1-65535, "
+                                      "got 'abc'"),
+    (["--num-processes=3"], {}, "use --procs (per machine), not --num-processes"),
     # accelerate's own options, by its parser: a dry run passed them, the launch refused them
     (["--foo"], {}, "accelerate launch options: unrecognized arguments: --foo"),
     (["--num_proceses=2"], {}, "accelerate launch options: unrecognized arguments: "

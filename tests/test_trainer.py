@@ -15,7 +15,7 @@ from mtl_dist import checkpoint as ck
 from mtl_dist.cli import bench_rates, bench_schedule, main
 from mtl_dist.config import load_config
 from mtl_dist.errors import CheckpointError, ConfigError
-from mtl_dist.trainer import Trainer
+from mtl_dist.trainer import Trainer, make_accelerator
 from tests._runs import (
     DEMO,
     FAST,
@@ -289,6 +289,9 @@ def test_a_resume_with_more_steps_recounts_the_lr_schedule_and_says_so(tmp_path,
                   for n in (6, 7))
     assert any(not torch.equal(six[k], seven[k]) for k in six if k.startswith("encoder."))
     assert records(out, "train")[-1]["lr"] == pytest.approx(1e-3 * (10 - 7) / (10 - 2))
+    Trainer(demo_cfg(tmp_path, *common, "train.max_steps=5", "train.resume=auto")).fit()
+    assert "(total 10 -> 5 steps: train.max_steps, num_epochs or the warm-up changed): no step " \
+        "is left after step 7" in capsys.readouterr().out
 
 
 def test_resuming_an_older_checkpoint_branches_and_auto_resume_follows_the_branch(tmp_path,
@@ -623,6 +626,36 @@ def test_replan_resumes_with_a_new_global_batch_from_the_next_epoch(tmp_path, ca
     # (logged after each step: step s has lr * (total - s) / total)
     assert all(a > b for a, b in zip(lrs[5:-1], lrs[6:], strict=True)) and lrs[-1] == 0
     assert lrs[-2] == pytest.approx(lrs[5] / (total - 6), rel=1e-6)
+
+
+def test_a_replanned_run_follows_a_new_length_at_a_later_resume_and_at_the_replan(tmp_path,
+                                                                                 capsys):
+    """After a replan the checkpoints keep its count (5 + 24 steps), which the config alone no
+    longer gives: a later resume with num_epochs 2 -> 3 kept it too (the run stopped at 29),
+    silently; now the added epoch's 24 steps count. A max_steps run replanned and lengthened
+    in one resume was not re-aimed (its first step ran at the restored LR, 0)."""
+    caps = [f"tasks.{i}.max_samples=64" for i in range(3)]  # 192 samples per epoch
+    common = [*caps, "train.max_steps=null", "train.warmup_steps=0", "train.eval_steps=null",
+              "train.eval_at_epoch_end=false", "checkpoint.save_at_epoch_end=false"]
+    Trainer(demo_cfg(tmp_path, *common, "train.num_epochs=2", "train.per_device_batch_size=16",
+                     "train.stop_after_steps=5")).fit()
+    resumed = [*common, "train.per_device_batch_size=8", "sampler.on_global_batch_change=replan",
+               "train.resume=auto"]
+    Trainer(demo_cfg(tmp_path, *resumed, "train.num_epochs=2", "train.stop_after_steps=3")).fit()
+    capsys.readouterr()
+    summary = Trainer(demo_cfg(tmp_path, *resumed, "train.num_epochs=3")).fit()
+    assert "LR schedule re-counted from the checkpoint's (total 29 -> 53 steps: " in \
+        capsys.readouterr().out
+    assert summary["global_step"] == 53 and records(tmp_path / "out", "train")[-1]["lr"] == 0
+
+    out = tmp_path / "max_steps"
+    steps = ["train.max_steps=6", f"train.output_dir={out}"]
+    Trainer(demo_cfg(tmp_path, *common, *steps, "train.per_device_batch_size=16")).fit()
+    Trainer(demo_cfg(tmp_path, *common, *resumed[1:], f"train.output_dir={out}",
+                     "train.max_steps=20", "train.stop_after_steps=1")).fit()
+    said = capsys.readouterr().out
+    assert "global batch 16 -> 8" in said and "(total 6 -> 20 steps: " in said
+    assert records(out, "train")[-1]["lr"] == pytest.approx(1e-3 * (20 - 7) / 20)
 
 
 def test_a_replan_inside_the_warm_up_re_counts_it_from_the_new_run_length(tmp_path, capsys):
@@ -965,7 +998,7 @@ zero.undo_env()
     assert "DS_ACCELERATOR at DeepSpeed's first import: ['cpu']" in proc.stdout, proc.stdout
 
 
-def test_a_deepspeed_accelerator_fixed_for_another_device_is_one_line(monkeypatch):
+def test_a_deepspeed_accelerator_fixed_for_another_device_is_one_line(tmp_path, monkeypatch):
     """DeepSpeed fixes its accelerator at its first import in the process: one on 'cuda' for
     a run on the CPU would put the engine's model on the GPU and feed it from the CPU."""
     import sys
@@ -981,6 +1014,11 @@ def test_a_deepspeed_accelerator_fixed_for_another_device_is_one_line(monkeypatc
                        r"DS_ACCELERATOR=cpu before anything imports DeepSpeed$"):
         zero.choose_accelerator(torch.device("cpu"))
     zero.choose_accelerator(torch.device("cuda"))  # the same device: no complaint
+    monkeypatch.delenv("DS_ACCELERATOR")  # make_accelerator sets it for a CPU run, then fails:
+    with pytest.raises(ConfigError, match="^DeepSpeed runs on 'cuda'"):
+        make_accelerator(demo_cfg(tmp_path, "train.zero_stage=2", "train.device=cpu"),
+                         with_deepspeed=True)
+    assert "DS_ACCELERATOR" not in os.environ, "left set by a set-up that failed"
 
 
 def test_end_process_group_keeps_a_kept_group_and_lets_go_of_a_destroyed_one():
