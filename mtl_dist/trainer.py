@@ -1083,18 +1083,22 @@ class Trainer:
     def _keep_the_replans_count(self, counted_for: int | None) -> None:
         """An epoch-counted run replanned earlier: its total is the replan's count (steps done
         then, plus its epochs at the new batch), which the config alone no longer gives;
-        epochs added or removed since (num_epochs; `schedule_epochs`: what it was counted for,
-        unknown in checkpoints saved before it was recorded) move it by their steps, and the
-        warm-up follows the total as at the replan."""
+        epochs added or removed since (num_epochs; `schedule_epochs`: what it was counted for)
+        move it by their steps, and the warm-up is counted from the total as at the replan.
+        Checkpoints saved before `schedule_epochs` was recorded keep their count as it is."""
         warmup, total = self.state.schedule
         epochs = self.cfg.train.num_epochs
-        if counted_for is not None and counted_for != epochs:
+        if counted_for is not None:
             steps = self._optimizer_steps_in_epoch
             total += sum(steps(e) for e in range(counted_for, epochs)) \
                 - sum(steps(e) for e in range(epochs, counted_for))
-            warmup = self._warmup_steps_for(total)
+            # (epochs cut from before the replan ran at the old batch: no step is left then)
+            total = max(total, self.state.global_step)
+            warmup = self._warmup_steps_for(total)  # as the replan counted it: same settings,
+            # same warm-up; a changed train.warmup_steps / warmup_ratio is followed
+            self.state.schedule_epochs = epochs
         self.warmup_steps, self.total_steps = warmup, total
-        self.state.schedule, self.state.schedule_epochs = [warmup, total], epochs
+        self.state.schedule = [warmup, total]
 
     def _follow_recounted_schedule(self, warmup_before: int, total_before: int) -> None:
         """A resume whose train.max_steps, num_epochs or warm-up differ from the checkpoint's
