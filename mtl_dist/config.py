@@ -1084,6 +1084,10 @@ def _check_path(value: str | None, key: str, kind: str, sources: _Sources) -> No
     path = os.path.abspath(value)
     if not os.path.exists(path):
         message = _missing_path_message(path, key, kind)
+        if key == "model.pretrained" and not os.path.islink(path):  # a Trainer user's habit
+            message += (" (model hub names such as bert-base-uncased are never downloaded: give "
+                        "a local from_pretrained directory, e.g. one that `huggingface-cli "
+                        "download NAME --local-dir DIR` wrote)")
     elif kind == "file" and not os.path.isfile(path):
         message = f"{key}: expected a file, got {_kind_of(path)}: {path}"
     elif kind == "directory" and not os.path.isdir(path):

@@ -538,6 +538,17 @@ def test_str_slots_keep_the_text_written_in_the_file_and_in_list_overrides(tmp_p
     assert load_config(path, ["train.mixed_precision=false"]).train.mixed_precision == "no"
 
 
+def test_a_model_hub_name_as_pretrained_says_nothing_is_downloaded(tmp_path, monkeypatch):
+    """`model.pretrained=bert-base-uncased`, as with transformers' Trainer: "directory not
+    found" alone left a Trainer user guessing; the line says hub names are never fetched."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^override 'model.pretrained=bert-base-uncased': "
+                       r"model.pretrained: directory not found: .*bert-base-uncased \(model hub "
+                       r"names such as bert-base-uncased are never downloaded: give a local "
+                       r"from_pretrained directory"):
+        load_config(None, [*DEMO, "model.pretrained=bert-base-uncased"])
+
+
 def test_a_misspelled_demo_name_is_named_by_its_key() -> None:
     """`demo:emotion/trian` failed at read time naming neither the key nor its line, and
     `model.tokenizer: demo:xyz` quietly meant `demo:`."""
