@@ -58,9 +58,9 @@ def import_before_the_process_group(with_deepspeed: bool = False) -> None:
     functions' default argument when first imported with one up: they held the group past
     `destroy_process_group()` to interpreter exit (see release_ddp_group). Imported before the
     group exists, they hold None. DeepSpeed only where asked (`with_deepspeed`: to train under
-    ZeRO, or to read ZeRO partitions, on the CPU whichever accelerator it picks): a heavy import, which also fixes
-    DeepSpeed's accelerator for the process (DS_ACCELERATOR, else auto-detected) and sets
-    PYTORCH_NVML_BASED_CUDA_CHECK=1 unless set."""
+    ZeRO, or to read ZeRO partitions, on the CPU whichever accelerator it picks): a heavy
+    import, which also fixes DeepSpeed's accelerator for the process (DS_ACCELERATOR, else
+    auto-detected) and sets PYTORCH_NVML_BASED_CUDA_CHECK=1 unless set."""
     import torch.distributed.nn.functional  # noqa: F401
 
     if with_deepspeed:

@@ -358,8 +358,7 @@ def _note_an_unread_second_text(task: Any, names: Iterable[str], where: str, kin
     if _field(task, "pair", False):
         return
     name = _field(task, "text_b_field", "text_b")
-    read = {_field(task, f"{role}_field", role) for role in ("id", "text", "label")}
-    if name in names and name not in read and (where, name) not in _UNREAD_SAID:
+    if name in names and name not in _fields(task).values() and (where, name) not in _UNREAD_SAID:
         _UNREAD_SAID.add((where, name))  # once: a run reads a file more than once
         log.warning("%s: a %s %r (the task's text_b_field) is not read: tasks.%s.pair is false; "
                     "set it true to train on sentence pairs", where, kind, name, task.name)

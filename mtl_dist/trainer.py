@@ -693,7 +693,6 @@ class Trainer:
                                                         self.total_steps))
         plain = self.model
         if cfg.train.zero_stage:
-            zero.choose_accelerator(acc.device)  # (DeepSpeed's, as make_accelerator chose it)
             ds_config = zero.build_ds_config(cfg, self.world_size)
             self.engine, self.optimizer = zero.initialize(self.model, optimizer, ds_config,
                                                           acc.device)
