@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from mtl_dist.errors import ConfigError, MtlDistError, MtlDistWarning
+from mtl_dist.errors import ConfigError, DataError, MtlDistError, MtlDistWarning
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
@@ -628,10 +628,15 @@ def main(argv: list[str] | None = None) -> int:
     except MtlDistError as err:
         from tqdm import tqdm
 
-        from mtl_dist.config import where_set
+        from mtl_dist.config import where_set, with_where_written
 
-        message = where_set(err, _LOADED[0] if _LOADED else None) \
-            if isinstance(err, ConfigError) or getattr(err, "key", None) else str(err)
+        cfg = _LOADED[0] if _LOADED else None
+        if isinstance(err, DataError):  # located in its file: the config's part said after
+            message = with_where_written(err, cfg)
+        elif isinstance(err, ConfigError) or getattr(err, "key", None):
+            message = where_set(err, cfg)
+        else:
+            message = str(err)
         # a progress bar cut short leaves the cursor after it: start the error on its own line
         lead = "\n" if getattr(tqdm, "_instances", None) else ""
         print(f"{lead}error: {message}", file=sys.stderr)

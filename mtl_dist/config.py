@@ -25,7 +25,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
-from mtl_dist.errors import CheckpointError, ConfigError
+from mtl_dist.errors import CheckpointError, ConfigError, DataError
 
 __all__ = [
     "ArchConfig",
@@ -306,6 +306,27 @@ def where_set(err: ConfigError | CheckpointError, cfg: RunConfig | None) -> str:
     sources = getattr(cfg, "_sources", None)
     key = None if err.located or not err.key or sources is None else _config_key(err.key, cfg)
     return str(err) if key is None else sources.prefix(key) + str(err)
+
+
+def with_where_written(err: DataError, cfg: RunConfig | None) -> str:
+    """`err`'s message, then where the config wrote the key it turns on ("; tasks.nli.labels
+    set at run.yaml:12", "... set by override 'tasks.nli.labels=[a,b]'"): a data file that
+    disagrees with the config names both. As is when the key keeps its default (labels read
+    from the train files, say)."""
+    sources = getattr(cfg, "_sources", None)
+    key = None if err.key is None or sources is None else _config_key(err.key, cfg)
+    if key is None:
+        return str(err)
+    override = sources.override_for(key)
+    if key in sources.elsewhere:
+        where = f"set by {sources.elsewhere[key]}"
+    elif override is not None:
+        where = f"set by override '{override}'"
+    elif key in sources.lines and sources.path is not None:
+        where = f"set at {sources.path}:{sources.lines[key]}"
+    else:
+        return str(err)
+    return f"{err}; {err.key} {where}"
 
 
 def set_elsewhere(cfg: RunConfig, key: str, where: str) -> None:

@@ -85,33 +85,42 @@ class _Rows:
     """Collects a file's rows, applies the checks every format shares, and handles bad rows."""
 
     def __init__(self, path: str, on_bad_row: str, labels: Sequence[str] | None,
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, task: Any = None) -> None:
         if on_bad_row not in ("error", "skip"):
             raise ConfigError(f"data.on_bad_row: expected 'error' or 'skip', got {on_bad_row!r}")
         self.path = path
         self.skip = on_bad_row == "skip"
         self.labels = None if labels is None else set(labels)
         self.label_list = labels
+        self.task_name = _field(task, "name", None)
+        # the key a label outside the list turns on, when the config lists them (not inferred)
+        self.labels_key = "labels" if _field(task, "labels", None) else None
         self.examples: list[Example] = []
         self.skipped = 0
         self.quiet = quiet  # a pre-pass (label inference): the reading that counts says it
         self._first_line_of: dict[str, int] = {}
 
-    def bad(self, line: int, problem: str) -> None:
-        """Raise DataError for a bad row, or count (and log the first few) in skip mode."""
+    def bad(self, line: int, problem: str, field: str | None = None) -> None:
+        """Raise DataError for a bad row, or count (and log the first few) in skip mode.
+        `field`: the task's config field the problem turns on ('labels', 'text_field')."""
         msg = f"{self.path}:{line}: {problem}"
         if not self.skip:
-            raise DataError(msg)
+            raise DataError(msg, self.key_of(field))
         self.skipped += 1
         if self.skipped <= _MAX_LOGGED_SKIPS and not self.quiet:
             log.warning("skipping bad row: %s", msg)
+
+    def key_of(self, field: str | None) -> str | None:
+        """'tasks.<name>.<field>', for the CLI to say where the config set it."""
+        return None if field is None or self.task_name is None \
+            else f"tasks.{self.task_name}.{field}"
 
     def add(self, line: int, id_: str, text_a: str, text_b: str | None, label: str | None,
             names: tuple[str, str]) -> None:
         """Check one parsed row (empty text, unknown label, duplicate id) and keep it if good."""
         problem = self._problem(id_, text_a, text_b, label, names)
         if problem:
-            self.bad(line, problem)
+            self.bad(line, problem, self.labels_key if problem.startswith("label ") else None)
             return
         self._first_line_of[id_] = line
         self.examples.append(Example(id_, text_a, text_b, label, line))
@@ -295,7 +304,7 @@ def _read_csv(lines: list[tuple[int, str]], task: Any, require_label: bool, rows
     except csv.Error as e:
         raise DataError(f"{rows.path}:{consumed[-1]}: bad CSV header ({_csv_problem(e)})") from None
     header_line = consumed[-1]
-    index = _csv_columns(header, fields, require_label, rows.path, header_line)
+    index = _csv_columns(header, fields, require_label, rows, header_line)
     _note_an_unread_second_text(task, [h.strip() for h in header], f"{rows.path}:{header_line}",
                                 "column")
     names = (f"field {fields['text']!r}", f"field {fields['text_b']!r}")
@@ -365,7 +374,7 @@ def _note_an_unread_second_text(task: Any, names: Iterable[str], where: str, kin
 
 
 def _csv_columns(header: list[str], fields: Mapping[str, str | None], require_label: bool,
-                 path: str, line: int) -> dict[str, int]:
+                 rows: _Rows, line: int) -> dict[str, int]:
     header = [h.strip() for h in header]
     index: dict[str, int] = {}
     for role, name in fields.items():
@@ -374,7 +383,8 @@ def _csv_columns(header: list[str], fields: Mapping[str, str | None], require_la
         if name in header:
             index[role] = header.index(name)
         elif role != "label" or require_label:
-            raise DataError(f"{path}:{line}: missing column {name!r} in the header (columns: {', '.join(header)})")
+            raise DataError(f"{rows.path}:{line}: missing column {name!r} in the header "
+                            f"(columns: {', '.join(header)})", rows.key_of(f"{role}_field"))
     return index
 
 
@@ -418,9 +428,9 @@ def _read_jsonl(lines: list[tuple[int, str]], task: Any, require_label: bool, ro
         if first:  # (a field of the first object: not looked for in every row)
             _note_an_unread_second_text(task, obj, f"{rows.path}:{lineno}", "field")
             first = False
-        values, problem = _json_values(obj, fields, require_label)
+        values, problem, field = _json_values(obj, fields, require_label)
         if problem:
-            rows.bad(lineno, problem)
+            rows.bad(lineno, problem, field)
             continue
         _add_named(rows, lineno, values, task, require_label, names)
 
@@ -429,7 +439,9 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def _json_values(obj: Mapping[str, Any], fields: Mapping[str, str | None],
-                 require_label: bool) -> tuple[dict[str, Any], str | None]:
+                 require_label: bool) -> tuple[dict[str, Any], str | None, str | None]:
+    """(values by role, the problem or None, the task's config field a missing field is
+    named by, e.g. 'text_field')."""
     values: dict[str, Any] = {}
     for role, name in fields.items():
         if name is None:
@@ -437,20 +449,21 @@ def _json_values(obj: Mapping[str, Any], fields: Mapping[str, str | None],
         if name not in obj or obj[name] is None:
             if role == "label" and not require_label:
                 continue
-            return values, f"missing JSON field {name!r}"
+            return values, f"missing JSON field {name!r}", f"{role}_field"
         value = obj[name]
         if role in ("text", "text_b") and not isinstance(value, str):
-            return values, f"JSON field {name!r} must be a string, got {type(value).__name__}"
+            return values, f"JSON field {name!r} must be a string, got {type(value).__name__}", None
         if role in ("id", "label") and (isinstance(value, bool) or not isinstance(value, str | int)):
-            return values, f"JSON field {name!r} must be a string or an integer, got {type(value).__name__}"
+            return values, (f"JSON field {name!r} must be a string or an integer, got "
+                            f"{type(value).__name__}"), None
         # "\ud800" decodes to a lone surrogate, which cannot be encoded (cache key, tokenizer)
         bad = _SURROGATE.search(value) if isinstance(value, str) else None
         if bad:
             return values, (f"JSON field {name!r} holds an unpaired surrogate "
                             f"{ascii(bad.group())[1:-1]} at character {bad.start() + 1}, "
-                            "which is not valid Unicode text")
+                            "which is not valid Unicode text"), None
         values[role] = value
-    return values, None
+    return values, None, None
 
 
 def _read_demo(path: str, task: Any, rows: _Rows) -> None:
@@ -462,8 +475,7 @@ def _read_demo(path: str, task: Any, rows: _Rows) -> None:
     if is_pair != bool(_field(task, "pair", False)):
         raise DataError(
             f"{path}: a {'sentence-pair' if is_pair else 'single-sentence'} data set, "
-            f"but tasks.{task.name}.pair is {str(not is_pair).lower()}"
-        )
+            f"but tasks.{task.name}.pair is {str(not is_pair).lower()}", rows.key_of("pair"))
     for i, r in enumerate(demo_rows(name, split), start=1):
         rows.add(i, r.id, r.text_a, r.text_b, r.label, ("text_a", "text_b"))
 
@@ -473,7 +485,7 @@ def _read_source(path: str | Path, task: Any, *, require_label: bool, on_bad_row
                  ) -> tuple[list[Example], int, str]:
     """Read one source once: (examples, skipped, fingerprint)."""
     path = str(path)
-    rows = _Rows(path, on_bad_row, labels, quiet)
+    rows = _Rows(path, on_bad_row, labels, quiet, task)
     if is_demo_path(path):
         _read_demo(path, task, rows)
         return *rows.finish(), demo_fingerprint(*parse_demo_path(path))

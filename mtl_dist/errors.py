@@ -24,7 +24,12 @@ class ConfigError(MtlDistError):
 
 
 class DataError(MtlDistError):
-    """A data file or row is malformed."""
+    """A data file or row is malformed. `key`: the config key the problem turns on (a task's
+    `labels`, `pair` or a column name), for the CLI to add where the config set it."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class CheckpointError(MtlDistError):

@@ -708,3 +708,68 @@ def test_check_refuses_a_damaged_newest_checkpoint_for_resume_auto(run, capsys, 
     assert code == 2 and err.strip() == (
         f"error: checkpoint {optimizer.parent}: file 'optimizer.pt' has {size - 10} bytes, "
         f"manifest.json says {size} (truncated or changed)"), err
+
+
+_OWN_TASKS = """\
+model:
+  tokenizer: "demo:"
+  arch: {hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64,
+         max_position_embeddings: 128}
+tasks:
+  - name: a
+    train: a.csv
+    text_field: sentense
+  - name: b
+    train: b.jsonl
+    dev: dev.csv
+    text_field: sentence
+    labels: [x, y]
+"""
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ([], "a.csv:1: missing column 'sentense' in the header (columns: id, sentence, label); "
+         "tasks.a.text_field set at {cfg}:8"),
+    (["tasks.a.text_field=sentence", "tasks.b.text_field=text"],
+     "b.jsonl:1: missing JSON field 'text'; tasks.b.text_field set by override "
+     "'tasks.b.text_field=text'"),
+    (["tasks.a.text_field=sentence"],
+     "b.jsonl:1: label 'a' is not one of the task's labels (x, y); tasks.b.labels set at {cfg}:13"),
+    (["tasks.a.text_field=sentence", "tasks.b.labels=[a,b]"],
+     "dev.csv:2: label 'c' is not one of the task's labels (a, b); tasks.b.labels set by "
+     "override 'tasks.b.labels=[a,b]'"),
+    # labels read from the train file: no key of the config's to name
+    (["tasks.a.text_field=sentence", "tasks.b.labels=null"],
+     "dev.csv:2: label 'c' is not one of the task's labels (a, b)\n"),
+])
+def test_a_data_file_at_odds_with_the_config_names_where_the_config_set_the_key(
+        capsys, tmp_path, monkeypatch, overrides, expected):
+    """A data error located in its file (file:line) that turns on a config key (a task's
+    labels, its column names, `pair`) also names where the config set that key."""
+    monkeypatch.chdir(tmp_path)
+    Path("a.csv").write_text("id,sentence,label\n1,hello there,a\n2,bye now,b\n")
+    Path("b.jsonl").write_text('{"id": 1, "sentence": "hi", "label": "a"}\n'
+                               '{"id": 2, "sentence": "yo", "label": "b"}\n')
+    Path("dev.csv").write_text("id,sentence,label\n1,hello,c\n")
+    Path("run.yaml").write_text(_OWN_TASKS)
+    code, _, err = cli(capsys, "check", "run.yaml", *overrides)
+    assert code == 2
+    assert expected.format(cfg="run.yaml") in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("where, expected", [
+    ("override", "tasks.news.pair set by override 'tasks.news.pair=true'"),
+    ("file", "tasks.news.pair set at {cfg}:"),
+])
+def test_a_demo_set_of_the_other_kind_names_where_pair_was_set(capsys, tmp_path, where,
+                                                               expected):
+    cfg = tmp_path / "demo.yaml"
+    text = Path(DEMO).read_text()
+    if where == "file":
+        text = text.replace("{name: news, ", "{name: news, pair: true, ")
+    cfg.write_text(text)
+    extra = ["tasks.news.pair=true"] if where == "override" else []
+    code, _, err = cli(capsys, "check", cfg, f"train.output_dir={tmp_path / 'out'}", *extra)
+    assert code == 2
+    assert "demo:news/train: a single-sentence data set, but tasks.news.pair is true; " in err
+    assert expected.format(cfg=cfg) in err, err
