@@ -157,6 +157,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     warmup_ratio: float = 0.1
     warmup_steps: int | None = None
+    lr_scheduler: str = "linear"
     max_grad_norm: float | None = 1.0
     num_epochs: int = 3
     max_steps: int | None = None
@@ -1255,6 +1256,7 @@ _RULES: dict[str, tuple[_Check, str]] = {
     "train.adam_eps": _gt(0),
     "train.warmup_ratio": _unit(False, False),
     "train.warmup_steps": _or_null(_ge(0)),
+    "train.lr_scheduler": _one_of("linear", "cosine", "constant_with_warmup"),
     "train.max_grad_norm": _or_null(_gt(0)),
     "train.num_epochs": _within(1, 1_000_000),
     "train.max_steps": _or_null(_ge(1)),

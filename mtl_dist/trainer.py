@@ -135,7 +135,8 @@ class TrainState:
     schedule: list | None = None
     schedule_epochs: int | None = None  # the num_epochs `schedule` was counted for
     last_eval_step: int | None = None
-    # [warm-up steps, total steps] the LR schedule ran on: a resume that re-counts it says so
+    # [warm-up steps, total steps, train.lr_scheduler] the LR schedule ran on: a resume that
+    # re-counts it says so (two items: saved before the kind was, which was then linear)
     lr_schedule: list | None = None
 
     def state_dict(self) -> dict:
@@ -684,13 +685,11 @@ class Trainer:
                 self.masters.broadcast_from_first_rank()
         optimizer = make_optimizer(self.model, cfg, acc.device, self.masters)
         self.warmup_steps = self._warmup_steps_for(self.total_steps)
-        self.state.lr_schedule = [self.warmup_steps, self.total_steps]  # (a resume: the saved)
-        # Linear warm-up, then linear decay to zero at total_steps (transformers' schedule),
-        # read at each step: a replan re-aims it by changing total_steps. Not prepared by
-        # accelerate: its wrapper would step the schedule once per process.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: linear_warmup_decay(step, self.warmup_steps,
-                                                        self.total_steps))
+        self.state.lr_schedule = self._lr_schedule()  # (a resume: the saved)
+        # Linear warm-up, then train.lr_scheduler's decay to total_steps (transformers'
+        # schedules), read at each step: a replan re-aims it by changing total_steps. Not
+        # prepared by accelerate: its wrapper would step the schedule once per process.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         plain = self.model
         if cfg.train.zero_stage:
             ds_config = zero.build_ds_config(cfg, self.world_size)
@@ -1042,10 +1041,12 @@ class Trainer:
         replanned = self.batch_sampler.replanned_from is not None
         if replanned:
             self._follow_replanned_sampler()  # an epoch-counted run: re-counted, said there
-        if ran_on is not None and list(ran_on) != [self.warmup_steps, self.total_steps] \
+        if ran_on is not None:
+            ran_on = [*ran_on, "linear"][:3]  # saved before the kind was: linear then
+        if ran_on is not None and ran_on != self._lr_schedule() \
                 and not (replanned and epoch_counted):
             self._follow_recounted_schedule(*ran_on)
-        self.state.lr_schedule = [self.warmup_steps, self.total_steps]
+        self.state.lr_schedule = self._lr_schedule()
         self.ckpt.restore_rng(path)  # last: after the sampler jumped to its cursor
         if self.accelerator.is_main_process:
             print(f"resumed from {path} at step {self.state.global_step} "
@@ -1073,7 +1074,7 @@ class Trainer:
         """`sampler.on_global_batch_change=replan`: the sampler skipped to the start of the
         next epoch under the new global batch. The loop's epoch follows it; an epoch-counted
         run is re-counted (steps done + the rest of its epochs at the new batch), and its
-        linear LR schedule re-aimed to reach zero at the new end."""
+        LR schedule re-aimed at the new total."""
         self.state.epoch = self.batch_sampler.epoch
         left = "" if self.cfg.train.max_steps else self._recount_epochs()
         self._say(f"global batch {self.batch_sampler.replanned_from} -> {self.global_batch}: "
@@ -1099,29 +1100,39 @@ class Trainer:
         self.warmup_steps, self.total_steps = warmup, total
         self.state.schedule = [warmup, total]
 
-    def _follow_recounted_schedule(self, warmup_before: int, total_before: int) -> None:
-        """A resume whose train.max_steps, num_epochs or warm-up differ from the checkpoint's
-        run: the linear schedule is the new settings' (as transformers' Trainer does, silently
-        there), from the next step on; said in one line, with the LR that step gets."""
+    def _follow_recounted_schedule(self, warmup_before: int, total_before: int,
+                                   kind_before: str) -> None:
+        """A resume whose train.max_steps, num_epochs, warm-up or lr_scheduler differ from the
+        checkpoint's run: the schedule is the new settings' (as transformers' Trainer does,
+        silently there), from the next step on; said in one line, with the LR that step gets."""
         before = self.scheduler.get_last_lr()[0]
         self._reaim_lr()
         changed = [f"{what} {old} -> {new} steps" for what, old, new in
                    (("warm-up", warmup_before, self.warmup_steps),
                     ("total", total_before, self.total_steps)) if old != new]
+        if kind_before != self.cfg.train.lr_scheduler:
+            changed.append(f"{kind_before} -> {self.cfg.train.lr_scheduler}")
         step = self.state.global_step
         then = f"the next step's lr {before:.3g} -> " \
             f"{self.scheduler.optimizer.param_groups[0]['lr']:.3g}" \
             if self.total_steps > step else f"no step is left after step {step}"
         self._say(f"LR schedule re-counted from the checkpoint's ({', '.join(changed)}: "
-                  f"train.max_steps, num_epochs or the warm-up changed): {then}")
+                  f"train.max_steps, num_epochs, the warm-up or lr_scheduler changed): {then}")
 
     def _reaim_lr(self) -> None:
         """The optimizer's LRs for the next step under the current (re-counted) schedule:
         those restored from the checkpoint were the old schedule's."""
         sched = self.scheduler
         for group, base in zip(sched.optimizer.param_groups, sched.base_lrs, strict=True):
-            group["lr"] = base * linear_warmup_decay(sched.last_epoch, self.warmup_steps,
-                                                     self.total_steps)
+            group["lr"] = base * self._lr_factor(sched.last_epoch)
+
+    def _lr_schedule(self) -> list:
+        """What the LR schedule runs on, as trainer_state.json keeps it."""
+        return [self.warmup_steps, self.total_steps, self.cfg.train.lr_scheduler]
+
+    def _lr_factor(self, step: int) -> float:
+        """The LR's factor at `step` under the run's (possibly re-counted) schedule."""
+        return lr_factor(self.cfg.train.lr_scheduler, step, self.warmup_steps, self.total_steps)
 
     def _warmup_steps_for(self, total_steps: int) -> int:
         """`train.warmup_steps`, else `warmup_ratio` of a run of `total_steps`."""
@@ -1562,10 +1573,16 @@ class Trainer:
         self.state.global_step = int(read_manifest(path).get("step") or 0)
 
 
-def linear_warmup_decay(step: int, warmup: int, total: int) -> float:
-    """The LR factor of transformers' get_linear_schedule_with_warmup at `step`."""
+def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
+    """The LR factor at `step` of transformers' schedule `kind` (get_linear_schedule_with_warmup,
+    get_cosine_schedule_with_warmup with half a cosine, get_constant_schedule_with_warmup)."""
     if step < warmup:
         return step / max(1, warmup)
+    if kind == "constant_with_warmup":
+        return 1.0
+    if kind == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
     return max(0.0, (total - step) / max(1, total - warmup))
 
 

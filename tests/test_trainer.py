@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -283,15 +284,76 @@ def test_a_resume_with_more_steps_recounts_the_lr_schedule_and_says_so(tmp_path,
                      "train.stop_after_steps=1")).fit()
     lr = 1e-3 * (10 - 6) / (10 - 2)  # linear decay from step 2 to zero at step 10
     assert f"LR schedule re-counted from the checkpoint's (total 6 -> 10 steps: train.max_steps, " \
-        f"num_epochs or the warm-up changed): the next step's lr 0 -> {lr:.3g}" in \
+        f"num_epochs, the warm-up or lr_scheduler changed): the next step's lr 0 -> {lr:.3g}" in \
         capsys.readouterr().out
     six, seven = (load_file(str(out / "checkpoints" / f"checkpoint-{n}" / "model.safetensors"))
                   for n in (6, 7))
     assert any(not torch.equal(six[k], seven[k]) for k in six if k.startswith("encoder."))
     assert records(out, "train")[-1]["lr"] == pytest.approx(1e-3 * (10 - 7) / (10 - 2))
     Trainer(demo_cfg(tmp_path, *common, "train.max_steps=5", "train.resume=auto")).fit()
-    assert "(total 10 -> 5 steps: train.max_steps, num_epochs or the warm-up changed): no step " \
-        "is left after step 7" in capsys.readouterr().out
+    assert "(total 10 -> 5 steps: train.max_steps, num_epochs, the warm-up or lr_scheduler " \
+        "changed): no step is left after step 7" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant_with_warmup"])
+@pytest.mark.parametrize("warmup, total", [(0, 10), (3, 10), (4, 4), (2, 7)])
+def test_lr_factor_is_transformers_schedule(kind, warmup, total):
+    """train.lr_scheduler's factors are transformers' get_scheduler(kind)'s, step by step
+    (past the end too: a resume may run past a shortened total)."""
+    from transformers import get_scheduler
+
+    from mtl_dist.trainer import lr_factor
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = get_scheduler(kind, opt, num_warmup_steps=warmup, num_training_steps=total)
+    for step in range(total + 3):
+        assert lr_factor(kind, step, warmup, total) == pytest.approx(
+            theirs.lr_lambdas[0](step), abs=1e-12), step
+
+
+def test_a_cosine_run_follows_its_schedule_and_a_resume_with_another_kind_says_so(
+        tmp_path, capsys):
+    """train.lr_scheduler=cosine: each step's logged lr is the cosine schedule's; resumed
+    with constant_with_warmup, the schedule is re-aimed from the next step and one line says
+    so; a checkpoint saved before the kind was recorded ([warm-up, total]) counts as linear."""
+    import math
+
+    out = tmp_path / "out"
+    common = ["train.eval_steps=null", "checkpoint.save_steps=3", "checkpoint.save_best=false",
+              "train.warmup_steps=2", "train.max_steps=8", "train.log_steps=1"]
+    Trainer(demo_cfg(tmp_path, *common, "train.lr_scheduler=cosine",
+                     "train.stop_after_steps=3")).fit()
+
+    def cosine(step):  # the lr logged at a step: the schedule's after it (the next step's)
+        return 1e-3 * (step / 2 if step < 2 else 0.5 * (1 + math.cos(math.pi * (step - 2) / 6)))
+
+    assert [r["lr"] for r in records(out, "train")] == pytest.approx(
+        [cosine(s) for s in (1, 2, 3)])
+    capsys.readouterr()
+    Trainer(demo_cfg(tmp_path, *common, "train.lr_scheduler=constant_with_warmup",
+                     "train.resume=auto", "train.stop_after_steps=3")).fit()
+    assert "LR schedule re-counted from the checkpoint's (cosine -> constant_with_warmup: " \
+        f"train.max_steps, num_epochs, the warm-up or lr_scheduler changed): the next step's " \
+        f"lr {cosine(3):.3g} -> 0.001" in capsys.readouterr().out
+    assert [r["lr"] for r in records(out, "train")][3:] == pytest.approx([1e-3] * 3)
+    # an older checkpoint's two items: linear; resumed linear, nothing to say
+    state_file = out / "checkpoints" / "checkpoint-6" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["lr_schedule"] == [2, 8, "constant_with_warmup"]
+    state["lr_schedule"] = [2, 8]
+    state_file.write_text(json.dumps(state))
+    manifest_file = state_file.parent / "manifest.json"  # re-sealed: the edit is no damage
+    manifest = json.loads(manifest_file.read_text())
+    manifest["files"]["trainer_state.json"] = {
+        "size": state_file.stat().st_size,
+        "sha256": hashlib.sha256(state_file.read_bytes()).hexdigest()}
+    manifest_file.write_text(json.dumps(manifest))
+    marker = json.loads((state_file.parent / "COMMITTED").read_text())
+    marker["manifest_sha256"] = hashlib.sha256(manifest_file.read_bytes()).hexdigest()
+    (state_file.parent / "COMMITTED").write_text(json.dumps(marker))
+    Trainer(demo_cfg(tmp_path, *common, "train.resume=auto", "train.stop_after_steps=1")).fit()
+    assert "LR schedule" not in capsys.readouterr().out
+    assert records(out, "train")[-1]["lr"] == pytest.approx(1e-3 * (8 - 7) / (8 - 2))
 
 
 def test_resuming_an_older_checkpoint_branches_and_auto_resume_follows_the_branch(tmp_path,
