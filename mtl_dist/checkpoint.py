@@ -2197,6 +2197,44 @@ def check_label_maps_of(path: str | Path, label_maps: Mapping[str, list[str]]) -
             "checkpoint's order")
 
 
+def check_pairs_of(path: str | Path, pairs: Mapping[str, bool]) -> None:
+    """One-line error when a task of the checkpoint was trained on sentence pairs and this run
+    reads single texts, or the other way round: its head would score inputs it never saw
+    (a pair task read as single texts scored near chance, with a warning worded for training).
+    `pairs`: task name -> tasks.<name>.pair. Checkpoints that recorded no `pair` are not held
+    to it."""
+    path = Path(path)
+    trained = trained_pairs(path)
+    for name, pair in pairs.items():
+        if trained is not None and name in trained and bool(trained[name]) != bool(pair):
+            raise CheckpointError(
+                f"checkpoint {path}: task '{name}' was trained "
+                f"{'on sentence pairs' if trained[name] else 'on single texts'} (tasks.{name}.pair "
+                f"{str(bool(trained[name])).lower()}), this run reads "
+                f"{'sentence pairs' if pair else 'single texts'}: set tasks.{name}.pair="
+                f"{str(bool(trained[name])).lower()}", key=f"tasks.{name}.pair")
+
+
+def trained_pairs(path: Path) -> dict[str, bool] | None:
+    """Task name -> whether the checkpoint's run read sentence pairs: its manifest's `run.pair`,
+    else (best/) the config.yaml saved in it; None when neither says."""
+    manifest = read_manifest(path)
+    pairs = manifest.get("run", {}).get("pair")
+    if isinstance(pairs, dict):
+        return pairs
+    if "config.yaml" not in manifest["files"]:
+        return None
+    import yaml
+
+    _check_sizes(path, manifest, ["config.yaml"])
+    try:
+        tasks = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))["tasks"]
+        return {str(t["name"]): bool(t.get("pair", False)) for t in tasks}
+    except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: file 'config.yaml' is unreadable: "
+                              f"{_error_text(exc)}") from None
+
+
 def load_model_state(path: str | Path, *, with_ema: bool = True) -> dict[str, torch.Tensor]:
     """The model state dict a checkpoint or best/ was evaluated with: its weights (ZeRO
     partitions consolidated to fp32) with the EMA shadow in place where the run kept one

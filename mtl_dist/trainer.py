@@ -33,6 +33,7 @@ from mtl_dist.checkpoint import (
     check_label_maps_of,
     check_manifest,
     check_named_step,
+    check_pairs_of,
     damage,
     improves_on,
     inside_text,
@@ -252,6 +253,7 @@ def config_manifest(cfg: RunConfig, label_maps: Mapping[str, Sequence[str]]) -> 
             t.name: {"metric": t.metric, "score_weight": t.score_weight} for t in cfg.tasks},
         "config_hash": config_hash(cfg),
         "tasks": [t.name for t in cfg.tasks],
+        "pair": {t.name: t.pair for t in cfg.tasks},  # what inference must read alike
         "labels": dict(label_maps),
         "max_length": cfg.data.max_length,  # the fingerprints are of the files
     }
@@ -1565,6 +1567,7 @@ class Trainer:
         one line when its tasks, labels or shapes are not this run's (a label order that
         differs would load fine and predict the wrong classes)."""
         check_label_maps_of(path, self.label_maps)  # in the config's order, as the heads
+        check_pairs_of(path, {t.name: t.pair for t in self.cfg.tasks})
         state = self.ckpt.load_model_state(path)
         load_state_checked(self.module, state, Path(path))
         if self.masters is not None:

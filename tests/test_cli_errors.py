@@ -773,3 +773,24 @@ def test_a_demo_set_of_the_other_kind_names_where_pair_was_set(capsys, tmp_path,
     assert code == 2
     assert "demo:news/train: a single-sentence data set, but tasks.news.pair is true; " in err
     assert expected.format(cfg=cfg) in err, err
+
+
+def test_a_checkpoint_trained_on_pairs_is_refused_for_single_texts(run, capsys, tmp_path):
+    """evaluate/predict with `pair` flipped: the head would score inputs it never saw (nli
+    read as single texts scored near chance, printed as the checkpoint's score). best/ says
+    it in its config.yaml, a periodic checkpoint in its manifest."""
+    root, overrides = run
+    label = json.loads((root / "out" / "labels.json").read_text())["nli"][0]
+    own = tmp_path / "nli.jsonl"  # a file of one's own: the demo's data sets know their kind
+    own.write_text(json.dumps({"id": 1, "text": "a cat", "text_b": "an animal",
+                               "label": label}) + "\n")
+    flipped = ["tasks.nli.pair=false", f"tasks.nli.dev={own}", f"tasks.nli.test={own}"]
+    for checkpoint in (root / "out" / "best", root / "out" / "checkpoints" / "checkpoint-8"):
+        for command in (["evaluate"], ["predict", "--output", tmp_path / "p"]):
+            code, _, err = cli(capsys, *command, DEMO, *overrides, *flipped,
+                               "--checkpoint", checkpoint)
+            assert code == 2
+            assert err == (f"error: override 'tasks.nli.pair=false': checkpoint {checkpoint}: "
+                           "task 'nli' was trained on sentence pairs (tasks.nli.pair true), this "
+                           "run reads single texts: set tasks.nli.pair=true\n"), err
+    assert not (tmp_path / "p").exists()
