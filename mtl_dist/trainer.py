@@ -339,6 +339,26 @@ def _refuse_replacing_the_config_file(cfg: RunConfig, out: Path) -> None:
                       "train.output_dir (or move that file)")
 
 
+def _refuse_a_copied_runs_config(cfg: RunConfig, out: Path) -> None:
+    """A run's saved config.yaml given from another folder than its output dir (a copy of
+    the run, `cp -a run copy`): its absolute train.output_dir trained (and, with
+    resume=auto, extended, best/ replaced) the original run, not the copy. Refused unless
+    an override names the output dir."""
+    sources = getattr(cfg, "_sources", None)
+    loaded = getattr(sources, "path", None)
+    if loaded is None or sources.override_for("train.output_dir") is not None \
+            or Path(loaded).name != "config.yaml" or not is_saved_config(Path(loaded)):
+        return
+    folder = Path(loaded).resolve().parent
+    if folder == out.resolve():
+        return
+    raise ConfigError(
+        f"config key 'train.output_dir': {loaded} is the saved config of the run in {out}, but "
+        f"lies in {folder} (a copy of that run?): it would train {out}; to train the copy, add "
+        f"train.output_dir={folder}; to train that run, give {out / 'config.yaml'} (or add "
+        f"train.output_dir={out})")
+
+
 def check_output_dir(cfg: RunConfig, ckpt: CheckpointManager, say=print) -> None:
     """Before any work (and in `mtl-dist check`); collective. No run may be going on in the
     output dir (its lock). A `train.resume` path must be a committed
@@ -358,6 +378,7 @@ def check_output_dir(cfg: RunConfig, ckpt: CheckpointManager, say=print) -> None
         raise ConfigError(f"config key 'train.output_dir': {out} {inside_text(out, inside)}, "
                           f"{MANAGED}")
     _refuse_replacing_the_config_file(cfg, out)
+    _refuse_a_copied_runs_config(cfg, out)
     _refuse_a_cache_dir_file(cfg)
     if train.resume and train.resume != "auto":
         path = ckpt.resolve(train.resume)  # a wrong path fails here, not after set-up

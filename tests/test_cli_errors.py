@@ -794,3 +794,27 @@ def test_a_checkpoint_trained_on_pairs_is_refused_for_single_texts(run, capsys, 
                            "task 'nli' was trained on sentence pairs (tasks.nli.pair true), this "
                            "run reads single texts: set tasks.nli.pair=true\n"), err
     assert not (tmp_path / "p").exists()
+
+
+def test_a_copied_runs_config_does_not_train_the_original(run, capsys, tmp_path):
+    """`cp -a OUTPUT copy; mtl-dist train copy/config.yaml train.resume=auto` resumed and
+    extended the original run (its absolute output_dir), best/ replaced: refused in one line
+    naming both ways out, before anything changes; each way out then works."""
+    import shutil
+
+    root, _ = run
+    out, copy = root / "out", tmp_path / "copy"
+    shutil.copytree(out, copy)
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
+    code, _, err = cli(capsys, "train", copy / "config.yaml", "train.resume=auto",
+                       "train.max_steps=10")
+    assert code == 2
+    assert f"config key 'train.output_dir': {copy / 'config.yaml'} is the saved config of the " \
+        f"run in {out}, but lies in {copy} (a copy of that run?): it would train {out}; to " \
+        f"train the copy, add train.output_dir={copy}; to train that run, give " \
+        f"{out / 'config.yaml'} (or add train.output_dir={out})" in err and err.count("\n") == 1
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+    for config, extra in ((copy / "config.yaml", [f"train.output_dir={copy}"]),
+                          (out / "config.yaml", [])):
+        code, said, err = cli(capsys, "check", config, "train.resume=auto", *extra)
+        assert code == 0 and "config OK" in said, err
