@@ -716,6 +716,19 @@ def damage(path: Path) -> str | None:
     return None
 
 
+def verify(path: Path) -> str | None:
+    """Why a committed checkpoint would be refused at load, reading every byte (each file's
+    size and sha256 against its manifest, as a resume does), or None. `damage` checks sizes
+    only: a file changed in place at the same size passes it."""
+    try:
+        manifest = read_manifest(path)
+        check_named_step(path, manifest)
+        _verify_files(path, manifest, manifest["files"])
+    except CheckpointError as exc:
+        return str(exc)
+    return None
+
+
 def _verify_collective(path: Path, manifest: Mapping[str, Any]) -> None:
     """Verify every file once, the work split over ranks; all ranks raise the same error."""
     rank, world = _dist_info()

@@ -307,22 +307,13 @@ def cmd_ckpt(args) -> int:
     from mtl_dist import checkpoint as ck
 
     if args.ckpt_cmd == "ls":
-        if not args.output_dir:
-            raise MtlDistError("ckpt ls: give a run's output dir (got an empty path)")
-        out = Path(args.output_dir).resolve()  # `.` inside checkpoints/ names no folder
-        if not out.is_dir():
-            raise MtlDistError(f"ckpt ls: {out} is not a directory (give a run's output dir)")
-        if out.name == ck.CHECKPOINTS_DIR and not (out / ck.CHECKPOINTS_DIR).is_dir():
-            out = out.parent  # OUTPUT/checkpoints: list its run
-        elif out.parent.name == ck.ABANDONED_DIR and ck.holds_a_run(out.parent.parent):
-            out = out.parent.parent  # a branch a resume set aside: list its run
-        elif not (out / ck.CHECKPOINTS_DIR).is_dir():
-            out = ck.run_holding(out) or out  # best/ or one checkpoint: list its run
-        rows = ck.list_checkpoints(out)
+        rows = ck.list_checkpoints(_run_to_list(args.output_dir, "ls"))
         if not rows:
             print(f"no checkpoints under {args.output_dir}")
         for row in rows:
             print(_format_ckpt_row(row))
+    elif args.ckpt_cmd == "verify":
+        return _verify_checkpoints(args.path)
     elif args.ckpt_cmd == "inspect":
         print(json.dumps(ck.inspect(args.path), indent=1, default=str))
     elif args.ckpt_cmd == "export":
@@ -334,6 +325,53 @@ def cmd_ckpt(args) -> int:
         ck.convert_zero_to_universal(args.path, args.out_dir)
         print(f"converted {args.path} to a universal checkpoint at {args.out_dir}")
     return 0
+
+
+def _run_to_list(arg: str, command: str) -> Path:
+    """The run whose checkpoints `ckpt ls`/`verify` list: `arg` is its output dir, its
+    checkpoints/, best/, one checkpoint or a branch a resume set aside."""
+    from mtl_dist import checkpoint as ck
+
+    if not arg:
+        raise MtlDistError(f"ckpt {command}: give a run's output dir (got an empty path)")
+    out = Path(arg).resolve()  # `.` inside checkpoints/ names no folder
+    if not out.is_dir():
+        raise MtlDistError(f"ckpt {command}: {out} is not a directory (give a run's output dir)")
+    if out.name == ck.CHECKPOINTS_DIR and not (out / ck.CHECKPOINTS_DIR).is_dir():
+        return out.parent  # OUTPUT/checkpoints: list its run
+    if out.parent.name == ck.ABANDONED_DIR and ck.holds_a_run(out.parent.parent):
+        return out.parent.parent  # a branch a resume set aside: list its run
+    if not (out / ck.CHECKPOINTS_DIR).is_dir():
+        return ck.run_holding(out) or out  # best/ or one checkpoint: list its run
+    return out
+
+
+def _verify_checkpoints(arg: str) -> int:
+    """`ckpt verify`: every committed checkpoint of the run (or the one named) read whole,
+    each file's sha256 against its manifest, as a resume reads it; a row each, as `ckpt ls`
+    prints them. Exit 2 when one is damaged, naming the newest intact one to resume."""
+    from mtl_dist import checkpoint as ck
+
+    named = Path(arg)
+    rows = [row for row in ck.list_checkpoints(_run_to_list(arg, "verify"))
+            if not (named / ck.COMMITTED).exists() or row.path.resolve() == named.resolve()]
+    committed = [row for row in rows if row.complete]
+    for row in rows:
+        if row.complete:
+            row.damage = ck.verify(row.path)
+        print(_format_ckpt_row(row))
+    damaged = [row for row in committed if row.damage]
+    if not committed:
+        raise MtlDistError(f"ckpt verify: no committed checkpoint under {arg}")
+    if not damaged:
+        print(f"ckpt verify: {len(committed)} committed checkpoint(s), every file as its "
+              "manifest says")
+        return 0
+    intact = [row for row in committed if not row.damage and row.kind == "periodic"]
+    newest = f"; the newest intact periodic checkpoint is {intact[-1].path}" if intact else ""
+    raise MtlDistError(f"ckpt verify: {len(damaged)} of {len(committed)} committed "
+                       f"checkpoint(s) damaged ({', '.join(r.path.name for r in damaged)})"
+                       f"{newest}")
 
 
 def _format_ckpt_row(row) -> str:
@@ -565,10 +603,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="directory for <task>.<ext> (default OUTPUT/pseudo_labels)")
     p.set_defaults(func=cmd_pseudo_label)
 
-    p = sub.add_parser("ckpt", help="list, inspect, export or convert checkpoints")
+    p = sub.add_parser("ckpt", help="list, verify, inspect, export or convert checkpoints")
     csub = p.add_subparsers(dest="ckpt_cmd", required=True)
     c = csub.add_parser("ls", help="checkpoints of a run: step, score, size, complete, best")
     c.add_argument("output_dir")
+    c = csub.add_parser("verify", help="read every file of a run's checkpoints (or of one) "
+                        "against its manifest's sha256, as a resume does")
+    c.add_argument("path")
     c = csub.add_parser("inspect", help="manifest, RNG per rank, sampler cursor")
     c.add_argument("path")
     c = csub.add_parser("export", help="a Hugging Face encoder dir + heads file")

@@ -818,3 +818,31 @@ def test_a_copied_runs_config_does_not_train_the_original(run, capsys, tmp_path)
                           (out / "config.yaml", [])):
         code, said, err = cli(capsys, "check", config, "train.resume=auto", *extra)
         assert code == 0 and "config OK" in said, err
+
+
+def test_ckpt_verify_reads_every_byte_where_ls_checks_sizes(run, capsys, tmp_path):
+    """A file changed in place at its size: `ckpt ls` lists the checkpoint complete (sizes
+    only), the resume refuses it (sha256); `ckpt verify` finds it first, exit 2."""
+    import shutil
+
+    root, _ = run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    code, said, _ = cli(capsys, "ckpt", "verify", out)
+    assert code == 0 and said.endswith(
+        "ckpt verify: 2 committed checkpoint(s), every file as its manifest says\n"), said
+    state = out / "checkpoints" / "checkpoint-8" / "trainer_state.json"
+    text = state.read_text()
+    state.write_text(text.replace('"global_step": 8', '"global_step": 9'))
+    assert len(state.read_text()) == len(text) and state.read_text() != text
+    code, said, _ = cli(capsys, "ckpt", "ls", out)
+    assert code == 0 and "DAMAGED" not in said
+    code, said, err = cli(capsys, "ckpt", "verify", out)
+    assert code == 2
+    assert f"(checkpoint {state.parent}: file 'trainer_state.json' is corrupt (sha256 " \
+        "differs from manifest.json))" in said
+    assert err == "error: ckpt verify: 1 of 2 committed checkpoint(s) damaged (checkpoint-8)\n"
+    code, said, _ = cli(capsys, "ckpt", "verify", out / "best")  # the one named alone
+    assert code == 0 and said.count("\n") == 2 and "1 committed checkpoint(s)" in said
+    code, _, err = cli(capsys, "ckpt", "verify", state.parent)
+    assert code == 2 and err.endswith("1 of 1 committed checkpoint(s) damaged (checkpoint-8)\n")
