@@ -260,7 +260,9 @@ def _has_tsv_header(lines: list[tuple[int, str]], task: Any, path: str | Path) -
     fields = _fields(task)
     if fields["text"] not in columns:
         named = [fields[r] for r in ("id", "label") if fields[r] and fields[r] in columns]
-        if len(named) == 2:  # a GLUE-style header whose text column has another name
+        # a GLUE-style header whose text column has another name; a test file's has no label
+        # column, but a first column named as the id field is no Tianchi row's id either
+        if len(named) == 2 or (fields["id"] and first.split("\t")[0].strip() == fields["id"]):
             raise DataError(f"{path}:{number}: reads as a header naming {' and '.join(named)} but "
                             f"not the text column {fields['text']!r} (columns: "
                             f"{', '.join(c.strip() for c in first.split(chr(9)))}): set the "
@@ -384,7 +386,8 @@ def _csv_columns(header: list[str], fields: Mapping[str, str | None], require_la
             index[role] = header.index(name)
         elif role != "label" or require_label:
             raise DataError(f"{rows.path}:{line}: missing column {name!r} in the header "
-                            f"(columns: {', '.join(header)})", rows.key_of(f"{role}_field"))
+                            f"(columns: {', '.join(header)})" + _NO_IDS_HINT * (role == "id"),
+                            rows.key_of(f"{role}_field"))
     return index
 
 
@@ -435,6 +438,8 @@ def _read_jsonl(lines: list[tuple[int, str]], task: Any, require_label: bool, ro
         _add_named(rows, lineno, values, task, require_label, names)
 
 
+# Said after a missing id column/field: rows without ids are numbered by line only on request.
+_NO_IDS_HINT = "; without ids, set the task's id_field to \"\" to number the rows by line"
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
@@ -449,7 +454,8 @@ def _json_values(obj: Mapping[str, Any], fields: Mapping[str, str | None],
         if name not in obj or obj[name] is None:
             if role == "label" and not require_label:
                 continue
-            return values, f"missing JSON field {name!r}", f"{role}_field"
+            what = f"JSON field {name!r} is null" if name in obj else f"missing JSON field {name!r}"
+            return values, what + _NO_IDS_HINT * (role == "id"), f"{role}_field"
         value = obj[name]
         if role in ("text", "text_b") and not isinstance(value, str):
             return values, f"JSON field {name!r} must be a string, got {type(value).__name__}", None

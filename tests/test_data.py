@@ -140,6 +140,11 @@ def test_a_tsv_whose_first_line_names_the_fields_is_read_by_its_header(tmp_path)
                        r"task's text_field"):
         read(p)
     assert [e.text_a for e in read(p, Task(text_field="sentence"))[0]] == ["good"]
+    # a test file's header has no label column: it was read as a row, its 3rd column a label
+    p = write(tmp_path, "glue_test.tsv", "id\tpremise\thypothesis\n1\ta\tb\n")
+    with pytest.raises(DataError, match=r"glue_test\.tsv:1: reads as a header naming id but "
+                       r"not the text column 'text' \(columns: id, premise, hypothesis\)"):
+        read(p, require_label=False)
 
 
 def test_a_saved_label_map_comes_back_in_the_configs_task_order(tmp_path):
@@ -357,6 +362,9 @@ def test_jsonl_without_id_field_uses_line_numbers(tmp_path):
         ('[1, 2]\n', "{p}:1: expected a JSON object, got list"),
         ('{"id": 1, "label": "x"}\n', "{p}:1: missing JSON field 'text'"),
         ('{"id": 1, "text": "a"}\n', "{p}:1: missing JSON field 'label'"),
+        ('{"id": 1, "text": null, "label": "x"}\n', "{p}:1: JSON field 'text' is null"),
+        ('{"text": "a", "label": "x"}\n', "{p}:1: missing JSON field 'id'; without ids, set the "
+         "task's id_field to \"\" to number the rows by line"),
         ('{"id": 1, "text": 3, "label": "x"}\n', "{p}:1: JSON field 'text' must be a string, got int"),
         ('{"id": 1, "text": "a", "label": true}\n',
          "{p}:1: JSON field 'label' must be a string or an integer, got bool"),
