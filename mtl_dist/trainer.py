@@ -925,6 +925,7 @@ class Trainer:
         resumed = self._maybe_resume()  # first: a refused resume leaves OUTPUT untouched
         if cfg.train.overwrite_output_dir:
             self.ckpt.clear_run()
+            self._name_what_overwrite_kept()
         self.ckpt.write_run_file("config.yaml", saved_config_yaml(cfg))
         self.ckpt.write_run_file("labels.json", json.dumps(self.label_maps, indent=1))
         self._write_model_run_files()
@@ -1084,6 +1085,16 @@ class Trainer:
                       f"resume takes leaves the run's line; moved to {target} (rotation and "
                       "train.resume=auto leave it)")
         return True
+
+    def _name_what_overwrite_kept(self) -> None:
+        """`overwrite_output_dir` deletes the run's checkpoints and best/, not what was made
+        from them (`mtl-dist predict`'s and `report`'s default folders): said, so that a
+        report of the deleted run is not read as this run's."""
+        out = Path(self.cfg.train.output_dir)
+        kept = [name for name in ("predictions", "report") if (out / name).exists()]
+        if kept:
+            self._say(f"train.overwrite_output_dir: {', '.join(f'{out / k}/' for k in kept)} "
+                      "kept: made from the deleted run, not this one (re-make or delete)")
 
     def _intact_hint(self, path: Path, exc: CheckpointError) -> str:
         """Where resume=auto met a damaged newest checkpoint (every requeue would fail on it

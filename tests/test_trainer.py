@@ -217,7 +217,7 @@ def _tree(root) -> dict[str, bytes]:
             if p.is_file()}
 
 
-def test_a_fresh_run_refuses_an_output_dir_holding_a_run_and_changes_nothing(tmp_path):
+def test_a_fresh_run_refuses_an_output_dir_holding_a_run_and_changes_nothing(tmp_path, capsys):
     """Without train.resume, a second run into a used output dir would replace best/ with its
     own first evaluation and leave its checkpoints beside the old run's: refused in one line
     before any work, nothing touched; train.overwrite_output_dir=true starts over."""
@@ -228,8 +228,12 @@ def test_a_fresh_run_refuses_an_output_dir_holding_a_run_and_changes_nothing(tmp
                        r"checkpoint-16, best/\): resume it with train.resume=auto"):
         Trainer(demo_cfg(tmp_path, "train.max_steps=4", "train.lr=1e-3"))
     assert _tree(out) == before
+    assert main(["report", str(out)]) == 0  # made from the run about to be deleted
+    capsys.readouterr()
     Trainer(demo_cfg(tmp_path, "train.max_steps=4", "train.eval_steps=4",
                      "checkpoint.save_steps=4", "train.overwrite_output_dir=true")).fit()
+    assert f"train.overwrite_output_dir: {out / 'report'}/ kept: made from the deleted run, " \
+        "not this one (re-make or delete)" in capsys.readouterr().out
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4"]
     assert json.loads((out / "best" / "best.json").read_text())["step"] == 4
     assert [r["step"] for r in records(out, "train")] == [1, 2, 3, 4]
