@@ -2188,13 +2188,7 @@ def check_label_maps_of(path: str | Path, label_maps: Mapping[str, list[str]]) -
     """One-line error when a checkpoint (or best/) was trained with other tasks or labels
     than `label_maps`: weights of another label order load fine and predict wrong classes."""
     path = Path(path)
-    manifest = read_manifest(path)
-    saved = manifest.get("run", {}).get("labels")
-    order = manifest.get("run", {}).get("tasks")  # run.labels is saved with sorted keys
-    if saved is None and "labels.json" in manifest["files"]:
-        _check_sizes(path, manifest, ["labels.json"])
-        saved = json.loads((path / "labels.json").read_text())
-        order = order or list(saved)  # written in the heads' order (the config's)
+    saved, order = checkpoint_label_maps(path) or (None, None)
     diff = None if saved is None else _first_difference(saved, dict(label_maps), "labels")
     if diff:
         key, theirs, ours = diff
@@ -2208,6 +2202,24 @@ def check_label_maps_of(path: str | Path, label_maps: Mapping[str, list[str]]) -
             f"checkpoint {path}: its heads are for the tasks in the order {_short(list(order))}, "
             f"this run lists them as {_short(list(label_maps))}: list the tasks in the "
             "checkpoint's order")
+
+
+def checkpoint_label_maps(path: str | Path) -> tuple[dict[str, list[str]], list[str]] | None:
+    """(task -> labels, the tasks in the heads' order) a checkpoint or best/ was trained with:
+    its manifest's `run`, else its labels.json; None when it has neither."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    saved = manifest.get("run", {}).get("labels")
+    order = manifest.get("run", {}).get("tasks")  # run.labels is saved with sorted keys
+    if saved is None and "labels.json" in manifest["files"]:
+        _check_sizes(path, manifest, ["labels.json"])
+        try:
+            saved = json.loads((path / "labels.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {path}: file 'labels.json' is unreadable: "
+                                  f"{_error_text(exc)}") from None
+        order = order or list(saved)  # written in the heads' order (the config's)
+    return None if saved is None else (saved, list(order or saved))
 
 
 def check_pairs_of(path: str | Path, pairs: Mapping[str, bool]) -> None:

@@ -167,7 +167,7 @@ def _trainer_for_inference(args, cfg=None):
     # ZeRO partitions are read through DeepSpeed: imported after the process group is up, it
     # would hold the group to interpreter exit (see collectives.import_before_the_process_group)
     import_before_the_process_group(with_deepspeed=weights_read_through_deepspeed(args.checkpoint))
-    trainer = Trainer(cfg, for_training=False)
+    trainer = Trainer(cfg, for_training=False, checkpoint=args.checkpoint)
     try:
         trainer.load_weights(args.checkpoint)
         yield trainer

@@ -870,19 +870,23 @@ def _read_label_maps(path: Path) -> dict[str, list[str]]:
     return maps
 
 
-def check_label_maps(cfg: RunConfig, saved: Mapping[str, Sequence[str]], where: str) -> None:
-    """A run's frozen label maps (`where`, e.g. OUTPUT/labels.json) must cover every configured
-    task, and labels the config states explicitly must equal them: else one ConfigError line."""
+_RUN_LABELS_ADVICE = ("a run's tasks cannot change (use a new train.output_dir)",
+                      "a run's labels cannot change (use a new train.output_dir)")
+
+
+def check_label_maps(cfg: RunConfig, saved: Mapping[str, Sequence[str]], where: str,
+                     advice: tuple[str, str] = _RUN_LABELS_ADVICE) -> None:
+    """A run's frozen label maps (`where`, e.g. OUTPUT/labels.json, or a checkpoint's) must
+    cover every configured task, and labels the config states explicitly must equal them:
+    else one ConfigError line, ending with `advice` (for a task, for its labels)."""
     for i, task in enumerate(cfg.tasks):
         if task.name not in saved:
             raise ConfigError(f"tasks[{i}].name: task {task.name!r} has no labels in {where} "
-                              f"(it has: {', '.join(saved)}); a run's tasks cannot change "
-                              "(use a new train.output_dir)")
+                              f"(it has: {', '.join(saved)}); {advice[0]}")
         given = _field(task, "labels", None)
         if given and [str(x) for x in given] != list(saved[task.name]):
             raise ConfigError(f"tasks[{i}].labels: {[str(x) for x in given]} differ from the "
-                              f"labels frozen in {where}: {list(saved[task.name])}; a run's "
-                              "labels cannot change (use a new train.output_dir)")
+                              f"labels frozen in {where}: {list(saved[task.name])}; {advice[1]}")
 
 
 def check_split(cfg: RunConfig, split: str, label_maps: Mapping[str, Sequence[str]]) -> None:

@@ -34,6 +34,7 @@ from mtl_dist.checkpoint import (
     check_manifest,
     check_named_step,
     check_pairs_of,
+    checkpoint_label_maps,
     damage,
     improves_on,
     inside_text,
@@ -577,8 +578,10 @@ def library_versions() -> dict[str, str]:
 class Trainer:
     """Builds everything from a RunConfig, then trains, evaluates and predicts."""
 
-    def __init__(self, cfg: RunConfig, *, for_training: bool = True):
+    def __init__(self, cfg: RunConfig, *, for_training: bool = True,
+                 checkpoint: str | Path | None = None):
         self.cfg = cfg
+        self.inference_checkpoint = checkpoint  # evaluate/predict: whose labels the heads have
         zero.adopt_accelerate_launch(cfg)
         self.accelerator = make_accelerator(cfg, with_deepspeed=for_training
                                             and bool(cfg.train.zero_stage))
@@ -673,8 +676,17 @@ class Trainer:
         check_output_dir(self.cfg, self.ckpt, self._say)
 
     def _frozen_label_maps(self) -> dict[str, list[str]]:
-        """Labels from the config or the train data, then frozen: a resumed run reuses the saved map."""
-        return mdata.frozen_label_maps(self.cfg)
+        """Labels from the config or the train data, then frozen: a resumed run reuses the
+        saved map. Inference with a checkpoint: the labels its heads were trained with (the
+        config's output dir may hold another run, with labels of its own)."""
+        saved = None if self.inference_checkpoint is None else \
+            checkpoint_label_maps(self.inference_checkpoint)
+        if saved is None:
+            return mdata.frozen_label_maps(self.cfg)
+        where = f"checkpoint {self.inference_checkpoint}"
+        mdata.check_label_maps(self.cfg, saved[0], where, (
+            "list the tasks it was trained with", "use the labels it was trained with"))
+        return {task.name: list(saved[0][task.name]) for task in self.cfg.tasks}
 
     def _build_training(self) -> None:
         cfg, acc = self.cfg, self.accelerator

@@ -41,7 +41,8 @@ def test_a_checkpoint_trained_with_other_labels_is_refused(run, capsys, tmp_path
         code, _, err = cli(capsys, "evaluate", DEMO, *overrides, f"train.output_dir={tmp_path}",
                            reordered, "--checkpoint", checkpoint)
         assert code == 2
-        assert f"'labels.nli[0]' is \"{labels[0]}\" there and \"{labels[-1]}\" in this run" in err
+        assert f"tasks[0].labels: {list(reversed(labels))} differ from the labels frozen in " \
+            f"checkpoint {checkpoint}: {labels}; use the labels it was trained with\n" in err
 
 
 def test_the_same_tasks_in_another_order_are_refused_not_scored_with_swapped_heads(
@@ -846,3 +847,28 @@ def test_ckpt_verify_reads_every_byte_where_ls_checks_sizes(run, capsys, tmp_pat
     assert code == 0 and said.count("\n") == 2 and "1 committed checkpoint(s)" in said
     code, _, err = cli(capsys, "ckpt", "verify", state.parent)
     assert code == 2 and err.endswith("1 of 1 committed checkpoint(s) damaged (checkpoint-8)\n")
+
+
+def test_inference_takes_the_checkpoints_labels_not_those_of_the_configs_output_dir(
+        run, capsys, tmp_path):
+    """evaluate/predict --checkpoint of one run, with a config whose train.output_dir holds
+    another run (other labels frozen there): the heads' labels are the checkpoint's. It was
+    refused against the other run's labels.json, with training advice."""
+    root, overrides = run
+    labels = json.loads((root / "out" / "labels.json").read_text())
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "labels.json").write_text(json.dumps({**labels, "nli": labels["nli"][::-1]}))
+    best = root / "out" / "best"
+    results = []
+    for output_dir in (root / "out", other):
+        code, said, err = cli(capsys, "evaluate", DEMO, *overrides,
+                              f"train.output_dir={output_dir}", "--checkpoint", best)
+        assert code == 0, err
+        results.append(json.loads(said))
+    assert results[0] == results[1]
+    stated = f"tasks.0.labels=[{','.join(labels['nli'])}]"  # as the checkpoint has them
+    code, _, err = cli(capsys, "predict", DEMO, *overrides, f"train.output_dir={other}", stated,
+                       "--checkpoint", best, "--output", tmp_path / "p")
+    assert code == 0, err
+    assert len((tmp_path / "p" / "nli.jsonl").read_text().splitlines()) > 0
