@@ -211,6 +211,11 @@ def _decode_lines(data: bytes, rows: _Rows) -> list[tuple[int, str]]:
     bad rows); trailing blank lines are dropped, inner ones kept for multi-line CSV fields."""
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
+    # UTF-16 (Excel's "Unicode text"): a whole file, not bad rows; with on_bad_row=skip the
+    # lines that happened to decode were trained on, NULs and all
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or data.count(b"\x00") * 4 > len(data):
+        raise DataError(f"{rows.path}: UTF-16 text or a binary file (NUL bytes: "
+                        f"{data.count(0)} of {len(data)}), expected UTF-8: save it as UTF-8")
     out: list[tuple[int, str]] = []
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         raw = raw.removesuffix(b"\r")
@@ -218,6 +223,9 @@ def _decode_lines(data: bytes, rows: _Rows) -> list[tuple[int, str]]:
             text = raw.decode("utf-8", errors="strict")
         except UnicodeDecodeError as e:
             rows.bad(lineno, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)")
+            continue
+        if "\x00" in text:  # valid UTF-8, but no text holds it: a binary or UTF-16 file's line
+            rows.bad(lineno, f"a NUL byte at character {text.index(chr(0)) + 1} of the line")
             continue
         out.append((lineno, text))
     while out and not out[-1][1].strip():
@@ -386,7 +394,8 @@ def _csv_columns(header: list[str], fields: Mapping[str, str | None], require_la
             index[role] = header.index(name)
         elif role != "label" or require_label:
             raise DataError(f"{rows.path}:{line}: missing column {name!r} in the header "
-                            f"(columns: {', '.join(header)})" + _NO_IDS_HINT * (role == "id"),
+                            f"(columns: {', '.join(header)})"
+                            + _NO_IDS_HINT * (role == "id" and fields["text"] in header),
                             rows.key_of(f"{role}_field"))
     return index
 
@@ -455,7 +464,9 @@ def _json_values(obj: Mapping[str, Any], fields: Mapping[str, str | None],
             if role == "label" and not require_label:
                 continue
             what = f"JSON field {name!r} is null" if name in obj else f"missing JSON field {name!r}"
-            return values, what + _NO_IDS_HINT * (role == "id"), f"{role}_field"
+            # (the hint only where the rest reads well: not for a header of other names)
+            hint = _NO_IDS_HINT * (role == "id" and fields["text"] in obj)
+            return values, what + hint, f"{role}_field"
         value = obj[name]
         if role in ("text", "text_b") and not isinstance(value, str):
             return values, f"JSON field {name!r} must be a string, got {type(value).__name__}", None

@@ -99,6 +99,7 @@ def test_tsv_test_file_without_label_column():
          "{p}:3: not valid UTF-8 (byte 0xff at byte 5 of the line)"),
         ("", Task(), True, "{p}: file is empty"),
         ("\n  \n\n", Task(), True, "{p}: file is empty"),
+        (b"1\ta\tx\n2\tb\x00c\tx\n", Task(), True, "{p}:2: a NUL byte at character 4 of the line"),
     ],
 )
 def test_tsv_malformed_rows(tmp_path, content, task, require_label, message):
@@ -107,6 +108,19 @@ def test_tsv_malformed_rows(tmp_path, content, task, require_label, message):
         read(p, task, require_label=require_label)
     assert str(err.value) == message.format(p=p)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
+@pytest.mark.parametrize("on_bad_row", ["error", "skip"])
+def test_a_utf16_file_is_one_line_not_rows_read_with_nuls(tmp_path, encoding, on_bad_row):
+    """Excel's "Unicode text" is UTF-16: with on_bad_row=skip the lines that happened to
+    decode as UTF-8 were kept, every other character a NUL, labels too."""
+    p = tmp_path / "u16.tsv"
+    p.write_bytes("1\tgood film\tpos\n2\tbad film\tneg\n".encode(encoding))
+    with pytest.raises(DataError) as err:
+        read(p, on_bad_row=on_bad_row)
+    assert str(err.value) == f"{p}: UTF-16 text or a binary file (NUL bytes: " \
+        f"{p.read_bytes().count(0)} of {p.stat().st_size}), expected UTF-8: save it as UTF-8"
 
 
 def test_a_tsv_whose_first_line_names_the_fields_is_read_by_its_header(tmp_path):
@@ -279,6 +293,10 @@ def test_a_second_text_left_unread_by_a_task_without_pair_is_said(tmp_path, capl
     "content, message",
     [
         ("id,sentence,label\n1,a,x\n", "{p}:1: missing column 'text' in the header (columns: id, sentence, label)"),
+        ("text,label\na,x\n", "{p}:1: missing column 'id' in the header (columns: text, label); "
+         "without ids, set the task's id_field to \"\" to number the rows by line"),
+        ("id;text;label\n1;a;x\n", "{p}:1: missing column 'id' in the header (columns: "
+         "id;text;label)"),  # another separator: no id hint
         ("id,text,label\n1,a,x\n2,b\n", "{p}:3: expected 3 comma-separated columns (as in the header), got 2"),
         ("id,text,label\n1,a,x\n2,b,\n", "{p}:3: empty label in field 'label'"),
         ("id,text,label\n1,,x\n", "{p}:2: empty text in field 'text'"),
@@ -363,6 +381,7 @@ def test_jsonl_without_id_field_uses_line_numbers(tmp_path):
         ('{"id": 1, "label": "x"}\n', "{p}:1: missing JSON field 'text'"),
         ('{"id": 1, "text": "a"}\n', "{p}:1: missing JSON field 'label'"),
         ('{"id": 1, "text": null, "label": "x"}\n', "{p}:1: JSON field 'text' is null"),
+        ('{"ID": 1, "Text": "a", "label": "x"}\n', "{p}:1: missing JSON field 'id'"),  # no hint
         ('{"text": "a", "label": "x"}\n', "{p}:1: missing JSON field 'id'; without ids, set the "
          "task's id_field to \"\" to number the rows by line"),
         ('{"id": 1, "text": 3, "label": "x"}\n', "{p}:1: JSON field 'text' must be a string, got int"),
