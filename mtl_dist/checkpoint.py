@@ -74,7 +74,7 @@ _WARN_ONLY_KEYS = {"versions"}
 _NOT_CHECKED = object()  # an absent key that older checkpoints are not held to
 _ABSENT_MEANS = {"bf16_weights": False, "optimizer_settings": _NOT_CHECKED,
                  "metric_for_best": _NOT_CHECKED, "max_length": _NOT_CHECKED,
-                 "task_scoring": _NOT_CHECKED}
+                 "task_scoring": _NOT_CHECKED, "tokenizer": _NOT_CHECKED}
 # Earlier forms of a saved key, in today's form: optimizer_settings.head_lr was saved as set
 # (null: the same as lr) before it was saved as the effective value.
 _SAVED_FORMS = {
@@ -101,6 +101,9 @@ _WHY_REFUSED = {
     "with: resume with them, or start a new run",
     "max_length": "the rest of the run would train on other truncations than its start, "
     "not continue it: resume with it, or start a new run",
+    "tokenizer": "the checkpoint's weights learned another tokenizer's ids (the sha256 of its "
+    "definition differs): resume with the model.tokenizer / model.pretrained it was trained "
+    "with (OUTPUT/tokenizer/ holds a copy), or start a new run",
 }
 EMA_FILE = "ema.pt"  # the trainer's app_state entry "ema": the full fp32 shadow per name
 _PER_RANK_KEYS = {"distributed_type", "per_device_batch_size"}
@@ -2220,6 +2223,23 @@ def checkpoint_label_maps(path: str | Path) -> tuple[dict[str, list[str]], list[
                                   f"{_error_text(exc)}") from None
         order = order or list(saved)  # written in the heads' order (the config's)
     return None if saved is None else (saved, list(order or saved))
+
+
+def check_tokenizer_of(path: str | Path, fingerprint: str, key: str) -> None:
+    """One-line error when a checkpoint (or best/) was trained with another tokenizer than
+    `fingerprint` (data.tokenizer_fingerprint): one of the same vocabulary size loaded and
+    scored every id as another token's. `key`: the config key that names the tokenizer.
+    Checkpoints saved before it was recorded are not held to it."""
+    path = Path(path)
+    trained = read_manifest(path).get("run", {}).get("tokenizer") \
+        or _read_best_json(path).get("tokenizer")
+    if trained and trained != fingerprint:
+        where = "OUTPUT/tokenizer/" if path.parent.name == CHECKPOINTS_DIR else path / "tokenizer"
+        raise CheckpointError(
+            f"checkpoint {path}: trained with another tokenizer (its definition's sha256 "
+            f"{trained[:12]}..., this run's {fingerprint[:12]}...): its embeddings learned "
+            f"other ids; give {key} the tokenizer it was trained with ({where} holds a copy)",
+            key=key)
 
 
 def check_pairs_of(path: str | Path, pairs: Mapping[str, bool]) -> None:

@@ -34,6 +34,7 @@ from mtl_dist.checkpoint import (
     check_manifest,
     check_named_step,
     check_pairs_of,
+    check_tokenizer_of,
     checkpoint_label_maps,
     damage,
     improves_on,
@@ -223,7 +224,7 @@ def check_device(cfg: RunConfig) -> bool:
 RESUME_MUST_MATCH = ("world_size", "zero_stage", "global_batch_size", "gradient_accumulation_steps",
                      "bf16_weights", "optimizer_settings", "metric_for_best", "tasks",
                      "task_scoring", "labels", "data_fingerprints", "max_length", "model_shape",
-                     "versions")
+                     "tokenizer", "versions")
 
 
 def resume_must_match(cfg: RunConfig) -> tuple[str, ...]:
@@ -917,6 +918,7 @@ class Trainer:
             **config_manifest(self.cfg, self.label_maps),
             "data_fingerprints": {t.name: t.fingerprint for t in self.train_data},
             "model_shape": model_signature(self.module),
+            "tokenizer": mdata.tokenizer_fingerprint(self.tokenizer),
             "versions": library_versions(),
         }
 
@@ -1526,6 +1528,8 @@ class Trainer:
                                 extra_files=extra,
                                 metadata={"metric_for_best": self.cfg.train.metric_for_best,
                                           "config_hash": config_hash(self.cfg),
+                                          "tokenizer": mdata.tokenizer_fingerprint(
+                                              self.tokenizer),
                                           "ema": self.ema is not None})
 
     # -------------------------------------------------------------- evaluation
@@ -1612,6 +1616,8 @@ class Trainer:
         differs would load fine and predict the wrong classes)."""
         check_label_maps_of(path, self.label_maps)  # in the config's order, as the heads
         check_pairs_of(path, {t.name: t.pair for t in self.cfg.tasks})
+        check_tokenizer_of(path, mdata.tokenizer_fingerprint(self.tokenizer),
+                           "model.tokenizer" if self.cfg.model.tokenizer else "model.pretrained")
         state = self.ckpt.load_model_state(path)
         load_state_checked(self.module, state, Path(path))
         if self.masters is not None:

@@ -872,3 +872,44 @@ def test_inference_takes_the_checkpoints_labels_not_those_of_the_configs_output_
                        "--checkpoint", best, "--output", tmp_path / "p")
     assert code == 0, err
     assert len((tmp_path / "p" / "nli.jsonl").read_text().splitlines()) > 0
+
+
+def _shuffled_tokenizer(run_dir: Path, to: Path) -> Path:
+    """The run's tokenizer with two ids swapped: the same vocabulary size, other ids."""
+    import shutil
+
+    shutil.copytree(run_dir / "tokenizer", to)
+    spec = json.loads((to / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = list(vocab)[10], list(vocab)[11]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (to / "tokenizer.json").write_text(json.dumps(spec))
+    return to
+
+
+def test_a_checkpoint_trained_with_another_tokenizer_is_refused(run, capsys, tmp_path):
+    """A tokenizer of the same vocabulary size loaded without a word: evaluate scored every
+    id as another token's, a resume trained on them (and replaced OUTPUT/tokenizer/)."""
+    import shutil
+
+    root, overrides = run
+    other = _shuffled_tokenizer(root / "out", tmp_path / "tok2")
+    for checkpoint in (root / "out" / "best", root / "out" / "checkpoints" / "checkpoint-8"):
+        code, _, err = cli(capsys, "evaluate", DEMO, *overrides, f"model.tokenizer={other}",
+                           "--checkpoint", checkpoint)
+        assert code == 2
+        assert re.fullmatch(
+            rf"error: override 'model.tokenizer={re.escape(str(other))}': checkpoint "
+            rf"{re.escape(str(checkpoint))}: trained with another tokenizer \(its definition's "
+            r"sha256 [0-9a-f]{12}\.\.\., this run's [0-9a-f]{12}\.\.\.\): its embeddings learned "
+            r"other ids; give model.tokenizer the tokenizer it was trained with \(.*tokenizer/?"
+            r" holds a copy\)\n", err), err
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "out", copy)
+    tokenizer_files = sorted((copy / "tokenizer").iterdir())
+    before = [p.read_bytes() for p in tokenizer_files]
+    code, _, err = cli(capsys, "train", DEMO, *overrides, f"train.output_dir={copy}",
+                       f"model.tokenizer={other}", "train.resume=auto", "train.max_steps=10")
+    assert code == 2
+    assert "manifest key 'tokenizer' differs" in err and "learned another tokenizer's ids" in err
+    assert [p.read_bytes() for p in tokenizer_files] == before
