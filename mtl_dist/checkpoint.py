@@ -1573,12 +1573,13 @@ class CheckpointManager:
             raise  # else best/ is mid-swap: the newest committed copy is reinstalled at start
 
     def _set_aside_damaged_best(self) -> None:
-        """A best/ whose marker or manifest was damaged after its commit has no score to beat,
-        so the first evaluation replaces it: it moves whole to OUTPUT/abandoned/ (a warning
-        says where) instead of being deleted by the swap; its model file may be fine."""
-        if not was_committed(self.best_dir) or is_committed(self.best_dir):
+        """A best/ damaged after its commit (its marker, manifest, or a file missing or of
+        another size) has no score to beat, so the first evaluation replaces it: it moves
+        whole to OUTPUT/abandoned/ (a warning says where) instead of being deleted by the
+        swap; some of its files may be fine."""
+        why = self.best_damage()
+        if why is None:
             return
-        why = damage(self.best_dir)
         target = self.output_dir / ABANDONED_DIR / f"damaged-best-{secrets.token_hex(2)}"
         target.parent.mkdir(parents=True, exist_ok=True)
         os.rename(self.best_dir, target)
@@ -1586,21 +1587,28 @@ class CheckpointManager:
         warnings.warn(f"{self.best_dir}: {why}; moved to {target}, not replaced", MtlDistWarning,
                       stacklevel=4)
 
+    def best_damage(self) -> str | None:
+        """Why a best/ that was committed is damaged since (marker, manifest, a file missing
+        or of another size: `damage`), or None (intact, or no committed best/)."""
+        return damage(self.best_dir) if was_committed(self.best_dir) else None
+
     def best_score(self) -> float | None:
-        """Score of the committed OUTPUT/best (from its manifest, which COMMITTED vouches for),
-        or None when there is none."""
+        """Score of the committed, intact OUTPUT/best (from its manifest, which COMMITTED
+        vouches for), or None when there is none: a damaged best/ has no score to beat."""
         try:
-            return read_manifest(self.best_dir).get("score")
+            score = read_manifest(self.best_dir).get("score")
         except CheckpointError:
             return None
+        return None if damage(self.best_dir) else score
 
     def best_info(self) -> dict:
-        """best/best.json (step, score, metric_for_best, ...); {} when there is none."""
+        """best/best.json (step, score, metric_for_best, ...); {} when there is none, or it
+        is damaged."""
         try:
             read_manifest(self.best_dir)
         except (CheckpointError, OSError, ValueError):
             return {}
-        return _read_best_json(self.best_dir)
+        return {} if damage(self.best_dir) else _read_best_json(self.best_dir)
 
     def improves(self, score: float) -> bool:
         """Whether `score` beats the committed best (mode from greater_is_better)."""

@@ -402,8 +402,10 @@ class Tracking:
         if not self.point_to_outputs:
             return
         best = self.output_dir / "best"
+        state = f" (DAMAGED: {summary['best_damage']})" if summary.get("best_damage") \
+            else _kept_from_before(best, summary)
         print(f"[mtl_dist] best checkpoint: {best if best.exists() else '(none saved)'}"
-              f"{_kept_from_before(best, summary)}; metrics log: {self.metrics.path}; "
+              f"{state}; metrics log: {self.metrics.path}; "
               f"report: mtl-dist report {self.output_dir}", flush=True)
         if self.sync_command:
             print(f"[mtl_dist] upload the offline wandb run with: {self.sync_command}", flush=True)

@@ -988,7 +988,8 @@ class Trainer:
         summary = {"global_step": self.state.global_step, "best_score": self.early.best_score,
                    "best_step": self.early.best_step, "output_dir": str(self.output_dir),
                    "stop_reason": self.stop_reason or "finished",
-                   "exit_code": PREEMPTED_EXIT_CODE if preempted else 0}
+                   "exit_code": PREEMPTED_EXIT_CODE if preempted else 0,
+                   "best_damage": self.ckpt.best_damage()}
         if acc.is_main_process:
             if summary["best_score"] is not None:  # metric_for_best=loss: the loss
                 best = (f"best {self.cfg.train.metric_for_best} {summary['best_score']} at "
@@ -996,8 +997,11 @@ class Trainer:
             else:  # evaluations that were all NaN are no best, but they ran
                 best = "no evaluation" if self.state.last_eval_step is None else \
                     f"no finite evaluation ({self.cfg.train.metric_for_best} NaN at every one)"
+            # a preempted run's checkpoint: how to go on (a requeue does it by itself)
+            resume = f"; continue with train.resume=auto (from {self.ckpt.latest()})" \
+                if preempted and self.ckpt.latest() is not None else ""
             print(f"[mtl_dist] stopped: {summary['stop_reason']} at step "
-                  f"{summary['global_step']}; {best}")
+                  f"{summary['global_step']}; {best}{resume}")
         self.tracking.finish(summary)
         if acc.is_main_process:
             tell_batch_shell(summary["stop_reason"])
@@ -1479,6 +1483,10 @@ class Trainer:
     def _saved_best_score(self) -> float | None:
         """best/'s score, if it was chosen by this run's `metric_for_best` (a score and a loss
         do not compare: best/ of another metric is replaced by this run's first best)."""
+        why = self.ckpt.best_damage()
+        if why is not None and self.cfg.checkpoint.save_best:
+            self._say(f"best/ is damaged ({why}): it has no score to beat; this run's first "
+                      f"best replaces it, and it moves to {self.output_dir / 'abandoned'}/")
         score = self.ckpt.best_score()
         metric = self.ckpt.best_info().get("metric_for_best")
         if score is None or metric in (None, self.cfg.train.metric_for_best):

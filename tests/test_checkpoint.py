@@ -1027,16 +1027,27 @@ def test_export_refuses_damaged_run_json_files(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".tmp-export-*"))
 
 
-def test_a_best_damaged_after_its_commit_is_set_aside_not_deleted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage, why", [
+    ("marker", r"unreadable COMMITTED"),
+    # a file cut short (a disk or copy problem): its score was kept "to beat", and the run
+    # ended naming best/ while `ckpt ls` listed it DAMAGED
+    ("model", r"file 'model.safetensors' has 100 bytes"),
+])
+def test_a_best_damaged_after_its_commit_is_set_aside_not_deleted(tmp_path: Path, damage,
+                                                                  why) -> None:
     """A best/ with a damaged COMMITTED has no readable score: the next best replaced it and
     the swap deleted it. Now it moves whole to abandoned/, with a warning naming where."""
     objs = make_objects()
     mgr = CheckpointManager(tmp_path, save_total_limit=None)
     mgr.save_best(4, 0.5, objs["model"].state_dict(), extra_files={}, metadata={})
-    (tmp_path / "best" / "COMMITTED").write_text("")
+    if damage == "marker":
+        (tmp_path / "best" / "COMMITTED").write_text("")
+    else:
+        os.truncate(tmp_path / "best" / "model.safetensors", 100)
     files = {p.name: p.read_bytes() for p in (tmp_path / "best").iterdir()}
-    assert mgr.best_score() is None and mgr.improves(0.1)
-    with pytest.warns(UserWarning, match=r"best: .*unreadable COMMITTED.*moved to .*abandoned"):
+    assert mgr.best_score() is None and mgr.improves(0.1) and mgr.best_info() == {}
+    assert re.search(why, mgr.best_damage())
+    with pytest.warns(UserWarning, match=rf"best: .*{why}.*moved to .*abandoned"):
         mgr.save_best(6, 0.1, objs["model"].state_dict(), extra_files={}, metadata={})
     assert mgr.best_score() == 0.1
     (aside,) = (tmp_path / "abandoned").iterdir()

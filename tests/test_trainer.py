@@ -582,6 +582,37 @@ def test_a_resumed_run_keeps_a_better_best_than_its_checkpoint_knows_of(tmp_path
     assert "is this run's best but not best/'s (0.99); best/ kept" in printed
 
 
+def test_a_best_with_a_damaged_file_has_no_score_to_beat(tmp_path, capsys):
+    """best/'s model file cut short (`ckpt ls`: DAMAGED): its score was kept "to beat", so a
+    resume that reached it again saved nothing and ended naming the damaged best/. Now the
+    start says so, the run's first best replaces it (the damaged one set aside), and an end
+    line with no new best says DAMAGED."""
+    common = ["train.max_steps=2", "train.eval_steps=2", "checkpoint.save_steps=1",
+              "checkpoint.save_total_limit=null"]
+    Trainer(demo_cfg(tmp_path, *common)).fit()
+    out = tmp_path / "out"
+    best_step = json.loads((out / "best" / "best.json").read_text())["step"]
+    os.truncate(out / "best" / "model.safetensors", 5000)
+    capsys.readouterr()
+    # from the step before its one evaluation: the resume reaches best/'s score again (bit
+    # for bit), which did not beat it
+    with pytest.warns(UserWarning, match=r"moved to .*abandoned"):
+        Trainer(demo_cfg(tmp_path, *common,
+                         f"train.resume={out / 'checkpoints' / 'checkpoint-1'}")).fit()
+    said = capsys.readouterr().out
+    assert "[mtl_dist] best/ is damaged (checkpoint " in said and "has 5000 bytes" in said \
+        and "it has no score to beat; this run's first best replaces it" in said
+    assert json.loads((out / "best" / "best.json").read_text())["step"] == best_step
+    from mtl_dist.checkpoint import damage
+    assert damage(out / "best") is None
+    # no evaluation left to replace it: the end line says DAMAGED
+    os.truncate(out / "best" / "model.safetensors", 5000)
+    Trainer(demo_cfg(tmp_path, *common, "train.max_steps=3", "train.eval_steps=null",
+                     "train.eval_at_epoch_end=false", "train.resume=auto")).fit()
+    assert f"best checkpoint: {out / 'best'} (DAMAGED: checkpoint {out / 'best'}: file " \
+        "'model.safetensors' has 5000 bytes" in capsys.readouterr().out
+
+
 def test_a_kept_best_at_the_same_step_as_this_lines_best_is_not_taken_for_it(tmp_path, capsys):
     """best/ from the line set aside and this line's best at the same step: the end line,
     the report and `ckpt ls` paired them by step alone (no "it holds" note, this line's
@@ -626,7 +657,7 @@ def fit_with_a_signal_during_step(trainer, step: int, sig: int = signal.SIGUSR1)
         trainer.close()
 
 
-def test_a_preemption_at_an_evaluation_step_evaluates_after_the_resume(tmp_path):
+def test_a_preemption_at_an_evaluation_step_evaluates_after_the_resume(tmp_path, capsys):
     """A stop signal at an evaluation step checkpoints first; the resumed run evaluates at
     that step before training on: the same evaluations, best/ and losses as a straight run."""
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -635,6 +666,9 @@ def test_a_preemption_at_an_evaluation_step_evaluates_after_the_resume(tmp_path)
     summary = fit_with_a_signal_during_step(
         Trainer(demo_cfg(tmp_path, *common, f"train.output_dir={split}")), 8)
     assert (summary["stop_reason"], summary["global_step"]) == ("preempted", 8)
+    assert "[mtl_dist] stopped: preempted at step 8; no evaluation; continue with " \
+        f"train.resume=auto (from {split / 'checkpoints' / 'checkpoint-8'})" in \
+        capsys.readouterr().out
     assert records(split, "eval") == [] and not (split / "best").exists()
     # a resume that does the pending evaluation, then crashes before its next checkpoint:
     # the next resume evaluates again, and the log keeps one evaluation at step 8
