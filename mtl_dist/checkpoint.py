@@ -1486,6 +1486,12 @@ class CheckpointManager:
                 deleted.append(path)
             except (CheckpointError, OSError) as exc:
                 warnings.warn(f"rotation: {exc}", MtlDistWarning, stacklevel=2)
+        if len(deleted) > 1:  # a lowered limit on resume (or a forgotten override): said
+            warnings.warn(f"checkpoint.save_total_limit={self.save_total_limit}: deleted "
+                          f"{len(deleted)} checkpoints at once ({', '.join(p.name for p in deleted)}"
+                          f"), more than the limit were there; kept: "
+                          f"{', '.join(p.name for p in committed if p not in deleted)}",
+                          MtlDistWarning, stacklevel=2)
         return deleted
 
     def _periodic(self, *, include_symlinks: bool = True) -> list[Path]:

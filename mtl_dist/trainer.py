@@ -375,6 +375,10 @@ def check_output_dir(cfg: RunConfig, ckpt: CheckpointManager, say=print) -> None
     why = why_not_a_directory(out)
     if why is not None:  # found on every rank alike, before any of them waits
         raise ConfigError(f"config key 'train.output_dir': {out} {why}")
+    saves = out / "checkpoints"  # read-only: the run trained up to its first save, then died
+    why = why_not_a_directory(saves)
+    if why is not None:
+        raise ConfigError(f"config key 'train.output_dir': its checkpoints folder {saves} {why}")
     inside = managing_folder(out)  # a run's best/ (say): its next save swapped best/ away
     if inside is not None:
         raise ConfigError(f"config key 'train.output_dir': {out} {inside_text(out, inside)}, "

@@ -275,7 +275,11 @@ def test_resumed_from_survives_rotation_until_newer_commit(tmp_path: Path) -> No
         resumed, 1, objs
     )  # same step again: not newer, it replaces checkpoint-1 but stays protected
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint-1", "checkpoint-3"]
-    save(resumed, 4, objs)
+    # the limit lowered on resume deletes two at once: said, naming them (it was silent)
+    with pytest.warns(UserWarning, match=r"^checkpoint.save_total_limit=1: deleted 2 "
+                      r"checkpoints at once \(checkpoint-1, checkpoint-3\), more than the limit "
+                      r"were there; kept: checkpoint-4$"):
+        save(resumed, 4, objs)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint-4"]
 
 

@@ -913,3 +913,30 @@ def test_a_checkpoint_trained_with_another_tokenizer_is_refused(run, capsys, tmp
     assert code == 2
     assert "manifest key 'tokenizer' differs" in err and "learned another tokenizer's ids" in err
     assert [p.read_bytes() for p in tokenizer_files] == before
+
+
+def test_a_checkpoints_folder_that_cannot_be_written_is_refused_at_the_start(
+        run, capsys, tmp_path, monkeypatch):
+    """OUTPUT writable but OUTPUT/checkpoints/ not: the run trained up to its first save and
+    died there (a requeue loop repeats it); `check` passed. Refused before any work now."""
+    import shutil
+
+    root, overrides = run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    saves = out / "checkpoints"
+    real_access = os.access  # as root every folder is writable: read-only is simulated
+    monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode)
+                        and Path(p) != saves)
+    for command in ("check", "train"):
+        code, _, err = cli(capsys, command, DEMO, *overrides, f"train.output_dir={out}",
+                           "train.resume=auto", "train.max_steps=12")
+        assert code == 2
+        assert err.endswith(f"config key 'train.output_dir': its checkpoints folder {saves} is "
+                            "not writable (permissions or a read-only mount)\n"), err
+    monkeypatch.undo()
+    shutil.rmtree(saves)
+    saves.write_text("")
+    code, _, err = cli(capsys, "check", DEMO, *overrides, f"train.output_dir={out}")
+    assert code == 2 and err.endswith(f"its checkpoints folder {saves} exists and is not a "
+                                      "directory\n"), err
