@@ -1590,8 +1590,7 @@ class CheckpointManager:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.rename(self.best_dir, target)
         _fsync_path(self.output_dir)
-        warnings.warn(f"{self.best_dir}: {why}; moved to {target}, not replaced", MtlDistWarning,
-                      stacklevel=4)
+        warnings.warn(f"{why}; moved to {target}, not replaced", MtlDistWarning, stacklevel=4)
 
     def best_damage(self) -> str | None:
         """Why a best/ that was committed is damaged since (marker, manifest, a file missing

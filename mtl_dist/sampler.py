@@ -80,19 +80,20 @@ STATE_KEYS = ("epoch", "step", "plan_hash", "global_batch_size")
 _PLAN_VERSION = "mtl_dist.sampler/1"
 _SALT_TASK = 0x5A11  # within-task streams: default_rng([seed, epoch, task, _SALT_TASK])
 _SALT_ORDER = 0x0DE5  # task order: default_rng([seed, epoch, 0, _SALT_ORDER])
+# As a refusal names them: the config key that sets each (the data for the sizes/lengths).
 _PARAM_NAMES = {
     "version": "plan version",
-    "seed": "seed",
-    "task_sizes": "task sizes",
+    "seed": "seed (train.seed)",
+    "task_sizes": "task sizes (the train files)",
     "global_batch_size": "global batch size",
-    "strategy": "strategy",
-    "temperature": "temperature",
-    "task_weights": "task weights",
-    "task_caps": "task caps",
-    "drop_last": "drop_last",
-    "group_by_length": "group_by_length",
-    "mega_batch_mult": "mega_batch_mult",
-    "lengths_digest": "sample lengths",
+    "strategy": "strategy (sampler.strategy)",
+    "temperature": "temperature (sampler.temperature)",
+    "task_weights": "task weights (tasks.<i>.sample_weight)",
+    "task_caps": "task caps (tasks.<i>.max_samples)",
+    "drop_last": "drop_last (sampler.drop_last)",
+    "group_by_length": "group_by_length (sampler.group_by_length)",
+    "mega_batch_mult": "mega_batch_mult (sampler.mega_batch_mult)",
+    "lengths_digest": "sample lengths (the train files, data.max_length)",
 }
 
 
@@ -561,7 +562,9 @@ class RankBatchSampler(Sampler[list[int]]):
                 raise SamplerStateError(
                     f"sampler state does not match this run beyond the global batch: {diffs}"
                 )
-            hint = ""
+            # the rest of the run would follow another order than its start: not continue it
+            hint = ": they decide the order of every epoch's batches; resume with the " \
+                "checkpoint's, or start a new run"
             if saved_g != self.plan.global_batch_size:
                 hint = (
                     " (global batch = per_device_batch_size x world size; keep it, or set "

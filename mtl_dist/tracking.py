@@ -404,6 +404,10 @@ class Tracking:
         best = self.output_dir / "best"
         state = f" (DAMAGED: {summary['best_damage']})" if summary.get("best_damage") \
             else _kept_from_before(best, summary)
+        if not best.exists() and summary.get("best_score") is not None:  # e.g. the best came
+            # with a checkpoint of another run resumed here, or save_best was off
+            state = (f" (this line's best, step {summary.get('best_step')}, was not saved as "
+                     "best/ in this output dir)")
         print(f"[mtl_dist] best checkpoint: {best if best.exists() else '(none saved)'}"
               f"{state}; metrics log: {self.metrics.path}; "
               f"report: mtl-dist report {self.output_dir}", flush=True)
@@ -423,8 +427,13 @@ def _kept_from_before(best: Path, summary: Mapping[str, Any]) -> str:
     # the same step is not enough: a resumed line's best can be at best/'s step, another model
     if info["step"] == summary.get("best_step") and info.get("score") == summary.get("best_score"):
         return ""
-    return (f" (it holds step {info['step']}, {info.get('metric_for_best', 'score')} "
-            f"{info.get('score')}: better than this line's best, so kept)")
+    holds = f"it holds step {info['step']}, {info.get('metric_for_best', 'score')} {info.get('score')}"
+    score, line = info.get("score"), summary.get("best_score")
+    greater = info.get("greater_is_better", True)
+    if line is None or (isinstance(score, int | float) and (score > line if greater else score < line)):
+        return f" ({holds}: better than this line's best, so kept)"
+    # e.g. checkpoint.save_best off when this line's best was evaluated
+    return f" ({holds}; this line's best, step {summary.get('best_step')}, was not saved as best/)"
 
 
 def _wandb_summary(summary: Mapping[str, Any], cfg: Any) -> dict[str, Any]:

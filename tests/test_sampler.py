@@ -419,21 +419,24 @@ def test_replan_is_opt_in_and_starts_the_next_epoch():
     assert (s.epoch, s.position) == (3, 0)
     s.load_state_dict(_state(epoch=2, step=0))  # nothing of epoch 2 consumed: start it afresh
     assert (s.epoch, s.position) == (2, 0)
-    with pytest.raises(SamplerStateError, match=r"seed 7 -> 1"):
+    with pytest.raises(SamplerStateError, match=r"seed \(train.seed\) 7 -> 1"):
         s.load_state_dict(_state(seed=7))  # replan covers the global batch only
 
 
 @pytest.mark.parametrize(
     "saved,now,expected",
     [
-        (dict(seed=7), dict(seed=1), r"seed 7 -> 1"),
-        (dict(sizes=(40, 21)), dict(sizes=(40, 20)), r"task sizes \[40, 21\] -> \[40, 20\]"),
+        (dict(seed=7), dict(seed=1), r"seed \(train.seed\) 7 -> 1: they decide the order of "
+         r"every epoch's batches; resume with the checkpoint's, or start a new run$"),
+        (dict(sizes=(40, 21)), dict(sizes=(40, 20)),
+         r"task sizes \(the train files\) \[40, 21\] -> \[40, 20\]"),
         (
             dict(strategy="uniform"),
             dict(strategy="proportional"),
-            r"strategy uniform -> proportional",
+            r"strategy \(sampler.strategy\) uniform -> proportional",
         ),
-        (dict(drop_last=True), dict(drop_last=False), r"drop_last True -> False"),
+        (dict(drop_last=True), dict(drop_last=False),
+         r"drop_last \(sampler.drop_last\) True -> False"),
     ],
 )
 def test_other_plan_changes_are_named(saved, now, expected):

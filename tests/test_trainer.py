@@ -315,6 +315,19 @@ def test_lr_factor_is_transformers_schedule(kind, warmup, total):
             theirs.lr_lambdas[0](step), abs=1e-12), step
 
 
+def _reseal(edited):
+    """A checkpoint's file edited by a test, sealed again (manifest and COMMITTED), as a run
+    would have written it: the edit is no damage."""
+    folder = edited.parent
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"][edited.name] = {"size": edited.stat().st_size,
+                                      "sha256": hashlib.sha256(edited.read_bytes()).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    marker = json.loads((folder / "COMMITTED").read_text())
+    marker["manifest_sha256"] = hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()
+    (folder / "COMMITTED").write_text(json.dumps(marker))
+
+
 def test_a_cosine_run_follows_its_schedule_and_a_resume_with_another_kind_says_so(
         tmp_path, capsys):
     """train.lr_scheduler=cosine: each step's logged lr is the cosine schedule's; resumed
@@ -346,15 +359,7 @@ def test_a_cosine_run_follows_its_schedule_and_a_resume_with_another_kind_says_s
     assert state["lr_schedule"] == [2, 8, "constant_with_warmup"]
     state["lr_schedule"] = [2, 8]
     state_file.write_text(json.dumps(state))
-    manifest_file = state_file.parent / "manifest.json"  # re-sealed: the edit is no damage
-    manifest = json.loads(manifest_file.read_text())
-    manifest["files"]["trainer_state.json"] = {
-        "size": state_file.stat().st_size,
-        "sha256": hashlib.sha256(state_file.read_bytes()).hexdigest()}
-    manifest_file.write_text(json.dumps(manifest))
-    marker = json.loads((state_file.parent / "COMMITTED").read_text())
-    marker["manifest_sha256"] = hashlib.sha256(manifest_file.read_bytes()).hexdigest()
-    (state_file.parent / "COMMITTED").write_text(json.dumps(marker))
+    _reseal(state_file)
     Trainer(demo_cfg(tmp_path, *common, "train.resume=auto", "train.stop_after_steps=1")).fit()
     assert "LR schedule" not in capsys.readouterr().out
     assert records(out, "train")[-1]["lr"] == pytest.approx(1e-3 * (8 - 7) / (8 - 2))
@@ -613,6 +618,24 @@ def test_a_best_with_a_damaged_file_has_no_score_to_beat(tmp_path, capsys):
         "'model.safetensors' has 5000 bytes" in capsys.readouterr().out
 
 
+def test_a_best_worse_than_this_lines_is_not_called_better(tmp_path, capsys):
+    """best/ worse than the line's best (save_best off when that was evaluated): the end line
+    called it "better than this line's best, so kept"."""
+    from mtl_dist.checkpoint import CheckpointManager, load_model_state
+
+    Trainer(demo_cfg(tmp_path, "train.max_steps=8")).fit()
+    out = tmp_path / "out"
+    CheckpointManager(out, save_total_limit=None).save_best(
+        12, 0.01, load_model_state(out / "best"), extra_files={}, metadata={})
+    capsys.readouterr()
+    summary = Trainer(demo_cfg(tmp_path, "train.max_steps=16", "train.resume=auto",
+                               "checkpoint.save_best=false")).fit()
+    assert summary["best_score"] > 0.01
+    said = capsys.readouterr().out
+    assert f"best checkpoint: {out / 'best'} (it holds step 12, score 0.01; this line's best, " \
+        f"step {summary['best_step']}, was not saved as best/)" in said, said
+
+
 def test_a_kept_best_at_the_same_step_as_this_lines_best_is_not_taken_for_it(tmp_path, capsys):
     """best/ from the line set aside and this line's best at the same step: the end line,
     the report and `ckpt ls` paired them by step alone (no "it holds" note, this line's
@@ -852,6 +875,7 @@ def test_a_resume_with_another_metric_for_best_does_not_compare_a_loss_with_a_sc
     info = tmp_path / "out" / "best" / "best.json"  # as a best/ saved before config_hash was
     info.write_text(json.dumps({k: v for k, v in json.loads(info.read_text()).items()
                                 if k != "config_hash"}))
+    _reseal(info)
     capsys.readouterr()
     Trainer(demo_cfg(tmp_path, "train.max_steps=8", "train.resume=auto",
                      "train.metric_for_best=loss")).fit()
