@@ -308,8 +308,8 @@ def cmd_ckpt(args) -> int:
 
     if args.ckpt_cmd == "ls":
         rows = ck.list_checkpoints(_run_to_list(args.output_dir, "ls"))
-        if not rows:
-            print(f"no checkpoints under {args.output_dir}")
+        if not rows:  # exit 2: a script's wrong path is not a run without checkpoints yet
+            raise MtlDistError(f"ckpt ls: no checkpoints under {args.output_dir}")
         for row in rows:
             print(_format_ckpt_row(row))
     elif args.ckpt_cmd == "verify":

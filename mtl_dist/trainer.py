@@ -1079,6 +1079,9 @@ class Trainer:
                                                               resume_must_match(self.cfg)})
         except CheckpointError as exc:
             raise CheckpointError(f"{exc}{self._intact_hint(path, exc)}") from None
+        why = _trainer_state_problem(trainer_state, read_manifest(path).get("step"))
+        if why is not None:  # sealed as the run wrote it, yet not what a run writes (an edit)
+            raise CheckpointError(f"checkpoint {path}: file 'trainer_state.json' {why}")
         self.state.load_state_dict(trainer_state)
         ran_on = trainer_state.get("lr_schedule")  # (None: saved before it was recorded)
         epoch_counted = not self.cfg.train.max_steps
@@ -1636,6 +1639,21 @@ class Trainer:
             self.masters.load_state_dict(state)
         # the step its evaluation line names: the weights', not 0
         self.state.global_step = int(read_manifest(path).get("step") or 0)
+
+
+def _trainer_state_problem(state: Any, step: Any) -> str | None:
+    """What makes a loaded trainer_state.json unfit to resume from (its checksum matched: it
+    was edited and re-sealed), or None: a traceback, or a run going on at a wrong step.
+    `step`: the manifest's."""
+    if not isinstance(state, dict):
+        return f"holds a {type(state).__name__}, expected a JSON object"
+    for key in ("global_step", "epoch", "samples_seen"):
+        value = state.get(key, 0 if key == "samples_seen" else None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"'{key}' is {json.dumps(value)}, expected an integer >= 0"
+    if isinstance(step, int) and state["global_step"] != step:
+        return f"'global_step' is {state['global_step']}, the manifest's step {step}"
+    return None
 
 
 def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:

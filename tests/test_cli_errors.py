@@ -643,6 +643,10 @@ def test_no_command_writes_into_a_folder_a_runs_saves_manage(run, capsys, tmp_pa
     assert code == 0 and "checkpoint-8" in out and "best" in out, out
     assert cli(capsys, "ckpt", "ls", "")[2].strip() == \
         "error: ckpt ls: give a run's output dir (got an empty path)"
+    empty = tmp_path / "empty"  # exit 2, as the README says (it printed a line and exited 0)
+    empty.mkdir()
+    assert cli(capsys, "ckpt", "ls", empty)[::2] == (
+        2, f"error: ckpt ls: no checkpoints under {empty}\n")
 
 
 def test_a_checkpoint_a_resume_set_aside_exports_and_predicts_into_its_run(run, capsys, tmp_path):

@@ -328,6 +328,27 @@ def _reseal(edited):
     (folder / "COMMITTED").write_text(json.dumps(marker))
 
 
+def test_an_edited_trainer_state_that_passes_its_checksum_is_refused_in_one_line(tmp_path):
+    """trainer_state.json edited and re-sealed: a global_step off by one resumed at a shifted
+    step, a missing one at step 0, a string or a list gave a traceback."""
+    common = ["train.max_steps=4", "checkpoint.save_steps=4", "train.eval_steps=null"]
+    Trainer(demo_cfg(tmp_path, *common)).fit()
+    state_file = tmp_path / "out" / "checkpoints" / "checkpoint-4" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    for edited, why in (({**state, "global_step": 5}, "'global_step' is 5, the manifest's step 4"),
+                        ({**state, "global_step": "4"}, "'global_step' is \"4\", expected an "
+                         "integer >= 0"),
+                        ({k: v for k, v in state.items() if k != "epoch"},
+                         "'epoch' is null, expected an integer >= 0"),
+                        ([1, 2], "holds a list, expected a JSON object")):
+        state_file.write_text(json.dumps(edited))
+        _reseal(state_file)
+        with pytest.raises(CheckpointError) as err:
+            Trainer(demo_cfg(tmp_path, *common, "train.max_steps=6", "train.resume=auto")).fit()
+        assert str(err.value) == f"checkpoint {state_file.parent}: file 'trainer_state.json' " \
+            f"{why}"
+
+
 def test_a_cosine_run_follows_its_schedule_and_a_resume_with_another_kind_says_so(
         tmp_path, capsys):
     """train.lr_scheduler=cosine: each step's logged lr is the cosine schedule's; resumed
