@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from mtl_dist.errors import ConfigError, DataError, MtlDistError, MtlDistWarning
+from mtl_dist.errors import ConfigError, DataError, MtlDistError, MtlDistWarning, fresh_line
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
@@ -648,7 +648,7 @@ def _format_warning(message, category, filename, lineno, line=None, *, _python=w
     """mtl_dist's own warnings as one line, like its errors (Python's format adds the
     file:line of our code and its source line); other libraries' keep theirs."""
     if issubclass(category, MtlDistWarning):
-        return f"warning: {message}\n"
+        return f"{fresh_line()}warning: {message}\n"
     return _python(message, category, filename, lineno, line)
 
 
@@ -665,10 +665,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     _LOADED.clear()
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at interpreter exit
+        return code
     except MtlDistError as err:
-        from tqdm import tqdm
-
         from mtl_dist.config import where_set, with_where_written
 
         cfg = _LOADED[0] if _LOADED else None
@@ -679,9 +679,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             message = str(err)
         # a progress bar cut short leaves the cursor after it: start the error on its own line
-        lead = "\n" if getattr(tqdm, "_instances", None) else ""
-        print(f"{lead}error: {message}", file=sys.stderr)
+        print(f"{fresh_line()}error: {message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `mtl-dist ckpt ls OUTPUT | head`: the reader is gone, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports it
     except KeyboardInterrupt:  # Ctrl-C: one line (per rank), not a traceback each
         hint = ("stopped without a checkpoint; train.resume=auto continues from the newest "
                 "committed one (SIGINT in train.preemption_signals stops with a checkpoint)"

@@ -44,3 +44,11 @@ class CheckpointError(MtlDistError):
 
 class MtlDistWarning(UserWarning):
     """A warning of mtl_dist's own; the CLI prints it as one line (`warning: ...`)."""
+
+
+def fresh_line() -> str:
+    """'\n' while a progress bar is on the console: a one-line message printed then would
+    start after the bar's text (in a log file, `grep '^warning'` missed it)."""
+    from tqdm import tqdm
+
+    return "\n" if getattr(tqdm, "_instances", None) else ""

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from mtl_dist.collectives import host_group
+from mtl_dist.errors import fresh_line
 
 # EX_TEMPFAIL: "try again later" -- a checkpointed stop that should be resumed, not a failure.
 PREEMPTED_EXIT_CODE = 75
@@ -47,8 +48,8 @@ class PreemptionFlag:
     def _handle(self, signum, frame) -> None:
         if self.received is None:
             self.received = signum
-            print(f"[mtl_dist] received {signal.Signals(signum).name}: checkpointing at the "
-                  "next step boundary", file=sys.stderr, flush=True)
+            print(f"{fresh_line()}[mtl_dist] received {signal.Signals(signum).name}: "
+                  "checkpointing at the next step boundary", file=sys.stderr, flush=True)
 
     def restore(self) -> None:
         if self._previous:

@@ -944,3 +944,39 @@ def test_a_checkpoints_folder_that_cannot_be_written_is_refused_at_the_start(
     code, _, err = cli(capsys, "check", DEMO, *overrides, f"train.output_dir={out}")
     assert code == 2 and err.endswith(f"its checkpoints folder {saves} exists and is not a "
                                       "directory\n"), err
+
+
+def test_ckpt_output_into_a_closed_pipe_ends_without_a_traceback(run):
+    """`mtl-dist ckpt inspect PATH | head`: a BrokenPipeError traceback (or "Exception
+    ignored ... BrokenPipeError" at exit) after the reader left."""
+    import subprocess
+    import sys
+
+    root, _ = run
+    for args in (["ckpt", "ls", root / "out"],
+                 ["ckpt", "inspect", root / "out" / "checkpoints" / "checkpoint-8"]):
+        proc = subprocess.Popen([sys.executable, "-m", "mtl_dist.cli", *map(str, args)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()  # the reader is gone before anything is written
+        err = proc.stderr.read().decode()
+        assert proc.wait() == 141 and err == "", err
+
+
+def test_a_warning_while_a_progress_bar_is_up_starts_on_its_own_line():
+    """In a log file, a warning (or the preemption note) printed after a bar's text was glued
+    to it: `grep '^warning'` on a Slurm log missed it."""
+    import io
+
+    from tqdm import tqdm
+
+    from mtl_dist.cli import _format_warning
+    from mtl_dist.errors import MtlDistWarning
+
+    assert _format_warning("x", MtlDistWarning, "f.py", 1) == "warning: x\n"
+    bar = tqdm(total=3, file=io.StringIO())
+    try:
+        assert _format_warning("x", MtlDistWarning, "f.py", 1) == "\nwarning: x\n"
+    finally:
+        bar.close()
+    assert _format_warning("x", MtlDistWarning, "f.py", 1) == "warning: x\n"
+    assert "f.py:1" in _format_warning("y", UserWarning, "f.py", 1)  # others' keep their form
