@@ -243,14 +243,22 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _check_pseudo_label_targets(cfg, out_dir: Path, checkpoint: Path) -> None:
-    """Before predicting: a test file to label, and an output dir it can go to."""
+def _check_pseudo_label_targets(cfg, out_dir: Path, checkpoint: Path, overwrite: bool) -> None:
+    """Before predicting: a test file to label, and an output dir it can go to, holding no
+    earlier round's file unless `overwrite` (a run trained on them could no longer resume:
+    its data fingerprints would differ)."""
     from mtl_dist.outputs import pseudo_label_path
 
     if not any(task.test for task in cfg.tasks):
         raise MtlDistError("pseudo-label: no task has a test file (tasks.<i>.test)")
+    targets = [pseudo_label_path(out_dir, task) for task in cfg.tasks if task.test]
     _check_output_dir_for(out_dir, cfg, checkpoint, "pseudo-label --output", "pseudo_labels",
-                          [pseudo_label_path(out_dir, task) for task in cfg.tasks if task.test])
+                          targets)
+    earlier = [str(p) for p in targets if p.exists()]
+    if earlier and not overwrite:
+        raise MtlDistError(f"pseudo-label: {', '.join(earlier)} hold(s) an earlier round's "
+                           "pseudo-labels, which a run may train on (replaced, that run could no "
+                           "longer resume): give --output a new folder, or --overwrite")
 
 
 def cmd_pseudo_label(args) -> int:
@@ -267,7 +275,7 @@ def cmd_pseudo_label(args) -> int:
         raise ConfigError(f"--threshold: expected a probability in (0, 1], got {args.threshold}")
     cfg = _load(args.config, args.overrides)
     out_dir = Path(args.output or _run_of(Path(args.checkpoint), cfg) / "pseudo_labels")
-    _check_pseudo_label_targets(cfg, out_dir, Path(args.checkpoint))
+    _check_pseudo_label_targets(cfg, out_dir, Path(args.checkpoint), args.overwrite)
     with _trainer_for_inference(args, cfg) as trainer:
         records = trainer.predict("test")
         label_maps = trainer.label_maps
@@ -601,6 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.99,
                    help="keep rows whose top probability is at least this (default 0.99)")
     p.add_argument("--output", help="directory for <task>.<ext> (default OUTPUT/pseudo_labels)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier round's files in that directory")
     p.set_defaults(func=cmd_pseudo_label)
 
     p = sub.add_parser("ckpt", help="list, verify, inspect, export or convert checkpoints")

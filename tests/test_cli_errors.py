@@ -181,8 +181,17 @@ def test_pseudo_label_mistakes_are_one_line_and_an_empty_round_keeps_earlier_fil
                "--threshold", "1e-9")[0] == 0
     first = {p.name: p.read_bytes() for p in out.iterdir()}
     assert sorted(first) == [".mtl_dist_pseudo_labels", "emotion.tsv", "news.tsv", "nli.tsv"]
+    # a second round into the same folder: refused before predicting (a run trained on the
+    # first round's files could no longer resume), unless --overwrite
+    code, _, err = cli(capsys, "pseudo-label", DEMO, *overrides, "--checkpoint", best,
+                       "--output", out, "--threshold", "0.5")
+    assert code == 2 and err == (
+        f"error: pseudo-label: {out / 'nli.tsv'}, {out / 'emotion.tsv'}, {out / 'news.tsv'} "
+        "hold(s) an earlier round's pseudo-labels, which a run may train on (replaced, that run "
+        "could no longer resume): give --output a new folder, or --overwrite\n"), err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
     code, printed, _ = cli(capsys, "pseudo-label", DEMO, *overrides, "--checkpoint", best,
-                           "--output", out, "--threshold", "1.0")
+                           "--output", out, "--threshold", "1.0", "--overwrite")
     assert code == 0 and f"(no file written; the earlier {out / 'nli.tsv'} is left as it was)" \
         in printed
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first
