@@ -1820,13 +1820,21 @@ class CheckpointManager:
         rank, _world = _dist_info()
         manifest = read_manifest(path)
         name = f"rng_state_{rank}.pth"
+        saved_by = manifest["world_size"]
+        ranks = f"{saved_by} rank{'s' if saved_by != 1 else ''}"
         if name in manifest["files"]:
             _verify_files(path, manifest, [name])
             restore_rng_state(_torch_load(path / name))
+            if rank == 0 and isinstance(saved_by, int) and saved_by > _world:  # said once
+                unused = f"rank {_world}'s RNG state is" if saved_by == _world + 1 else \
+                    f"the RNG states of ranks {_world}-{saved_by - 1} are"
+                warnings.warn(f"checkpoint {path} was saved by {ranks}, this run has {_world}: "
+                              f"{unused} not used (the run goes on, not bit for bit as the saved "
+                              "ranks would)", MtlDistWarning, stacklevel=2)
             return
         seed = derived_seed(f"mtl_dist:{manifest['step']}", rank)
         warnings.warn(
-            f"checkpoint {path} has no RNG state for rank {rank} (saved by {manifest['world_size']} ranks); "
+            f"checkpoint {path} has no RNG state for rank {rank} (saved by {ranks}); "
             f"seeding it with derived seed {seed}", MtlDistWarning,
             stacklevel=2,
         )
