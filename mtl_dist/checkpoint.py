@@ -2284,21 +2284,48 @@ def check_pairs_of(path: str | Path, pairs: Mapping[str, bool]) -> None:
 def trained_pairs(path: Path) -> dict[str, bool] | None:
     """Task name -> whether the checkpoint's run read sentence pairs: its manifest's `run.pair`,
     else (best/) the config.yaml saved in it; None when neither says."""
-    manifest = read_manifest(path)
-    pairs = manifest.get("run", {}).get("pair")
+    pairs = read_manifest(path).get("run", {}).get("pair")
     if isinstance(pairs, dict):
         return pairs
+    saved = _saved_config(path)
+    try:
+        return None if saved is None else \
+            {str(t["name"]): bool(t.get("pair", False)) for t in saved["tasks"]}
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: file 'config.yaml' holds no task list "
+                              f"({_error_text(exc)})") from None
+
+
+def check_head_of(path: str | Path, head: str) -> None:
+    """One-line error naming both head kinds when a checkpoint's heads are of another kind
+    than `head` (model.head): its weights then failed to load on 'unexpected key
+    heads.0.score.weight'. Its manifest's model shape, else (best/) its saved config."""
+    path = Path(path)
+    trained = read_manifest(path).get("run", {}).get("model_shape", {}).get("head")
+    if trained is None:
+        saved = _saved_config(path)
+        model = saved.get("model") if isinstance(saved, dict) else None
+        trained = model.get("head", "attention") if isinstance(model, dict) else None
+    if trained is not None and trained != head:
+        raise CheckpointError(f"checkpoint {path}: its task heads are model.head={trained}, this "
+                              f"run builds model.head={head}: set model.head={trained}",
+                              key="model.head")
+
+
+def _saved_config(path: Path) -> dict | None:
+    """The config.yaml saved in a checkpoint (best/ holds one), parsed; None without one."""
+    manifest = read_manifest(path)
     if "config.yaml" not in manifest["files"]:
         return None
     import yaml
 
     _check_sizes(path, manifest, ["config.yaml"])
     try:
-        tasks = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))["tasks"]
-        return {str(t["name"]): bool(t.get("pair", False)) for t in tasks}
-    except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError) as exc:
+        saved = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError) as exc:
         raise CheckpointError(f"checkpoint {path}: file 'config.yaml' is unreadable: "
                               f"{_error_text(exc)}") from None
+    return saved if isinstance(saved, dict) else None
 
 
 def load_model_state(path: str | Path, *, with_ema: bool = True) -> dict[str, torch.Tensor]:

@@ -30,6 +30,7 @@ from mtl_dist import zero
 from mtl_dist.checkpoint import (
     MANAGED,
     CheckpointManager,
+    check_head_of,
     check_label_maps_of,
     check_manifest,
     check_named_step,
@@ -1631,6 +1632,7 @@ class Trainer:
         differs would load fine and predict the wrong classes)."""
         check_label_maps_of(path, self.label_maps)  # in the config's order, as the heads
         check_pairs_of(path, {t.name: t.pair for t in self.cfg.tasks})
+        check_head_of(path, self.cfg.model.head)
         check_tokenizer_of(path, mdata.tokenizer_fingerprint(self.tokenizer),
                            "model.tokenizer" if self.cfg.model.tokenizer else "model.pretrained")
         state = self.ckpt.load_model_state(path)

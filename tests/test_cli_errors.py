@@ -989,3 +989,16 @@ def test_a_warning_while_a_progress_bar_is_up_starts_on_its_own_line():
         bar.close()
     assert _format_warning("x", MtlDistWarning, "f.py", 1) == "warning: x\n"
     assert "f.py:1" in _format_warning("y", UserWarning, "f.py", 1)  # others' keep their form
+
+
+def test_a_checkpoint_with_another_head_kind_names_both(run, capsys):
+    """model.head=cls against an attention-head checkpoint: 'unexpected key
+    heads.0.score.weight'; now both kinds, from best/'s config or the manifest."""
+    root, overrides = run
+    for checkpoint in (root / "out" / "best", root / "out" / "checkpoints" / "checkpoint-8"):
+        code, _, err = cli(capsys, "evaluate", DEMO, *overrides, "model.head=cls",
+                           "--checkpoint", checkpoint)
+        assert code == 2
+        assert err == (f"error: override 'model.head=cls': checkpoint {checkpoint}: its task "
+                       "heads are model.head=attention, this run builds model.head=cls: set "
+                       "model.head=attention\n"), err
