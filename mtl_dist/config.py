@@ -1319,10 +1319,11 @@ def _validate_evaluation(run: RunConfig) -> None:
     files, one of their tasks must count in the run score (a weighted mean over them)."""
     evaluated = [t for t in run.tasks if t.dev]
     if evaluated and not any(t.score_weight > 0 for t in evaluated):
-        raise _Problem("tasks", "config key 'tasks': expected a task with a dev file and "
-                                "score_weight > 0 (the run score is a weighted mean over the "
-                                "evaluated tasks), got dev files only for "
-                                f"{', '.join(t.name for t in evaluated)} (score_weight 0)")
+        key = f"tasks[{run.tasks.index(evaluated[-1])}].score_weight"  # set: 1.0 is the default
+        raise _Problem(key, f"config key '{key}': expected a task with a dev file and "
+                            "score_weight > 0 (the run score is a weighted mean over the "
+                            "evaluated tasks), got dev files only for "
+                            f"{', '.join(t.name for t in evaluated)} (score_weight 0)")
     if evaluated:
         return
     for key in ("train.eval_steps", "train.early_stopping_patience"):
@@ -1383,10 +1384,10 @@ def _validate_tasks(tasks: list[TaskConfig]) -> None:
             )
         seen[task.name] = index
     if not any(task.score_weight > 0 for task in tasks):
-        raise _Problem(
-            "tasks",
-            "config key 'tasks': expected at least one task with score_weight > 0, got none",
-        )
+        # named by the last one, which was set (1.0 is the default): its line or override
+        key = f"tasks[{len(tasks) - 1}].score_weight"
+        raise _Problem(key, f"config key '{key}': expected at least one task with "
+                            "score_weight > 0, got 0 for every task")
 
 
 def _validate_task(task: TaskConfig, prefix: str) -> None:

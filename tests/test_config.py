@@ -574,10 +574,21 @@ def test_dev_files_only_for_tasks_outside_the_run_score_are_refused() -> None:
     ZeroDivisionError traceback at its first evaluation, before that step's save."""
     tasks = ("tasks=[{name: nli, train: 'demo:nli/train'}, "
              "{name: news, train: 'demo:news/train', dev: 'demo:news/dev', score_weight: 0}]")
-    with pytest.raises(ConfigError, match=r"config key 'tasks': expected a task with a dev file "
-                       r"and score_weight > 0 .*, got dev files only for news \(score_weight 0\)"):
+    with pytest.raises(ConfigError, match=r"config key 'tasks\[1\].score_weight': expected a task "
+                       r"with a dev file and score_weight > 0 .*, got dev files only for news "
+                       r"\(score_weight 0\)"):
         load_config(None, [tasks])
     assert load_config(None, [tasks.replace("score_weight: 0", "score_weight: 0.5")])
+
+
+def test_every_score_weight_zero_is_named_where_it_was_set(tmp_path) -> None:
+    """All score_weights set to 0 by overrides: the line blamed the file's `tasks:` line."""
+    overrides = [f"tasks.{i}.score_weight=0" for i in range(3)]
+    with pytest.raises(ConfigError) as err:
+        load_config(Path(__file__).parents[1] / "configs" / "demo.yaml", overrides)
+    assert str(err.value) == "override 'tasks.2.score_weight=0': config key " \
+        "'tasks[2].score_weight': expected at least one task with score_weight > 0, got 0 for " \
+        "every task"
 
 
 def test_a_string_key_takes_demo_colon_literally_on_the_command_line() -> None:
