@@ -979,12 +979,15 @@ class Trainer:
         bar = self._bar = tqdm(total=self.total_steps, initial=self.state.global_step,
                                desc="train", disable=not acc.is_main_process,
                                dynamic_ncols=True)
-        while not stop:
-            stop = self._train_epoch(bar)
-            if not cfg.train.max_steps and self.state.epoch >= cfg.train.num_epochs:
-                stop = True
-        self._emit_train_log()
-        bar.close()
+        try:  # closed also when a step raises (Ctrl-C, a crash): a bar left open is still
+            # on the console's books, and later lines were started after its text
+            while not stop:
+                stop = self._train_epoch(bar)
+                if not cfg.train.max_steps and self.state.epoch >= cfg.train.num_epochs:
+                    stop = True
+            self._emit_train_log()
+        finally:
+            bar.close()
         # The last (or preemption) checkpoint is committed before fit returns (exit code 75).
         self.ckpt.wait()
         self._log_checkpoint_timings()
