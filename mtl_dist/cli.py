@@ -278,12 +278,10 @@ def cmd_pseudo_label(args) -> int:
     _check_pseudo_label_targets(cfg, out_dir, Path(args.checkpoint), args.overwrite)
     with _trainer_for_inference(args, cfg) as trainer:
         records = trainer.predict("test")
-        label_maps = trainer.label_maps
         if not trainer.accelerator.is_main_process:
             return 0
     chosen = {task.name: confident_rows(task, records[task.name], args.threshold,
-                                        on_bad_row=cfg.data.on_bad_row,
-                                        labels=label_maps[task.name])
+                                        on_bad_row=cfg.data.on_bad_row)
               for task in cfg.tasks if task.test}
     written = write_pseudo_labels(out_dir, [(task, chosen[task.name][0]) for task in cfg.tasks
                                             if task.test and chosen[task.name][0]])

@@ -521,13 +521,15 @@ def _read_source(path: str | Path, task: Any, *, require_label: bool, on_bad_row
 
 
 def read_examples(path: str | Path, task: TaskConfig, *, require_label: bool,
-                  on_bad_row: str = "error",
-                  labels: Sequence[str] | None = None) -> tuple[list[Example], int]:
+                  on_bad_row: str = "error", labels: Sequence[str] | None = None,
+                  check_labels: bool = True) -> tuple[list[Example], int]:
     """Read a task file (or `demo:<task>/<split>`) into examples; returns (examples, skipped).
 
-    `labels` (default: `task.labels`) is the frozen label list; rows with other labels are bad.
-    Bad rows raise a one-line DataError naming `path:line`, or are skipped and counted."""
+    `labels` (default: `task.labels`) is the frozen label list; rows with other labels are bad
+    (`check_labels=False`: no label is checked, as predict reads a file). Bad rows raise a
+    one-line DataError naming `path:line`, or are skipped and counted."""
     labels = labels if labels is not None else _field(task, "labels", None)
+    labels = labels if check_labels else None
     examples, skipped, _ = _read_source(path, task, require_label=require_label,
                                         on_bad_row=on_bad_row, labels=labels)
     return examples, skipped
@@ -902,20 +904,24 @@ def check_label_maps(cfg: RunConfig, saved: Mapping[str, Sequence[str]], where: 
 
 def check_split(cfg: RunConfig, split: str, label_maps: Mapping[str, Sequence[str]]) -> None:
     """Read (not tokenize) every task's `split` files, raising what `load_task_data` would:
-    a training run checks its test files up front instead of failing at `predict`."""
+    a training run checks its test files up front instead of failing at `predict` (which
+    reads no label: a test file's labels are not checked)."""
     for task in cfg.tasks:
         for path in split_files(task, split):
             _read_source(path, task, require_label=split != "test",
                          on_bad_row=_field(cfg.data, "on_bad_row", "error"),
-                         labels=list(label_maps[task.name]))
+                         labels=None if split == "test" else list(label_maps[task.name]))
 
 
 def load_task_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerFast, split: str,
-                   label_maps: Mapping[str, Sequence[str]]) -> list[TokenizedTask]:
+                   label_maps: Mapping[str, Sequence[str]],
+                   with_labels: bool = True) -> list[TokenizedTask]:
     """Read and tokenize `split` ('train' | 'dev' | 'test') of every task, in config order.
 
     Labels are required for train/dev and optional for test; a split without a file gives an
-    empty task. `max_samples` is not applied here (the sampler caps per epoch)."""
+    empty task. `max_samples` is not applied here (the sampler caps per epoch).
+    `with_labels=False` (predict): any label column is left unread, so a class the run never
+    saw is no bad row, and the rows carry no label."""
     data = cfg.data
     cache = _field(data, "cache_dir", None)
     cache_dir = Path(cache).expanduser() if cache else default_cache_dir()
@@ -929,9 +935,11 @@ def load_task_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerFast, split: st
         examples: list[Example] = []
         skipped, fps = 0, []
         for path in files:
-            ex, sk, fp = _read_source(path, task, require_label=split != "test",
-                                      on_bad_row=_field(data, "on_bad_row", "error"), labels=labels)
-            examples.extend(ex)
+            ex, sk, fp = _read_source(path, task, require_label=with_labels and split != "test",
+                                      on_bad_row=_field(data, "on_bad_row", "error"),
+                                      labels=labels if with_labels else None)
+            examples.extend(ex if with_labels else
+                            [replace(e, label=None) for e in ex])
             skipped += sk
             fps.append(fp)
         tt = tokenize_task(examples, tokenizer, data.max_length, cache_dir, _combine_fingerprints(fps),

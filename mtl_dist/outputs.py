@@ -184,8 +184,7 @@ def is_pseudo_label_file(path: str | Path, task: Any) -> bool:
 
 
 def confident_rows(task: Any, predictions: Sequence[Mapping[str, Any]], threshold: float, *,
-                   on_bad_row: str = "error", labels: Sequence[str] | None = None
-                   ) -> tuple[str | None, int, int]:
+                   on_bad_row: str = "error") -> tuple[str | None, int, int]:
     """The task's test rows whose top probability reaches `threshold`, labelled with the
     prediction, as the text of a train file in the task's input layout (usable as
     `extra_train`); None when no row is kept (an empty train file is an error for the
@@ -195,7 +194,7 @@ def confident_rows(task: Any, predictions: Sequence[Mapping[str, Any]], threshol
     from mtl_dist.data import read_examples
 
     examples, _ = read_examples(task.test, task, require_label=False, on_bad_row=on_bad_row,
-                                labels=labels)
+                                check_labels=False)  # as predict read it: its labels unread
     kept = select_confident(examples, predictions, threshold)
     text = format_rows(task, kept, fmt=input_layout(task, task.test)) if kept else None
     return text, len(kept), len(examples)

@@ -1619,7 +1619,8 @@ class Trainer:
 
     def predict(self, split: str = "test") -> dict[str, list[dict]]:
         """Per task, one record per row: id, predicted label, probabilities (rank 0 gets all)."""
-        tasks = mdata.load_task_data(self.cfg, self.tokenizer, split, self.label_maps)
+        tasks = mdata.load_task_data(self.cfg, self.tokenizer, split, self.label_maps,
+                                     with_labels=False)  # unread: a predicted file may hold any
         outputs = self._run_split(tasks)
         records = {}
         for task in tasks:

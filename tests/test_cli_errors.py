@@ -1002,3 +1002,22 @@ def test_a_checkpoint_with_another_head_kind_names_both(run, capsys):
         assert err == (f"error: override 'model.head=cls': checkpoint {checkpoint}: its task "
                        "heads are model.head=attention, this run builds model.head=cls: set "
                        "model.head=attention\n"), err
+
+
+def test_predict_reads_no_label_so_an_unseen_class_is_no_bad_row(run, capsys, tmp_path):
+    """A new file to predict whose label column holds a class the run never saw: predict
+    (which never uses labels) refused it as a bad row; evaluate, which scores them, still
+    does."""
+    root, overrides = run
+    new = tmp_path / "emotion_new.jsonl"
+    new.write_text('{"id": 1, "text": "so happy today", "label": "awe"}\n'
+                   '{"id": 2, "text": "what a bad day", "label": "anger"}\n')
+    code, said, err = cli(capsys, "predict", DEMO, *overrides, f"tasks.1.test={new}",
+                          "--checkpoint", root / "out" / "best", "--output", tmp_path / "p")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "p" / "emotion.jsonl").read_text()
+            .splitlines()]
+    assert [r["id"] for r in rows] == ["1", "2"]
+    code, _, err = cli(capsys, "evaluate", DEMO, *overrides, f"tasks.1.test={new}", "--split",
+                       "test", "--checkpoint", root / "out" / "best")
+    assert code == 2 and f"{new}:1: label 'awe' is not one of the task's labels" in err, err
