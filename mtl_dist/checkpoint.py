@@ -101,9 +101,9 @@ _WHY_REFUSED = {
     "with: resume with them, or start a new run",
     "max_length": "the rest of the run would train on other truncations than its start, "
     "not continue it: resume with it, or start a new run",
-    "tokenizer": "the checkpoint's weights learned another tokenizer's ids (the sha256 of its "
-    "definition differs): resume with the model.tokenizer / model.pretrained it was trained "
-    "with (OUTPUT/tokenizer/ holds a copy), or start a new run",
+    "tokenizer": "the checkpoint's weights learned another tokenizer's ids (its vocabulary, "
+    "special tokens or the ids of a probe text differ): resume with the model.tokenizer / "
+    "model.pretrained it was trained with (OUTPUT/tokenizer/ holds a copy), or start a new run",
 }
 EMA_FILE = "ema.pt"  # the trainer's app_state entry "ema": the full fp32 shadow per name
 _PER_RANK_KEYS = {"distributed_type", "per_device_batch_size"}
@@ -2248,19 +2248,21 @@ def checkpoint_label_maps(path: str | Path) -> tuple[dict[str, list[str]], list[
 
 def check_tokenizer_of(path: str | Path, fingerprint: str, key: str) -> None:
     """One-line error when a checkpoint (or best/) was trained with another tokenizer than
-    `fingerprint` (data.tokenizer_fingerprint): one of the same vocabulary size loaded and
+    `fingerprint` (data.tokenizer_identity): one of the same vocabulary size loaded and
     scored every id as another token's. `key`: the config key that names the tokenizer.
     Checkpoints saved before it was recorded are not held to it."""
     path = Path(path)
     trained = read_manifest(path).get("run", {}).get("tokenizer") \
         or _read_best_json(path).get("tokenizer")
     if trained and trained != fingerprint:
-        where = "OUTPUT/tokenizer/" if path.parent.name == CHECKPOINTS_DIR else path / "tokenizer"
+        run = run_holding(path.absolute())
+        copies = [p for p in (path / "tokenizer", run and run / "tokenizer") if p and p.is_dir()]
+        where = f" ({copies[0]} holds a copy)" if copies else ""
         raise CheckpointError(
-            f"checkpoint {path}: trained with another tokenizer (its definition's sha256 "
-            f"{trained[:12]}..., this run's {fingerprint[:12]}...): its embeddings learned "
-            f"other ids; give {key} the tokenizer it was trained with ({where} holds a copy)",
-            key=key)
+            f"checkpoint {path}: trained with another tokenizer (vocabulary, special tokens or "
+            f"the ids of a probe text differ: {trained[:12]}..., this run's "
+            f"{fingerprint[:12]}...): its embeddings learned other ids; give {key} the "
+            f"tokenizer it was trained with{where}", key=key)
 
 
 def check_pairs_of(path: str | Path, pairs: Mapping[str, bool]) -> None:

@@ -366,6 +366,9 @@ def _verify_checkpoints(arg: str) -> int:
         if row.complete:
             row.damage = ck.verify(row.path)
         print(_format_ckpt_row(row))
+    # what a resume or best/ reads: set-aside branches (a damaged best/ the run moved there
+    # among them) are listed, not counted
+    committed = [row for row in committed if row.kind != "abandoned"]
     damaged = [row for row in committed if row.damage]
     if not committed:
         raise MtlDistError(f"ckpt verify: no committed checkpoint under {arg}")
@@ -660,6 +663,18 @@ def _format_warning(message, category, filename, lineno, line=None, *, _python=w
     return _python(message, category, filename, lineno, line)
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end was closed (poll says POLLERR)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no fd (captured), or no poll here
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _format_warning
     parser = build_parser()
@@ -690,6 +705,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{fresh_line()}error: {message}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `mtl-dist ckpt ls OUTPUT | head`: the reader is gone, no traceback
+        if not _stdout_reader_gone():
+            raise  # another pipe (a worker's, a tracker's): its traceback is the news
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, as a shell reports it
     except KeyboardInterrupt:  # Ctrl-C: one line (per rank), not a traceback each

@@ -401,9 +401,19 @@ def is_saved_config(path: Path) -> bool:
         return False
 
 
+# Keys added after runs were saved, with the value every earlier run had: left out of
+# `config_hash` at that value, so a best/ saved before the key existed is the same config.
+HASH_ADDED_LATER: dict[str, Any] = {"train.lr_scheduler": "linear"}
+
+
 def config_hash(cfg: RunConfig) -> str:
-    """sha256 of the canonical YAML, leaving out keys that do not change results."""
+    """sha256 of the canonical YAML, leaving out keys that do not change results (and keys
+    added later, at the value runs before them had)."""
     data = save_dict(cfg)
+    for key, before in HASH_ADDED_LATER.items():
+        section, _, name = key.partition(".")
+        if data[section].get(name) == before:
+            data[section].pop(name)
     for key in HASH_EXCLUDED_KEYS:
         section, _, name = key.partition(".")
         if name:

@@ -58,6 +58,7 @@ __all__ = [
     "resolve_pad_multiple",
     "tokenize_task",
     "tokenizer_fingerprint",
+    "tokenizer_identity",
 ]
 
 log = logging.getLogger(__name__)
@@ -629,6 +630,25 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     spec.pop("padding", None)
     spec["truncation_side"] = getattr(tokenizer, "truncation_side", "right")
     blob = json.dumps(spec, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# A text pair every tokenizer is asked to encode for `tokenizer_identity`: case, accents,
+# punctuation, digits and CJK, so that normalizer, pre-tokenizer and template all act.
+_PROBE = ("Probe: Äpfel, naïve CAFÉ -- 12,345 ids; 测试 tokens!", "a second text?")
+
+
+def tokenizer_identity(tokenizer: Any) -> str:
+    """sha256 of what a tokenizer does, not of how the `tokenizers` library serializes it
+    (`tokenizer_fingerprint`, which a library upgrade changes for the same tokenizer): its
+    vocabulary (token -> id), its special tokens with their ids, and the ids it gives a fixed
+    text pair. What a checkpoint records to refuse another tokenizer with the same vocabulary
+    size (other ids, other splitting)."""
+    special = sorted((str(t), tokenizer.convert_tokens_to_ids(t))
+                     for t in tokenizer.all_special_tokens)
+    probe = tokenizer(*_PROBE, truncation=False, padding=False)["input_ids"]
+    blob = json.dumps({"vocab": sorted(tokenizer.get_vocab().items()), "special": special,
+                       "probe": list(probe)}, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -565,7 +565,10 @@ class RankBatchSampler(Sampler[list[int]]):
             # the rest of the run would follow another order than its start: not continue it
             hint = ": they decide the order of every epoch's batches; resume with the " \
                 "checkpoint's, or start a new run"
-            if saved_g != self.plan.global_batch_size:
+            saved = state.get("plan_params")
+            others = isinstance(saved, Mapping) and any(
+                saved.get(k) != ours.get(k) for k in _PARAM_NAMES if k != "global_batch_size")
+            if saved_g != self.plan.global_batch_size and not others:  # replan would take it
                 hint = (
                     " (global batch = per_device_batch_size x world size; keep it, or set "
                     "sampler.on_global_batch_change=replan to start the next epoch re-planned)"

@@ -353,7 +353,10 @@ def _refuse_a_copied_runs_config(cfg: RunConfig, out: Path) -> None:
             or Path(loaded).name != "config.yaml" or not is_saved_config(Path(loaded)):
         return
     folder = Path(loaded).resolve().parent
-    if folder == out.resolve():
+    # a copy holds a run's own files beside the config; best/ (its config.yaml too) holds
+    # neither, nor does a template folder with the config alone
+    copied = (folder / "checkpoints").is_dir() or (folder / "metrics.jsonl").is_file()
+    if folder == out.resolve() or not copied:
         return
     raise ConfigError(
         f"config key 'train.output_dir': {loaded} is the saved config of the run in {out}, but "
@@ -427,7 +430,8 @@ def _check_nothing_to_resume(cfg: RunConfig, ckpt: CheckpointManager, say) -> No
     mix with another's best/."""
     if ckpt.latest() is not None:
         return
-    if not is_committed(ckpt.best_dir):  # said, or a wrong output dir goes unnoticed
+    if not is_committed(ckpt.best_dir) or ckpt.best_damage() is not None:
+        # said, or a wrong output dir goes unnoticed (a damaged best/ is said at the start)
         say(f"train.resume=auto: no checkpoint in {ckpt.output_dir}: starting a new run")
         return
     info = ckpt.best_info()
@@ -588,6 +592,7 @@ class Trainer:
                  checkpoint: str | Path | None = None):
         self.cfg = cfg
         self.inference_checkpoint = checkpoint  # evaluate/predict: whose labels the heads have
+        self.best_damaged = False  # best/ unusable at the start: the first evaluation replaces it
         zero.adopt_accelerate_launch(cfg)
         self.accelerator = make_accelerator(cfg, with_deepspeed=for_training
                                             and bool(cfg.train.zero_stage))
@@ -617,6 +622,8 @@ class Trainer:
         if for_training:
             self._check_output_dir()  # before any work (it reads OUTPUT only)
         self.tokenizer = mdata.load_tokenizer(cfg.model)
+        # once: hashing a 250k vocabulary at every save would cost ~0.3 s each
+        self.tokenizer_identity = mdata.tokenizer_identity(self.tokenizer)
         self.label_maps = self._frozen_label_maps()
         if for_training:  # a bad test file fails now, not after training, at predict
             mdata.check_split(cfg, "test", self.label_maps)
@@ -923,7 +930,7 @@ class Trainer:
             **config_manifest(self.cfg, self.label_maps),
             "data_fingerprints": {t.name: t.fingerprint for t in self.train_data},
             "model_shape": model_signature(self.module),
-            "tokenizer": mdata.tokenizer_fingerprint(self.tokenizer),
+            "tokenizer": self.tokenizer_identity,
             "versions": library_versions(),
         }
 
@@ -1094,6 +1101,10 @@ class Trainer:
         replanned = self.batch_sampler.replanned_from is not None
         if replanned:
             self._follow_replanned_sampler()  # an epoch-counted run: re-counted, said there
+            if ran_on is not None and len(ran_on) > 2 and epoch_counted \
+                    and ran_on[2] != self.cfg.train.lr_scheduler:  # its kind is not said there
+                self._say(f"LR schedule {ran_on[2]} -> {self.cfg.train.lr_scheduler} "
+                          "(train.lr_scheduler) from the next step")
         if ran_on is not None:
             ran_on = [*ran_on, "linear"][:3]  # saved before the kind was: linear then
         if ran_on is not None and ran_on != self._lr_schedule() \
@@ -1388,6 +1399,12 @@ class Trainer:
         improved = self.early.update(value, step)
         if improved and cfg.checkpoint.save_best and self._beats_saved_best(step):
             self._save_best(result)
+            self.best_damaged = False
+        elif self.best_damaged and cfg.checkpoint.save_best and not math.isnan(value):
+            # best/ unusable: this evaluation's model in its place, under its own score (the
+            # line's best, of an earlier step, is in no file any more)
+            self._save_best(result, score=value)
+            self.saved_best, self.best_damaged = value, False
         if not self.early.should_stop:
             return False
         self.stop_reason = "early_stopping"
@@ -1495,9 +1512,10 @@ class Trainer:
         """best/'s score, if it was chosen by this run's `metric_for_best` (a score and a loss
         do not compare: best/ of another metric is replaced by this run's first best)."""
         why = self.ckpt.best_damage()
+        self.best_damaged = why is not None
         if why is not None and self.cfg.checkpoint.save_best:
             self._say(f"best/ is damaged ({why}): it has no score to beat; this run's first "
-                      f"best replaces it, and it moves to {self.output_dir / 'abandoned'}/")
+                      f"evaluation replaces it, and it moves to {self.output_dir / 'abandoned'}/")
         score = self.ckpt.best_score()
         metric = self.ckpt.best_info().get("metric_for_best")
         if score is None or metric in (None, self.cfg.train.metric_for_best):
@@ -1531,7 +1549,9 @@ class Trainer:
             for path in Path(tok_dir).iterdir():
                 self.ckpt.write_run_file(f"tokenizer/{path.name}", path.read_bytes())
 
-    def _save_best(self, result: dict) -> None:
+    def _save_best(self, result: dict, score: float | None = None) -> None:
+        """best/ from the current weights; `score`: its own when it is not the line's best
+        (early stopping's), as when it replaces a damaged best/."""
         model = self.module
         ctx = self.ema.applied(model) if self.ema is not None else nullcontext()
         with ctx, tempfile.TemporaryDirectory() as tok_dir:
@@ -1543,12 +1563,12 @@ class Trainer:
                      "labels.json": json.dumps(self.label_maps, indent=1),
                      "metrics.json": json.dumps(_strip_cm(result), indent=1)}
             extra.update({f"tokenizer/{p.name}": p for p in Path(tok_dir).iterdir()})
-            self.ckpt.save_best(self.state.global_step, self.early.best_score, state,
+            self.ckpt.save_best(self.state.global_step,
+                                self.early.best_score if score is None else score, state,
                                 extra_files=extra,
                                 metadata={"metric_for_best": self.cfg.train.metric_for_best,
                                           "config_hash": config_hash(self.cfg),
-                                          "tokenizer": mdata.tokenizer_fingerprint(
-                                              self.tokenizer),
+                                          "tokenizer": self.tokenizer_identity,
                                           "ema": self.ema is not None})
 
     # -------------------------------------------------------------- evaluation
@@ -1637,7 +1657,7 @@ class Trainer:
         check_label_maps_of(path, self.label_maps)  # in the config's order, as the heads
         check_pairs_of(path, {t.name: t.pair for t in self.cfg.tasks})
         check_head_of(path, self.cfg.model.head)
-        check_tokenizer_of(path, mdata.tokenizer_fingerprint(self.tokenizer),
+        check_tokenizer_of(path, self.tokenizer_identity,
                            "model.tokenizer" if self.cfg.model.tokenizer else "model.pretrained")
         state = self.ckpt.load_model_state(path)
         load_state_checked(self.module, state, Path(path))
@@ -1654,7 +1674,9 @@ def _trainer_state_problem(state: Any, step: Any) -> str | None:
     if not isinstance(state, dict):
         return f"holds a {type(state).__name__}, expected a JSON object"
     for key in ("global_step", "epoch", "samples_seen"):
-        value = state.get(key, 0 if key == "samples_seen" else None)
+        if key not in state and key != "samples_seen":
+            return f"has no '{key}'"
+        value = state.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             return f"'{key}' is {json.dumps(value)}, expected an integer >= 0"
     if isinstance(step, int) and state["global_step"] != step:

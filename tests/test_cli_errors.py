@@ -828,8 +828,14 @@ def test_a_copied_runs_config_does_not_train_the_original(run, capsys, tmp_path)
         f"train the copy, add train.output_dir={copy}; to train that run, give " \
         f"{out / 'config.yaml'} (or add train.output_dir={out})" in err and err.count("\n") == 1
     assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+    # not copies: best/'s own config.yaml (the run it names), a template folder holding the
+    # saved config alone
+    template = tmp_path / "template" / "config.yaml"
+    template.parent.mkdir()
+    shutil.copy(out / "config.yaml", template)
     for config, extra in ((copy / "config.yaml", [f"train.output_dir={copy}"]),
-                          (out / "config.yaml", [])):
+                          (out / "config.yaml", []), (out / "best" / "config.yaml", []),
+                          (template, [])):
         code, said, err = cli(capsys, "check", config, "train.resume=auto", *extra)
         assert code == 0 and "config OK" in said, err
 
@@ -842,9 +848,16 @@ def test_ckpt_verify_reads_every_byte_where_ls_checks_sizes(run, capsys, tmp_pat
     root, _ = run
     out = tmp_path / "out"
     shutil.copytree(root / "out", out)
+    # a damaged best/ a run set aside (abandoned/damaged-best-*) is listed, not counted:
+    # a `ckpt verify OUTPUT && requeue` guard was blocked by it for good
+    aside = out / "abandoned" / "damaged-best-abcd"
+    shutil.copytree(out / "best", aside)
+    os.truncate(aside / "model.safetensors", 100)
     code, said, _ = cli(capsys, "ckpt", "verify", out)
     assert code == 0 and said.endswith(
         "ckpt verify: 2 committed checkpoint(s), every file as its manifest says\n"), said
+    assert f"{aside}" in said and "DAMAGED" in said
+    shutil.rmtree(aside.parent)
     state = out / "checkpoints" / "checkpoint-8" / "trainer_state.json"
     text = state.read_text()
     state.write_text(text.replace('"global_step": 8', '"global_step": 9'))
@@ -913,10 +926,10 @@ def test_a_checkpoint_trained_with_another_tokenizer_is_refused(run, capsys, tmp
         assert code == 2
         assert re.fullmatch(
             rf"error: override 'model.tokenizer={re.escape(str(other))}': checkpoint "
-            rf"{re.escape(str(checkpoint))}: trained with another tokenizer \(its definition's "
-            r"sha256 [0-9a-f]{12}\.\.\., this run's [0-9a-f]{12}\.\.\.\): its embeddings learned "
-            r"other ids; give model.tokenizer the tokenizer it was trained with \(.*tokenizer/?"
-            r" holds a copy\)\n", err), err
+            rf"{re.escape(str(checkpoint))}: trained with another tokenizer \(vocabulary, special "
+            r"tokens or the ids of a probe text differ: [0-9a-f]{12}\.\.\., this run's "
+            r"[0-9a-f]{12}\.\.\.\): its embeddings learned other ids; give model.tokenizer the "
+            r"tokenizer it was trained with \(.*/tokenizer holds a copy\)\n", err), err
     copy = tmp_path / "copy"
     shutil.copytree(root / "out", copy)
     tokenizer_files = sorted((copy / "tokenizer").iterdir())

@@ -424,6 +424,16 @@ def test_config_hash_stability_and_sensitivity(project: Path) -> None:
     assert config_hash(load_config("configs/run.yaml", ["tasks.0.pair=false"])) != base
 
 
+def test_a_key_added_later_keeps_the_hash_of_configs_saved_before_it() -> None:
+    """train.lr_scheduler (2026-12-07) at its default: the hash a run saved before the key
+    existed (computed by the tree of 6c7fcd7 for configs/demo.yaml); a best/ of the same
+    config was refused as "trained with another config". Another value changes it."""
+    demo = Path(__file__).parents[1] / "configs" / "demo.yaml"
+    before = "4883f6192bcde956a60a5fa2cfe512b3b95e159d1aaf08678b230b9564fc2366"
+    assert config_hash(load_config(demo)) == before
+    assert config_hash(load_config(demo, ["train.lr_scheduler=cosine"])) != before
+
+
 def test_round_trip_through_yaml(project: Path) -> None:
     cfg = load_config(
         "configs/run.yaml",

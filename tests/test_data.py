@@ -575,6 +575,33 @@ def test_tokenizer_fingerprint_ignores_call_state(demo_tok):
     assert D.tokenizer_fingerprint(D.demo_tokenizer()) == before
 
 
+def test_tokenizer_identity_is_what_it_does_not_how_it_is_stored(demo_tok, tmp_path):
+    """What a checkpoint records of its tokenizer: the same after a save and reload (another
+    serialization), after calls that change its truncation state; another with the same
+    vocabulary size but two ids swapped differs, as does one whose lower-casing differs."""
+    import json
+
+    before = D.tokenizer_identity(demo_tok)
+    demo_tok(["a b c"], truncation=True, max_length=9, padding="max_length")
+    assert D.tokenizer_identity(demo_tok) == before
+    demo_tok.save_pretrained(tmp_path / "saved")
+    assert D.tokenizer_identity(D.load_tokenizer(Model(tokenizer=str(tmp_path / "saved")))) \
+        == before
+    spec = json.loads((tmp_path / "saved" / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = list(vocab)[10], list(vocab)[11]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (tmp_path / "swapped.json").write_text(json.dumps(spec))
+    swapped = D.load_tokenizer(Model(tokenizer=str(tmp_path / "swapped.json")))
+    assert len(swapped) == len(demo_tok) and D.tokenizer_identity(swapped) != before
+    tok = D.load_tokenizer(Model(pretrained=minilm_dir()))
+    cased = json.loads(tok.backend_tokenizer.to_str())
+    cased["normalizer"]["lowercase"] = not cased["normalizer"]["lowercase"]
+    (tmp_path / "cased.json").write_text(json.dumps(cased))
+    other = D.load_tokenizer(Model(tokenizer=str(tmp_path / "cased.json")))
+    assert D.tokenizer_identity(other) != D.tokenizer_identity(tok)
+
+
 # ----------------------------------------------------------------------------- tokenize + cache
 
 

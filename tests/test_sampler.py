@@ -437,6 +437,10 @@ def test_replan_is_opt_in_and_starts_the_next_epoch():
         ),
         (dict(drop_last=True), dict(drop_last=False),
          r"drop_last \(sampler.drop_last\) True -> False"),
+        # the global batch and the seed: replan would refuse the seed too, so not offered
+        (dict(seed=7, g=32), dict(), r"global batch size 32 -> 16, seed \(train.seed\) 7 -> 1: "
+         r"they decide the order of every epoch's batches; resume with the checkpoint's, or "
+         r"start a new run$"),
     ],
 )
 def test_other_plan_changes_are_named(saved, now, expected):

@@ -339,7 +339,7 @@ def test_an_edited_trainer_state_that_passes_its_checksum_is_refused_in_one_line
                         ({**state, "global_step": "4"}, "'global_step' is \"4\", expected an "
                          "integer >= 0"),
                         ({k: v for k, v in state.items() if k != "epoch"},
-                         "'epoch' is null, expected an integer >= 0"),
+                         "has no 'epoch'"),
                         ([1, 2], "holds a list, expected a JSON object")):
         state_file.write_text(json.dumps(edited))
         _reseal(state_file)
@@ -347,6 +347,21 @@ def test_an_edited_trainer_state_that_passes_its_checksum_is_refused_in_one_line
             Trainer(demo_cfg(tmp_path, *common, "train.max_steps=6", "train.resume=auto")).fit()
         assert str(err.value) == f"checkpoint {state_file.parent}: file 'trainer_state.json' " \
             f"{why}"
+
+
+def test_a_replan_that_also_changes_the_schedule_kind_says_so(tmp_path, capsys):
+    """An epoch-counted run replanned (new global batch) with another train.lr_scheduler in
+    the same resume: the replan's re-count followed the new kind without a word."""
+    common = ["train.eval_steps=null", "checkpoint.save_steps=3", "train.num_epochs=2"]
+    Trainer(demo_cfg(tmp_path, *common, "train.per_device_batch_size=16",
+                     "train.stop_after_steps=3")).fit()
+    capsys.readouterr()
+    Trainer(demo_cfg(tmp_path, *common, "train.per_device_batch_size=8",
+                     "sampler.on_global_batch_change=replan", "train.lr_scheduler=cosine",
+                     "train.resume=auto", "train.stop_after_steps=1")).fit()
+    said = capsys.readouterr().out
+    assert "global batch 16 -> 8: continuing at epoch 1 step 0" in said
+    assert "LR schedule linear -> cosine (train.lr_scheduler) from the next step" in said
 
 
 def test_a_cosine_run_follows_its_schedule_and_a_resume_with_another_kind_says_so(
@@ -627,14 +642,25 @@ def test_a_best_with_a_damaged_file_has_no_score_to_beat(tmp_path, capsys):
                          f"train.resume={out / 'checkpoints' / 'checkpoint-1'}")).fit()
     said = capsys.readouterr().out
     assert "[mtl_dist] best/ is damaged (checkpoint " in said and "has 5000 bytes" in said \
-        and "it has no score to beat; this run's first best replaces it" in said
+        and "it has no score to beat; this run's first evaluation replaces it" in said
     assert json.loads((out / "best" / "best.json").read_text())["step"] == best_step
     from mtl_dist.checkpoint import damage
     assert damage(out / "best") is None
-    # no evaluation left to replace it: the end line says DAMAGED
+    # resumed past the line's best (the usual case): an evaluation that does not beat it
+    # replaces the damaged best/ under its own score; nothing was saved before
     os.truncate(out / "best" / "model.safetensors", 5000)
-    Trainer(demo_cfg(tmp_path, *common, "train.max_steps=3", "train.eval_steps=null",
-                     "train.eval_at_epoch_end=false", "train.resume=auto")).fit()
+    with pytest.warns(UserWarning, match=r"moved to .*abandoned"):
+        summary = Trainer(demo_cfg(tmp_path, *common, "train.max_steps=3", "train.eval_steps=1",
+                                   "train.resume=auto")).fit()
+    info = json.loads((out / "best" / "best.json").read_text())
+    assert damage(out / "best") is None and info["step"] == 3
+    assert summary["best_step"] == best_step and info["score"] < summary["best_score"]
+    assert f"(it holds step 3, score {info['score']}; this line's best, step {best_step}, " \
+        "was not saved as best/)" in capsys.readouterr().out
+    # nothing to replace it (save_best off): the end line says DAMAGED
+    os.truncate(out / "best" / "model.safetensors", 5000)
+    Trainer(demo_cfg(tmp_path, *common, "train.max_steps=4", "checkpoint.save_best=false",
+                     "train.resume=auto")).fit()
     assert f"best checkpoint: {out / 'best'} (DAMAGED: checkpoint {out / 'best'}: file " \
         "'model.safetensors' has 5000 bytes" in capsys.readouterr().out
 
