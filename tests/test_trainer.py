@@ -879,13 +879,17 @@ def test_a_resume_refuses_optimizer_settings_its_restored_state_would_ignore(tmp
 
 
 def test_a_bad_test_file_fails_before_training_not_at_predict(tmp_path):
+    """What predict would refuse fails at the start; a label the run never saw does not
+    (predict reads no label; evaluate --split test checks them when it scores them)."""
     from mtl_dist.errors import DataError
 
     bad = tmp_path / "test.jsonl"
-    bad.write_text('{"id": "a", "text": "x", "label": "no-such-label"}\n')
-    with pytest.raises(DataError, match=rf"{bad}:1: label 'no-such-label' is not one of"):
+    bad.write_text('{"id": "a", "text": "", "label": "anger"}\n')
+    with pytest.raises(DataError, match=rf"{bad}:1: empty text in field 'text'"):
         Trainer(demo_cfg(tmp_path, "train.max_steps=4", f"tasks.1.test={bad}"))
     assert not (tmp_path / "out").exists()
+    bad.write_text('{"id": "a", "text": "x", "label": "no-such-label"}\n')
+    Trainer(demo_cfg(tmp_path, "train.max_steps=4", f"tasks.1.test={bad}")).close()
 
 
 @pytest.mark.parametrize("eval_steps", ["null", "5"])  # 5: the checkpoint's step evaluated
