@@ -367,8 +367,9 @@ def _verify_checkpoints(arg: str) -> int:
             row.damage = ck.verify(row.path)
         print(_format_ckpt_row(row))
     # what a resume or best/ reads: set-aside branches (a damaged best/ the run moved there
-    # among them) are listed, not counted
-    committed = [row for row in committed if row.kind != "abandoned"]
+    # among them) are listed, not counted, unless named
+    named_one = (named / ck.COMMITTED).exists()
+    committed = [row for row in committed if row.kind != "abandoned" or named_one]
     damaged = [row for row in committed if row.damage]
     if not committed:
         raise MtlDistError(f"ckpt verify: no committed checkpoint under {arg}")

@@ -857,6 +857,9 @@ def test_ckpt_verify_reads_every_byte_where_ls_checks_sizes(run, capsys, tmp_pat
     assert code == 0 and said.endswith(
         "ckpt verify: 2 committed checkpoint(s), every file as its manifest says\n"), said
     assert f"{aside}" in said and "DAMAGED" in said
+    code, _, err = cli(capsys, "ckpt", "verify", aside)  # named: counted
+    assert code == 2 and err.endswith("1 of 1 committed checkpoint(s) damaged "
+                                      "(damaged-best-abcd)\n"), err
     shutil.rmtree(aside.parent)
     state = out / "checkpoints" / "checkpoint-8" / "trainer_state.json"
     text = state.read_text()
